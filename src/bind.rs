@@ -1,0 +1,428 @@
+//! Bind specs and the listening sockets made from them.
+//!
+//! A [`BindSpec`] is parsed without side effects (config time); a
+//! [`Listener`] is created later, before any worker starts, and lives as long
+//! as the master. Invariants:
+//! * every listener fd is `FD_CLOEXEC` in the master; only the copies that
+//!   `spawn.rs` places at fd 3.. survive a worker's exec;
+//! * `O_NONBLOCK` is never changed after creation: the open file description
+//!   is shared by every worker, so flipping it anywhere flips it everywhere;
+//! * a unix socket file is removed at exit only if procman created it
+//!   (inherited and `fd://` sockets are never unlinked).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::error::{os_reason, Error, Result};
+
+/// Port used when a bind spec names a host without a port (gunicorn's default).
+pub const DEFAULT_PORT: u16 = 8000;
+
+/// One `--bind` value, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindSpec {
+    /// A TCP address; the host may be a name resolved at bind time.
+    Tcp {
+        /// IP literal or host name.
+        host: String,
+        /// Port; 0 asks the kernel for a free one.
+        port: u16,
+    },
+    /// A unix stream socket at a path.
+    Unix(PathBuf),
+    /// An already-open listening socket inherited as this fd.
+    Fd(RawFd),
+}
+
+impl BindSpec {
+    /// Parses `HOST:PORT`, `:PORT`, `[V6]:PORT`, `tcp://…`, `unix:PATH`, `fd://N`.
+    /// The error is only the reason; the caller names the flag and value.
+    pub fn parse(text: &str) -> std::result::Result<BindSpec, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err("empty address".into());
+        }
+        if let Some(path) = text.strip_prefix("unix:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err("unix: needs a path, e.g. unix:/run/app.sock".into());
+            }
+            // sun_path holds 108 bytes including the terminating NUL.
+            if path.len() > 107 {
+                return Err(format!(
+                    "unix socket path is {} bytes long; the limit is 107",
+                    path.len()
+                ));
+            }
+            return Ok(BindSpec::Unix(PathBuf::from(path)));
+        }
+        if let Some(n) = text.strip_prefix("fd://") {
+            let fd: RawFd = n
+                .parse()
+                .map_err(|_| format!("'{n}' is not a file descriptor number"))?;
+            if fd < 3 {
+                return Err(format!("fd {fd} is stdin, stdout or stderr, not a socket"));
+            }
+            return Ok(BindSpec::Fd(fd));
+        }
+        let rest = text.strip_prefix("tcp://").unwrap_or(text);
+        if let Some(v6) = rest.strip_prefix('[') {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or_else(|| "missing ']' after the IPv6 address".to_string())?;
+            host.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| format!("'{host}' is not an IPv6 address"))?;
+            let port = match after {
+                "" => DEFAULT_PORT,
+                p => parse_port(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| format!("unexpected '{p}' after ']'"))?,
+                )?,
+            };
+            return Ok(BindSpec::Tcp {
+                host: host.to_string(),
+                port,
+            });
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) => {
+                if host.contains(':') {
+                    return Err("an IPv6 address must be in brackets, e.g. [::1]:8000".into());
+                }
+                (host, parse_port(port)?)
+            }
+            None => (rest, DEFAULT_PORT),
+        };
+        let host = if host.is_empty() { "0.0.0.0" } else { host };
+        if host.chars().any(|c| c.is_whitespace() || c == '/') {
+            return Err(format!("'{host}' is not a host name or IP address"));
+        }
+        Ok(BindSpec::Tcp {
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// The name this socket gets in `LISTEN_FDNAMES` (no `:`, printable ASCII).
+    pub fn fd_name(&self) -> String {
+        let raw = match self {
+            BindSpec::Tcp { host, port } => format!("tcp-{host}-{port}"),
+            BindSpec::Unix(p) => format!("unix-{}", p.display()),
+            BindSpec::Fd(n) => format!("fd-{n}"),
+        };
+        let name: String = raw
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() && c != ':' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(255)
+            .collect();
+        name
+    }
+}
+
+impl std::fmt::Display for BindSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BindSpec::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            BindSpec::Tcp { host, port } => write!(f, "{host}:{port}"),
+            BindSpec::Unix(p) => write!(f, "unix:{}", p.display()),
+            BindSpec::Fd(n) => write!(f, "fd://{n}"),
+        }
+    }
+}
+
+fn parse_port(text: &str) -> std::result::Result<u16, String> {
+    match text.parse::<u32>() {
+        Ok(p) if p <= 65535 => Ok(p as u16),
+        Ok(p) => Err(format!("port {p} is out of range (0-65535)")),
+        Err(_) => Err(format!("'{text}' is not a port number")),
+    }
+}
+
+/// A listening socket owned by the master.
+#[derive(Debug)]
+pub struct Listener {
+    /// What the user asked for.
+    pub spec: BindSpec,
+    /// The socket. CLOEXEC in the master.
+    pub fd: OwnedFd,
+    /// Its `LISTEN_FDNAMES` entry.
+    pub name: String,
+    /// How it is shown in logs: `http://127.0.0.1:8000`, `unix:/run/app.sock`.
+    pub display: String,
+    /// The unix socket file procman created and must remove at exit.
+    pub unlink_at_exit: Option<PathBuf>,
+}
+
+impl Listener {
+    /// Binds one spec. `umask` applies to a unix socket file.
+    pub fn bind(spec: &BindSpec, backlog: i32, umask: u32) -> Result<Listener> {
+        let fail = |reason: String| Error::runtime(format!("cannot bind {spec}: {reason}"));
+        let (fd, display, unlink) = match spec {
+            BindSpec::Tcp { host, port } => {
+                let addr = resolve(host, *port).map_err(fail)?;
+                let sock = tcp_listener(addr, backlog).map_err(|e| fail(bind_reason(&e, addr)))?;
+                let local = sock
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .unwrap_or(addr);
+                (OwnedFd::from(sock), format!("http://{local}"), None)
+            }
+            BindSpec::Unix(path) => {
+                remove_stale_socket(path).map_err(fail)?;
+                let sock = unix_listener(path, backlog, umask).map_err(|e| fail(os_reason(&e)))?;
+                (
+                    OwnedFd::from(sock),
+                    format!("unix:{}", path.display()),
+                    Some(path.clone()),
+                )
+            }
+            BindSpec::Fd(n) => {
+                let fd = adopt_fd(*n).map_err(fail)?;
+                (fd, format!("fd://{n}"), None)
+            }
+        };
+        Ok(Listener {
+            spec: spec.clone(),
+            fd,
+            name: spec.fd_name(),
+            display,
+            unlink_at_exit: unlink,
+        })
+    }
+
+    /// Wraps a socket inherited from systemd (socket activation). It is never
+    /// unlinked by procman.
+    pub fn inherited(spec: BindSpec, fd: OwnedFd, name: String) -> Listener {
+        let display = describe_fd(&fd).unwrap_or_else(|| format!("{spec}"));
+        Listener {
+            spec,
+            fd,
+            name,
+            display,
+            unlink_at_exit: None,
+        }
+    }
+
+    /// The TCP port this listener is bound to, if it is TCP.
+    pub fn port(&self) -> Option<u16> {
+        let sock = socket2::SockRef::from(&self.fd);
+        sock.local_addr().ok()?.as_socket().map(|a| a.port())
+    }
+
+    /// Removes the unix socket file procman created, if any.
+    pub fn remove_file(&mut self) {
+        if let Some(path) = self.unlink_at_exit.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Describes an fd's bound address for the log ("http://…" or "unix:…").
+fn describe_fd(fd: &OwnedFd) -> Option<String> {
+    let sock = socket2::SockRef::from(fd);
+    let addr = sock.local_addr().ok()?;
+    if let Some(a) = addr.as_socket() {
+        return Some(format!("http://{a}"));
+    }
+    addr.as_pathname().map(|p| format!("unix:{}", p.display()))
+}
+
+fn resolve(host: &str, port: u16) -> std::result::Result<SocketAddr, String> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let mut addrs = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve host '{host}': {e}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("host '{host}' has no address"))
+}
+
+fn bind_reason(err: &std::io::Error, addr: SocketAddr) -> String {
+    let reason = os_reason(err);
+    match err.raw_os_error() {
+        Some(libc::EACCES) if addr.port() < 1024 => {
+            format!("{reason} (try a port above 1023, or start as root and use --user)")
+        }
+        Some(libc::EADDRINUSE) => format!("{reason} (another process is listening there)"),
+        _ => reason,
+    }
+}
+
+fn tcp_listener(addr: SocketAddr, backlog: i32) -> std::io::Result<Socket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // Like nginx: [::]:80 means IPv6 only, so 0.0.0.0:80 can be bound too.
+        sock.set_only_v6(true)?;
+    }
+    sock.bind(&SockAddr::from(addr))?;
+    sock.listen(backlog)?;
+    Ok(sock)
+}
+
+fn unix_listener(path: &Path, backlog: i32, umask: u32) -> std::io::Result<Socket> {
+    let sock = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
+    let addr = SockAddr::unix(path)?;
+    // The socket file's mode comes from the process umask at bind(2) time;
+    // the master is single-threaded, so setting it around the call is safe.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(umask));
+    let bound = sock.bind(&addr);
+    nix::sys::stat::umask(old);
+    bound?;
+    sock.listen(backlog)?;
+    Ok(sock)
+}
+
+/// A socket file nobody listens on is left over from a crash: replace it.
+/// A live socket or a file that is not a socket is someone else's: refuse.
+fn remove_stale_socket(path: &Path) -> std::result::Result<(), String> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(os_reason(&e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(format!(
+            "{} exists and is not a socket (refusing to replace it)",
+            path.display()
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(format!(
+            "a live server is already listening on {}",
+            path.display()
+        )),
+        Err(_) => std::fs::remove_file(path).map_err(|e| os_reason(&e)),
+    }
+}
+
+/// Takes over an fd named by `fd://N`: it must be a listening stream socket.
+fn adopt_fd(n: RawFd) -> std::result::Result<OwnedFd, String> {
+    let fd = crate::spawn::adopt_fd(n).map_err(|e| format!("{} (is fd {n} open?)", e.desc()))?;
+    let sock = socket2::SockRef::from(&fd);
+    let listening = sock.is_listener().map_err(|e| os_reason(&e))?;
+    if !listening {
+        return Err(format!("fd {n} is not a listening socket"));
+    }
+    nix::fcntl::fcntl(
+        n,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| e.desc().to_string())?;
+    Ok(fd)
+}
+
+/// The default bind: `0.0.0.0:$PORT` if PORT is set, else `127.0.0.1:8000`.
+pub fn default_spec(port_env: Option<&str>) -> std::result::Result<BindSpec, String> {
+    match port_env {
+        Some(p) => Ok(BindSpec::Tcp {
+            host: Ipv4Addr::UNSPECIFIED.to_string(),
+            port: parse_port(p).map_err(|e| format!("PORT={p}: {e}"))?,
+        }),
+        None => Ok(BindSpec::Tcp {
+            host: "127.0.0.1".into(),
+            port: DEFAULT_PORT,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(host: &str, port: u16) -> BindSpec {
+        BindSpec::Tcp {
+            host: host.into(),
+            port,
+        }
+    }
+
+    #[test]
+    fn parses_every_documented_form() {
+        let table: &[(&str, BindSpec)] = &[
+            ("127.0.0.1:8000", tcp("127.0.0.1", 8000)),
+            (":9000", tcp("0.0.0.0", 9000)),
+            ("0.0.0.0:0", tcp("0.0.0.0", 0)),
+            ("[::1]:8080", tcp("::1", 8080)),
+            ("[::]:80", tcp("::", 80)),
+            ("localhost:5000", tcp("localhost", 5000)),
+            ("tcp://10.0.0.1:81", tcp("10.0.0.1", 81)),
+            ("example.org", tcp("example.org", 8000)),
+            ("unix:/run/app.sock", BindSpec::Unix("/run/app.sock".into())),
+            ("unix:rel.sock", BindSpec::Unix("rel.sock".into())),
+            ("fd://3", BindSpec::Fd(3)),
+        ];
+        for (text, want) in table {
+            assert_eq!(BindSpec::parse(text).as_ref(), Ok(want), "{text}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_forms_with_a_reason() {
+        let table: &[(&str, &str)] = &[
+            ("", "empty"),
+            (":65536", "out of range"),
+            ("127.0.0.1:http", "not a port"),
+            ("::1:80", "brackets"),
+            ("[::1", "missing ']'"),
+            ("[zz]:80", "not an IPv6"),
+            ("unix:", "needs a path"),
+            ("fd://x", "not a file descriptor"),
+            ("fd://1", "stdin, stdout or stderr"),
+            ("a b:80", "not a host"),
+        ];
+        for (text, want) in table {
+            let err = BindSpec::parse(text).expect_err(text);
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn fd_names_have_no_colons() {
+        assert_eq!(tcp("::1", 80).fd_name(), "tcp-__1-80");
+        assert_eq!(tcp("127.0.0.1", 80).fd_name(), "tcp-127.0.0.1-80");
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for text in ["127.0.0.1:80", "[::1]:80", "unix:/x.sock", "fd://4"] {
+            let spec = BindSpec::parse(text).expect("parses");
+            assert_eq!(spec.to_string(), text);
+            assert_eq!(BindSpec::parse(&spec.to_string()), Ok(spec));
+        }
+    }
+
+    #[test]
+    fn stale_unix_socket_is_replaced_but_a_live_one_is_refused() {
+        let dir = std::env::temp_dir().join(format!("procman-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("s.sock");
+        let spec = BindSpec::Unix(path.clone());
+        let mut live = Listener::bind(&spec, 16, 0o022).expect("first bind");
+        let err = Listener::bind(&spec, 16, 0o022).expect_err("live socket");
+        assert!(err.to_string().contains("already listening"), "{err}");
+        // Closing without unlinking leaves a stale file behind, as a crash would.
+        drop(live.fd);
+        live.unlink_at_exit = None;
+        let mut again = Listener::bind(&spec, 16, 0o022).expect("stale file replaced");
+        again.remove_file();
+        assert!(!path.exists());
+        std::fs::write(&path, b"x").expect("write");
+        let err = Listener::bind(&spec, 16, 0o022).expect_err("regular file");
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

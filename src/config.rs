@@ -1,0 +1,885 @@
+//! The validated configuration: raw values from `cli.rs` (command line and
+//! `PROCMAN_*` environment) merged over built-in defaults, checked and
+//! resolved into typed values.
+//!
+//! Building a [`Config`] has no side effects: nothing is bound, spawned or
+//! written. It reads only what it must to resolve names (PATH for the
+//! command, the user database for `--user`, the CPU mask for `auto`), so a
+//! bad value is reported before anything starts. Every error names the
+//! option, the value and the problem, and is a usage error (exit 2).
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::unistd::{Gid, Group, Uid, User};
+
+use crate::bind::{self, BindSpec};
+use crate::cli::Cli;
+use crate::error::{Error, Result};
+
+/// The worker class names gunicorn command lines use for uvicorn workers.
+pub const UVICORN_CLASSES: &[&str] = &[
+    "uvicorn.workers.UvicornWorker",
+    "uvicorn_worker.UvicornWorker",
+    "uvicorn",
+];
+
+/// What kind of worker procman runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerKind {
+    /// `-- COMMAND [ARG]...`: any program taking its sockets at fd 3...
+    Command {
+        /// The resolved executable (absolute, or relative to `--chdir`).
+        program: PathBuf,
+        /// argv as given, argv[0] included.
+        argv: Vec<String>,
+    },
+    /// `APP`: a Python app served by uvicorn through the embedded bootstrap.
+    Uvicorn(Box<UvicornOptions>),
+}
+
+/// Options of the uvicorn worker class.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UvicornOptions {
+    /// `module:attribute`.
+    pub app: String,
+    /// The interpreter that runs the bootstrap.
+    pub python: PathBuf,
+    /// APP is a factory to call.
+    pub factory: bool,
+    /// TLS key file.
+    pub keyfile: Option<PathBuf>,
+    /// TLS certificate file.
+    pub certfile: Option<PathBuf>,
+    /// uvicorn's timeout_keep_alive.
+    pub keep_alive: u64,
+    /// uvicorn's limit_concurrency.
+    pub limit_concurrency: Option<u64>,
+    /// uvicorn's proxy_headers.
+    pub proxy_headers: bool,
+    /// uvicorn's forwarded_allow_ips.
+    pub forwarded_allow_ips: Option<String>,
+    /// ASGI root_path.
+    pub root_path: String,
+    /// auto|on|off.
+    pub lifespan: String,
+    /// auto|asgi3|asgi2|wsgi.
+    pub interface: String,
+    /// auto|h11|httptools.
+    pub http: String,
+    /// auto|asyncio|uvloop.
+    pub event_loop: String,
+    /// uvicorn's access log.
+    pub access_log: bool,
+    /// Recycle after this many requests (0 = off).
+    pub max_requests: u64,
+    /// Random extra 0..jitter requests per worker.
+    pub max_requests_jitter: u64,
+}
+
+/// When a command worker counts as ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyMode {
+    /// As soon as exec succeeded.
+    Exec,
+    /// When it sends READY=1 on NOTIFY_SOCKET.
+    Notify,
+}
+
+/// The master's log verbosity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// The default.
+    Info,
+    /// Debugging detail.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl LogLevel {
+    /// The name uvicorn uses for the same level.
+    pub fn uvicorn_name(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warning",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// Who workers run as after the privilege drop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// Target user id.
+    pub uid: u32,
+    /// Target group id.
+    pub gid: u32,
+    /// Supplementary groups (the user's group list, looked up now).
+    pub groups: Vec<u32>,
+    /// For messages.
+    pub user_name: String,
+}
+
+/// The validated, resolved configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Command or uvicorn workers.
+    pub kind: WorkerKind,
+    /// Where to listen, in `--bind` order.
+    pub binds: Vec<BindSpec>,
+    /// listen(2) backlog.
+    pub backlog: i32,
+    /// Number of workers.
+    pub workers: usize,
+    /// Why that number (for the start-up log).
+    pub workers_reason: String,
+    /// Readiness of command workers (uvicorn workers always notify).
+    pub ready: ReadyMode,
+    /// Graceful stop signal for workers.
+    pub stop_signal: Signal,
+    /// Heartbeat timeout; `None` = off.
+    pub timeout: Option<Duration>,
+    /// Time allowed from spawn to ready.
+    pub startup_timeout: Duration,
+    /// Drain time before SIGKILL on a graceful stop.
+    pub graceful_timeout: Duration,
+    /// `sh -c` commands run once before the first worker.
+    pub pre_start: Vec<String>,
+    /// Privilege drop for workers.
+    pub credentials: Option<Credentials>,
+    /// umask for workers and unix socket files.
+    pub umask: u32,
+    /// Pidfile path.
+    pub pidfile: Option<PathBuf>,
+    /// Workers' working directory.
+    pub chdir: Option<PathBuf>,
+    /// Extra worker environment.
+    pub env: Vec<(String, String)>,
+    /// Master log level.
+    pub log_level: LogLevel,
+}
+
+/// The parts of procman's own environment that configuration depends on,
+/// gathered once so that validation is a pure function of its inputs.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    /// `$WEB_CONCURRENCY`.
+    pub web_concurrency: Option<String>,
+    /// `$PORT`.
+    pub port: Option<String>,
+    /// `$VIRTUAL_ENV`.
+    pub virtual_env: Option<String>,
+    /// `$PATH`.
+    pub path: Option<String>,
+    /// procman's effective uid.
+    pub euid: u32,
+}
+
+impl Environment {
+    /// Reads the real process environment.
+    pub fn from_process() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Environment {
+            web_concurrency: var("WEB_CONCURRENCY"),
+            port: var("PORT"),
+            virtual_env: var("VIRTUAL_ENV"),
+            path: var("PATH"),
+            euid: nix::unistd::geteuid().as_raw(),
+        }
+    }
+}
+
+fn invalid(flag: &str, value: &str, why: impl std::fmt::Display) -> Error {
+    Error::usage(format!("invalid value '{value}' for '--{flag}': {why}"))
+}
+
+impl Config {
+    /// Validates and resolves the raw options.
+    pub fn from_cli(cli: &Cli, env: &Environment) -> Result<Config> {
+        let chdir = match &cli.chdir {
+            None => None,
+            Some(dir) => {
+                let p = PathBuf::from(dir);
+                if !p.is_dir() {
+                    return Err(invalid("chdir", dir, "no such directory"));
+                }
+                Some(p)
+            }
+        };
+
+        let kind = worker_kind(cli, env, chdir.as_deref())?;
+        let uvicorn = matches!(kind, WorkerKind::Uvicorn(_));
+
+        let binds = if cli.bind.is_empty() {
+            vec![bind::default_spec(env.port.as_deref()).map_err(Error::usage)?]
+        } else {
+            cli.bind
+                .iter()
+                .map(|b| BindSpec::parse(b).map_err(|why| invalid("bind", b, why)))
+                .collect::<Result<Vec<_>>>()?
+        };
+
+        let backlog = match &cli.backlog {
+            None => 2048,
+            Some(v) => match v.parse::<i32>() {
+                Ok(n) if n > 0 => n,
+                _ => return Err(invalid("backlog", v, "expected a positive whole number")),
+            },
+        };
+
+        let (workers, workers_reason) = match (&cli.workers, &env.web_concurrency) {
+            (Some(v), _) => parse_workers("workers", v)?,
+            (None, Some(v)) => {
+                let (n, why) = parse_workers("workers", v).map_err(|_| {
+                    Error::usage(format!(
+                        "invalid value '{v}' for WEB_CONCURRENCY: expected a positive whole number or 'auto'"
+                    ))
+                })?;
+                (n, format!("{why} (from WEB_CONCURRENCY)"))
+            }
+            (None, None) => (1, "default".to_string()),
+        };
+
+        let ready = match cli.ready.as_deref() {
+            None => ReadyMode::Exec,
+            Some("exec") => ReadyMode::Exec,
+            Some("notify") => ReadyMode::Notify,
+            Some(v) => return Err(invalid("ready", v, "expected 'exec' or 'notify'")),
+        };
+        if uvicorn && cli.ready.is_some() {
+            return Err(Error::usage(
+                "'--ready' applies to command workers; uvicorn workers always report readiness themselves",
+            ));
+        }
+
+        let stop_signal = match &cli.stop_signal {
+            None => Signal::SIGTERM,
+            Some(v) => parse_signal(v).ok_or_else(|| {
+                invalid(
+                    "stop-signal",
+                    v,
+                    "not a signal name (e.g. TERM, INT, QUIT, USR1)",
+                )
+            })?,
+        };
+        if uvicorn && cli.stop_signal.is_some() {
+            return Err(Error::usage(
+                "'--stop-signal' applies to command workers; uvicorn workers drain on TERM",
+            ));
+        }
+
+        let timeout = match &cli.timeout {
+            None => Some(Duration::from_secs(30)),
+            Some(v) => {
+                let d = parse_duration(v).map_err(|why| invalid("timeout", v, why))?;
+                (!d.is_zero()).then_some(d)
+            }
+        };
+        let startup_timeout = match &cli.startup_timeout {
+            None => Duration::from_secs(60),
+            Some(v) => {
+                let d = parse_duration(v).map_err(|why| invalid("startup-timeout", v, why))?;
+                if d.is_zero() {
+                    return Err(invalid("startup-timeout", v, "must be above 0"));
+                }
+                d
+            }
+        };
+        let graceful_timeout = match &cli.graceful_timeout {
+            None => Duration::from_secs(30),
+            Some(v) => parse_duration(v).map_err(|why| invalid("graceful-timeout", v, why))?,
+        };
+
+        for cmd in &cli.pre_start {
+            if cmd.trim().is_empty() {
+                return Err(invalid("pre-start", cmd, "empty command"));
+            }
+        }
+
+        let credentials = credentials(cli, env)?;
+
+        let umask = match &cli.umask {
+            None => 0o022,
+            Some(v) => parse_umask(v).ok_or_else(|| {
+                invalid(
+                    "umask",
+                    v,
+                    "expected an octal mask from 0 to 0o777, e.g. 0o022",
+                )
+            })?,
+        };
+
+        let env_pairs = cli
+            .env
+            .iter()
+            .map(|kv| parse_env_pair(kv).map_err(|why| invalid("env", kv, why)))
+            .collect::<Result<Vec<_>>>()?;
+
+        let log_level = match &cli.log_level {
+            None => LogLevel::Info,
+            Some(v) => parse_log_level(v).ok_or_else(|| {
+                invalid(
+                    "log-level",
+                    v,
+                    "expected error, warning, info, debug or trace",
+                )
+            })?,
+        };
+
+        Ok(Config {
+            kind,
+            binds,
+            backlog,
+            workers,
+            workers_reason,
+            ready,
+            stop_signal,
+            timeout,
+            startup_timeout,
+            graceful_timeout,
+            pre_start: cli.pre_start.clone(),
+            credentials,
+            umask,
+            pidfile: cli.pidfile.as_ref().map(PathBuf::from),
+            chdir,
+            env: env_pairs,
+            log_level,
+        })
+    }
+
+    /// Whether workers report readiness with READY=1.
+    pub fn workers_notify_ready(&self) -> bool {
+        match self.kind {
+            WorkerKind::Uvicorn(_) => true,
+            WorkerKind::Command { .. } => self.ready == ReadyMode::Notify,
+        }
+    }
+
+    /// The uvicorn options, when serving an APP.
+    pub fn uvicorn(&self) -> Option<&UvicornOptions> {
+        match &self.kind {
+            WorkerKind::Uvicorn(u) => Some(u),
+            WorkerKind::Command { .. } => None,
+        }
+    }
+
+    /// A short description of what the workers run, for logs.
+    pub fn describe_workers(&self) -> String {
+        match &self.kind {
+            WorkerKind::Command { argv, .. } => argv.join(" "),
+            WorkerKind::Uvicorn(u) => format!("{} (uvicorn, {})", u.app, u.python.display()),
+        }
+    }
+}
+
+fn worker_kind(cli: &Cli, env: &Environment, chdir: Option<&Path>) -> Result<WorkerKind> {
+    if let Some(class) = &cli.worker_class {
+        if !UVICORN_CLASSES.contains(&class.as_str()) {
+            return Err(invalid(
+                "worker-class",
+                class,
+                "procman runs uvicorn workers for an APP (uvicorn.workers.UvicornWorker or uvicorn_worker.UvicornWorker) or any command after --",
+            ));
+        }
+    }
+    let uvicorn_only: &[(&str, bool)] = &[
+        ("worker-class", cli.worker_class.is_some()),
+        ("python", cli.python.is_some()),
+        ("factory", cli.factory),
+        ("keyfile", cli.keyfile.is_some()),
+        ("certfile", cli.certfile.is_some()),
+        ("keep-alive", cli.keep_alive.is_some()),
+        ("limit-concurrency", cli.limit_concurrency.is_some()),
+        ("proxy-headers", cli.proxy_headers),
+        ("forwarded-allow-ips", cli.forwarded_allow_ips.is_some()),
+        ("root-path", cli.root_path.is_some()),
+        ("lifespan", cli.lifespan.is_some()),
+        ("interface", cli.interface.is_some()),
+        ("http", cli.http.is_some()),
+        ("loop", cli.event_loop.is_some()),
+        ("no-access-log", cli.no_access_log),
+        ("max-requests", cli.max_requests.is_some()),
+        ("max-requests-jitter", cli.max_requests_jitter.is_some()),
+    ];
+    match (&cli.app, cli.command.is_empty()) {
+        (Some(app), false) => Err(Error::usage(format!(
+            "both an APP ('{app}') and a COMMAND ('{}') were given; use one: APP for uvicorn workers, or -- COMMAND",
+            cli.command.join(" ")
+        ))),
+        (None, true) => Err(Error::usage(
+            "nothing to run: give an APP (module:attribute, e.g. app:main) or a command after --, e.g. procman -- ./server",
+        )),
+        (None, false) => {
+            if let Some((flag, _)) = uvicorn_only.iter().find(|(_, given)| *given) {
+                return Err(Error::usage(format!(
+                    "'--{flag}' applies to uvicorn workers (an APP), not to a COMMAND"
+                )));
+            }
+            let argv = cli.command.clone();
+            let program = find_program(&argv[0], env.path.as_deref(), chdir).map_err(|why| {
+                Error::usage(format!("cannot find COMMAND '{}': {why}", argv[0]))
+            })?;
+            Ok(WorkerKind::Command { program, argv })
+        }
+        (Some(app), true) => uvicorn_options(cli, env, chdir, app).map(|u| WorkerKind::Uvicorn(Box::new(u))),
+    }
+}
+
+fn uvicorn_options(
+    cli: &Cli,
+    env: &Environment,
+    chdir: Option<&Path>,
+    app: &str,
+) -> Result<UvicornOptions> {
+    validate_app(app).map_err(|why| Error::usage(format!("invalid APP '{app}': {why}")))?;
+    let python = match &cli.python {
+        Some(p) => {
+            find_program(p, env.path.as_deref(), None).map_err(|why| invalid("python", p, why))?
+        }
+        None => {
+            let from_venv = env
+                .virtual_env
+                .as_ref()
+                .map(|v| Path::new(v).join("bin/python"))
+                .filter(|p| is_executable(p));
+            match from_venv {
+                Some(p) => p,
+                None => find_program("python3", env.path.as_deref(), None).map_err(|why| {
+                    Error::usage(format!(
+                        "cannot find a Python interpreter for APP '{app}': python3 {why} (use --python PATH or activate a virtualenv)"
+                    ))
+                })?,
+            }
+        }
+    };
+    let file = |flag: &str, v: &Option<String>| -> Result<Option<PathBuf>> {
+        match v {
+            None => Ok(None),
+            Some(f) => {
+                let p = match chdir {
+                    Some(d) if Path::new(f).is_relative() => d.join(f),
+                    _ => PathBuf::from(f),
+                };
+                if p.is_file() {
+                    Ok(Some(p))
+                } else {
+                    Err(invalid(flag, f, "no such file"))
+                }
+            }
+        }
+    };
+    let keyfile = file("keyfile", &cli.keyfile)?;
+    let certfile = file("certfile", &cli.certfile)?;
+    if keyfile.is_some() != certfile.is_some() {
+        return Err(Error::usage(
+            "HTTPS needs both '--keyfile' and '--certfile'; only one was given",
+        ));
+    }
+    let choice = |flag: &str, v: &Option<String>, allowed: &[&str]| -> Result<String> {
+        match v {
+            None => Ok("auto".to_string()),
+            Some(x) if allowed.contains(&x.as_str()) => Ok(x.clone()),
+            Some(x) => Err(invalid(
+                flag,
+                x,
+                format!("expected one of {}", allowed.join(", ")),
+            )),
+        }
+    };
+    let count = |flag: &str, v: &Option<String>| -> Result<Option<u64>> {
+        match v {
+            None => Ok(None),
+            Some(x) => x
+                .parse::<u64>()
+                .map(Some)
+                .map_err(|_| invalid(flag, x, "expected a whole number, 0 or more")),
+        }
+    };
+    let limit_concurrency = match count("limit-concurrency", &cli.limit_concurrency)? {
+        Some(0) => {
+            return Err(invalid(
+                "limit-concurrency",
+                "0",
+                "must be above 0 (leave it out for no limit)",
+            ))
+        }
+        other => other,
+    };
+    let keep_alive = match &cli.keep_alive {
+        None => 5,
+        Some(v) => parse_duration(v)
+            .map_err(|why| invalid("keep-alive", v, why))?
+            .as_secs()
+            .max(1),
+    };
+    Ok(UvicornOptions {
+        app: app.to_string(),
+        python,
+        factory: cli.factory,
+        keyfile,
+        certfile,
+        keep_alive,
+        limit_concurrency,
+        proxy_headers: cli.proxy_headers,
+        forwarded_allow_ips: cli.forwarded_allow_ips.clone(),
+        root_path: cli.root_path.clone().unwrap_or_default(),
+        lifespan: choice("lifespan", &cli.lifespan, &["auto", "on", "off"])?,
+        interface: choice(
+            "interface",
+            &cli.interface,
+            &["auto", "asgi3", "asgi2", "wsgi"],
+        )?,
+        http: choice("http", &cli.http, &["auto", "h11", "httptools"])?,
+        event_loop: choice("loop", &cli.event_loop, &["auto", "asyncio", "uvloop"])?,
+        access_log: !cli.no_access_log,
+        max_requests: count("max-requests", &cli.max_requests)?.unwrap_or(0),
+        max_requests_jitter: count("max-requests-jitter", &cli.max_requests_jitter)?.unwrap_or(0),
+    })
+}
+
+/// `module:attribute`, where both are dotted Python identifiers.
+fn validate_app(app: &str) -> std::result::Result<(), String> {
+    let (module, attr) = app
+        .split_once(':')
+        .ok_or("expected module:attribute, e.g. app:main")?;
+    let dotted = |s: &str| {
+        !s.is_empty()
+            && s.split('.').all(|part| {
+                let mut chars = part.chars();
+                matches!(chars.next(), Some(c) if c.is_alphabetic() || c == '_')
+                    && chars.all(|c| c.is_alphanumeric() || c == '_')
+            })
+    };
+    if !dotted(module) {
+        return Err(format!("'{module}' is not a Python module name"));
+    }
+    if !dotted(attr) {
+        return Err(format!("'{attr}' is not a Python attribute name"));
+    }
+    Ok(())
+}
+
+/// Resolves a program like execvp would, but up front. A name with a `/`
+/// is taken as a path (relative to the workers' `--chdir`, where it will be
+/// executed); a bare name is searched on PATH.
+pub fn find_program(
+    name: &str,
+    path_var: Option<&str>,
+    chdir: Option<&Path>,
+) -> std::result::Result<PathBuf, String> {
+    if name.is_empty() {
+        return Err("empty program name".into());
+    }
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        let on_disk = match chdir {
+            Some(d) if p.is_relative() => d.join(&p),
+            _ => p.clone(),
+        };
+        if !on_disk.exists() {
+            return Err("no such file".into());
+        }
+        if !is_executable(&on_disk) {
+            return Err("not an executable file".into());
+        }
+        return Ok(p);
+    }
+    let path_var = path_var.unwrap_or("/usr/local/bin:/usr/bin:/bin");
+    path_var
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(name))
+        .find(|p| is_executable(p))
+        .ok_or_else(|| "not found on PATH".to_string())
+}
+
+fn is_executable(p: &Path) -> bool {
+    p.is_file() && nix::unistd::access(p, nix::unistd::AccessFlags::X_OK).is_ok()
+}
+
+fn parse_workers(flag: &str, v: &str) -> Result<(usize, String)> {
+    if v == "auto" {
+        let (n, why) = crate::cpus::available();
+        return Ok((n, format!("auto: {why}")));
+    }
+    match v.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok((n, "set".to_string())),
+        Ok(_) => Err(invalid(flag, v, "at least 1 worker is needed")),
+        Err(_) => Err(invalid(
+            flag,
+            v,
+            "expected a positive whole number or 'auto'",
+        )),
+    }
+}
+
+/// Parses `30`, `1.5`, `500ms`, `30s`, `5m`, `6h`, `1d`.
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| "expected a duration such as 30, 30s, 500ms, 5m or 6h".to_string())?;
+    let scale = match unit.trim() {
+        "" | "s" | "sec" | "secs" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        other => return Err(format!("unknown unit '{other}' (use ms, s, m, h or d)")),
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || secs > 1e9 {
+        return Err("duration is too large".into());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses a signal name: `TERM`, `SIGTERM`, `term` or a number.
+pub fn parse_signal(text: &str) -> Option<Signal> {
+    if let Ok(n) = text.parse::<i32>() {
+        return Signal::try_from(n).ok();
+    }
+    let upper = text.trim().to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse::<Signal>().ok()
+}
+
+fn parse_umask(text: &str) -> Option<u32> {
+    let t = text.trim();
+    let digits = t
+        .strip_prefix("0o")
+        .or_else(|| t.strip_prefix("0O"))
+        .unwrap_or(t);
+    let v = u32::from_str_radix(digits, 8).ok()?;
+    (v <= 0o777).then_some(v)
+}
+
+fn parse_env_pair(kv: &str) -> std::result::Result<(String, String), String> {
+    let (k, v) = kv.split_once('=').ok_or("expected KEY=VALUE")?;
+    let mut chars = k.chars();
+    let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!("'{k}' is not a valid variable name"));
+    }
+    if v.contains('\0') {
+        return Err("the value contains a NUL byte".into());
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn parse_log_level(v: &str) -> Option<LogLevel> {
+    Some(match v.to_ascii_lowercase().as_str() {
+        "error" | "critical" => LogLevel::Error,
+        "warn" | "warning" => LogLevel::Warn,
+        "info" => LogLevel::Info,
+        "debug" => LogLevel::Debug,
+        "trace" => LogLevel::Trace,
+        _ => return None,
+    })
+}
+
+fn credentials(cli: &Cli, env: &Environment) -> Result<Option<Credentials>> {
+    if cli.user.is_none() && cli.group.is_none() {
+        return Ok(None);
+    }
+    let egid = nix::unistd::getegid().as_raw();
+    // (uid, the user's primary gid, name for messages, name for getgrouplist)
+    let (uid, user_gid, name, account) = match &cli.user {
+        None => (env.euid, egid, "(unchanged)".to_string(), None),
+        Some(u) => {
+            let number = u.parse::<u32>().ok();
+            let entry = match number {
+                Some(n) => User::from_uid(Uid::from_raw(n)).ok().flatten(),
+                None => User::from_name(u).ok().flatten(),
+            };
+            match (entry, number) {
+                (Some(user), _) => (
+                    user.uid.as_raw(),
+                    user.gid.as_raw(),
+                    user.name.clone(),
+                    Some(user.name),
+                ),
+                // A bare uid without a passwd entry is fine (containers).
+                (None, Some(n)) => (n, n, u.clone(), None),
+                (None, None) => return Err(invalid("user", u, "no such user")),
+            }
+        }
+    };
+    let gid = match &cli.group {
+        None => user_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => Group::from_name(g)
+                .ok()
+                .flatten()
+                .map(|gr| gr.gid.as_raw())
+                .ok_or_else(|| invalid("group", g, "no such group"))?,
+        },
+    };
+    if env.euid != 0 && (uid != env.euid || gid != egid) {
+        return Err(Error::usage(format!(
+            "'--user'/'--group' need procman to start as root (it runs as uid {}); drop them or start as root",
+            env.euid
+        )));
+    }
+    // Supplementary groups are looked up now: getgrouplist reads files and
+    // allocates, which a forked child must not do.
+    let groups = account
+        .and_then(|n| CString::new(n).ok())
+        .and_then(|n| nix::unistd::getgrouplist(&n, Gid::from_raw(gid)).ok())
+        .map(|gs| gs.into_iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_else(|| vec![gid]);
+    Ok(Some(Credentials {
+        uid,
+        gid,
+        groups,
+        user_name: name,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn env() -> Environment {
+        Environment {
+            path: std::env::var("PATH").ok(),
+            euid: 1000,
+            ..Environment::default()
+        }
+    }
+
+    fn config(args: &[&str]) -> Result<Config> {
+        let mut argv = vec!["procman"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| Error::usage(e.to_string()))?;
+        Config::from_cli(&cli, &env())
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = config(&["--", "true"]).expect("valid");
+        assert_eq!(c.workers, 1);
+        assert_eq!(c.backlog, 2048);
+        assert_eq!(c.binds, [BindSpec::parse("127.0.0.1:8000").expect("spec")]);
+        assert_eq!(c.timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.startup_timeout, Duration::from_secs(60));
+        assert_eq!(c.graceful_timeout, Duration::from_secs(30));
+        assert_eq!(c.stop_signal, Signal::SIGTERM);
+        assert_eq!(c.umask, 0o022);
+        assert_eq!(c.ready, ReadyMode::Exec);
+    }
+
+    #[test]
+    fn environment_supplies_port_and_worker_count() {
+        let cli = Cli::try_parse_from(["procman", "--", "true"]).expect("parses");
+        let mut e = env();
+        e.port = Some("9999".into());
+        e.web_concurrency = Some("3".into());
+        let c = Config::from_cli(&cli, &e).expect("valid");
+        assert_eq!(c.workers, 3);
+        assert_eq!(c.binds, [BindSpec::parse("0.0.0.0:9999").expect("spec")]);
+        e.web_concurrency = Some("lots".into());
+        let err = Config::from_cli(&cli, &e).expect_err("bad WEB_CONCURRENCY");
+        assert!(err.to_string().contains("WEB_CONCURRENCY"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_flag_and_the_value() {
+        let table: &[(&[&str], &str)] = &[
+            (&["-w", "0", "--", "true"], "'0' for '--workers'"),
+            (&["-w", "abc", "--", "true"], "'abc' for '--workers'"),
+            (&["-b", ":99999", "--", "true"], "'--bind'"),
+            (&["-t", "soon", "--", "true"], "'soon' for '--timeout'"),
+            (
+                &["--stop-signal", "NOPE", "--", "true"],
+                "'NOPE' for '--stop-signal'",
+            ),
+            (&["--umask", "999", "--", "true"], "'999' for '--umask'"),
+            (&["-e", "NOEQUALS", "--", "true"], "'NOEQUALS' for '--env'"),
+            (
+                &["--chdir", "/no/such/dir", "--", "true"],
+                "'/no/such/dir' for '--chdir'",
+            ),
+            (&["--ready", "soon", "--", "true"], "'soon' for '--ready'"),
+            (&["--backlog", "-1", "--", "true"], "'--backlog'"),
+            (&["appmain"], "invalid APP 'appmain'"),
+            (&["app:main", "--", "true"], "both an APP"),
+            (&[], "nothing to run"),
+            (&["--", "/no/such/program"], "cannot find COMMAND"),
+            (
+                &["--max-requests", "5", "--", "true"],
+                "'--max-requests' applies to uvicorn",
+            ),
+            (&["-k", "sync", "app:main"], "'sync' for '--worker-class'"),
+        ];
+        for (args, want) in table {
+            let err = config(args).expect_err(&format!("{args:?}"));
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            assert!(err.to_string().contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn durations_accept_units() {
+        let table = [
+            ("30", 30_000),
+            ("1.5", 1_500),
+            ("500ms", 500),
+            ("2s", 2_000),
+            ("5m", 300_000),
+            ("6h", 21_600_000),
+        ];
+        for (text, ms) in table {
+            assert_eq!(
+                parse_duration(text).map(|d| d.as_millis()),
+                Ok(ms),
+                "{text}"
+            );
+        }
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn signals_parse_in_every_spelling() {
+        assert_eq!(parse_signal("TERM"), Some(Signal::SIGTERM));
+        assert_eq!(parse_signal("sigint"), Some(Signal::SIGINT));
+        assert_eq!(parse_signal("3"), Some(Signal::SIGQUIT));
+        assert_eq!(parse_signal("BOGUS"), None);
+    }
+
+    #[test]
+    fn uvicorn_class_is_selected_by_app_and_accepts_gunicorn_spelling() {
+        let c = config(&[
+            "-k",
+            "uvicorn.workers.UvicornWorker",
+            "app:main",
+            "--python",
+            "sh",
+        ])
+        .expect("valid");
+        let u = c.uvicorn().expect("uvicorn class");
+        assert_eq!(u.app, "app:main");
+        assert!(c.workers_notify_ready());
+    }
+}

@@ -1,0 +1,92 @@
+//! How many CPUs this process may really use, for `--workers auto`.
+//!
+//! The answer is the smaller of the scheduler affinity mask (taskset, cpuset
+//! cgroups) and the cgroup v2 CPU quota (`cpu.max`, rounded up), never below
+//! one. Containers usually limit by quota, not by mask, so reading only
+//! `nproc` would start far too many workers there.
+
+use std::path::Path;
+
+/// The usable CPU count and a sentence saying where it came from.
+pub fn available() -> (usize, String) {
+    let mask = affinity_count();
+    let quota = cgroup_quota(Path::new("/proc/self/cgroup"), Path::new("/sys/fs/cgroup"));
+    combine(mask, quota)
+}
+
+/// Pure combination of the two limits (unit-tested).
+pub fn combine(mask: Option<usize>, quota: Option<f64>) -> (usize, String) {
+    let mask_n = mask.unwrap_or(1).max(1);
+    match quota {
+        Some(q) if (q.ceil() as usize) < mask_n => {
+            let n = (q.ceil() as usize).max(1);
+            (
+                n,
+                format!("{n} (cgroup cpu.max quota {q:.2} CPUs, affinity mask {mask_n})"),
+            )
+        }
+        _ => (mask_n, format!("{mask_n} (CPUs in the affinity mask)")),
+    }
+}
+
+fn affinity_count() -> Option<usize> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
+    let n = (0..nix::sched::CpuSet::count())
+        .filter(|&i| set.is_set(i).unwrap_or(false))
+        .count();
+    Some(n)
+}
+
+/// Reads `cpu.max` ("max 100000" or "150000 100000") of this process's
+/// cgroup v2 and returns the quota in CPUs, if one is set.
+fn cgroup_quota(self_cgroup: &Path, root: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(self_cgroup).ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mut dir = root.join(rel.trim_start_matches('/'));
+    // A limit set on any ancestor applies too; take the tightest.
+    let mut best: Option<f64> = None;
+    loop {
+        if let Some(q) = std::fs::read_to_string(dir.join("cpu.max"))
+            .ok()
+            .and_then(|s| parse_cpu_max(&s))
+        {
+            best = Some(best.map_or(q, |b: f64| b.min(q)));
+        }
+        if dir == root || !dir.pop() || !dir.starts_with(root) {
+            break;
+        }
+    }
+    best
+}
+
+/// Parses the content of `cpu.max`.
+pub fn parse_cpu_max(text: &str) -> Option<f64> {
+    let mut parts = text.split_whitespace();
+    let quota = parts.next()?;
+    let period: f64 = parts.next()?.parse().ok()?;
+    if quota == "max" || period <= 0.0 {
+        return None;
+    }
+    Some(quota.parse::<f64>().ok()? / period)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_max_parses() {
+        assert_eq!(parse_cpu_max("max 100000\n"), None);
+        assert_eq!(parse_cpu_max("150000 100000\n"), Some(1.5));
+        assert_eq!(parse_cpu_max("garbage"), None);
+    }
+
+    #[test]
+    fn the_tighter_limit_wins_and_quota_rounds_up() {
+        assert_eq!(combine(Some(8), None).0, 8);
+        assert_eq!(combine(Some(8), Some(1.5)).0, 2);
+        assert_eq!(combine(Some(2), Some(4.0)).0, 2);
+        assert_eq!(combine(Some(4), Some(0.1)).0, 1);
+        assert_eq!(combine(None, None).0, 1);
+    }
+}

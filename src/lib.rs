@@ -1,0 +1,35 @@
+//! procman: a pre-fork process manager for network servers.
+//!
+//! A master process binds the listening sockets, forks N workers that
+//! inherit them (the systemd `LISTEN_FDS` convention), and keeps the right
+//! set of healthy workers alive from a single-threaded, SIGCHLD-driven
+//! loop. The modules, in the order a start-up goes through them:
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs, clippy::unwrap_used)]
+
+// What the user asked for, validated.
+pub mod cli;
+pub mod config;
+pub mod cpus;
+pub mod error;
+
+// Start-up: logging, then the steps before the first worker.
+pub mod logging;
+pub mod startup;
+
+// The edges of the master: sockets, signals, notifications, fork/exec.
+pub mod bind;
+pub mod notify;
+pub mod signals;
+pub mod spawn;
+
+// What a worker runs.
+pub mod classes;
+
+// The supervision: the table, the pure policy, the loop.
+pub mod workers;
+// (policy decides; master only carries decisions out)
+pub mod policy;
+// The loop itself.
+pub mod master;

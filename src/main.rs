@@ -1,0 +1,15 @@
+//! procman's entry point: parse, run, and print the one error (if any)
+//! with the exit code it maps to (0 clean, 1 runtime, 2 usage, 3 boot
+//! failure, 4 app import failure).
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    match procman::startup::run(std::env::args_os()) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("procman: error: {err}");
+            ExitCode::from(err.exit_code())
+        }
+    }
+}

@@ -1,0 +1,1090 @@
+//! The master loop: events in, policy decides, effects out.
+//!
+//! One thread, one `poll(2)` over the signal self-pipe and the notify
+//! socket, with the earliest deadline as its timeout; nothing wakes the
+//! master when nothing is due. Each iteration: drain signals, drain
+//! notifications (before reaping, so a READY=1 sent just before an exit is
+//! still attributed), reap with `waitpid(-1, WNOHANG)` until empty, handle
+//! passed deadlines, then reconcile the workers with the goal.
+//!
+//! Every event goes through [`Master::handle`], one `match` over (master
+//! state, event) whose arms call small named methods. Decisions about which
+//! workers to start or stop live in `policy.rs`; this file only turns them
+//! into system calls.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tracing::{debug, error, info, warn};
+
+use crate::bind::Listener;
+use crate::classes::{self, Launch};
+use crate::config::{Config, WorkerKind};
+use crate::error::{Error, Result};
+use crate::notify::{self, Datagram, Message, Receiver, SystemdNotifier};
+use crate::policy::{self, Backoff, Decision, Due, Goal};
+use crate::signals::{self, MasterSignal, Signals};
+use crate::spawn::Plan;
+use crate::workers::{Stop, StopReason, Table, Worker, WorkerState};
+
+/// Variables procman may have inherited from its own supervisor that must
+/// never reach a worker (they describe procman's sockets, not the worker's).
+const SCRUBBED: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "LISTEN_PIDFDID",
+];
+
+/// What the master as a whole is doing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MasterState {
+    /// The first workers are starting; systemd has not been told READY.
+    Booting,
+    /// Serving.
+    Running,
+    /// Stopping every worker; exits with `outcome` once all are reaped.
+    Stopping {
+        /// Quick (2 s grace) or graceful (--graceful-timeout).
+        quick: bool,
+        /// The exit: Ok for a clean stop, or the failure that caused it.
+        outcome: std::result::Result<(), Error>,
+    },
+}
+
+/// Something that happened.
+#[derive(Debug)]
+pub enum Event {
+    /// A signal to the master.
+    Signal(MasterSignal),
+    /// A notification from a worker (already attributed).
+    Notified {
+        /// The worker it is attributed to.
+        worker: Pid,
+        /// The sender (the worker or one of its descendants).
+        sender: i32,
+        /// What it said.
+        message: Message,
+    },
+    /// A child was reaped.
+    Exited {
+        /// Its pid.
+        pid: Pid,
+        /// How it ended.
+        status: WaitStatus,
+    },
+}
+
+/// A rolling reload in progress.
+#[derive(Debug, Clone, Copy)]
+struct Reload {
+    generation: u64,
+    previous_required: u64,
+}
+
+/// The master's whole state.
+pub struct Master {
+    cfg: Config,
+    launch: Launch,
+    listeners: Vec<Listener>,
+    signals: Signals,
+    notify: Receiver,
+    systemd: Option<SystemdNotifier>,
+    systemd_watchdog: Option<(Duration, Instant)>,
+    base_env: Vec<(String, String)>,
+    table: Table,
+    backoff: BTreeMap<usize, Backoff>,
+    state: MasterState,
+    target: usize,
+    generation: u64,
+    required_generation: u64,
+    reload: Option<Reload>,
+    ever_up: bool,
+    boot_failures: u32,
+    recycle_queue: VecDeque<(Pid, String)>,
+    expected_wake: Option<Instant>,
+}
+
+impl Master {
+    /// Sets up the master around already-bound listeners. Installs the
+    /// signal handlers and the notify socket; starts nothing yet.
+    pub fn new(cfg: Config, listeners: Vec<Listener>, signals: Signals) -> Result<Master> {
+        let owner = cfg.credentials.as_ref().map(|c| (c.uid, c.gid));
+        let notify = Receiver::create(owner)?;
+        let systemd = SystemdNotifier::from_env(std::env::var("NOTIFY_SOCKET").ok().as_deref());
+        let systemd_watchdog = systemd_watchdog_interval().map(|d| (d, Instant::now() + d));
+        let base_env = std::env::vars()
+            .filter(|(k, _)| !SCRUBBED.contains(&k.as_str()))
+            .collect();
+        let launch = classes::launch(&cfg);
+        let target = cfg.workers;
+        Ok(Master {
+            cfg,
+            launch,
+            listeners,
+            signals,
+            notify,
+            systemd,
+            systemd_watchdog,
+            base_env,
+            table: Table::default(),
+            backoff: BTreeMap::new(),
+            state: MasterState::Booting,
+            target,
+            generation: 1,
+            required_generation: 1,
+            reload: None,
+            ever_up: false,
+            boot_failures: 0,
+            recycle_queue: VecDeque::new(),
+            expected_wake: None,
+        })
+    }
+
+    /// Runs until every worker is gone after a stop. Returns the outcome.
+    pub fn run(mut self) -> Result<()> {
+        info!(
+            "Starting {} worker{}: {}",
+            self.target,
+            if self.target == 1 { "" } else { "s" },
+            self.cfg.describe_workers()
+        );
+        loop {
+            let now = Instant::now();
+            self.act(now);
+            if let MasterState::Stopping { outcome, .. } = &self.state {
+                if self.table.is_empty() {
+                    let outcome = outcome.clone();
+                    self.finish();
+                    return outcome;
+                }
+            }
+            let wake = self.next_wake(now);
+            self.expected_wake = wake;
+            self.wait(wake.map(|w| w.saturating_duration_since(now)));
+            let now = Instant::now();
+            if let Some(late) = policy::was_suspended(self.expected_wake, now) {
+                self.forgive_suspension(late, now);
+            }
+            for sig in self.signals.drain() {
+                self.handle(Event::Signal(sig), now);
+            }
+            for datagram in self.notify.drain() {
+                self.dispatch_datagram(datagram, now);
+            }
+            while let Some((pid, status)) = reap_one() {
+                self.handle(Event::Exited { pid, status }, now);
+            }
+        }
+    }
+
+    /// The one place every event is decided.
+    fn handle(&mut self, event: Event, now: Instant) {
+        use MasterSignal as S;
+        let stopping = matches!(self.state, MasterState::Stopping { .. });
+        match (stopping, event) {
+            (_, Event::Signal(S::ChildExited)) => {} // reaping follows in the loop
+            (false, Event::Signal(S::Terminate)) => self.begin_stop(false, Ok(()), now),
+            (false, Event::Signal(S::Interrupt | S::Quit)) => self.begin_stop(true, Ok(()), now),
+            (true, Event::Signal(S::Terminate | S::Interrupt | S::Quit)) => self.hurry_stop(now),
+            (false, Event::Signal(S::Reload)) => self.begin_reload(),
+            (false, Event::Signal(S::MoreWorkers)) => self.scale(1),
+            (false, Event::Signal(S::FewerWorkers)) => self.scale(-1),
+            (true, Event::Signal(s @ (S::Reload | S::MoreWorkers | S::FewerWorkers))) => {
+                info!("Ignoring {s:?}: shutting down")
+            }
+            (_, Event::Signal(S::ReopenLogs)) => self.reopen_logs(),
+            (_, Event::Signal(S::Upgrade)) => {
+                warn!("Ignoring USR2: in-place upgrade is not supported; use HUP for a rolling reload")
+            }
+            (_, Event::Signal(S::WindowChanged)) => {}
+            (
+                _,
+                Event::Notified {
+                    worker,
+                    sender,
+                    message,
+                },
+            ) => self.on_message(worker, sender, message, now),
+            (_, Event::Exited { pid, status }) => self.on_exit(pid, status, now),
+        }
+    }
+
+    // ---- effects of each event ----
+
+    fn begin_stop(&mut self, quick: bool, outcome: std::result::Result<(), Error>, now: Instant) {
+        let how = if quick { "quick" } else { "graceful" };
+        let active = self.table.iter().filter(|w| w.is_active()).count();
+        info!("Shutting down: {how}, {active} worker{}", plural(active));
+        if let Some(sd) = &self.systemd {
+            sd.send("STOPPING=1");
+        }
+        self.state = MasterState::Stopping { quick, outcome };
+        let grace = self.stop_grace(quick);
+        let pids: Vec<Pid> = self.table.iter().map(|w| w.pid).collect();
+        for pid in pids {
+            self.stop_worker(pid, StopReason::Shutdown, grace, now);
+        }
+    }
+
+    /// A second TERM/INT/QUIT during a stop: everyone gets at most 2 s more.
+    fn hurry_stop(&mut self, now: Instant) {
+        info!("Shutting down: quick (second signal)");
+        if let MasterState::Stopping { quick, .. } = &mut self.state {
+            *quick = true;
+        }
+        let limit = now + policy::QUICK_STOP_GRACE;
+        for w in self.table.iter_mut() {
+            if let Some(Stop {
+                kill_at: Some(at), ..
+            }) = &mut w.stop
+            {
+                *at = (*at).min(limit);
+            }
+        }
+    }
+
+    fn begin_reload(&mut self) {
+        self.generation += 1;
+        let previous_required = self
+            .reload
+            .map_or(self.required_generation, |r| r.previous_required);
+        self.required_generation = self.generation;
+        self.reload = Some(Reload {
+            generation: self.generation,
+            previous_required,
+        });
+        info!(
+            "Reloading: replacing {} workers with generation {}",
+            self.target, self.generation
+        );
+        if let Some(sd) = &self.systemd {
+            sd.send(&format!(
+                "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading to generation {}",
+                notify::monotonic_usec(),
+                self.generation
+            ));
+        }
+    }
+
+    fn scale(&mut self, delta: isize) {
+        let before = self.target;
+        self.target = (self.target as isize + delta).max(1) as usize;
+        if self.target == before {
+            info!("Keeping {before} worker: never fewer than 1");
+            return;
+        }
+        info!("Workers: {before} -> {}", self.target);
+        self.report_status();
+    }
+
+    fn reopen_logs(&mut self) {
+        crate::logging::reopen();
+        info!("Reopened the log; forwarding USR1 to workers");
+        let pids: Vec<Pid> = self.table.iter().map(|w| w.pid).collect();
+        for pid in pids {
+            signal_group(pid, Signal::SIGUSR1);
+        }
+    }
+
+    fn on_message(&mut self, pid: Pid, sender: i32, message: Message, now: Instant) {
+        let notify_ready = self.cfg.workers_notify_ready();
+        let Some(w) = self.table.get_mut(pid) else {
+            return;
+        };
+        match message {
+            Message::Ready => {
+                if w.state == WorkerState::Starting && notify_ready {
+                    mark_ready(w, now);
+                }
+            }
+            Message::Heartbeat => w.last_heartbeat = Some(now),
+            Message::WatchdogTrigger => {
+                if w.is_active() {
+                    warn!(
+                        "Worker {pid} (slot {}) sent WATCHDOG=trigger; aborting",
+                        w.slot
+                    );
+                    self.abort_worker(pid, now);
+                }
+            }
+            Message::Status(s) => info!("Worker {pid} (slot {}) status: {s}", w.slot),
+            Message::Errno(e) => warn!("Worker {pid} (slot {}) reported errno {e}", w.slot),
+            Message::ExtendTimeout(d) => match (w.state, &mut w.stop) {
+                (WorkerState::Starting, _) => {
+                    w.startup_deadline = w.startup_deadline.max(now + d);
+                    debug!("Worker {pid} extended its startup deadline by {d:?}");
+                }
+                (
+                    WorkerState::Stopping,
+                    Some(Stop {
+                        kill_at: Some(at), ..
+                    }),
+                ) => *at = (*at).max(now + d),
+                _ => {}
+            },
+            Message::Stopping => {
+                w.draining = true;
+                debug!("Worker {pid} (slot {}) is draining", w.slot);
+            }
+            Message::Reloading => debug!("Worker {pid} sent RELOADING=1 (ignored)"),
+            Message::Recycle(why) => {
+                if w.is_active()
+                    && w.recycle.is_none()
+                    && !self.recycle_queue.iter().any(|(p, _)| *p == pid)
+                {
+                    info!("Worker {pid} (slot {}) asks to be recycled: {why}", w.slot);
+                    self.recycle_queue.push_back((pid, why));
+                }
+            }
+            Message::Error(text) => w.reported_error = Some(text),
+        }
+        if sender != pid.as_raw() {
+            debug!("notification from {sender} attributed to worker {pid}");
+        }
+    }
+
+    fn on_exit(&mut self, pid: Pid, status: WaitStatus, now: Instant) {
+        let Some(w) = self.table.remove(pid) else {
+            debug!(
+                "Reaped process {pid} ({}) that is not a worker",
+                describe(&status)
+            );
+            return;
+        };
+        let how = describe(&status);
+        let stopping_master = matches!(self.state, MasterState::Stopping { .. });
+        match w.stop.map(|s| s.reason) {
+            Some(reason) if reason.is_boot_failure() => {
+                self.on_boot_failure(
+                    &w,
+                    &format!("not ready within {:?}", self.cfg.startup_timeout),
+                    None,
+                    now,
+                );
+            }
+            Some(StopReason::HeartbeatTimeout) => {
+                warn!(
+                    "Worker {pid} (slot {}) exited after its timeout: {how}; respawning",
+                    w.slot
+                );
+                self.note_death(&w, now);
+            }
+            Some(_) => info!("Worker {pid} (slot {}) exited: {how}", w.slot),
+            None if stopping_master => info!("Worker {pid} (slot {}) exited: {how}", w.slot),
+            None if w.state == WorkerState::Starting => {
+                let code = exit_code(&status);
+                self.on_boot_failure(&w, &how, code, now);
+            }
+            None => {
+                let failed = policy::is_failed_start(w.ready_for(now));
+                if failed && !self.ever_up {
+                    self.on_boot_failure(&w, &how, exit_code(&status), now);
+                } else {
+                    let b = self.note_death(&w, now);
+                    match b.next_spawn_at {
+                        Some(at) => warn!(
+                            "Worker {pid} (slot {}) exited: {how}; respawning in {:.1}s (it keeps dying right after start)",
+                            w.slot,
+                            at.saturating_duration_since(now).as_secs_f64()
+                        ),
+                        None => warn!("Worker {pid} (slot {}) exited: {how}; respawning", w.slot),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records a death in the slot's backoff; returns the new backoff.
+    fn note_death(&mut self, w: &Worker, now: Instant) -> Backoff {
+        let ready_for = w.ready_for(now);
+        if ready_for.is_some_and(|d| d >= policy::QUICK_DEATH) {
+            self.ever_up = true;
+        }
+        let prev = self.backoff.get(&w.slot).copied().unwrap_or_default();
+        let next = policy::after_death(prev, policy::is_failed_start(ready_for), now);
+        self.backoff.insert(w.slot, next);
+        next
+    }
+
+    fn on_boot_failure(&mut self, w: &Worker, how: &str, code: Option<i32>, now: Instant) {
+        let b = self.note_death(w, now);
+        if let Some(r) = self.reload {
+            if w.generation == r.generation {
+                self.abort_reload(
+                    &format!(
+                        "worker {} of the new generation failed to boot ({how})",
+                        w.pid
+                    ),
+                    now,
+                );
+            }
+        }
+        let detail = w
+            .reported_error
+            .clone()
+            .unwrap_or_else(|| format!("worker {} {how}", w.pid));
+        if self.ever_up {
+            let wait = b
+                .next_spawn_at
+                .map_or(0.0, |t| t.saturating_duration_since(now).as_secs_f64());
+            warn!(
+                "Worker {} (slot {}) failed to boot: {how}; still serving with the others, retrying in {wait:.1}s",
+                w.pid, w.slot
+            );
+            return;
+        }
+        self.boot_failures += 1;
+        let uvicorn = matches!(self.cfg.kind, WorkerKind::Uvicorn(_));
+        let fatal = match code {
+            Some(4) if uvicorn => Some(Error::AppImport(match &w.reported_error {
+                Some(e) => e.clone(),
+                None => format!(
+                    "Failed to load application '{}' (worker {} exited with status 4; its error is above)",
+                    self.cfg.uvicorn().map(|u| u.app.as_str()).unwrap_or("?"),
+                    w.pid
+                ),
+            })),
+            Some(3) if uvicorn => Some(Error::BootFailed(format!(
+                "workers failed to boot: {detail}"
+            ))),
+            _ if self.boot_failures >= policy::MAX_BOOT_FAILURES => {
+                Some(Error::BootFailed(format!(
+                    "workers failed to boot {} times in a row and none ever stayed up; last: {detail}",
+                    self.boot_failures
+                )))
+            }
+            _ => None,
+        };
+        match fatal {
+            Some(err) => {
+                error!("{err}");
+                self.begin_stop(true, Err(err), now);
+            }
+            None => {
+                let wait = b
+                    .next_spawn_at
+                    .map_or(0.0, |t| t.saturating_duration_since(now).as_secs_f64());
+                warn!(
+                    "Worker {} (slot {}) failed to boot: {how} (attempt {} of {}); retrying in {wait:.1}s",
+                    w.pid,
+                    w.slot,
+                    self.boot_failures,
+                    policy::MAX_BOOT_FAILURES
+                );
+            }
+        }
+    }
+
+    fn abort_reload(&mut self, why: &str, now: Instant) {
+        let Some(r) = self.reload.take() else { return };
+        self.required_generation = r.previous_required;
+        error!(
+            "Reload to generation {} failed: {why}; the running workers keep serving",
+            r.generation
+        );
+        let starting: Vec<Pid> = self
+            .table
+            .iter()
+            .filter(|w| w.generation == r.generation && w.state == WorkerState::Starting)
+            .map(|w| w.pid)
+            .collect();
+        let grace = self.cfg.graceful_timeout;
+        for pid in starting {
+            self.stop_worker(pid, StopReason::ReloadAborted, grace, now);
+        }
+        if let Some(sd) = &self.systemd {
+            sd.send(&format!(
+                "READY=1\nSTATUS=reload to generation {} failed; {} workers serving",
+                r.generation,
+                self.table.ready_count()
+            ));
+        }
+    }
+
+    // ---- the periodic part of each iteration ----
+
+    /// Handles passed deadlines, then brings the workers in line with the goal.
+    fn act(&mut self, now: Instant) {
+        let (due, _) = policy::due(&self.table, self.cfg.timeout, now);
+        for d in due {
+            match d {
+                Due::StartupTimeout(pid) => self.startup_timed_out(pid, now),
+                Due::HeartbeatTimeout(pid) => {
+                    if let Some(w) = self.table.get(pid) {
+                        let silent = w
+                            .last_heartbeat
+                            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+                        warn!(
+                            "Worker {pid} (slot {}) timed out after {:.0}s without a heartbeat; aborting",
+                            w.slot,
+                            silent.as_secs_f64()
+                        );
+                    }
+                    self.abort_worker(pid, now);
+                }
+                Due::Kill(pid) => {
+                    if let Some(w) = self.table.get_mut(pid) {
+                        if let Some(stop) = &mut w.stop {
+                            stop.kill_at = None;
+                        }
+                        warn!(
+                            "Worker {pid} (slot {}) did not stop in time; killing it",
+                            w.slot
+                        );
+                    }
+                    signal_group(pid, Signal::SIGKILL);
+                }
+            }
+        }
+        if let Some((interval, at)) = self.systemd_watchdog {
+            if now >= at {
+                if let Some(sd) = &self.systemd {
+                    sd.send("WATCHDOG=1");
+                }
+                self.systemd_watchdog = Some((interval, now + interval));
+            }
+        }
+        if matches!(self.state, MasterState::Stopping { .. }) {
+            return;
+        }
+        self.refresh_ever_up(now);
+        self.start_next_recycle();
+        // A spawn can make a worker ready at once (exec readiness), which
+        // lets an outdated one go: settle in a few passes, not a wake-up.
+        for _ in 0..4 {
+            let goal = self.goal();
+            let (decisions, _) = policy::reconcile(&self.table, &goal, &self.backoff, now);
+            if decisions.is_empty() {
+                break;
+            }
+            for d in decisions {
+                match d {
+                    Decision::Spawn { slot } => self.spawn_worker(slot),
+                    Decision::Stop { pid, reason } => {
+                        let grace = self.cfg.graceful_timeout;
+                        self.stop_worker(pid, reason, grace, now);
+                    }
+                }
+                if matches!(self.state, MasterState::Stopping { .. }) {
+                    return;
+                }
+            }
+        }
+        self.check_milestones();
+    }
+
+    fn goal(&self) -> Goal {
+        Goal {
+            target: self.target,
+            required_generation: self.required_generation,
+        }
+    }
+
+    /// The earliest moment something is due.
+    fn next_wake(&self, now: Instant) -> Option<Instant> {
+        let (_, deadline) = policy::due(&self.table, self.cfg.timeout, now);
+        let (_, backoff) = if matches!(self.state, MasterState::Stopping { .. }) {
+            (Vec::new(), None)
+        } else {
+            policy::reconcile(&self.table, &self.goal(), &self.backoff, now)
+        };
+        // ever_up is learnt lazily: wake when the first ready worker has
+        // been up long enough, so a later failure is judged correctly.
+        let up_check = if self.ever_up {
+            None
+        } else {
+            self.table
+                .iter()
+                .filter_map(|w| w.ready_at)
+                .map(|r| r + policy::QUICK_DEATH)
+                .filter(|t| *t > now)
+                .min()
+        };
+        [
+            deadline,
+            backoff,
+            self.systemd_watchdog.map(|(_, at)| at),
+            up_check,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn wait(&self, timeout: Option<Duration>) {
+        let timeout = match timeout {
+            None => PollTimeout::NONE,
+            // Round up, so the loop never wakes just before a deadline and
+            // spins until it passes.
+            Some(d) => {
+                let ms = d.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut fds = [
+            PollFd::new(self.signals.fd(), PollFlags::POLLIN),
+            PollFd::new(self.notify.fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => warn!("poll failed: {}", e.desc()),
+        }
+    }
+
+    fn refresh_ever_up(&mut self, now: Instant) {
+        if !self.ever_up
+            && self.table.iter().any(|w| {
+                w.is_active() && w.ready_for(now).is_some_and(|d| d >= policy::QUICK_DEATH)
+            })
+        {
+            self.ever_up = true;
+            self.boot_failures = 0;
+        }
+    }
+
+    /// At most one recycle at a time: mark the next worker only when no
+    /// marked worker is still serving.
+    fn start_next_recycle(&mut self) {
+        let busy = self
+            .table
+            .iter()
+            .any(|w| w.is_active() && w.recycle.is_some());
+        if busy {
+            return;
+        }
+        while let Some((pid, why)) = self.recycle_queue.pop_front() {
+            if let Some(w) = self.table.get_mut(pid) {
+                if w.is_active() {
+                    info!("Recycling worker {pid} (slot {}): {why}", w.slot);
+                    w.recycle = Some(why);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// READY to systemd when the first generation is up, and the end of a
+    /// reload once no outdated worker remains.
+    fn check_milestones(&mut self) {
+        let fresh_ready = self
+            .table
+            .iter()
+            .filter(|w| w.state == WorkerState::Ready && policy::is_fresh(w, &self.goal()))
+            .count();
+        if self.state == MasterState::Booting && fresh_ready >= self.target {
+            self.state = MasterState::Running;
+            info!("All {} workers ready", self.target);
+            if let Some(sd) = &self.systemd {
+                sd.send(&format!("READY=1\nSTATUS={}", self.status_line()));
+            }
+        }
+        if let Some(r) = self.reload {
+            let outdated = self
+                .table
+                .iter()
+                .any(|w| w.is_active() && w.generation < r.generation);
+            if !outdated && fresh_ready >= self.target {
+                self.reload = None;
+                info!("Reload done: generation {} serving", r.generation);
+                if let Some(sd) = &self.systemd {
+                    sd.send(&format!("READY=1\nSTATUS={}", self.status_line()));
+                }
+            }
+        }
+    }
+
+    fn status_line(&self) -> String {
+        format!(
+            "{}/{} workers ready, generation {}",
+            self.table.ready_count(),
+            self.target,
+            self.generation
+        )
+    }
+
+    fn report_status(&self) {
+        if let Some(sd) = &self.systemd {
+            sd.send(&format!("STATUS={}", self.status_line()));
+        }
+    }
+
+    // ---- system calls on workers ----
+
+    fn spawn_worker(&mut self, slot: usize) {
+        // Each worker's own start time: ages order "the oldest" for TTOU.
+        let now = Instant::now();
+        let mut env = self.base_env.clone();
+        let mut set = |k: &str, v: String| {
+            env.retain(|(key, _)| key != k);
+            env.push((k.to_string(), v));
+        };
+        for (k, v) in &self.cfg.env {
+            set(k, v.clone());
+        }
+        for (k, v) in &self.launch.env {
+            set(k, v.clone());
+        }
+        set("LISTEN_FDS", self.listeners.len().to_string());
+        set(
+            "LISTEN_FDNAMES",
+            self.listeners
+                .iter()
+                .map(|l| l.name.as_str())
+                .collect::<Vec<_>>()
+                .join(":"),
+        );
+        set("NOTIFY_SOCKET", self.notify.path().display().to_string());
+        set("PROCMAN_WORKER_ID", slot.to_string());
+        set("PROCMAN_GENERATION", self.generation.to_string());
+        let mut pid_vars = vec!["LISTEN_PID"];
+        if let Some(t) = self.cfg.timeout {
+            set("WATCHDOG_USEC", t.as_micros().to_string());
+            pid_vars.push("WATCHDOG_PID");
+        }
+        let fds: Vec<_> = self.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
+        let plan = Plan::new(
+            &self.launch.program,
+            &self.launch.argv,
+            &env,
+            &pid_vars,
+            &fds,
+            self.cfg.credentials.as_ref(),
+            self.cfg.chdir.as_deref(),
+            self.cfg.umask,
+            &signals::changed_dispositions(),
+        );
+        let plan = match plan {
+            Ok(p) => p,
+            Err(e) => {
+                let err = Error::usage(format!(
+                    "cannot start a worker: '{}' contains a NUL byte",
+                    e.0
+                ));
+                error!("{err}");
+                self.begin_stop(true, Err(err), now);
+                return;
+            }
+        };
+        let spawned = match plan.spawn() {
+            Ok(s) => s,
+            Err(e) => {
+                // fork failed (EAGAIN, ENOMEM): treat like a failed boot of
+                // this slot so the retry backs off.
+                error!("cannot fork a worker for slot {slot}: {}", e.desc());
+                let prev = self.backoff.get(&slot).copied().unwrap_or_default();
+                self.backoff
+                    .insert(slot, policy::after_death(prev, true, now));
+                return;
+            }
+        };
+        let mut w = Worker::new(
+            spawned.pid,
+            slot,
+            self.generation,
+            now,
+            self.cfg.startup_timeout,
+        );
+        match spawned.exec_error {
+            Some((stage, errno)) => {
+                error!(
+                    "cannot {} {}: {} (worker {}, slot {slot})",
+                    stage.describe(),
+                    self.launch.argv.first().map(String::as_str).unwrap_or("?"),
+                    errno.desc(),
+                    spawned.pid
+                );
+                w.exec_failed = true;
+                w.reported_error = Some(format!(
+                    "cannot {} {}: {}",
+                    stage.describe(),
+                    self.launch.program.display(),
+                    errno.desc()
+                ));
+            }
+            None => {
+                info!(
+                    "Booting worker {slot} with pid {} (generation {})",
+                    spawned.pid, self.generation
+                );
+                if !self.cfg.workers_notify_ready() {
+                    mark_ready(&mut w, now);
+                }
+            }
+        }
+        self.table.insert(w);
+    }
+
+    fn stop_worker(&mut self, pid: Pid, reason: StopReason, grace: Duration, now: Instant) {
+        let signal = self.stop_signal();
+        let Some(w) = self.table.get_mut(pid) else {
+            return;
+        };
+        if let Some(stop) = &mut w.stop {
+            // Already stopping: only a shorter grace applies.
+            if let Some(at) = &mut stop.kill_at {
+                *at = (*at).min(now + grace);
+            }
+            return;
+        }
+        let (signal, kill_at) = match reason {
+            StopReason::StartupTimeout => (Signal::SIGKILL, None),
+            _ => (signal, Some(now + grace)),
+        };
+        match reason {
+            StopReason::Shutdown => {}
+            StopReason::Replaced => info!("Stopping worker {pid} (slot {}): replaced", w.slot),
+            StopReason::Excess => {
+                info!("Stopping worker {pid} (slot {}): one worker fewer", w.slot)
+            }
+            _ => {}
+        }
+        w.state = WorkerState::Stopping;
+        w.stop = Some(Stop { reason, kill_at });
+        signal_group(pid, signal);
+    }
+
+    fn startup_timed_out(&mut self, pid: Pid, now: Instant) {
+        if let Some(w) = self.table.get(pid) {
+            warn!(
+                "Worker {pid} (slot {}) was not ready within {:?}; killing it",
+                w.slot, self.cfg.startup_timeout
+            );
+        }
+        self.stop_worker(pid, StopReason::StartupTimeout, Duration::ZERO, now);
+    }
+
+    /// SIGABRT now, SIGKILL one second later (gunicorn's order: a chance to
+    /// dump a stack first).
+    fn abort_worker(&mut self, pid: Pid, now: Instant) {
+        let Some(w) = self.table.get_mut(pid) else {
+            return;
+        };
+        if w.stop.is_some() {
+            return;
+        }
+        w.state = WorkerState::Stopping;
+        w.stop = Some(Stop {
+            reason: StopReason::HeartbeatTimeout,
+            kill_at: Some(now + policy::ABORT_GRACE),
+        });
+        signal_group(pid, Signal::SIGABRT);
+    }
+
+    fn stop_signal(&self) -> Signal {
+        let quick = matches!(self.state, MasterState::Stopping { quick: true, .. });
+        match (&self.cfg.kind, quick) {
+            // The bootstrap treats QUIT as "exit now", TERM as "drain".
+            (WorkerKind::Uvicorn(_), true) => Signal::SIGQUIT,
+            (WorkerKind::Uvicorn(_), false) => Signal::SIGTERM,
+            (WorkerKind::Command { .. }, _) => self.cfg.stop_signal,
+        }
+    }
+
+    fn stop_grace(&self, quick: bool) -> Duration {
+        if quick {
+            policy::QUICK_STOP_GRACE.min(self.cfg.graceful_timeout.max(Duration::from_millis(1)))
+        } else {
+            self.cfg.graceful_timeout
+        }
+    }
+
+    /// After a suspension of the master, heartbeats that could not be
+    /// received meanwhile are not held against the workers.
+    fn forgive_suspension(&mut self, late: Duration, now: Instant) {
+        warn!(
+            "The master was suspended for {:.1}s; giving workers a fresh timeout",
+            late.as_secs_f64()
+        );
+        for w in self.table.iter_mut() {
+            if w.last_heartbeat.is_some() {
+                w.last_heartbeat = Some(now);
+            }
+            if w.state == WorkerState::Starting {
+                w.startup_deadline += late;
+            }
+        }
+    }
+
+    /// Attributes a datagram to a worker by the sender's credentials:
+    /// the worker itself or one of its descendants. Others are dropped.
+    fn dispatch_datagram(&mut self, d: Datagram, now: Instant) {
+        let sender = Pid::from_raw(d.pid);
+        let worker = if self.table.get(sender).is_some() {
+            Some(sender)
+        } else {
+            owning_worker(d.pid, |p| self.table.get(Pid::from_raw(p)).is_some()).map(Pid::from_raw)
+        };
+        let Some(worker) = worker else {
+            debug!(
+                "Dropped a notification from pid {}, which is not a worker",
+                d.pid
+            );
+            return;
+        };
+        for message in d.messages {
+            self.handle(
+                Event::Notified {
+                    worker,
+                    sender: d.pid,
+                    message,
+                },
+                now,
+            );
+        }
+    }
+
+    fn finish(&mut self) {
+        for l in &mut self.listeners {
+            l.remove_file();
+        }
+    }
+}
+
+fn mark_ready(w: &mut Worker, now: Instant) {
+    w.state = WorkerState::Ready;
+    w.ready_at = Some(now);
+    let boot = now.saturating_duration_since(w.started_at);
+    info!(
+        "Worker {} (slot {}) ready in {:.3}s",
+        w.pid,
+        w.slot,
+        boot.as_secs_f64()
+    );
+}
+
+/// The worker a non-worker sender belongs to: the nearest ancestor that is
+/// a worker, or else the worker whose process group it is in.
+fn owning_worker(pid: i32, is_worker: impl Fn(i32) -> bool) -> Option<i32> {
+    let mut current = pid;
+    for _ in 0..32 {
+        let (ppid, pgrp) = proc_parent_and_group(current)?;
+        if current == pid && is_worker(pgrp) {
+            return Some(pgrp);
+        }
+        if is_worker(ppid) {
+            return Some(ppid);
+        }
+        if ppid <= 1 {
+            return None;
+        }
+        current = ppid;
+    }
+    None
+}
+
+/// (ppid, pgrp) from /proc/PID/stat.
+fn proc_parent_and_group(pid: i32) -> Option<(i32, i32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start
+    // after the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let _state = fields.next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let pgrp = fields.next()?.parse().ok()?;
+    Some((ppid, pgrp))
+}
+
+/// Reaps one child, if any has exited.
+fn reap_one() -> Option<(Pid, WaitStatus)> {
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => return None,
+            Ok(status) => match status.pid() {
+                Some(pid) => return Some((pid, status)),
+                None => return None,
+            },
+            Err(Errno::EINTR) => continue,
+            Err(_) => return None, // ECHILD: nothing left
+        }
+    }
+}
+
+/// Signals a worker's whole process group (its helpers included); falls
+/// back to the pid if the group is already gone.
+fn signal_group(pid: Pid, sig: Signal) {
+    if killpg(pid, sig).is_err() {
+        let _ = kill(pid, sig);
+    }
+}
+
+fn exit_code(status: &WaitStatus) -> Option<i32> {
+    match status {
+        WaitStatus::Exited(_, code) => Some(*code),
+        _ => None,
+    }
+}
+
+/// "exited with status 1", "killed by SIGKILL".
+pub fn describe(status: &WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, 0) => "exited cleanly".into(),
+        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+        WaitStatus::Signaled(_, sig, core) => format!(
+            "killed by {}{}{}",
+            sig.as_str(),
+            if *core { " (core dumped)" } else { "" },
+            if *sig == Signal::SIGKILL {
+                " (perhaps out of memory?)"
+            } else {
+                ""
+            }
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// `WATCHDOG_USEC/2` when systemd's watchdog is on for procman.
+fn systemd_watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_statuses_read_like_sentences() {
+        let pid = Pid::from_raw(7);
+        assert_eq!(describe(&WaitStatus::Exited(pid, 0)), "exited cleanly");
+        assert_eq!(
+            describe(&WaitStatus::Exited(pid, 3)),
+            "exited with status 3"
+        );
+        assert_eq!(
+            describe(&WaitStatus::Signaled(pid, Signal::SIGKILL, false)),
+            "killed by SIGKILL (perhaps out of memory?)"
+        );
+    }
+
+    #[test]
+    fn our_own_stat_line_parses() {
+        let me = std::process::id() as i32;
+        let (ppid, _) = proc_parent_and_group(me).expect("stat");
+        assert_eq!(ppid, nix::unistd::getppid().as_raw());
+    }
+}

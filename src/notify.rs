@@ -1,0 +1,322 @@
+//! sd_notify both ways: workers → procman (the receiver) and procman →
+//! systemd (the sender).
+//!
+//! Receiver invariants:
+//! * the socket lives at a path in a private 0700 directory, so only
+//!   processes that can reach that directory (workers, their user) can send;
+//! * the sender is whoever `SCM_CREDENTIALS` says it is (the kernel fills it
+//!   in because `SO_PASSCRED` is on), never what the payload claims;
+//! * file descriptors passed with `SCM_RIGHTS` are closed at once (they are
+//!   received CLOEXEC, and dropping the `OwnedFd` closes them);
+//! * truncated datagrams and payloads with NUL bytes are dropped whole.
+//!
+//! The master drains this socket before reaping children, so a `READY=1`
+//! sent just before a worker exits is still attributed to it.
+
+use std::io::IoSliceMut;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    bind, recvmsg, setsockopt, socket, sockopt, AddressFamily, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType, UnixAddr,
+};
+
+use crate::error::{Error, Result};
+
+/// One parsed notification line that procman acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// `READY=1`.
+    Ready,
+    /// `RELOADING=1`: not ready until the next READY=1.
+    Reloading,
+    /// `STOPPING=1`: draining.
+    Stopping,
+    /// `WATCHDOG=1`: heartbeat.
+    Heartbeat,
+    /// `WATCHDOG=trigger`: treat as a timeout.
+    WatchdogTrigger,
+    /// `STATUS=…`.
+    Status(String),
+    /// `ERRNO=…`.
+    Errno(String),
+    /// `EXTEND_TIMEOUT_USEC=…`.
+    ExtendTimeout(Duration),
+    /// `X_PROCMAN_RECYCLE=reason`: the worker asks to be replaced.
+    Recycle(String),
+    /// `X_PROCMAN_ERROR=text`: why the worker is about to fail (shown in
+    /// procman's own exit message, e.g. the app's import error).
+    Error(String),
+}
+
+/// Parses a datagram's payload into the messages procman understands.
+/// Unknown keys and malformed lines are ignored, as systemd does.
+pub fn parse(payload: &str) -> Vec<Message> {
+    payload
+        .split('\n')
+        .filter_map(|line| {
+            let (key, value) = line.split_once('=')?;
+            Some(match (key, value) {
+                ("READY", "1") => Message::Ready,
+                ("RELOADING", "1") => Message::Reloading,
+                ("STOPPING", "1") => Message::Stopping,
+                ("WATCHDOG", "1") => Message::Heartbeat,
+                ("WATCHDOG", "trigger") => Message::WatchdogTrigger,
+                ("STATUS", s) => Message::Status(s.to_string()),
+                ("ERRNO", s) => Message::Errno(s.to_string()),
+                ("EXTEND_TIMEOUT_USEC", us) => {
+                    Message::ExtendTimeout(Duration::from_micros(us.trim().parse().ok()?))
+                }
+                ("X_PROCMAN_RECYCLE", why) => Message::Recycle(why.to_string()),
+                ("X_PROCMAN_ERROR", text) => Message::Error(text.to_string()),
+                _ => return None,
+            })
+        })
+        .collect()
+}
+
+/// A datagram received from some process.
+#[derive(Debug)]
+pub struct Datagram {
+    /// The sender's pid, from SCM_CREDENTIALS.
+    pub pid: i32,
+    /// The messages in it.
+    pub messages: Vec<Message>,
+}
+
+/// The receiving socket workers send to.
+pub struct Receiver {
+    fd: OwnedFd,
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl Receiver {
+    /// Creates the private directory and binds the socket in it.
+    /// `owner` (uid, gid) gets the directory and socket when workers drop
+    /// privileges, since connecting needs write permission on the file.
+    pub fn create(owner: Option<(u32, u32)>) -> Result<Receiver> {
+        let base = ["RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"]
+            .iter()
+            .filter_map(std::env::var_os)
+            .map(PathBuf::from)
+            .find(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!("procman-{}", std::process::id()));
+        let fail =
+            |what: &str, e: &dyn std::fmt::Display| Error::runtime(format!("cannot {what}: {e}"));
+        // A leftover from a previous procman with our pid (after a reboot or
+        // in a container) is stale by construction.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).map_err(|e| {
+            fail(
+                &format!("create the notify directory {}", dir.display()),
+                &e,
+            )
+        })?;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        let path = dir.join("notify.sock");
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(|e| fail("create the notify socket", &e))?;
+        let addr = UnixAddr::new(&path).map_err(|e| fail("name the notify socket", &e))?;
+        bind(fd.as_raw_fd(), &addr)
+            .map_err(|e| fail(&format!("bind the notify socket {}", path.display()), &e))?;
+        setsockopt(&fd, sockopt::PassCred, &true)
+            .map_err(|e| fail("enable SO_PASSCRED on the notify socket", &e))?;
+        // Senders block when the queue is full; a large buffer keeps a burst
+        // of heartbeats from stalling a worker's event loop.
+        let _ = setsockopt(&fd, sockopt::RcvBuf, &(1 << 20));
+        if let Some((uid, gid)) = owner {
+            let chown = |p: &Path| {
+                nix::unistd::chown(
+                    p,
+                    Some(nix::unistd::Uid::from_raw(uid)),
+                    Some(nix::unistd::Gid::from_raw(gid)),
+                )
+            };
+            chown(&dir).map_err(|e| fail("hand the notify directory to the worker user", &e))?;
+            chown(&path).map_err(|e| fail("hand the notify socket to the worker user", &e))?;
+        }
+        Ok(Receiver { fd, dir, path })
+    }
+
+    /// The socket's path, for `NOTIFY_SOCKET`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The fd to poll.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Receives every queued datagram; drops the malformed ones.
+    pub fn drain(&self) -> Vec<Datagram> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let mut cmsg = nix::cmsg_space!(libc::ucred, [std::os::fd::RawFd; 16]);
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let received = recvmsg::<()>(
+                self.fd.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+            );
+            let (len, flags, pid) = match received {
+                Ok(msg) => {
+                    let mut pid = None;
+                    for c in msg.cmsgs().into_iter().flatten() {
+                        match c {
+                            ControlMessageOwned::ScmCredentials(cred) => pid = Some(cred.pid()),
+                            ControlMessageOwned::ScmRights(fds) => {
+                                // Unrequested fds would pile up in the
+                                // master's table (a leak anyone could cause).
+                                for fd in fds {
+                                    let _ = nix::unistd::close(fd);
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    (msg.bytes, msg.flags, pid)
+                }
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => break,
+                Err(e) => {
+                    tracing::debug!("notify socket receive failed: {}", e.desc());
+                    break;
+                }
+            };
+            if flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+                tracing::debug!("dropped a truncated notification");
+                continue;
+            }
+            let Some(pid) = pid.filter(|p| *p > 0) else {
+                tracing::debug!("dropped a notification without credentials");
+                continue;
+            };
+            let payload = &buf[..len];
+            if payload.contains(&0) {
+                tracing::debug!(sender = pid, "dropped a notification with a NUL byte");
+                continue;
+            }
+            let Ok(text) = std::str::from_utf8(payload) else {
+                tracing::debug!(sender = pid, "dropped a notification that is not UTF-8");
+                continue;
+            };
+            out.push(Datagram {
+                pid,
+                messages: parse(text),
+            });
+        }
+        out
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// procman's own link to systemd (or whoever set `NOTIFY_SOCKET` for it).
+pub struct SystemdNotifier {
+    socket: UnixDatagram,
+    addr: SocketAddr,
+}
+
+impl SystemdNotifier {
+    /// Reads `NOTIFY_SOCKET`; `None` when unset or unusable.
+    pub fn from_env(value: Option<&str>) -> Option<SystemdNotifier> {
+        let value = value?;
+        let addr = if let Some(name) = value.strip_prefix('@') {
+            SocketAddr::from_abstract_name(name.as_bytes()).ok()?
+        } else if value.starts_with('/') {
+            SocketAddr::from_pathname(value).ok()?
+        } else {
+            tracing::warn!(
+                "ignoring NOTIFY_SOCKET={value}: only paths and @abstract names are supported"
+            );
+            return None;
+        };
+        let socket = UnixDatagram::unbound().ok()?;
+        Some(SystemdNotifier { socket, addr })
+    }
+
+    /// Sends one datagram; failures are logged, never fatal.
+    pub fn send(&self, payload: &str) {
+        if let Err(e) = self.socket.send_to_addr(payload.as_bytes(), &self.addr) {
+            tracing::debug!("cannot notify systemd ({payload:?}): {e}");
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in microseconds, for `MONOTONIC_USEC=`.
+pub fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_keys_procman_acts_on() {
+        let table: &[(&str, Vec<Message>)] = &[
+            ("READY=1", vec![Message::Ready]),
+            (
+                "READY=1\nSTATUS=up",
+                vec![Message::Ready, Message::Status("up".into())],
+            ),
+            ("WATCHDOG=1", vec![Message::Heartbeat]),
+            ("WATCHDOG=trigger", vec![Message::WatchdogTrigger]),
+            ("STOPPING=1", vec![Message::Stopping]),
+            ("RELOADING=1", vec![Message::Reloading]),
+            ("ERRNO=2", vec![Message::Errno("2".into())]),
+            (
+                "EXTEND_TIMEOUT_USEC=5000000",
+                vec![Message::ExtendTimeout(Duration::from_secs(5))],
+            ),
+            ("EXTEND_TIMEOUT_USEC=soon", vec![]),
+            (
+                "X_PROCMAN_RECYCLE=max-requests",
+                vec![Message::Recycle("max-requests".into())],
+            ),
+            ("READY=0", vec![]),
+            ("FOO=bar\nnoequals\n", vec![]),
+            ("MAINPID=1", vec![]),
+            ("", vec![]),
+        ];
+        for (text, want) in table {
+            assert_eq!(&parse(text), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn receiver_reads_credentials_and_closes_passed_fds() {
+        let rx = Receiver::create(None).expect("receiver");
+        let tx = UnixDatagram::unbound().expect("socket");
+        tx.send_to(b"READY=1\nSTATUS=hi", rx.path()).expect("send");
+        tx.send_to(b"WATCH\0DOG=1", rx.path()).expect("send");
+        let got = rx.drain();
+        assert_eq!(got.len(), 1, "the NUL datagram is dropped");
+        assert_eq!(got[0].pid, std::process::id() as i32);
+        assert_eq!(got[0].messages[0], Message::Ready);
+        assert!(rx.drain().is_empty());
+    }
+}

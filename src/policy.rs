@@ -1,0 +1,522 @@
+//! Pure decisions: which workers to start and stop, which deadlines are
+//! due, how long a crashing slot waits. No system calls and no clock
+//! reads: every function takes `now` and the worker table and returns what
+//! should happen, so each rule is unit-tested as a table.
+//!
+//! The model: the master wants `target` *fresh* workers (of the required
+//! generation, not marked for recycling). Workers that are not fresh are
+//! *outdated*; each is kept only while it is needed for capacity, i.e. until
+//! enough fresh workers are ready. That one rule gives rolling reloads,
+//! recycling and scaling down without a separate state machine for each.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use nix::unistd::Pid;
+
+use crate::workers::{StopReason, Table, Worker, WorkerState};
+
+/// A death within this long after becoming ready (or before ready) is a
+/// failed start: it feeds the slot's backoff and the boot-failure count.
+pub const QUICK_DEATH: Duration = Duration::from_secs(1);
+
+/// Consecutive failed boots, before any worker ever stayed up, after which
+/// procman gives up with exit 3.
+pub const MAX_BOOT_FAILURES: u32 = 5;
+
+/// How long SIGKILL follows SIGABRT for a worker that timed out.
+pub const ABORT_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a quick stop lets workers drain.
+pub const QUICK_STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Backoff state of one slot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backoff {
+    /// Consecutive failed starts in this slot.
+    pub failures: u32,
+    /// No spawn into this slot before then.
+    pub next_spawn_at: Option<Instant>,
+}
+
+/// The wait before respawning after the n-th consecutive failed start:
+/// at once the first time, then 1 s growing ×1.5 up to 30 s.
+pub fn backoff_delay(failures: u32) -> Duration {
+    if failures <= 1 {
+        return Duration::ZERO;
+    }
+    let secs = 1.5f64.powi(failures.saturating_sub(2).min(64) as i32);
+    Duration::from_secs_f64(secs.min(30.0))
+}
+
+/// Whether a worker that died after being ready for `ready_for` (None:
+/// never ready) failed to start.
+pub fn is_failed_start(ready_for: Option<Duration>) -> bool {
+    ready_for.is_none_or(|d| d < QUICK_DEATH)
+}
+
+/// Updates a slot's backoff after a death and returns it.
+pub fn after_death(prev: Backoff, failed_start: bool, now: Instant) -> Backoff {
+    let failures = if failed_start { prev.failures + 1 } else { 0 };
+    let delay = backoff_delay(failures);
+    Backoff {
+        failures,
+        next_spawn_at: (!delay.is_zero()).then(|| now + delay),
+    }
+}
+
+/// What the master wants: how many fresh workers, of which generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Goal {
+    /// Number of workers.
+    pub target: usize,
+    /// Workers older than this are outdated.
+    pub required_generation: u64,
+}
+
+/// A change to the set of workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Start a worker in this slot.
+    Spawn {
+        /// Slot index.
+        slot: usize,
+    },
+    /// Ask a worker to stop gracefully.
+    Stop {
+        /// The worker.
+        pid: Pid,
+        /// Why.
+        reason: StopReason,
+    },
+}
+
+/// A deadline that has passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// Not ready in time: kill, count as a boot failure.
+    StartupTimeout(Pid),
+    /// No heartbeat in time: SIGABRT, SIGKILL a second later.
+    HeartbeatTimeout(Pid),
+    /// A stopping worker's grace is over: SIGKILL.
+    Kill(Pid),
+}
+
+/// Fresh: active, of the required generation, not marked for recycling.
+pub fn is_fresh(w: &Worker, goal: &Goal) -> bool {
+    w.is_active() && w.generation >= goal.required_generation && w.recycle.is_none()
+}
+
+/// Compares the set of workers with the goal. Returns the decisions and
+/// the earliest time a backed-off slot may be filled.
+pub fn reconcile(
+    table: &Table,
+    goal: &Goal,
+    backoff: &BTreeMap<usize, Backoff>,
+    now: Instant,
+) -> (Vec<Decision>, Option<Instant>) {
+    let mut decisions = Vec::new();
+    let mut wake: Option<Instant> = None;
+
+    let mut fresh: Vec<&Worker> = table.iter().filter(|w| is_fresh(w, goal)).collect();
+    fresh.sort_by_key(|w| w.started_at);
+
+    // Too few: fill the lowest free slots, unless a slot is backing off.
+    let mut used: BTreeSet<usize> = fresh.iter().map(|w| w.slot).collect();
+    let mut missing = goal.target.saturating_sub(fresh.len());
+    let mut slot = 0;
+    while missing > 0 {
+        if used.insert(slot) {
+            missing -= 1;
+            match backoff.get(&slot).and_then(|b| b.next_spawn_at) {
+                Some(t) if t > now => wake = Some(wake.map_or(t, |w| w.min(t))),
+                _ => decisions.push(Decision::Spawn { slot }),
+            }
+        }
+        slot += 1;
+    }
+
+    // Too many (TTOU): the oldest go first.
+    let excess = fresh.len().saturating_sub(goal.target);
+    for w in fresh.iter().take(excess) {
+        decisions.push(Decision::Stop {
+            pid: w.pid,
+            reason: StopReason::Excess,
+        });
+    }
+
+    // Outdated workers stay only while needed for capacity.
+    let fresh_ready = fresh
+        .iter()
+        .skip(excess)
+        .filter(|w| w.state == WorkerState::Ready)
+        .count();
+    let mut outdated: Vec<&Worker> = table
+        .iter()
+        .filter(|w| w.is_active() && !is_fresh(w, goal))
+        .collect();
+    outdated.sort_by_key(|w| w.started_at);
+    let keep = goal.target.saturating_sub(fresh_ready);
+    let ready_outdated = outdated
+        .iter()
+        .filter(|w| w.state == WorkerState::Ready)
+        .count();
+    let mut to_retire = ready_outdated.saturating_sub(keep);
+    for w in outdated {
+        let retire = match w.state {
+            // A starting outdated worker adds no capacity.
+            WorkerState::Starting => true,
+            _ if to_retire > 0 => {
+                to_retire -= 1;
+                true
+            }
+            _ => false,
+        };
+        if retire {
+            decisions.push(Decision::Stop {
+                pid: w.pid,
+                reason: StopReason::Replaced,
+            });
+        }
+    }
+    (decisions, wake)
+}
+
+/// Finds the passed deadlines and the next one.
+pub fn due(table: &Table, timeout: Option<Duration>, now: Instant) -> (Vec<Due>, Option<Instant>) {
+    let mut out = Vec::new();
+    let mut wake: Option<Instant> = None;
+    let mut at = |t: Instant, event: Due, out: &mut Vec<Due>| {
+        if t <= now {
+            out.push(event);
+        } else {
+            wake = Some(wake.map_or(t, |w| w.min(t)));
+        }
+    };
+    for w in table.iter() {
+        match w.state {
+            WorkerState::Starting => at(w.startup_deadline, Due::StartupTimeout(w.pid), &mut out),
+            WorkerState::Ready => {
+                if let (Some(limit), Some(beat)) = (timeout, w.last_heartbeat) {
+                    at(beat + limit, Due::HeartbeatTimeout(w.pid), &mut out);
+                }
+            }
+            WorkerState::Stopping => {
+                if let Some(kill_at) = w.stop.and_then(|s| s.kill_at) {
+                    at(kill_at, Due::Kill(w.pid), &mut out);
+                }
+            }
+        }
+    }
+    (out, wake)
+}
+
+/// Whether the loop woke so late that the master must have been stopped
+/// (SIGSTOP, a frozen VM): then deadlines measured meanwhile are not the
+/// workers' fault.
+pub fn was_suspended(expected: Option<Instant>, woke: Instant) -> Option<Duration> {
+    let late = woke.saturating_duration_since(expected?);
+    (late > Duration::from_secs(1)).then_some(late)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workers::Stop;
+
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    fn worker(
+        pid: i32,
+        slot: usize,
+        gen: u64,
+        state: WorkerState,
+        age_ms: u64,
+        now: Instant,
+    ) -> Worker {
+        let started = now - Duration::from_millis(age_ms);
+        let mut w = Worker::new(
+            Pid::from_raw(pid),
+            slot,
+            gen,
+            started,
+            Duration::from_secs(60),
+        );
+        w.state = state;
+        if state == WorkerState::Ready {
+            w.ready_at = Some(started);
+        }
+        w
+    }
+
+    fn table(rows: Vec<Worker>) -> Table {
+        let mut t = Table::default();
+        for r in rows {
+            t.insert(r);
+        }
+        t
+    }
+
+    fn goal(target: usize, gen: u64) -> Goal {
+        Goal {
+            target,
+            required_generation: gen,
+        }
+    }
+
+    use WorkerState::{Ready, Starting, Stopping};
+
+    fn spawn(slot: usize) -> Decision {
+        Decision::Spawn { slot }
+    }
+
+    fn stop(pid: i32, reason: StopReason) -> Decision {
+        Decision::Stop {
+            pid: Pid::from_raw(pid),
+            reason,
+        }
+    }
+
+    #[test]
+    fn backoff_grows_by_half_and_caps_at_thirty_seconds() {
+        let table = [
+            (0, 0.0),
+            (1, 0.0),
+            (2, 1.0),
+            (3, 1.5),
+            (4, 2.25),
+            (5, 3.375),
+            (20, 30.0),
+            (1000, 30.0),
+        ];
+        for (failures, secs) in table {
+            assert_eq!(
+                backoff_delay(failures),
+                Duration::from_secs_f64(secs),
+                "{failures}"
+            );
+        }
+    }
+
+    #[test]
+    fn deaths_feed_or_reset_the_backoff() {
+        let now = t0();
+        let b = after_death(Backoff::default(), true, now);
+        assert_eq!(
+            b,
+            Backoff {
+                failures: 1,
+                next_spawn_at: None
+            }
+        );
+        let b = after_death(b, true, now);
+        assert_eq!(b.next_spawn_at, Some(now + Duration::from_secs(1)));
+        let b = after_death(b, false, now);
+        assert_eq!(b, Backoff::default());
+        assert!(is_failed_start(None));
+        assert!(is_failed_start(Some(Duration::from_millis(999))));
+        assert!(!is_failed_start(Some(Duration::from_secs(1))));
+    }
+
+    #[test]
+    fn reconcile_table() {
+        let now = t0();
+        struct Case {
+            name: &'static str,
+            rows: Vec<Worker>,
+            goal: Goal,
+            want: Vec<Decision>,
+        }
+        let mut recycled = worker(11, 0, 1, Ready, 5000, now);
+        recycled.recycle = Some("max-requests".into());
+        let mut stopping = worker(12, 1, 1, Stopping, 9000, now);
+        stopping.stop = Some(Stop {
+            reason: StopReason::Excess,
+            kill_at: None,
+        });
+        let cases = vec![
+            Case {
+                name: "empty start fills slots 0..n",
+                rows: vec![],
+                goal: goal(3, 1),
+                want: vec![spawn(0), spawn(1), spawn(2)],
+            },
+            Case {
+                name: "a dead slot is refilled, the lowest free one",
+                rows: vec![
+                    worker(10, 0, 1, Ready, 100, now),
+                    worker(12, 2, 1, Ready, 100, now),
+                ],
+                goal: goal(3, 1),
+                want: vec![spawn(1)],
+            },
+            Case {
+                name: "steady state does nothing",
+                rows: vec![
+                    worker(10, 0, 1, Ready, 100, now),
+                    worker(11, 1, 1, Starting, 10, now),
+                ],
+                goal: goal(2, 1),
+                want: vec![],
+            },
+            Case {
+                name: "TTOU stops the oldest",
+                rows: vec![
+                    worker(10, 0, 1, Ready, 100, now),
+                    worker(11, 1, 1, Ready, 900, now),
+                    worker(12, 2, 1, Ready, 500, now),
+                ],
+                goal: goal(2, 1),
+                want: vec![stop(11, StopReason::Excess)],
+            },
+            Case {
+                name: "reload starts a full new generation and keeps the old one",
+                rows: vec![
+                    worker(10, 0, 1, Ready, 100, now),
+                    worker(11, 1, 1, Ready, 100, now),
+                ],
+                goal: goal(2, 2),
+                want: vec![spawn(0), spawn(1)],
+            },
+            Case {
+                name: "one new worker ready retires one old worker, the oldest",
+                rows: vec![
+                    worker(10, 0, 1, Ready, 900, now),
+                    worker(11, 1, 1, Ready, 800, now),
+                    worker(20, 0, 2, Ready, 50, now),
+                    worker(21, 1, 2, Starting, 50, now),
+                ],
+                goal: goal(2, 2),
+                want: vec![stop(10, StopReason::Replaced)],
+            },
+            Case {
+                name: "all new ready retires all old",
+                rows: vec![
+                    worker(10, 0, 1, Ready, 900, now),
+                    worker(11, 1, 1, Ready, 800, now),
+                    worker(20, 0, 2, Ready, 50, now),
+                    worker(21, 1, 2, Ready, 50, now),
+                ],
+                goal: goal(2, 2),
+                want: vec![
+                    stop(10, StopReason::Replaced),
+                    stop(11, StopReason::Replaced),
+                ],
+            },
+            Case {
+                name: "an old worker still starting is stopped at once",
+                rows: vec![worker(10, 0, 1, Starting, 50, now)],
+                goal: goal(1, 2),
+                want: vec![spawn(0), stop(10, StopReason::Replaced)],
+            },
+            Case {
+                name:
+                    "a recycled worker gets a replacement in its slot and stays until it is ready",
+                rows: vec![recycled.clone(), worker(12, 1, 1, Ready, 100, now)],
+                goal: goal(2, 1),
+                want: vec![spawn(0)],
+            },
+            Case {
+                name: "a recycled worker is stopped once its replacement is ready",
+                rows: vec![
+                    recycled.clone(),
+                    worker(12, 1, 1, Ready, 100, now),
+                    worker(13, 0, 1, Ready, 10, now),
+                ],
+                goal: goal(2, 1),
+                want: vec![stop(11, StopReason::Replaced)],
+            },
+            Case {
+                name: "stopping workers are ignored",
+                rows: vec![stopping.clone()],
+                goal: goal(1, 1),
+                want: vec![spawn(0)],
+            },
+        ];
+        let no_backoff = BTreeMap::new();
+        for c in cases {
+            let (got, _) = reconcile(&table(c.rows), &c.goal, &no_backoff, now);
+            assert_eq!(got, c.want, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn a_backed_off_slot_waits_and_sets_the_wake_up() {
+        let now = t0();
+        let later = now + Duration::from_millis(1500);
+        let mut backoff = BTreeMap::new();
+        backoff.insert(
+            0,
+            Backoff {
+                failures: 3,
+                next_spawn_at: Some(later),
+            },
+        );
+        let (got, wake) = reconcile(&Table::default(), &goal(2, 1), &backoff, now);
+        assert_eq!(got, vec![spawn(1)]);
+        assert_eq!(wake, Some(later));
+        let (got, _) = reconcile(&Table::default(), &goal(2, 1), &backoff, later);
+        assert_eq!(got, vec![spawn(0), spawn(1)]);
+    }
+
+    #[test]
+    fn deadlines_table() {
+        let now = t0();
+        let limit = Some(Duration::from_secs(10));
+        let mut late_start = worker(1, 0, 1, Starting, 0, now);
+        late_start.startup_deadline = now - Duration::from_millis(1);
+        let mut silent = worker(2, 1, 1, Ready, 60_000, now);
+        silent.last_heartbeat = Some(now - Duration::from_secs(11));
+        let mut beating = worker(3, 2, 1, Ready, 60_000, now);
+        beating.last_heartbeat = Some(now - Duration::from_secs(2));
+        let never_beat = worker(4, 3, 1, Ready, 60_000, now);
+        let mut draining = worker(5, 4, 1, Stopping, 1000, now);
+        draining.stop = Some(Stop {
+            reason: StopReason::Shutdown,
+            kill_at: Some(now),
+        });
+        let mut killed = worker(6, 5, 1, Stopping, 1000, now);
+        killed.stop = Some(Stop {
+            reason: StopReason::Shutdown,
+            kill_at: None,
+        });
+        let t = table(vec![
+            late_start, silent, beating, never_beat, draining, killed,
+        ]);
+        let (got, wake) = due(&t, limit, now);
+        assert_eq!(
+            got,
+            vec![
+                Due::StartupTimeout(Pid::from_raw(1)),
+                Due::HeartbeatTimeout(Pid::from_raw(2)),
+                Due::Kill(Pid::from_raw(5)),
+            ]
+        );
+        assert_eq!(
+            wake,
+            Some(now + Duration::from_secs(8)),
+            "the beating worker's deadline"
+        );
+        let (got, _) = due(&t, None, now);
+        assert!(
+            !got.contains(&Due::HeartbeatTimeout(Pid::from_raw(2))),
+            "timeout 0 = off"
+        );
+    }
+
+    #[test]
+    fn suspension_is_a_late_wake_up_of_more_than_a_second() {
+        let now = t0();
+        assert_eq!(was_suspended(None, now), None);
+        assert_eq!(
+            was_suspended(Some(now), now + Duration::from_millis(300)),
+            None
+        );
+        assert_eq!(
+            was_suspended(Some(now), now + Duration::from_secs(5)),
+            Some(Duration::from_secs(5))
+        );
+    }
+}

@@ -1,0 +1,525 @@
+//! fork/exec of one worker: the crate's only `unsafe` code.
+//!
+//! Everything a child needs is computed before `fork` ([`Plan`]): argv and
+//! envp as NUL-terminated buffers (with fixed-width slots where the child
+//! writes its own pid, for `LISTEN_PID` and `WATCHDOG_PID`), the listeners
+//! to place at fd 3.., the credentials, the directory, the umask and a
+//! CLOEXEC pipe to report a failure. Between `fork` and `execve` the child
+//! makes only async-signal-safe system calls: no allocation, no locks, no
+//! logging, no return into Rust code (which could run destructors of the
+//! master's objects); any failure writes (stage, errno) to the pipe and
+//! calls `_exit`. The parent reads the pipe: end-of-file means exec worked.
+//!
+//! Why not `std::process::Command`: it builds the environment before fork,
+//! so it cannot carry the child's own pid, which `LISTEN_PID` must be
+//! (libsystemd and gunicorn ignore the sockets otherwise).
+
+use std::ffi::{c_char, c_int, CString};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::unistd::Pid;
+
+use crate::config::Credentials;
+
+/// Width reserved for a pid's decimal digits in the environment.
+const PID_WIDTH: usize = 20;
+
+/// Where in the child's setup a failure happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Resetting the signal mask and dispositions.
+    Signals = 1,
+    /// Becoming a process group leader.
+    ProcessGroup = 2,
+    /// Setting the parent-death signal.
+    ParentDeath = 3,
+    /// Moving the listeners to fd 3...
+    Descriptors = 4,
+    /// Changing directory.
+    Chdir = 5,
+    /// Dropping privileges.
+    Credentials = 6,
+    /// execve itself.
+    Exec = 7,
+}
+
+impl Stage {
+    fn from_code(code: u32) -> Stage {
+        match code {
+            1 => Stage::Signals,
+            2 => Stage::ProcessGroup,
+            3 => Stage::ParentDeath,
+            4 => Stage::Descriptors,
+            5 => Stage::Chdir,
+            6 => Stage::Credentials,
+            _ => Stage::Exec,
+        }
+    }
+
+    /// What the child was doing, for the log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Stage::Signals => "reset signals",
+            Stage::ProcessGroup => "create a process group",
+            Stage::ParentDeath => "set the parent-death signal",
+            Stage::Descriptors => "pass the listening sockets",
+            Stage::Chdir => "change directory",
+            Stage::Credentials => "drop privileges",
+            Stage::Exec => "execute",
+        }
+    }
+}
+
+/// Everything one child needs, computed before fork.
+pub struct Plan {
+    program: CString,
+    argv: Vec<CString>,
+    /// "KEY=VALUE\0" buffers; pid slots are filled by the child.
+    env: Vec<Vec<u8>>,
+    /// (env index, byte offset of the value) of each pid slot.
+    pid_slots: Vec<(usize, usize)>,
+    listeners: Vec<RawFd>,
+    credentials: Option<Credentials>,
+    chdir: Option<CString>,
+    umask: u32,
+    reset_signals: Vec<c_int>,
+}
+
+/// A child that was forked; `exec_error` is set when it could not exec
+/// (it has then already called `_exit(127)` and will be reaped as usual).
+#[derive(Debug)]
+pub struct Spawned {
+    /// The child's pid.
+    pub pid: Pid,
+    /// Why exec failed, if it did.
+    pub exec_error: Option<(Stage, Errno)>,
+}
+
+/// A value that names a string with a NUL byte, which no argv or
+/// environment entry can hold.
+#[derive(Debug)]
+pub struct NulError(pub String);
+
+impl Plan {
+    /// Builds a plan. Variables named in `pid_vars` get the child's own pid.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        program: &Path,
+        argv: &[String],
+        env: &[(String, String)],
+        pid_vars: &[&str],
+        listeners: &[RawFd],
+        credentials: Option<&Credentials>,
+        chdir: Option<&Path>,
+        umask: u32,
+        reset_signals: &[c_int],
+    ) -> Result<Plan, NulError> {
+        let cstr =
+            |s: &[u8]| CString::new(s).map_err(|_| NulError(String::from_utf8_lossy(s).into()));
+        let mut env_bufs = Vec::with_capacity(env.len() + pid_vars.len());
+        for (k, v) in env {
+            let mut b = format!("{k}={v}").into_bytes();
+            if b.contains(&0) {
+                return Err(NulError(k.clone()));
+            }
+            b.push(0);
+            env_bufs.push(b);
+        }
+        let mut pid_slots = Vec::with_capacity(pid_vars.len());
+        for name in pid_vars {
+            let mut b = format!("{name}=").into_bytes();
+            let offset = b.len();
+            b.extend(std::iter::repeat_n(b'0', PID_WIDTH));
+            b.push(0);
+            pid_slots.push((env_bufs.len(), offset));
+            env_bufs.push(b);
+        }
+        Ok(Plan {
+            program: cstr(program.as_os_str().as_bytes())?,
+            argv: argv
+                .iter()
+                .map(|a| cstr(a.as_bytes()))
+                .collect::<Result<_, _>>()?,
+            env: env_bufs,
+            pid_slots,
+            listeners: listeners.to_vec(),
+            credentials: credentials.cloned(),
+            chdir: chdir.map(|d| cstr(d.as_os_str().as_bytes())).transpose()?,
+            umask,
+            reset_signals: reset_signals.to_vec(),
+        })
+    }
+
+    /// Forks and execs the child. Returns once exec succeeded or failed.
+    pub fn spawn(mut self) -> Result<Spawned, Errno> {
+        let master = nix::unistd::getpid().as_raw();
+
+        // Every allocation happens here, before fork.
+        let argv_ptrs: Vec<*const c_char> = self
+            .argv
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let mut env_ptrs: Vec<*const c_char> = Vec::with_capacity(self.env.len() + 1);
+        let mut slot_ptrs: Vec<*mut u8> = Vec::with_capacity(self.pid_slots.len());
+        for (i, buf) in self.env.iter_mut().enumerate() {
+            let base = buf.as_mut_ptr();
+            env_ptrs.push(base as *const c_char);
+            for &(_, offset) in self.pid_slots.iter().filter(|(idx, _)| *idx == i) {
+                // SAFETY: offset + PID_WIDTH + 1 <= buf.len() by construction
+                // in `Plan::new`, so the pointer stays inside the buffer.
+                slot_ptrs.push(unsafe { base.add(offset) });
+            }
+        }
+        env_ptrs.push(std::ptr::null());
+        let mut raised: Vec<c_int> = vec![-1; self.listeners.len()];
+        let groups: Vec<libc::gid_t> = self
+            .credentials
+            .as_ref()
+            .map(|c| c.groups.clone())
+            .unwrap_or_default();
+        let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let child = ChildSetup {
+            master,
+            program: self.program.as_ptr(),
+            argv: argv_ptrs.as_ptr(),
+            envp: env_ptrs.as_ptr(),
+            slots: &slot_ptrs,
+            listeners: &self.listeners,
+            raised: raised.as_mut_ptr(),
+            credentials: self.credentials.as_ref().map(|c| (c.uid, c.gid)),
+            groups: &groups,
+            chdir: self.chdir.as_ref().map(|c| c.as_ptr()),
+            umask: self.umask as libc::mode_t,
+            reset_signals: &self.reset_signals,
+            err_fd: err_write.as_raw_fd(),
+        };
+
+        // Block every signal across fork: otherwise a signal arriving in the
+        // child before it resets its dispositions would run the master's
+        // handler there and write to the master's self-pipe.
+        let all = nix::sys::signal::SigSet::all();
+        let mut old = nix::sys::signal::SigSet::empty();
+        nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_SETMASK,
+            Some(&all),
+            Some(&mut old),
+        )?;
+        // SAFETY: the master is single-threaded (no runtime, no helper
+        // threads), so the child gets a consistent copy of memory, and it
+        // runs only `ChildSetup::run`, which makes async-signal-safe calls
+        // and ends in execve or _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            child.run();
+        }
+        let fork_errno = Errno::last();
+        let _ = nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_SETMASK,
+            Some(&old),
+            None,
+        );
+        drop(err_write);
+        if pid < 0 {
+            return Err(fork_errno);
+        }
+        let pid = Pid::from_raw(pid);
+        // Also set the group from this side, so a signal to the group sent
+        // right after spawn cannot miss it; EACCES after exec is harmless.
+        let _ = nix::unistd::setpgid(pid, pid);
+        Ok(Spawned {
+            pid,
+            exec_error: read_exec_result(&err_read),
+        })
+    }
+}
+
+/// Reads the child's report: nothing (EOF) means exec succeeded.
+fn read_exec_result(fd: &OwnedFd) -> Option<(Stage, Errno)> {
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < buf.len() {
+        match nix::unistd::read(fd.as_raw_fd(), &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    if got < buf.len() {
+        return None;
+    }
+    let stage = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let errno = i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    Some((Stage::from_code(stage), Errno::from_raw(errno)))
+}
+
+/// Raw pointers and numbers the child uses; built by the parent.
+struct ChildSetup<'a> {
+    master: libc::pid_t,
+    program: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+    slots: &'a [*mut u8],
+    listeners: &'a [RawFd],
+    raised: *mut c_int,
+    credentials: Option<(u32, u32)>,
+    groups: &'a [libc::gid_t],
+    chdir: Option<*const c_char>,
+    umask: libc::mode_t,
+    reset_signals: &'a [c_int],
+    err_fd: RawFd,
+}
+
+impl ChildSetup<'_> {
+    /// Runs in the forked child. Never returns.
+    fn run(&self) -> ! {
+        // SAFETY: every call below is an async-signal-safe system call
+        // (sigaction, sigprocmask, setpgid, prctl, getppid, fcntl, dup2,
+        // close_range/close, chdir, umask, setgroups, setgid, setuid,
+        // getpid, execve, write, _exit) on memory the parent prepared and
+        // keeps alive: the child's copy of it is not freed before execve
+        // replaces the image. Nothing allocates, locks or unwinds.
+        unsafe {
+            // Default dispositions for every signal the master changed
+            // (exec resets handlers, but an ignored signal stays ignored,
+            // and Rust ignores SIGPIPE), then an empty mask.
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            libc::sigemptyset(&mut dfl.sa_mask);
+            for &sig in self.reset_signals {
+                if libc::sigaction(sig, &dfl, std::ptr::null_mut()) != 0 {
+                    self.fail(Stage::Signals);
+                }
+            }
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+                self.fail(Stage::Signals);
+            }
+
+            // Own process group: the master signals the whole group, so
+            // helpers the worker starts are stopped with it.
+            if libc::setpgid(0, 0) != 0 {
+                self.fail(Stage::ProcessGroup);
+            }
+
+            // Die with the master. If it already died before prctl took
+            // effect, we were re-parented and must not go on.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                self.fail(Stage::ParentDeath);
+            }
+            if libc::getppid() != self.master {
+                libc::_exit(1);
+            }
+
+            // Listeners to 3..3+n. First raise every source (and the error
+            // pipe) above the target range so no dup2 clobbers a source;
+            // dup2 then clears FD_CLOEXEC on the copies; finally close
+            // everything else above the range but the (CLOEXEC) error pipe.
+            let n = self.listeners.len() as c_int;
+            let first_free = 3 + n;
+            let err_fd = libc::fcntl(self.err_fd, libc::F_DUPFD_CLOEXEC, first_free);
+            if err_fd < 0 {
+                self.fail(Stage::Descriptors);
+            }
+            let err_reporter = ChildSetup { err_fd, ..*self };
+            for (i, &src) in self.listeners.iter().enumerate() {
+                let r = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, first_free);
+                if r < 0 {
+                    err_reporter.fail(Stage::Descriptors);
+                }
+                *self.raised.add(i) = r;
+            }
+            for i in 0..self.listeners.len() {
+                if libc::dup2(*self.raised.add(i), 3 + i as c_int) < 0 {
+                    err_reporter.fail(Stage::Descriptors);
+                }
+            }
+            close_from_to(first_free, err_fd - 1);
+            close_from_to(err_fd + 1, c_int::MAX);
+
+            if let Some(dir) = self.chdir {
+                if libc::chdir(dir) != 0 {
+                    err_reporter.fail(Stage::Chdir);
+                }
+            }
+            libc::umask(self.umask);
+
+            if let Some((uid, gid)) = self.credentials {
+                // Groups first, then gid, then uid: after setuid we could
+                // no longer change the others.
+                if libc::setgroups(self.groups.len(), self.groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    err_reporter.fail(Stage::Credentials);
+                }
+            }
+
+            let pid = libc::getpid();
+            for &slot in self.slots {
+                write_decimal(slot, pid as u32);
+            }
+
+            libc::execve(self.program, self.argv, self.envp);
+            err_reporter.fail(Stage::Exec);
+        }
+    }
+
+    /// Reports (stage, errno) to the parent and exits. Async-signal-safe.
+    fn fail(&self, stage: Stage) -> ! {
+        // SAFETY: errno location, write and _exit are async-signal-safe; the
+        // buffer is on this stack frame.
+        unsafe {
+            let errno = *libc::__errno_location();
+            let mut msg = [0u8; 8];
+            msg[..4].copy_from_slice(&(stage as u32).to_ne_bytes());
+            msg[4..].copy_from_slice(&errno.to_ne_bytes());
+            libc::write(self.err_fd, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127);
+        }
+    }
+}
+
+// The child copies ChildSetup by value (struct update syntax above).
+impl Clone for ChildSetup<'_> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl Copy for ChildSetup<'_> {}
+
+/// Closes fds in [first, last] without allocating: close_range(2) where the
+/// kernel has it (5.9+), else one close(2) per fd up to the fd limit.
+fn close_from_to(first: c_int, last: c_int) {
+    if first > last {
+        return;
+    }
+    // SAFETY: close_range and close are async-signal-safe and only affect
+    // this (child) process's descriptor table.
+    unsafe {
+        let r = libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            last as libc::c_uint,
+            0 as libc::c_uint,
+        );
+        if r != 0 {
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur.min(65536) as c_int
+            } else {
+                4096
+            };
+            let mut fd = first;
+            while fd <= last && fd < max {
+                libc::close(fd);
+                fd += 1;
+            }
+        }
+    }
+}
+
+/// Writes `value`'s digits and a NUL at `dst` (which has PID_WIDTH + 1
+/// bytes). No allocation: usable in a forked child.
+fn write_decimal(dst: *mut u8, mut value: u32) {
+    let mut digits = [0u8; PID_WIDTH];
+    let mut start = PID_WIDTH;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    let len = PID_WIDTH - start;
+    // SAFETY: dst points at PID_WIDTH + 1 writable bytes (see Plan::new)
+    // and len <= PID_WIDTH; the regions cannot overlap (digits is local).
+    unsafe {
+        std::ptr::copy_nonoverlapping(digits.as_ptr().add(start), dst, len);
+        *dst.add(len) = 0;
+    }
+}
+
+/// Takes ownership of a descriptor procman inherited (`fd://N`, systemd
+/// socket activation). Call at most once per fd.
+pub fn adopt_fd(n: RawFd) -> Result<OwnedFd, Errno> {
+    nix::fcntl::fcntl(n, nix::fcntl::FcntlArg::F_GETFD)?;
+    // SAFETY: F_GETFD proved `n` is open. It was inherited across exec, so
+    // no Rust object in this process owns it yet, and callers adopt each
+    // inherited number once; from here the OwnedFd is its only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_digits_are_written_with_a_terminator() {
+        for (value, want) in [
+            (0u32, "0"),
+            (7, "7"),
+            (4242, "4242"),
+            (u32::MAX, "4294967295"),
+        ] {
+            let mut buf = [b'x'; PID_WIDTH + 1];
+            write_decimal(buf.as_mut_ptr(), value);
+            let end = buf.iter().position(|&b| b == 0).expect("NUL written");
+            assert_eq!(&buf[..end], want.as_bytes());
+        }
+    }
+
+    #[test]
+    fn exec_failure_is_reported_with_its_errno() {
+        let plan = Plan::new(
+            Path::new("/nonexistent/program"),
+            &["prog".to_string()],
+            &[],
+            &[],
+            &[],
+            None,
+            None,
+            0o022,
+            &[],
+        )
+        .expect("plan");
+        let spawned = plan.spawn().expect("fork");
+        assert_eq!(spawned.exec_error, Some((Stage::Exec, Errno::ENOENT)));
+        let status = nix::sys::wait::waitpid(spawned.pid, None).expect("reap");
+        assert_eq!(status, nix::sys::wait::WaitStatus::Exited(spawned.pid, 127));
+    }
+
+    #[test]
+    fn the_child_sees_its_own_pid_in_the_environment() {
+        let dir = std::env::temp_dir().join(format!("procman-spawn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let out = dir.join("env");
+        let script = format!("echo \"$LISTEN_PID $$\" > {}", out.display());
+        let plan = Plan::new(
+            Path::new("/bin/sh"),
+            &["sh".into(), "-c".into(), script],
+            &[],
+            &["LISTEN_PID"],
+            &[],
+            None,
+            None,
+            0o022,
+            &[],
+        )
+        .expect("plan");
+        let spawned = plan.spawn().expect("spawn");
+        assert_eq!(spawned.exec_error, None);
+        nix::sys::wait::waitpid(spawned.pid, None).expect("reap");
+        let text = std::fs::read_to_string(&out).expect("output");
+        let mut parts = text.split_whitespace();
+        assert_eq!(parts.next(), parts.next(), "LISTEN_PID equals $$");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,173 @@
+//! The worker table: one row per child process the master started and has
+//! not reaped yet.
+//!
+//! Invariant: a row leaves the table only when its process is reaped by the
+//! master loop, so a pid in the table can always be signalled safely (it
+//! cannot have been reused by another process).
+
+use std::time::{Duration, Instant};
+
+use nix::unistd::Pid;
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// Forked; not ready yet.
+    Starting,
+    /// Serving.
+    Ready,
+    /// Asked to stop (or killed); waiting to be reaped.
+    Stopping,
+}
+
+/// Why the master stopped a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// procman is shutting down.
+    Shutdown,
+    /// Replaced by a newer worker (reload or recycle).
+    Replaced,
+    /// One worker too many (TTOU).
+    Excess,
+    /// No heartbeat within --timeout (or WATCHDOG=trigger).
+    HeartbeatTimeout,
+    /// Not ready within --startup-timeout.
+    StartupTimeout,
+    /// Part of a reload that failed.
+    ReloadAborted,
+}
+
+impl StopReason {
+    /// Whether the worker's death counts as a failed boot.
+    pub fn is_boot_failure(self) -> bool {
+        matches!(self, StopReason::StartupTimeout)
+    }
+}
+
+/// A stop in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stop {
+    /// Why.
+    pub reason: StopReason,
+    /// When SIGKILL is due; `None` once it has been sent.
+    pub kill_at: Option<Instant>,
+}
+
+/// One worker process.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    /// Its pid (also its process group id).
+    pub pid: Pid,
+    /// Stable slot index (PROCMAN_WORKER_ID).
+    pub slot: usize,
+    /// Generation it was started in (PROCMAN_GENERATION).
+    pub generation: u64,
+    /// Life stage.
+    pub state: WorkerState,
+    /// When it was forked.
+    pub started_at: Instant,
+    /// When it became ready.
+    pub ready_at: Option<Instant>,
+    /// When it must be ready by.
+    pub startup_deadline: Instant,
+    /// Its last WATCHDOG=1, if it ever sent one.
+    pub last_heartbeat: Option<Instant>,
+    /// Marked for replacement (recycling), with the reason.
+    pub recycle: Option<String>,
+    /// Set once the master asked it to stop.
+    pub stop: Option<Stop>,
+    /// It said STOPPING=1.
+    pub draining: bool,
+    /// Its exec failed (stage and reason), already logged.
+    pub exec_failed: bool,
+    /// The last error it reported (X_PROCMAN_ERROR=), for the exit message.
+    pub reported_error: Option<String>,
+}
+
+impl Worker {
+    /// A freshly forked worker.
+    pub fn new(pid: Pid, slot: usize, generation: u64, now: Instant, startup: Duration) -> Self {
+        Worker {
+            pid,
+            slot,
+            generation,
+            state: WorkerState::Starting,
+            started_at: now,
+            ready_at: None,
+            startup_deadline: now + startup,
+            last_heartbeat: None,
+            recycle: None,
+            stop: None,
+            draining: false,
+            exec_failed: false,
+            reported_error: None,
+        }
+    }
+
+    /// Not stopping: it counts toward capacity (ready) or soon will.
+    pub fn is_active(&self) -> bool {
+        self.state != WorkerState::Stopping
+    }
+
+    /// How long it has been ready.
+    pub fn ready_for(&self, now: Instant) -> Option<Duration> {
+        self.ready_at.map(|r| now.saturating_duration_since(r))
+    }
+}
+
+/// All workers not yet reaped.
+#[derive(Debug, Default)]
+pub struct Table {
+    rows: Vec<Worker>,
+}
+
+impl Table {
+    /// Adds a worker.
+    pub fn insert(&mut self, w: Worker) {
+        self.rows.push(w);
+    }
+
+    /// Removes the row of a reaped process.
+    pub fn remove(&mut self, pid: Pid) -> Option<Worker> {
+        let i = self.rows.iter().position(|w| w.pid == pid)?;
+        Some(self.rows.swap_remove(i))
+    }
+
+    /// The row of `pid`.
+    pub fn get(&self, pid: Pid) -> Option<&Worker> {
+        self.rows.iter().find(|w| w.pid == pid)
+    }
+
+    /// The row of `pid`, mutably.
+    pub fn get_mut(&mut self, pid: Pid) -> Option<&mut Worker> {
+        self.rows.iter_mut().find(|w| w.pid == pid)
+    }
+
+    /// Every row.
+    pub fn iter(&self) -> impl Iterator<Item = &Worker> {
+        self.rows.iter()
+    }
+
+    /// Every row, mutably.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Worker> {
+        self.rows.iter_mut()
+    }
+
+    /// Number of rows (processes not yet reaped).
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// No rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Ready workers (serving).
+    pub fn ready_count(&self) -> usize {
+        self.rows
+            .iter()
+            .filter(|w| w.state == WorkerState::Ready)
+            .count()
+    }
+}

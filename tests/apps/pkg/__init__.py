@@ -1,0 +1,1 @@
+"""A package, so that dotted module paths (`pkg.web:main`) are exercised."""

@@ -1,0 +1,440 @@
+//! The arbiter with command workers: binding, spawning, supervision,
+//! signals and stop. Each test is one behaviour, on the real binary.
+
+mod util;
+
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use util::*;
+
+const BOOT: Duration = Duration::from_secs(20);
+
+fn hello_args(workers: &str) -> Vec<String> {
+    vec!["-w".into(), workers.into(), "--".into(), hello()]
+}
+
+#[test]
+fn distinct_worker_pids_answer() {
+    let mut h = Start::new("distinct", &[]).args(hello_args("3")).spawn();
+    let pids = h.wait_workers(3, BOOT);
+    assert_eq!(pids.len(), 3);
+    h.check(h.wait_log("All 3 workers ready", BOOT), "ready log");
+    h.check(
+        h.log_text().contains("Booting worker 2 with pid"),
+        "boot log names slot 2",
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+    for p in pids {
+        assert!(!alive(p), "worker {p} outlived procman");
+    }
+}
+
+#[test]
+fn killed_worker_is_replaced_and_no_connection_is_refused() {
+    let mut h = Start::new("kill9", &[]).args(hello_args("2")).spawn();
+    let before = h.wait_workers(2, BOOT);
+    let load = Load::start(h.addr(), 4, 5000, Duration::from_secs(20));
+    wait_for(BOOT, || (load.done() > 50).then_some(()));
+    let victim = *before.iter().next().expect("a worker");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL).expect("kill -9");
+    let replaced = wait_for(BOOT, || {
+        load.pids()
+            .iter()
+            .any(|p| !before.contains(p))
+            .then_some(())
+    });
+    let report = load.finish();
+    h.check(replaced.is_some(), "a new pid answered after kill -9");
+    h.check(
+        report.failures.is_empty(),
+        &format!("failed requests: {:?} of {}", report.failures, report.ok),
+    );
+    h.check(h.log_text().contains("killed by SIGKILL"), "death logged");
+    assert!(h.zombies().is_empty());
+}
+
+#[test]
+fn term_lets_an_in_flight_request_complete() {
+    let mut h = Start::new("term-inflight", &["-w", "1", "--"])
+        .args(notify_worker())
+        .spawn();
+    let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
+    let idle_fds = open_fds(pid).len();
+    let addr = h.addr();
+    let slow = std::thread::spawn(move || {
+        http_request(addr, "GET", "/slow?s=2", None, Duration::from_secs(20))
+    });
+    // The request is in flight once the worker holds one more fd (the
+    // accepted connection).
+    let accepted = wait_for(BOOT, || (open_fds(pid).len() > idle_fds).then_some(()));
+    h.check(accepted.is_some(), "the slow request reached the worker");
+    let t0 = Instant::now();
+    h.signal(Signal::SIGTERM);
+    let result = slow.join().expect("client thread");
+    assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
+    let (status, body) = result.expect("slow request completes");
+    assert_eq!(status, 200);
+    assert_eq!(body.trim(), pid.to_string());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "procman waited for the drain"
+    );
+    h.check(
+        h.log_text().contains("Shutting down: graceful, 1 worker"),
+        "stop log",
+    );
+}
+
+#[test]
+fn worker_ignoring_term_is_killed_at_the_graceful_timeout() {
+    let mut h = Start::new("ignore-term", &["-w", "1", "--graceful-timeout", "1", "--"])
+        .args(notify_worker())
+        .args(["--ignore-term"])
+        .spawn();
+    let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
+    let t0 = Instant::now();
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "killed too early: {took:?}"
+    );
+    h.check(
+        h.log_text().contains("did not stop in time; killing it"),
+        "kill logged",
+    );
+    h.check(h.log_text().contains("killed by SIGKILL"), "SIGKILL");
+    assert!(!alive(pid));
+}
+
+#[test]
+fn int_is_a_quick_stop() {
+    let mut h = Start::new("int", &["-w", "2", "--graceful-timeout", "60", "--"])
+        .args(notify_worker())
+        .args(["--ignore-term"])
+        .spawn();
+    h.wait_workers(2, BOOT);
+    let t0 = Instant::now();
+    h.signal(Signal::SIGINT);
+    assert_eq!(h.exit_code(BOOT), 0);
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(10), "quick stop took {took:?}");
+    h.check(
+        h.log_text().contains("Shutting down: quick"),
+        "quick stop log",
+    );
+}
+
+#[test]
+fn a_second_term_turns_a_graceful_stop_quick() {
+    let mut h = Start::new("term-term", &["-w", "1", "--graceful-timeout", "60", "--"])
+        .args(notify_worker())
+        .args(["--ignore-term"])
+        .spawn();
+    h.wait_workers(1, BOOT);
+    h.signal(Signal::SIGTERM);
+    h.check(
+        h.wait_log("Shutting down: graceful", BOOT),
+        "graceful first",
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(Duration::from_secs(15)), 0);
+    h.check(
+        h.log_text().contains("quick (second signal)"),
+        "escalation logged",
+    );
+}
+
+#[test]
+fn ttin_and_ttou_change_the_worker_count() {
+    let mut h = Start::new("ttin", &[]).args(hello_args("2")).spawn();
+    let first = h.wait_workers(2, BOOT);
+    h.signal(Signal::SIGTTIN);
+    let three = wait_for(BOOT, || (h.children().len() == 3).then_some(()));
+    h.check(three.is_some(), "TTIN: 3 workers");
+    h.wait_workers(3, BOOT);
+    h.signal(Signal::SIGTTOU);
+    let two = wait_for(BOOT, || (h.children().len() == 2).then_some(()));
+    h.check(two.is_some(), "TTOU: back to 2 workers");
+    // The oldest went first.
+    let oldest_gone = first.iter().filter(|p| !alive(**p)).count();
+    h.check(
+        oldest_gone == 1,
+        "TTOU stopped one of the original (oldest) workers",
+    );
+    h.signal(Signal::SIGTTOU);
+    h.signal(Signal::SIGTTOU);
+    let one = wait_for(BOOT, || (h.children().len() == 1).then_some(()));
+    h.check(one.is_some(), "down to 1");
+    h.signal(Signal::SIGTTOU);
+    h.check(h.wait_log("never fewer than 1", BOOT), "floor of one");
+    assert_eq!(h.children().len(), 1);
+}
+
+#[test]
+fn hup_replaces_every_worker_without_failed_requests() {
+    let mut h = Start::new("hup", &["-w", "3", "--"])
+        .args(notify_worker())
+        .spawn();
+    let old = h.wait_workers(3, BOOT);
+    let load = Load::start(h.addr(), 4, 20_000, Duration::from_secs(30));
+    wait_for(BOOT, || (load.done() > 50).then_some(()));
+    h.signal(Signal::SIGHUP);
+    let renewed = wait_for(BOOT, || {
+        let kids: BTreeSet<i32> = h.children().into_iter().collect();
+        (kids.len() == 3 && kids.is_disjoint(&old) && h.log_text().contains("Reload done"))
+            .then_some(kids)
+    });
+    // Keep the load going a little past the switch.
+    let target = load.done() + 100;
+    wait_for(BOOT, || (load.done() > target).then_some(()));
+    let report = load.finish();
+    h.check(renewed.is_some(), "all workers replaced after HUP");
+    h.check(
+        report.failures.is_empty(),
+        &format!(
+            "failed requests during reload: {:?} (ok {})",
+            report.failures, report.ok
+        ),
+    );
+    let new = renewed.expect("checked");
+    h.check(
+        report.pids.iter().any(|p| new.contains(p)),
+        "the new generation answered",
+    );
+    h.check(h.log_text().contains("generation 2"), "generation 2 logged");
+}
+
+#[test]
+fn false_exits_3_quickly_with_a_clear_message() {
+    let t0 = Instant::now();
+    let mut h = Harness::start("false", &["--", "false"]);
+    let code = h.exit_code(Duration::from_secs(20));
+    assert_eq!(code, 3, "{}", h.log_text());
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t0.elapsed()
+    );
+    let log = h.log_text();
+    h.check(
+        log.contains("procman: error: workers failed to boot"),
+        "final message",
+    );
+    h.check(
+        log.contains("exited with status 1"),
+        "the worker's exit status",
+    );
+    h.check(
+        log.lines().filter(|l| l.contains("Booting worker")).count() == 5,
+        "exactly 5 attempts",
+    );
+}
+
+#[test]
+fn master_sigkill_leaves_no_worker_and_frees_the_port() {
+    let mut h = Start::new("master-kill", &[]).args(hello_args("3")).spawn();
+    let pids = h.wait_workers(3, BOOT);
+    let port = h.port();
+    h.signal(Signal::SIGKILL);
+    h.wait_exit(BOOT);
+    let gone = wait_for(BOOT, || pids.iter().all(|p| !alive(*p)).then_some(()));
+    assert!(gone.is_some(), "workers survived the master: {pids:?}");
+    let rebind = wait_for(BOOT, || {
+        TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).ok()
+    });
+    assert!(rebind.is_some(), "port {port} still held");
+}
+
+#[test]
+fn worker_holds_only_stdio_and_the_listeners() {
+    let h_dir = temp_dir("fds-sock");
+    let sock = h_dir.join("s.sock");
+    let mut h = Start::new("fds", &["-b", "127.0.0.1:0", "-b"])
+        .args([format!("unix:{}", sock.display())])
+        .args(hello_args("2"))
+        .spawn();
+    let pids = h.wait_workers(2, BOOT);
+    for pid in pids {
+        assert_eq!(open_fds(pid), vec![0, 1, 2, 3, 4], "worker {pid}");
+    }
+    let _ = std::fs::remove_dir_all(h_dir);
+}
+
+#[test]
+fn workers_get_their_own_pid_and_identity_in_the_environment() {
+    let dir = temp_dir("env");
+    let dump = dir.join("env-$PROCMAN_WORKER_ID.json");
+    let script = format!(
+        "exec {} {} --dump-env {}",
+        notify_worker()[0],
+        notify_worker()[1],
+        dump.display()
+    );
+    let mut h = Start::new(
+        "env",
+        &["-w", "2", "-e", "EXTRA=yes", "--", "sh", "-c", &script],
+    )
+    .env("NOTIFY_SOCKET", "/nonexistent/systemd.sock")
+    .env("LISTEN_FDNAMES", "bogus")
+    .spawn();
+    let pids = h.wait_workers(2, BOOT);
+    for slot in 0..2 {
+        let path = dir.join(format!("env-{slot}.json"));
+        let text = wait_for(BOOT, || std::fs::read_to_string(&path).ok()).expect("env dump");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let pid: i32 = v["LISTEN_PID"]
+            .as_str()
+            .expect("LISTEN_PID")
+            .parse()
+            .expect("number");
+        assert!(pids.contains(&pid), "LISTEN_PID {pid} is a worker's pid");
+        assert_eq!(v["LISTEN_FDS"], "1");
+        assert_eq!(v["PROCMAN_WORKER_ID"], slot.to_string());
+        assert_eq!(v["PROCMAN_GENERATION"], "1");
+        assert_eq!(v["EXTRA"], "yes");
+        assert_eq!(v["WATCHDOG_PID"], v["LISTEN_PID"]);
+        assert_eq!(v["WATCHDOG_USEC"], "30000000");
+        assert!(v["LISTEN_FDNAMES"]
+            .as_str()
+            .expect("names")
+            .starts_with("tcp-127.0.0.1-"));
+        let notify = v["NOTIFY_SOCKET"].as_str().expect("NOTIFY_SOCKET");
+        assert_ne!(
+            notify, "/nonexistent/systemd.sock",
+            "procman's own NOTIFY_SOCKET leaked"
+        );
+        assert_eq!(v["fds"], serde_json::json!([0, 1, 2, 3]));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn ipv6_bind_serves() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback on this machine; nothing to test");
+        return;
+    }
+    let mut h = Start::new("v6", &["-b", "[::1]:0"])
+        .args(hello_args("1"))
+        .spawn();
+    let port = wait_for(BOOT, || {
+        h.log_text().lines().find_map(|l| {
+            let a = l
+                .split("Listening at: http://")
+                .nth(1)?
+                .split_whitespace()
+                .next()?;
+            a.parse::<SocketAddr>().ok().map(|a| a.port())
+        })
+    })
+    .expect("v6 port logged");
+    let addr: SocketAddr = format!("[::1]:{port}").parse().expect("addr");
+    let got = wait_for(BOOT, || http_get(addr, "/").ok());
+    h.check(matches!(got, Some((200, _))), "GET over IPv6");
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
+fn unix_socket_bind_serves_and_is_removed_at_exit() {
+    let dir = temp_dir("unix-sock");
+    let sock = dir.join("app.sock");
+    let bind = format!("unix:{}", sock.display());
+    let mut h = Start::new("unix", &["-b", &bind, "--"])
+        .args(notify_worker())
+        .spawn();
+    let reply = wait_for(BOOT, || unix_get(&sock).ok());
+    h.check(
+        reply.as_deref().is_some_and(|r| r.starts_with("HTTP/1.")),
+        "GET over the unix socket",
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+    assert!(!sock.exists(), "socket file removed at exit");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn unix_get(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /pid HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn busy_port_exits_1_and_starts_no_worker() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut h = Start::new("busy", &["-b", &addr])
+        .args(hello_args("2"))
+        .spawn();
+    assert_eq!(h.exit_code(BOOT), 1);
+    let log = h.log_text();
+    assert!(
+        log.contains(&format!(
+            "procman: error: cannot bind {addr}: Address already in use"
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("Booting worker"), "{log}");
+}
+
+#[test]
+fn unknown_command_is_a_usage_error() {
+    let mut h = Harness::start("nocmd", &["--", "no-such-program-procman-test"]);
+    assert_eq!(h.exit_code(BOOT), 2);
+    let log = h.log_text();
+    assert_eq!(log.lines().count(), 1, "one line: {log}");
+    assert!(
+        log.contains("cannot find COMMAND 'no-such-program-procman-test'"),
+        "{log}"
+    );
+}
+
+#[test]
+fn exec_failure_is_logged_with_its_reason() {
+    let dir = temp_dir("badexec");
+    let script = dir.join("bad-interpreter");
+    std::fs::write(&script, "#!/nonexistent/interpreter\n").expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut h = Harness::start("badexec", &["--", script.to_str().expect("utf8")]);
+    assert_eq!(h.exit_code(Duration::from_secs(20)), 3);
+    h.check(
+        h.log_text().contains("cannot execute")
+            && h.log_text().contains("No such file or directory"),
+        "exec errno logged",
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn crash_loop_after_being_up_backs_off() {
+    // Workers serve for 1.5 s then crash: the service was up, so procman
+    // keeps it alive and respawns at once (no boot-failure exit).
+    let mut h = Start::new("crashloop", &["-w", "1", "--"])
+        .args(notify_worker())
+        .args(["--exit-after", "1.5", "--exit-code", "1"])
+        .spawn();
+    h.wait_workers(1, BOOT);
+    h.check(
+        h.wait_log("exited with status 1; respawning", BOOT),
+        "respawned",
+    );
+    h.wait_workers(1, BOOT);
+    assert!(
+        h.wait_exit(Duration::from_millis(200)).is_none(),
+        "procman keeps running"
+    );
+    assert!(h.zombies().is_empty());
+}

@@ -1,0 +1,616 @@
+//! The integration-test harness: starts the real procman binary with real
+//! workers, waits by polling with deadlines, and cleans up on drop.
+//!
+//! Every test gets its own temp dir and binds port 0 (procman logs the
+//! port it got). On drop the harness SIGKILLs procman and every process
+//! that descends from it, and reaps them: the test process is made a child
+//! subreaper, so orphaned workers are re-parented to it and can be waited
+//! for, leaving no zombie behind whatever PID 1 does.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// procman under test.
+pub const PROCMAN: &str = env!("CARGO_BIN_EXE_procman");
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python interpreter of the test venv (fastapi + uvicorn). Fails with
+/// a how-to when it is missing, instead of skipping silently.
+pub fn venv_python() -> PathBuf {
+    let p = repo().join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "the test virtualenv is missing: run scripts/test (it creates .venv from examples/fastapi/requirements.txt)"
+    );
+    p
+}
+
+/// A plain python3 for stdlib-only test workers.
+pub fn python3() -> PathBuf {
+    let venv = repo().join(".venv/bin/python");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+/// The stdlib-only command-class test worker.
+pub fn notify_worker() -> Vec<String> {
+    vec![
+        python3().display().to_string(),
+        repo()
+            .join("tests/workers/notify_worker.py")
+            .display()
+            .to_string(),
+    ]
+}
+
+/// The std-only example worker (built by cargo for integration tests).
+pub fn hello() -> String {
+    let exe = PathBuf::from(PROCMAN);
+    let dir = exe.parent().expect("target dir");
+    dir.join("examples/hello").display().to_string()
+}
+
+/// A fresh temp dir for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("procman-test-{}-{name}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// Polls `cond` until it returns Some or the deadline passes.
+pub fn wait_for<T>(timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Makes this test process a child subreaper (once per process).
+fn become_subreaper() {
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if !DONE.swap(true, Ordering::SeqCst) {
+        let _ = nix::sys::prctl::set_child_subreaper(true);
+    }
+}
+
+/// A running procman.
+pub struct Harness {
+    /// This test's directory.
+    pub dir: PathBuf,
+    /// procman's stderr.
+    pub log: PathBuf,
+    /// The child process.
+    pub child: Option<Child>,
+    /// procman's pid.
+    pub pid: i32,
+    args: Vec<String>,
+    exit: Option<ExitStatus>,
+    seen: BTreeSet<i32>,
+}
+
+/// How to start procman.
+pub struct Start {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    env_remove: Vec<String>,
+    dir: PathBuf,
+    cwd: Option<PathBuf>,
+    default_bind: bool,
+}
+
+impl Start {
+    /// procman with these arguments; `-b 127.0.0.1:0` is added unless a
+    /// bind is given.
+    pub fn new(name: &str, args: &[&str]) -> Start {
+        Start {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            env_remove: Vec::new(),
+            dir: temp_dir(name),
+            cwd: None,
+            default_bind: true,
+        }
+    }
+
+    /// Adds arguments.
+    pub fn args<S: AsRef<str>>(mut self, more: impl IntoIterator<Item = S>) -> Start {
+        self.args
+            .extend(more.into_iter().map(|s| s.as_ref().to_string()));
+        self
+    }
+
+    /// Sets an environment variable for procman.
+    pub fn env(mut self, k: &str, v: &str) -> Start {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Removes an environment variable for procman.
+    pub fn env_remove(mut self, k: &str) -> Start {
+        self.env_remove.push(k.into());
+        self
+    }
+
+    /// procman's working directory.
+    pub fn cwd(mut self, dir: &Path) -> Start {
+        self.cwd = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Do not add the default bind.
+    pub fn no_default_bind(mut self) -> Start {
+        self.default_bind = false;
+        self
+    }
+
+    /// The test dir (to write files before starting).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Starts procman.
+    pub fn spawn(self) -> Harness {
+        become_subreaper();
+        let log = self.dir.join("procman.log");
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let stdout = stderr.try_clone().expect("dup log");
+        let mut args = Vec::new();
+        let has_bind = self
+            .args
+            .iter()
+            .any(|a| a == "-b" || a == "--bind" || a.starts_with("--bind="));
+        if self.default_bind && !has_bind {
+            args.extend(["-b".to_string(), "127.0.0.1:0".to_string()]);
+        }
+        args.extend(self.args.iter().cloned());
+        let mut cmd = Command::new(PROCMAN);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .current_dir(self.cwd.as_deref().unwrap_or(&self.dir));
+        for k in [
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            "WEB_CONCURRENCY",
+            "PORT",
+        ] {
+            cmd.env_remove(k);
+        }
+        for (k, _) in std::env::vars() {
+            if k.starts_with("PROCMAN_") {
+                cmd.env_remove(k);
+            }
+        }
+        for k in &self.env_remove {
+            cmd.env_remove(k);
+        }
+        cmd.env("RUNTIME_DIRECTORY", &self.dir);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start procman");
+        let pid = child.id() as i32;
+        Harness {
+            dir: self.dir,
+            log,
+            child: Some(child),
+            pid,
+            args,
+            exit: None,
+            seen: BTreeSet::new(),
+        }
+    }
+}
+
+impl Harness {
+    /// Starts procman with `args` (plus `-b 127.0.0.1:0`).
+    pub fn start(name: &str, args: &[&str]) -> Harness {
+        Start::new(name, args).spawn()
+    }
+
+    /// procman's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_for(timeout, || self.log_text().contains(needle).then_some(())).is_some()
+    }
+
+    /// Counts lines of the log containing `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Panics with the log when `cond` is false.
+    #[track_caller]
+    pub fn check(&self, cond: bool, what: &str) {
+        if !cond {
+            panic!(
+                "{what}\n--- procman {:?} log ---\n{}",
+                self.args,
+                self.log_text()
+            );
+        }
+    }
+
+    /// The TCP port of the first listener, from the log.
+    pub fn port(&self) -> u16 {
+        let found = wait_for(Duration::from_secs(10), || {
+            self.log_text().lines().find_map(|l| {
+                let rest = l.split("Listening at: http://").nth(1)?;
+                let addr = rest.split_whitespace().next()?;
+                addr.parse::<SocketAddr>().ok().map(|a| a.port())
+            })
+        });
+        match found {
+            Some(p) => p,
+            None => panic!("procman did not log a TCP listener\n{}", self.log_text()),
+        }
+    }
+
+    /// 127.0.0.1:port.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port()))
+    }
+
+    /// The master's direct children (its workers and zygotes).
+    pub fn children(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        for (pid, stat) in all_stats() {
+            if stat.ppid == self.pid {
+                out.push(pid);
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Every live process that descends from procman.
+    pub fn descendants(&self) -> Vec<i32> {
+        descendants_of(self.pid)
+    }
+
+    /// Waits until `n` distinct worker pids have answered GET /pid;
+    /// returns them.
+    pub fn wait_workers(&mut self, n: usize, timeout: Duration) -> BTreeSet<i32> {
+        let addr = self.addr();
+        let mut pids = BTreeSet::new();
+        let ok = wait_for(timeout, || {
+            if let Ok((200, body)) = http_get(addr, "/pid") {
+                if let Ok(p) = body.trim().parse::<i32>() {
+                    pids.insert(p);
+                }
+            }
+            // Only pids that are still our workers count.
+            let kids: BTreeSet<i32> = self.children().into_iter().collect();
+            pids.retain(|p| kids.contains(p));
+            (pids.len() >= n && kids.len() >= n).then_some(())
+        });
+        self.check(
+            ok.is_some(),
+            &format!("{n} distinct workers did not answer in {timeout:?} (got {pids:?})"),
+        );
+        self.seen.extend(pids.iter().copied());
+        pids
+    }
+
+    /// Sends a signal to procman.
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.pid), sig);
+    }
+
+    /// Waits for procman to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.exit.is_some() {
+            return self.exit;
+        }
+        let child = self.child.as_mut()?;
+        let status = wait_for(timeout, || child.try_wait().ok().flatten());
+        self.exit = status;
+        status
+    }
+
+    /// Waits for procman to exit and returns its exit code.
+    #[track_caller]
+    pub fn exit_code(&mut self, timeout: Duration) -> i32 {
+        let status = self.wait_exit(timeout);
+        match status.and_then(|s| s.code()) {
+            Some(c) => c,
+            None => panic!(
+                "procman did not exit with a code within {timeout:?} ({status:?})\n{}",
+                self.log_text()
+            ),
+        }
+    }
+
+    /// Zombie children of procman right now (should always be none).
+    pub fn zombies(&self) -> Vec<i32> {
+        all_stats()
+            .into_iter()
+            .filter(|(_, s)| s.ppid == self.pid && s.state == 'Z')
+            .map(|(p, _)| p)
+            .collect()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let mut doomed: BTreeSet<i32> = self.descendants().into_iter().collect();
+        doomed.extend(self.seen.iter().copied());
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        doomed.extend(descendants_of(self.pid));
+        for pid in &doomed {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(*pid), Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+        // Orphans were re-parented to us (we are a subreaper): reap them.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for pid in doomed {
+            loop {
+                match nix::sys::wait::waitpid(
+                    Pid::from_raw(pid),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                ) {
+                    Ok(nix::sys::wait::WaitStatus::StillAlive) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    _ => break,
+                }
+            }
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The fields of /proc/PID/stat the harness uses.
+#[derive(Debug, Clone, Copy)]
+pub struct Stat {
+    /// Process state letter.
+    pub state: char,
+    /// Parent pid.
+    pub ppid: i32,
+    /// Process group.
+    pub pgrp: i32,
+}
+
+/// Parses /proc/PID/stat.
+pub fn stat(pid: i32) -> Option<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    Some(Stat {
+        state: f.next()?.chars().next()?,
+        ppid: f.next()?.parse().ok()?,
+        pgrp: f.next()?.parse().ok()?,
+    })
+}
+
+/// Every process's stat.
+pub fn all_stats() -> BTreeMap<i32, Stat> {
+    let mut out = BTreeMap::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
+                if let Some(s) = stat(pid) {
+                    out.insert(pid, s);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Live (non-zombie) descendants of `root`.
+pub fn descendants_of(root: i32) -> Vec<i32> {
+    let stats = all_stats();
+    let mut out = Vec::new();
+    for (&pid, _) in stats.iter() {
+        let mut cur = pid;
+        for _ in 0..64 {
+            match stats.get(&cur) {
+                Some(s) if s.ppid == root => {
+                    out.push(pid);
+                    break;
+                }
+                Some(s) if s.ppid > 1 => cur = s.ppid,
+                _ => break,
+            }
+        }
+    }
+    out
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    stat(pid).is_some_and(|s| s.state != 'Z')
+}
+
+/// One short-connection HTTP GET; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    http_request(addr, "GET", path, None, Duration::from_secs(5))
+}
+
+/// One short-connection HTTP request.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("connect: {}", e.kind()))?;
+    s.set_read_timeout(Some(timeout)).ok();
+    s.set_write_timeout(Some(timeout)).ok();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes())
+        .map_err(|e| format!("write: {}", e.kind()))?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)
+        .map_err(|e| format!("read: {}", e.kind()))?;
+    if buf.is_empty() {
+        return Err("empty reply".into());
+    }
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| format!("bad reply: {text:?}"))?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Ok((status, body))
+}
+
+/// Outcome of a bounded request loop.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    /// Successful requests.
+    pub ok: usize,
+    /// Failures with their reason.
+    pub failures: Vec<String>,
+    /// The worker pids that answered.
+    pub pids: BTreeSet<i32>,
+}
+
+/// A bounded loop of short connections from a few threads, to 127.0.0.1.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    report: Arc<Mutex<LoadReport>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Starts `threads` clients, each stopping after `max_requests` or
+    /// `max_time`, whichever comes first.
+    pub fn start(
+        addr: SocketAddr,
+        threads: usize,
+        max_requests: usize,
+        max_time: Duration,
+    ) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let report = Arc::new(Mutex::new(LoadReport::default()));
+        let deadline = Instant::now() + max_time;
+        let handles = (0..threads)
+            .map(|_| {
+                let stop = stop.clone();
+                let report = report.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..max_requests {
+                        if stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
+                            break;
+                        }
+                        let r = http_get(addr, "/pid");
+                        let mut rep = report.lock().expect("report lock");
+                        match r {
+                            Ok((200, body)) => {
+                                rep.ok += 1;
+                                if let Ok(p) = body.trim().parse::<i32>() {
+                                    rep.pids.insert(p);
+                                } else if let Some(p) = json_pid(&body) {
+                                    rep.pids.insert(p);
+                                }
+                            }
+                            Ok((code, _)) => rep.failures.push(format!("status {code}")),
+                            Err(e) => rep.failures.push(e),
+                        }
+                        drop(rep);
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            report,
+            threads: handles,
+        }
+    }
+
+    /// Requests done so far.
+    pub fn done(&self) -> usize {
+        let r = self.report.lock().expect("report lock");
+        r.ok + r.failures.len()
+    }
+
+    /// Pids seen so far.
+    pub fn pids(&self) -> BTreeSet<i32> {
+        self.report.lock().expect("report lock").pids.clone()
+    }
+
+    /// Stops the clients and returns the report.
+    pub fn finish(self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let r = self.report.lock().expect("report lock");
+        r.clone()
+    }
+}
+
+/// `{"pid": 123, ...}` → 123.
+pub fn json_pid(body: &str) -> Option<i32> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    v.get("pid")?.as_i64().map(|p| p as i32)
+}
+
+/// The fds open in a process, as numbers.
+pub fn open_fds(pid: i32) -> Vec<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    fds.sort();
+    fds
+}

@@ -8,6 +8,7 @@ abstract socket. Exit status 0 when the datagram was sent, 1 otherwise.
 """
 
 import argparse
+import array
 import socket
 import sys
 import tempfile
@@ -24,7 +25,12 @@ def main():
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             if args.with_fd:
                 with tempfile.TemporaryFile() as f:
-                    socket.send_fds(sock, [args.message.encode()], [f.fileno()], address=address)
+                    sock.sendmsg(
+                        [args.message.encode()],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [f.fileno()]))],
+                        0,
+                        address,
+                    )
             else:
                 sock.sendto(args.message.encode(), address)
     except OSError as exc:

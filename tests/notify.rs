@@ -1,0 +1,327 @@
+//! Worker notifications: readiness, heartbeats, startup and heartbeat
+//! timeouts, and the receiver's defences (credentials, passed fds).
+
+mod util;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use util::*;
+
+const BOOT: Duration = Duration::from_secs(20);
+
+/// `sh -c` that runs the test worker with `slot0` args in slot 0 (or in
+/// generation `gen` when given) and `others` elsewhere; exec keeps the pid.
+fn per_slot(slot0: &str, others: &str) -> Vec<String> {
+    let w = notify_worker().join(" ");
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "if [ \"$PROCMAN_WORKER_ID\" = 0 ]; then exec {w} {slot0}; else exec {w} {others}; fi"
+        ),
+    ]
+}
+
+fn per_generation(first: &str, later: &str) -> Vec<String> {
+    let w = notify_worker().join(" ");
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "if [ \"$PROCMAN_GENERATION\" = 1 ]; then exec {w} {first}; else exec {w} {later}; fi"
+        ),
+    ]
+}
+
+fn notify_socket(h: &Harness) -> PathBuf {
+    h.dir.join(format!("procman-{}", h.pid)).join("notify.sock")
+}
+
+/// Seconds from a log line's `[timestamp]` (RFC 3339, UTC) within the day.
+fn log_time(line: &str) -> Option<f64> {
+    let ts = line.strip_prefix('[')?.split(']').next()?;
+    let time = ts.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+fn line_with<'a>(log: &'a str, needle: &str) -> Option<&'a str> {
+    log.lines().find(|l| l.contains(needle))
+}
+
+#[test]
+fn readiness_gates_the_ready_log() {
+    let mut h = Start::new("ready-gate", &["--ready", "notify", "--"])
+        .args(notify_worker())
+        .args(["--ready-after", "1.5"])
+        .spawn();
+    h.check(h.wait_log("All 1 workers ready", BOOT), "ready");
+    let log = h.log_text();
+    let boot = line_with(&log, "Booting worker 0")
+        .and_then(log_time)
+        .expect("boot line");
+    let ready = line_with(&log, "ready in")
+        .and_then(log_time)
+        .expect("ready line");
+    h.check(
+        ready - boot >= 1.4,
+        &format!("ready {:.2}s after boot, before READY=1", ready - boot),
+    );
+}
+
+#[test]
+fn hup_stops_an_old_worker_only_once_its_replacement_is_ready() {
+    let mut h = Start::new("hup-gated", &["--ready", "notify", "-w", "1", "--"])
+        .args(notify_worker())
+        .args(["--ready-after", "1"])
+        .spawn();
+    let old = *h.wait_workers(1, BOOT).iter().next().expect("worker");
+    h.signal(Signal::SIGHUP);
+    h.check(h.wait_log("Reload done", BOOT), "reload finished");
+    let log = h.log_text();
+    let stop_line = format!("Stopping worker {old} (slot 0): replaced");
+    let stopped = line_with(&log, &stop_line)
+        .and_then(log_time)
+        .expect("old stopped");
+    let new_ready = log
+        .lines()
+        .filter(|l| l.contains("ready in") && !l.contains(&format!("Worker {old} ")))
+        .find_map(log_time)
+        .expect("new ready");
+    h.check(
+        new_ready <= stopped,
+        "old worker stopped before its replacement was ready",
+    );
+}
+
+#[test]
+fn never_ready_worker_is_killed_at_the_startup_timeout_and_procman_exits_3() {
+    let t0 = Instant::now();
+    let mut h = Start::new(
+        "never-ready",
+        &["--ready", "notify", "--startup-timeout", "1", "--"],
+    )
+    .args(notify_worker())
+    .args(["--never-ready"])
+    .spawn();
+    assert_eq!(h.exit_code(Duration::from_secs(30)), 3, "{}", h.log_text());
+    h.check(
+        h.log_text().contains("was not ready within 1s; killing it"),
+        "startup timeout logged",
+    );
+    h.check(
+        t0.elapsed() < Duration::from_secs(25),
+        "gave up in bounded time",
+    );
+}
+
+#[test]
+fn a_replacement_that_never_becomes_ready_leaves_the_old_worker_serving() {
+    let mut h = Start::new(
+        "reload-fails",
+        &["--ready", "notify", "--startup-timeout", "1", "--"],
+    )
+    .args(per_generation("", "--never-ready"))
+    .spawn();
+    let old = h.wait_workers(1, BOOT);
+    h.signal(Signal::SIGHUP);
+    h.check(
+        h.wait_log("Reload to generation 2 failed", BOOT),
+        "reload failure reported",
+    );
+    let still = h.wait_workers(1, BOOT);
+    assert_eq!(old, still, "the old worker keeps serving");
+    assert!(
+        h.wait_exit(Duration::from_millis(300)).is_none(),
+        "procman keeps running"
+    );
+}
+
+#[test]
+fn silent_worker_is_aborted_and_replaced_while_the_others_are_untouched() {
+    let mut h = Start::new("silent", &["-w", "2", "-t", "2", "--"])
+        .args(per_slot(
+            "--heartbeat 0.3 --silent-after 0.5",
+            "--heartbeat 0.3",
+        ))
+        .spawn();
+    let first = h.wait_workers(2, BOOT);
+    h.check(
+        h.wait_log("without a heartbeat; aborting", BOOT),
+        "timeout logged",
+    );
+    let log = h.log_text();
+    let line = line_with(&log, "without a heartbeat; aborting")
+        .expect("line")
+        .to_string();
+    h.check(
+        line.contains("(slot 0) timed out after 2s"),
+        &format!("slot 0 timed out: {line}"),
+    );
+    h.check(
+        h.wait_log("exited after its timeout: killed by SIGABRT", BOOT),
+        "aborted",
+    );
+    let now: BTreeSet<i32> = h.wait_workers(2, BOOT);
+    let survivors: Vec<_> = first.intersection(&now).collect();
+    assert_eq!(
+        survivors.len(),
+        1,
+        "slot 1 kept its pid: {first:?} -> {now:?}"
+    );
+    // How late the abort came after the deadline (reported in the notes).
+    let hb_deadline_late = line
+        .split("timed out after ")
+        .nth(1)
+        .and_then(|s| s.split('s').next())
+        .and_then(|s| s.parse::<f64>().ok());
+    eprintln!("timeout fired at silence = {hb_deadline_late:?}s for -t 2");
+}
+
+#[test]
+fn watchdog_trigger_counts_as_a_timeout() {
+    let mut h = Start::new("trigger", &["-w", "1", "--"])
+        .args(per_slot("--watchdog-trigger-after 0.5", ""))
+        .spawn();
+    h.wait_workers(1, BOOT);
+    h.check(
+        h.wait_log("sent WATCHDOG=trigger; aborting", BOOT),
+        "trigger handled",
+    );
+}
+
+#[test]
+fn extend_timeout_pushes_the_startup_deadline_back() {
+    let mut h = Start::new(
+        "extend",
+        &["--ready", "notify", "--startup-timeout", "1", "--"],
+    )
+    .args(notify_worker())
+    .args(["--extend-timeout-usec", "5000000", "--ready-after", "2"])
+    .spawn();
+    h.check(
+        h.wait_log("All 1 workers ready", BOOT),
+        "became ready after 2s",
+    );
+    h.check(
+        !h.log_text().contains("was not ready within"),
+        "not killed at 1s",
+    );
+}
+
+#[test]
+fn notifications_from_a_process_that_is_not_a_worker_are_ignored() {
+    let mut h = Start::new("stray", &["--log-level", "debug", "-w", "1", "--"])
+        .args(notify_worker())
+        .spawn();
+    let before = h.wait_workers(1, BOOT);
+    let sock = notify_socket(&h);
+    for msg in ["WATCHDOG=trigger", "READY=1", "X_PROCMAN_RECYCLE=stray"] {
+        let st = Command::new(python3())
+            .arg(repo().join("tests/workers/send_notify.py"))
+            .arg(&sock)
+            .arg(msg)
+            .status()
+            .expect("send_notify");
+        assert!(st.success());
+    }
+    h.check(
+        h.wait_log("which is not a worker", BOOT),
+        "stray message dropped at debug",
+    );
+    let after = h.wait_workers(1, BOOT);
+    assert_eq!(before, after);
+    let log = h.log_text();
+    h.check(!log.contains("WATCHDOG=trigger; aborting"), "no abort");
+    h.check(!log.contains("Recycling"), "no recycle");
+}
+
+#[test]
+fn file_descriptors_passed_with_a_notification_are_closed() {
+    let mut h = Start::new("passed-fds", &["-w", "1", "--"])
+        .args(notify_worker())
+        .spawn();
+    h.wait_workers(1, BOOT);
+    let before = open_fds(h.pid).len();
+    let sock = notify_socket(&h);
+    for _ in 0..20 {
+        let st = Command::new(python3())
+            .arg(repo().join("tests/workers/send_notify.py"))
+            .arg(&sock)
+            .arg("STATUS=hello")
+            .arg("--with-fd")
+            .status()
+            .expect("send_notify");
+        assert!(st.success());
+    }
+    // The master handles datagrams as they come; give it a moment to drain.
+    let settled = wait_for(BOOT, || (open_fds(h.pid).len() <= before).then_some(()));
+    h.check(
+        settled.is_some(),
+        &format!("master fds grew: {before} -> {}", open_fds(h.pid).len()),
+    );
+}
+
+#[test]
+fn ready_sent_just_before_an_exit_is_still_attributed() {
+    let mut h = Start::new("ready-exit", &["--ready", "notify", "--"])
+        .args(notify_worker())
+        .args(["--exit-after-ready"])
+        .spawn();
+    assert_eq!(h.exit_code(Duration::from_secs(30)), 3);
+    let log = h.log_text();
+    for line in log
+        .lines()
+        .filter(|l| l.contains("Booting worker 0 with pid"))
+    {
+        let pid = line
+            .split("with pid ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .expect("pid");
+        h.check(
+            log.contains(&format!("Worker {pid} (slot 0) ready in")),
+            &format!("READY=1 of {pid} was attributed before its exit"),
+        );
+    }
+}
+
+#[test]
+fn a_suspended_master_does_not_kill_healthy_workers_when_it_resumes() {
+    let mut h = Start::new("sigstop", &["-w", "2", "-t", "2", "--"])
+        .args(notify_worker())
+        .args(["--heartbeat", "0.5"])
+        .spawn();
+    let before = h.wait_workers(2, BOOT);
+    h.signal(Signal::SIGSTOP);
+    // The scenario itself: the master is frozen past the timeout.
+    std::thread::sleep(Duration::from_secs(4));
+    h.signal(Signal::SIGCONT);
+    h.check(h.wait_log("was suspended for", BOOT), "suspension noticed");
+    // Well past another timeout period, nobody was killed.
+    std::thread::sleep(Duration::from_secs(3));
+    let after = h.wait_workers(2, BOOT);
+    assert_eq!(before, after, "{}", h.log_text());
+    h.check(
+        !h.log_text().contains("without a heartbeat"),
+        "no timeout kill",
+    );
+}
+
+#[test]
+fn exec_readiness_tolerates_workers_that_notify_anyway() {
+    let mut h = Start::new("exec-notify", &["-w", "2", "--"])
+        .args(notify_worker())
+        .spawn();
+    h.wait_workers(2, BOOT);
+    h.check(h.wait_log("All 2 workers ready", BOOT), "ready");
+    // Each worker is marked ready once, at exec, and its READY=1 changes nothing.
+    assert_eq!(h.count_log("ready in"), 2, "{}", h.log_text());
+}

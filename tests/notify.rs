@@ -58,7 +58,7 @@ fn line_with<'a>(log: &'a str, needle: &str) -> Option<&'a str> {
 
 #[test]
 fn readiness_gates_the_ready_log() {
-    let mut h = Start::new("ready-gate", &["--ready", "notify", "--"])
+    let h = Start::new("ready-gate", &["--ready", "notify", "--"])
         .args(notify_worker())
         .args(["--ready-after", "1.5"])
         .spawn();
@@ -199,7 +199,7 @@ fn watchdog_trigger_counts_as_a_timeout() {
 
 #[test]
 fn extend_timeout_pushes_the_startup_deadline_back() {
-    let mut h = Start::new(
+    let h = Start::new(
         "extend",
         &["--ready", "notify", "--startup-timeout", "1", "--"],
     )

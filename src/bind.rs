@@ -192,10 +192,18 @@ impl Listener {
                 (fd, format!("fd://{n}"), None)
             }
         };
+        // Name TCP sockets by the port they really got (port 0 binds).
+        let named = match (spec, socket2::SockRef::from(&fd).local_addr().ok().and_then(|a| a.as_socket())) {
+            (BindSpec::Tcp { host, .. }, Some(a)) => BindSpec::Tcp {
+                host: host.clone(),
+                port: a.port(),
+            },
+            _ => spec.clone(),
+        };
         Ok(Listener {
             spec: spec.clone(),
             fd,
-            name: spec.fd_name(),
+            name: named.fd_name(),
             display,
             unlink_at_exit: unlink,
         })

@@ -1,0 +1,331 @@
+//! The uvicorn class: a real FastAPI app under real uvicorn, through the
+//! bootstrap embedded in procman.
+
+mod util;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use util::*;
+
+const BOOT: Duration = Duration::from_secs(60);
+
+fn fastapi_dir() -> PathBuf {
+    repo().join("examples/fastapi")
+}
+
+fn apps_dir() -> PathBuf {
+    repo().join("tests/apps")
+}
+
+/// procman serving `app` from `dir` with the test venv's Python.
+fn uvicorn(name: &str, dir: &Path, app: &str, extra: &[&str]) -> Start {
+    let python = venv_python();
+    Start::new(name, &[app, "--python", python.to_str().expect("utf8"), "--no-access-log"])
+        .args(["--chdir", dir.to_str().expect("utf8")])
+        .args(extra.iter().copied())
+}
+
+fn pid_of(reply: &(u16, String)) -> i32 {
+    reply.1.trim().parse().expect("pid body")
+}
+
+#[test]
+fn four_workers_answer_with_distinct_pids() {
+    let mut h = uvicorn("four", &fastapi_dir(), "app:main", &["-w", "4"]).spawn();
+    let pids = h.wait_workers(4, BOOT);
+    assert_eq!(pids.len(), 4);
+    h.check(h.wait_log("All 4 workers ready", BOOT), "ready");
+    let (status, body) = http_get(h.addr(), "/").expect("GET /");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(pids.contains(&(v["pid"].as_i64().expect("pid") as i32)));
+    assert_eq!(v["generation"], "1");
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
+fn get_and_post_with_a_json_body_work() {
+    let mut h = uvicorn("post", &fastapi_dir(), "app:main", &["-w", "1"]).spawn();
+    h.wait_workers(1, BOOT);
+    let (status, body) = http_request(
+        h.addr(),
+        "POST",
+        "/echo",
+        Some(r#"{"hello": "world", "n": 3}"#),
+        Duration::from_secs(10),
+    )
+    .expect("POST");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["echo"]["hello"], "world", "{body}");
+    assert_eq!(v["echo"]["n"], 3, "{body}");
+}
+
+#[test]
+fn unix_socket_and_ipv6_binds_serve() {
+    let start = uvicorn("uv-binds", &fastapi_dir(), "app:main", &["-w", "1"]);
+    let sock = start.dir().join("app.sock");
+    let v6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    let mut binds = vec!["-b".to_string(), format!("unix:{}", sock.display())];
+    if v6 {
+        binds.extend(["-b".to_string(), "[::1]:0".to_string()]);
+    }
+    let mut h = start.no_default_bind().args(binds).spawn();
+    let reply = wait_for(BOOT, || {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "5", "--unix-socket"])
+            .arg(&sock)
+            .arg("http://localhost/pid")
+            .output()
+            .ok()?;
+        (out.status.success() && !out.stdout.is_empty()).then_some(out.stdout)
+    });
+    h.check(reply.is_some(), "GET over the unix socket");
+    if v6 {
+        let port = wait_for(BOOT, || {
+            h.log_text().lines().find_map(|l| {
+                let a = l.split("Listening at: http://[").nth(1)?;
+                a.split("]:").nth(1)?.split_whitespace().next()?.parse::<u16>().ok()
+            })
+        })
+        .expect("v6 port");
+        let addr: SocketAddr = format!("[::1]:{port}").parse().expect("addr");
+        let got = wait_for(BOOT, || http_get(addr, "/pid").ok());
+        h.check(matches!(got, Some((200, _))), "GET over IPv6");
+    }
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
+fn a_blocked_event_loop_is_aborted_and_replaced_while_others_answer() {
+    let mut h = uvicorn("block", &fastapi_dir(), "app:main", &["-w", "2", "-t", "5"]).spawn();
+    let pids = h.wait_workers(2, BOOT);
+    let addr = h.addr();
+    let blocked = std::thread::spawn(move || {
+        http_request(addr, "GET", "/block?s=60", None, Duration::from_secs(30))
+    });
+    h.check(h.wait_log("without a heartbeat; aborting", Duration::from_secs(30)), "abort");
+    let t_abort = Instant::now();
+    let log = h.log_text();
+    let victim: i32 = log
+        .lines()
+        .find(|l| l.contains("without a heartbeat"))
+        .and_then(|l| l.split("Worker ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect("victim pid");
+    assert!(pids.contains(&victim));
+    // The other worker answers meanwhile.
+    let other = *pids.iter().find(|p| **p != victim).expect("other");
+    let seen_other = wait_for(Duration::from_secs(10), || {
+        http_get(addr, "/pid").ok().filter(|r| pid_of(r) == other)
+    });
+    h.check(seen_other.is_some(), "the healthy worker kept answering");
+    let replaced = h.wait_workers(2, BOOT);
+    assert!(!replaced.contains(&victim));
+    assert!(t_abort.elapsed() < Duration::from_secs(30));
+    let _ = blocked.join();
+}
+
+fn import_error(name: &str, app: &str, want: &[&str]) {
+    let mut h = uvicorn(name, &apps_dir(), app, &["-w", "2"]).spawn();
+    assert_eq!(h.exit_code(BOOT), 4, "{}", h.log_text());
+    let log = h.log_text();
+    for w in want {
+        h.check(log.contains(w), &format!("log mentions {w:?}"));
+    }
+    h.check(
+        log.contains(&format!("procman: error: Failed to load application '{app}'")),
+        "final error line",
+    );
+    // Not a loop: one boot per worker at most.
+    h.check(h.count_log("Booting worker") <= 2, "no retry loop");
+}
+
+#[test]
+fn missing_module_exits_4_with_the_python_error() {
+    import_error("nomod", "no_such_module:main", &["ModuleNotFoundError: No module named 'no_such_module'"]);
+}
+
+#[test]
+fn syntax_error_exits_4_with_the_python_error() {
+    import_error("syntax", "broken_syntax:main", &["SyntaxError"]);
+}
+
+#[test]
+fn missing_attribute_exits_4_with_the_python_error() {
+    import_error("noattr", "factory_app:mian", &["AttributeError", "mian"]);
+}
+
+#[test]
+fn exception_at_import_exits_4_with_the_python_error() {
+    import_error("raises", "raises_on_import:main", &["RuntimeError: boom at import"]);
+}
+
+#[test]
+fn missing_uvicorn_exits_3_with_a_hint() {
+    let dir = temp_dir("no-uvicorn");
+    let python = dir.join("bare-python");
+    // An interpreter without site-packages: uvicorn cannot be imported.
+    std::fs::write(&python, "#!/bin/sh\nexec python3 -I -S \"$@\"\n").expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut h = Start::new("no-uvicorn", &["app:main", "--python", python.to_str().expect("utf8")])
+        .args(["--chdir", fastapi_dir().to_str().expect("utf8")])
+        .spawn();
+    assert_eq!(h.exit_code(BOOT), 3, "{}", h.log_text());
+    let log = h.log_text();
+    h.check(log.contains("uvicorn is not installed"), "names the problem");
+    h.check(log.contains("pip install uvicorn"), "says how to fix it");
+    h.check(h.count_log("Booting worker") == 1, "no retry loop");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn lifespan_startup_failure_exits_3() {
+    let mut h = uvicorn("lifespan", &apps_dir(), "lifespan_fail:main", &["-w", "1"]).spawn();
+    assert_eq!(h.exit_code(BOOT), 3, "{}", h.log_text());
+    h.check(h.count_log("Booting worker") == 1, "no retry loop");
+}
+
+#[test]
+fn term_lets_an_in_flight_request_finish_then_exits_0() {
+    let mut h = uvicorn("uv-term", &fastapi_dir(), "app:main", &["-w", "1"]).spawn();
+    let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
+    let idle = open_fds(pid).len();
+    let addr = h.addr();
+    let slow = std::thread::spawn(move || {
+        http_request(addr, "GET", "/slow?s=2", None, Duration::from_secs(30))
+    });
+    let accepted = wait_for(BOOT, || (open_fds(pid).len() > idle).then_some(()));
+    h.check(accepted.is_some(), "request reached the worker");
+    h.signal(Signal::SIGTERM);
+    let reply = slow.join().expect("thread").expect("slow request completed");
+    assert_eq!(reply.0, 200, "{}", reply.1);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
+fn quick_stop_ends_at_once() {
+    let mut h = uvicorn("uv-quick", &fastapi_dir(), "app:main", &["-w", "2", "--graceful-timeout", "60"]).spawn();
+    h.wait_workers(2, BOOT);
+    let addr = h.addr();
+    let _slow = std::thread::spawn(move || {
+        http_request(addr, "GET", "/slow?s=30", None, Duration::from_secs(40))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    h.signal(Signal::SIGINT);
+    assert_eq!(h.exit_code(BOOT), 0);
+    assert!(t0.elapsed() < Duration::from_secs(5), "quick stop took {:?}", t0.elapsed());
+}
+
+#[test]
+fn max_requests_recycles_a_worker_without_failed_requests() {
+    let mut h = uvicorn("maxreq", &fastapi_dir(), "app:main", &["-w", "1", "--max-requests", "50"]).spawn();
+    let first = h.wait_workers(1, BOOT);
+    let load = Load::start(h.addr(), 2, 400, Duration::from_secs(60));
+    let changed = wait_for(BOOT, || {
+        load.pids().iter().any(|p| !first.contains(p)).then_some(())
+    });
+    let report = load.finish();
+    h.check(changed.is_some(), "the worker pid changed after ~50 requests");
+    h.check(
+        report.failures.is_empty(),
+        &format!("failed: {:?} of {}", report.failures, report.ok),
+    );
+    h.check(h.log_text().contains("asks to be recycled"), "recycle requested over notify");
+}
+
+#[test]
+fn https_with_a_self_signed_certificate() {
+    let dir = temp_dir("tls");
+    let key = dir.join("key.pem");
+    let cert = dir.join("cert.pem");
+    let st = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl (apt-get install openssl)");
+    assert!(st.success());
+    let mut h = uvicorn(
+        "tls",
+        &fastapi_dir(),
+        "app:main",
+        &["-w", "1", "--keyfile", key.to_str().expect("utf8"), "--certfile", cert.to_str().expect("utf8")],
+    )
+    .spawn();
+    let port = h.port();
+    h.check(h.wait_log("All 1 workers ready", BOOT), "ready");
+    let script = format!(
+        "import ssl,urllib.request;c=ssl.create_default_context(cafile='{}');c.check_hostname=False;print(urllib.request.urlopen('https://127.0.0.1:{port}/pid',context=c,timeout=10).read().decode())",
+        cert.display()
+    );
+    let out = Command::new(venv_python()).args(["-c", &script]).output().expect("python");
+    h.check(out.status.success(), &format!("HTTPS GET: {}", String::from_utf8_lossy(&out.stderr)));
+    let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(body.parse::<i32>().is_ok(), "pid over HTTPS: {body}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn hup_replaces_every_worker_with_zero_failed_requests() {
+    let mut h = uvicorn("uv-hup", &fastapi_dir(), "app:main", &["-w", "2"]).spawn();
+    let old = h.wait_workers(2, BOOT);
+    let load = Load::start(h.addr(), 4, 20_000, Duration::from_secs(60));
+    wait_for(BOOT, || (load.done() > 50).then_some(()));
+    h.signal(Signal::SIGHUP);
+    let renewed = wait_for(BOOT, || {
+        let kids: BTreeSet<i32> = h.children().into_iter().collect();
+        (h.log_text().contains("Reload done") && kids.len() == 2 && kids.is_disjoint(&old))
+            .then_some(kids)
+    });
+    let target = load.done() + 100;
+    wait_for(BOOT, || (load.done() > target).then_some(()));
+    let report = load.finish();
+    h.check(renewed.is_some(), "every worker replaced");
+    h.check(
+        report.failures.is_empty(),
+        &format!("failed requests: {:?} of {}", report.failures, report.ok),
+    );
+    let new = renewed.expect("checked");
+    h.check(report.pids.iter().any(|p| new.contains(p)), "new generation served");
+}
+
+#[test]
+fn gunicorn_worker_class_spellings_are_accepted() {
+    for class in ["uvicorn.workers.UvicornWorker", "uvicorn_worker.UvicornWorker"] {
+        let mut h = uvicorn("klass", &fastapi_dir(), "app:main", &["-w", "1", "-k", class]).spawn();
+        h.wait_workers(1, BOOT);
+        h.signal(Signal::SIGTERM);
+        assert_eq!(h.exit_code(BOOT), 0);
+    }
+}
+
+#[test]
+fn factory_package_and_wsgi_apps_serve() {
+    let cases: &[(&str, &[&str])] = &[
+        ("factory_app:create_app", &["--factory"]),
+        ("pkg.web:main", &[]),
+        ("wsgi_app:app", &["--interface", "wsgi"]),
+    ];
+    for (app, extra) in cases {
+        let mut args = vec!["-w", "1"];
+        args.extend_from_slice(extra);
+        let mut h = uvicorn("kinds", &apps_dir(), app, &args).spawn();
+        let pids = h.wait_workers(1, BOOT);
+        assert_eq!(pids.len(), 1, "{app}");
+        h.signal(Signal::SIGTERM);
+        assert_eq!(h.exit_code(BOOT), 0, "{app}");
+    }
+}

@@ -161,6 +161,8 @@ pub struct Listener {
     pub display: String,
     /// The unix socket file procman created and must remove at exit.
     pub unlink_at_exit: Option<PathBuf>,
+    /// Passed to procman by systemd (socket activation), not bound here.
+    pub inherited: bool,
 }
 
 impl Listener {
@@ -193,7 +195,13 @@ impl Listener {
             }
         };
         // Name TCP sockets by the port they really got (port 0 binds).
-        let named = match (spec, socket2::SockRef::from(&fd).local_addr().ok().and_then(|a| a.as_socket())) {
+        let named = match (
+            spec,
+            socket2::SockRef::from(&fd)
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket()),
+        ) {
             (BindSpec::Tcp { host, .. }, Some(a)) => BindSpec::Tcp {
                 host: host.clone(),
                 port: a.port(),
@@ -206,6 +214,7 @@ impl Listener {
             name: named.fd_name(),
             display,
             unlink_at_exit: unlink,
+            inherited: false,
         })
     }
 
@@ -219,6 +228,7 @@ impl Listener {
             name,
             display,
             unlink_at_exit: None,
+            inherited: true,
         }
     }
 
@@ -432,5 +442,73 @@ mod tests {
         let err = Listener::bind(&spec, 16, 0o022).expect_err("regular file");
         assert!(err.to_string().contains("not a socket"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Sockets systemd passed to procman itself (socket activation), read from
+/// `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES`. Pure: the caller passes
+/// the variables and its pid. Returns (fd, name) pairs; empty when the
+/// sockets are not ours (`LISTEN_PID` names another process).
+pub fn activation_fds(
+    listen_pid: Option<&str>,
+    listen_fds: Option<&str>,
+    names: Option<&str>,
+    my_pid: u32,
+) -> Vec<(RawFd, String)> {
+    let ours = listen_pid.and_then(|p| p.trim().parse::<u32>().ok()) == Some(my_pid);
+    let count = listen_fds
+        .and_then(|n| n.trim().parse::<i32>().ok())
+        .unwrap_or(0);
+    if !ours || count <= 0 {
+        return Vec::new();
+    }
+    let names: Vec<&str> = names.map(|n| n.split(':').collect()).unwrap_or_default();
+    (0..count)
+        .map(|i| {
+            let name = names
+                .get(i as usize)
+                .filter(|n| !n.is_empty())
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| format!("fd-{}", 3 + i));
+            (3 + i, name)
+        })
+        .collect()
+}
+
+/// Whether an inherited listener is the one a bind spec describes: same
+/// unix path, or same TCP port and address (an unspecified spec address
+/// matches a socket bound to the unspecified address).
+pub fn spec_matches(spec: &BindSpec, fd: &OwnedFd) -> bool {
+    let sock = socket2::SockRef::from(fd);
+    let Ok(local) = sock.local_addr() else {
+        return false;
+    };
+    match spec {
+        BindSpec::Unix(path) => local.as_pathname() == Some(path.as_path()),
+        BindSpec::Tcp { host, port } => match (local.as_socket(), host.parse::<IpAddr>()) {
+            (Some(a), Ok(ip)) => a.port() == *port && a.ip() == ip,
+            _ => false,
+        },
+        BindSpec::Fd(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod activation_tests {
+    use super::*;
+
+    #[test]
+    fn only_our_own_sockets_are_taken() {
+        assert!(activation_fds(Some("1"), Some("2"), None, 42).is_empty());
+        assert!(activation_fds(None, Some("2"), None, 42).is_empty());
+        assert!(activation_fds(Some("42"), Some("0"), None, 42).is_empty());
+        assert_eq!(
+            activation_fds(Some("42"), Some("2"), Some("web:admin"), 42),
+            vec![(3, "web".to_string()), (4, "admin".to_string())]
+        );
+        assert_eq!(
+            activation_fds(Some("42"), Some("1"), None, 42),
+            vec![(3, "fd-3".to_string())]
+        );
     }
 }

@@ -136,6 +136,9 @@ pub struct Config {
     pub kind: WorkerKind,
     /// Where to listen, in `--bind` order.
     pub binds: Vec<BindSpec>,
+    /// Whether `--bind` was given (else `binds` is the default, which
+    /// sockets inherited from systemd replace).
+    pub binds_given: bool,
     /// listen(2) backlog.
     pub backlog: i32,
     /// Number of workers.
@@ -337,6 +340,7 @@ impl Config {
 
         Ok(Config {
             kind,
+            binds_given: !cli.bind.is_empty(),
             binds,
             backlog,
             workers,

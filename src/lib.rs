@@ -16,6 +16,7 @@ pub mod error;
 
 // Start-up: logging, then the steps before the first worker.
 pub mod logging;
+pub mod pidfile;
 pub mod startup;
 
 // The edges of the master: sockets, signals, notifications, fork/exec.

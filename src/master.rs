@@ -35,7 +35,7 @@ use crate::workers::{Stop, StopReason, Table, Worker, WorkerState};
 
 /// Variables procman may have inherited from its own supervisor that must
 /// never reach a worker (they describe procman's sockets, not the worker's).
-const SCRUBBED: &[&str] = &[
+pub const SCRUBBED: &[&str] = &[
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
@@ -122,9 +122,7 @@ impl Master {
         let notify = Receiver::create(owner)?;
         let systemd = SystemdNotifier::from_env(std::env::var("NOTIFY_SOCKET").ok().as_deref());
         let systemd_watchdog = systemd_watchdog_interval().map(|d| (d, Instant::now() + d));
-        let base_env = std::env::vars()
-            .filter(|(k, _)| !SCRUBBED.contains(&k.as_str()))
-            .collect();
+        let base_env = worker_base_env(&cfg);
         let launch = classes::launch(&cfg);
         let target = cfg.workers;
         Ok(Master {
@@ -158,6 +156,11 @@ impl Master {
             if self.target == 1 { "" } else { "s" },
             self.cfg.describe_workers()
         );
+        // A stop requested during the pre-start commands is honoured before
+        // any worker starts.
+        for sig in self.signals.drain() {
+            self.handle(Event::Signal(sig), Instant::now());
+        }
         loop {
             let now = Instant::now();
             self.act(now);
@@ -728,9 +731,6 @@ impl Master {
             env.retain(|(key, _)| key != k);
             env.push((k.to_string(), v));
         };
-        for (k, v) in &self.cfg.env {
-            set(k, v.clone());
-        }
         for (k, v) in &self.launch.env {
             set(k, v.clone());
         }
@@ -948,6 +948,19 @@ impl Master {
             l.remove_file();
         }
     }
+}
+
+/// The environment every worker (and pre-start command) starts from:
+/// procman's own, without what described procman's sockets, plus `--env`.
+pub fn worker_base_env(cfg: &Config) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| !SCRUBBED.contains(&k.as_str()))
+        .collect();
+    for (k, v) in &cfg.env {
+        env.retain(|(key, _)| key != k);
+        env.push((k.clone(), v.clone()));
+    }
+    env
 }
 
 fn mark_ready(w: &mut Worker, now: Instant) {

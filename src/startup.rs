@@ -12,13 +12,21 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing::{info, warn};
 
-use crate::bind::Listener;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use crate::bind::{self, BindSpec, Listener};
 use crate::cli::Cli;
+use crate::config;
 use crate::config::{Config, Environment};
 use crate::error::{Error, Result};
 use crate::logging;
-use crate::master::Master;
+use crate::master::{self, Master};
+use crate::pidfile::Pidfile;
+use crate::signals;
 use crate::signals::Signals;
+use crate::spawn;
+use crate::spawn::Plan;
+use nix::sys::wait::{waitpid, WaitStatus};
 
 /// Runs procman with the given argv. `Ok` carries the exit code of a clean
 /// run (0, or --help/--version); `Err` the failure to print.
@@ -32,6 +40,8 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
     become_subreaper();
     let signals = Signals::install()?;
     let listeners = bind_all(&cfg)?;
+    let _pidfile = cfg.pidfile.as_deref().map(Pidfile::create).transpose()?;
+    run_pre_start(&cfg)?;
     let master = Master::new(cfg, listeners, signals)?;
     master.run()?;
     info!("Stopped");
@@ -81,23 +91,151 @@ fn become_subreaper() {
     }
 }
 
-/// Binds every `--bind` in order; the first failure aborts (exit 1) and the
-/// sockets already bound are closed (and their files removed) on the way out.
+/// The sockets: those systemd passed to procman (socket activation),
+/// matched to `--bind` entries by address, then by name, then by order,
+/// and every remaining `--bind` bound here. Without `--bind`, all
+/// inherited sockets are used and nothing is bound. The first failure
+/// aborts (exit 1); sockets bound so far are closed and their files
+/// removed on the way out.
 fn bind_all(cfg: &Config) -> Result<Vec<Listener>> {
-    let mut listeners: Vec<Listener> = Vec::with_capacity(cfg.binds.len());
-    for spec in &cfg.binds {
-        match Listener::bind(spec, cfg.backlog, cfg.umask) {
-            Ok(l) => {
-                info!("Listening at: {} ({})", l.display, l.name);
-                listeners.push(l);
+    let var = |k: &str| std::env::var(k).ok();
+    let passed = bind::activation_fds(
+        var("LISTEN_PID").as_deref(),
+        var("LISTEN_FDS").as_deref(),
+        var("LISTEN_FDNAMES").as_deref(),
+        std::process::id(),
+    );
+    let mut inherited: Vec<Option<(OwnedFd, String)>> = Vec::new();
+    for (fd, name) in passed {
+        match spawn::adopt_fd(fd) {
+            // Only a listening socket is a usable inheritance; anything
+            // else at that number is a mistake of whoever started us.
+            Ok(owned)
+                if !socket2::SockRef::from(&owned)
+                    .is_listener()
+                    .unwrap_or(false) =>
+            {
+                warn!("ignoring inherited fd {fd} ({name}): not a listening socket");
+                // Not ours to close (it may even be one of our own fds
+                // if the number was free when we started): leave it be.
+                std::mem::forget(owned);
             }
-            Err(e) => {
-                for l in &mut listeners {
-                    l.remove_file();
-                }
-                return Err(e);
+            Ok(owned) => {
+                let _ = nix::fcntl::fcntl(
+                    fd,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                );
+                inherited.push(Some((owned, name)));
             }
+            Err(e) => warn!("ignoring inherited fd {fd} ({name}): {}", e.desc()),
         }
     }
+    let mut listeners: Vec<Listener> = Vec::new();
+    let abort = |listeners: &mut Vec<Listener>, e: Error| {
+        for l in listeners.iter_mut() {
+            l.remove_file();
+        }
+        e
+    };
+    let specs: &[BindSpec] = if cfg.binds_given || inherited.is_empty() {
+        &cfg.binds
+    } else {
+        &[]
+    };
+    // Pass 1: address, then name; pass 2: order, for what is left.
+    let mut assigned: Vec<Option<usize>> = specs
+        .iter()
+        .map(|spec| {
+            inherited.iter().position(|slot| {
+                slot.as_ref().is_some_and(|(fd, name)| {
+                    bind::spec_matches(spec, fd)
+                        || *name == spec.to_string()
+                        || *name == spec.fd_name()
+                })
+            })
+        })
+        .collect();
+    let mut taken: Vec<usize> = assigned.iter().flatten().copied().collect();
+    for a in assigned.iter_mut().filter(|a| a.is_none()) {
+        if let Some(i) = (0..inherited.len()).find(|i| !taken.contains(i)) {
+            taken.push(i);
+            *a = Some(i);
+        }
+    }
+    for (spec, slot) in specs.iter().zip(assigned) {
+        let listener = match slot.and_then(|i| inherited[i].take()) {
+            Some((fd, name)) => Listener::inherited(spec.clone(), fd, name),
+            None => match Listener::bind(spec, cfg.backlog, cfg.umask) {
+                Ok(l) => l,
+                Err(e) => return Err(abort(&mut listeners, e)),
+            },
+        };
+        listeners.push(listener);
+    }
+    // Sockets systemd passed that no --bind named are served too.
+    for (fd, name) in inherited.into_iter().flatten() {
+        listeners.push(Listener::inherited(BindSpec::Fd(fd.as_raw_fd()), fd, name));
+    }
+    for l in &listeners {
+        let how = if l.inherited { "inherited" } else { "bound" };
+        info!("Listening at: {} ({}, {how})", l.display, l.name);
+    }
     Ok(listeners)
+}
+
+/// `--pre-start` commands: each once, in order, as `sh -c CMD`, with the
+/// workers' environment, directory, umask and user (forked like a worker,
+/// without sockets); output goes to procman's own stdout and stderr. The
+/// first failure stops procman (exit 1) before any worker starts.
+fn run_pre_start(cfg: &Config) -> Result<()> {
+    if cfg.pre_start.is_empty() {
+        return Ok(());
+    }
+    let sh = config::find_program("sh", std::env::var("PATH").ok().as_deref(), None)
+        .map_err(|why| Error::runtime(format!("cannot run pre-start commands: sh {why}")))?;
+    let env = master::worker_base_env(cfg);
+    for cmd in &cfg.pre_start {
+        info!("Running pre-start command: {cmd}");
+        let argv = ["sh".to_string(), "-c".to_string(), cmd.clone()];
+        let fail =
+            |why: String| Error::runtime(format!("cannot run pre-start command '{cmd}': {why}"));
+        let plan = Plan::new(
+            &sh,
+            &argv,
+            &env,
+            &[],
+            &[],
+            cfg.credentials.as_ref(),
+            cfg.chdir.as_deref(),
+            cfg.umask,
+            &signals::changed_dispositions(),
+        )
+        .map_err(|e| fail(format!("'{}' contains a NUL byte", e.0)))?;
+        let child = plan.spawn().map_err(|e| fail(e.desc().to_string()))?;
+        if let Some((stage, errno)) = child.exec_error {
+            let _ = waitpid(child.pid, None);
+            return Err(fail(format!(
+                "cannot {}: {}",
+                stage.describe(),
+                errno.desc()
+            )));
+        }
+        let status = loop {
+            match waitpid(child.pid, None) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => break other,
+            }
+        };
+        match status {
+            Ok(WaitStatus::Exited(_, 0)) => {}
+            Ok(other) => {
+                return Err(Error::runtime(format!(
+                    "pre-start command '{cmd}' {}; not starting any worker",
+                    master::describe(&other)
+                )))
+            }
+            Err(e) => return Err(fail(e.desc().to_string())),
+        }
+    }
+    Ok(())
 }

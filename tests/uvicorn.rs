@@ -25,9 +25,17 @@ fn apps_dir() -> PathBuf {
 /// procman serving `app` from `dir` with the test venv's Python.
 fn uvicorn(name: &str, dir: &Path, app: &str, extra: &[&str]) -> Start {
     let python = venv_python();
-    Start::new(name, &[app, "--python", python.to_str().expect("utf8"), "--no-access-log"])
-        .args(["--chdir", dir.to_str().expect("utf8")])
-        .args(extra.iter().copied())
+    Start::new(
+        name,
+        &[
+            app,
+            "--python",
+            python.to_str().expect("utf8"),
+            "--no-access-log",
+        ],
+    )
+    .args(["--chdir", dir.to_str().expect("utf8")])
+    .args(extra.iter().copied())
 }
 
 fn pid_of(reply: &(u16, String)) -> i32 {
@@ -91,7 +99,12 @@ fn unix_socket_and_ipv6_binds_serve() {
         let port = wait_for(BOOT, || {
             h.log_text().lines().find_map(|l| {
                 let a = l.split("Listening at: http://[").nth(1)?;
-                a.split("]:").nth(1)?.split_whitespace().next()?.parse::<u16>().ok()
+                a.split("]:")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u16>()
+                    .ok()
             })
         })
         .expect("v6 port");
@@ -111,7 +124,10 @@ fn a_blocked_event_loop_is_aborted_and_replaced_while_others_answer() {
     let blocked = std::thread::spawn(move || {
         http_request(addr, "GET", "/block?s=60", None, Duration::from_secs(30))
     });
-    h.check(h.wait_log("without a heartbeat; aborting", Duration::from_secs(30)), "abort");
+    h.check(
+        h.wait_log("without a heartbeat; aborting", Duration::from_secs(30)),
+        "abort",
+    );
     let t_abort = Instant::now();
     let log = h.log_text();
     let victim: i32 = log
@@ -142,7 +158,9 @@ fn import_error(name: &str, app: &str, want: &[&str]) {
         h.check(log.contains(w), &format!("log mentions {w:?}"));
     }
     h.check(
-        log.contains(&format!("procman: error: Failed to load application '{app}'")),
+        log.contains(&format!(
+            "procman: error: Failed to load application '{app}'"
+        )),
         "final error line",
     );
     // Not a loop: one boot per worker at most.
@@ -151,7 +169,11 @@ fn import_error(name: &str, app: &str, want: &[&str]) {
 
 #[test]
 fn missing_module_exits_4_with_the_python_error() {
-    import_error("nomod", "no_such_module:main", &["ModuleNotFoundError: No module named 'no_such_module'"]);
+    import_error(
+        "nomod",
+        "no_such_module:main",
+        &["ModuleNotFoundError: No module named 'no_such_module'"],
+    );
 }
 
 #[test]
@@ -166,7 +188,11 @@ fn missing_attribute_exits_4_with_the_python_error() {
 
 #[test]
 fn exception_at_import_exits_4_with_the_python_error() {
-    import_error("raises", "raises_on_import:main", &["RuntimeError: boom at import"]);
+    import_error(
+        "raises",
+        "raises_on_import:main",
+        &["RuntimeError: boom at import"],
+    );
 }
 
 #[test]
@@ -177,12 +203,18 @@ fn missing_uvicorn_exits_3_with_a_hint() {
     std::fs::write(&python, "#!/bin/sh\nexec python3 -I -S \"$@\"\n").expect("write");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let mut h = Start::new("no-uvicorn", &["app:main", "--python", python.to_str().expect("utf8")])
-        .args(["--chdir", fastapi_dir().to_str().expect("utf8")])
-        .spawn();
+    let mut h = Start::new(
+        "no-uvicorn",
+        &["app:main", "--python", python.to_str().expect("utf8")],
+    )
+    .args(["--chdir", fastapi_dir().to_str().expect("utf8")])
+    .spawn();
     assert_eq!(h.exit_code(BOOT), 3, "{}", h.log_text());
     let log = h.log_text();
-    h.check(log.contains("uvicorn is not installed"), "names the problem");
+    h.check(
+        log.contains("uvicorn is not installed"),
+        "names the problem",
+    );
     h.check(log.contains("pip install uvicorn"), "says how to fix it");
     h.check(h.count_log("Booting worker") == 1, "no retry loop");
     let _ = std::fs::remove_dir_all(dir);
@@ -207,14 +239,23 @@ fn term_lets_an_in_flight_request_finish_then_exits_0() {
     let accepted = wait_for(BOOT, || (open_fds(pid).len() > idle).then_some(()));
     h.check(accepted.is_some(), "request reached the worker");
     h.signal(Signal::SIGTERM);
-    let reply = slow.join().expect("thread").expect("slow request completed");
+    let reply = slow
+        .join()
+        .expect("thread")
+        .expect("slow request completed");
     assert_eq!(reply.0, 200, "{}", reply.1);
     assert_eq!(h.exit_code(BOOT), 0);
 }
 
 #[test]
 fn quick_stop_ends_at_once() {
-    let mut h = uvicorn("uv-quick", &fastapi_dir(), "app:main", &["-w", "2", "--graceful-timeout", "60"]).spawn();
+    let mut h = uvicorn(
+        "uv-quick",
+        &fastapi_dir(),
+        "app:main",
+        &["-w", "2", "--graceful-timeout", "60"],
+    )
+    .spawn();
     h.wait_workers(2, BOOT);
     let addr = h.addr();
     let _slow = std::thread::spawn(move || {
@@ -224,24 +265,40 @@ fn quick_stop_ends_at_once() {
     let t0 = Instant::now();
     h.signal(Signal::SIGINT);
     assert_eq!(h.exit_code(BOOT), 0);
-    assert!(t0.elapsed() < Duration::from_secs(5), "quick stop took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "quick stop took {:?}",
+        t0.elapsed()
+    );
 }
 
 #[test]
 fn max_requests_recycles_a_worker_without_failed_requests() {
-    let mut h = uvicorn("maxreq", &fastapi_dir(), "app:main", &["-w", "1", "--max-requests", "50"]).spawn();
+    let mut h = uvicorn(
+        "maxreq",
+        &fastapi_dir(),
+        "app:main",
+        &["-w", "1", "--max-requests", "50"],
+    )
+    .spawn();
     let first = h.wait_workers(1, BOOT);
     let load = Load::start(h.addr(), 2, 400, Duration::from_secs(60));
     let changed = wait_for(BOOT, || {
         load.pids().iter().any(|p| !first.contains(p)).then_some(())
     });
     let report = load.finish();
-    h.check(changed.is_some(), "the worker pid changed after ~50 requests");
+    h.check(
+        changed.is_some(),
+        "the worker pid changed after ~50 requests",
+    );
     h.check(
         report.failures.is_empty(),
         &format!("failed: {:?} of {}", report.failures, report.ok),
     );
-    h.check(h.log_text().contains("asks to be recycled"), "recycle requested over notify");
+    h.check(
+        h.log_text().contains("asks to be recycled"),
+        "recycle requested over notify",
+    );
 }
 
 #[test]
@@ -250,7 +307,18 @@ fn https_with_a_self_signed_certificate() {
     let key = dir.join("key.pem");
     let cert = dir.join("cert.pem");
     let st = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+        ])
         .arg(&key)
         .arg("-out")
         .arg(&cert)
@@ -258,11 +326,18 @@ fn https_with_a_self_signed_certificate() {
         .status()
         .expect("openssl (apt-get install openssl)");
     assert!(st.success());
-    let mut h = uvicorn(
+    let h = uvicorn(
         "tls",
         &fastapi_dir(),
         "app:main",
-        &["-w", "1", "--keyfile", key.to_str().expect("utf8"), "--certfile", cert.to_str().expect("utf8")],
+        &[
+            "-w",
+            "1",
+            "--keyfile",
+            key.to_str().expect("utf8"),
+            "--certfile",
+            cert.to_str().expect("utf8"),
+        ],
     )
     .spawn();
     let port = h.port();
@@ -271,8 +346,14 @@ fn https_with_a_self_signed_certificate() {
         "import ssl,urllib.request;c=ssl.create_default_context(cafile='{}');c.check_hostname=False;print(urllib.request.urlopen('https://127.0.0.1:{port}/pid',context=c,timeout=10).read().decode())",
         cert.display()
     );
-    let out = Command::new(venv_python()).args(["-c", &script]).output().expect("python");
-    h.check(out.status.success(), &format!("HTTPS GET: {}", String::from_utf8_lossy(&out.stderr)));
+    let out = Command::new(venv_python())
+        .args(["-c", &script])
+        .output()
+        .expect("python");
+    h.check(
+        out.status.success(),
+        &format!("HTTPS GET: {}", String::from_utf8_lossy(&out.stderr)),
+    );
     let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(body.parse::<i32>().is_ok(), "pid over HTTPS: {body}");
     let _ = std::fs::remove_dir_all(dir);
@@ -299,13 +380,25 @@ fn hup_replaces_every_worker_with_zero_failed_requests() {
         &format!("failed requests: {:?} of {}", report.failures, report.ok),
     );
     let new = renewed.expect("checked");
-    h.check(report.pids.iter().any(|p| new.contains(p)), "new generation served");
+    h.check(
+        report.pids.iter().any(|p| new.contains(p)),
+        "new generation served",
+    );
 }
 
 #[test]
 fn gunicorn_worker_class_spellings_are_accepted() {
-    for class in ["uvicorn.workers.UvicornWorker", "uvicorn_worker.UvicornWorker"] {
-        let mut h = uvicorn("klass", &fastapi_dir(), "app:main", &["-w", "1", "-k", class]).spawn();
+    for class in [
+        "uvicorn.workers.UvicornWorker",
+        "uvicorn_worker.UvicornWorker",
+    ] {
+        let mut h = uvicorn(
+            "klass",
+            &fastapi_dir(),
+            "app:main",
+            &["-w", "1", "-k", class],
+        )
+        .spawn();
         h.wait_workers(1, BOOT);
         h.signal(Signal::SIGTERM);
         assert_eq!(h.exit_code(BOOT), 0);

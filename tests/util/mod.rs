@@ -178,6 +178,12 @@ impl Start {
 
     /// Starts procman.
     pub fn spawn(self) -> Harness {
+        self.spawn_with(PROCMAN, &[])
+    }
+
+    /// Starts `program` with `pre_args` before procman's arguments (e.g.
+    /// `unshare ... procman`); the harness then supervises that program.
+    pub fn spawn_with(self, program: &str, pre_args: &[&str]) -> Harness {
         become_subreaper();
         let log = self.dir.join("procman.log");
         let stderr = std::fs::File::create(&log).expect("log file");
@@ -191,8 +197,9 @@ impl Start {
             args.extend(["-b".to_string(), "127.0.0.1:0".to_string()]);
         }
         args.extend(self.args.iter().cloned());
-        let mut cmd = Command::new(PROCMAN);
-        cmd.args(&args)
+        let mut cmd = Command::new(program);
+        cmd.args(pre_args)
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -236,6 +243,21 @@ impl Start {
 }
 
 impl Harness {
+    /// Takes over a procman started some other way (e.g. through a wrapper
+    /// that execs it).
+    pub fn adopt(dir: PathBuf, log: PathBuf, child: Child, pid: i32) -> Harness {
+        become_subreaper();
+        Harness {
+            dir,
+            log,
+            child: Some(child),
+            pid,
+            args: Vec::new(),
+            exit: None,
+            seen: BTreeSet::new(),
+        }
+    }
+
     /// Starts procman with `args` (plus `-b 127.0.0.1:0`).
     pub fn start(name: &str, args: &[&str]) -> Harness {
         Start::new(name, args).spawn()
@@ -311,7 +333,13 @@ impl Harness {
     /// Waits until `n` distinct worker pids have answered GET /pid;
     /// returns them.
     pub fn wait_workers(&mut self, n: usize, timeout: Duration) -> BTreeSet<i32> {
-        let addr = self.addr();
+        let port = self.port();
+        self.wait_workers_on(port, n, timeout)
+    }
+
+    /// Same as [`Harness::wait_workers`] on a given port of 127.0.0.1.
+    pub fn wait_workers_on(&mut self, port: u16, n: usize, timeout: Duration) -> BTreeSet<i32> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let mut pids = BTreeSet::new();
         let ok = wait_for(timeout, || {
             if let Ok((200, body)) = http_get(addr, "/pid") {

@@ -49,7 +49,26 @@ REQUEST_GRACE = 0.5
 
 def fail(message, code):
     print(f"procman: {message}", file=sys.stderr, flush=True)
+    # The master names the cause in its own last line (X_PROCMAN_ERROR is
+    # procman's private key; systemd ignores X_ keys).
+    tell_master("X_PROCMAN_ERROR=" + message.replace("\n", " ")[:3000])
     sys.exit(code)
+
+
+# Kept before Notifier.from_env() takes the variable out of the environment
+# (so the app's own subprocesses do not inherit it).
+NOTIFY_PATH = os.environ.get("NOTIFY_SOCKET", "")
+
+
+def tell_master(text):
+    path = NOTIFY_PATH
+    if not path.startswith(("/", "@")):
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path
+    with contextlib.suppress(OSError):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.sendto(text.encode("utf-8", "replace"), address)
 
 
 def exit_now(signum=None, frame=None):

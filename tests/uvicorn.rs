@@ -159,9 +159,10 @@ fn import_error(name: &str, app: &str, want: &[&str]) {
     }
     h.check(
         log.contains(&format!(
-            "procman: error: Failed to load application '{app}'"
+            "procman: error: Failed to load application '{app}': {}",
+            want[0]
         )),
-        "final error line",
+        "final error line names the Python error",
     );
     // Not a loop: one boot per worker at most.
     h.check(h.count_log("Booting worker") <= 2, "no retry loop");

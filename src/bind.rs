@@ -163,16 +163,23 @@ pub struct Listener {
     pub unlink_at_exit: Option<PathBuf>,
     /// Passed to procman by systemd (socket activation), not bound here.
     pub inherited: bool,
+    /// `--reuse-port`: this socket only holds the address (bound, not
+    /// listening); each worker gets its own listening SO_REUSEPORT socket.
+    pub reuse_port: bool,
 }
 
 impl Listener {
-    /// Binds one spec. `umask` applies to a unix socket file.
-    pub fn bind(spec: &BindSpec, backlog: i32, umask: u32) -> Result<Listener> {
+    /// Binds one spec. `umask` applies to a unix socket file. With
+    /// `reuse_port`, a TCP socket is bound with SO_REUSEPORT but does not
+    /// listen: it reserves the address, and [`Listener::worker_socket`]
+    /// makes each worker's listener.
+    pub fn bind(spec: &BindSpec, backlog: i32, umask: u32, reuse_port: bool) -> Result<Listener> {
         let fail = |reason: String| Error::runtime(format!("cannot bind {spec}: {reason}"));
         let (fd, display, unlink) = match spec {
             BindSpec::Tcp { host, port } => {
                 let addr = resolve(host, *port).map_err(fail)?;
-                let sock = tcp_listener(addr, backlog).map_err(|e| fail(bind_reason(&e, addr)))?;
+                let sock = tcp_socket(addr, backlog, !reuse_port, reuse_port)
+                    .map_err(|e| fail(bind_reason(&e, addr)))?;
                 let local = sock
                     .local_addr()
                     .ok()
@@ -215,6 +222,7 @@ impl Listener {
             display,
             unlink_at_exit: unlink,
             inherited: false,
+            reuse_port: reuse_port && matches!(spec, BindSpec::Tcp { .. }),
         })
     }
 
@@ -229,7 +237,19 @@ impl Listener {
             display,
             unlink_at_exit: None,
             inherited: true,
+            reuse_port: false,
         }
+    }
+
+    /// A new listening SO_REUSEPORT socket on this listener's address, for
+    /// one worker (`--reuse-port`). The kernel spreads new connections
+    /// over every listening socket of the group.
+    pub fn worker_socket(&self, backlog: i32) -> std::io::Result<OwnedFd> {
+        let addr = socket2::SockRef::from(&self.fd)
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("not a TCP socket"))?;
+        tcp_socket(addr, backlog, true, true).map(OwnedFd::from)
     }
 
     /// The TCP port this listener is bound to, if it is TCP.
@@ -279,15 +299,25 @@ fn bind_reason(err: &std::io::Error, addr: SocketAddr) -> String {
     }
 }
 
-fn tcp_listener(addr: SocketAddr, backlog: i32) -> std::io::Result<Socket> {
+fn tcp_socket(
+    addr: SocketAddr,
+    backlog: i32,
+    listen: bool,
+    reuse_port: bool,
+) -> std::io::Result<Socket> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
     sock.set_reuse_address(true)?;
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         // Like nginx: [::]:80 means IPv6 only, so 0.0.0.0:80 can be bound too.
         sock.set_only_v6(true)?;
     }
     sock.bind(&SockAddr::from(addr))?;
-    sock.listen(backlog)?;
+    if listen {
+        sock.listen(backlog)?;
+    }
     Ok(sock)
 }
 
@@ -429,17 +459,17 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("mkdir");
         let path = dir.join("s.sock");
         let spec = BindSpec::Unix(path.clone());
-        let mut live = Listener::bind(&spec, 16, 0o022).expect("first bind");
-        let err = Listener::bind(&spec, 16, 0o022).expect_err("live socket");
+        let mut live = Listener::bind(&spec, 16, 0o022, false).expect("first bind");
+        let err = Listener::bind(&spec, 16, 0o022, false).expect_err("live socket");
         assert!(err.to_string().contains("already listening"), "{err}");
         // Closing without unlinking leaves a stale file behind, as a crash would.
         drop(live.fd);
         live.unlink_at_exit = None;
-        let mut again = Listener::bind(&spec, 16, 0o022).expect("stale file replaced");
+        let mut again = Listener::bind(&spec, 16, 0o022, false).expect("stale file replaced");
         again.remove_file();
         assert!(!path.exists());
         std::fs::write(&path, b"x").expect("write");
-        let err = Listener::bind(&spec, 16, 0o022).expect_err("regular file");
+        let err = Listener::bind(&spec, 16, 0o022, false).expect_err("regular file");
         assert!(err.to_string().contains("not a socket"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -55,6 +55,10 @@ pub struct Cli {
     )]
     pub bind: Vec<String>,
 
+    /// One SO_REUSEPORT socket per worker (the kernel spreads connections) instead of one shared socket.
+    #[arg(long, action = ArgAction::SetTrue, env = "PROCMAN_REUSE_PORT", help_heading = "Binding")]
+    pub reuse_port: bool,
+
     /// Listen backlog. [default: 2048]
     #[arg(
         long,
@@ -166,6 +170,42 @@ pub struct Cli {
         help_heading = "Recycling"
     )]
     pub max_requests_jitter: Option<String>,
+
+    /// Recycle a worker whose memory (RSS of its process group) stays above SIZE (e.g. 512MiB, 1G) for 3 samples in a row.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        env = "PROCMAN_MAX_WORKER_MEMORY",
+        help_heading = "Recycling"
+    )]
+    pub max_worker_memory: Option<String>,
+
+    /// How often worker memory is sampled for --max-worker-memory. [default: 5s]
+    #[arg(
+        long,
+        value_name = "DUR",
+        env = "PROCMAN_MEMORY_CHECK_INTERVAL",
+        help_heading = "Recycling"
+    )]
+    pub memory_check_interval: Option<String>,
+
+    /// Recycle workers older than DUR (e.g. 30m, 6h).
+    #[arg(
+        long,
+        value_name = "DUR",
+        env = "PROCMAN_MAX_WORKER_LIFETIME",
+        help_heading = "Recycling"
+    )]
+    pub max_worker_lifetime: Option<String>,
+
+    /// Add a random 0..DUR to each worker's --max-worker-lifetime, so workers do not all recycle together.
+    #[arg(
+        long,
+        value_name = "DUR",
+        env = "PROCMAN_MAX_WORKER_LIFETIME_JITTER",
+        help_heading = "Recycling"
+    )]
+    pub max_worker_lifetime_jitter: Option<String>,
 
     // ---- Process ----
     /// Run `sh -c CMD` once before any worker starts; repeatable, in order; a failure aborts.

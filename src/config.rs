@@ -169,6 +169,16 @@ pub struct Config {
     pub env: Vec<(String, String)>,
     /// Master log level.
     pub log_level: LogLevel,
+    /// One SO_REUSEPORT listener per worker for TCP binds.
+    pub reuse_port: bool,
+    /// Recycle a worker above this many bytes (3 samples in a row).
+    pub max_worker_memory: Option<u64>,
+    /// Sampling period for `max_worker_memory`.
+    pub memory_check_interval: Duration,
+    /// Recycle workers older than this (plus jitter).
+    pub max_worker_lifetime: Option<Duration>,
+    /// Random extra lifetime, drawn once per worker.
+    pub max_worker_lifetime_jitter: Duration,
 }
 
 /// The parts of procman's own environment that configuration depends on,
@@ -338,7 +348,58 @@ impl Config {
             })?,
         };
 
+        let max_worker_memory = match &cli.max_worker_memory {
+            None => None,
+            Some(v) => Some(parse_size(v).map_err(|why| invalid("max-worker-memory", v, why))?),
+        };
+        let memory_check_interval = match &cli.memory_check_interval {
+            None => Duration::from_secs(5),
+            Some(v) => {
+                let d =
+                    parse_duration(v).map_err(|why| invalid("memory-check-interval", v, why))?;
+                if d < Duration::from_millis(100) {
+                    return Err(invalid(
+                        "memory-check-interval",
+                        v,
+                        "must be at least 100ms",
+                    ));
+                }
+                d
+            }
+        };
+        let max_worker_lifetime = match &cli.max_worker_lifetime {
+            None => None,
+            Some(v) => {
+                let d = parse_duration(v).map_err(|why| invalid("max-worker-lifetime", v, why))?;
+                if d < Duration::from_secs(1) {
+                    return Err(invalid("max-worker-lifetime", v, "must be at least 1s"));
+                }
+                Some(d)
+            }
+        };
+        let max_worker_lifetime_jitter = match &cli.max_worker_lifetime_jitter {
+            None => Duration::ZERO,
+            Some(v) => {
+                parse_duration(v).map_err(|why| invalid("max-worker-lifetime-jitter", v, why))?
+            }
+        };
+        if cli.max_worker_lifetime_jitter.is_some() && max_worker_lifetime.is_none() {
+            return Err(Error::usage(
+                "'--max-worker-lifetime-jitter' needs '--max-worker-lifetime'",
+            ));
+        }
+        if cli.memory_check_interval.is_some() && max_worker_memory.is_none() {
+            return Err(Error::usage(
+                "'--memory-check-interval' needs '--max-worker-memory'",
+            ));
+        }
+
         Ok(Config {
+            reuse_port: cli.reuse_port,
+            max_worker_memory,
+            memory_check_interval,
+            max_worker_lifetime,
+            max_worker_lifetime_jitter,
             kind,
             binds_given: !cli.bind.is_empty(),
             binds,
@@ -651,6 +712,39 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parses `512MiB`, `1G`, `100MB`, `4096` (bytes). Binary units (KiB,
+/// MiB, GiB, and the bare K, M, G) are powers of 1024; KB, MB, GB are
+/// powers of 1000.
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| "expected a size such as 512MiB, 1G or 1073741824".to_string())?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        other => {
+            return Err(format!(
+                "unknown unit '{other}' (use KiB, MiB, GiB, K, M, G, KB, MB or GB)"
+            ))
+        }
+    };
+    let bytes = value * scale;
+    if !(1.0..=1e15).contains(&bytes) {
+        return Err("size out of range".into());
+    }
+    Ok(bytes as u64)
+}
+
 /// Parses a signal name: `TERM`, `SIGTERM`, `term` or a number.
 pub fn parse_signal(text: &str) -> Option<Signal> {
     if let Ok(n) = text.parse::<i32>() {
@@ -862,6 +956,25 @@ mod tests {
         }
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn sizes_accept_units() {
+        let table = [
+            ("4096", 4096u64),
+            ("512MiB", 512 << 20),
+            ("512M", 512 << 20),
+            ("1G", 1 << 30),
+            ("1.5GiB", 3 << 29),
+            ("100MB", 100_000_000),
+            ("2k", 2048),
+        ];
+        for (text, want) in table {
+            assert_eq!(parse_size(text), Ok(want), "{text}");
+        }
+        for bad in ["", "lots", "12XB", "0", "-5M"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod startup;
 // The edges of the master: sockets, signals, notifications, fork/exec.
 pub mod bind;
 pub mod notify;
+pub mod procfs;
 pub mod signals;
 pub mod spawn;
 

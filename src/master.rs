@@ -29,6 +29,7 @@ use crate::config::{Config, WorkerKind};
 use crate::error::{Error, Result};
 use crate::notify::{self, Datagram, Message, Receiver, SystemdNotifier};
 use crate::policy::{self, Backoff, Decision, Due, Goal};
+use crate::procfs;
 use crate::signals::{self, MasterSignal, Signals};
 use crate::spawn::Plan;
 use crate::workers::{Stop, StopReason, Table, Worker, WorkerState};
@@ -112,6 +113,8 @@ pub struct Master {
     boot_failures: u32,
     recycle_queue: VecDeque<(Pid, String)>,
     expected_wake: Option<Instant>,
+    next_memory_sample: Option<Instant>,
+    random: Random,
 }
 
 impl Master {
@@ -145,6 +148,8 @@ impl Master {
             boot_failures: 0,
             recycle_queue: VecDeque::new(),
             expected_wake: None,
+            next_memory_sample: None,
+            random: Random::seeded(),
         })
     }
 
@@ -561,6 +566,8 @@ impl Master {
             return;
         }
         self.refresh_ever_up(now);
+        self.check_lifetimes(now);
+        self.sample_memory(now);
         self.start_next_recycle();
         // A spawn can make a worker ready at once (exec readiness), which
         // lets an outdated one go: settle in a few passes, not a wake-up.
@@ -613,11 +620,22 @@ impl Master {
                 .filter(|t| *t > now)
                 .min()
         };
+        let stopping = matches!(self.state, MasterState::Stopping { .. });
+        let retire = self
+            .table
+            .iter()
+            .filter(|w| w.is_active())
+            .filter_map(|w| w.retire_at)
+            .min()
+            .filter(|_| !stopping);
+        let memory = self.next_memory_sample.filter(|_| !stopping);
         [
             deadline,
             backoff,
             self.systemd_watchdog.map(|(_, at)| at),
             up_check,
+            retire,
+            memory,
         ]
         .into_iter()
         .flatten()
@@ -671,6 +689,70 @@ impl Master {
                     info!("Recycling worker {pid} (slot {}): {why}", w.slot);
                     w.recycle = Some(why);
                     return;
+                }
+            }
+        }
+    }
+
+    /// Queues workers past their lifetime for recycling (one at a time, by
+    /// the queue).
+    fn check_lifetimes(&mut self, now: Instant) {
+        for w in self.table.iter_mut() {
+            if w.is_active() && w.retire_at.is_some_and(|t| t <= now) {
+                w.retire_at = None;
+                let age = now.saturating_duration_since(w.started_at).as_secs_f64();
+                self.recycle_queue
+                    .push_back((w.pid, format!("lifetime reached ({age:.0}s old)")));
+            }
+        }
+    }
+
+    /// Every --memory-check-interval: a worker whose process group stays
+    /// above --max-worker-memory for 3 samples in a row is recycled; a
+    /// short spike is forgiven.
+    fn sample_memory(&mut self, now: Instant) {
+        let Some(limit) = self.cfg.max_worker_memory else {
+            return;
+        };
+        match self.next_memory_sample {
+            Some(at) if at > now => return,
+            None => {
+                self.next_memory_sample = Some(now + self.cfg.memory_check_interval);
+                return;
+            }
+            _ => {}
+        }
+        self.next_memory_sample = Some(now + self.cfg.memory_check_interval);
+        let rss = procfs::rss_by_group();
+        for w in self
+            .table
+            .iter_mut()
+            .filter(|w| w.state == WorkerState::Ready)
+        {
+            let used = rss.get(&w.pid.as_raw()).copied().unwrap_or(0);
+            if used <= limit {
+                w.samples_over_memory = 0;
+                continue;
+            }
+            w.samples_over_memory += 1;
+            debug!(
+                "Worker {} uses {} (sample {} above the limit)",
+                w.pid,
+                mib(used),
+                w.samples_over_memory
+            );
+            if w.samples_over_memory == policy::MEMORY_SAMPLES {
+                warn!(
+                    "Worker {} (slot {}) uses {}, above --max-worker-memory {} for {} samples; recycling",
+                    w.pid,
+                    w.slot,
+                    mib(used),
+                    mib(limit),
+                    policy::MEMORY_SAMPLES
+                );
+                if w.recycle.is_none() {
+                    self.recycle_queue
+                        .push_back((w.pid, format!("memory {} above {}", mib(used), mib(limit))));
                 }
             }
         }
@@ -751,7 +833,33 @@ impl Master {
             set("WATCHDOG_USEC", t.as_micros().to_string());
             pid_vars.push("WATCHDOG_PID");
         }
-        let fds: Vec<_> = self.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
+        // With --reuse-port each worker gets its own listening socket, made
+        // here before the fork and closed in the master right after it.
+        let mut own_sockets = Vec::new();
+        for l in self.listeners.iter().filter(|l| l.reuse_port) {
+            match l.worker_socket(self.cfg.backlog) {
+                Ok(fd) => own_sockets.push(fd),
+                Err(e) => {
+                    error!(
+                        "cannot create a SO_REUSEPORT socket on {} for slot {slot}: {e}",
+                        l.display
+                    );
+                    let prev = self.backoff.get(&slot).copied().unwrap_or_default();
+                    self.backoff
+                        .insert(slot, policy::after_death(prev, true, now));
+                    return;
+                }
+            }
+        }
+        let mut own = own_sockets.iter();
+        let fds: Vec<_> = self
+            .listeners
+            .iter()
+            .map(|l| match l.reuse_port.then(|| own.next()).flatten() {
+                Some(fd) => fd.as_raw_fd(),
+                None => l.fd.as_raw_fd(),
+            })
+            .collect();
         let plan = Plan::new(
             &self.launch.program,
             &self.launch.argv,
@@ -775,7 +883,9 @@ impl Master {
                 return;
             }
         };
-        let spawned = match plan.spawn() {
+        let spawned = plan.spawn();
+        drop(own_sockets);
+        let spawned = match spawned {
             Ok(s) => s,
             Err(e) => {
                 // fork failed (EAGAIN, ENOMEM): treat like a failed boot of
@@ -794,6 +904,13 @@ impl Master {
             now,
             self.cfg.startup_timeout,
         );
+        if let Some(life) = self.cfg.max_worker_lifetime {
+            let jitter = self
+                .cfg
+                .max_worker_lifetime_jitter
+                .mul_f64(self.random.unit());
+            w.retire_at = Some(now + life + jitter);
+        }
         match spawned.exec_error {
             Some((stage, errno)) => {
                 error!(
@@ -980,7 +1097,7 @@ fn mark_ready(w: &mut Worker, now: Instant) {
 fn owning_worker(pid: i32, is_worker: impl Fn(i32) -> bool) -> Option<i32> {
     let mut current = pid;
     for _ in 0..32 {
-        let (ppid, pgrp) = proc_parent_and_group(current)?;
+        let procfs::Stat { ppid, pgrp, .. } = procfs::stat(current)?;
         if current == pid && is_worker(pgrp) {
             return Some(pgrp);
         }
@@ -993,19 +1110,6 @@ fn owning_worker(pid: i32, is_worker: impl Fn(i32) -> bool) -> Option<i32> {
         current = ppid;
     }
     None
-}
-
-/// (ppid, pgrp) from /proc/PID/stat.
-fn proc_parent_and_group(pid: i32) -> Option<(i32, i32)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces and parentheses: fields start
-    // after the last ')'.
-    let rest = &text[text.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let _state = fields.next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    let pgrp = fields.next()?.parse().ok()?;
-    Some((ppid, pgrp))
 }
 
 /// Reaps one child, if any has exited.
@@ -1057,6 +1161,32 @@ pub fn describe(status: &WaitStatus) -> String {
     }
 }
 
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// A small xorshift generator for recycling jitter: no need for a crate,
+/// nor for cryptographic quality, only for workers not to agree.
+struct Random(u64);
+
+impl Random {
+    fn seeded() -> Random {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        Random(t ^ ((std::process::id() as u64) << 32) | 1)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
 fn plural(n: usize) -> &'static str {
     if n == 1 {
         ""
@@ -1092,12 +1222,5 @@ mod tests {
             describe(&WaitStatus::Signaled(pid, Signal::SIGKILL, false)),
             "killed by SIGKILL (perhaps out of memory?)"
         );
-    }
-
-    #[test]
-    fn our_own_stat_line_parses() {
-        let me = std::process::id() as i32;
-        let (ppid, _) = proc_parent_and_group(me).expect("stat");
-        assert_eq!(ppid, nix::unistd::getppid().as_raw());
     }
 }

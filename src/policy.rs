@@ -27,6 +27,9 @@ pub const MAX_BOOT_FAILURES: u32 = 5;
 /// How long SIGKILL follows SIGABRT for a worker that timed out.
 pub const ABORT_GRACE: Duration = Duration::from_secs(1);
 
+/// Consecutive samples above --max-worker-memory before a recycle.
+pub const MEMORY_SAMPLES: u32 = 3;
+
 /// How long a quick stop lets workers drain.
 pub const QUICK_STOP_GRACE: Duration = Duration::from_secs(2);
 

@@ -165,7 +165,7 @@ fn bind_all(cfg: &Config) -> Result<Vec<Listener>> {
     for (spec, slot) in specs.iter().zip(assigned) {
         let listener = match slot.and_then(|i| inherited[i].take()) {
             Some((fd, name)) => Listener::inherited(spec.clone(), fd, name),
-            None => match Listener::bind(spec, cfg.backlog, cfg.umask) {
+            None => match Listener::bind(spec, cfg.backlog, cfg.umask, cfg.reuse_port) {
                 Ok(l) => l,
                 Err(e) => return Err(abort(&mut listeners, e)),
             },
@@ -176,8 +176,21 @@ fn bind_all(cfg: &Config) -> Result<Vec<Listener>> {
     for (fd, name) in inherited.into_iter().flatten() {
         listeners.push(Listener::inherited(BindSpec::Fd(fd.as_raw_fd()), fd, name));
     }
+    if cfg.reuse_port {
+        let migrate =
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").unwrap_or_default();
+        if migrate.trim() != "1" {
+            warn!(
+                "--reuse-port: net.ipv4.tcp_migrate_req is off, so connections queued on a worker's own socket are lost when that worker stops (sysctl -w net.ipv4.tcp_migrate_req=1)"
+            );
+        }
+    }
     for l in &listeners {
-        let how = if l.inherited { "inherited" } else { "bound" };
+        let how = match (l.inherited, l.reuse_port) {
+            (true, _) => "inherited",
+            (false, true) => "bound, one SO_REUSEPORT listener per worker",
+            (false, false) => "bound",
+        };
         info!("Listening at: {} ({}, {how})", l.display, l.name);
     }
     Ok(listeners)

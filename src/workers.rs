@@ -82,6 +82,10 @@ pub struct Worker {
     pub exec_failed: bool,
     /// The last error it reported (X_PROCMAN_ERROR=), for the exit message.
     pub reported_error: Option<String>,
+    /// When it is due for recycling by age (--max-worker-lifetime + jitter).
+    pub retire_at: Option<Instant>,
+    /// Consecutive memory samples above --max-worker-memory.
+    pub samples_over_memory: u32,
 }
 
 impl Worker {
@@ -101,6 +105,8 @@ impl Worker {
             draining: false,
             exec_failed: false,
             reported_error: None,
+            retire_at: None,
+            samples_over_memory: 0,
         }
     }
 

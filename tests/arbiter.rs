@@ -438,3 +438,29 @@ fn crash_loop_after_being_up_backs_off() {
     );
     assert!(h.zombies().is_empty());
 }
+
+#[test]
+fn an_idle_master_does_not_wake_up() {
+    // No timeout, nothing due: the master should sleep in poll(2) until a
+    // signal or a notification arrives.
+    let mut h = Start::new("idle", &["-t", "0"])
+        .args(hello_args("2"))
+        .spawn();
+    h.wait_workers(2, BOOT);
+    h.check(h.wait_log("All 2 workers ready", BOOT), "ready");
+    let switches = |pid: i32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = switches(h.pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = switches(h.pid);
+    assert!(
+        after - before <= 1,
+        "the idle master woke {} times in 2 s",
+        after - before
+    );
+}

@@ -9,6 +9,7 @@ abstract socket. Exit status 0 when the datagram was sent, 1 otherwise.
 
 import argparse
 import array
+import array
 import socket
 import sys
 import tempfile

@@ -1,0 +1,222 @@
+//! Recycling (memory, lifetime) without losing capacity, `--workers auto`
+//! and `--reuse-port`.
+
+mod util;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use util::*;
+
+const BOOT: Duration = Duration::from_secs(60);
+
+fn fastapi(name: &str, extra: &[&str]) -> Start {
+    let python = venv_python();
+    let dir: PathBuf = repo().join("examples/fastapi");
+    Start::new(
+        name,
+        &[
+            "app:main",
+            "--no-access-log",
+            "--python",
+            python.to_str().expect("utf8"),
+        ],
+    )
+    .args(["--chdir", dir.to_str().expect("utf8")])
+    .args(extra.iter().copied())
+}
+
+#[test]
+fn a_worker_above_the_memory_limit_is_recycled_without_losing_capacity() {
+    let mut h = fastapi(
+        "memory",
+        &[
+            "-w",
+            "2",
+            "--max-worker-memory",
+            "150MiB",
+            "--memory-check-interval",
+            "0.5",
+        ],
+    )
+    .spawn();
+    let before = h.wait_workers(2, BOOT);
+    let load = Load::start(h.addr(), 2, 20_000, Duration::from_secs(60));
+    let (status, body) = http_get(h.addr(), "/alloc?mb=200").expect("alloc");
+    assert_eq!(status, 200, "{body}");
+    let hog = json_pid(&body).expect("pid");
+    let recycled = format!("Recycling worker {hog}");
+    h.check(h.wait_log(&recycled, BOOT), "the hog is recycled");
+    let gone = wait_for(BOOT, || (!alive(hog)).then_some(()));
+    h.check(gone.is_some(), "the hog exited");
+    let target = load.done() + 50;
+    wait_for(BOOT, || (load.done() > target).then_some(()));
+    let report = load.finish();
+    h.check(
+        report.failures.is_empty(),
+        &format!("failed requests: {:?} of {}", report.failures, report.ok),
+    );
+    let line = h
+        .log_text()
+        .lines()
+        .find(|l| l.contains("above --max-worker-memory"))
+        .map(str::to_string)
+        .expect("memory line");
+    h.check(
+        line.contains(&format!("Worker {hog} ")) && line.contains("150.0 MiB"),
+        &line,
+    );
+    let other = before.iter().find(|p| **p != hog).expect("other worker");
+    assert!(alive(*other), "the other worker was untouched");
+    assert_eq!(h.count_log("Recycling worker"), 1, "{}", h.log_text());
+}
+
+#[test]
+fn a_short_memory_spike_is_not_punished() {
+    let mut h = fastapi(
+        "spike",
+        &[
+            "-w",
+            "1",
+            "--max-worker-memory",
+            "150MiB",
+            "--memory-check-interval",
+            "1",
+        ],
+    )
+    .spawn();
+    let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
+    let (status, _) = http_get(h.addr(), "/alloc?mb=200").expect("alloc");
+    assert_eq!(status, 200);
+    let (status, _) = http_get(h.addr(), "/free").expect("free");
+    assert_eq!(status, 200);
+    // Several sampling periods later, the worker is still the same.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(alive(pid));
+    h.check(
+        !h.log_text().contains("Recycling"),
+        "no recycle for a spike",
+    );
+}
+
+#[test]
+fn workers_past_their_lifetime_recycle_one_at_a_time_spread_by_jitter() {
+    let mut h = Start::new(
+        "lifetime",
+        &[
+            "-w",
+            "3",
+            "--max-worker-lifetime",
+            "2",
+            "--max-worker-lifetime-jitter",
+            "2",
+            "--",
+        ],
+    )
+    .args(notify_worker())
+    .spawn();
+    let first = h.wait_workers(3, BOOT);
+    let load = Load::start(h.addr(), 2, 50_000, Duration::from_secs(60));
+    let all_replaced = wait_for(BOOT, || first.iter().all(|p| !alive(*p)).then_some(()));
+    let report = load.finish();
+    h.check(all_replaced.is_some(), "every original worker recycled");
+    h.check(
+        report.failures.is_empty(),
+        &format!("failed requests: {:?} of {}", report.failures, report.ok),
+    );
+    // One at a time: each recycle's old worker is stopped before the next
+    // recycle begins.
+    let log = h.log_text();
+    let mut in_progress: Option<String> = None;
+    let mut recycled = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Recycling worker ").nth(1) {
+            let pid = rest.split_whitespace().next().expect("pid").to_string();
+            h.check(
+                in_progress.is_none(),
+                &format!("overlapping recycles at: {line}"),
+            );
+            if first.contains(&pid.parse::<i32>().expect("pid")) {
+                recycled.push(pid.clone());
+            }
+            in_progress = Some(pid);
+        } else if let Some(pid) = &in_progress {
+            if line.contains(&format!("Stopping worker {pid} ")) {
+                in_progress = None;
+            }
+        }
+    }
+    assert_eq!(recycled.len(), 3, "{log}");
+    // Spread by the jitter: the three recycles did not all happen together.
+    let times: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains("Recycling worker"))
+        .filter_map(|l| {
+            let t = l.split('T').nth(1)?.split('Z').next()?;
+            let mut p = t.split(':');
+            let h: f64 = p.next()?.parse().ok()?;
+            let m: f64 = p.next()?.parse().ok()?;
+            let s: f64 = p.next()?.parse().ok()?;
+            Some(h * 3600.0 + m * 60.0 + s)
+        })
+        .collect();
+    let spread = times.iter().cloned().fold(f64::MIN, f64::max)
+        - times.iter().cloned().fold(f64::MAX, f64::min);
+    h.check(
+        spread > 0.05,
+        &format!("recycles spread over the jitter window ({spread:.3}s)"),
+    );
+    h.check(log.contains("lifetime reached"), "reason logged");
+}
+
+#[test]
+fn workers_auto_follows_the_affinity_mask() {
+    let mut h = Start::new("auto", &["-w", "auto"])
+        .args(["--".to_string(), hello()])
+        .spawn_with("taskset", &["-c", "0", PROCMAN]);
+    h.wait_workers(1, BOOT);
+    h.check(
+        h.wait_log("Starting 1 worker:", BOOT),
+        "one worker for one CPU",
+    );
+    // Nothing more shows up.
+    std::thread::sleep(Duration::from_millis(300));
+    // taskset execs procman (same pid): one worker below it.
+    let inner = descendants_of(h.pid);
+    assert_eq!(inner.len(), 1, "one worker: {inner:?}");
+}
+
+#[test]
+fn reuse_port_gives_each_worker_its_own_listener_and_spreads_connections() {
+    let mut h = Start::new("reuseport", &["-w", "4", "--reuse-port", "--", &hello()]).spawn();
+    let pids = h.wait_workers(4, BOOT);
+    let sockets: BTreeSet<String> = pids
+        .iter()
+        .map(|p| {
+            std::fs::read_link(format!("/proc/{p}/fd/3"))
+                .expect("fd 3")
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(sockets.len(), 4, "one socket per worker: {sockets:?}");
+    // The master holds no listening socket on that port: its own only
+    // reserves the address.
+    let mut seen = BTreeSet::new();
+    let addr = h.addr();
+    for _ in 0..400 {
+        if let Ok((200, body)) = http_get(addr, "/") {
+            seen.insert(body.trim().to_string());
+        }
+        if seen.len() == 4 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 4, "a burst reached every worker: {seen:?}");
+    h.check(
+        h.log_text()
+            .contains("one SO_REUSEPORT listener per worker"),
+        "logged",
+    );
+}

@@ -8,6 +8,7 @@
 //! variable.
 
 use clap::{ArgAction, Parser};
+use serde::{Deserialize, Serialize};
 
 /// Examples printed at the end of `--help`.
 const EXAMPLES: &str = "\
@@ -25,7 +26,8 @@ Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error,
 3 workers failed to boot, 4 the app could not be imported.";
 
 /// procman's raw command line.
-#[derive(Parser, Debug, Default, Clone)]
+#[derive(Parser, Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 #[command(
     name = "procman",
     version,
@@ -37,10 +39,12 @@ Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error,
 pub struct Cli {
     /// The Python app to serve with uvicorn workers, as module:attribute (e.g. app:main).
     #[arg(value_name = "APP", env = "PROCMAN_APP")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub app: Option<String>,
 
     /// The command to run as each worker (after --); it gets its sockets at fd 3...
     #[arg(last = true, value_name = "COMMAND")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
 
     // ---- Binding ----
@@ -53,10 +57,12 @@ pub struct Cli {
         value_delimiter = ',',
         help_heading = "Binding"
     )]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub bind: Vec<String>,
 
     /// One SO_REUSEPORT socket per worker (the kernel spreads connections) instead of one shared socket.
     #[arg(long, action = ArgAction::SetTrue, env = "PROCMAN_REUSE_PORT", help_heading = "Binding")]
+    #[serde(skip_serializing_if = "is_false")]
     pub reuse_port: bool,
 
     /// Listen backlog. [default: 2048]
@@ -67,6 +73,7 @@ pub struct Cli {
         allow_negative_numbers = true,
         help_heading = "Binding"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backlog: Option<String>,
 
     // ---- Workers ----
@@ -79,6 +86,7 @@ pub struct Cli {
         allow_negative_numbers = true,
         help_heading = "Workers"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<String>,
 
     /// Worker class, for gunicorn command lines: uvicorn.workers.UvicornWorker or uvicorn_worker.UvicornWorker.
@@ -89,6 +97,7 @@ pub struct Cli {
         env = "PROCMAN_WORKER_CLASS",
         help_heading = "Workers"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_class: Option<String>,
 
     /// Command workers are ready when exec succeeded (exec) or when they send READY=1 (notify). [default: exec]
@@ -98,6 +107,7 @@ pub struct Cli {
         env = "PROCMAN_READY",
         help_heading = "Workers"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ready: Option<String>,
 
     /// Signal that asks a command worker to stop gracefully. [default: TERM]
@@ -107,6 +117,7 @@ pub struct Cli {
         env = "PROCMAN_STOP_SIGNAL",
         help_heading = "Workers"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_signal: Option<String>,
 
     /// Python interpreter for uvicorn workers. [default: $VIRTUAL_ENV/bin/python, else python3]
@@ -116,6 +127,7 @@ pub struct Cli {
         env = "PROCMAN_PYTHON",
         help_heading = "Workers"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub python: Option<String>,
 
     // ---- Timeouts ----
@@ -128,6 +140,7 @@ pub struct Cli {
         allow_negative_numbers = true,
         help_heading = "Timeouts"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
 
     /// A worker not ready by then is killed; counts as a boot failure. [default: 60]
@@ -138,6 +151,7 @@ pub struct Cli {
         allow_negative_numbers = true,
         help_heading = "Timeouts"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub startup_timeout: Option<String>,
 
     /// How long stopping workers may drain before SIGKILL. [default: 30]
@@ -148,6 +162,7 @@ pub struct Cli {
         allow_negative_numbers = true,
         help_heading = "Timeouts"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub graceful_timeout: Option<String>,
 
     // ---- Recycling ----
@@ -159,6 +174,7 @@ pub struct Cli {
         allow_negative_numbers = true,
         help_heading = "Recycling"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<String>,
 
     /// Add a random 0..N to each worker's --max-requests. [default: 0]
@@ -169,6 +185,7 @@ pub struct Cli {
         allow_negative_numbers = true,
         help_heading = "Recycling"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_requests_jitter: Option<String>,
 
     /// Recycle a worker whose memory (RSS of its process group) stays above SIZE (e.g. 512MiB, 1G) for 3 samples in a row.
@@ -178,6 +195,7 @@ pub struct Cli {
         env = "PROCMAN_MAX_WORKER_MEMORY",
         help_heading = "Recycling"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_worker_memory: Option<String>,
 
     /// How often worker memory is sampled for --max-worker-memory. [default: 5s]
@@ -187,6 +205,7 @@ pub struct Cli {
         env = "PROCMAN_MEMORY_CHECK_INTERVAL",
         help_heading = "Recycling"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_check_interval: Option<String>,
 
     /// Recycle workers older than DUR (e.g. 30m, 6h).
@@ -196,6 +215,7 @@ pub struct Cli {
         env = "PROCMAN_MAX_WORKER_LIFETIME",
         help_heading = "Recycling"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_worker_lifetime: Option<String>,
 
     /// Add a random 0..DUR to each worker's --max-worker-lifetime, so workers do not all recycle together.
@@ -205,6 +225,7 @@ pub struct Cli {
         env = "PROCMAN_MAX_WORKER_LIFETIME_JITTER",
         help_heading = "Recycling"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_worker_lifetime_jitter: Option<String>,
 
     // ---- Process ----
@@ -215,6 +236,7 @@ pub struct Cli {
         env = "PROCMAN_PRE_START",
         help_heading = "Process"
     )]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pre_start: Vec<String>,
 
     /// Run workers as this user (name or number), after binding.
@@ -225,6 +247,7 @@ pub struct Cli {
         env = "PROCMAN_USER",
         help_heading = "Process"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
 
     /// Run workers with this group (name or number), after binding.
@@ -235,6 +258,7 @@ pub struct Cli {
         env = "PROCMAN_GROUP",
         help_heading = "Process"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
 
     /// Umask for workers and unix socket files, octal. [default: 0o022]
@@ -245,6 +269,7 @@ pub struct Cli {
         env = "PROCMAN_UMASK",
         help_heading = "Process"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub umask: Option<String>,
 
     /// Write procman's pid to FILE (refused if a live procman owns it).
@@ -255,6 +280,7 @@ pub struct Cli {
         env = "PROCMAN_PID",
         help_heading = "Process"
     )]
+    #[serde(skip_serializing_if = "Option::is_none", rename = "pid")]
     pub pidfile: Option<String>,
 
     /// Working directory of workers (and sys.path[0] for APP). [default: current]
@@ -264,6 +290,7 @@ pub struct Cli {
         env = "PROCMAN_CHDIR",
         help_heading = "Process"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub chdir: Option<String>,
 
     /// Extra environment for workers, KEY=VALUE; repeatable.
@@ -275,11 +302,13 @@ pub struct Cli {
         value_delimiter = ',',
         help_heading = "Process"
     )]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<String>,
 
     // ---- Uvicorn ----
     /// APP names a factory: call it to get the app.
     #[arg(long, action = ArgAction::SetTrue, env = "PROCMAN_FACTORY", help_heading = "Uvicorn")]
+    #[serde(skip_serializing_if = "is_false")]
     pub factory: bool,
 
     /// TLS private key file (HTTPS served by uvicorn).
@@ -289,6 +318,7 @@ pub struct Cli {
         env = "PROCMAN_KEYFILE",
         help_heading = "Uvicorn"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub keyfile: Option<String>,
 
     /// TLS certificate file.
@@ -298,6 +328,7 @@ pub struct Cli {
         env = "PROCMAN_CERTFILE",
         help_heading = "Uvicorn"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub certfile: Option<String>,
 
     /// Close keep-alive connections idle this long. [default: 5]
@@ -308,6 +339,7 @@ pub struct Cli {
         allow_negative_numbers = true,
         help_heading = "Uvicorn"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_alive: Option<String>,
 
     /// Answer 503 beyond this many concurrent connections or tasks per worker.
@@ -318,10 +350,12 @@ pub struct Cli {
         allow_negative_numbers = true,
         help_heading = "Uvicorn"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub limit_concurrency: Option<String>,
 
     /// Trust X-Forwarded-Proto/For from --forwarded-allow-ips.
     #[arg(long, action = ArgAction::SetTrue, env = "PROCMAN_PROXY_HEADERS", help_heading = "Uvicorn")]
+    #[serde(skip_serializing_if = "is_false")]
     pub proxy_headers: bool,
 
     /// Comma-separated IPs trusted for proxy headers. [default: 127.0.0.1]
@@ -331,6 +365,7 @@ pub struct Cli {
         env = "PROCMAN_FORWARDED_ALLOW_IPS",
         help_heading = "Uvicorn"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub forwarded_allow_ips: Option<String>,
 
     /// ASGI root_path for apps mounted below a prefix.
@@ -340,6 +375,7 @@ pub struct Cli {
         env = "PROCMAN_ROOT_PATH",
         help_heading = "Uvicorn"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub root_path: Option<String>,
 
     /// Lifespan handling: auto, on or off. [default: auto]
@@ -349,6 +385,7 @@ pub struct Cli {
         env = "PROCMAN_LIFESPAN",
         help_heading = "Uvicorn"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub lifespan: Option<String>,
 
     /// App interface: auto, asgi3, asgi2 or wsgi. [default: auto]
@@ -358,6 +395,7 @@ pub struct Cli {
         env = "PROCMAN_INTERFACE",
         help_heading = "Uvicorn"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
 
     /// HTTP implementation: auto, h11 or httptools. [default: auto]
@@ -367,6 +405,7 @@ pub struct Cli {
         env = "PROCMAN_HTTP",
         help_heading = "Uvicorn"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<String>,
 
     /// Event loop: auto, asyncio or uvloop. [default: auto]
@@ -376,10 +415,12 @@ pub struct Cli {
         env = "PROCMAN_LOOP",
         help_heading = "Uvicorn"
     )]
+    #[serde(skip_serializing_if = "Option::is_none", rename = "loop")]
     pub event_loop: Option<String>,
 
     /// Turn off uvicorn's per-request access log.
     #[arg(long, action = ArgAction::SetTrue, env = "PROCMAN_NO_ACCESS_LOG", help_heading = "Uvicorn")]
+    #[serde(skip_serializing_if = "is_false")]
     pub no_access_log: bool,
 
     // ---- Logging ----
@@ -390,7 +431,54 @@ pub struct Cli {
         env = "PROCMAN_LOG_LEVEL",
         help_heading = "Logging"
     )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
+
+    /// Master's log format: text or json (one object per line). [default: text]
+    #[arg(
+        long,
+        value_name = "text|json",
+        env = "PROCMAN_LOG_FORMAT",
+        help_heading = "Logging"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
+
+    /// Append the master's log to PATH instead of stderr; USR1 reopens it (logrotate).
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "PROCMAN_LOG_FILE",
+        help_heading = "Logging"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<String>,
+
+    // ---- Config ----
+    /// TOML file whose keys are the long option names (workers = 4, bind = [":8000"]); HUP re-reads it.
+    #[arg(
+        short = 'c',
+        long,
+        value_name = "FILE",
+        env = "PROCMAN_CONFIG",
+        help_heading = "Config"
+    )]
+    #[serde(skip)]
+    pub config: Option<String>,
+
+    /// Validate the configuration (and import the APP once), then exit.
+    #[arg(long, action = ArgAction::SetTrue, help_heading = "Config")]
+    #[serde(skip)]
+    pub check_config: bool,
+
+    /// Print the effective configuration as TOML, with where each value came from, then exit.
+    #[arg(long, action = ArgAction::SetTrue, help_heading = "Config")]
+    #[serde(skip)]
+    pub print_config: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[cfg(test)]

@@ -116,6 +116,15 @@ impl LogLevel {
     }
 }
 
+/// The master's log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// Who workers run as after the privilege drop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
@@ -169,6 +178,10 @@ pub struct Config {
     pub env: Vec<(String, String)>,
     /// Master log level.
     pub log_level: LogLevel,
+    /// Master log format.
+    pub log_format: LogFormat,
+    /// Master log file (else stderr).
+    pub log_file: Option<PathBuf>,
     /// One SO_REUSEPORT listener per worker for TCP binds.
     pub reuse_port: bool,
     /// Recycle a worker above this many bytes (3 samples in a row).
@@ -394,7 +407,29 @@ impl Config {
             ));
         }
 
+        let log_format = match cli.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(v) => return Err(invalid("log-format", v, "expected 'text' or 'json'")),
+        };
+        let log_file = cli.log_file.as_ref().map(PathBuf::from);
+        if let Some(f) = &log_file {
+            let dir = f
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                return Err(invalid(
+                    "log-file",
+                    &f.display().to_string(),
+                    "its directory does not exist",
+                ));
+            }
+        }
+
         Ok(Config {
+            log_format,
+            log_file,
             reuse_port: cli.reuse_port,
             max_worker_memory,
             memory_check_interval,

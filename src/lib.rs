@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod cpus;
 pub mod error;
+pub mod layers;
 
 // Start-up: logging, then the steps before the first worker.
 pub mod logging;

@@ -1,22 +1,111 @@
-//! The master's log: one line per event on stderr, written synchronously.
+//! The master's log: one line per event, written synchronously to stderr
+//! or to `--log-file` (appended; USR1 reopens it for logrotate).
 //!
-//! No background writer thread (a thread would make fork unsafe); lines are
-//! short and stderr is unbuffered, so a synchronous write costs little.
-//! Format: `[2026-11-27T09:40:00.123456Z] [4242] [INFO] Booting worker 2 with pid 4243`.
+//! No background writer thread: a thread in the master would make fork
+//! unsafe. Lines are short and written whole with one `write(2)`.
+//!
+//! Text: `[2026-11-27T09:40:00.123456Z] [4242] [INFO] Booting worker 2 with pid 4243`
+//! JSON: `{"timestamp":"…","level":"INFO","pid":4242,"message":"…","worker":4243,"slot":2}`
 
-use std::fmt;
+use std::fmt::{self, Write as _};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
+use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::config::LogLevel;
+use crate::config::{LogFormat, LogLevel};
+use crate::error::{os_reason, Error, Result};
 
-/// gunicorn-like single-line format with the master's pid.
+/// Where log lines go: stderr, or a file that USR1 reopens.
+static SINK: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
+
+/// Writes to the current sink.
+#[derive(Clone, Copy)]
+struct Sink;
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match SINK.lock() {
+            Ok(mut guard) => match guard.as_mut() {
+                Some((_, file)) => file.write_all(buf).map(|_| buf.len()),
+                None => std::io::stderr().write_all(buf).map(|_| buf.len()),
+            },
+            Err(_) => std::io::stderr().write_all(buf).map(|_| buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Sink {
+    type Writer = Sink;
+    fn make_writer(&'a self) -> Sink {
+        Sink
+    }
+}
+
+/// Collects an event's fields: the message and the rest.
+#[derive(Default)]
+struct Fields {
+    message: String,
+    rest: Vec<(&'static str, serde_json::Value)>,
+}
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let text = format!("{value:?}");
+        if field.name() == "message" {
+            self.message = text;
+        } else {
+            self.rest
+                .push((field.name(), serde_json::Value::String(text)));
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_string();
+        } else {
+            self.rest.push((field.name(), value.into()));
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.rest.push((field.name(), value.into()));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.rest.push((field.name(), value.into()));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.rest.push((field.name(), value.into()));
+    }
+}
+
+/// The line format.
 struct Line {
     pid: u32,
+    json: bool,
+}
+
+fn level_name(level: &Level) -> &'static str {
+    match *level {
+        Level::ERROR => "ERROR",
+        Level::WARN => "WARNING",
+        Level::INFO => "INFO",
+        Level::DEBUG => "DEBUG",
+        Level::TRACE => "TRACE",
+    }
 }
 
 impl<S, N> FormatEvent<S, N> for Line
@@ -26,28 +115,49 @@ where
 {
     fn format_event(
         &self,
-        ctx: &FmtContext<'_, S, N>,
+        _ctx: &FmtContext<'_, S, N>,
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        write!(writer, "[")?;
-        SystemTime.format_time(&mut writer)?;
-        let level = match *event.metadata().level() {
-            Level::ERROR => "ERROR",
-            Level::WARN => "WARNING",
-            Level::INFO => "INFO",
-            Level::DEBUG => "DEBUG",
-            Level::TRACE => "TRACE",
-        };
-        write!(writer, "] [{}] [{level}] ", self.pid)?;
-        ctx.field_format().format_fields(writer.by_ref(), event)?;
-        writeln!(writer)
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let mut time = String::new();
+        SystemTime.format_time(&mut Writer::new(&mut time))?;
+        let level = level_name(event.metadata().level());
+        if self.json {
+            let mut obj = serde_json::Map::new();
+            obj.insert("timestamp".into(), time.into());
+            obj.insert("level".into(), level.into());
+            obj.insert("pid".into(), self.pid.into());
+            obj.insert("message".into(), fields.message.into());
+            for (k, v) in fields.rest {
+                obj.insert(k.into(), v);
+            }
+            let line = serde_json::Value::Object(obj).to_string();
+            writeln!(writer, "{line}")
+        } else {
+            let mut line = format!("[{time}] [{}] [{level}] {}", self.pid, fields.message);
+            // Fields that the message does not already say.
+            for (k, v) in fields
+                .rest
+                .iter()
+                .filter(|(k, _)| !matches!(*k, "worker" | "slot"))
+            {
+                let _ = write!(line, " {k}={v}");
+            }
+            writeln!(writer, "{line}")
+        }
     }
 }
 
-/// Installs the global logger. Idempotent enough for tests: a second call
-/// is ignored.
-pub fn init(level: LogLevel) {
+/// Installs the global logger: level, format, and destination.
+pub fn init(level: LogLevel, format: LogFormat, file: Option<&Path>) -> Result<()> {
+    if let Some(path) = file {
+        let f = open(path)?;
+        if let Ok(mut sink) = SINK.lock() {
+            *sink = Some((path.to_path_buf(), f));
+        }
+    }
     let filter = match level {
         LogLevel::Error => Level::ERROR,
         LogLevel::Warn => Level::WARN,
@@ -57,13 +167,40 @@ pub fn init(level: LogLevel) {
     };
     let _ = tracing_subscriber::fmt()
         .with_max_level(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(Sink)
         .event_format(Line {
             pid: std::process::id(),
+            json: format == LogFormat::Json,
         })
         .try_init();
+    Ok(())
 }
 
-/// USR1: reopen the log file. The log goes to stderr, which procman does
-/// not own, so there is nothing to reopen.
-pub fn reopen() {}
+fn open(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| {
+            Error::runtime(format!(
+                "cannot open log file {}: {}",
+                path.display(),
+                os_reason(&e)
+            ))
+        })
+}
+
+/// USR1: reopen `--log-file` (after logrotate moved it away). A failure
+/// keeps the old file and is reported in it.
+pub fn reopen() {
+    let Ok(mut sink) = SINK.lock() else { return };
+    let Some((path, file)) = sink.as_mut() else {
+        return;
+    };
+    match open(path) {
+        Ok(f) => *file = f,
+        Err(e) => {
+            let _ = writeln!(file, "procman: cannot reopen the log: {e}");
+        }
+    }
+}

@@ -13,6 +13,7 @@
 //! into system calls.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ffi::OsString;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -115,12 +116,22 @@ pub struct Master {
     expected_wake: Option<Instant>,
     next_memory_sample: Option<Instant>,
     random: Random,
+    /// The original command line, re-read (with the environment and the
+    /// config file) on HUP.
+    args: Vec<OsString>,
+    /// Sockets removed by a reload, closed when it completes.
+    retired_listeners: Vec<Listener>,
 }
 
 impl Master {
     /// Sets up the master around already-bound listeners. Installs the
     /// signal handlers and the notify socket; starts nothing yet.
-    pub fn new(cfg: Config, listeners: Vec<Listener>, signals: Signals) -> Result<Master> {
+    pub fn new(
+        cfg: Config,
+        listeners: Vec<Listener>,
+        signals: Signals,
+        args: Vec<OsString>,
+    ) -> Result<Master> {
         let owner = cfg.credentials.as_ref().map(|c| (c.uid, c.gid));
         let notify = Receiver::create(owner)?;
         let systemd = SystemdNotifier::from_env(std::env::var("NOTIFY_SOCKET").ok().as_deref());
@@ -150,6 +161,8 @@ impl Master {
             expected_wake: None,
             next_memory_sample: None,
             random: Random::seeded(),
+            args,
+            retired_listeners: Vec::new(),
         })
     }
 
@@ -261,7 +274,27 @@ impl Master {
         }
     }
 
+    /// HUP: re-read the configuration (file, environment, the original
+    /// command line), apply it, and roll every worker over to a new
+    /// generation. A configuration that does not load or whose new sockets
+    /// cannot be bound changes nothing: the running workers keep serving.
     fn begin_reload(&mut self) {
+        if let Some(sd) = &self.systemd {
+            sd.send(&format!(
+                "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading",
+                notify::monotonic_usec()
+            ));
+        }
+        let applied = crate::startup::load_config(&self.args)
+            .and_then(|loaded| loaded.ok_or_else(|| Error::usage("--help or --version on reload")))
+            .and_then(|(cfg, _)| self.apply_config(cfg));
+        if let Err(e) = applied {
+            error!("Reload failed: {e}; still serving with the previous configuration");
+            if let Some(sd) = &self.systemd {
+                sd.send(&format!("READY=1\nSTATUS=reload failed: {e}"));
+            }
+            return;
+        }
         self.generation += 1;
         let previous_required = self
             .reload
@@ -275,13 +308,71 @@ impl Master {
             "Reloading: replacing {} workers with generation {}",
             self.target, self.generation
         );
-        if let Some(sd) = &self.systemd {
-            sd.send(&format!(
-                "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading to generation {}",
-                notify::monotonic_usec(),
-                self.generation
-            ));
+    }
+
+    /// Switches to a newly loaded configuration. New addresses are bound
+    /// now; sockets no longer wanted are closed once the workers that use
+    /// them are gone (when the reload completes).
+    fn apply_config(&mut self, cfg: Config) -> Result<()> {
+        let mut next: Vec<Listener> = Vec::new();
+        let mut kept = vec![false; self.listeners.len()];
+        let keep_inherited = !cfg.binds_given && self.listeners.iter().all(|l| l.inherited);
+        if keep_inherited {
+            kept.iter_mut().for_each(|k| *k = true);
+        } else {
+            for spec in &cfg.binds {
+                match self.listeners.iter().position(|l| l.spec == *spec) {
+                    Some(i) if !kept[i] => kept[i] = true,
+                    _ => match Listener::bind(spec, cfg.backlog, cfg.umask, self.cfg.reuse_port) {
+                        Ok(l) => {
+                            info!("Listening at: {} ({}, bound on reload)", l.display, l.name);
+                            next.push(l);
+                        }
+                        Err(e) => {
+                            for l in &mut next {
+                                l.remove_file();
+                            }
+                            return Err(e);
+                        }
+                    },
+                }
+            }
         }
+        for (what, changed) in [
+            ("--user/--group", cfg.credentials != self.cfg.credentials),
+            ("--pid", cfg.pidfile != self.cfg.pidfile),
+            (
+                "--log-file/--log-format/--log-level",
+                cfg.log_file != self.cfg.log_file
+                    || cfg.log_format != self.cfg.log_format
+                    || cfg.log_level != self.cfg.log_level,
+            ),
+            ("--reuse-port", cfg.reuse_port != self.cfg.reuse_port),
+        ] {
+            if changed {
+                warn!("{what} changed in the configuration: takes effect at the next restart");
+            }
+        }
+        // Keep the surviving listeners in their order, then the new ones.
+        let old = std::mem::take(&mut self.listeners);
+        for (l, keep) in old.into_iter().zip(kept) {
+            if keep {
+                self.listeners.push(l);
+            } else {
+                info!("No longer listening at {} for new workers", l.display);
+                self.retired_listeners.push(l);
+            }
+        }
+        self.listeners.extend(next);
+        let mut cfg = cfg;
+        // What only a restart can change stays as it was.
+        cfg.credentials = self.cfg.credentials.clone();
+        cfg.reuse_port = self.cfg.reuse_port;
+        self.launch = classes::launch(&cfg);
+        self.base_env = worker_base_env(&cfg);
+        self.target = cfg.workers;
+        self.cfg = cfg;
+        Ok(())
     }
 
     fn scale(&mut self, delta: isize) {
@@ -780,6 +871,9 @@ impl Master {
                 .any(|w| w.is_active() && w.generation < r.generation);
             if !outdated && fresh_ready >= self.target {
                 self.reload = None;
+                for mut l in self.retired_listeners.drain(..) {
+                    l.remove_file();
+                }
                 info!("Reload done: generation {} serving", r.generation);
                 if let Some(sd) = &self.systemd {
                     sd.send(&format!("READY=1\nSTATUS={}", self.status_line()));
@@ -1061,7 +1155,11 @@ impl Master {
     }
 
     fn finish(&mut self) {
-        for l in &mut self.listeners {
+        for l in self
+            .listeners
+            .iter_mut()
+            .chain(self.retired_listeners.iter_mut())
+        {
             l.remove_file();
         }
     }

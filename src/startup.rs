@@ -9,16 +9,15 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::Parser;
 use tracing::{info, warn};
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::bind::{self, BindSpec, Listener};
-use crate::cli::Cli;
 use crate::config;
 use crate::config::{Config, Environment};
 use crate::error::{Error, Result};
+use crate::layers::{self, Layered, Parsed};
 use crate::logging;
 use crate::master::{self, Master};
 use crate::pidfile::Pidfile;
@@ -31,52 +30,80 @@ use nix::sys::wait::{waitpid, WaitStatus};
 /// Runs procman with the given argv. `Ok` carries the exit code of a clean
 /// run (0, or --help/--version); `Err` the failure to print.
 pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
-    let cli = match parse_args(args)? {
-        Parsed::Run(cli) => cli,
-        Parsed::Printed => return Ok(ExitCode::SUCCESS),
+    let args: Vec<OsString> = args.into_iter().collect();
+    let Some((cfg, layered)) = load_config(&args)? else {
+        return Ok(ExitCode::SUCCESS);
     };
-    let cfg = Config::from_cli(&cli, &Environment::from_process())?;
-    logging::init(cfg.log_level);
+    if layered.cli.print_config {
+        print!("{}", layered.render_toml());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if layered.cli.check_config {
+        check(&cfg)?;
+        println!("procman: configuration OK ({})", cfg.describe_workers());
+        return Ok(ExitCode::SUCCESS);
+    }
+    logging::init(cfg.log_level, cfg.log_format, cfg.log_file.as_deref())?;
     become_subreaper();
     let signals = Signals::install()?;
     let listeners = bind_all(&cfg)?;
     let _pidfile = cfg.pidfile.as_deref().map(Pidfile::create).transpose()?;
     run_pre_start(&cfg)?;
-    let master = Master::new(cfg, listeners, signals)?;
+    let master = Master::new(cfg, listeners, signals, args)?;
     master.run()?;
     info!("Stopped");
     Ok(ExitCode::SUCCESS)
 }
 
-enum Parsed {
-    Run(Box<Cli>),
-    Printed,
+/// Parses and validates the whole configuration (command line, environment,
+/// file). `None` when --help or --version was printed. Used at start and
+/// again by HUP.
+pub fn load_config(args: &[OsString]) -> Result<Option<(Config, Layered)>> {
+    let env = Environment::from_process();
+    let layered = match layers::load(args.iter().cloned(), &env)? {
+        Parsed::Run(l) => *l,
+        Parsed::Printed => return Ok(None),
+    };
+    let cfg = Config::from_cli(&layered.cli, &env).map_err(|e| layered.annotate(e))?;
+    Ok(Some((cfg, layered)))
 }
 
-/// clap's errors are several lines (usage, tips); procman prints one line
-/// naming the value and the problem.
-fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Parsed> {
-    match Cli::try_parse_from(args) {
-        Ok(cli) => Ok(Parsed::Run(Box::new(cli))),
-        Err(e) => match e.kind() {
-            clap::error::ErrorKind::DisplayHelp
-            | clap::error::ErrorKind::DisplayVersion
-            | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-                let _ = e.print();
-                Ok(Parsed::Printed)
-            }
-            _ => {
-                let text = e.render().to_string();
-                let first = text
-                    .lines()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("invalid command line")
-                    .trim()
-                    .trim_start_matches("error: ")
-                    .to_string();
-                Err(Error::usage(format!("{first} (see procman --help)")))
-            }
-        },
+/// --check-config: everything is valid; for an APP, import it once with the
+/// chosen Python (its own error, if any, is printed on stderr).
+fn check(cfg: &Config) -> Result<()> {
+    let Some(opts) = cfg.uvicorn() else {
+        return Ok(());
+    };
+    let mut json = crate::classes::uvicorn::app_config(opts, cfg);
+    json["mode"] = "check".into();
+    let mut cmd = std::process::Command::new(&opts.python);
+    cmd.arg("-c").arg(crate::classes::uvicorn::BOOTSTRAP);
+    cmd.env(crate::classes::uvicorn::CONFIG_VAR, json.to_string());
+    for k in master::SCRUBBED {
+        cmd.env_remove(k);
+    }
+    cmd.envs(cfg.env.iter().map(|(k, v)| (k, v)));
+    if let Some(dir) = &cfg.chdir {
+        cmd.current_dir(dir);
+    }
+    let status = cmd.status().map_err(|e| {
+        Error::runtime(format!(
+            "cannot run {}: {}",
+            opts.python.display(),
+            crate::error::os_reason(&e)
+        ))
+    })?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(4) => Err(Error::AppImport(format!(
+            "Failed to load application '{}' (the Python error is above)",
+            opts.app
+        ))),
+        other => Err(Error::BootFailed(format!(
+            "checking '{}' failed (status {}; see above)",
+            opts.app,
+            other.map_or("?".to_string(), |c| c.to_string())
+        ))),
     }
 }
 

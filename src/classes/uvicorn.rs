@@ -47,5 +47,8 @@ pub fn app_config(opts: &UvicornOptions, cfg: &Config) -> serde_json::Value {
         "graceful_timeout": cfg.graceful_timeout.as_secs_f64(),
         "max_requests": opts.max_requests,
         "max_requests_jitter": opts.max_requests_jitter,
+        // asyncio calls listen() again on the shared socket when it starts
+        // serving, which would reset --backlog to its own default.
+        "backlog": cfg.backlog,
     })
 }

@@ -141,7 +141,7 @@ where
             for (k, v) in fields
                 .rest
                 .iter()
-                .filter(|(k, _)| !matches!(*k, "worker" | "slot"))
+                .filter(|(k, _)| !matches!(*k, "worker" | "slot" | "generation"))
             {
                 let _ = write!(line, " {k}={v}");
             }

@@ -8,7 +8,14 @@ fn main() -> ExitCode {
     match procman::startup::run(std::env::args_os()) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("procman: error: {err}");
+            // One line, whatever the cause's own text looks like.
+            let text = err.to_string();
+            let line: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("procman: error: {}", line.join("; "));
             ExitCode::from(err.exit_code())
         }
     }

@@ -410,14 +410,26 @@ impl Master {
             Message::WatchdogTrigger => {
                 if w.is_active() {
                     warn!(
+                        worker = pid.as_raw(),
+                        slot = w.slot,
                         "Worker {pid} (slot {}) sent WATCHDOG=trigger; aborting",
                         w.slot
                     );
                     self.abort_worker(pid, now);
                 }
             }
-            Message::Status(s) => info!("Worker {pid} (slot {}) status: {s}", w.slot),
-            Message::Errno(e) => warn!("Worker {pid} (slot {}) reported errno {e}", w.slot),
+            Message::Status(s) => info!(
+                worker = pid.as_raw(),
+                slot = w.slot,
+                "Worker {pid} (slot {}) status: {s}",
+                w.slot
+            ),
+            Message::Errno(e) => warn!(
+                worker = pid.as_raw(),
+                slot = w.slot,
+                "Worker {pid} (slot {}) reported errno {e}",
+                w.slot
+            ),
             Message::ExtendTimeout(d) => match (w.state, &mut w.stop) {
                 (WorkerState::Starting, _) => {
                     w.startup_deadline = w.startup_deadline.max(now + d);
@@ -441,7 +453,12 @@ impl Master {
                     && w.recycle.is_none()
                     && !self.recycle_queue.iter().any(|(p, _)| *p == pid)
                 {
-                    info!("Worker {pid} (slot {}) asks to be recycled: {why}", w.slot);
+                    info!(
+                        worker = pid.as_raw(),
+                        slot = w.slot,
+                        "Worker {pid} (slot {}) asks to be recycled: {why}",
+                        w.slot
+                    );
                     self.recycle_queue.push_back((pid, why));
                 }
             }
@@ -473,13 +490,25 @@ impl Master {
             }
             Some(StopReason::HeartbeatTimeout) => {
                 warn!(
+                    worker = pid.as_raw(),
+                    slot = w.slot,
                     "Worker {pid} (slot {}) exited after its timeout: {how}; respawning",
                     w.slot
                 );
                 self.note_death(&w, now);
             }
-            Some(_) => info!("Worker {pid} (slot {}) exited: {how}", w.slot),
-            None if stopping_master => info!("Worker {pid} (slot {}) exited: {how}", w.slot),
+            Some(_) => info!(
+                worker = pid.as_raw(),
+                slot = w.slot,
+                "Worker {pid} (slot {}) exited: {how}",
+                w.slot
+            ),
+            None if stopping_master => info!(
+                worker = pid.as_raw(),
+                slot = w.slot,
+                "Worker {pid} (slot {}) exited: {how}",
+                w.slot
+            ),
             None if w.state == WorkerState::Starting => {
                 let code = exit_code(&status);
                 self.on_boot_failure(&w, &how, code, now);
@@ -492,11 +521,13 @@ impl Master {
                     let b = self.note_death(&w, now);
                     match b.next_spawn_at {
                         Some(at) => warn!(
+                            worker = pid.as_raw(),
+                            slot = w.slot,
                             "Worker {pid} (slot {}) exited: {how}; respawning in {:.1}s (it keeps dying right after start)",
                             w.slot,
                             at.saturating_duration_since(now).as_secs_f64()
                         ),
-                        None => warn!("Worker {pid} (slot {}) exited: {how}; respawning", w.slot),
+                        None => warn!(worker = pid.as_raw(), slot = w.slot, "Worker {pid} (slot {}) exited: {how}; respawning", w.slot),
                     }
                 }
             }
@@ -624,6 +655,8 @@ impl Master {
                             .last_heartbeat
                             .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
                         warn!(
+                            worker = pid.as_raw(),
+                            slot = w.slot,
                             "Worker {pid} (slot {}) timed out after {:.0}s without a heartbeat; aborting",
                             w.slot,
                             silent.as_secs_f64()
@@ -637,6 +670,8 @@ impl Master {
                             stop.kill_at = None;
                         }
                         warn!(
+                            worker = pid.as_raw(),
+                            slot = w.slot,
                             "Worker {pid} (slot {}) did not stop in time; killing it",
                             w.slot
                         );
@@ -777,7 +812,12 @@ impl Master {
         while let Some((pid, why)) = self.recycle_queue.pop_front() {
             if let Some(w) = self.table.get_mut(pid) {
                 if w.is_active() {
-                    info!("Recycling worker {pid} (slot {}): {why}", w.slot);
+                    info!(
+                        worker = pid.as_raw(),
+                        slot = w.slot,
+                        "Recycling worker {pid} (slot {}): {why}",
+                        w.slot
+                    );
                     w.recycle = Some(why);
                     return;
                 }
@@ -1024,8 +1064,12 @@ impl Master {
             }
             None => {
                 info!(
+                    worker = spawned.pid.as_raw(),
+                    slot,
+                    generation = self.generation,
                     "Booting worker {slot} with pid {} (generation {})",
-                    spawned.pid, self.generation
+                    spawned.pid,
+                    self.generation
                 );
                 if !self.cfg.workers_notify_ready() {
                     mark_ready(&mut w, now);
@@ -1049,11 +1093,21 @@ impl Master {
         }
         let (signal, kill_at) = match reason {
             StopReason::StartupTimeout => (Signal::SIGKILL, None),
+            // A uvicorn worker still starting may not have its handlers
+            // yet: QUIT's default action would dump core, TERM just ends it.
+            _ if signal == Signal::SIGQUIT && w.state == WorkerState::Starting => {
+                (Signal::SIGTERM, Some(now + grace))
+            }
             _ => (signal, Some(now + grace)),
         };
         match reason {
             StopReason::Shutdown => {}
-            StopReason::Replaced => info!("Stopping worker {pid} (slot {}): replaced", w.slot),
+            StopReason::Replaced => info!(
+                worker = pid.as_raw(),
+                slot = w.slot,
+                "Stopping worker {pid} (slot {}): replaced",
+                w.slot
+            ),
             StopReason::Excess => {
                 info!("Stopping worker {pid} (slot {}): one worker fewer", w.slot)
             }
@@ -1067,8 +1121,11 @@ impl Master {
     fn startup_timed_out(&mut self, pid: Pid, now: Instant) {
         if let Some(w) = self.table.get(pid) {
             warn!(
+                worker = pid.as_raw(),
+                slot = w.slot,
                 "Worker {pid} (slot {}) was not ready within {:?}; killing it",
-                w.slot, self.cfg.startup_timeout
+                w.slot,
+                self.cfg.startup_timeout
             );
         }
         self.stop_worker(pid, StopReason::StartupTimeout, Duration::ZERO, now);
@@ -1183,6 +1240,8 @@ fn mark_ready(w: &mut Worker, now: Instant) {
     w.ready_at = Some(now);
     let boot = now.saturating_duration_since(w.started_at);
     info!(
+        worker = w.pid.as_raw(),
+        slot = w.slot,
         "Worker {} (slot {}) ready in {:.3}s",
         w.pid,
         w.slot,

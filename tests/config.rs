@@ -56,7 +56,8 @@ fn bad_input_gets_one_clear_line_and_the_documented_exit_code() {
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let busy = format!("127.0.0.1:{}", taken.local_addr().expect("addr").port());
     // (args, environment, exit code, what the one line must say)
-    let table: Vec<(Vec<&str>, Vec<(&str, &str)>, i32, &str)> = vec![
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, i32, &'a str);
+    let table: Vec<Case> = vec![
         (
             vec!["-b", "127.0.0.1:99999", "--", "true"],
             vec![],

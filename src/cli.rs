@@ -34,7 +34,8 @@ Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error,
     about = "A pre-fork process manager: binds the sockets, forks N workers that inherit them, keeps them healthy.",
     after_help = EXAMPLES,
     override_usage = "procman [OPTIONS] APP\n       procman [OPTIONS] -- COMMAND [ARG]...",
-    max_term_width = 100
+    max_term_width = 100,
+    args_override_self = true
 )]
 pub struct Cli {
     /// The Python app to serve with uvicorn workers, as module:attribute (e.g. app:main).

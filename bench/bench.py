@@ -3,7 +3,8 @@
 
 Runs one FastAPI app under procman, gunicorn + UvicornWorker and uvicorn --workers,
 interleaved round by round, and measures start-up, memory, idle cost, throughput,
-respawn, reload, shutdown, boot failure and a blocked event loop; plus procman's
+respawn, reload, shutdown, boot failure and a blocked event loop; plus, procman only,
+the spread of requests over the workers with one shared socket vs --reuse-port, and the
 command worker class (spawn time and master RSS for 1..256 workers).
 
 Start it through bench/run, which installs wrk, the pinned venv and builds procman.
@@ -38,6 +39,7 @@ from importlib import metadata
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVERS = ("procman", "gunicorn", "uvicorn")
+SCENARIOS = ("main", "bootfail", "blocked", "spread", "command")
 TITLES = {
     "procman": "procman",
     "gunicorn": "gunicorn + UvicornWorker",
@@ -427,6 +429,7 @@ class Client:
         self.total = 0
         self.kinds: dict[str, int] = {}
         self.first_seen: dict[int, float] = {}
+        self.per_pid: dict[int, int] = {}  # 200 responses per answering pid
         self.first_ok: float | None = None
         self.fail_times: list[tuple[float, str]] = []
         self.threads: list[threading.Thread] = []
@@ -455,8 +458,10 @@ class Client:
                     if self.first_ok is None:
                         self.first_ok = t
                     pid = r.pid
-                    if pid is not None and pid not in self.first_seen:
-                        self.first_seen[pid] = t
+                    if pid is not None:
+                        self.per_pid[pid] = self.per_pid.get(pid, 0) + 1
+                        if pid not in self.first_seen:
+                            self.first_seen[pid] = t
                 else:
                     self.fail_times.append((t, r.kind))
             if self.interval:
@@ -467,6 +472,13 @@ class Client:
         self.stop_ev.set()
         for t in self.threads:
             t.join(timeout=self.timeout + 1.0)
+
+    def join(self) -> None:
+        """Wait for the loop to end by itself (max_requests or max_seconds reached)."""
+        end = self.t_start + self.max_seconds + self.timeout + 1.0
+        for t in self.threads:
+            t.join(timeout=max(0.0, end - now()))
+        self.stop()
 
     def pids(self) -> set[int]:
         with self.lock:
@@ -503,6 +515,84 @@ def in_flight(port: int, cport_box: list, workers: set[int], timeout: float = 5.
     return wait_until(check, timeout, 0.005)
 
 
+def conns_per_worker(port: int, workers: set[int]) -> dict[int, int]:
+    """Established server-side connections on `port` (from /proc/net/tcp) that each worker
+    holds: for keep-alive load, the connections a worker accepted are the requests it serves."""
+    raw = _read("/proc/net/tcp") or ""
+    local = _hexaddr(port)
+    inodes = set()
+    for line in raw.splitlines()[1:]:
+        f = line.split()
+        if len(f) > 9 and f[1] == local and f[3] == "01" and f[9] != "0":
+            inodes.add(int(f[9]))
+    return {w: len(inodes & socket_inodes_of(w)) for w in workers}
+
+
+def spread_stats(per_pid: dict[int, int], workers: set[int]) -> dict:
+    """Requests per worker, workers that answered nothing included (as 0).
+
+    cv = population stdev / mean of the per-worker counts (0 = perfectly even);
+    shares are of all 200 responses."""
+    counts = {w: 0 for w in workers}
+    for pid, k in per_pid.items():
+        counts[pid] = counts.get(pid, 0) + k
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    vals = [v for _, v in ordered]
+    total = sum(vals)
+    mean = total / len(vals) if vals else 0
+    return {
+        "per_pid": {str(k): v for k, v in ordered},
+        "sorted": vals,
+        "total": total,
+        "pids": len(vals),
+        "max_share": round(vals[0] / total, 4) if total else None,
+        "min_share": round(vals[-1] / total, 4) if total else None,
+        "cv": round(statistics.pstdev(vals) / mean, 4) if mean else None,
+    }
+
+
+# The wrk script of the spread scenario (written to bench/out/spread.lua): every wrk thread
+# has its own Lua state, so each one tallies the bodies (worker pids) it got, and done()
+# (run in the main state) reads every thread's table through thread:get().
+SPREAD_LUA = """\
+-- written by bench/bench.py (load spread): tallies response bodies (worker pids) per wrk thread
+local threads = {}
+
+function setup(thread)
+  thread:set("id", #threads + 1)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  counts = {}
+  other = 0
+end
+
+function response(status, headers, body)
+  local pid = body and body:match("%d+")
+  if status == 200 and pid then
+    counts[pid] = (counts[pid] or 0) + 1
+  else
+    other = other + 1
+  end
+end
+
+function done(summary, latency, requests)
+  for _, t in ipairs(threads) do
+    local id = t:get("id")
+    for pid, n in pairs(t:get("counts")) do
+      io.write(string.format("SPREAD thread=%d pid=%s count=%d\\n", id, pid, n))
+    end
+    io.write(string.format("SPREAD thread=%d other=%d\\n", id, t:get("other")))
+  end
+end
+"""
+
+SPREAD_CLASSES = (("fastapi", "FastAPI app", "/pid"), ("command", "command class (hello)", "/"))
+SPREAD_MODES = (("shared", "shared socket"), ("reuse", "`--reuse-port`"))
+SPREAD_LOADS = (("short", "short connections, 4 threads"), ("wrk", "wrk -t2 -c64"))
+
+
 # --------------------------------------------------------------------------- servers
 
 
@@ -532,10 +622,16 @@ class Bench:
         self.term_cap = 40.0
         self.bootfail_cap = 10.0 if q else 30.0
         self.block_cap = 25.0 if q else 45.0
+        # load spread: (a) short connections, bounded by count and time; (b) wrk -d
+        self.spread_short_n = 2000 if q else 5000
+        self.spread_short_s = 4.0 if q else 10.0
+        self.spread_wrk_d = 3 if q else 5
         self.servers = [s for s in SERVERS if s in args.only]
         self.results: dict[str, dict[str, list]] = {s: {} for s in self.servers}
         self.errors: list[str] = []
         self.cmd_results: dict[int, dict[str, list]] = {}
+        self.spread_results: dict[str, list] = {}  # "class/load/mode" -> one dict per round
+        self.migrate_req = (_read("/proc/sys/net/ipv4/tcp_migrate_req") or "?").strip()
         self.env = self._env()
         self.run_id = 0
 
@@ -970,6 +1066,102 @@ class Bench:
                 log(f"command class k={k} round {rnd + 1}: "
                     + ", ".join(f"{a}={fmt_num(b[-1])}" for a, b in res.items()))
 
+    # ---- load spread over the workers, with and without --reuse-port (procman only)
+
+    def spread_argv(self, cls: str, mode: str, port: int) -> list[str]:
+        rp = ["--reuse-port"] if mode == "reuse" else []
+        if cls == "fastapi":
+            return self.argv("procman", self.app, port) + rp
+        return [self.procman, "-w", str(self.n), "-b", f"{HOST}:{port}"] + rp + ["--", self.hello]
+
+    def spread_display(self, cls: str, mode: str) -> str:
+        s = " ".join(self.spread_argv(cls, mode, 0)).replace(self.root + "/", "")
+        return s.replace(f"{HOST}:0", f"{HOST}:PORT")
+
+    def spread_record(self, key: str, rnd: int, value) -> None:
+        self.spread_results.setdefault(key, [None] * self.rounds)[rnd] = value
+
+    def spread(self, rnd: int) -> None:
+        if not os.access(self.procman, os.X_OK):
+            self.errors.append(f"load spread round {rnd + 1}: {self.procman} missing")
+            return
+        lua = os.path.join(self.out_dir, "spread.lua")
+        with open(lua, "w") as f:
+            f.write(SPREAD_LUA)
+        for cls, _, path in SPREAD_CLASSES:
+            if cls == "command" and not os.access(self.hello, os.X_OK):
+                self.errors.append(f"load spread round {rnd + 1}: {self.hello} missing")
+                continue
+            for mode, _ in SPREAD_MODES:
+                try:
+                    self.spread_one(cls, mode, path, lua, rnd)
+                except Exception as e:
+                    self.errors.append(f"load spread {cls}/{mode} round {rnd + 1}: "
+                                       f"{type(e).__name__}: {e}".replace(self.root + "/", ""))
+                    log(f"FAILED load spread {cls}/{mode} round {rnd + 1}: {e}")
+
+    def spread_one(self, cls: str, mode: str, path: str, lua: str, rnd: int) -> None:
+        port = free_port()
+        argv = self.spread_argv(cls, mode, port)
+        p, _, t0, logp = self.start("procman", f"spread-{cls}-{mode}", argv=argv,
+                                    cwd=self.app_dir if cls == "fastapi" else self.root)
+        try:
+            c, _, t_all = self.wait_workers(p, port, self.n, path, self.startup_cap)
+            if t_all is None:
+                raise RuntimeError(f"{len(c.pids())} of {self.n} workers answered: {self.log_tail(logp)}")
+            workers = {x for x in c.pids() if alive(x)}
+            # (a) short connections: one request per connection, 4 threads, bounded
+            load = Client(port, path, threads=4, max_requests=self.spread_short_n,
+                          max_seconds=self.spread_short_s, timeout=2.0).start()
+            load.join()
+            el = now() - load.t_start
+            st = spread_stats(load.per_pid, workers)
+            bad, total, kinds = load.failures()
+            st.update(failed=bad, requests=total, kinds=kinds, seconds=round(el, 2),
+                      rps=round(total / el, 1) if el else None)
+            self.spread_record(f"{cls}/short/{mode}", rnd, st)
+            # (b) wrk with the tallying Lua script; connections per worker sampled mid-run
+            wlog = os.path.join(self.log_dir, f"{self.run_id:03d}-procman-spread-{cls}-{mode}-wrk.txt")
+            cmd = ["wrk", "-t2", "-c64", f"-d{self.spread_wrk_d}s", "-s", lua, f"http://{HOST}:{port}{path}"]
+            w = REG.spawn(cmd, self.root, self.env, wlog)
+            conns = None
+            try:
+                w.wait(timeout=self.spread_wrk_d / 2)  # the sampling instant, not a synchronisation
+            except subprocess.TimeoutExpired:
+                conns = conns_per_worker(port, workers)
+            try:
+                w.wait(timeout=self.spread_wrk_d + 30)
+            except subprocess.TimeoutExpired:
+                REG.kill_tree(w)
+                raise RuntimeError("wrk did not finish")
+            out = _read(wlog) or ""
+            per_pid: dict[int, int] = {}
+            per_thread: dict[str, dict[str, int]] = {}
+            other = 0
+            for m in re.finditer(r"^SPREAD thread=(\d+) pid=(\d+) count=(\d+)$", out, re.M):
+                per_pid[int(m.group(2))] = per_pid.get(int(m.group(2)), 0) + int(m.group(3))
+                per_thread.setdefault(m.group(1), {})[m.group(2)] = int(m.group(3))
+            for m in re.finditer(r"^SPREAD thread=\d+ other=(\d+)$", out, re.M):
+                other += int(m.group(1))
+            if not per_pid:
+                raise RuntimeError(f"wrk printed no tallies: {out.strip()[-200:]}")
+            st = spread_stats(per_pid, workers)
+            sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+            rps = re.search(r"Requests/sec:\s*([\d.]+)", out)
+            st.update(other=other, per_thread=per_thread,
+                      sockerr=sum(int(x) for x in sock.groups()) if sock else 0,
+                      rps=float(rps.group(1)) if rps else None,
+                      conns=sorted(conns.values(), reverse=True) if conns else None,
+                      conns_cv=(round(statistics.pstdev(conns.values()) / statistics.mean(conns.values()), 4)
+                                if conns and sum(conns.values()) else None))
+            self.spread_record(f"{cls}/wrk/{mode}", rnd, st)
+            sh_ = self.spread_results
+            log(f"  spread {cls}/{mode}: short {'/'.join(map(str, sh_[f'{cls}/short/{mode}'][rnd]['sorted']))}"
+                f" cv={sh_[f'{cls}/short/{mode}'][rnd]['cv']}; wrk {'/'.join(map(str, st['sorted']))}"
+                f" cv={st['cv']} conns={st['conns']}")
+        finally:
+            REG.stop(p, grace=5.0)
+
     # ---- the whole run
 
     def warm_up(self) -> None:
@@ -996,20 +1188,29 @@ class Bench:
             with open(os.path.join(tmp, "broken.py"), "w") as f:
                 f.write("raise RuntimeError('procman bench: this module fails at import on purpose')\n"
                         "main = None\n")
+            sc = self.a.scenarios
             for rnd in range(self.rounds):
-                log(f"round {rnd + 1}/{self.rounds}: main scenarios")
-                for s in self.servers:
-                    self.main_instance(s, rnd)
-                    self.progress(s, rnd)
-                log(f"round {rnd + 1}/{self.rounds}: boot failure")
-                for s in self.servers:
-                    self.boot_failure(s, rnd, tmp)
-                log(f"round {rnd + 1}/{self.rounds}: blocked event loop")
-                for s in self.servers:
-                    self.blocked(s, rnd)
-                    self.progress(s, rnd, keys=("boot_exit_code", "boot_exit_after", "boot_cpu",
-                                                "block_killed", "block_replaced", "block_result"))
-            if "procman" in self.servers and not self.a.skip_command_class:
+                if "main" in sc:
+                    log(f"round {rnd + 1}/{self.rounds}: main scenarios")
+                    for s in self.servers:
+                        self.main_instance(s, rnd)
+                        self.progress(s, rnd)
+                if "bootfail" in sc:
+                    log(f"round {rnd + 1}/{self.rounds}: boot failure")
+                    for s in self.servers:
+                        self.boot_failure(s, rnd, tmp)
+                if "blocked" in sc:
+                    log(f"round {rnd + 1}/{self.rounds}: blocked event loop")
+                    for s in self.servers:
+                        self.blocked(s, rnd)
+                if "bootfail" in sc or "blocked" in sc:
+                    for s in self.servers:
+                        self.progress(s, rnd, keys=("boot_exit_code", "boot_exit_after", "boot_cpu",
+                                                    "block_killed", "block_replaced", "block_result"))
+                if "procman" in self.servers and "spread" in sc:
+                    log(f"round {rnd + 1}/{self.rounds}: load spread (procman, shared socket vs --reuse-port)")
+                    self.spread(rnd)
+            if "procman" in self.servers and "command" in sc:
                 log("command class (procman only)")
                 self.command_class()
         finally:
@@ -1177,6 +1378,194 @@ def render_cmd_table(b: Bench) -> str:
     return "\n".join(lines)
 
 
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def med_range(vals, fmt) -> str:
+    """median [min–max] of the numbers in vals, each formatted by fmt."""
+    nums = numbers(vals)
+    if not nums:
+        return "–"
+    s = fmt(statistics.median(nums))
+    if len(nums) > 1 and min(nums) != max(nums):
+        s += f" [{fmt(min(nums))}–{fmt(max(nums))}]"
+    if len(nums) < len(vals or []):
+        s += f" ({len(nums)}/{len(vals)} runs)"
+    return s
+
+
+def render_spread(b: Bench) -> str:
+    """The load-spread table: one row per worker class × load × listener."""
+    if not b.spread_results:
+        return ""
+    lines = [f"| worker class | load | listener | requests per worker, busiest first"
+             f" ({'; '.join(f'round {i + 1}' for i in range(b.rounds))}) | busiest worker's share"
+             f" | least busy worker's share | CV (stdev/mean) | wrk: open connections per worker"
+             f" mid-run | failed requests |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for cls, cls_label, path in SPREAD_CLASSES:
+        for load, load_label in SPREAD_LOADS:
+            for mode, mode_label in SPREAD_MODES:
+                vals = b.spread_results.get(f"{cls}/{load}/{mode}")
+                if not vals:
+                    continue
+                get = lambda k: [v.get(k) if v else None for v in vals]  # noqa: E731
+                counts = "; ".join("/".join(map(str, v["sorted"])) if v else "n/a" for v in vals)
+                if load == "wrk":
+                    conns = "; ".join("/".join(map(str, v["conns"])) if v and v.get("conns") else "–"
+                                      for v in vals)
+                    failed = [v["other"] + v["sockerr"] if v else None for v in vals]
+                else:
+                    conns = "–"
+                    failed = get("failed")
+                fl = [fmt_num(x) for x in failed]
+                lines.append(f"| {cls_label} `GET {path}` | {load_label} | {mode_label} | {counts} "
+                             f"| {med_range(get('max_share'), _pct)} | {med_range(get('min_share'), _pct)} "
+                             f"| {med_range(get('cv'), lambda x: f'{x:.3f}')} | {conns} "
+                             f"| {fl[0] if len(set(fl)) == 1 else ', '.join(fl)} |")
+    return "\n".join(lines)
+
+
+def spread_sentence(b: Bench) -> str:
+    parts = []
+    for cls, cls_label, _ in SPREAD_CLASSES:
+        sub = []
+        for load, load_label in SPREAD_LOADS:
+            cv = [median_of([v.get("cv") if v else None
+                             for v in b.spread_results.get(f"{cls}/{load}/{mode}", [])])
+                  for mode, _ in SPREAD_MODES]
+            if all(c is not None for c in cv):
+                sub.append(f"{'short connections' if load == 'short' else 'wrk'} {cv[0]:.3f} → {cv[1]:.3f}")
+        if sub:
+            parts.append(f"{cls_label}: " + ", ".join(sub))
+    return "; ".join(parts)
+
+
+def render_spread_section(b: Bench, spread_table: str) -> list[str]:
+    if not spread_table:
+        return []
+    mig = b.migrate_req
+    out = [
+        f"## Load spread over {b.n} workers (`--reuse-port`)",
+        "",
+        f"procman only. Each instance is started once with one shared listening socket (all {b.n}"
+        f" workers accept from the same queue, the default) and once with `--reuse-port` (each"
+        f" worker gets its own `SO_REUSEPORT` listener and the kernel picks one by a hash of the"
+        f" connection), in that order in every round, and takes two loads one after the other, both"
+        f" counting which pid answered each request:",
+        "",
+        f"- (a) short connections: one request per connection (`Connection: close`), 4 Python client"
+        f" threads, at most {b.spread_short_n} requests or {b.spread_short_s:g} s;",
+        f"- (b) `wrk -t2 -c64 -d{b.spread_wrk_d}s -s bench/out/spread.lua URL`: the Lua script's"
+        f" `response()` tallies the body (the pid) per wrk thread and `done()` prints the tallies."
+        f" The FastAPI app keeps the 64 connections alive, so its spread is the spread of the 64"
+        f" connections accepted at the start (sampled from `/proc/net/tcp` half-way through);"
+        f" `hello` closes every connection after one response, so wrk reconnects for each request.",
+        "",
+        "```",
+    ]
+    for cls, _, _ in SPREAD_CLASSES:
+        for mode, _ in SPREAD_MODES:
+            out.append(b.spread_display(cls, mode))
+    out += [
+        "```",
+        "",
+        f"How to read: an even spread gives every worker {100 / b.n:.0f} % of the requests and a"
+        f" coefficient of variation (population stdev ÷ mean of the per-worker counts, workers"
+        f" that answered nothing counted as 0) of 0. Shares and CV are medians over the rounds"
+        f" [min–max]. wrk's req/s here are lower than in the table above because the Lua"
+        f" `response()` hook makes wrk parse every body; they are not a throughput figure.",
+        "",
+        spread_table,
+        "",
+    ]
+    sent = spread_sentence(b)
+    if sent:
+        out += [f"Median CV, shared socket → `--reuse-port`: {sent}.", ""]
+    out += [
+        f"The trade-off: with `--reuse-port` every worker has its own accept queue, so connections"
+        f" already queued on a stopping worker's own socket (at a reload, a recycle or a crash) are"
+        f" reset instead of being taken by another worker, unless `net.ipv4.tcp_migrate_req=1`"
+        f" lets the kernel move them to another listener of the group; on this machine"
+        f" `/proc/sys/net/ipv4/tcp_migrate_req` is {mig}"
+        f"{' (off: procman warns about it at start)' if mig == '0' else ''}. The shared socket"
+        f" loses nothing when a worker stops (the respawn and reload figures above use it), at the"
+        f" price of the spread shown here.",
+        "",
+    ]
+    return out
+
+
+# (key, label, better) for the final summary
+SUMMARY_ROWS = [
+    ("startup_all", "start-up: all N workers answer /pid (s)", "lower"),
+    ("mem_master_rss", "master RSS (MiB)", "lower"),
+    ("mem_total_pss", "total PSS, master + workers (MiB)", "lower"),
+    ("idle_master_wakeups", "master idle wake-ups (per IDLE s)", "lower"),
+    ("wrk_rps", "throughput, wrk req/s", "higher"),
+    ("wrk_p99", "p99 latency under wrk (ms)", "lower"),
+    ("hup_failed", "failed requests during a SIGHUP reload", "lower"),
+    ("boot_cpu", "CPU used by a boot failure (s)", "lower"),
+]
+
+
+def _overlap(a, b) -> bool:
+    na, nb = numbers(a), numbers(b)
+    if len(na) < 2 or len(nb) < 2:
+        return False
+    return max(min(na), min(nb)) <= min(max(na), max(nb))
+
+
+def compare(p_vals, o_vals, better: str) -> str:
+    """procman relative to the other server, in words: '8.77× lower (better)'."""
+    p, o = median_of(p_vals), median_of(o_vals)
+    if p is None or o is None:
+        return "–"
+    noise = "; ranges overlap" if _overlap(p_vals, o_vals) else ""
+    if p == o:
+        return f"same{' (ranges overlap)' if noise else ''}"
+    if p == 0 or o == 0:
+        word = "lower" if p < o else "higher"
+        verdict = "better" if (word == better) else "worse"
+        return f"{fmt_num(p)} vs {fmt_num(o)} ({verdict}{noise})"
+    word = "lower" if p < o else "higher"
+    r = o / p if p < o else p / o
+    verdict = "better" if word == better else "worse"
+    return f"{r:.2f}× {word} ({verdict}{noise})"
+
+
+def render_summary(b: Bench) -> list[str]:
+    if "procman" not in b.servers or not any(b.results["procman"].get(k) for k, _, _ in SUMMARY_ROWS):
+        return []
+    others = [s for s in b.servers if s != "procman"]
+    out = [
+        "## Summary",
+        "",
+        f"procman compared with each other server: medians over {b.rounds} round"
+        f"{'s' if b.rounds != 1 else ''}, and procman's figure relative to theirs (\"2.00× lower\""
+        f" = half of theirs); \"ranges overlap\" = the [min–max] of the two servers overlap, so the"
+        f" difference is within this machine's noise.",
+        "",
+        "| metric | better | " + " | ".join(TITLES[s] for s in b.servers) + " | "
+        + " | ".join(f"procman vs {s}" for s in others) + " |",
+        "|---|---|" + "---|" * (len(b.servers) + len(others)),
+    ]
+    for key, label, better in SUMMARY_ROWS:
+        label = label.replace("N workers", f"{b.n} workers").replace("IDLE", f"{b.idle:g}")
+        vals = {s: b.results[s].get(key) for s in b.servers}
+        if not any(numbers(v) for v in vals.values()):
+            continue
+        cells = [med_range(vals[s], fmt_num) for s in b.servers]
+        if key == "boot_cpu":
+            cells = [c + (" (still retrying at the cap)" if "–" in map(str, b.results[s].get("boot_exit_code") or [])
+                          else "") for c, s in zip(cells, b.servers)]
+        cmp = [compare(vals["procman"], vals[s], better) for s in others]
+        out.append(f"| {label} | {better} | " + " | ".join(cells) + " | " + " | ".join(cmp) + " |")
+    out.append("")
+    return out
+
+
 COLORS = {"procman": "#d9480f", "gunicorn": "#1c7ed6", "uvicorn": "#2b8a3e"}
 
 
@@ -1255,6 +1644,28 @@ def render_svg(b: Bench) -> str:
     return "\n".join(o) + "\n"
 
 
+def stale_sources(root: str, binary: str) -> str | None:
+    """The newest source file (src/, examples/*.rs, Cargo.*, build.rs) if it is newer than
+    the binary, else None. cargo rebuilds on change; this catches BENCH_SKIP_SETUP=1 runs."""
+    try:
+        built = os.stat(binary).st_mtime
+    except OSError:
+        return "binary missing"
+    newest, newest_t = None, 0.0
+    cands = [os.path.join(root, f) for f in ("Cargo.toml", "Cargo.lock", "build.rs")]
+    for d in ("src", "examples"):
+        for dp, _, fs in os.walk(os.path.join(root, d)):
+            cands += [os.path.join(dp, f) for f in fs if f.endswith(".rs")]
+    for f in cands:
+        try:
+            t = os.stat(f).st_mtime
+        except OSError:
+            continue
+        if t > newest_t:
+            newest, newest_t = f, t
+    return os.path.relpath(newest, root) if newest and newest_t > built else None
+
+
 def sh(cmd: list[str]) -> str:
     try:
         cp = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
@@ -1283,6 +1694,9 @@ def versions(b: Bench) -> dict:
             v[pkg] = "not installed"
     v["python"] = platform.python_version()
     v["procman"] = sh([b.procman, "--version"]) if os.access(b.procman, os.X_OK) else "not built"
+    stale = stale_sources(b.root, b.procman)
+    v["procman_build"] = ("binary built before the newest source change: STALE, run bench/run without"
+                          f" BENCH_SKIP_SETUP ({stale})" if stale else "binary newer than every source file")
     v["wrk"] = sh(["wrk", "-v"]).split("Copyright")[0].strip()
     v["rustc"] = sh(["rustc", "--version"])
     return v
@@ -1293,27 +1707,55 @@ def rel(path: str, root: str) -> str:
     return path if r.startswith("..") else r
 
 
-def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str) -> str:
+def command_line() -> str:
+    """How the driver was invoked, as a bench/run command line (without --root)."""
+    args, skip = [], False
+    for x in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if x == "--root":
+            skip = True
+            continue
+        if x.startswith("--root="):
+            continue
+        args.append(x)
+    return " ".join(["bench/run"] + args)
+
+
+def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str, spread_table: str = "") -> str:
     mi, ver = machine_info(), versions(b)
     q = " (quick mode: smoke figures, not for comparison)" if b.a.quick else ""
+    dur = int((b.t_end - b.t_begin).total_seconds())
     out = [
         "# Benchmarks: procman vs gunicorn vs uvicorn" + q,
         "",
-        f"Generated by `bench/run {' '.join(sys.argv[1:]).replace('--root ' + b.a.root, '').strip()}`"
-        f" on {b.t_begin:%Y-%m-%d %H:%M} UTC (run took {(b.t_end - b.t_begin).seconds // 60} min"
-        f" {(b.t_end - b.t_begin).seconds % 60} s).",
+        f"Generated by `{command_line()}` on {b.t_begin:%Y-%m-%d %H:%M} UTC (run took {dur // 60} min"
+        f" {dur % 60} s).",
+        "",
+        f"How to read: every scenario ran {b.rounds} time{'s' if b.rounds != 1 else ''}, interleaved"
+        f" ({' → '.join(b.servers)}, then again), on a {mi['nproc']}-CPU machine shared with other"
+        " jobs, so single figures are noisy. A cell is the median over the rounds with [min–max];"
+        " `(×r)` is that server's median divided by procman's: for times, memory, wake-ups, latency"
+        " and CPU a ratio above 1 means procman used less, for req/s a ratio above 1 means the other"
+        " server was faster. Where two servers' [min–max] ranges overlap, treat the difference as"
+        " noise. The Summary at the end collects the headline comparisons; the load-spread section"
+        " is procman alone (shared socket vs `--reuse-port`).",
         "",
         "## Machine and versions",
         "",
         f"- machine: {mi['nproc']} CPUs (`nproc`), {mi['cpu']}, {mi['memory']} RAM, kernel {mi['kernel']};"
         f" load average at start {' '.join(b.loadavg_begin)} (the cores are shared: compare servers only"
         " within one run)",
-        f"- procman: {ver['procman']} ({ver['rustc']}, `cargo build --release --bins --examples`)",
+        f"- procman: {ver['procman']} ({ver['rustc']}, `cargo build --release --bins --examples`;"
+        f" {ver['procman_build']})",
         f"- gunicorn {ver['gunicorn']} + uvicorn-worker {ver['uvicorn-worker']}; uvicorn {ver['uvicorn']};"
         f" fastapi {ver['fastapi']} (starlette {ver['starlette']}); uvloop {ver['uvloop']};"
         f" httptools {ver['httptools']}; Python {ver['python']}",
         f"- load generator: {ver['wrk']}; plus the driver's own short-connection loops (Python threads)",
         f"- worker boot floor: `python -c \"import fastapi, uvicorn\"` takes {b.boot_floor:.3f} s here",
+        f"- `net.ipv4.tcp_migrate_req` = {b.migrate_req} (matters for `--reuse-port`, see the load-spread"
+        " section)",
         "",
         "## Commands",
         "",
@@ -1363,6 +1805,7 @@ def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str) -> str:
             cmd_table,
             "",
         ]
+    out += render_spread_section(b, spread_table)
     if b.errors:
         out += ["## Errors during the run", ""] + [f"- {e}" for e in b.errors] + [""]
     out += [
@@ -1378,10 +1821,13 @@ def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str) -> str:
         " and time; times are from the signal until the event was observed (polled every 5–10 ms).",
         "- Shutdown: SIGTERM is sent once `/proc/net/tcp` shows the `/slow?s=2` connection accepted by"
         " a worker with its request read.",
+        "- Load spread: 200 responses per answering pid, from the driver's own loop (a) and from"
+        " the wrk Lua tallies (b); per-thread tallies and pids are in `bench/out/results.json`.",
         "- Every process started is killed by pid (process group, descendants and session) at the"
         " end of its scenario; logs are in `bench/out/logs/`, raw figures in `bench/out/results.json`.",
         "",
     ]
+    out += render_summary(b)
     return "\n".join(out)
 
 
@@ -1399,8 +1845,12 @@ def parse_args(argv):
                     help="smoke mode: 1 round, 5 s idle window, 3 s wrk, shorter caps")
     ap.add_argument("--only", default="gunicorn,uvicorn,procman",
                     help="comma-separated subset of procman,gunicorn,uvicorn")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help="comma-separated subset of " + ",".join(SCENARIOS) + " (default: all). main ="
+                    " start-up, memory, idle, wrk, respawn, reload, shutdown; command = procman's command"
+                    " class for 1..256 workers; spread = requests per worker with and without --reuse-port")
     ap.add_argument("--skip-command-class", action="store_true",
-                    help="skip procman's command-class spawn/RSS measurements")
+                    help="skip procman's command-class spawn/RSS measurements (= --scenarios without command)")
     ap.add_argument("--command-workers", default="1,16,64,256",
                     help="worker counts for the command class (default 1,16,64,256)")
     ap.add_argument("--idle", type=float, default=None, help="idle window in s (default 30; 5 with --quick)")
@@ -1415,6 +1865,12 @@ def parse_args(argv):
     if bad or not a.only:
         ap.error(f"--only: unknown server(s) {bad}; choose from {', '.join(SERVERS)}")
     a.command_workers = [int(x) for x in a.command_workers.split(",") if x.strip()]
+    a.scenarios = [s.strip() for s in a.scenarios.split(",") if s.strip()]
+    bad = [s for s in a.scenarios if s not in SCENARIOS]
+    if bad or not a.scenarios:
+        ap.error(f"--scenarios: unknown {bad}; choose from {', '.join(SCENARIOS)}")
+    if a.skip_command_class:
+        a.scenarios = [s for s in a.scenarios if s != "command"]
     if a.workers < 1:
         ap.error("--workers must be >= 1")
     return a
@@ -1435,6 +1891,11 @@ def main(argv=None) -> int:
         return 1
     if "procman" in b.servers and os.path.exists(os.path.join(b.out_dir, "cargo-build.failed")):
         log("note: the last cargo build failed (bench/out/cargo-build.log)")
+    if "procman" in b.servers:
+        stale = stale_sources(b.root, b.procman)
+        if stale:
+            log(f"WARNING: target/release/procman is older than {stale}: the figures are for an old"
+                " build (run bench/run without BENCH_SKIP_SETUP=1 / --skip-setup to rebuild)")
     try:
         b.run()
     except KeyboardInterrupt:
@@ -1443,21 +1904,26 @@ def main(argv=None) -> int:
         return 130
     finally:
         REG.cleanup_all()
-    table, cmd_table = render_table(b), render_cmd_table(b)
+    table, cmd_table, spread_table = render_table(b), render_cmd_table(b), render_spread(b)
     out_md = os.path.abspath(a.out or os.path.join(b.root, "BENCHMARKS.md"))
     chart = os.path.abspath(a.chart or os.path.join(b.bench_dir, "chart.svg"))
     with open(chart, "w") as f:
         f.write(render_svg(b))
-    report = render_report(b, table, cmd_table, os.path.relpath(chart, os.path.dirname(out_md)))
+    report = render_report(b, table, cmd_table, os.path.relpath(chart, os.path.dirname(out_md)),
+                           spread_table)
     with open(out_md, "w") as f:
         f.write(report)
     with open(os.path.join(b.out_dir, "results.json"), "w") as f:
-        json.dump({"servers": b.results, "command_class": b.cmd_results, "errors": b.errors,
+        json.dump({"servers": b.results, "command_class": b.cmd_results, "spread": b.spread_results,
+                   "tcp_migrate_req": b.migrate_req, "errors": b.errors,
                    "workers": b.n, "rounds": b.rounds, "quick": a.quick}, f, indent=1, default=str)
     print(table)
     if cmd_table:
         print()
         print(cmd_table)
+    if spread_table:
+        print()
+        print(spread_table)
     if b.errors:
         print("\nErrors:\n" + "\n".join(f"- {e}" for e in b.errors))
     print(f"\nwritten: {out_md}, {chart}")

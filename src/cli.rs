@@ -131,6 +131,11 @@ pub struct Cli {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub python: Option<String>,
 
+    /// Uvicorn workers are forked from a zygote that imported the app once (shared memory, fast respawns).
+    #[arg(long, action = ArgAction::SetTrue, env = "PROCMAN_PRELOAD", help_heading = "Workers")]
+    #[serde(skip_serializing_if = "is_false")]
+    pub preload: bool,
+
     // ---- Timeouts ----
     /// A ready worker silent (no heartbeat) this long is aborted and replaced; 0 = off. [default: 30]
     #[arg(

@@ -77,6 +77,8 @@ pub struct UvicornOptions {
     pub max_requests: u64,
     /// Random extra 0..jitter requests per worker.
     pub max_requests_jitter: u64,
+    /// Fork workers from a zygote that imported the app once.
+    pub preload: bool,
 }
 
 /// When a command worker counts as ready.
@@ -509,6 +511,7 @@ fn worker_kind(cli: &Cli, env: &Environment, chdir: Option<&Path>) -> Result<Wor
         ("no-access-log", cli.no_access_log),
         ("max-requests", cli.max_requests.is_some()),
         ("max-requests-jitter", cli.max_requests_jitter.is_some()),
+        ("preload", cli.preload),
     ];
     match (&cli.app, cli.command.is_empty()) {
         (Some(app), false) => Err(Error::usage(format!(
@@ -643,6 +646,7 @@ fn uvicorn_options(
         access_log: !cli.no_access_log,
         max_requests: count("max-requests", &cli.max_requests)?.unwrap_or(0),
         max_requests_jitter: count("max-requests-jitter", &cli.max_requests_jitter)?.unwrap_or(0),
+        preload: cli.preload,
     })
 }
 

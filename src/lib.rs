@@ -29,6 +29,7 @@ pub mod spawn;
 
 // What a worker runs.
 pub mod classes;
+pub mod zygote;
 
 // The supervision: the table, the pure policy, the loop.
 pub mod workers;

@@ -34,6 +34,7 @@ use crate::procfs;
 use crate::signals::{self, MasterSignal, Signals};
 use crate::spawn::Plan;
 use crate::workers::{Stop, StopReason, Table, Worker, WorkerState};
+use crate::zygote::{self, FromZygote, Zygote, ZygoteState};
 
 /// Variables procman may have inherited from its own supervisor that must
 /// never reach a worker (they describe procman's sockets, not the worker's).
@@ -77,6 +78,13 @@ pub enum Event {
         /// What it said.
         message: Message,
     },
+    /// A message from a zygote (`--preload`).
+    Zygote {
+        /// The zygote.
+        pid: Pid,
+        /// What it said.
+        message: FromZygote,
+    },
     /// A child was reaped.
     Exited {
         /// Its pid.
@@ -91,6 +99,7 @@ pub enum Event {
 struct Reload {
     generation: u64,
     previous_required: u64,
+    previous_generation: u64,
 }
 
 /// The master's whole state.
@@ -121,6 +130,13 @@ pub struct Master {
     args: Vec<OsString>,
     /// Sockets removed by a reload, closed when it completes.
     retired_listeners: Vec<Listener>,
+    /// `--preload`: the zygotes (the current generation's, and older ones
+    /// until their workers are gone).
+    zygotes: Vec<Zygote>,
+    /// Backoff of zygote (re)starts.
+    zygote_backoff: Backoff,
+    /// After repeated zygote failures, workers start cold.
+    cold_fallback: bool,
 }
 
 impl Master {
@@ -163,6 +179,9 @@ impl Master {
             random: Random::seeded(),
             args,
             retired_listeners: Vec::new(),
+            zygotes: Vec::new(),
+            zygote_backoff: Backoff::default(),
+            cold_fallback: false,
         })
     }
 
@@ -183,7 +202,7 @@ impl Master {
             let now = Instant::now();
             self.act(now);
             if let MasterState::Stopping { outcome, .. } = &self.state {
-                if self.table.is_empty() {
+                if self.table.is_empty() && self.zygotes.is_empty() {
                     let outcome = outcome.clone();
                     self.finish();
                     return outcome;
@@ -198,6 +217,14 @@ impl Master {
             }
             for sig in self.signals.drain() {
                 self.handle(Event::Signal(sig), now);
+            }
+            let from_zygotes: Vec<(Pid, FromZygote)> = self
+                .zygotes
+                .iter()
+                .flat_map(|z| z.drain().into_iter().map(move |m| (z.pid, m)))
+                .collect();
+            for (pid, message) in from_zygotes {
+                self.handle(Event::Zygote { pid, message }, now);
             }
             for datagram in self.notify.drain() {
                 self.dispatch_datagram(datagram, now);
@@ -236,6 +263,7 @@ impl Master {
                     message,
                 },
             ) => self.on_message(worker, sender, message, now),
+            (_, Event::Zygote { pid, message }) => self.on_zygote_message(pid, message, now),
             (_, Event::Exited { pid, status }) => self.on_exit(pid, status, now),
         }
     }
@@ -254,6 +282,9 @@ impl Master {
         let pids: Vec<Pid> = self.table.iter().map(|w| w.pid).collect();
         for pid in pids {
             self.stop_worker(pid, StopReason::Shutdown, grace, now);
+        }
+        for z in &mut self.zygotes {
+            stop_zygote(z);
         }
     }
 
@@ -295,14 +326,17 @@ impl Master {
             }
             return;
         }
-        self.generation += 1;
-        let previous_required = self
+        let (previous_required, previous_generation) = self
             .reload
-            .map_or(self.required_generation, |r| r.previous_required);
+            .map_or((self.required_generation, self.generation), |r| {
+                (r.previous_required, r.previous_generation)
+            });
+        self.generation += 1;
         self.required_generation = self.generation;
         self.reload = Some(Reload {
             generation: self.generation,
             previous_required,
+            previous_generation,
         });
         info!(
             "Reloading: replacing {} workers with generation {}",
@@ -470,6 +504,11 @@ impl Master {
     }
 
     fn on_exit(&mut self, pid: Pid, status: WaitStatus, now: Instant) {
+        if let Some(i) = self.zygotes.iter().position(|z| z.pid == pid) {
+            let z = self.zygotes.swap_remove(i);
+            self.on_zygote_exit(z, status, now);
+            return;
+        }
         let Some(w) = self.table.remove(pid) else {
             debug!(
                 "Reaped process {pid} ({}) that is not a worker",
@@ -618,6 +657,9 @@ impl Master {
     fn abort_reload(&mut self, why: &str, now: Instant) {
         let Some(r) = self.reload.take() else { return };
         self.required_generation = r.previous_required;
+        // New spawns go back to the previous generation (with --preload,
+        // its zygote still holds the code that works).
+        self.generation = r.previous_generation;
         error!(
             "Reload to generation {} failed: {why}; the running workers keep serving",
             r.generation
@@ -692,6 +734,7 @@ impl Master {
             return;
         }
         self.refresh_ever_up(now);
+        self.tend_zygotes(now);
         self.check_lifetimes(now);
         self.sample_memory(now);
         self.start_next_recycle();
@@ -755,7 +798,25 @@ impl Master {
             .min()
             .filter(|_| !stopping);
         let memory = self.next_memory_sample.filter(|_| !stopping);
+        let zygote = if stopping || !self.preloading() {
+            None
+        } else {
+            let starting = self
+                .zygotes
+                .iter()
+                .filter(|z| z.state == ZygoteState::Starting)
+                .map(|z| z.started_at + self.cfg.startup_timeout)
+                .min();
+            [
+                starting,
+                self.zygote_backoff.next_spawn_at.filter(|t| *t > now),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+        };
         [
+            zygote,
             deadline,
             backoff,
             self.systemd_watchdog.map(|(_, at)| at),
@@ -778,10 +839,15 @@ impl Master {
                 PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
             }
         };
-        let mut fds = [
+        let mut fds = vec![
             PollFd::new(self.signals.fd(), PollFlags::POLLIN),
             PollFd::new(self.notify.fd(), PollFlags::POLLIN),
         ];
+        fds.extend(
+            self.zygotes
+                .iter()
+                .map(|z| PollFd::new(z.fd(), PollFlags::POLLIN)),
+        );
         match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => warn!("poll failed: {}", e.desc()),
@@ -937,11 +1003,277 @@ impl Master {
         }
     }
 
+    // ---- --preload: zygotes ----
+
+    /// Whether workers are forked from a zygote.
+    fn preloading(&self) -> bool {
+        self.cfg.uvicorn().is_some_and(|u| u.preload) && !self.cold_fallback
+    }
+
+    /// Starts the current generation's zygote when there is none, kills one
+    /// that does not become ready in time, and retires zygotes whose
+    /// generation has no worker left.
+    fn tend_zygotes(&mut self, now: Instant) {
+        if !self.preloading() {
+            return;
+        }
+        let timeout = self.cfg.startup_timeout;
+        let late: Vec<Pid> = self
+            .zygotes
+            .iter()
+            .filter(|z| z.state == ZygoteState::Starting && now >= z.started_at + timeout)
+            .map(|z| z.pid)
+            .collect();
+        for pid in late {
+            warn!("Zygote {pid} did not import the app within {timeout:?}; killing it");
+            signal_group(pid, Signal::SIGKILL);
+            if let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == pid) {
+                z.state = ZygoteState::Stopping;
+            }
+            self.zygote_failed(now);
+        }
+        let current = self.generation;
+        for z in self.zygotes.iter_mut() {
+            let in_use = self
+                .table
+                .iter()
+                .any(|w| w.is_active() && w.generation == z.generation);
+            if z.generation != current && !in_use && z.state != ZygoteState::Stopping {
+                info!(
+                    "Zygote {} (generation {}) has no worker left; stopping it",
+                    z.pid, z.generation
+                );
+                stop_zygote(z);
+            }
+        }
+        let have = self
+            .zygotes
+            .iter()
+            .any(|z| z.generation == current && z.state != ZygoteState::Stopping);
+        let may = self.zygote_backoff.next_spawn_at.is_none_or(|t| t <= now);
+        if !have && may {
+            self.start_zygote(now);
+        }
+    }
+
+    fn start_zygote(&mut self, now: Instant) {
+        let Some(opts) = self.cfg.uvicorn() else {
+            return;
+        };
+        let (master_end, zygote_end) = match zygote::channel() {
+            Ok(pair) => pair,
+            Err(e) => {
+                error!("cannot create the zygote's channel: {}", e.desc());
+                self.zygote_failed(now);
+                return;
+            }
+        };
+        let mut json = classes::uvicorn::app_config(opts, &self.cfg);
+        json["mode"] = "zygote".into();
+        let mut env = self.base_env.clone();
+        let mut set = |k: &str, v: String| {
+            env.retain(|(key, _)| key != k);
+            env.push((k.to_string(), v));
+        };
+        set(classes::uvicorn::CONFIG_VAR, json.to_string());
+        set("LISTEN_FDS", self.listeners.len().to_string());
+        set(
+            "LISTEN_FDNAMES",
+            self.listeners
+                .iter()
+                .map(|l| l.name.as_str())
+                .collect::<Vec<_>>()
+                .join(":"),
+        );
+        set("NOTIFY_SOCKET", self.notify.path().display().to_string());
+        set("PROCMAN_ZYGOTE_FD", (3 + self.listeners.len()).to_string());
+        set("PROCMAN_MASTER_PID", std::process::id().to_string());
+        let mut pid_vars = vec!["LISTEN_PID"];
+        if let Some(t) = self.cfg.timeout {
+            set("WATCHDOG_USEC", t.as_micros().to_string());
+            pid_vars.push("WATCHDOG_PID");
+        }
+        let mut fds: Vec<_> = self.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
+        fds.push(zygote_end.as_raw_fd());
+        let plan = Plan::new(
+            &self.launch.program,
+            &self.launch.argv,
+            &env,
+            &pid_vars,
+            &fds,
+            self.cfg.credentials.as_ref(),
+            self.cfg.chdir.as_deref(),
+            self.cfg.umask,
+            &signals::changed_dispositions(),
+        );
+        let spawned = plan
+            .map_err(|e| format!("'{}' contains a NUL byte", e.0))
+            .and_then(|p| p.spawn().map_err(|e| e.desc().to_string()));
+        drop(zygote_end);
+        match spawned {
+            Ok(s) if s.exec_error.is_none() => {
+                info!(
+                    "Starting zygote {} for generation {} (imports {} once)",
+                    s.pid, self.generation, opts.app
+                );
+                self.zygotes
+                    .push(Zygote::new(s.pid, self.generation, master_end, now));
+            }
+            Ok(s) => {
+                let (stage, errno) = s
+                    .exec_error
+                    .unwrap_or((crate::spawn::Stage::Exec, Errno::UnknownErrno));
+                error!("cannot {} the zygote: {}", stage.describe(), errno.desc());
+                // It exits at once; reap it as an unknown child.
+                self.zygote_failed(now);
+            }
+            Err(e) => {
+                error!("cannot start the zygote: {e}");
+                self.zygote_failed(now);
+            }
+        }
+    }
+
+    fn on_zygote_message(&mut self, pid: Pid, message: FromZygote, now: Instant) {
+        let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == pid) else {
+            return;
+        };
+        match message {
+            FromZygote::Ready => {
+                if z.state == ZygoteState::Starting {
+                    z.state = ZygoteState::Ready;
+                    self.zygote_backoff = Backoff::default();
+                    info!(
+                        "Zygote {pid} ready in {:.3}s (generation {})",
+                        now.saturating_duration_since(z.started_at).as_secs_f64(),
+                        z.generation
+                    );
+                }
+            }
+            FromZygote::Warning(w) => warn!("Zygote {pid}: {w}"),
+            FromZygote::Error(e) => warn!("Zygote {pid} reported an error: {e}"),
+            FromZygote::Spawned { slot, pid: worker } => {
+                debug!("Zygote {pid} reported worker {worker} (slot {slot}) late; ignored")
+            }
+            FromZygote::Closed => {
+                if z.state != ZygoteState::Stopping {
+                    debug!("Zygote {pid} closed its channel");
+                    z.state = ZygoteState::Stopping;
+                }
+            }
+        }
+    }
+
+    fn spawn_from_zygote(&mut self, slot: usize, now: Instant) {
+        let current = self.generation;
+        let Some(z) = self
+            .zygotes
+            .iter()
+            .find(|z| z.generation == current && z.state == ZygoteState::Ready)
+        else {
+            // The zygote is still importing: the slot is filled once it is
+            // ready (its channel wakes the loop).
+            return;
+        };
+        let zpid = z.pid;
+        let env = vec![
+            ("PROCMAN_WORKER_ID".to_string(), slot.to_string()),
+            ("PROCMAN_GENERATION".to_string(), current.to_string()),
+        ];
+        let (result, others) = z.spawn(slot, current, &env);
+        for m in others {
+            self.on_zygote_message(zpid, m, now);
+        }
+        match result {
+            Ok(pid) => {
+                info!(
+                    worker = pid.as_raw(),
+                    slot,
+                    generation = current,
+                    "Booting worker {slot} with pid {pid} (generation {current}, forked from zygote {zpid})"
+                );
+                let w = Worker::new(pid, slot, current, now, self.cfg.startup_timeout);
+                self.table.insert(w);
+            }
+            Err(e) => {
+                error!("Zygote {zpid} could not fork a worker for slot {slot}: {e}; restarting it");
+                if let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == zpid) {
+                    signal_group(zpid, Signal::SIGKILL);
+                    z.state = ZygoteState::Stopping;
+                }
+                self.zygote_failed(now);
+            }
+        }
+    }
+
+    fn on_zygote_exit(&mut self, z: Zygote, status: WaitStatus, now: Instant) {
+        let how = describe(&status);
+        match z.state {
+            // Asked to stop (retired, or found broken and counted then).
+            ZygoteState::Stopping => {
+                info!(
+                    "Zygote {} (generation {}) exited: {how}",
+                    z.pid, z.generation
+                )
+            }
+            ZygoteState::Starting => {
+                let detail = z
+                    .reported_error
+                    .clone()
+                    .unwrap_or_else(|| format!("zygote {} {how}", z.pid));
+                if let Some(r) = self.reload {
+                    if r.generation == z.generation {
+                        self.abort_reload(
+                            &format!("the new code could not be loaded: {detail}"),
+                            now,
+                        );
+                        return;
+                    }
+                }
+                if !self.ever_up {
+                    let err = match exit_code(&status) {
+                        Some(4) => Error::AppImport(detail),
+                        _ => Error::BootFailed(format!("the zygote failed to start: {detail}")),
+                    };
+                    error!("{err}");
+                    self.begin_stop(true, Err(err), now);
+                    return;
+                }
+                warn!("Zygote {} failed to start: {detail}", z.pid);
+                self.zygote_failed(now);
+            }
+            ZygoteState::Ready => {
+                warn!(
+                    "Zygote {} (generation {}) exited: {how}; its workers keep serving, restarting it",
+                    z.pid, z.generation
+                );
+                self.zygote_failed(now);
+            }
+        }
+    }
+
+    /// Backs off zygote restarts; after 3 failures in a row, workers start
+    /// cold (each imports the app itself) and this is logged.
+    fn zygote_failed(&mut self, now: Instant) {
+        self.zygote_backoff = policy::after_death(self.zygote_backoff, true, now);
+        if self.zygote_backoff.failures >= 3 && !self.cold_fallback {
+            self.cold_fallback = true;
+            warn!(
+                "The zygote failed {} times in a row; new workers start cold (without --preload)",
+                self.zygote_backoff.failures
+            );
+        }
+    }
+
     // ---- system calls on workers ----
 
     fn spawn_worker(&mut self, slot: usize) {
         // Each worker's own start time: ages order "the oldest" for TTOU.
         let now = Instant::now();
+        if self.preloading() {
+            self.spawn_from_zygote(slot, now);
+            return;
+        }
         let mut env = self.base_env.clone();
         let mut set = |k: &str, v: String| {
             env.retain(|(key, _)| key != k);
@@ -1187,6 +1519,14 @@ impl Master {
     /// the worker itself or one of its descendants. Others are dropped.
     fn dispatch_datagram(&mut self, d: Datagram, now: Instant) {
         let sender = Pid::from_raw(d.pid);
+        if let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == sender) {
+            for m in d.messages {
+                if let Message::Error(text) = m {
+                    z.reported_error = Some(text);
+                }
+            }
+            return;
+        }
         let worker = if self.table.get(sender).is_some() {
             Some(sender)
         } else {
@@ -1233,6 +1573,14 @@ pub fn worker_base_env(cfg: &Config) -> Vec<(String, String)> {
         env.push((k.clone(), v.clone()));
     }
     env
+}
+
+/// Asks a zygote to exit (it has nothing to drain).
+fn stop_zygote(z: &mut Zygote) {
+    if z.state != ZygoteState::Stopping {
+        z.state = ZygoteState::Stopping;
+        signal_group(z.pid, Signal::SIGTERM);
+    }
 }
 
 fn mark_ready(w: &mut Worker, now: Instant) {

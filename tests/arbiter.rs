@@ -63,7 +63,7 @@ fn term_lets_an_in_flight_request_complete() {
         .args(notify_worker())
         .spawn();
     let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
-    let idle_fds = open_fds(pid).len();
+    let idle_fds = idle_fd_count(pid);
     let addr = h.addr();
     let slow = std::thread::spawn(move || {
         http_request(addr, "GET", "/slow?s=2", None, Duration::from_secs(20))

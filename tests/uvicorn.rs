@@ -232,7 +232,7 @@ fn lifespan_startup_failure_exits_3() {
 fn term_lets_an_in_flight_request_finish_then_exits_0() {
     let mut h = uvicorn("uv-term", &fastapi_dir(), "app:main", &["-w", "1"]).spawn();
     let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
-    let idle = open_fds(pid).len();
+    let idle = idle_fd_count(pid);
     let addr = h.addr();
     let slow = std::thread::spawn(move || {
         http_request(addr, "GET", "/slow?s=2", None, Duration::from_secs(30))

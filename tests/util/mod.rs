@@ -642,3 +642,15 @@ pub fn open_fds(pid: i32) -> Vec<i32> {
     fds.sort();
     fds
 }
+
+/// A process's fd count at rest: the minimum over a few samples, so a
+/// connection still closing from an earlier request is not counted.
+pub fn idle_fd_count(pid: i32) -> usize {
+    (0..10)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            open_fds(pid).len()
+        })
+        .min()
+        .unwrap_or(0)
+}

@@ -1,0 +1,225 @@
+//! `--preload`: the zygote, a bootstrap process that imported uvicorn and
+//! the app once and forks workers on request.
+//!
+//! The master talks to it over a private `SOCK_SEQPACKET` pair, one JSON
+//! object per message:
+//! * zygote → master: `{"ready": true, "pid": P}` once the app is imported;
+//!   `{"spawned": {"slot": S, "pid": P}}` for each worker; `{"warning": "…"}`;
+//!   `{"error": "…"}`;
+//! * master → zygote: `{"spawn": {"slot": S, "generation": G, "env": {…}}}`.
+//!
+//! The zygote double-forks, so every worker is re-parented to the master
+//! (a child subreaper, or PID 1) and supervised exactly like a cold-started
+//! one; the worker's pid is reported before the worker proceeds, so the
+//! master always knows a pid before it can send anything or exit.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
+use nix::unistd::Pid;
+
+/// How long the master waits for the zygote to report a forked worker.
+const SPAWN_REPLY: Duration = Duration::from_secs(2);
+
+/// A message from the zygote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromZygote {
+    /// The app is imported; the zygote takes spawn requests.
+    Ready,
+    /// A worker was forked.
+    Spawned {
+        /// Its slot.
+        slot: usize,
+        /// Its pid.
+        pid: i32,
+    },
+    /// Something the operator should know (threads at import time, …).
+    Warning(String),
+    /// A request failed.
+    Error(String),
+    /// The channel closed: the zygote is exiting.
+    Closed,
+}
+
+/// Parses one datagram from the zygote.
+pub fn parse(bytes: &[u8]) -> Option<FromZygote> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    if v.get("ready").and_then(|r| r.as_bool()) == Some(true) {
+        return Some(FromZygote::Ready);
+    }
+    if let Some(s) = v.get("spawned") {
+        return Some(FromZygote::Spawned {
+            slot: s.get("slot")?.as_u64()? as usize,
+            pid: s.get("pid")?.as_i64()? as i32,
+        });
+    }
+    if let Some(w) = v.get("warning").and_then(|w| w.as_str()) {
+        return Some(FromZygote::Warning(w.to_string()));
+    }
+    v.get("error")
+        .and_then(|e| e.as_str())
+        .map(|e| FromZygote::Error(e.to_string()))
+}
+
+/// The zygote's life stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZygoteState {
+    /// Importing the app.
+    Starting,
+    /// Taking spawn requests.
+    Ready,
+    /// Asked to exit (or found broken); waiting to be reaped.
+    Stopping,
+}
+
+/// One zygote process.
+#[derive(Debug)]
+pub struct Zygote {
+    /// Its pid.
+    pub pid: Pid,
+    /// The generation whose workers it forks.
+    pub generation: u64,
+    /// Life stage.
+    pub state: ZygoteState,
+    /// When it was started.
+    pub started_at: Instant,
+    /// The error it reported before exiting (X_PROCMAN_ERROR).
+    pub reported_error: Option<String>,
+    channel: OwnedFd,
+}
+
+/// The two ends of a fresh control channel: (master's, zygote's).
+pub fn channel() -> Result<(OwnedFd, OwnedFd), Errno> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+}
+
+impl Zygote {
+    /// Wraps a just-spawned zygote and the master's end of its channel.
+    pub fn new(pid: Pid, generation: u64, channel: OwnedFd, now: Instant) -> Zygote {
+        Zygote {
+            pid,
+            generation,
+            state: ZygoteState::Starting,
+            started_at: now,
+            reported_error: None,
+            channel,
+        }
+    }
+
+    /// The channel, to poll.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.channel.as_fd()
+    }
+
+    /// Every message waiting on the channel.
+    pub fn drain(&self) -> Vec<FromZygote> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match recv(self.channel.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => {
+                    out.push(FromZygote::Closed);
+                    break;
+                }
+                Ok(n) => out.extend(parse(&buf[..n])),
+                Err(Errno::EINTR) => continue,
+                Err(_) => break, // EAGAIN: nothing more
+            }
+        }
+        out
+    }
+
+    /// Asks for a worker and waits (bounded) for its pid. Other messages
+    /// that arrive meanwhile are returned for the caller to handle.
+    pub fn spawn(
+        &self,
+        slot: usize,
+        generation: u64,
+        env: &[(String, String)],
+    ) -> (Result<Pid, String>, Vec<FromZygote>) {
+        let env: serde_json::Map<String, serde_json::Value> = env
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        let msg =
+            serde_json::json!({"spawn": {"slot": slot, "generation": generation, "env": env}});
+        let bytes = msg.to_string().into_bytes();
+        if let Err(e) = send(self.channel.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL) {
+            return (
+                Err(format!("cannot reach the zygote: {}", e.desc())),
+                Vec::new(),
+            );
+        }
+        // Bounded wait for the reply: the zygote forks in milliseconds; a
+        // zygote that does not answer in time is treated as broken.
+        let deadline = Instant::now() + SPAWN_REPLY;
+        let mut others = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return (
+                    Err("the zygote did not answer a spawn request in 2s".into()),
+                    others,
+                );
+            }
+            let ms = PollTimeout::try_from(left.as_millis().min(2000) as i32)
+                .unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(self.channel.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, ms) {
+                Ok(0) | Err(Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => return (Err(format!("poll: {}", e.desc())), others),
+            }
+            for m in self.drain() {
+                match m {
+                    FromZygote::Spawned { slot: s, pid } if s == slot => {
+                        return (Ok(Pid::from_raw(pid)), others)
+                    }
+                    FromZygote::Error(e) => return (Err(e), others),
+                    FromZygote::Closed => {
+                        others.push(FromZygote::Closed);
+                        return (Err("the zygote closed its channel".into()), others);
+                    }
+                    other => others.push(other),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_parse() {
+        let table: &[(&str, Option<FromZygote>)] = &[
+            (r#"{"ready": true, "pid": 5}"#, Some(FromZygote::Ready)),
+            (
+                r#"{"spawned": {"slot": 2, "pid": 77}}"#,
+                Some(FromZygote::Spawned { slot: 2, pid: 77 }),
+            ),
+            (
+                r#"{"warning": "threads"}"#,
+                Some(FromZygote::Warning("threads".into())),
+            ),
+            (
+                r#"{"error": "boom"}"#,
+                Some(FromZygote::Error("boom".into())),
+            ),
+            (r#"{"spawned": {"slot": "x"}}"#, None),
+            ("not json", None),
+        ];
+        for (text, want) in table {
+            assert_eq!(&parse(text.as_bytes()), want, "{text}");
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! `--preload`: workers forked from a zygote that imported the app once,
+//! supervised by the master like any other.
+
+mod util;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use util::*;
+
+const BOOT: Duration = Duration::from_secs(60);
+
+/// A private copy of the FastAPI example, so a test can change its code.
+fn app_copy(name: &str) -> PathBuf {
+    let dir = temp_dir(name);
+    std::fs::copy(repo().join("examples/fastapi/app.py"), dir.join("app.py")).expect("copy app");
+    dir
+}
+
+fn preload(name: &str, dir: &Path, extra: &[&str]) -> Start {
+    let python = venv_python();
+    Start::new(
+        name,
+        &[
+            "app:main",
+            "--preload",
+            "--no-access-log",
+            "--python",
+            python.to_str().expect("utf8"),
+        ],
+    )
+    .args(["--chdir", dir.to_str().expect("utf8")])
+    .args(extra.iter().copied())
+}
+
+fn zygote_pids(h: &Harness) -> Vec<i32> {
+    h.log_text()
+        .lines()
+        .filter_map(|l| {
+            l.split("Starting zygote ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn version(h: &Harness) -> Option<String> {
+    let (status, body) = http_get(h.addr(), "/version").ok()?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    (status == 200).then(|| v["version"].as_str().unwrap_or("").to_string())
+}
+
+fn smaps(pid: i32, key: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn forked_workers_answer_and_belong_to_the_master() {
+    let dir = app_copy("pre-basic");
+    let mut h = preload("pre-basic", &dir, &["-w", "3"]).spawn();
+    let pids = h.wait_workers(3, BOOT);
+    for pid in &pids {
+        let st = stat(*pid).expect("stat");
+        assert_eq!(st.ppid, h.pid, "worker {pid} is the master's child");
+        assert_eq!(st.pgrp, *pid, "worker {pid} leads its own group");
+    }
+    h.check(h.count_log("forked from zygote") == 3, "three forks");
+    h.check(zygote_pids(&h).len() == 1, "one zygote");
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+    let zygote = zygote_pids(&h)[0];
+    assert!(!alive(zygote), "zygote stopped");
+    for pid in pids {
+        assert!(!alive(pid));
+    }
+}
+
+#[test]
+fn a_killed_worker_is_replaced_by_a_fresh_fork_quickly() {
+    let dir = app_copy("pre-respawn");
+    let mut h = preload("pre-respawn", &dir, &["-w", "2"]).spawn();
+    let before = h.wait_workers(2, BOOT);
+    let victim = *before.iter().next().expect("worker");
+    let t0 = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL).expect("kill");
+    let addr = h.addr();
+    let new = wait_for(BOOT, || {
+        let (_, body) = http_get(addr, "/pid").ok()?;
+        let p: i32 = body.trim().parse().ok()?;
+        (!before.contains(&p)).then_some(p)
+    })
+    .expect("a new pid answered");
+    eprintln!(
+        "respawn with --preload: new pid answered after {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        stat(new).expect("stat").ppid,
+        h.pid,
+        "the replacement's parent is the master"
+    );
+}
+
+#[test]
+fn workers_share_memory_with_the_zygote() {
+    let dir = app_copy("pre-pss");
+    let mut h = preload("pre-pss", &dir, &["-w", "2"]).spawn();
+    let pids = h.wait_workers(2, BOOT);
+    for pid in pids {
+        let (rss, pss) = (smaps(pid, "Rss:"), smaps(pid, "Pss:"));
+        eprintln!("worker {pid}: Rss {rss} kB, Pss {pss} kB");
+        assert!(
+            rss > 0 && pss * 10 < rss * 7,
+            "PSS {pss} kB not well below RSS {rss} kB"
+        );
+    }
+}
+
+#[test]
+fn an_import_error_in_the_zygote_exits_4() {
+    let mut h = Start::new(
+        "pre-import",
+        &[
+            "raises_on_import:main",
+            "--preload",
+            "--python",
+            venv_python().to_str().expect("utf8"),
+        ],
+    )
+    .args(["--chdir", repo().join("tests/apps").to_str().expect("utf8")])
+    .spawn();
+    assert_eq!(h.exit_code(BOOT), 4, "{}", h.log_text());
+    h.check(
+        h.log_text().contains("procman: error: Failed to load application 'raises_on_import:main': RuntimeError: boom at import"),
+        "the Python error in the last line",
+    );
+}
+
+#[test]
+fn a_killed_zygote_is_restarted_and_workers_keep_serving() {
+    let dir = app_copy("pre-zkill");
+    let mut h = preload("pre-zkill", &dir, &["-w", "2"]).spawn();
+    let before = h.wait_workers(2, BOOT);
+    let zygote = zygote_pids(&h)[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(zygote), Signal::SIGKILL)
+        .expect("kill zygote");
+    h.check(h.wait_log("restarting it", BOOT), "zygote death noticed");
+    let second = wait_for(BOOT, || zygote_pids(&h).get(1).copied()).expect("a new zygote");
+    h.check(
+        h.wait_log(&format!("Zygote {second} ready"), BOOT),
+        "new zygote ready",
+    );
+    for p in &before {
+        assert!(alive(*p), "worker {p} untouched");
+    }
+    // A later respawn forks from the new zygote.
+    let victim = *before.iter().next().expect("worker");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL).expect("kill");
+    h.check(
+        h.wait_log(&format!("forked from zygote {second})"), BOOT),
+        "respawned from the new zygote",
+    );
+    h.wait_workers(2, BOOT);
+}
+
+#[test]
+fn hup_loads_new_code_with_zero_failed_requests() {
+    let dir = app_copy("pre-hup");
+    let mut h = preload("pre-hup", &dir, &["-w", "2"]).spawn();
+    let old: BTreeSet<i32> = h.wait_workers(2, BOOT);
+    assert_eq!(version(&h).as_deref(), Some("1"));
+    let app = dir.join("app.py");
+    let code = std::fs::read_to_string(&app).expect("read");
+    std::fs::write(&app, code.replace("VERSION = \"1\"", "VERSION = \"2\"")).expect("write");
+    let load = Load::start(h.addr(), 4, 30_000, Duration::from_secs(60));
+    wait_for(BOOT, || (load.done() > 50).then_some(()));
+    h.signal(Signal::SIGHUP);
+    let done = wait_for(BOOT, || {
+        let kids: BTreeSet<i32> = h.children().into_iter().collect();
+        (h.log_text().contains("Reload done") && old.iter().all(|p| !kids.contains(p)))
+            .then_some(())
+    });
+    let target = load.done() + 100;
+    wait_for(BOOT, || (load.done() > target).then_some(()));
+    let report = load.finish();
+    h.check(done.is_some(), "reload finished");
+    h.check(
+        report.failures.is_empty(),
+        &format!("failed: {:?} of {}", report.failures, report.ok),
+    );
+    assert_eq!(version(&h).as_deref(), Some("2"), "new code serves");
+    let gone = wait_for(BOOT, || (!alive(zygote_pids(&h)[0])).then_some(()));
+    h.check(gone.is_some(), "the old zygote exited with its generation");
+}
+
+#[test]
+fn hup_with_broken_code_keeps_the_old_generation_serving() {
+    let dir = app_copy("pre-broken");
+    let mut h = preload("pre-broken", &dir, &["-w", "2"]).spawn();
+    let old = h.wait_workers(2, BOOT);
+    let app = dir.join("app.py");
+    let code = std::fs::read_to_string(&app).expect("read");
+    std::fs::write(&app, format!("raise RuntimeError('broken deploy')\n{code}")).expect("write");
+    h.signal(Signal::SIGHUP);
+    h.check(
+        h.wait_log("Reload to generation 2 failed", BOOT),
+        "reload reported failed",
+    );
+    h.check(
+        h.log_text().contains("broken deploy"),
+        "names the Python error",
+    );
+    let still = h.wait_workers(2, BOOT);
+    assert_eq!(old, still);
+    assert_eq!(version(&h).as_deref(), Some("1"));
+    // A respawn after the failed reload still works (from the old zygote).
+    let victim = *old.iter().next().expect("worker");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL).expect("kill");
+    let replaced = wait_for(BOOT, || {
+        let kids: BTreeSet<i32> = h.children().into_iter().collect();
+        (!kids.contains(&victim) && h.count_log("forked from zygote") >= 3).then_some(())
+    });
+    h.check(replaced.is_some(), "respawned after the failed reload");
+    assert_eq!(version(&h).as_deref(), Some("1"));
+}

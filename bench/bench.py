@@ -1181,6 +1181,7 @@ class Bench:
 
     def run(self) -> None:
         self.t_begin = datetime.datetime.now(datetime.timezone.utc)
+        self.revision = source_revision(self.root)
         self.loadavg_begin = (_read("/proc/loadavg") or "").split()[:3]
         self.warm_up()
         tmp = tempfile.mkdtemp(prefix="procman-bench-")
@@ -1351,19 +1352,23 @@ def render_table(b: Bench) -> str:
     cols = b.servers
     lines = ["| metric | " + " | ".join(TITLES[s] for s in cols) + " |",
              "|---|" + "---|" * len(cols)]
+    heading = None
     for key, label, kind in ROWS:
         if label is None:
-            lines.append(f"| **{key}** |" + " |" * len(cols))
+            heading = f"| **{key}** |" + " |" * len(cols)
             continue
         if not any(key in b.results[s] for s in cols):
             continue
+        if heading:
+            lines.append(heading)
+            heading = None
         ref = median_of(b.results.get("procman", {}).get(key)) if "procman" in cols else None
         cells = []
         for s in cols:
             vals = b.results[s].get(key)
             cells.append(cell(vals, kind, ref, show_ratio=(s != "procman" and kind == "num")))
         lines.append(f"| {label.replace('N worker', f'{b.n} worker')} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def render_cmd_table(b: Bench) -> str:
@@ -1413,8 +1418,10 @@ def render_spread(b: Bench) -> str:
                 get = lambda k: [v.get(k) if v else None for v in vals]  # noqa: E731
                 counts = "; ".join("/".join(map(str, v["sorted"])) if v else "n/a" for v in vals)
                 if load == "wrk":
-                    conns = "; ".join("/".join(map(str, v["conns"])) if v and v.get("conns") else "–"
-                                      for v in vals)
+                    conns = "; ".join("/".join(map(str, v["conns"])) if v and v.get("conns")
+                                      and sum(v["conns"]) else "–" for v in vals)
+                    if cls == "command":
+                        conns = "– (one request per connection)"
                     failed = [v["other"] + v["sockerr"] if v else None for v in vals]
                 else:
                     conns = "–"
@@ -1645,8 +1652,9 @@ def render_svg(b: Bench) -> str:
 
 
 def stale_sources(root: str, binary: str) -> str | None:
-    """The newest source file (src/, examples/*.rs, Cargo.*, build.rs) if it is newer than
-    the binary, else None. cargo rebuilds on change; this catches BENCH_SKIP_SETUP=1 runs."""
+    """The newest source file (anything under src/, examples/*.rs, Cargo.*, build.rs) if it is
+    newer than the binary, else None. cargo rebuilds on change; this catches
+    BENCH_SKIP_SETUP=1 runs."""
     try:
         built = os.stat(binary).st_mtime
     except OSError:
@@ -1655,7 +1663,7 @@ def stale_sources(root: str, binary: str) -> str | None:
     cands = [os.path.join(root, f) for f in ("Cargo.toml", "Cargo.lock", "build.rs")]
     for d in ("src", "examples"):
         for dp, _, fs in os.walk(os.path.join(root, d)):
-            cands += [os.path.join(dp, f) for f in fs if f.endswith(".rs")]
+            cands += [os.path.join(dp, f) for f in fs if d == "src" or f.endswith(".rs")]
     for f in cands:
         try:
             t = os.stat(f).st_mtime
@@ -1664,6 +1672,24 @@ def stale_sources(root: str, binary: str) -> str | None:
         if t > newest_t:
             newest, newest_t = f, t
     return os.path.relpath(newest, root) if newest and newest_t > built else None
+
+
+def source_revision(root: str) -> str:
+    """Commit of the tree and its uncommitted source changes (read-only git, no index refresh)."""
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        st = subprocess.run(["git", "--no-optional-locks", "-C", root, "status", "--porcelain", "--",
+                             "src", "examples", "Cargo.toml", "Cargo.lock"],
+                            capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not head:
+        return "unknown"
+    dirty = [line[3:] for line in st.splitlines() if line.strip()]
+    if not dirty:
+        return f"commit {head}, clean"
+    return f"commit {head} plus uncommitted changes to {', '.join(dirty[:6])}{' …' if len(dirty) > 6 else ''}"
 
 
 def sh(cmd: list[str]) -> str:
@@ -1748,7 +1774,7 @@ def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str, spread_t
         f" load average at start {' '.join(b.loadavg_begin)} (the cores are shared: compare servers only"
         " within one run)",
         f"- procman: {ver['procman']} ({ver['rustc']}, `cargo build --release --bins --examples`;"
-        f" {ver['procman_build']})",
+        f" {ver['procman_build']}); source at the start of the run: {b.revision}",
         f"- gunicorn {ver['gunicorn']} + uvicorn-worker {ver['uvicorn-worker']}; uvicorn {ver['uvicorn']};"
         f" fastapi {ver['fastapi']} (starlette {ver['starlette']}); uvloop {ver['uvloop']};"
         f" httptools {ver['httptools']}; Python {ver['python']}",
@@ -1779,21 +1805,24 @@ def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str, spread_t
         " at import. uvicorn and procman run with `--no-access-log`: uvicorn logs every request by"
         " default, gunicorn's access log is off by default.",
         "",
-        f"## Results ({b.rounds} interleaved round{'s' if b.rounds != 1 else ''}:"
-        f" {' → '.join(b.servers)} per scenario and round)",
-        "",
-        f"Numbers are medians over rounds, [min–max] when there are several; `(×r)` = that server's"
-        f" median ÷ procman's. Idle window {b.idle:g} s; wrk `-t2 -c64 -d{b.wrk_d}s`. Request kinds:"
-        " ok = 200, refused = ECONNREFUSED, reset = ECONNRESET, empty = closed without a response,"
-        " timeout = no answer within 2 s, non200 = another status. – = did not happen within the"
-        " scenario's cap (boot failure: {0:.0f} s; blocked loop: {1:.0f} s).".format(b.bootfail_cap,
-                                                                                   b.block_cap),
-        "",
-        table,
-        "",
-        f"![start-up and memory]({chart_rel})",
-        "",
     ]
+    if table:
+        out += [
+            f"## Results ({b.rounds} interleaved round{'s' if b.rounds != 1 else ''}:"
+            f" {' → '.join(b.servers)} per scenario and round)",
+            "",
+            f"Numbers are medians over rounds, [min–max] when there are several; `(×r)` = that server's"
+            f" median ÷ procman's. Idle window {b.idle:g} s; wrk `-t2 -c64 -d{b.wrk_d}s`. Request kinds:"
+            " ok = 200, refused = ECONNREFUSED, reset = ECONNRESET, empty = closed without a response,"
+            " timeout = no answer within 2 s, non200 = another status. – = did not happen within the"
+            " scenario's cap (boot failure: {0:.0f} s; blocked loop: {1:.0f} s).".format(b.bootfail_cap,
+                                                                                       b.block_cap),
+            "",
+            table,
+            "",
+            f"![start-up and memory]({chart_rel})",
+            "",
+        ]
     if cmd_table:
         out += [
             "## procman command class",

@@ -703,6 +703,11 @@ impl Master {
                             w.slot,
                             silent.as_secs_f64()
                         );
+                        let limit = self.cfg.timeout.unwrap_or_default();
+                        debug!(
+                            "Worker {pid}: aborted {:.1} ms after its heartbeat deadline",
+                            silent.saturating_sub(limit).as_secs_f64() * 1000.0
+                        );
                     }
                     self.abort_worker(pid, now);
                 }

@@ -26,10 +26,38 @@ Invariants:
   lifespan startup failed), 4 = the app could not be imported.
 * Importing the app (load_app) is separate from serving it (serve), so that a
   zygote can import once and fork workers that only call serve().
+
+Modes (PROCMAN_APP_CONFIG "mode"): "worker" imports and serves; "check" only
+imports (--check-config); "zygote" (--preload) imports once and forks workers
+on request:
+
+* Started like a worker, plus PROCMAN_ZYGOTE_FD (an AF_UNIX SOCK_SEQPACKET
+  socket to the master, one UTF-8 JSON object per message) and
+  PROCMAN_MASTER_PID. LISTEN_*, NOTIFY_SOCKET and WATCHDOG_* are meant for the
+  workers: the zygote keeps the listeners and the values and takes the
+  variables out of the environment before the app is imported. It starts no
+  event loop and no thread, so forking it is safe.
+* Zygote to master: {"warning": "..."} (threads alive after the import),
+  then {"ready": true, "pid": P}. Master to zygote: {"spawn": {"slot": S,
+  "generation": G, "env": {...}}}. Every message gets exactly one reply, in
+  order: {"spawned": {"slot": S, "pid": W}} or {"error": "..."}. EOF on the
+  control socket or TERM/INT/QUIT ends the zygote with status 0; the workers
+  it forked live on.
+* A spawn double-forks: the intermediate child reports the worker's pid and
+  exits, so the worker is re-parented to the master (a child subreaper),
+  which therefore knows the pid before the worker does anything. The worker
+  waits until its parent is the master, then sets PR_SET_PDEATHSIG, restores
+  a cold worker's signal state, takes its identity from "env" and calls the
+  same serve() as a cold worker. It never returns into the zygote's code.
+* Stop signals are blocked around the fork and stay blocked in the
+  intermediate, so a signal to the zygote's process group cannot kill an
+  intermediate between creating a worker and reporting it.
 """
 
 import asyncio
+import atexit
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -37,6 +65,8 @@ import random
 import signal
 import socket
 import sys
+import threading
+import time
 import traceback
 
 EXIT_CANNOT_START = 3  # also what uvicorn itself uses for a lifespan startup failure
@@ -45,6 +75,11 @@ EXIT_IMPORT_FAILED = 4
 # stopped accepting. Long enough for a request already on the wire, short
 # enough not to matter next to --graceful-timeout.
 REQUEST_GRACE = 0.5
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+# Zygote: the largest control message, and how long a forked worker waits to
+# be re-parented to the master.
+MAX_MESSAGE = 64 * 1024
+REPARENT_TIMEOUT = 10.0
 
 
 def fail(message, code):
@@ -71,12 +106,17 @@ def tell_master(text):
             sock.sendto(text.encode("utf-8", "replace"), address)
 
 
-def exit_now(signum=None, frame=None):
-    # Until uvicorn serves there is nothing to drain: a stop signal just ends
-    # the process (os._exit, so an app import in progress cannot swallow it).
+def flush_stdio():
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+
+
+def exit_now(signum=None, frame=None):
+    # Until uvicorn serves there is nothing to drain: a stop signal just ends
+    # the process (os._exit, so an app import in progress cannot swallow it).
+    # A zygote never drains: this is its stop handler for good.
+    flush_stdio()
     os._exit(0)
 
 
@@ -87,9 +127,14 @@ def ignore(signum, frame):
     pass
 
 
-for _sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-    signal.signal(_sig, exit_now)
-signal.signal(signal.SIGUSR1, ignore)
+def install_boot_signals():
+    """The dispositions of a worker until uvicorn serves (and of a zygote)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, exit_now)
+    signal.signal(signal.SIGUSR1, ignore)
+
+
+install_boot_signals()
 
 # Like gunicorn and the uvicorn CLI: the app directory (our cwd) comes first.
 sys.path.insert(0, os.getcwd())
@@ -117,22 +162,7 @@ class Notifier:
 
     @classmethod
     def from_env(cls):
-        # Removed from the environment so that processes the app starts do not
-        # report READY/WATCHDOG in our name (the master accepts messages from
-        # a worker's descendants and attributes them to the worker).
-        path = os.environ.pop("NOTIFY_SOCKET", "")
-        usec = os.environ.pop("WATCHDOG_USEC", "")
-        wpid = os.environ.pop("WATCHDOG_PID", "")
-        if path.startswith("@"):
-            address = "\0" + path[1:]  # abstract; CPython then omits the trailing NUL
-        elif path.startswith("/"):
-            address = path
-        else:
-            address = None  # unset, or a kind we do not speak (vsock:)
-        interval = None
-        if address and usec.isdigit() and int(usec) > 0 and wpid in ("", str(os.getpid())):
-            interval = int(usec) / 4e6  # four beats per timeout: one lost datagram is harmless
-        return cls(address, interval)
+        return cls(*take_notify_env())
 
     def send(self, *lines):
         if self.sock is None:
@@ -142,6 +172,30 @@ class Notifier:
             return True
         except OSError:  # EAGAIN (queue full), master gone, ...: drop it
             return False
+
+
+def take_notify_env():
+    """NOTIFY_SOCKET and WATCHDOG_* as (address, watchdog interval or None).
+
+    The variables are removed from the environment so that processes the app
+    starts do not report READY/WATCHDOG in our name (the master accepts
+    messages from a worker's descendants and attributes them to the worker).
+    WATCHDOG_PID must name this process: a zygote checks it against its own
+    pid and hands the result on to the workers it forks.
+    """
+    path = os.environ.pop("NOTIFY_SOCKET", "")
+    usec = os.environ.pop("WATCHDOG_USEC", "")
+    wpid = os.environ.pop("WATCHDOG_PID", "")
+    if path.startswith("@"):
+        address = "\0" + path[1:]  # abstract; CPython then omits the trailing NUL
+    elif path.startswith("/"):
+        address = path
+    else:
+        address = None  # unset, or a kind we do not speak (vsock:)
+    interval = None
+    if address and usec.isdigit() and int(usec) > 0 and wpid in ("", str(os.getpid())):
+        interval = int(usec) / 4e6  # four beats per timeout: one lost datagram is harmless
+    return address, interval
 
 
 def listen_sockets():
@@ -328,17 +382,12 @@ class ProcmanServer(uvicorn.Server):
                 return
 
 
-def serve(app, config, sockets, notifier):
-    """Serve an already imported app on the given listeners until stopped. Returns the exit status."""
-    max_requests = int(config["max_requests"] or 0)
-    recycle_after = None
-    limit_max_requests = None
-    if max_requests > 0:
-        limit = max_requests + random.randint(0, max(0, int(config["max_requests_jitter"] or 0)))
-        if notifier.sock is not None:
-            recycle_after = limit
-        else:
-            limit_max_requests = limit  # nobody to ask: recycle the uvicorn way (exit)
+def uvicorn_config(app, config, limit_max_requests=None):
+    """A loaded uvicorn.Config for an imported app. Exits 3 if it cannot be loaded.
+
+    Loading imports the protocol, lifespan and middleware modules and builds
+    the TLS context; a zygote does it once so that its workers share them.
+    """
     uv_config = uvicorn.Config(
         app,
         factory=False,  # load_app already called the factory
@@ -361,12 +410,27 @@ def serve(app, config, sockets, notifier):
         # Serving calls listen() again on the shared socket: keep its backlog.
         backlog=int(config["backlog"]),
     )
-    server = ProcmanServer(uv_config, notifier, recycle_after, config["app"])
     try:
         uv_config.load()  # protocol classes, TLS context, interface wrappers
     except Exception as exc:
         traceback.print_exc()
         fail(f"cannot start uvicorn: {type(exc).__name__}: {exc}", EXIT_CANNOT_START)
+    return uv_config
+
+
+def serve(app, config, sockets, notifier):
+    """Serve an already imported app on the given listeners until stopped. Returns the exit status."""
+    max_requests = int(config["max_requests"] or 0)
+    recycle_after = None
+    limit_max_requests = None
+    if max_requests > 0:
+        limit = max_requests + random.randint(0, max(0, int(config["max_requests_jitter"] or 0)))
+        if notifier.sock is not None:
+            recycle_after = limit
+        else:
+            limit_max_requests = limit  # nobody to ask: recycle the uvicorn way (exit)
+    uv_config = uvicorn_config(app, config, limit_max_requests)
+    server = ProcmanServer(uv_config, notifier, recycle_after, config["app"])
     uv_config.loaded_app = close_when_stopping(uv_config.loaded_app, server)
     server.run(sockets=sockets)
     return 0
@@ -393,6 +457,234 @@ def close_when_stopping(app, server):
     return wrapped
 
 
+class ControlChannel:
+    """The zygote's end of its SOCK_SEQPACKET socket to the master: one JSON object per message."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    @classmethod
+    def from_env(cls):
+        value = os.environ.pop("PROCMAN_ZYGOTE_FD", "")
+        if not value.isdigit():
+            fail(f"PROCMAN_ZYGOTE_FD={value!r} is not a file descriptor", EXIT_CANNOT_START)
+        try:
+            sock = socket.socket(fileno=int(value))
+        except OSError as exc:
+            fail(f"fd {value} from PROCMAN_ZYGOTE_FD is not a socket: {exc}", EXIT_CANNOT_START)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+            fail(f"fd {value} from PROCMAN_ZYGOTE_FD is not an AF_UNIX SOCK_SEQPACKET socket",
+                 EXIT_CANNOT_START)
+        sock.set_inheritable(False)  # not for the app's subprocesses
+        # Our own end (its own open file description): blocking, whatever the
+        # master created the pair with.
+        sock.setblocking(True)
+        return cls(sock)
+
+    def send(self, message):
+        """False if the master is gone."""
+        data = json.dumps(message, separators=(",", ":")).encode()
+        try:
+            self.sock.send(data)
+            return True
+        except OSError:
+            return False
+
+    def receive(self):
+        """The next message's bytes; None at EOF. ValueError for a message that was too long."""
+        try:
+            data, _, flags, _ = self.sock.recvmsg(MAX_MESSAGE)
+        except ConnectionResetError:
+            return None
+        except OSError as exc:
+            fail(f"cannot read the control socket: {exc}", 1)
+        if not data:
+            return None
+        if flags & socket.MSG_TRUNC:
+            raise ValueError(f"message longer than {MAX_MESSAGE} bytes")
+        return data
+
+
+def parse_spawn(message):
+    """(slot, generation, env) from {"spawn": {...}}. ValueError names what is wrong."""
+    if not isinstance(message, dict) or set(message) != {"spawn"}:
+        raise ValueError("expected {\"spawn\": {...}}, got " + json.dumps(message)[:200])
+    request = message["spawn"]
+    if not isinstance(request, dict):
+        raise ValueError("\"spawn\" must be an object")
+    unknown = sorted(set(request) - {"slot", "generation", "env"})
+    if unknown:
+        raise ValueError(f"unknown keys in \"spawn\": {', '.join(unknown)}")
+    slot, generation, env = request.get("slot"), request.get("generation"), request.get("env")
+    for name, value in (("slot", slot), ("generation", generation)):
+        if type(value) is not int or value < 0:
+            raise ValueError(f"\"{name}\" must be a non-negative integer, got {json.dumps(value)}")
+    if not isinstance(env, dict):
+        raise ValueError("\"env\" must be an object of strings")
+    for key, value in env.items():
+        if (not isinstance(value, str) or not key or "=" in key
+                or "\0" in key or "\0" in value):
+            raise ValueError(f"bad variable in \"env\": {json.dumps(key)}")
+    return slot, generation, env
+
+
+def exit_status(exc):
+    """What the interpreter would exit with for this SystemExit."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+class Zygote:
+    """Imports the app once, then forks workers on the master's request."""
+
+    def __init__(self, config):
+        self.config = config
+        # Everything meant for the master or the workers leaves the
+        # environment before the app is imported.
+        self.control = ControlChannel.from_env()
+        master = os.environ.pop("PROCMAN_MASTER_PID", "")
+        if not master.isdigit() or int(master) < 1:
+            fail(f"PROCMAN_MASTER_PID={master!r} is not a pid", EXIT_CANNOT_START)
+        self.master = int(master)
+        self.sockets = listen_sockets()
+        self.notify = take_notify_env()  # (address, interval) for the workers' Notifier
+        self.app = load_app(config["app"], config["factory"])
+        # What each worker's serve() would import anyway (protocols, lifespan,
+        # event loop): imported here, it is shared too.
+        uvicorn_config(self.app, config).get_loop_factory()
+        import ctypes  # noqa: PLC0415 (only the zygote needs it)
+
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.get_errno = ctypes.get_errno
+
+    def run(self):
+        gc.collect()
+        gc.freeze()  # imported objects: never scanned again, so their pages stay shared
+        threads = threading.active_count() - 1
+        if threads > 0:
+            self.control.send({"warning": f"the app started {threads} threads at import time; threads "
+                                          "do not survive fork (start them in the lifespan instead)"})
+        if not self.control.send({"ready": True, "pid": os.getpid()}):
+            exit_now()  # the master is gone
+        while True:
+            try:
+                data = self.control.receive()
+                if data is None:
+                    exit_now()  # EOF: the master is gone or closed us
+                slot, generation, env = parse_spawn(json.loads(data.decode("utf-8")))
+            except ValueError as exc:  # also JSON and UTF-8 errors
+                self.control.send({"error": f"bad message: {exc}"})
+                continue
+            self.spawn(slot, env)
+
+    def spawn(self, slot, env):
+        flush_stdio()  # or buffered output would be written again by the children
+        # Blocked across the fork and for the whole life of the intermediate
+        # (the worker unblocks them): a stop signal to our process group can
+        # then never kill an intermediate between forking and reporting.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            self.control.send({"error": f"cannot fork: {exc} (slot {slot})"})
+            return
+        if pid == 0:
+            self.intermediate(slot, env)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending stop signal ends us here
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return  # the app set SIGCHLD to SIG_IGN: no status, the intermediate did report
+        code = os.waitstatus_to_exitcode(status)
+        if code not in (0, 1):  # 0: "spawned" sent, 1: "error" sent
+            self.control.send({"error": f"cannot spawn slot {slot}: the intermediate process "
+                                        f"ended with status {code} before reporting"})
+
+    def intermediate(self, slot, env):
+        """Forks the worker, reports its pid and exits. Runs with stop signals blocked."""
+        code = 2
+        try:
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                if self.control.send({"error": f"cannot fork: {exc} (slot {slot})"}):
+                    code = 1
+                return
+            if pid == 0:
+                self.worker(env)  # never returns
+            # Its own process group before anyone knows the pid (the worker
+            # does the same: whichever runs first wins, the other is a no-op).
+            with contextlib.suppress(OSError):
+                os.setpgid(pid, pid)
+            if self.control.send({"spawned": {"slot": slot, "pid": pid}}):
+                code = 0
+            else:  # nobody knows this worker: it must not serve
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+        finally:
+            os._exit(code)
+
+    def worker(self, env):
+        """Becomes a worker: waits for the master to adopt it, then serves. Never returns."""
+        code = 1
+        try:
+            self.control.sock.close()  # only the zygote speaks to the master; and EOF must mean "zygote gone"
+            # Own process group (the intermediate sets it too), at once: a
+            # signal to the zygote's group must not reach a worker.
+            with contextlib.suppress(OSError):
+                os.setpgid(0, 0)
+            # The master knows our pid once the intermediate reported it and
+            # exited; then the kernel re-parents us to the master (a child
+            # subreaper).
+            first = os.getppid()
+            parent = first
+            deadline = time.monotonic() + REPARENT_TIMEOUT
+            while parent != self.master and parent == first and time.monotonic() < deadline:
+                time.sleep(0.001)
+                parent = os.getppid()
+            if parent != self.master:
+                what = f"within {REPARENT_TIMEOUT:g} s" if parent == first else f"(adopted by pid {parent} instead)"
+                print(f"procman: a worker forked by the zygote was not adopted by the master "
+                      f"(pid {self.master}) {what}; it stops", file=sys.stderr)
+                return
+            # Die with the master. It may have died before prctl took effect:
+            # then we were re-parented again and must not go on.
+            if self.libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+                print(f"procman: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(self.get_errno())}",
+                      file=sys.stderr)
+                return
+            if os.getppid() != self.master:
+                return
+            # A cold worker's signal state: the zygote's dispositions are the
+            # boot ones; the mask blocked for the fork is emptied (a stop
+            # signal the master sent meanwhile is delivered now: exit 0).
+            install_boot_signals()
+            signal.pthread_sigmask(signal.SIG_SETMASK, ())
+            random.seed()  # CPython re-seeds at fork too; be explicit (--max-requests jitter)
+            os.environ.update(env)  # PROCMAN_WORKER_ID, PROCMAN_GENERATION, the user's variables
+            # LISTEN_PID and WATCHDOG_PID named the zygote and mean "this
+            # process" now: the listeners are ours, and so is the watchdog.
+            code = serve(self.app, self.config, self.sockets, Notifier(*self.notify))
+        except SystemExit as exc:
+            code = exit_status(exc)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            # The interpreter's exit, minus the zygote's stack: the app's
+            # atexit handlers run as in a cold worker.
+            with contextlib.suppress(BaseException):
+                atexit._run_exitfuncs()
+            flush_stdio()
+            os._exit(code)
+
+
 def main():
     config = read_config()
     mode = config["mode"]
@@ -401,6 +693,8 @@ def main():
         notifier = Notifier.from_env()
         app = load_app(config["app"], config["factory"])
         sys.exit(serve(app, config, sockets, notifier))
+    if mode == "zygote":  # --preload: import once, fork workers on request
+        Zygote(config).run()  # never returns
     if mode == "check":  # import the app once and report (for --check-config)
         load_app(config["app"], config["factory"])
         sys.exit(0)

@@ -423,3 +423,273 @@ fn factory_package_and_wsgi_apps_serve() {
         assert_eq!(h.exit_code(BOOT), 0, "{app}");
     }
 }
+
+fn scope_of(addr: SocketAddr, headers: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /scope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn root_path_and_proxy_headers_reach_uvicorn() {
+    let forwarded = "X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n";
+    let mut plain = uvicorn("scope-plain", &apps_dir(), "scope_app:main", &["-w", "1"]).spawn();
+    plain.wait_workers(1, BOOT);
+    let v = scope_of(plain.addr(), forwarded);
+    assert_eq!(
+        v["client"], "127.0.0.1",
+        "proxy headers ignored by default: {v}"
+    );
+    assert_eq!(v["scheme"], "http");
+    assert_eq!(v["root_path"], "");
+    drop(plain);
+    let mut h = uvicorn(
+        "scope-proxy",
+        &apps_dir(),
+        "scope_app:main",
+        &[
+            "-w",
+            "1",
+            "--proxy-headers",
+            "--forwarded-allow-ips",
+            "127.0.0.1",
+            "--root-path",
+            "/api",
+        ],
+    )
+    .spawn();
+    h.wait_workers(1, BOOT);
+    let v = scope_of(h.addr(), forwarded);
+    assert_eq!(v["client"], "203.0.113.7", "{v}");
+    assert_eq!(v["scheme"], "https", "{v}");
+    assert_eq!(v["root_path"], "/api", "{v}");
+    drop(h);
+    // A proxy that is not trusted is not believed.
+    let mut h = uvicorn(
+        "scope-untrusted",
+        &apps_dir(),
+        "scope_app:main",
+        &[
+            "-w",
+            "1",
+            "--proxy-headers",
+            "--forwarded-allow-ips",
+            "10.9.9.9",
+        ],
+    )
+    .spawn();
+    h.wait_workers(1, BOOT);
+    assert_eq!(scope_of(h.addr(), forwarded)["client"], "127.0.0.1");
+}
+
+#[test]
+fn limit_concurrency_answers_503_beyond_the_limit() {
+    let mut h = uvicorn(
+        "limit",
+        &apps_dir(),
+        "scope_app:main",
+        &["-w", "1", "--limit-concurrency", "2"],
+    )
+    .spawn();
+    let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
+    let idle = idle_fd_count(pid);
+    let addr = h.addr();
+    let slow = std::thread::spawn(move || {
+        http_request(addr, "GET", "/slow?s=3", None, Duration::from_secs(20))
+    });
+    h.check(
+        wait_for(BOOT, || (open_fds(pid).len() > idle).then_some(())).is_some(),
+        "slow request in",
+    );
+    let (status, _) = http_get(addr, "/pid").expect("second request");
+    assert_eq!(status, 503, "over the limit");
+    assert_eq!(slow.join().expect("thread").expect("slow").0, 200);
+}
+
+#[test]
+fn keep_alive_closes_idle_connections_after_the_set_time() {
+    use std::io::{Read, Write};
+    let mut h = uvicorn(
+        "keepalive",
+        &apps_dir(),
+        "scope_app:main",
+        &["-w", "1", "--keep-alive", "1"],
+    )
+    .spawn();
+    h.wait_workers(1, BOOT);
+    let mut s = std::net::TcpStream::connect(h.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    s.write_all(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let t0 = Instant::now();
+    let mut buf = Vec::new();
+    // Reads the response, then EOF when the server drops the idle connection.
+    let _ = s.read_to_end(&mut buf);
+    let idle = t0.elapsed();
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+    assert!(
+        idle < Duration::from_secs(4),
+        "closed after {idle:?} (uvicorn's default is 5 s)"
+    );
+}
+
+#[test]
+fn lifespan_off_skips_a_failing_startup() {
+    let h = uvicorn(
+        "lifespan-off",
+        &apps_dir(),
+        "lifespan_fail:main",
+        &["-w", "1", "--lifespan", "off"],
+    )
+    .spawn();
+    h.check(
+        h.wait_log("All 1 workers ready", BOOT),
+        "serves without running the lifespan",
+    );
+}
+
+#[test]
+fn http_and_loop_choices_load_the_chosen_implementation() {
+    let maps = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    for (args, want, unwanted) in [
+        (
+            ["--http", "httptools", "--loop", "uvloop"],
+            ["httptools", "uvloop"],
+            None,
+        ),
+        (
+            ["--http", "h11", "--loop", "asyncio"],
+            ["", ""],
+            Some(["httptools", "uvloop"]),
+        ),
+    ] {
+        let mut all = vec!["-w", "1"];
+        all.extend_from_slice(&args);
+        let mut h = uvicorn("impl", &apps_dir(), "scope_app:main", &all).spawn();
+        let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
+        let m = maps(pid);
+        for w in want.iter().filter(|w| !w.is_empty()) {
+            assert!(m.contains(w), "{args:?}: {w} not loaded");
+        }
+        if let Some(un) = unwanted {
+            for u in un {
+                assert!(!m.contains(u), "{args:?}: {u} loaded anyway");
+            }
+        }
+    }
+}
+
+#[test]
+fn log_level_and_access_log_reach_uvicorn() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let mut quiet = uvicorn(
+        "quiet",
+        &apps_dir(),
+        "scope_app:main",
+        &["-w", "1", "--log-level", "warning", "-b", &bind],
+    )
+    .spawn();
+    quiet.wait_workers_on(port, 1, BOOT);
+    quiet.signal(Signal::SIGTERM);
+    assert_eq!(quiet.exit_code(BOOT), 0);
+    let log = quiet.log_text();
+    assert!(
+        !log.contains("Application startup complete"),
+        "uvicorn info silenced: {log}"
+    );
+    assert!(
+        !log.contains("Booting worker"),
+        "master info silenced too: {log}"
+    );
+    // Access log: on by default (without --no-access-log), off with it.
+    let python = venv_python();
+    let mut loud = Start::new(
+        "loud",
+        &[
+            "scope_app:main",
+            "-w",
+            "1",
+            "--python",
+            python.to_str().expect("utf8"),
+        ],
+    )
+    .args(["--chdir", apps_dir().to_str().expect("utf8")])
+    .spawn();
+    loud.wait_workers(1, BOOT);
+    let _ = http_get(loud.addr(), "/scope");
+    loud.check(
+        loud.wait_log("\"GET /scope HTTP/1.1\" 200", BOOT),
+        "access log line",
+    );
+    let mut silent = uvicorn("silent", &apps_dir(), "scope_app:main", &["-w", "1"]).spawn();
+    silent.wait_workers(1, BOOT);
+    let _ = http_get(silent.addr(), "/scope");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!silent.log_text().contains("GET /scope"), "--no-access-log");
+}
+
+#[test]
+fn max_requests_jitter_spreads_the_recycle_point() {
+    // Each worker draws its own limit in 10..=30; the recycle request says
+    // after how many requests it came.
+    let mut h = uvicorn(
+        "jitter",
+        &apps_dir(),
+        "scope_app:main",
+        &[
+            "-w",
+            "2",
+            "--max-requests",
+            "10",
+            "--max-requests-jitter",
+            "20",
+        ],
+    )
+    .spawn();
+    h.wait_workers(2, BOOT);
+    let load = Load::start(h.addr(), 2, 2000, Duration::from_secs(60));
+    let counts = wait_for(BOOT, || {
+        let counts: Vec<u64> = h
+            .log_text()
+            .lines()
+            .filter_map(|l| {
+                l.split("max-requests (after ")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        (counts.len() >= 4).then_some(counts)
+    });
+    let report = load.finish();
+    let counts = counts.unwrap_or_else(|| panic!("no recycles logged\n{}", h.log_text()));
+    for c in &counts {
+        assert!(
+            (10..=30).contains(c),
+            "recycled after {c} requests: {counts:?}"
+        );
+    }
+    let distinct: BTreeSet<&u64> = counts.iter().collect();
+    assert!(
+        distinct.len() > 1,
+        "every worker drew the same limit: {counts:?}"
+    );
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+}

@@ -221,6 +221,7 @@ impl Master {
             let from_zygotes: Vec<(Pid, FromZygote)> = self
                 .zygotes
                 .iter()
+                .filter(|z| !z.closed)
                 .flat_map(|z| z.drain().into_iter().map(move |m| (z.pid, m)))
                 .collect();
             for (pid, message) in from_zygotes {
@@ -1160,11 +1161,10 @@ impl Master {
             FromZygote::Spawned { slot, pid: worker } => {
                 debug!("Zygote {pid} reported worker {worker} (slot {slot}) late; ignored")
             }
+            // Its exit status (reaped soon) says what happened.
             FromZygote::Closed => {
-                if z.state != ZygoteState::Stopping {
-                    debug!("Zygote {pid} closed its channel");
-                    z.state = ZygoteState::Stopping;
-                }
+                debug!("Zygote {pid} closed its channel");
+                z.closed = true;
             }
         }
     }
@@ -1174,7 +1174,7 @@ impl Master {
         let Some(z) = self
             .zygotes
             .iter()
-            .find(|z| z.generation == current && z.state == ZygoteState::Ready)
+            .find(|z| z.generation == current && z.state == ZygoteState::Ready && !z.closed)
         else {
             // The zygote is still importing: the slot is filled once it is
             // ready (its channel wakes the loop).

@@ -88,6 +88,9 @@ pub struct Zygote {
     pub started_at: Instant,
     /// The error it reported before exiting (X_PROCMAN_ERROR).
     pub reported_error: Option<String>,
+    /// Its end of the channel closed (it is exiting): no more polling, or
+    /// the end-of-file would wake the loop forever.
+    pub closed: bool,
     channel: OwnedFd,
 }
 
@@ -110,6 +113,7 @@ impl Zygote {
             state: ZygoteState::Starting,
             started_at: now,
             reported_error: None,
+            closed: false,
             channel,
         }
     }

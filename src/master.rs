@@ -1076,29 +1076,11 @@ impl Master {
         };
         let mut json = classes::uvicorn::app_config(opts, &self.cfg);
         json["mode"] = "zygote".into();
-        let mut env = self.base_env.clone();
-        let mut set = |k: &str, v: String| {
-            env.retain(|(key, _)| key != k);
-            env.push((k.to_string(), v));
-        };
-        set(classes::uvicorn::CONFIG_VAR, json.to_string());
-        set("LISTEN_FDS", self.listeners.len().to_string());
-        set(
-            "LISTEN_FDNAMES",
-            self.listeners
-                .iter()
-                .map(|l| l.name.as_str())
-                .collect::<Vec<_>>()
-                .join(":"),
-        );
-        set("NOTIFY_SOCKET", self.notify.path().display().to_string());
-        set("PROCMAN_ZYGOTE_FD", (3 + self.listeners.len()).to_string());
-        set("PROCMAN_MASTER_PID", std::process::id().to_string());
-        let mut pid_vars = vec!["LISTEN_PID"];
-        if let Some(t) = self.cfg.timeout {
-            set("WATCHDOG_USEC", t.as_micros().to_string());
-            pid_vars.push("WATCHDOG_PID");
-        }
+        let (env, pid_vars) = self.child_env(&[
+            (classes::uvicorn::CONFIG_VAR, json.to_string()),
+            ("PROCMAN_ZYGOTE_FD", (3 + self.listeners.len()).to_string()),
+            ("PROCMAN_MASTER_PID", std::process::id().to_string()),
+        ]);
         let mut fds: Vec<_> = self.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
         fds.push(zygote_end.as_raw_fd());
         let plan = Plan::new(
@@ -1272,13 +1254,11 @@ impl Master {
 
     // ---- system calls on workers ----
 
-    fn spawn_worker(&mut self, slot: usize) {
-        // Each worker's own start time: ages order "the oldest" for TTOU.
-        let now = Instant::now();
-        if self.preloading() {
-            self.spawn_from_zygote(slot, now);
-            return;
-        }
+    /// The environment of a child (worker or zygote): procman's own (less
+    /// what described procman's sockets) with `--env`, the class's
+    /// variables, `extra`, and the protocol variables. Also returns the
+    /// variables whose value the child's own pid fills in after fork.
+    fn child_env(&self, extra: &[(&str, String)]) -> (Vec<(String, String)>, Vec<&'static str>) {
         let mut env = self.base_env.clone();
         let mut set = |k: &str, v: String| {
             env.retain(|(key, _)| key != k);
@@ -1287,23 +1267,32 @@ impl Master {
         for (k, v) in &self.launch.env {
             set(k, v.clone());
         }
+        for (k, v) in extra {
+            set(k, v.clone());
+        }
         set("LISTEN_FDS", self.listeners.len().to_string());
-        set(
-            "LISTEN_FDNAMES",
-            self.listeners
-                .iter()
-                .map(|l| l.name.as_str())
-                .collect::<Vec<_>>()
-                .join(":"),
-        );
+        let names: Vec<&str> = self.listeners.iter().map(|l| l.name.as_str()).collect();
+        set("LISTEN_FDNAMES", names.join(":"));
         set("NOTIFY_SOCKET", self.notify.path().display().to_string());
-        set("PROCMAN_WORKER_ID", slot.to_string());
-        set("PROCMAN_GENERATION", self.generation.to_string());
         let mut pid_vars = vec!["LISTEN_PID"];
         if let Some(t) = self.cfg.timeout {
             set("WATCHDOG_USEC", t.as_micros().to_string());
             pid_vars.push("WATCHDOG_PID");
         }
+        (env, pid_vars)
+    }
+
+    fn spawn_worker(&mut self, slot: usize) {
+        // Each worker's own start time: ages order "the oldest" for TTOU.
+        let now = Instant::now();
+        if self.preloading() {
+            self.spawn_from_zygote(slot, now);
+            return;
+        }
+        let (env, pid_vars) = self.child_env(&[
+            ("PROCMAN_WORKER_ID", slot.to_string()),
+            ("PROCMAN_GENERATION", self.generation.to_string()),
+        ]);
         // With --reuse-port each worker gets its own listening socket, made
         // here before the fork and closed in the master right after it.
         let mut own_sockets = Vec::new();

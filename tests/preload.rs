@@ -237,10 +237,19 @@ fn hup_with_broken_code_keeps_the_old_generation_serving() {
 fn a_thread_started_at_import_time_is_warned_about() {
     let mut h = Start::new(
         "pre-thread",
-        &["threaded_app:main", "--preload", "--no-access-log", "--python", venv_python().to_str().expect("utf8")],
+        &[
+            "threaded_app:main",
+            "--preload",
+            "--no-access-log",
+            "--python",
+            venv_python().to_str().expect("utf8"),
+        ],
     )
     .args(["--chdir", repo().join("tests/apps").to_str().expect("utf8")])
     .spawn();
     h.wait_workers(1, BOOT);
-    h.check(h.log_text().contains("threads do not survive fork"), "warning logged");
+    h.check(
+        h.log_text().contains("threads do not survive fork"),
+        "warning logged",
+    );
 }

@@ -575,7 +575,7 @@ class Zygote:
                 data = self.control.receive()
                 if data is None:
                     exit_now()  # EOF: the master is gone or closed us
-                slot, generation, env = parse_spawn(json.loads(data.decode("utf-8")))
+                slot, _generation, env = parse_spawn(json.loads(data.decode("utf-8")))
             except ValueError as exc:  # also JSON and UTF-8 errors
                 self.control.send({"error": f"bad message: {exc}"})
                 continue
@@ -616,7 +616,7 @@ class Zygote:
                     code = 1
                 return
             if pid == 0:
-                self.worker(env)  # never returns
+                self.worker(env, os.getppid())  # never returns
             # Its own process group before anyone knows the pid (the worker
             # does the same: whichever runs first wins, the other is a no-op).
             with contextlib.suppress(OSError):
@@ -630,8 +630,15 @@ class Zygote:
         finally:
             os._exit(code)
 
-    def worker(self, env):
+    def worker(self, env, intermediate):
         """Becomes a worker: waits for the master to adopt it, then serves. Never returns."""
+
+        def give_up(message=None):
+            if message:
+                print(f"procman: {message}", file=sys.stderr)
+            flush_stdio()
+            os._exit(1)
+
         code = 1
         try:
             self.control.sock.close()  # only the zygote speaks to the master; and EOF must mean "zygote gone"
@@ -642,25 +649,23 @@ class Zygote:
             # The master knows our pid once the intermediate reported it and
             # exited; then the kernel re-parents us to the master (a child
             # subreaper).
-            first = os.getppid()
-            parent = first
+            parent = os.getppid()
             deadline = time.monotonic() + REPARENT_TIMEOUT
-            while parent != self.master and parent == first and time.monotonic() < deadline:
+            while parent == intermediate and time.monotonic() < deadline:
                 time.sleep(0.001)
                 parent = os.getppid()
             if parent != self.master:
-                what = f"within {REPARENT_TIMEOUT:g} s" if parent == first else f"(adopted by pid {parent} instead)"
-                print(f"procman: a worker forked by the zygote was not adopted by the master "
-                      f"(pid {self.master}) {what}; it stops", file=sys.stderr)
-                return
+                give_up(f"a worker forked by the zygote was not adopted by the master (pid "
+                        f"{self.master}): " + (f"its parent did not exit within {REPARENT_TIMEOUT:g} s"
+                                               if parent == intermediate else
+                                               f"pid {parent} adopted it (the master died, or is "
+                                               "not a child subreaper)"))
             # Die with the master. It may have died before prctl took effect:
             # then we were re-parented again and must not go on.
             if self.libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
-                print(f"procman: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(self.get_errno())}",
-                      file=sys.stderr)
-                return
+                give_up(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(self.get_errno())}")
             if os.getppid() != self.master:
-                return
+                give_up()
             # A cold worker's signal state: the zygote's dispositions are the
             # boot ones; the mask blocked for the fork is emptied (a stop
             # signal the master sent meanwhile is delivered now: exit 0).
@@ -677,8 +682,8 @@ class Zygote:
             traceback.print_exc()
             code = 1
         finally:
-            # The interpreter's exit, minus the zygote's stack: the app's
-            # atexit handlers run as in a cold worker.
+            # The interpreter's exit, minus the zygote's stack (never unwound
+            # into): the app's atexit handlers run as in a cold worker.
             with contextlib.suppress(BaseException):
                 atexit._run_exitfuncs()
             flush_stdio()

@@ -49,8 +49,12 @@ fn killed_worker_is_replaced_and_no_connection_is_refused() {
     });
     let report = load.finish();
     h.check(replaced.is_some(), "a new pid answered after kill -9");
+    // SIGKILL can cut the requests the victim itself was serving (at most
+    // one per client thread); what must never happen is a refused connect:
+    // the listening socket stays open through the respawn.
+    let refused: Vec<_> = report.failures.iter().filter(|f| f.starts_with("connect")).collect();
     h.check(
-        report.failures.is_empty(),
+        refused.is_empty() && report.failures.len() <= 4,
         &format!("failed requests: {:?} of {}", report.failures, report.ok),
     );
     h.check(h.log_text().contains("killed by SIGKILL"), "death logged");

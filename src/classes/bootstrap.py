@@ -608,6 +608,7 @@ class Zygote:
     def intermediate(self, slot, env):
         """Forks the worker, reports its pid and exits. Runs with stop signals blocked."""
         code = 2
+        me = os.getpid()  # before the fork: the worker's getppid() may already be the master
         try:
             try:
                 pid = os.fork()
@@ -616,7 +617,7 @@ class Zygote:
                     code = 1
                 return
             if pid == 0:
-                self.worker(env, os.getppid())  # never returns
+                self.worker(env, me)  # never returns
             # Its own process group before anyone knows the pid (the worker
             # does the same: whichever runs first wins, the other is a no-op).
             with contextlib.suppress(OSError):

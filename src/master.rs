@@ -1140,8 +1140,11 @@ impl Master {
             }
             FromZygote::Warning(w) => warn!("Zygote {pid}: {w}"),
             FromZygote::Error(e) => warn!("Zygote {pid} reported an error: {e}"),
+            // A reply that came after the master gave up on the request:
+            // that worker is not supervised, so it must not serve.
             FromZygote::Spawned { slot, pid: worker } => {
-                debug!("Zygote {pid} reported worker {worker} (slot {slot}) late; ignored")
+                warn!("Zygote {pid} reported worker {worker} (slot {slot}) too late; killing it");
+                signal_group(Pid::from_raw(worker), Signal::SIGKILL);
             }
             // Its exit status (reaped soon) says what happened.
             FromZygote::Closed => {

@@ -52,7 +52,11 @@ fn killed_worker_is_replaced_and_no_connection_is_refused() {
     // SIGKILL can cut the requests the victim itself was serving (at most
     // one per client thread); what must never happen is a refused connect:
     // the listening socket stays open through the respawn.
-    let refused: Vec<_> = report.failures.iter().filter(|f| f.starts_with("connect")).collect();
+    let refused: Vec<_> = report
+        .failures
+        .iter()
+        .filter(|f| f.starts_with("connect"))
+        .collect();
     h.check(
         refused.is_empty() && report.failures.len() <= 4,
         &format!("failed requests: {:?} of {}", report.failures, report.ok),

@@ -646,7 +646,7 @@ fn log_level_and_access_log_reach_uvicorn() {
 #[test]
 fn max_requests_jitter_spreads_the_recycle_point() {
     // Each worker draws its own limit in 10..=30; the recycle request says
-    // after how many requests it came.
+    // which limit it drew.
     let mut h = uvicorn(
         "jitter",
         &apps_dir(),
@@ -668,9 +668,9 @@ fn max_requests_jitter_spreads_the_recycle_point() {
             .log_text()
             .lines()
             .filter_map(|l| {
-                l.split("max-requests (after ")
+                l.split("max-requests (limit ")
                     .nth(1)?
-                    .split_whitespace()
+                    .split(',')
                     .next()?
                     .parse()
                     .ok()

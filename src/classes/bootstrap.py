@@ -343,7 +343,9 @@ class ProcmanServer(uvicorn.Server):
             # Ask to be replaced and keep serving: the master starts the
             # replacement first and sends TERM once it is ready. Retried on
             # the next tick if the datagram was dropped.
-            self.recycle_requested = self.notifier.send("X_PROCMAN_RECYCLE=max-requests")
+            self.recycle_requested = self.notifier.send(
+                f"X_PROCMAN_RECYCLE=max-requests (limit {self.recycle_after}, "
+                f"after {self.server_state.total_requests} requests)")
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets=None):

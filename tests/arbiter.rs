@@ -456,6 +456,9 @@ fn an_idle_master_does_not_wake_up() {
         .spawn();
     h.wait_workers(2, BOOT);
     h.check(h.wait_log("All 2 workers ready", BOOT), "ready");
+    // The master wakes once, a second after the first worker is ready, to
+    // learn that the service has been up; after that nothing is due.
+    std::thread::sleep(Duration::from_millis(1500));
     let switches = |pid: i32| -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         s.lines()

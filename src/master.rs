@@ -28,13 +28,20 @@ use crate::bind::Listener;
 use crate::classes::{self, Launch};
 use crate::config::{Config, WorkerKind};
 use crate::error::{Error, Result};
-use crate::notify::{self, Datagram, Message, Receiver, SystemdNotifier};
+use crate::notify::{Datagram, Message, Receiver, SystemdNotifier};
 use crate::policy::{self, Backoff, Decision, Due, Goal};
 use crate::procfs;
 use crate::signals::{self, MasterSignal, Signals};
 use crate::spawn::Plan;
 use crate::workers::{Stop, StopReason, Table, Worker, WorkerState};
-use crate::zygote::{self, FromZygote, Zygote, ZygoteState};
+use crate::zygote::{FromZygote, Zygote, ZygoteState};
+
+mod preload;
+mod recycle;
+mod reload;
+
+use preload::stop_zygote;
+use recycle::Random;
 
 /// Variables procman may have inherited from its own supervisor that must
 /// never reach a worker (they describe procman's sockets, not the worker's).
@@ -306,110 +313,6 @@ impl Master {
         }
     }
 
-    /// HUP: re-read the configuration (file, environment, the original
-    /// command line), apply it, and roll every worker over to a new
-    /// generation. A configuration that does not load or whose new sockets
-    /// cannot be bound changes nothing: the running workers keep serving.
-    fn begin_reload(&mut self) {
-        if let Some(sd) = &self.systemd {
-            sd.send(&format!(
-                "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading",
-                notify::monotonic_usec()
-            ));
-        }
-        let applied = crate::startup::load_config(&self.args)
-            .and_then(|loaded| loaded.ok_or_else(|| Error::usage("--help or --version on reload")))
-            .and_then(|(cfg, _)| self.apply_config(cfg));
-        if let Err(e) = applied {
-            error!("Reload failed: {e}; still serving with the previous configuration");
-            if let Some(sd) = &self.systemd {
-                sd.send(&format!("READY=1\nSTATUS=reload failed: {e}"));
-            }
-            return;
-        }
-        let (previous_required, previous_generation) = self
-            .reload
-            .map_or((self.required_generation, self.generation), |r| {
-                (r.previous_required, r.previous_generation)
-            });
-        self.generation += 1;
-        self.required_generation = self.generation;
-        self.reload = Some(Reload {
-            generation: self.generation,
-            previous_required,
-            previous_generation,
-        });
-        info!(
-            "Reloading: replacing {} workers with generation {}",
-            self.target, self.generation
-        );
-    }
-
-    /// Switches to a newly loaded configuration. New addresses are bound
-    /// now; sockets no longer wanted are closed once the workers that use
-    /// them are gone (when the reload completes).
-    fn apply_config(&mut self, cfg: Config) -> Result<()> {
-        let mut next: Vec<Listener> = Vec::new();
-        let mut kept = vec![false; self.listeners.len()];
-        let keep_inherited = !cfg.binds_given && self.listeners.iter().all(|l| l.inherited);
-        if keep_inherited {
-            kept.iter_mut().for_each(|k| *k = true);
-        } else {
-            for spec in &cfg.binds {
-                match self.listeners.iter().position(|l| l.spec == *spec) {
-                    Some(i) if !kept[i] => kept[i] = true,
-                    _ => match Listener::bind(spec, cfg.backlog, cfg.umask, self.cfg.reuse_port) {
-                        Ok(l) => {
-                            info!("Listening at: {} ({}, bound on reload)", l.display, l.name);
-                            next.push(l);
-                        }
-                        Err(e) => {
-                            for l in &mut next {
-                                l.remove_file();
-                            }
-                            return Err(e);
-                        }
-                    },
-                }
-            }
-        }
-        for (what, changed) in [
-            ("--user/--group", cfg.credentials != self.cfg.credentials),
-            ("--pid", cfg.pidfile != self.cfg.pidfile),
-            (
-                "--log-file/--log-format/--log-level",
-                cfg.log_file != self.cfg.log_file
-                    || cfg.log_format != self.cfg.log_format
-                    || cfg.log_level != self.cfg.log_level,
-            ),
-            ("--reuse-port", cfg.reuse_port != self.cfg.reuse_port),
-        ] {
-            if changed {
-                warn!("{what} changed in the configuration: takes effect at the next restart");
-            }
-        }
-        // Keep the surviving listeners in their order, then the new ones.
-        let old = std::mem::take(&mut self.listeners);
-        for (l, keep) in old.into_iter().zip(kept) {
-            if keep {
-                self.listeners.push(l);
-            } else {
-                info!("No longer listening at {} for new workers", l.display);
-                self.retired_listeners.push(l);
-            }
-        }
-        self.listeners.extend(next);
-        let mut cfg = cfg;
-        // What only a restart can change stays as it was.
-        cfg.credentials = self.cfg.credentials.clone();
-        cfg.reuse_port = self.cfg.reuse_port;
-        self.launch = classes::launch(&cfg);
-        self.base_env = worker_base_env(&cfg);
-        self.target = cfg.workers;
-        self.cfg = cfg;
-        Ok(())
-    }
-
     fn scale(&mut self, delta: isize) {
         let before = self.target;
         self.target = (self.target as isize + delta).max(1) as usize;
@@ -655,35 +558,6 @@ impl Master {
         }
     }
 
-    fn abort_reload(&mut self, why: &str, now: Instant) {
-        let Some(r) = self.reload.take() else { return };
-        self.required_generation = r.previous_required;
-        // New spawns go back to the previous generation (with --preload,
-        // its zygote still holds the code that works).
-        self.generation = r.previous_generation;
-        error!(
-            "Reload to generation {} failed: {why}; the running workers keep serving",
-            r.generation
-        );
-        let starting: Vec<Pid> = self
-            .table
-            .iter()
-            .filter(|w| w.generation == r.generation && w.state == WorkerState::Starting)
-            .map(|w| w.pid)
-            .collect();
-        let grace = self.cfg.graceful_timeout;
-        for pid in starting {
-            self.stop_worker(pid, StopReason::ReloadAborted, grace, now);
-        }
-        if let Some(sd) = &self.systemd {
-            sd.send(&format!(
-                "READY=1\nSTATUS=reload to generation {} failed; {} workers serving",
-                r.generation,
-                self.table.ready_count()
-            ));
-        }
-    }
-
     // ---- the periodic part of each iteration ----
 
     /// Handles passed deadlines, then brings the workers in line with the goal.
@@ -871,96 +745,6 @@ impl Master {
         }
     }
 
-    /// At most one recycle at a time: mark the next worker only when no
-    /// marked worker is still serving.
-    fn start_next_recycle(&mut self) {
-        let busy = self
-            .table
-            .iter()
-            .any(|w| w.is_active() && w.recycle.is_some());
-        if busy {
-            return;
-        }
-        while let Some((pid, why)) = self.recycle_queue.pop_front() {
-            if let Some(w) = self.table.get_mut(pid) {
-                if w.is_active() {
-                    info!(
-                        worker = pid.as_raw(),
-                        slot = w.slot,
-                        "Recycling worker {pid} (slot {}): {why}",
-                        w.slot
-                    );
-                    w.recycle = Some(why);
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Queues workers past their lifetime for recycling (one at a time, by
-    /// the queue).
-    fn check_lifetimes(&mut self, now: Instant) {
-        for w in self.table.iter_mut() {
-            if w.is_active() && w.retire_at.is_some_and(|t| t <= now) {
-                w.retire_at = None;
-                let age = now.saturating_duration_since(w.started_at).as_secs_f64();
-                self.recycle_queue
-                    .push_back((w.pid, format!("lifetime reached ({age:.0}s old)")));
-            }
-        }
-    }
-
-    /// Every --memory-check-interval: a worker whose process group stays
-    /// above --max-worker-memory for 3 samples in a row is recycled; a
-    /// short spike is forgiven.
-    fn sample_memory(&mut self, now: Instant) {
-        let Some(limit) = self.cfg.max_worker_memory else {
-            return;
-        };
-        match self.next_memory_sample {
-            Some(at) if at > now => return,
-            None => {
-                self.next_memory_sample = Some(now + self.cfg.memory_check_interval);
-                return;
-            }
-            _ => {}
-        }
-        self.next_memory_sample = Some(now + self.cfg.memory_check_interval);
-        let rss = procfs::rss_by_group();
-        for w in self
-            .table
-            .iter_mut()
-            .filter(|w| w.state == WorkerState::Ready)
-        {
-            let used = rss.get(&w.pid.as_raw()).copied().unwrap_or(0);
-            if used <= limit {
-                w.samples_over_memory = 0;
-                continue;
-            }
-            w.samples_over_memory += 1;
-            debug!(
-                "Worker {} uses {} (sample {} above the limit)",
-                w.pid,
-                mib(used),
-                w.samples_over_memory
-            );
-            if w.samples_over_memory == policy::MEMORY_SAMPLES {
-                warn!(
-                    "Worker {} (slot {}) uses {}, above --max-worker-memory {} for {} samples; recycling",
-                    w.pid,
-                    w.slot,
-                    mib(used),
-                    mib(limit),
-                    policy::MEMORY_SAMPLES
-                );
-                if w.recycle.is_none() {
-                    self.recycle_queue
-                        .push_back((w.pid, format!("memory {} above {}", mib(used), mib(limit))));
-                }
-            }
-        }
-    }
-
     /// READY to systemd when the first generation is up, and the end of a
     /// reload once no outdated worker remains.
     fn check_milestones(&mut self) {
@@ -1006,252 +790,6 @@ impl Master {
     fn report_status(&self) {
         if let Some(sd) = &self.systemd {
             sd.send(&format!("STATUS={}", self.status_line()));
-        }
-    }
-
-    // ---- --preload: zygotes ----
-
-    /// Whether workers are forked from a zygote.
-    fn preloading(&self) -> bool {
-        self.cfg.uvicorn().is_some_and(|u| u.preload) && !self.cold_fallback
-    }
-
-    /// Starts the current generation's zygote when there is none, kills one
-    /// that does not become ready in time, and retires zygotes whose
-    /// generation has no worker left.
-    fn tend_zygotes(&mut self, now: Instant) {
-        if !self.preloading() {
-            return;
-        }
-        let timeout = self.cfg.startup_timeout;
-        let late: Vec<Pid> = self
-            .zygotes
-            .iter()
-            .filter(|z| z.state == ZygoteState::Starting && now >= z.started_at + timeout)
-            .map(|z| z.pid)
-            .collect();
-        for pid in late {
-            warn!("Zygote {pid} did not import the app within {timeout:?}; killing it");
-            signal_group(pid, Signal::SIGKILL);
-            if let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == pid) {
-                z.state = ZygoteState::Stopping;
-            }
-            self.zygote_failed(now);
-        }
-        let current = self.generation;
-        for z in self.zygotes.iter_mut() {
-            let in_use = self
-                .table
-                .iter()
-                .any(|w| w.is_active() && w.generation == z.generation);
-            if z.generation != current && !in_use && z.state != ZygoteState::Stopping {
-                info!(
-                    "Zygote {} (generation {}) has no worker left; stopping it",
-                    z.pid, z.generation
-                );
-                stop_zygote(z);
-            }
-        }
-        let have = self
-            .zygotes
-            .iter()
-            .any(|z| z.generation == current && z.state != ZygoteState::Stopping);
-        let may = self.zygote_backoff.next_spawn_at.is_none_or(|t| t <= now);
-        if !have && may {
-            self.start_zygote(now);
-        }
-    }
-
-    fn start_zygote(&mut self, now: Instant) {
-        let Some(opts) = self.cfg.uvicorn() else {
-            return;
-        };
-        let (master_end, zygote_end) = match zygote::channel() {
-            Ok(pair) => pair,
-            Err(e) => {
-                error!("cannot create the zygote's channel: {}", e.desc());
-                self.zygote_failed(now);
-                return;
-            }
-        };
-        let mut json = classes::uvicorn::app_config(opts, &self.cfg);
-        json["mode"] = "zygote".into();
-        let (env, pid_vars) = self.child_env(&[
-            (classes::uvicorn::CONFIG_VAR, json.to_string()),
-            ("PROCMAN_ZYGOTE_FD", (3 + self.listeners.len()).to_string()),
-            ("PROCMAN_MASTER_PID", std::process::id().to_string()),
-        ]);
-        let mut fds: Vec<_> = self.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
-        fds.push(zygote_end.as_raw_fd());
-        let plan = Plan::new(
-            &self.launch.program,
-            &self.launch.argv,
-            &env,
-            &pid_vars,
-            &fds,
-            self.cfg.credentials.as_ref(),
-            self.cfg.chdir.as_deref(),
-            self.cfg.umask,
-            &signals::changed_dispositions(),
-        );
-        let spawned = plan
-            .map_err(|e| format!("'{}' contains a NUL byte", e.0))
-            .and_then(|p| p.spawn().map_err(|e| e.desc().to_string()));
-        drop(zygote_end);
-        match spawned {
-            Ok(s) if s.exec_error.is_none() => {
-                info!(
-                    "Starting zygote {} for generation {} (imports {} once)",
-                    s.pid, self.generation, opts.app
-                );
-                self.zygotes
-                    .push(Zygote::new(s.pid, self.generation, master_end, now));
-            }
-            Ok(s) => {
-                let (stage, errno) = s
-                    .exec_error
-                    .unwrap_or((crate::spawn::Stage::Exec, Errno::UnknownErrno));
-                error!("cannot {} the zygote: {}", stage.describe(), errno.desc());
-                // It exits at once; reap it as an unknown child.
-                self.zygote_failed(now);
-            }
-            Err(e) => {
-                error!("cannot start the zygote: {e}");
-                self.zygote_failed(now);
-            }
-        }
-    }
-
-    fn on_zygote_message(&mut self, pid: Pid, message: FromZygote, now: Instant) {
-        let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == pid) else {
-            return;
-        };
-        match message {
-            FromZygote::Ready => {
-                if z.state == ZygoteState::Starting {
-                    z.state = ZygoteState::Ready;
-                    self.zygote_backoff = Backoff::default();
-                    info!(
-                        "Zygote {pid} ready in {:.3}s (generation {})",
-                        now.saturating_duration_since(z.started_at).as_secs_f64(),
-                        z.generation
-                    );
-                }
-            }
-            FromZygote::Warning(w) => warn!("Zygote {pid}: {w}"),
-            FromZygote::Error(e) => warn!("Zygote {pid} reported an error: {e}"),
-            // A reply that came after the master gave up on the request:
-            // that worker is not supervised, so it must not serve.
-            FromZygote::Spawned { slot, pid: worker } => {
-                warn!("Zygote {pid} reported worker {worker} (slot {slot}) too late; killing it");
-                signal_group(Pid::from_raw(worker), Signal::SIGKILL);
-            }
-            // Its exit status (reaped soon) says what happened.
-            FromZygote::Closed => {
-                debug!("Zygote {pid} closed its channel");
-                z.closed = true;
-            }
-        }
-    }
-
-    fn spawn_from_zygote(&mut self, slot: usize, now: Instant) {
-        let current = self.generation;
-        let Some(z) = self
-            .zygotes
-            .iter()
-            .find(|z| z.generation == current && z.state == ZygoteState::Ready && !z.closed)
-        else {
-            // The zygote is still importing: the slot is filled once it is
-            // ready (its channel wakes the loop).
-            return;
-        };
-        let zpid = z.pid;
-        let env = vec![
-            ("PROCMAN_WORKER_ID".to_string(), slot.to_string()),
-            ("PROCMAN_GENERATION".to_string(), current.to_string()),
-        ];
-        let (result, others) = z.spawn(slot, current, &env);
-        for m in others {
-            self.on_zygote_message(zpid, m, now);
-        }
-        match result {
-            Ok(pid) => {
-                info!(
-                    worker = pid.as_raw(),
-                    slot,
-                    generation = current,
-                    "Booting worker {slot} with pid {pid} (generation {current}, forked from zygote {zpid})"
-                );
-                let w = Worker::new(pid, slot, current, now, self.cfg.startup_timeout);
-                self.table.insert(w);
-            }
-            Err(e) => {
-                error!("Zygote {zpid} could not fork a worker for slot {slot}: {e}; restarting it");
-                if let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == zpid) {
-                    signal_group(zpid, Signal::SIGKILL);
-                    z.state = ZygoteState::Stopping;
-                }
-                self.zygote_failed(now);
-            }
-        }
-    }
-
-    fn on_zygote_exit(&mut self, z: Zygote, status: WaitStatus, now: Instant) {
-        let how = describe(&status);
-        match z.state {
-            // Asked to stop (retired, or found broken and counted then).
-            ZygoteState::Stopping => {
-                info!(
-                    "Zygote {} (generation {}) exited: {how}",
-                    z.pid, z.generation
-                )
-            }
-            ZygoteState::Starting => {
-                let detail = z
-                    .reported_error
-                    .clone()
-                    .unwrap_or_else(|| format!("zygote {} {how}", z.pid));
-                if let Some(r) = self.reload {
-                    if r.generation == z.generation {
-                        self.abort_reload(
-                            &format!("the new code could not be loaded: {detail}"),
-                            now,
-                        );
-                        return;
-                    }
-                }
-                if !self.ever_up {
-                    let err = match exit_code(&status) {
-                        Some(4) => Error::AppImport(detail),
-                        _ => Error::BootFailed(format!("the zygote failed to start: {detail}")),
-                    };
-                    error!("{err}");
-                    self.begin_stop(true, Err(err), now);
-                    return;
-                }
-                warn!("Zygote {} failed to start: {detail}", z.pid);
-                self.zygote_failed(now);
-            }
-            ZygoteState::Ready => {
-                warn!(
-                    "Zygote {} (generation {}) exited: {how}; its workers keep serving, restarting it",
-                    z.pid, z.generation
-                );
-                self.zygote_failed(now);
-            }
-        }
-    }
-
-    /// Backs off zygote restarts; after 3 failures in a row, workers start
-    /// cold (each imports the app itself) and this is logged.
-    fn zygote_failed(&mut self, now: Instant) {
-        self.zygote_backoff = policy::after_death(self.zygote_backoff, true, now);
-        if self.zygote_backoff.failures >= 3 && !self.cold_fallback {
-            self.cold_fallback = true;
-            warn!(
-                "The zygote failed {} times in a row; new workers start cold (without --preload)",
-                self.zygote_backoff.failures
-            );
         }
     }
 
@@ -1572,14 +1110,6 @@ pub fn worker_base_env(cfg: &Config) -> Vec<(String, String)> {
     env
 }
 
-/// Asks a zygote to exit (it has nothing to drain).
-fn stop_zygote(z: &mut Zygote) {
-    if z.state != ZygoteState::Stopping {
-        z.state = ZygoteState::Stopping;
-        signal_group(z.pid, Signal::SIGTERM);
-    }
-}
-
 fn mark_ready(w: &mut Worker, now: Instant) {
     w.state = WorkerState::Ready;
     w.ready_at = Some(now);
@@ -1660,32 +1190,6 @@ pub fn describe(status: &WaitStatus) -> String {
             }
         ),
         other => format!("{other:?}"),
-    }
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
-}
-
-/// A small xorshift generator for recycling jitter: no need for a crate,
-/// nor for cryptographic quality, only for workers not to agree.
-struct Random(u64);
-
-impl Random {
-    fn seeded() -> Random {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1);
-        Random(t ^ ((std::process::id() as u64) << 32) | 1)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

@@ -1,0 +1,1034 @@
+#!/usr/bin/env python3
+"""Warm-start benchmark (stdlib only, Python 3.11): procman --preload vs cold procman vs
+gunicorn + UvicornWorker with and without --preload, on the same FastAPI app.
+
+Start it through bench/run-preload (checks the venv, builds procman, then runs this).
+
+Per round, for each worker count (4 and 8), the four servers run one after the other
+(A B C D), so drift on the shared machine hits all of them alike; the report gives the
+median over the rounds and ratios within this run only. On each instance:
+
+1. start-up: from exec until N distinct worker pids answered GET /pid;
+2. memory: once start-up settled, PSS and RSS (/proc/PID/smaps_rollup) summed over the
+   workers, and separately over the master and everything else it started (the zygote);
+3. respawn: kill -9 one worker, time until a pid not seen before answers /pid (several
+   kills per instance, the instance's median is its figure);
+4. reload: SIGHUP, time until every worker pid is new (old ones gone, N new ones
+   answered), with a 4-thread short-connection loop counting failed requests;
+5. stop: SIGTERM, exit code and leftover processes (a sanity check).
+
+Rules: every process started is stopped by pid (its process group, descendants and
+session), also on errors and Ctrl-C; every load loop is bounded in count and time and
+targets 127.0.0.1; each start gets a fresh free port; waits are polls with deadlines.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import errno
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib import metadata
+
+HOST = "127.0.0.1"
+SERVERS = ("procman-preload", "procman", "gunicorn-preload", "gunicorn")
+TITLES = {
+    "procman-preload": "procman --preload",
+    "procman": "procman (cold)",
+    "gunicorn-preload": "gunicorn --preload",
+    "gunicorn": "gunicorn (no preload)",
+}
+BASE = "procman-preload"  # ratios are against this one
+now = time.monotonic
+
+
+def log(msg: str) -> None:
+    print(f"[preload] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, "r", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def proc_stat(pid: int) -> dict | None:
+    raw = _read(f"/proc/{pid}/stat")
+    if raw is None:
+        return None
+    rest = raw[raw.rfind(")") + 2:].split()
+    return {"state": rest[0], "ppid": int(rest[1]), "pgrp": int(rest[2]), "session": int(rest[3])}
+
+
+def alive(pid: int) -> bool:
+    st = proc_stat(pid)
+    return st is not None and st["state"] not in ("Z", "X")
+
+
+def all_stats() -> dict[int, dict]:
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = proc_stat(int(name))
+            if st is not None:
+                out[int(name)] = st
+    return out
+
+
+def descendants(root: int, stats: dict[int, dict] | None = None) -> set[int]:
+    stats = stats if stats is not None else all_stats()
+    kids: dict[int, list[int]] = {}
+    for pid, st in stats.items():
+        kids.setdefault(st["ppid"], []).append(pid)
+    out, todo = set(), [root]
+    while todo:
+        for c in kids.get(todo.pop(), ()):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def live_descendants(root: int) -> set[int]:
+    stats = all_stats()
+    return {p for p in descendants(root, stats) if stats[p]["state"] not in ("Z", "X")}
+
+
+def session_members(sid: int, stats: dict[int, dict] | None = None) -> set[int]:
+    stats = stats if stats is not None else all_stats()
+    return {p for p, st in stats.items() if st["session"] == sid and st["state"] not in ("Z", "X")}
+
+
+def smaps_rollup(pid: int) -> tuple[int, int] | None:
+    """(Rss kB, Pss kB) of one process, None if it is gone."""
+    raw = _read(f"/proc/{pid}/smaps_rollup")
+    if raw is None:
+        return None
+    rss = pss = None
+    for line in raw.splitlines():
+        if line.startswith("Rss:"):
+            rss = int(line.split()[1])
+        elif line.startswith("Pss:"):
+            pss = int(line.split()[1])
+    if rss is None or pss is None:
+        return None
+    return rss, pss
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Registry:
+    """Every process the bench starts, so that all of them can be stopped by pid."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.lock = threading.Lock()
+
+    def spawn(self, argv: list[str], cwd: str, env: dict, log_path: str) -> subprocess.Popen:
+        logf = open(log_path, "ab")
+        try:
+            p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=logf,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            logf.close()
+        with self.lock:
+            self.procs.append(p)
+        return p
+
+    @staticmethod
+    def _targets(p: subprocess.Popen) -> set[int]:
+        stats = all_stats()
+        pids = descendants(p.pid, stats) | session_members(p.pid, stats)
+        if p.poll() is None:
+            pids.add(p.pid)
+        return pids
+
+    def kill_tree(self, p: subprocess.Popen, deadline_s: float = 5.0) -> int:
+        """SIGKILL the master, every process group of its descendants and session members,
+        and each of those pids. Returns how many processes besides the master were alive."""
+        me, mygrp = os.getpid(), os.getpgrp()
+        pids = {x for x in self._targets(p) if alive(x) or x == p.pid}
+        leftover = len({x for x in pids if x != p.pid and alive(x)})
+        end = now() + deadline_s
+        while pids and now() < end:
+            groups = set()
+            for pid in pids:
+                st = proc_stat(pid)
+                if st is not None:
+                    groups.add(st["pgrp"])
+            for g in groups:
+                if g > 1 and g != mygrp:
+                    try:
+                        os.killpg(g, signal.SIGKILL)
+                    except OSError:
+                        pass
+            for pid in pids:
+                if pid not in (me, 1):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+            try:
+                p.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                pass
+            pids = {x for x in self._targets(p) if alive(x)}
+        try:
+            p.wait(timeout=max(0.1, end - now()))
+        except subprocess.TimeoutExpired:
+            pass
+        return leftover
+
+    def cleanup_all(self) -> None:
+        with self.lock:
+            procs = list(self.procs)
+        for p in procs:
+            try:
+                self.kill_tree(p, deadline_s=3.0)
+            except Exception as e:  # keep going: the others must still die
+                log(f"cleanup of pid {p.pid} failed: {e}")
+
+
+REG = Registry()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, timeout: float, interval: float = 0.01):
+    """Poll pred() until it returns something truthy or the deadline passes."""
+    end = now() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if now() >= end:
+            return None
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[str, int | None]:
+    """One short connection (Connection: close). Returns (kind, pid from the body).
+
+    kind: ok (200) | non200 | refused | reset | empty | partial | timeout | error:<errno>"""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect((HOST, port))
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode())
+        buf = b""
+        head_end, clen = -1, None
+        while True:
+            if head_end >= 0 and clen is not None and len(buf) >= head_end + 4 + clen:
+                break
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            if head_end < 0:
+                head_end = buf.find(b"\r\n\r\n")
+                if head_end >= 0:
+                    m = re.search(rb"(?im)^content-length:\s*(\d+)", buf[:head_end])
+                    clen = int(m.group(1)) if m else None
+        if not buf:
+            return "empty", None
+        m = re.match(rb"HTTP/1\.[01] (\d{3})", buf)
+        if not m or head_end < 0:
+            return "partial", None
+        if int(m.group(1)) != 200:
+            return "non200", None
+        pm = re.search(rb"\d+", buf[head_end + 4:])
+        return "ok", (int(pm.group()) if pm else None)
+    except ConnectionRefusedError:
+        return "refused", None
+    except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+        return "reset", None
+    except (socket.timeout, TimeoutError):
+        return "timeout", None
+    except OSError as e:
+        return f"error:{errno.errorcode.get(e.errno, e.errno)}", None
+    finally:
+        try:  # RST on close: no TIME_WAIT pile-up from thousands of short connections
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        except OSError:
+            pass
+        s.close()
+
+
+class Client:
+    """`threads` threads doing short connections to `path`, bounded by max_requests (all
+    threads together) and max_seconds; `interval` paces each thread (a poller)."""
+
+    def __init__(self, port: int, path: str = "/pid", threads: int = 4, interval: float = 0.0,
+                 max_requests: int = 200_000, max_seconds: float = 30.0, timeout: float = 2.0):
+        self.port, self.path, self.nthreads = port, path, threads
+        self.interval, self.max_requests, self.max_seconds = interval, max_requests, max_seconds
+        self.timeout = timeout
+        self.stop_ev = threading.Event()
+        self.lock = threading.Lock()
+        self.total = 0
+        self.kinds: dict[str, int] = {}
+        self.first_seen: dict[int, float] = {}
+        self.first_ok: float | None = None
+        self.threads: list[threading.Thread] = []
+        self.t_start = 0.0
+
+    def start(self) -> "Client":
+        self.t_start = now()
+        for i in range(self.nthreads):
+            t = threading.Thread(target=self._run, name=f"client-{i}", daemon=True)
+            t.start()
+            self.threads.append(t)
+        return self
+
+    def _run(self) -> None:
+        end = self.t_start + self.max_seconds
+        while not self.stop_ev.is_set() and now() < end:
+            with self.lock:
+                if self.total >= self.max_requests:
+                    return
+                self.total += 1
+            kind, pid = http_get(self.port, self.path, timeout=self.timeout)
+            t = now()
+            with self.lock:
+                self.kinds[kind] = self.kinds.get(kind, 0) + 1
+                if kind == "ok":
+                    if self.first_ok is None:
+                        self.first_ok = t
+                    if pid is not None and pid not in self.first_seen:
+                        self.first_seen[pid] = t
+            if self.interval:
+                self.stop_ev.wait(self.interval)  # pacing of a poller, not synchronisation
+
+    def stop(self) -> None:
+        self.stop_ev.set()
+        for t in self.threads:
+            t.join(timeout=self.timeout + 1.0)
+
+    def count(self) -> int:
+        with self.lock:
+            return self.total
+
+    def pids(self) -> dict[int, float]:
+        with self.lock:
+            return dict(self.first_seen)
+
+    def new_pids(self, old: set[int]) -> dict[int, float]:
+        with self.lock:
+            return {p: t for p, t in self.first_seen.items() if p not in old}
+
+    def failures(self) -> tuple[int, int, str]:
+        with self.lock:
+            bad = {k: v for k, v in self.kinds.items() if k != "ok"}
+            total = sum(self.kinds.values())
+        kinds = ", ".join(f"{k}={v}" for k, v in sorted(bad.items())) or "none"
+        return sum(bad.values()), total, kinds
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+class StepFailed(Exception):
+    pass
+
+
+class Bench:
+    def __init__(self, a):
+        self.a = a
+        self.root = os.path.abspath(a.root)
+        self.bench_dir = os.path.join(self.root, "bench")
+        self.vbin = os.path.join(self.bench_dir, ".venv", "bin")
+        self.out_dir = os.path.join(self.bench_dir, "out")
+        # Our own log dir: bench/bench.py empties bench/out/logs at its start.
+        self.log_dir = os.path.join(self.out_dir, "preload-logs")
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.procman_src = os.path.join(self.root, "target", "release", "procman")
+        self.app_dir = os.path.join(self.root, "examples", "fastapi")
+        self.app = "app:main"
+        self.rounds = 1 if a.quick and a.rounds is None else (a.rounds or 3)
+        self.ns = a.workers
+        self.kills = a.kills
+        self.servers = [s for s in SERVERS if s in a.only]
+        self.startup_cap = 60.0
+        self.respawn_cap = 20.0
+        self.reload_cap = 60.0
+        self.term_cap = 40.0
+        self.results: dict = {s: {} for s in self.servers}  # server -> key -> [per round]
+        self.samples: dict = {s: {} for s in self.servers}  # server -> key -> all samples
+        self.errors: list[str] = []
+        self.log_notes: list[str] = []
+        self.env = self._env()
+        self.run_id = 0
+        self.tmp = tempfile.mkdtemp(prefix="procman-preload-bench-")
+        self.procman = self.procman_src
+        self.procman_sha = "?"
+
+    def _env(self) -> dict:
+        drop = ("VIRTUAL_ENV", "WEB_CONCURRENCY", "PORT", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+                "NOTIFY_SOCKET", "PYTHONPATH", "PYTHONHOME", "GUNICORN_CMD_ARGS")
+        env = {k: v for k, v in os.environ.items() if not (k.startswith("PROCMAN_") or k in drop)}
+        env["PATH"] = self.vbin + os.pathsep + env.get("PATH", "")
+        return env
+
+    def pin_procman(self) -> None:
+        """Run a private copy of target/release/procman: a concurrent rebuild (another
+        bench, a test run) then cannot change the binary in the middle of the run."""
+        if not os.access(self.procman_src, os.X_OK):
+            raise SystemExit(f"{self.procman_src} not found: build it (bench/run-preload without "
+                             "BENCH_SKIP_SETUP=1)")
+        dst = os.path.join(self.tmp, "procman")
+        shutil.copy2(self.procman_src, dst)
+        with open(dst, "rb") as f:
+            self.procman_sha = hashlib.sha256(f.read()).hexdigest()[:12]
+        self.procman = dst
+
+    # ---- commands
+
+    def argv(self, server: str, n: int, port: int) -> list[str]:
+        bind = f"{HOST}:{port}"
+        if server.startswith("gunicorn"):
+            a = [os.path.join(self.vbin, "gunicorn"), self.app, "-k", "uvicorn_worker.UvicornWorker",
+                 "-w", str(n), "-b", bind]
+        else:
+            a = [self.procman, self.app, "-w", str(n), "-b", bind]
+        if server.endswith("preload"):
+            a.append("--preload")
+        if server.startswith("procman"):
+            a += ["--no-access-log", "--python", os.path.join(self.vbin, "python")]
+        return a
+
+    def display_cmd(self, server: str) -> str:
+        a = self.argv(server, 0, 0)
+        a[0] = "target/release/procman" if server.startswith("procman") else "bench/.venv/bin/gunicorn"
+        s = " ".join(a).replace(self.root + "/", "")
+        return s.replace("-w 0", "-w N").replace(f"{HOST}:0", f"{HOST}:PORT")
+
+    def start(self, server: str, n: int):
+        self.run_id += 1
+        port = free_port()
+        argv = self.argv(server, n, port)
+        logp = os.path.join(self.log_dir, f"{self.run_id:03d}-{server}-w{n}.log")
+        with open(logp, "w") as f:
+            f.write("$ " + " ".join(argv) + "\n")
+        t0 = now()
+        p = REG.spawn(argv, self.app_dir, self.env, logp)
+        return p, port, t0, logp
+
+    # ---- results
+
+    def record(self, server: str, key: str, value, rnd: int) -> None:
+        lst = self.results[server].setdefault(key, [None] * self.rounds)
+        lst[rnd] = value
+
+    def sample(self, server: str, key: str, value) -> None:
+        self.samples[server].setdefault(key, []).append(value)
+
+    def fail(self, server: str, n: int, rnd: int, what: str, msg: str) -> None:
+        line = f"{TITLES[server]} N={n} round {rnd + 1} {what}: {msg}".replace(self.root + "/", "")
+        log("FAILED " + line)
+        self.errors.append(line)
+
+    @staticmethod
+    def log_tail(logp: str, k: int = 3) -> str:
+        raw = _read(logp) or ""
+        lines = [x.strip() for x in raw.splitlines()[1:] if x.strip()]
+        return " | ".join(lines[-k:])[-300:]
+
+    # ---- steps
+
+    def wait_workers(self, p, port: int, n: int, cap: float) -> tuple[dict[int, float] | None, Client]:
+        """Poll /pid (4 threads, short connections every 3 ms each) until n distinct pids
+        answered. Returns ({pid: first answer time}, client) or (None, client)."""
+        c = Client(port, "/pid", threads=4, interval=0.003, max_requests=10**7, max_seconds=cap,
+                   timeout=2.0).start()
+        try:
+            def done():
+                if p.poll() is not None:
+                    return "exited"
+                with c.lock:
+                    return "ok" if len(c.first_seen) >= n else None
+
+            state = wait_until(done, cap, 0.002)
+        finally:
+            c.stop()
+        return (c.pids() if state == "ok" else None), c
+
+    def memory(self, m: int, workers: set[int]) -> dict:
+        """PSS/RSS (MiB) summed over the workers and over the rest (master, zygote, ...)."""
+        others = ({m} | live_descendants(m)) - workers
+        w_rss = w_pss = o_rss = o_pss = 0
+        missing = 0
+        for pid in workers:
+            r = smaps_rollup(pid)
+            if r is None:
+                missing += 1
+                continue
+            w_rss += r[0]
+            w_pss += r[1]
+        for pid in others:
+            r = smaps_rollup(pid)
+            if r:
+                o_rss += r[0]
+                o_pss += r[1]
+        return {"w_rss": w_rss / 1024, "w_pss": w_pss / 1024, "o_rss": o_rss / 1024,
+                "o_pss": o_pss / 1024, "others": len(others), "missing": missing}
+
+    def settled_memory(self, m: int, workers: set[int], cap: float = 10.0) -> tuple[dict, bool]:
+        """Sample every 250 ms until the total PSS moved by < 0.5 % (or 0.5 MiB) over the last
+        three samples, or the cap passes."""
+        hist: list[dict] = []
+
+        def steady():
+            hist.append(self.memory(m, workers))
+            if len(hist) < 3:
+                return None
+            tot = [h["w_pss"] + h["o_pss"] for h in hist[-3:]]
+            return (max(tot) - min(tot)) <= max(0.5, 0.005 * max(tot))
+
+        ok = wait_until(steady, cap, 0.25)
+        return hist[-1], bool(ok)
+
+    def respawn_once(self, p, port: int, workers: set[int]) -> tuple[float | None, int | None, str]:
+        victim = sorted(workers)[0]
+        poll = Client(port, "/pid", threads=4, interval=0.002, max_requests=500_000,
+                      max_seconds=self.respawn_cap + 5, timeout=2.0).start()
+        try:
+            if not wait_until(lambda: poll.count() >= 20, 5.0, 0.002):
+                raise StepFailed("the /pid poller got no answers before the kill")
+            t_kill = now()
+            os.kill(victim, signal.SIGKILL)
+            new = wait_until(lambda: poll.new_pids(workers) or (p.poll() is not None and "exited"),
+                             self.respawn_cap, 0.001)
+        finally:
+            poll.stop()
+        bad, total, kinds = poll.failures()
+        if new == "exited":
+            raise StepFailed(f"master exited ({p.returncode}) after the kill")
+        if not new:
+            return None, None, f"{bad}/{total} ({kinds})"
+        pid, t = min(new.items(), key=lambda kv: kv[1])
+        return t - t_kill, pid, f"{bad}/{total} ({kinds})"
+
+    def reload(self, p, port: int, n: int, old: set[int]) -> dict:
+        load = Client(port, "/pid", threads=4, interval=0.0, max_requests=1_000_000,
+                      max_seconds=self.reload_cap + 10, timeout=2.0).start()
+        try:
+            if not wait_until(lambda: load.count() >= 50, 5.0, 0.002):
+                raise StepFailed("the load loop got no answers before HUP")
+            t_hup = now()
+            os.kill(p.pid, signal.SIGHUP)
+            t_old_gone = t_new_all = None
+            end = t_hup + self.reload_cap
+            while now() < end and (t_old_gone is None or t_new_all is None) and p.poll() is None:
+                t = now()
+                if t_old_gone is None and not any(alive(x) for x in old):
+                    t_old_gone = t
+                if t_new_all is None:
+                    new = load.new_pids(old)
+                    if len(new) >= n:
+                        t_new_all = sorted(new.values())[n - 1]
+                time.sleep(0.005)  # pacing of the observer
+            # a short tail to catch late failures (bounded; the loop is the measurement)
+            tail_end = now() + 0.5
+            while now() < tail_end and p.poll() is None:
+                time.sleep(0.05)
+        finally:
+            load.stop()
+        bad, total, kinds = load.failures()
+        out = {"failed": bad, "failed_txt": f"{bad}/{total} ({kinds})",
+               "survived": p.poll() is None}
+        if t_old_gone is not None and t_new_all is not None:
+            out["time"] = max(t_old_gone, t_new_all) - t_hup
+            out["new"] = set(load.new_pids(old))
+        else:
+            out["time"] = None
+            out["why"] = ("old workers still alive" if t_old_gone is None else "") + \
+                         (f"; only {len(load.new_pids(old))} of {n} new pids answered" if t_new_all is None
+                          else "")
+        return out
+
+    def stop(self, p) -> dict:
+        t = now()
+        sid = p.pid
+        try:
+            os.kill(p.pid, signal.SIGTERM)
+        except OSError:
+            pass
+        try:
+            code = p.wait(timeout=self.term_cap)
+            took = now() - t
+        except subprocess.TimeoutExpired:
+            code, took = None, None
+        left = wait_until(lambda: not session_members(sid), 3.0, 0.05)
+        return {"code": code, "took": took,
+                "leftover": 0 if left else len(session_members(sid))}
+
+    def instance(self, server: str, n: int, rnd: int) -> None:
+        tag = f"w{n}"
+        rec = lambda k, v: self.record(server, f"{k}_{tag}", v, rnd)  # noqa: E731
+        log(f"round {rnd + 1}/{self.rounds}: {TITLES[server]} N={n}")
+        try:
+            p, port, t0, logp = self.start(server, n)
+        except Exception as e:
+            self.fail(server, n, rnd, "start", str(e))
+            return
+        try:
+            # 1. start-up
+            seen, c = self.wait_workers(p, port, n, self.startup_cap)
+            if seen is None:
+                why = (f"exited with {p.returncode}" if p.poll() is not None
+                       else f"{len(c.pids())} of {n} workers answered within {self.startup_cap:.0f} s")
+                self.fail(server, n, rnd, "start-up", f"{why}: {self.log_tail(logp)}")
+                return
+            t_all = sorted(seen.values())[n - 1]
+            rec("startup", t_all - t0)
+            rec("startup_first", c.first_ok - t0)
+            workers = {x for x in seen if alive(x)}
+            if len(workers) != n:
+                self.fail(server, n, rnd, "start-up", f"{len(seen)} pids answered but only {len(workers)}"
+                          " are alive")
+                return
+            # 2. memory
+            mem, ok = self.settled_memory(p.pid, workers)
+            for k in ("w_rss", "w_pss", "o_rss", "o_pss"):
+                rec(k, mem[k])
+            rec("t_pss", mem["w_pss"] + mem["o_pss"])
+            rec("t_rss", mem["w_rss"] + mem["o_rss"])
+            rec("others", mem["others"])
+            if not ok:
+                self.fail(server, n, rnd, "memory", "did not settle within 10 s (last sample used)")
+            # 3. respawn
+            times = []
+            for k in range(self.kills):
+                if p.poll() is not None:
+                    raise StepFailed(f"master exited ({p.returncode})")
+                dt, newpid, ftxt = self.respawn_once(p, port, workers)
+                self.sample(server, f"respawn_{tag}", dt)
+                self.sample(server, f"respawn_failed_{tag}", ftxt)
+                if dt is None:
+                    self.fail(server, n, rnd, f"respawn #{k + 1}",
+                              f"no new pid answered within {self.respawn_cap:.0f} s: {self.log_tail(logp)}")
+                    break
+                times.append(dt)
+                victim = sorted(workers)[0]
+                workers = (workers - {victim}) | {newpid}
+            if times:
+                rec("respawn", statistics.median(times))
+                rec("respawn_max", max(times))
+            # the current workers, checked: each is alive
+            workers = {x for x in workers if alive(x)}
+            if len(workers) != n:
+                raise StepFailed(f"after the respawns {len(workers)} of the {n} known workers are alive")
+            # 4. reload
+            r = self.reload(p, port, n, workers)
+            rec("reload_failed", r["failed"])
+            self.sample(server, f"reload_failed_txt_{tag}", r["failed_txt"])
+            if not r["survived"]:
+                raise StepFailed(f"master exited ({p.returncode}) on HUP: {self.log_tail(logp)}")
+            if r["time"] is None:
+                self.fail(server, n, rnd, "reload", f"{r['why']} within {self.reload_cap:.0f} s:"
+                          f" {self.log_tail(logp)}")
+            else:
+                rec("reload", r["time"])
+            # 5. stop
+            s = self.stop(p)
+            rec("stop_code", s["code"])
+            rec("stop_took", s["took"])
+            rec("stop_leftover", s["leftover"])
+            if s["code"] not in (0,) or s["leftover"]:
+                self.fail(server, n, rnd, "stop (SIGTERM)",
+                          f"exit code {s['code']}, {s['leftover']} processes left: {self.log_tail(logp)}")
+        except StepFailed as e:
+            self.fail(server, n, rnd, "run", f"{e}")
+        except Exception as e:
+            self.fail(server, n, rnd, "run", f"{type(e).__name__}: {e} | log: {self.log_tail(logp)}")
+        finally:
+            REG.kill_tree(p)
+            self.scan_log(server, n, rnd, logp)
+
+    LOG_BAD = re.compile(r"\[(WARN|WARNING|ERROR|CRITICAL)\]|Traceback|panicked|ERROR:|WARNING:")
+
+    def scan_log(self, server: str, n: int, rnd: int, logp: str) -> None:
+        """Warnings and errors in a server's log are worth reading (procman misbehaviour)."""
+        raw = _read(logp) or ""
+        bad = [x.strip() for x in raw.splitlines()[1:] if self.LOG_BAD.search(x)]
+        if bad:
+            # gunicorn logs "Worker (pid:N) was sent SIGKILL!" for our kill -9: expected
+            bad = [x for x in bad if "was sent SIGKILL" not in x and "was sent code" not in x]
+        if bad:
+            name = os.path.relpath(logp, self.root)
+            self.log_notes.append(f"{TITLES[server]} N={n} round {rnd + 1} ({name}): "
+                                  + " | ".join(x[:200] for x in bad[:4])
+                                  + (f" … (+{len(bad) - 4} more)" if len(bad) > 4 else ""))
+
+    def run(self) -> None:
+        self.t_begin = datetime.datetime.now(datetime.timezone.utc)
+        self.load_begin = os.getloadavg()
+        if any(s.startswith("procman") for s in self.servers):
+            self.pin_procman()
+        self.versions = versions(self)  # while the pinned copy exists
+        for rnd in range(self.rounds):
+            for n in self.ns:
+                for s in self.servers:
+                    self.instance(s, n, rnd)
+        self.t_end = datetime.datetime.now(datetime.timezone.utc)
+        self.load_end = os.getloadavg()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def nums(vals) -> list[float]:
+    return [v for v in (vals or []) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def med(vals) -> float | None:
+    v = nums(vals)
+    return statistics.median(v) if v else None
+
+
+def fmt(v: float, unit: str) -> str:
+    if unit == "ms":
+        return f"{v * 1000:.0f}" if v * 1000 >= 10 else f"{v * 1000:.1f}"
+    if unit == "s":
+        return f"{v:.2f}"
+    if unit == "MiB":
+        return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
+    return f"{v:g}"
+
+
+def cell(b: Bench, server: str, key: str, unit: str, ratio: bool = True) -> str:
+    vals = b.results[server].get(key)
+    v = nums(vals)
+    if not v:
+        return "n/a"
+    m = statistics.median(v)
+    out = fmt(m, unit)
+    if len(v) > 1:
+        out += f" [{fmt(min(v), unit)}–{fmt(max(v), unit)}]"
+    if len(v) < b.rounds:
+        out += f" ({len(v)}/{b.rounds} rounds)"
+    if ratio and server != BASE and BASE in b.results:
+        base = med(b.results[BASE].get(key))
+        if base:
+            out += f" (×{m / base:.2f})"
+    return out
+
+
+def render_table(b: Bench) -> str:
+    rows = []
+    for n in b.ns:
+        t = f"w{n}"
+        rows += [
+            (f"start-up, {n} workers (s)", f"startup_{t}", "s", True),
+            (f"respawn after kill -9, {n} workers (ms)", f"respawn_{t}", "ms", True),
+            (f"reload (HUP) until all pids new, {n} workers (s)", f"reload_{t}", "s", True),
+            (f"failed requests during reload, {n} workers", f"reload_failed_{t}", "n", False),
+            (f"PSS of the {n} workers (MiB)", f"w_pss_{t}", "MiB", True),
+            (f"RSS of the {n} workers (MiB)", f"w_rss_{t}", "MiB", True),
+            (f"PSS master + zygote, {n} workers (MiB)", f"o_pss_{t}", "MiB", True),
+            (f"RSS master + zygote, {n} workers (MiB)", f"o_rss_{t}", "MiB", True),
+            (f"**total PSS, {n} workers (MiB)**", f"t_pss_{t}", "MiB", True),
+            (f"total RSS, {n} workers (MiB)", f"t_rss_{t}", "MiB", True),
+        ]
+    head = "| metric | " + " | ".join(TITLES[s] for s in b.servers) + " |"
+    sep = "|---|" + "---:|" * len(b.servers)
+    lines = [head, sep]
+    for label, key, unit, ratio in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(b, s, key, unit, ratio) for s in b.servers) + " |")
+    return "\n".join(lines)
+
+
+def targets(b: Bench) -> list[tuple[str, str]]:
+    """(PASS|FAIL|n/a, text) for the three targets of the issue."""
+    out = []
+    P = b.results.get(BASE, {})
+    G = b.results.get("gunicorn", {})
+    # 1. respawn < 50 ms
+    parts, verdicts = [], []
+    for n in b.ns:
+        m = med(P.get(f"respawn_w{n}"))
+        allv = nums(b.samples.get(BASE, {}).get(f"respawn_w{n}"))
+        if m is None:
+            parts.append(f"N={n}: n/a")
+            verdicts.append(None)
+            continue
+        verdicts.append(m < 0.050)
+        parts.append(f"N={n}: median {m * 1000:.1f} ms (all {len(allv)} kills: "
+                     f"{min(allv) * 1000:.1f}–{max(allv) * 1000:.1f} ms, "
+                     f"{sum(1 for x in allv if x < 0.050)}/{len(allv)} under 50 ms)")
+    out.append((verdict(verdicts), "procman --preload respawns a killed worker in under 50 ms"
+                " (kill -9 → a new pid answers /pid): " + "; ".join(parts)))
+    # 2. start-up of 8 workers <= 0.4x gunicorn without preload
+    n8 = 8 if 8 in b.ns else max(b.ns)
+    pm, gm = med(P.get(f"startup_w{n8}")), med(G.get(f"startup_w{n8}"))
+    if pm is None or gm is None:
+        out.append(("n/a", f"start-up of {n8} workers ≤ 0.4× gunicorn without preload: not measured"))
+    else:
+        out.append((verdict([pm <= 0.4 * gm]), f"start-up of {n8} workers ≤ 0.4× gunicorn without preload:"
+                    f" {pm:.2f} s vs {gm:.2f} s = {pm / gm:.2f}×"))
+    # 3. total PSS <= 0.6x gunicorn without preload
+    parts, verdicts = [], []
+    for n in b.ns:
+        pm, gm = med(P.get(f"t_pss_w{n}")), med(G.get(f"t_pss_w{n}"))
+        if pm is None or gm is None:
+            parts.append(f"N={n}: n/a")
+            verdicts.append(None)
+            continue
+        verdicts.append(pm <= 0.6 * gm)
+        pw, gw = med(P.get(f"w_pss_w{n}")), med(G.get(f"w_pss_w{n}"))
+        extra = f"; workers only {pw:.0f} vs {gw:.0f} MiB = {pw / gw:.2f}×" if pw and gw else ""
+        parts.append(f"N={n}: {pm:.0f} MiB vs {gm:.0f} MiB = {pm / gm:.2f}×"
+                     f" {'✓' if pm <= 0.6 * gm else '✗'}{extra}")
+    out.append((verdict(verdicts), "total PSS (workers + master + zygote) ≤ 0.6× gunicorn without"
+                " preload: " + "; ".join(parts)))
+    return out
+
+
+def verdict(vs: list) -> str:
+    if not vs or any(v is None for v in vs):
+        return "n/a" if not any(v is False for v in vs) else "FAIL"
+    return "PASS" if all(vs) else "FAIL"
+
+
+def sh(cmd: list[str]) -> str:
+    try:
+        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        txt = (cp.stdout or cp.stderr).strip()
+        return txt.splitlines()[0] if txt else "?"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"n/a ({e})"
+
+
+def machine() -> dict:
+    model = "?"
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem = 0
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemTotal:"):
+            mem = int(line.split()[1])
+    return {"nproc": sh(["nproc"]), "cpu": model, "kernel": platform.release(),
+            "memory": f"{mem / 1024 / 1024:.1f} GiB"}
+
+
+def versions(b: Bench) -> dict:
+    v = {}
+    for pkg in ("gunicorn", "uvicorn-worker", "uvicorn", "fastapi", "starlette", "uvloop", "httptools"):
+        try:
+            v[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            v[pkg] = "not installed"
+    v["python"] = sh([os.path.join(b.vbin, "python"), "--version"]).replace("Python ", "")
+    v["procman"] = sh([b.procman, "--version"]) if os.access(b.procman, os.X_OK) else "not built"
+    v["rustc"] = sh(["rustc", "--version"])
+    try:
+        head = subprocess.run(["git", "-C", b.root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        st = subprocess.run(["git", "--no-optional-locks", "-C", b.root, "status", "--porcelain", "--",
+                             "src", "Cargo.toml", "Cargo.lock"], capture_output=True, text=True,
+                            timeout=10).stdout
+        dirty = [x[3:] for x in st.splitlines() if x.strip()]
+        v["source"] = f"commit {head}" + (f" plus uncommitted changes to {', '.join(dirty[:5])}" if dirty
+                                          else ", src clean")
+    except (OSError, subprocess.SubprocessError):
+        v["source"] = "unknown"
+    return v
+
+
+def command_line() -> str:
+    args, skip = [], False
+    for x in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if x == "--root":
+            skip = True
+            continue
+        if x.startswith("--root="):
+            continue
+        args.append(x)
+    return " ".join(["bench/run-preload"] + args)
+
+
+def render(b: Bench) -> str:
+    mi, ver = machine(), b.versions
+    dur = int((b.t_end - b.t_begin).total_seconds())
+    q = " — quick mode (1 round: smoke figures)" if b.a.quick and b.rounds == 1 else ""
+    order = " → ".join(TITLES[s] for s in b.servers)
+    out = [
+        "## Warm start (`--preload`)" + q,
+        "",
+        f"Generated by `{command_line()}` on {b.t_begin:%Y-%m-%d %H:%M} UTC (took {dur // 60} min {dur % 60} s)."
+        f" {b.rounds} round{'s' if b.rounds != 1 else ''}; in each round, for N = "
+        f"{' then '.join(str(n) for n in b.ns)}, the servers ran one after the other ({order}), so drift"
+        " on the shared machine hits all of them alike. Compare within this run only.",
+        "",
+        f"- machine: {mi['nproc']} CPUs (`nproc`), {mi['cpu']}, {mi['memory']} RAM, kernel {mi['kernel']};"
+        f" load average {b.load_begin[0]:.2f} at the start, {b.load_end[0]:.2f} at the end (shared with"
+        " other jobs)",
+        f"- procman: {ver['procman']} ({ver['rustc']}; `cargo build --release --bins --examples`; {ver['source']};"
+        f" the binary was copied to a temp dir at the start of the run, sha256 {b.procman_sha}…)",
+        f"- gunicorn {ver['gunicorn']} + uvicorn-worker {ver['uvicorn-worker']}; uvicorn {ver['uvicorn']};"
+        f" fastapi {ver['fastapi']} (starlette {ver['starlette']}); uvloop {ver['uvloop']};"
+        f" httptools {ver['httptools']}; Python {ver['python']} (bench/.venv)",
+        "",
+        "Commands (cwd `examples/fastapi`, app `app:main`, N = "
+        + " and ".join(str(n) for n in b.ns) + ", a fresh free port on 127.0.0.1 for every start):",
+        "",
+        "```",
+    ]
+    out += [b.display_cmd(s) for s in b.servers]
+    out += [
+        "```",
+        "",
+        "Cells: median over the rounds [min–max]; `(×r)` = that server's median ÷ procman --preload's"
+        " (above 1: procman --preload is faster / smaller).",
+        "",
+        render_table(b),
+        "",
+        "### Targets",
+        "",
+    ]
+    for v, txt in targets(b):
+        out.append(f"- **{v}** — {txt}")
+    out += [
+        "",
+        "### Method",
+        "",
+        "- Start-up: from `exec` of the server until N distinct pids answered `GET /pid` (4 polling"
+        " threads, a short connection every 3 ms each).",
+        f"- Respawn: {b.kills} × per instance, `kill -9` of one worker while 4 threads poll `/pid`"
+        " (short connections, 2 ms pacing); the time until a pid not seen before answers. An instance's"
+        " figure is the median of its kills; the cell is the median over the rounds.",
+        "- Reload: `SIGHUP` to the master while 4 threads send short connections to `/pid` without"
+        " pause; the time until every old worker is gone and N new pids answered. Failed = any"
+        " answer other than 200 (refused, reset, empty, timeout 2 s) counted from just before HUP until 0.5 s after the"
+        " reload was complete."
+        " gunicorn --preload re-forks its already imported app on HUP (it cannot load new code);"
+        " procman --preload starts a new zygote that imports the app again.",
+        "- Memory: after start-up, `/proc/PID/smaps_rollup` sampled every 250 ms until the total PSS"
+        " stays within 0.5 % over three samples (cap 10 s); workers = the N pids that answered;"
+        " master + zygote = the master and every other live descendant (gunicorn: the arbiter alone;"
+        " with --preload it holds the imported app). PSS splits shared pages among the processes"
+        " mapping them, so PSS sums are the memory the server really costs.",
+        "- Every instance is stopped with SIGTERM (exit code and leftover processes checked), then"
+        " its process groups, descendants and session are SIGKILLed by pid. Logs:"
+        " `bench/out/preload-logs/`, raw figures: `bench/out/preload.json`.",
+        "",
+    ]
+    stops = []
+    for s in b.servers:
+        for n in b.ns:
+            codes = b.results[s].get(f"stop_code_w{n}") or []
+            took = nums(b.results[s].get(f"stop_took_w{n}"))
+            left = nums(b.results[s].get(f"stop_leftover_w{n}"))
+            if codes:
+                stops.append(f"{TITLES[s]} N={n}: exit {', '.join(str(c) for c in codes)}"
+                             + (f" after {max(took):.2f} s at most" if took else "")
+                             + (f", leftovers {int(sum(left))}" if left and sum(left) else ""))
+    if stops:
+        out += ["SIGTERM at the end of each instance: " + "; ".join(stops) + ".", ""]
+    fails = []
+    for s in b.servers:
+        for n in b.ns:
+            txt = b.samples[s].get(f"reload_failed_txt_w{n}")
+            if txt:
+                fails.append(f"{TITLES[s]} N={n}: {' / '.join(txt)}")
+    if fails:
+        out += ["Requests during reload (failed/total, per round): " + "; ".join(fails) + ".", ""]
+    if b.errors:
+        out += ["### Errors during the run", ""] + [f"- {e}" for e in b.errors] + [""]
+    if b.log_notes:
+        out += ["### Warnings and errors in the servers' logs", ""] + [f"- {x}" for x in b.log_notes] + [""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="bench/run-preload", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; 1 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="1 round")
+    ap.add_argument("--workers", default="4,8", help="worker counts (default 4,8)")
+    ap.add_argument("--kills", type=int, default=3, help="kill -9 respawns per instance (default 3)")
+    ap.add_argument("--only", default=",".join(SERVERS), help="subset of " + ",".join(SERVERS))
+    ap.add_argument("--out", default=None, help="markdown output (default bench/out/preload.md)")
+    a = ap.parse_args(argv)
+    a.workers = [int(x) for x in a.workers.split(",") if x.strip()]
+    a.only = [s.strip() for s in a.only.split(",") if s.strip()]
+    bad = [s for s in a.only if s not in SERVERS]
+    if bad or not a.only:
+        ap.error(f"--only: unknown {bad}; choose from {', '.join(SERVERS)}")
+    if not a.workers or min(a.workers) < 1:
+        ap.error("--workers: positive integers")
+    if a.kills < 1:
+        ap.error("--kills must be >= 1")
+    if a.rounds is not None and a.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_term)
+    b = Bench(a)
+    try:
+        b.run()
+    except KeyboardInterrupt:
+        log("interrupted: stopping every process started")
+        return 130
+    finally:
+        REG.cleanup_all()
+        shutil.rmtree(b.tmp, ignore_errors=True)
+    report = render(b)
+    out_md = os.path.abspath(a.out or os.path.join(b.out_dir, "preload.md"))
+    with open(out_md, "w") as f:
+        f.write(report + "\n")
+    with open(os.path.join(b.out_dir, "preload.json"), "w") as f:
+        json.dump({"results": b.results, "samples": b.samples, "errors": b.errors,
+                   "log_notes": b.log_notes, "workers": b.ns, "rounds": b.rounds,
+                   "kills": b.kills}, f, indent=1, default=str)
+    print(report)
+    print(f"\nwritten: {os.path.relpath(out_md, b.root)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+//! `--preload` in the master: one zygote per generation, started when
+//! needed, asked for each worker over its channel, restarted with backoff
+//! when it dies (the workers keep serving), retired when its generation has
+//! no worker left, and given up for cold starts after repeated failures.
+
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+use tracing::{debug, error, info, warn};
+
+use super::{describe, exit_code, signal_group, Master};
+use crate::classes;
+use crate::error::Error;
+use crate::policy::{self, Backoff};
+use crate::signals;
+use crate::spawn::Plan;
+use crate::workers::Worker;
+use crate::zygote::{self, FromZygote, Zygote, ZygoteState};
+
+impl Master {
+    /// Whether workers are forked from a zygote.
+    pub(super) fn preloading(&self) -> bool {
+        self.cfg.uvicorn().is_some_and(|u| u.preload) && !self.cold_fallback
+    }
+
+    /// Starts the current generation's zygote when there is none, kills one
+    /// that does not become ready in time, and retires zygotes whose
+    /// generation has no worker left.
+    pub(super) fn tend_zygotes(&mut self, now: Instant) {
+        if !self.preloading() {
+            return;
+        }
+        let timeout = self.cfg.startup_timeout;
+        let late: Vec<Pid> = self
+            .zygotes
+            .iter()
+            .filter(|z| z.state == ZygoteState::Starting && now >= z.started_at + timeout)
+            .map(|z| z.pid)
+            .collect();
+        for pid in late {
+            warn!("Zygote {pid} did not import the app within {timeout:?}; killing it");
+            signal_group(pid, Signal::SIGKILL);
+            if let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == pid) {
+                z.state = ZygoteState::Stopping;
+            }
+            self.zygote_failed(now);
+        }
+        let current = self.generation;
+        for z in self.zygotes.iter_mut() {
+            let in_use = self
+                .table
+                .iter()
+                .any(|w| w.is_active() && w.generation == z.generation);
+            if z.generation != current && !in_use && z.state != ZygoteState::Stopping {
+                info!(
+                    "Zygote {} (generation {}) has no worker left; stopping it",
+                    z.pid, z.generation
+                );
+                stop_zygote(z);
+            }
+        }
+        let have = self
+            .zygotes
+            .iter()
+            .any(|z| z.generation == current && z.state != ZygoteState::Stopping);
+        let may = self.zygote_backoff.next_spawn_at.is_none_or(|t| t <= now);
+        if !have && may {
+            self.start_zygote(now);
+        }
+    }
+
+    pub(super) fn start_zygote(&mut self, now: Instant) {
+        let Some(opts) = self.cfg.uvicorn() else {
+            return;
+        };
+        let (master_end, zygote_end) = match zygote::channel() {
+            Ok(pair) => pair,
+            Err(e) => {
+                error!("cannot create the zygote's channel: {}", e.desc());
+                self.zygote_failed(now);
+                return;
+            }
+        };
+        let mut json = classes::uvicorn::app_config(opts, &self.cfg);
+        json["mode"] = "zygote".into();
+        let (env, pid_vars) = self.child_env(&[
+            (classes::uvicorn::CONFIG_VAR, json.to_string()),
+            ("PROCMAN_ZYGOTE_FD", (3 + self.listeners.len()).to_string()),
+            ("PROCMAN_MASTER_PID", std::process::id().to_string()),
+        ]);
+        let mut fds: Vec<_> = self.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
+        fds.push(zygote_end.as_raw_fd());
+        let plan = Plan::new(
+            &self.launch.program,
+            &self.launch.argv,
+            &env,
+            &pid_vars,
+            &fds,
+            self.cfg.credentials.as_ref(),
+            self.cfg.chdir.as_deref(),
+            self.cfg.umask,
+            &signals::changed_dispositions(),
+        );
+        let spawned = plan
+            .map_err(|e| format!("'{}' contains a NUL byte", e.0))
+            .and_then(|p| p.spawn().map_err(|e| e.desc().to_string()));
+        drop(zygote_end);
+        match spawned {
+            Ok(s) if s.exec_error.is_none() => {
+                info!(
+                    "Starting zygote {} for generation {} (imports {} once)",
+                    s.pid, self.generation, opts.app
+                );
+                self.zygotes
+                    .push(Zygote::new(s.pid, self.generation, master_end, now));
+            }
+            Ok(s) => {
+                let (stage, errno) = s
+                    .exec_error
+                    .unwrap_or((crate::spawn::Stage::Exec, Errno::UnknownErrno));
+                error!("cannot {} the zygote: {}", stage.describe(), errno.desc());
+                // It exits at once; reap it as an unknown child.
+                self.zygote_failed(now);
+            }
+            Err(e) => {
+                error!("cannot start the zygote: {e}");
+                self.zygote_failed(now);
+            }
+        }
+    }
+
+    pub(super) fn on_zygote_message(&mut self, pid: Pid, message: FromZygote, now: Instant) {
+        let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == pid) else {
+            return;
+        };
+        match message {
+            FromZygote::Ready => {
+                if z.state == ZygoteState::Starting {
+                    z.state = ZygoteState::Ready;
+                    self.zygote_backoff = Backoff::default();
+                    info!(
+                        "Zygote {pid} ready in {:.3}s (generation {})",
+                        now.saturating_duration_since(z.started_at).as_secs_f64(),
+                        z.generation
+                    );
+                }
+            }
+            FromZygote::Warning(w) => warn!("Zygote {pid}: {w}"),
+            FromZygote::Error(e) => warn!("Zygote {pid} reported an error: {e}"),
+            // A reply that came after the master gave up on the request:
+            // that worker is not supervised, so it must not serve.
+            FromZygote::Spawned { slot, pid: worker } => {
+                warn!("Zygote {pid} reported worker {worker} (slot {slot}) too late; killing it");
+                signal_group(Pid::from_raw(worker), Signal::SIGKILL);
+            }
+            // Its exit status (reaped soon) says what happened.
+            FromZygote::Closed => {
+                debug!("Zygote {pid} closed its channel");
+                z.closed = true;
+            }
+        }
+    }
+
+    pub(super) fn spawn_from_zygote(&mut self, slot: usize, now: Instant) {
+        let current = self.generation;
+        let Some(z) = self
+            .zygotes
+            .iter()
+            .find(|z| z.generation == current && z.state == ZygoteState::Ready && !z.closed)
+        else {
+            // The zygote is still importing: the slot is filled once it is
+            // ready (its channel wakes the loop).
+            return;
+        };
+        let zpid = z.pid;
+        let env = vec![
+            ("PROCMAN_WORKER_ID".to_string(), slot.to_string()),
+            ("PROCMAN_GENERATION".to_string(), current.to_string()),
+        ];
+        let (result, others) = z.spawn(slot, current, &env);
+        for m in others {
+            self.on_zygote_message(zpid, m, now);
+        }
+        match result {
+            Ok(pid) => {
+                info!(
+                    worker = pid.as_raw(),
+                    slot,
+                    generation = current,
+                    "Booting worker {slot} with pid {pid} (generation {current}, forked from zygote {zpid})"
+                );
+                let w = Worker::new(pid, slot, current, now, self.cfg.startup_timeout);
+                self.table.insert(w);
+            }
+            Err(e) => {
+                error!("Zygote {zpid} could not fork a worker for slot {slot}: {e}; restarting it");
+                if let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == zpid) {
+                    signal_group(zpid, Signal::SIGKILL);
+                    z.state = ZygoteState::Stopping;
+                }
+                self.zygote_failed(now);
+            }
+        }
+    }
+
+    pub(super) fn on_zygote_exit(&mut self, z: Zygote, status: WaitStatus, now: Instant) {
+        let how = describe(&status);
+        match z.state {
+            // Asked to stop (retired, or found broken and counted then).
+            ZygoteState::Stopping => {
+                info!(
+                    "Zygote {} (generation {}) exited: {how}",
+                    z.pid, z.generation
+                )
+            }
+            ZygoteState::Starting => {
+                let detail = z
+                    .reported_error
+                    .clone()
+                    .unwrap_or_else(|| format!("zygote {} {how}", z.pid));
+                if let Some(r) = self.reload {
+                    if r.generation == z.generation {
+                        self.abort_reload(
+                            &format!("the new code could not be loaded: {detail}"),
+                            now,
+                        );
+                        return;
+                    }
+                }
+                if !self.ever_up {
+                    let err = match exit_code(&status) {
+                        Some(4) => Error::AppImport(detail),
+                        _ => Error::BootFailed(format!("the zygote failed to start: {detail}")),
+                    };
+                    error!("{err}");
+                    self.begin_stop(true, Err(err), now);
+                    return;
+                }
+                warn!("Zygote {} failed to start: {detail}", z.pid);
+                self.zygote_failed(now);
+            }
+            ZygoteState::Ready => {
+                warn!(
+                    "Zygote {} (generation {}) exited: {how}; its workers keep serving, restarting it",
+                    z.pid, z.generation
+                );
+                self.zygote_failed(now);
+            }
+        }
+    }
+
+    /// Backs off zygote restarts; after 3 failures in a row, workers start
+    /// cold (each imports the app itself) and this is logged.
+    pub(super) fn zygote_failed(&mut self, now: Instant) {
+        self.zygote_backoff = policy::after_death(self.zygote_backoff, true, now);
+        if self.zygote_backoff.failures >= 3 && !self.cold_fallback {
+            self.cold_fallback = true;
+            warn!(
+                "The zygote failed {} times in a row; new workers start cold (without --preload)",
+                self.zygote_backoff.failures
+            );
+        }
+    }
+}
+
+/// Asks a zygote to exit (it has nothing to drain).
+pub(super) fn stop_zygote(z: &mut Zygote) {
+    if z.state != ZygoteState::Stopping {
+        z.state = ZygoteState::Stopping;
+        signal_group(z.pid, Signal::SIGTERM);
+    }
+}

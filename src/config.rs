@@ -429,6 +429,12 @@ impl Config {
             }
         }
 
+        if cli.reuse_port && cli.preload {
+            return Err(Error::usage(
+                "'--reuse-port' and '--preload' cannot be combined: workers forked from the zygote share its sockets",
+            ));
+        }
+
         Ok(Config {
             log_format,
             log_file,
@@ -974,6 +980,22 @@ mod tests {
             assert_eq!(err.exit_code(), 2, "{args:?}");
             assert!(err.to_string().contains(want), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn dropping_privileges_needs_root() {
+        let cli = Cli::try_parse_from(["procman", "-u", "nobody", "--", "true"]).expect("parses");
+        let err = Config::from_cli(&cli, &env()).expect_err("not root");
+        assert!(
+            err.to_string().contains("need procman to start as root"),
+            "{err}"
+        );
+        let mut root = env();
+        root.euid = 0;
+        let c = Config::from_cli(&cli, &root).expect("root may");
+        let cred = c.credentials.expect("credentials");
+        assert_eq!(cred.user_name, "nobody");
+        assert!(cred.groups.contains(&cred.gid));
     }
 
     #[test]

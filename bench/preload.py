@@ -51,6 +51,7 @@ TITLES = {
     "gunicorn": "gunicorn (no preload)",
 }
 BASE = "procman-preload"  # ratios are against this one
+STEADY = 1.5  # s after start-up before the first kill -9
 now = time.monotonic
 
 
@@ -622,7 +623,15 @@ class Bench:
             rec("others", mem["others"])
             if not ok:
                 self.fail(server, n, rnd, "memory", "did not settle within 10 s (last sample used)")
-            # 3. respawn
+            # 3. respawn, in steady state: kills start once every worker has been answering for
+            # STEADY s (procman counts a worker that dies within 1 s of becoming ready, before
+            # any worker was up 1 s, as a failed boot). A wait for a time, not for an event;
+            # p.wait returns early if the master dies.
+            try:
+                p.wait(timeout=max(0.0, t_all + STEADY - now()))
+                raise StepFailed(f"master exited ({p.returncode}) before the respawn step")
+            except subprocess.TimeoutExpired:
+                pass
             times = []
             for k in range(self.kills):
                 if p.poll() is not None:
@@ -690,6 +699,9 @@ class Bench:
         self.t_begin = datetime.datetime.now(datetime.timezone.utc)
         self.load_begin = os.getloadavg()
         if any(s.startswith("procman") for s in self.servers):
+            stale = stale_sources(self.root, self.procman_src)
+            if stale:
+                log(f"WARNING: target/release/procman is older than {stale}")
             self.pin_procman()
         self.versions = versions(self)  # while the pinned copy exists
         for rnd in range(self.rounds):
@@ -839,6 +851,26 @@ def machine() -> dict:
             "memory": f"{mem / 1024 / 1024:.1f} GiB"}
 
 
+def stale_sources(root: str, binary: str) -> str | None:
+    """The newest file under src/ (or Cargo.toml/Cargo.lock) if newer than the binary."""
+    try:
+        built = os.stat(binary).st_mtime
+    except OSError:
+        return "binary missing"
+    newest, newest_t = None, 0.0
+    cands = [os.path.join(root, f) for f in ("Cargo.toml", "Cargo.lock")]
+    for dp, _, fs in os.walk(os.path.join(root, "src")):
+        cands += [os.path.join(dp, f) for f in fs]
+    for f in cands:
+        try:
+            t = os.stat(f).st_mtime
+        except OSError:
+            continue
+        if t > newest_t:
+            newest, newest_t = f, t
+    return os.path.relpath(newest, root) if newest and newest_t > built else None
+
+
 def versions(b: Bench) -> dict:
     v = {}
     for pkg in ("gunicorn", "uvicorn-worker", "uvicorn", "fastapi", "starlette", "uvloop", "httptools"):
@@ -849,6 +881,14 @@ def versions(b: Bench) -> dict:
     v["python"] = sh([os.path.join(b.vbin, "python"), "--version"]).replace("Python ", "")
     v["procman"] = sh([b.procman, "--version"]) if os.access(b.procman, os.X_OK) else "not built"
     v["rustc"] = sh(["rustc", "--version"])
+    try:
+        built = datetime.datetime.fromtimestamp(os.stat(b.procman_src).st_mtime, datetime.timezone.utc)
+        stale = stale_sources(b.root, b.procman_src)
+        v["build"] = f"binary built {built:%H:%M} UTC, " + (
+            f"STALE: older than {stale} (BENCH_SKIP_SETUP=1 skips the build)" if stale
+            else "newer than every source file")
+    except OSError:
+        v["build"] = "binary missing"
     try:
         head = subprocess.run(["git", "-C", b.root, "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10).stdout.strip()
@@ -894,7 +934,7 @@ def render(b: Bench) -> str:
         f"- machine: {mi['nproc']} CPUs (`nproc`), {mi['cpu']}, {mi['memory']} RAM, kernel {mi['kernel']};"
         f" load average {b.load_begin[0]:.2f} at the start, {b.load_end[0]:.2f} at the end (shared with"
         " other jobs)",
-        f"- procman: {ver['procman']} ({ver['rustc']}; `cargo build --release --bins --examples`; {ver['source']};"
+        f"- procman: {ver['procman']} ({ver['rustc']}; `cargo build --release --bins --examples`, {ver['build']}; {ver['source']};"
         f" the binary was copied to a temp dir at the start of the run, sha256 {b.procman_sha}…)",
         f"- gunicorn {ver['gunicorn']} + uvicorn-worker {ver['uvicorn-worker']}; uvicorn {ver['uvicorn']};"
         f" fastapi {ver['fastapi']} (starlette {ver['starlette']}); uvloop {ver['uvloop']};"

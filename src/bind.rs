@@ -148,6 +148,31 @@ fn parse_port(text: &str) -> std::result::Result<u16, String> {
     }
 }
 
+/// How sockets are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindOptions {
+    /// listen(2) backlog.
+    pub backlog: i32,
+    /// umask for unix socket files.
+    pub umask: u32,
+    /// `--reuse-port`.
+    pub reuse_port: bool,
+    /// (uid, gid) that gets unix socket files (`--user`).
+    pub owner: Option<(u32, u32)>,
+}
+
+impl BindOptions {
+    /// Plain options, for tests and tools.
+    pub fn new(backlog: i32) -> BindOptions {
+        BindOptions {
+            backlog,
+            umask: 0o022,
+            reuse_port: false,
+            owner: None,
+        }
+    }
+}
+
 /// A listening socket owned by the master.
 #[derive(Debug)]
 pub struct Listener {
@@ -173,7 +198,13 @@ impl Listener {
     /// `reuse_port`, a TCP socket is bound with SO_REUSEPORT but does not
     /// listen: it reserves the address, and [`Listener::worker_socket`]
     /// makes each worker's listener.
-    pub fn bind(spec: &BindSpec, backlog: i32, umask: u32, reuse_port: bool) -> Result<Listener> {
+    pub fn bind(spec: &BindSpec, opts: &BindOptions) -> Result<Listener> {
+        let BindOptions {
+            backlog,
+            umask,
+            reuse_port,
+            owner,
+        } = *opts;
         let fail = |reason: String| Error::runtime(format!("cannot bind {spec}: {reason}"));
         let (fd, display, unlink) = match spec {
             BindSpec::Tcp { host, port } => {
@@ -190,6 +221,22 @@ impl Listener {
             BindSpec::Unix(path) => {
                 remove_stale_socket(path).map_err(fail)?;
                 let sock = unix_listener(path, backlog, umask).map_err(|e| fail(os_reason(&e)))?;
+                // Workers that run as --user own their socket file, as with
+                // gunicorn (they can then manage or remove it themselves).
+                if let Some((uid, gid)) = owner {
+                    let chowned = nix::unistd::chown(
+                        path.as_path(),
+                        Some(nix::unistd::Uid::from_raw(uid)),
+                        Some(nix::unistd::Gid::from_raw(gid)),
+                    );
+                    if let Err(e) = chowned {
+                        let _ = std::fs::remove_file(path);
+                        return Err(fail(format!(
+                            "cannot hand it to the worker user: {}",
+                            e.desc()
+                        )));
+                    }
+                }
                 (
                     OwnedFd::from(sock),
                     format!("unix:{}", path.display()),
@@ -459,17 +506,17 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("mkdir");
         let path = dir.join("s.sock");
         let spec = BindSpec::Unix(path.clone());
-        let mut live = Listener::bind(&spec, 16, 0o022, false).expect("first bind");
-        let err = Listener::bind(&spec, 16, 0o022, false).expect_err("live socket");
+        let mut live = Listener::bind(&spec, &BindOptions::new(16)).expect("first bind");
+        let err = Listener::bind(&spec, &BindOptions::new(16)).expect_err("live socket");
         assert!(err.to_string().contains("already listening"), "{err}");
         // Closing without unlinking leaves a stale file behind, as a crash would.
         drop(live.fd);
         live.unlink_at_exit = None;
-        let mut again = Listener::bind(&spec, 16, 0o022, false).expect("stale file replaced");
+        let mut again = Listener::bind(&spec, &BindOptions::new(16)).expect("stale file replaced");
         again.remove_file();
         assert!(!path.exists());
         std::fs::write(&path, b"x").expect("write");
-        let err = Listener::bind(&spec, 16, 0o022, false).expect_err("regular file");
+        let err = Listener::bind(&spec, &BindOptions::new(16)).expect_err("regular file");
         assert!(err.to_string().contains("not a socket"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }

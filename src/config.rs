@@ -464,6 +464,16 @@ impl Config {
         })
     }
 
+    /// How listening sockets are made.
+    pub fn bind_options(&self) -> crate::bind::BindOptions {
+        crate::bind::BindOptions {
+            backlog: self.backlog,
+            umask: self.umask,
+            reuse_port: self.reuse_port,
+            owner: self.credentials.as_ref().map(|c| (c.uid, c.gid)),
+        }
+    }
+
     /// Whether workers report readiness with READY=1.
     pub fn workers_notify_ready(&self) -> bool {
         match self.kind {

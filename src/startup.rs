@@ -192,7 +192,7 @@ fn bind_all(cfg: &Config) -> Result<Vec<Listener>> {
     for (spec, slot) in specs.iter().zip(assigned) {
         let listener = match slot.and_then(|i| inherited[i].take()) {
             Some((fd, name)) => Listener::inherited(spec.clone(), fd, name),
-            None => match Listener::bind(spec, cfg.backlog, cfg.umask, cfg.reuse_port) {
+            None => match Listener::bind(spec, &cfg.bind_options()) {
                 Ok(l) => l,
                 Err(e) => return Err(abort(&mut listeners, e)),
             },

@@ -327,11 +327,15 @@ fn user_drop_runs_workers_as_nobody_on_a_privileged_port() {
     std::fs::copy(hello(), &exe).expect("copy hello");
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let bind = format!("127.0.0.1:{port}");
+    let sock = dir.join("app.sock");
+    let unix = format!("unix:{}", sock.display());
     let mut h = Start::new(
         "user",
         &[
             "-b",
             &bind,
+            "-b",
+            &unix,
             "-u",
             "nobody",
             "-w",
@@ -342,6 +346,14 @@ fn user_drop_runs_workers_as_nobody_on_a_privileged_port() {
     )
     .spawn();
     let pids = h.wait_workers(2, BOOT);
+    // The unix socket file and the notify directory belong to the user.
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&sock).expect("socket file").uid(), 65534);
+    let notify_dir = h.dir.join(format!("procman-{}", h.pid));
+    assert_eq!(
+        std::fs::metadata(&notify_dir).expect("notify dir").uid(),
+        65534
+    );
     for pid in pids {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
         let uid = status

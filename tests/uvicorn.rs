@@ -693,3 +693,28 @@ fn max_requests_jitter_spreads_the_recycle_point() {
     );
     assert!(report.failures.is_empty(), "{:?}", report.failures);
 }
+
+#[test]
+fn backlog_survives_uvicorn_listening_again() {
+    // asyncio calls listen() again on the shared socket when it starts
+    // serving; the bootstrap passes --backlog along so it is not reset.
+    let mut h = uvicorn(
+        "uv-backlog",
+        &apps_dir(),
+        "scope_app:main",
+        &["-w", "1", "--backlog", "17"],
+    )
+    .spawn();
+    h.wait_workers(1, BOOT);
+    let port = h.port();
+    let out = Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let send_q: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    assert_eq!(send_q, ["17"], "{text}");
+}

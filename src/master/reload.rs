@@ -68,7 +68,15 @@ impl Master {
             for spec in &cfg.binds {
                 match self.listeners.iter().position(|l| l.spec == *spec) {
                     Some(i) if !kept[i] => kept[i] = true,
-                    _ => match Listener::bind(spec, cfg.backlog, cfg.umask, self.cfg.reuse_port) {
+                    _ => match Listener::bind(
+                        spec,
+                        &crate::bind::BindOptions {
+                            // Only a restart changes these two.
+                            reuse_port: self.cfg.reuse_port,
+                            owner: self.cfg.bind_options().owner,
+                            ..cfg.bind_options()
+                        },
+                    ) {
                         Ok(l) => {
                             info!("Listening at: {} ({}, bound on reload)", l.display, l.name);
                             next.push(l);

@@ -611,6 +611,13 @@ impl Master {
             }
         }
         if matches!(self.state, MasterState::Stopping { .. }) {
+            // Zygotes have nothing to drain: once the workers are gone, any
+            // zygote still around is not waited for.
+            if self.table.is_empty() {
+                for z in &self.zygotes {
+                    signal_group(z.pid, Signal::SIGKILL);
+                }
+            }
             return;
         }
         self.refresh_ever_up(now);

@@ -687,6 +687,12 @@ class Bench:
         return p, port, t0, logp
 
     @staticmethod
+    def worker_deaths(logp: str) -> list[str]:
+        """procman's log lines about workers that exited before the master was told to stop."""
+        text = (_read(logp) or "").split("] Shutting down", 1)[0]
+        return re.findall(r"\[(?:INFO|WARNING|ERROR)\] (Worker \d+ .*exited: .*)$", text, re.M)
+
+    @staticmethod
     def log_tail(logp: str, n: int = 3) -> str:
         raw = _read(logp) or ""
         lines = [l.strip() for l in raw.splitlines()[1:] if l.strip()]
@@ -1155,6 +1161,11 @@ class Bench:
                       conns_cv=(round(statistics.pstdev(conns.values()) / statistics.mean(conns.values()), 4)
                                 if conns and sum(conns.values()) else None))
             self.spread_record(f"{cls}/wrk/{mode}", rnd, st)
+            # a worker that died during the loads skews the spread: say so (the log says why)
+            died = self.worker_deaths(logp)
+            if died:
+                self.errors.append(f"load spread {cls}/{mode} round {rnd + 1}: {'; '.join(died)[:240]}"
+                                   f" (log: {rel(logp, self.root)})")
             sh_ = self.spread_results
             log(f"  spread {cls}/{mode}: short {'/'.join(map(str, sh_[f'{cls}/short/{mode}'][rnd]['sorted']))}"
                 f" cv={sh_[f'{cls}/short/{mode}'][rnd]['cv']}; wrk {'/'.join(map(str, st['sorted']))}"
@@ -1417,7 +1428,9 @@ def render_spread(b: Bench) -> str:
                 if not vals:
                     continue
                 get = lambda k: [v.get(k) if v else None for v in vals]  # noqa: E731
-                counts = "; ".join("/".join(map(str, v["sorted"])) if v else "n/a" for v in vals)
+                counts = "; ".join(("/".join(map(str, v["sorted"]))
+                                    + (f" ({v['pids']} pids: a worker was replaced during the load)"
+                                       if v["pids"] > b.n else "")) if v else "n/a" for v in vals)
                 if load == "wrk":
                     conns = "; ".join("/".join(map(str, v["conns"])) if v and v.get("conns")
                                       and sum(v["conns"]) else "–" for v in vals)

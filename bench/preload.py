@@ -117,6 +117,12 @@ def session_members(sid: int, stats: dict[int, dict] | None = None) -> set[int]:
     return {p for p, st in stats.items() if st["session"] == sid and st["state"] not in ("Z", "X")}
 
 
+def children(pid: int) -> set[int]:
+    """Direct children of pid (/proc/PID/task/PID/children)."""
+    raw = _read(f"/proc/{pid}/task/{pid}/children")
+    return {int(x) for x in raw.split()} if raw else set()
+
+
 def smaps_rollup(pid: int) -> tuple[int, int] | None:
     """(Rss kB, Pss kB) of one process, None if it is gone."""
     raw = _read(f"/proc/{pid}/smaps_rollup")
@@ -294,6 +300,7 @@ class Client:
         self.total = 0
         self.kinds: dict[str, int] = {}
         self.first_seen: dict[int, float] = {}
+        self.last_seen: dict[int, float] = {}
         self.first_ok: float | None = None
         self.threads: list[threading.Thread] = []
         self.t_start = 0.0
@@ -320,8 +327,9 @@ class Client:
                 if kind == "ok":
                     if self.first_ok is None:
                         self.first_ok = t
-                    if pid is not None and pid not in self.first_seen:
-                        self.first_seen[pid] = t
+                    if pid is not None:
+                        self.first_seen.setdefault(pid, t)
+                        self.last_seen[pid] = t
             if self.interval:
                 self.stop_ev.wait(self.interval)  # pacing of a poller, not synchronisation
 
@@ -377,7 +385,7 @@ class Bench:
         self.servers = [s for s in SERVERS if s in a.only]
         self.startup_cap = 60.0
         self.respawn_cap = 20.0
-        self.reload_cap = 60.0
+        self.reload_cap = 30.0
         self.term_cap = 40.0
         self.results: dict = {s: {} for s in self.servers}  # server -> key -> [per round]
         self.samples: dict = {s: {} for s in self.servers}  # server -> key -> all samples
@@ -514,26 +522,40 @@ class Bench:
         ok = wait_until(steady, cap, 0.25)
         return hist[-1], bool(ok)
 
-    def respawn_once(self, p, port: int, workers: set[int]) -> tuple[float | None, int | None, str]:
+    def respawn_once(self, p, port: int, workers: set[int]) -> dict:
+        """kill -9 the lowest worker pid; returns {"answered": s, "forked": s, "pid", "failed"}
+        (times from the kill; None when not seen within the cap)."""
         victim = sorted(workers)[0]
         poll = Client(port, "/pid", threads=4, interval=0.002, max_requests=500_000,
                       max_seconds=self.respawn_cap + 5, timeout=2.0).start()
+        t_fork = None
         try:
             if not wait_until(lambda: poll.count() >= 20, 5.0, 0.002):
                 raise StepFailed("the /pid poller got no answers before the kill")
+            kids0 = children(p.pid)
             t_kill = now()
             os.kill(victim, signal.SIGKILL)
-            new = wait_until(lambda: poll.new_pids(workers) or (p.poll() is not None and "exited"),
-                             self.respawn_cap, 0.001)
+
+            def check():
+                nonlocal t_fork
+                if t_fork is None and children(p.pid) - kids0:
+                    t_fork = now()  # a new child of the master (procman --preload: once adopted)
+                if p.poll() is not None:
+                    return "exited"
+                return poll.new_pids(workers)
+
+            new = wait_until(check, self.respawn_cap, 0.001)
         finally:
             poll.stop()
         bad, total, kinds = poll.failures()
         if new == "exited":
             raise StepFailed(f"master exited ({p.returncode}) after the kill")
-        if not new:
-            return None, None, f"{bad}/{total} ({kinds})"
-        pid, t = min(new.items(), key=lambda kv: kv[1])
-        return t - t_kill, pid, f"{bad}/{total} ({kinds})"
+        out = {"answered": None, "pid": None, "failed": f"{bad}/{total} ({kinds})",
+               "forked": None if t_fork is None else t_fork - t_kill}
+        if new:
+            pid, t = min(new.items(), key=lambda kv: kv[1])
+            out["answered"], out["pid"] = t - t_kill, pid
+        return out
 
     def reload(self, p, port: int, n: int, old: set[int]) -> dict:
         load = Client(port, "/pid", threads=4, interval=0.0, max_requests=1_000_000,
@@ -568,9 +590,20 @@ class Bench:
             out["new"] = set(load.new_pids(old))
         else:
             out["time"] = None
-            out["why"] = ("old workers still alive" if t_old_gone is None else "") + \
-                         (f"; only {len(load.new_pids(old))} of {n} new pids answered" if t_new_all is None
-                          else "")
+            why = []
+            if t_old_gone is None:
+                left = sorted(x for x in old if alive(x))
+                with load.lock:
+                    last = {x: load.last_seen.get(x) for x in left}
+                ans = [f"{x} (last answered /pid {last[x] - t_hup:.1f} s after HUP)" if last[x] and
+                       last[x] > t_hup else f"{x}" for x in left]
+                kids = children(p.pid)
+                why.append(f"{len(left)} of {n} old workers still running {self.reload_cap:.0f} s after HUP:"
+                           f" {', '.join(ans)}; the master has {len(kids)} live children")
+            if t_new_all is None:
+                why.append(f"only {len(load.new_pids(old))} of {n} new pids answered within"
+                           f" {self.reload_cap:.0f} s")
+            out["why"] = "; ".join(why)
         return out
 
     def stop(self, p) -> dict:
@@ -632,23 +665,28 @@ class Bench:
                 raise StepFailed(f"master exited ({p.returncode}) before the respawn step")
             except subprocess.TimeoutExpired:
                 pass
-            times = []
+            times, forks = [], []
             for k in range(self.kills):
                 if p.poll() is not None:
                     raise StepFailed(f"master exited ({p.returncode})")
-                dt, newpid, ftxt = self.respawn_once(p, port, workers)
-                self.sample(server, f"respawn_{tag}", dt)
-                self.sample(server, f"respawn_failed_{tag}", ftxt)
-                if dt is None:
+                r = self.respawn_once(p, port, workers)
+                self.sample(server, f"respawn_{tag}", r["answered"])
+                self.sample(server, f"respawn_fork_{tag}", r["forked"])
+                self.sample(server, f"respawn_failed_{tag}", r["failed"])
+                if r["forked"] is not None:
+                    forks.append(r["forked"])
+                if r["answered"] is None:
                     self.fail(server, n, rnd, f"respawn #{k + 1}",
                               f"no new pid answered within {self.respawn_cap:.0f} s: {self.log_tail(logp)}")
                     break
-                times.append(dt)
+                times.append(r["answered"])
                 victim = sorted(workers)[0]
-                workers = (workers - {victim}) | {newpid}
+                workers = (workers - {victim}) | {r["pid"]}
             if times:
                 rec("respawn", statistics.median(times))
                 rec("respawn_max", max(times))
+            if forks:
+                rec("respawn_fork", statistics.median(forks))
             # the current workers, checked: each is alive
             workers = {x for x in workers if alive(x)}
             if len(workers) != n:
@@ -660,8 +698,11 @@ class Bench:
             if not r["survived"]:
                 raise StepFailed(f"master exited ({p.returncode}) on HUP: {self.log_tail(logp)}")
             if r["time"] is None:
-                self.fail(server, n, rnd, "reload", f"{r['why']} within {self.reload_cap:.0f} s:"
-                          f" {self.log_tail(logp)}")
+                done = "'Reload done' logged" if "Reload done" in (_read(logp) or "") else \
+                    "no 'Reload done' in the log"
+                self.fail(server, n, rnd, "reload", f"{r['why']}; {done}"
+                          if server.startswith("procman") else r["why"])
+                rec("reload", f"not complete in {self.reload_cap:.0f} s")
             else:
                 rec("reload", r["time"])
             # 5. stop
@@ -686,9 +727,20 @@ class Bench:
         """Warnings and errors in a server's log are worth reading (procman misbehaviour)."""
         raw = _read(logp) or ""
         bad = [x.strip() for x in raw.splitlines()[1:] if self.LOG_BAD.search(x)]
-        if bad:
-            # gunicorn logs "Worker (pid:N) was sent SIGKILL!" for our kill -9: expected
-            bad = [x for x in bad if "was sent SIGKILL" not in x and "was sent code" not in x]
+        # our own kill -9: gunicorn "Worker (pid:N) was sent SIGKILL!", procman "exited: killed by
+        # SIGKILL (perhaps out of memory?); respawning" are expected
+        bad = [x for x in bad if "was sent SIGKILL" not in x
+               and not re.search(r"exited: killed by SIGKILL \(perhaps out of memory\?\); respawning$", x)]
+        if server.startswith("procman"):
+            # every worker the master booted should be reported ready (sd_notify READY=1)
+            booted = re.findall(r"Booting worker \d+ with pid (\d+)", raw)
+            ready = set(re.findall(r"Worker (\d+) \(slot \d+\) ready in", raw))
+            never = [x for x in booted if x not in ready]
+            if never:
+                bad.append(f"{len(never)} of {len(booted)} workers booted but never reported ready"
+                           f" (pids {', '.join(never)})")
+            if not re.search(r"All \d+ workers ready", raw):
+                bad.append("no 'All N workers ready' line")
         if bad:
             name = os.path.relpath(logp, self.root)
             self.log_notes.append(f"{TITLES[server]} N={n} round {rnd + 1} ({name}): "
@@ -738,7 +790,9 @@ def cell(b: Bench, server: str, key: str, unit: str, ratio: bool = True) -> str:
     vals = b.results[server].get(key)
     v = nums(vals)
     if not v:
-        return "n/a"
+        why = sorted({x for x in (vals or []) if isinstance(x, str)})
+        k = sum(1 for x in (vals or []) if isinstance(x, str))
+        return f"n/a ({'; '.join(why)}: {k}/{b.rounds} rounds)" if why else "n/a"
     m = statistics.median(v)
     out = fmt(m, unit)
     if len(v) > 1:
@@ -759,6 +813,7 @@ def render_table(b: Bench) -> str:
         rows += [
             (f"start-up, {n} workers (s)", f"startup_{t}", "s", True),
             (f"respawn after kill -9, {n} workers (ms)", f"respawn_{t}", "ms", True),
+            (f"↳ of which: new worker process appeared (ms)", f"respawn_fork_{t}", "ms", True),
             (f"reload (HUP) until all pids new, {n} workers (s)", f"reload_{t}", "s", True),
             (f"failed requests during reload, {n} workers", f"reload_failed_{t}", "n", False),
             (f"PSS of the {n} workers (MiB)", f"w_pss_{t}", "MiB", True),

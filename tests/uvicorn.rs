@@ -283,7 +283,7 @@ fn max_requests_recycles_a_worker_without_failed_requests() {
     )
     .spawn();
     let first = h.wait_workers(1, BOOT);
-    let load = Load::start(h.addr(), 2, 400, Duration::from_secs(60));
+    let load = Load::start(h.addr(), 2, 20_000, Duration::from_secs(60));
     let changed = wait_for(BOOT, || {
         load.pids().iter().any(|p| !first.contains(p)).then_some(())
     });

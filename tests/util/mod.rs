@@ -113,7 +113,6 @@ pub struct Harness {
     pub pid: i32,
     args: Vec<String>,
     exit: Option<ExitStatus>,
-    seen: BTreeSet<i32>,
 }
 
 /// How to start procman.
@@ -237,7 +236,6 @@ impl Start {
             pid,
             args,
             exit: None,
-            seen: BTreeSet::new(),
         }
     }
 }
@@ -254,7 +252,6 @@ impl Harness {
             pid,
             args: Vec::new(),
             exit: None,
-            seen: BTreeSet::new(),
         }
     }
 
@@ -356,7 +353,6 @@ impl Harness {
             ok.is_some(),
             &format!("{n} distinct workers did not answer in {timeout:?} (got {pids:?})"),
         );
-        self.seen.extend(pids.iter().copied());
         pids
     }
 
@@ -401,13 +397,22 @@ impl Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        let mut doomed: BTreeSet<i32> = self.descendants().into_iter().collect();
-        doomed.extend(self.seen.iter().copied());
+        // Freeze procman first so it cannot start anything new, then list
+        // what descends from it: those pids are alive (or zombies), so they
+        // cannot have been reused by an unrelated process. Pids seen earlier
+        // in the test are never signalled blindly: they may be reused.
+        let running = self
+            .child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none());
+        if running {
+            let _ = kill(Pid::from_raw(self.pid), Signal::SIGSTOP);
+        }
+        let doomed: BTreeSet<i32> = self.descendants().into_iter().collect();
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        doomed.extend(descendants_of(self.pid));
         for pid in &doomed {
             let _ = nix::sys::signal::killpg(Pid::from_raw(*pid), Signal::SIGKILL);
             let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);

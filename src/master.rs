@@ -234,9 +234,7 @@ impl Master {
             for (pid, message) in from_zygotes {
                 self.handle(Event::Zygote { pid, message }, now);
             }
-            for datagram in self.notify.drain() {
-                self.dispatch_datagram(datagram, now);
-            }
+            self.drain_notifications(now);
             while let Some((pid, status)) = reap_one() {
                 self.handle(Event::Exited { pid, status }, now);
             }
@@ -635,7 +633,13 @@ impl Master {
             }
             for d in decisions {
                 match d {
-                    Decision::Spawn { slot } => self.spawn_worker(slot),
+                    Decision::Spawn { slot } => {
+                        self.spawn_worker(slot);
+                        // Forked workers notify within milliseconds, and the
+                        // notify queue holds only max_dgram_qlen datagrams
+                        // (often 10): empty it between spawns.
+                        self.drain_notifications(now);
+                    }
                     Decision::Stop { pid, reason } => {
                         let grace = self.cfg.graceful_timeout;
                         self.stop_worker(pid, reason, grace, now);
@@ -1054,6 +1058,13 @@ impl Master {
             if w.state == WorkerState::Starting {
                 w.startup_deadline += late;
             }
+        }
+    }
+
+    /// Receives and handles every queued notification.
+    fn drain_notifications(&mut self, now: Instant) {
+        for datagram in self.notify.drain() {
+            self.dispatch_datagram(datagram, now);
         }
     }
 

@@ -134,8 +134,10 @@ impl Receiver {
             .map_err(|e| fail(&format!("bind the notify socket {}", path.display()), &e))?;
         setsockopt(&fd, sockopt::PassCred, &true)
             .map_err(|e| fail("enable SO_PASSCRED on the notify socket", &e))?;
-        // Senders block when the queue is full; a large buffer keeps a burst
-        // of heartbeats from stalling a worker's event loop.
+        // The queue is bounded by net.unix.max_dgram_qlen datagrams (often
+        // 10) whatever the buffer size, so the master drains it promptly
+        // (also between spawns) and workers retry what must arrive
+        // (READY=1); the buffer only has to hold those datagrams' bytes.
         let _ = setsockopt(&fd, sockopt::RcvBuf, &(1 << 20));
         if let Some((uid, gid)) = owner {
             let chown = |p: &Path| {

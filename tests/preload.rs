@@ -253,3 +253,20 @@ fn a_thread_started_at_import_time_is_warned_about() {
         "warning logged",
     );
 }
+
+#[test]
+fn eight_forked_workers_are_all_seen_ready_and_reload() {
+    // Eight workers forked in a burst send their READY=1 within
+    // milliseconds: more datagrams than the notify queue holds (often 10).
+    let dir = app_copy("pre-eight");
+    let mut h = preload("pre-eight", &dir, &["-w", "8"]).spawn();
+    h.check(
+        h.wait_log("All 8 workers ready", BOOT),
+        "every READY=1 arrived",
+    );
+    let old = h.wait_workers(8, BOOT);
+    h.signal(Signal::SIGHUP);
+    h.check(h.wait_log("Reload done", BOOT), "the reload completes");
+    let new = h.wait_workers(8, BOOT);
+    assert!(old.is_disjoint(&new), "every worker replaced");
+}

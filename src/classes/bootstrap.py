@@ -102,7 +102,9 @@ def tell_master(text):
     address = "\0" + path[1:] if path.startswith("@") else path
     with contextlib.suppress(OSError):
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.setblocking(False)
+            # The process is about to exit: waiting up to a second for room in
+            # the master's queue costs nothing and keeps the error visible.
+            sock.settimeout(1.0)
             sock.sendto(text.encode("utf-8", "replace"), address)
 
 
@@ -172,6 +174,19 @@ class Notifier:
             return True
         except OSError:  # EAGAIN (queue full), master gone, ...: drop it
             return False
+
+    async def send_surely(self, *lines, patience=30.0):
+        """For messages that must arrive (READY=1): the master's queue holds
+        only net.unix.max_dgram_qlen datagrams (often 10), so when it is full
+        retry from the event loop, without blocking it, until it fits."""
+        if self.sock is None:
+            return False
+        deadline = time.monotonic() + patience
+        while not self.send(*lines):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
 
 
 def take_notify_env():
@@ -337,7 +352,7 @@ class ProcmanServer(uvicorn.Server):
             self.heartbeat = self.loop.create_task(self.beat())
         await super().startup(sockets=sockets)  # a failed lifespan startup exits 3 from here
         if self.started and not self.should_exit:
-            self.notifier.send("READY=1", f"STATUS=serving {self.label}")
+            await self.notifier.send_surely("READY=1", f"STATUS=serving {self.label}")
 
     async def on_tick(self, counter):
         if (self.recycle_after is not None and not self.recycle_requested

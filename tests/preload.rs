@@ -270,3 +270,20 @@ fn eight_forked_workers_are_all_seen_ready_and_reload() {
     let new = h.wait_workers(8, BOOT);
     assert!(old.is_disjoint(&new), "every worker replaced");
 }
+
+#[test]
+fn a_killed_master_leaves_neither_zygote_nor_workers() {
+    let dir = app_copy("pre-master-kill");
+    let mut h = preload("pre-master-kill", &dir, &["-w", "2"]).spawn();
+    let workers = h.wait_workers(2, BOOT);
+    let zygote = zygote_pids(&h)[0];
+    h.signal(Signal::SIGKILL);
+    h.wait_exit(BOOT);
+    let gone = wait_for(BOOT, || {
+        (workers.iter().all(|p| !alive(*p)) && !alive(zygote)).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "orphans: workers {workers:?}, zygote {zygote}"
+    );
+}

@@ -834,6 +834,28 @@ impl Master {
         (env, pid_vars)
     }
 
+    /// What to fork for a child of the configured class: its program,
+    /// argv, environment and these fds at 3.., as the workers' user, in
+    /// their directory, with their umask.
+    fn child_plan(
+        &self,
+        env: &[(String, String)],
+        pid_vars: &[&str],
+        fds: &[std::os::fd::RawFd],
+    ) -> std::result::Result<Plan, crate::spawn::NulError> {
+        Plan::new(
+            &self.launch.program,
+            &self.launch.argv,
+            env,
+            pid_vars,
+            fds,
+            self.cfg.credentials.as_ref(),
+            self.cfg.chdir.as_deref(),
+            self.cfg.umask,
+            &signals::changed_dispositions(),
+        )
+    }
+
     fn spawn_worker(&mut self, slot: usize) {
         // Each worker's own start time: ages order "the oldest" for TTOU.
         let now = Instant::now();
@@ -872,17 +894,7 @@ impl Master {
                 None => l.fd.as_raw_fd(),
             })
             .collect();
-        let plan = Plan::new(
-            &self.launch.program,
-            &self.launch.argv,
-            &env,
-            &pid_vars,
-            &fds,
-            self.cfg.credentials.as_ref(),
-            self.cfg.chdir.as_deref(),
-            self.cfg.umask,
-            &signals::changed_dispositions(),
-        );
+        let plan = self.child_plan(&env, &pid_vars, &fds);
         let plan = match plan {
             Ok(p) => p,
             Err(e) => {

@@ -707,14 +707,5 @@ fn backlog_survives_uvicorn_listening_again() {
     .spawn();
     h.wait_workers(1, BOOT);
     let port = h.port();
-    let out = Command::new("ss")
-        .args(["-ltnH", &format!("sport = :{port}")])
-        .output()
-        .expect("ss (iproute2)");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let send_q: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(2))
-        .collect();
-    assert_eq!(send_q, ["17"], "{text}");
+    assert_eq!(listen_backlog(port), ["17"]);
 }

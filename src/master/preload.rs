@@ -16,8 +16,6 @@ use super::{describe, exit_code, signal_group, Master};
 use crate::classes;
 use crate::error::Error;
 use crate::policy::{self, Backoff};
-use crate::signals;
-use crate::spawn::Plan;
 use crate::workers::Worker;
 use crate::zygote::{self, FromZygote, Zygote, ZygoteState};
 
@@ -94,17 +92,7 @@ impl Master {
         ]);
         let mut fds: Vec<_> = self.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
         fds.push(zygote_end.as_raw_fd());
-        let plan = Plan::new(
-            &self.launch.program,
-            &self.launch.argv,
-            &env,
-            &pid_vars,
-            &fds,
-            self.cfg.credentials.as_ref(),
-            self.cfg.chdir.as_deref(),
-            self.cfg.umask,
-            &signals::changed_dispositions(),
-        );
+        let plan = self.child_plan(&env, &pid_vars, &fds);
         let spawned = plan
             .map_err(|e| format!("'{}' contains a NUL byte", e.0))
             .and_then(|p| p.spawn().map_err(|e| e.desc().to_string()));

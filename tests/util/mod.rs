@@ -659,3 +659,16 @@ pub fn idle_fd_count(pid: i32) -> usize {
         .min()
         .unwrap_or(0)
 }
+
+/// The backlog of the TCP listener on 127.0.0.1:`port`, as `ss` shows it
+/// (for a listening socket, Send-Q is the backlog). One entry per socket.
+pub fn listen_backlog(port: u16) -> Vec<String> {
+    let out = Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
+        .collect()
+}

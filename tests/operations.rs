@@ -338,6 +338,8 @@ fn user_drop_runs_workers_as_nobody_on_a_privileged_port() {
             &unix,
             "-u",
             "nobody",
+            "-g",
+            "daemon",
             "-w",
             "2",
             "--",
@@ -364,6 +366,14 @@ fn user_drop_runs_workers_as_nobody_on_a_privileged_port() {
             uid.split_whitespace().skip(1).all(|u| u == "65534"),
             "{uid}"
         );
+        let gid = status
+            .lines()
+            .find(|l| l.starts_with("Gid:"))
+            .expect("Gid line");
+        assert!(
+            gid.split_whitespace().skip(1).all(|g| g == "1"),
+            "-g daemon: {gid}"
+        );
         let groups = status
             .lines()
             .find(|l| l.starts_with("Groups:"))
@@ -382,7 +392,7 @@ fn user_drop_runs_workers_as_nobody_on_a_privileged_port() {
 }
 
 #[test]
-fn unix_socket_mode_follows_the_umask() {
+fn umask_applies_to_unix_socket_files_and_workers() {
     let mut start = Start::new("umask", &["-m", "0o077"]).no_default_bind();
     let sock = start.dir().join("app.sock");
     start = start.args(["-b".to_string(), format!("unix:{}", sock.display())]);
@@ -391,6 +401,13 @@ fn unix_socket_mode_follows_the_umask() {
     h.check(made.is_some(), "socket created");
     let mode = std::fs::metadata(&sock).expect("meta").permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "socket mode {mode:o}");
+    let worker = wait_for(BOOT, || h.children().first().copied()).expect("worker");
+    let status = std::fs::read_to_string(format!("/proc/{worker}/status")).expect("status");
+    let umask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(str::trim);
+    assert_eq!(umask, Some("0077"), "worker umask");
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
 }
@@ -538,4 +555,35 @@ fn a_missing_chdir_or_a_malformed_env_is_a_usage_error() {
         assert_eq!(h.exit_code(BOOT), 2, "{args:?}");
         h.check(h.log_text().contains(want), want);
     }
+}
+
+#[test]
+fn stop_signal_is_what_command_workers_get_on_a_graceful_stop() {
+    let start = Start::new("stop-signal", &[]);
+    let got = start.dir().join("got");
+    let script = format!(
+        "trap 'echo usr2 > {g}; exit 0' USR2; trap 'echo term > {g}; exit 0' TERM; while :; do sleep 0.05; done",
+        g = got.display()
+    );
+    let mut h = start
+        .args([
+            "--stop-signal",
+            "USR2",
+            "--graceful-timeout",
+            "30",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .spawn();
+    h.check(h.wait_log("All 1 workers ready", BOOT), "ready");
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+    let text = std::fs::read_to_string(&got).unwrap_or_default();
+    assert_eq!(
+        text.trim(),
+        "usr2",
+        "the worker got --stop-signal, not TERM"
+    );
 }

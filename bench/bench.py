@@ -46,10 +46,11 @@ TITLES = {
     "uvicorn": "uvicorn --workers",
 }
 now = time.monotonic
+LOG_TAG = "bench"  # bench/preload.py, which imports these helpers, sets its own
 
 
 def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+    print(f"[{LOG_TAG}] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- /proc
@@ -353,10 +354,11 @@ class Resp:
         return f"{self.kind} ({self.elapsed:.3f})"
 
 
-def http_get(port: int, path: str, timeout: float = 2.0, on_sent=None) -> Resp:
-    """One short connection: GET, read the response, let the server close first.
+def http_get(port: int, path: str, timeout: float = 2.0, on_sent=None, close_wait: float = 0.2) -> Resp:
+    """One short connection: GET, read the response, let the server close first (waiting up
+    to close_wait s for it; 0: return as soon as the response is complete).
 
-    kind: ok (200) | non200 | refused | reset | empty | timeout | error:<errno>"""
+    kind: ok (200) | non200 | refused | reset | empty | partial | timeout | error:<errno>"""
     t0 = now()
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     cport = None
@@ -373,11 +375,12 @@ def http_get(port: int, path: str, timeout: float = 2.0, on_sent=None) -> Resp:
         while True:
             if head_end >= 0 and clen is not None and len(buf) - head_end - 4 >= clen:
                 # complete; give the server a moment to close first (no TIME_WAIT here)
-                s.settimeout(0.2)
-                try:
-                    s.recv(1)
-                except OSError:
-                    pass
+                if close_wait > 0:
+                    s.settimeout(close_wait)
+                    try:
+                        s.recv(1)
+                    except OSError:
+                        pass
                 break
             chunk = s.recv(65536)
             if not chunk:
@@ -417,18 +420,21 @@ class Client:
     """A bounded loop of short connections from `threads` threads.
 
     Used both as the load during respawn/reload and as the pid poller at start-up.
-    Bounded by max_requests (all threads together) and max_seconds."""
+    Bounded by max_requests (all threads together) and max_seconds; `interval` paces each
+    thread (a poller); close_wait goes to http_get."""
 
     def __init__(self, port: int, path: str = "/pid", threads: int = 4, interval: float = 0.0,
-                 max_requests: int = 200_000, max_seconds: float = 30.0, timeout: float = 2.0):
+                 max_requests: int = 200_000, max_seconds: float = 30.0, timeout: float = 2.0,
+                 close_wait: float = 0.2):
         self.port, self.path, self.nthreads = port, path, threads
         self.interval, self.max_requests, self.max_seconds = interval, max_requests, max_seconds
-        self.timeout = timeout
+        self.timeout, self.close_wait = timeout, close_wait
         self.stop_ev = threading.Event()
         self.lock = threading.Lock()
         self.total = 0
         self.kinds: dict[str, int] = {}
         self.first_seen: dict[int, float] = {}
+        self.last_seen: dict[int, float] = {}
         self.per_pid: dict[int, int] = {}  # 200 responses per answering pid
         self.first_ok: float | None = None
         self.fail_times: list[tuple[float, str]] = []
@@ -450,7 +456,7 @@ class Client:
                 if self.total >= self.max_requests:
                     return
                 self.total += 1
-            r = http_get(self.port, self.path, timeout=self.timeout)
+            r = http_get(self.port, self.path, timeout=self.timeout, close_wait=self.close_wait)
             t = now()
             with self.lock:
                 self.kinds[r.kind] = self.kinds.get(r.kind, 0) + 1
@@ -462,6 +468,7 @@ class Client:
                         self.per_pid[pid] = self.per_pid.get(pid, 0) + 1
                         if pid not in self.first_seen:
                             self.first_seen[pid] = t
+                        self.last_seen[pid] = t
                 else:
                     self.fail_times.append((t, r.kind))
             if self.interval:
@@ -480,9 +487,15 @@ class Client:
             t.join(timeout=max(0.0, end - now()))
         self.stop()
 
-    def pids(self) -> set[int]:
+    def count(self) -> int:
+        """Requests started so far."""
         with self.lock:
-            return set(self.first_seen)
+            return self.total
+
+    def pids(self) -> dict[int, float]:
+        """The pids that answered: {pid: time of its first answer}."""
+        with self.lock:
+            return dict(self.first_seen)
 
     def new_pids(self, old: set[int]) -> dict[int, float]:
         with self.lock:
@@ -494,6 +507,32 @@ class Client:
             total = sum(self.kinds.values())
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(bad.items())) or "none"
         return sum(bad.values()), total, kinds
+
+
+def wait_workers(p, port: int, n: int, path: str, cap: float, threads: int = 2, interval: float = 0.005,
+                 close_wait: float = 0.2):
+    """Poll `path` with short connections (`threads` threads, one every `interval` s each)
+    until n distinct pids answered, p exited or `cap` passed.
+    Returns (client, t_first_ok, t_all) — times are absolute (monotonic), t_all None unless
+    n pids answered."""
+    c = Client(port, path, threads=threads, interval=interval, max_requests=10**7,
+               max_seconds=cap, timeout=2.0, close_wait=close_wait).start()
+    try:
+        def done():
+            if p.poll() is not None:
+                return "exited"
+            with c.lock:
+                if len(c.first_seen) >= n:
+                    return "ok"
+            return None
+
+        state = wait_until(done, cap, 0.002)
+    finally:
+        c.stop()
+    if state != "ok":
+        return c, c.first_ok, None
+    t_all = sorted(c.first_seen.values())[n - 1]
+    return c, c.first_ok, t_all
 
 
 def in_flight(port: int, cport_box: list, workers: set[int], timeout: float = 5.0) -> int | None:
@@ -596,6 +635,20 @@ SPREAD_LOADS = (("short", "short connections, 4 threads"), ("wrk", "wrk -t2 -c64
 # --------------------------------------------------------------------------- servers
 
 
+ENV_DROP = ("VIRTUAL_ENV", "WEB_CONCURRENCY", "PORT", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+            "NOTIFY_SOCKET", "PYTHONPATH", "PYTHONHOME")
+
+
+def server_env(vbin: str, drop: tuple[str, ...] = ()) -> dict:
+    """The servers' environment: ours without PROCMAN_*, ENV_DROP and `drop`, with the venv's
+    bin first on PATH."""
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("PROCMAN_") or k in ENV_DROP or k in drop)}
+    env["PATH"] = vbin + os.pathsep + env.get("PATH", "")
+    return env
+
+
+
 class Bench:
     def __init__(self, args):
         self.a = args
@@ -632,18 +685,10 @@ class Bench:
         self.cmd_results: dict[int, dict[str, list]] = {}
         self.spread_results: dict[str, list] = {}  # "class/load/mode" -> one dict per round
         self.migrate_req = (_read("/proc/sys/net/ipv4/tcp_migrate_req") or "?").strip()
-        self.env = self._env()
+        self.env = server_env(self.vbin)
         self.run_id = 0
 
     # ---- helpers
-
-    def _env(self) -> dict:
-        env = {k: v for k, v in os.environ.items()
-               if not (k.startswith("PROCMAN_") or k in ("VIRTUAL_ENV", "WEB_CONCURRENCY", "PORT",
-                                                        "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
-                                                        "NOTIFY_SOCKET", "PYTHONPATH", "PYTHONHOME"))}
-        env["PATH"] = self.vbin + os.pathsep + env.get("PATH", "")
-        return env
 
     def record(self, server: str, key: str, value, rnd: int) -> None:
         lst = self.results[server].setdefault(key, [None] * self.rounds)
@@ -698,31 +743,9 @@ class Bench:
         lines = [l.strip() for l in raw.splitlines()[1:] if l.strip()]
         return " | ".join(lines[-n:])[-300:]
 
-    def wait_workers(self, p, port: int, n: int, path: str, cap: float, threads: int = 2):
-        """Poll `path` with short connections until n distinct pids answered.
-        Returns (client, t_first_ok, t_all) — times are absolute (monotonic)."""
-        c = Client(port, path, threads=threads, interval=0.005, max_requests=10**7,
-                   max_seconds=cap, timeout=2.0).start()
-        try:
-            def done():
-                if p.poll() is not None:
-                    return "exited"
-                with c.lock:
-                    if len(c.first_seen) >= n:
-                        return "ok"
-                return None
-
-            state = wait_until(done, cap, 0.002)
-        finally:
-            c.stop()
-        if state != "ok":
-            return c, c.first_ok, None
-        t_all = sorted(c.first_seen.values())[n - 1]
-        return c, c.first_ok, t_all
-
     def current_workers(self, p, port: int, cap: float = 10.0) -> set[int]:
         """N distinct live worker pids that answer right now."""
-        c, _, t_all = self.wait_workers(p, port, self.n, "/pid", cap)
+        c, _, t_all = wait_workers(p, port, self.n, "/pid", cap)
         pids = {x for x in c.pids() if alive(x)}
         if len(pids) < self.n:
             raise RuntimeError(f"only {len(pids)} of {self.n} workers answer /pid")
@@ -740,7 +763,7 @@ class Bench:
             return
         try:
             # 1. start-up
-            c, t_first, t_all = self.wait_workers(p, port, self.n, "/pid", self.startup_cap)
+            c, t_first, t_all = wait_workers(p, port, self.n, "/pid", self.startup_cap)
             if t_all is None:
                 code = p.poll()
                 why = (f"exited with {code}" if code is not None
@@ -998,7 +1021,7 @@ class Bench:
             self.fail(server, rnd, "blocked loop", str(e), BLOCK_KEYS)
             return
         try:
-            c, _, t_all = self.wait_workers(p, port, self.n, "/pid", self.startup_cap)
+            c, _, t_all = wait_workers(p, port, self.n, "/pid", self.startup_cap)
             if t_all is None:
                 self.fail(server, rnd, "blocked loop", f"did not start: {self.log_tail(logp)}",
                           BLOCK_KEYS)
@@ -1054,7 +1077,7 @@ class Bench:
                     self.errors.append(f"command class k={k}: {e}")
                     continue
                 try:
-                    c, t_first, t_all = self.wait_workers(p, port, k, "/", self.startup_cap,
+                    c, t_first, t_all = wait_workers(p, port, k, "/", self.startup_cap,
                                                           threads=min(4, k))
                     if t_all is None:
                         msg = f"{len(c.pids())} of {k} answered; {self.log_tail(logp)}"
@@ -1112,7 +1135,7 @@ class Bench:
         p, _, t0, logp = self.start("procman", f"spread-{cls}-{mode}", argv=argv,
                                     cwd=self.app_dir if cls == "fastapi" else self.root)
         try:
-            c, _, t_all = self.wait_workers(p, port, self.n, path, self.startup_cap)
+            c, _, t_all = wait_workers(p, port, self.n, path, self.startup_cap)
             if t_all is None:
                 raise RuntimeError(f"{len(c.pids())} of {self.n} workers answered: {self.log_tail(logp)}")
             workers = {x for x in c.pids() if alive(x)}
@@ -1679,17 +1702,17 @@ def render_svg(b: Bench) -> str:
     return "\n".join(o) + "\n"
 
 
-def stale_sources(root: str, binary: str) -> str | None:
-    """The newest source file (anything under src/, examples/*.rs, Cargo.*, build.rs) if it is
-    newer than the binary, else None. cargo rebuilds on change; this catches
-    BENCH_SKIP_SETUP=1 runs."""
+def stale_sources(root: str, binary: str, examples: bool = True) -> str | None:
+    """The newest source file (anything under src/, examples/*.rs unless examples=False,
+    Cargo.*, build.rs) if it is newer than the binary, else None. cargo rebuilds on change;
+    this catches BENCH_SKIP_SETUP=1 runs."""
     try:
         built = os.stat(binary).st_mtime
     except OSError:
         return "binary missing"
     newest, newest_t = None, 0.0
     cands = [os.path.join(root, f) for f in ("Cargo.toml", "Cargo.lock", "build.rs")]
-    for d in ("src", "examples"):
+    for d in ("src", "examples") if examples else ("src",):
         for dp, _, fs in os.walk(os.path.join(root, d)):
             cands += [os.path.join(dp, f) for f in fs if d == "src" or f.endswith(".rs")]
     for f in cands:
@@ -1702,19 +1725,25 @@ def stale_sources(root: str, binary: str) -> str | None:
     return os.path.relpath(newest, root) if newest and newest_t > built else None
 
 
-def source_revision(root: str) -> str:
-    """Commit of the tree and its uncommitted source changes (read-only git, no index refresh)."""
+def git_state(root: str, paths: tuple[str, ...]) -> tuple[str, list[str]] | None:
+    """(short HEAD, the paths under `paths` with uncommitted changes), by read-only git (no
+    index refresh); None if git could not be run."""
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10).stdout.strip()
         st = subprocess.run(["git", "--no-optional-locks", "-C", root, "status", "--porcelain", "--",
-                             "src", "examples", "Cargo.toml", "Cargo.lock"],
-                            capture_output=True, text=True, timeout=10).stdout
+                             *paths], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
+        return None
+    return head, [line[3:] for line in st.splitlines() if line.strip()]
+
+
+def source_revision(root: str) -> str:
+    """Commit of the tree and its uncommitted source changes (read-only git, no index refresh)."""
+    state = git_state(root, ("src", "examples", "Cargo.toml", "Cargo.lock"))
+    if state is None or not state[0]:
         return "unknown"
-    if not head:
-        return "unknown"
-    dirty = [line[3:] for line in st.splitlines() if line.strip()]
+    head, dirty = state
     if not dirty:
         return f"commit {head}, clean"
     return f"commit {head} plus uncommitted changes to {', '.join(dirty[:6])}{' …' if len(dirty) > 6 else ''}"
@@ -1739,13 +1768,20 @@ def machine_info() -> dict:
             "memory": f"{mem / 1024 / 1024:.1f} GiB"}
 
 
-def versions(b: Bench) -> dict:
+def package_versions(pkgs) -> dict:
+    """{package: installed version or "not installed"} (of this interpreter's environment)."""
     v = {}
-    for pkg in ("fastapi", "uvicorn", "uvloop", "httptools", "gunicorn", "uvicorn-worker", "starlette"):
+    for pkg in pkgs:
         try:
             v[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             v[pkg] = "not installed"
+    return v
+
+
+def versions(b: Bench) -> dict:
+    v = package_versions(("fastapi", "uvicorn", "uvloop", "httptools", "gunicorn", "uvicorn-worker",
+                          "starlette"))
     v["python"] = platform.python_version()
     v["procman"] = sh([b.procman, "--version"]) if os.access(b.procman, os.X_OK) else "not built"
     try:
@@ -1772,8 +1808,8 @@ def rel(path: str, root: str) -> str:
     return path if r.startswith("..") else r
 
 
-def command_line() -> str:
-    """How the driver was invoked, as a bench/run command line (without --root)."""
+def command_line(prog: str = "bench/run") -> str:
+    """How the driver was invoked, as a `prog` command line (without --root)."""
     args, skip = [], False
     for x in sys.argv[1:]:
         if skip:
@@ -1785,7 +1821,7 @@ def command_line() -> str:
         if x.startswith("--root="):
             continue
         args.append(x)
-    return " ".join(["bench/run"] + args)
+    return " ".join([prog] + args)
 
 
 def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str, spread_table: str = "") -> str:

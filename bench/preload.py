@@ -25,24 +25,27 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import errno
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from importlib import metadata
 
-HOST = "127.0.0.1"
+# The /proc readers, process registry, HTTP client loops and report helpers are bench/bench.py's.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench as common  # noqa: E402
+from bench import (HOST, REG, Client, _read, alive, free_port, live_descendants, log, now,  # noqa: E402
+                   session_members, sh, smaps_rollup, stale_sources, wait_until)
+from bench import median_of as med, numbers as nums  # noqa: E402
+
+common.LOG_TAG = "preload"  # log() (also REG's) prints [preload]
+
 SERVERS = ("procman-preload", "procman", "gunicorn-preload", "gunicorn")
 TITLES = {
     "procman-preload": "procman --preload",
@@ -52,310 +55,12 @@ TITLES = {
 }
 BASE = "procman-preload"  # ratios are against this one
 STEADY = 1.5  # s after start-up before the first kill -9
-now = time.monotonic
-
-
-def log(msg: str) -> None:
-    print(f"[preload] {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- /proc
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, "r", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def proc_stat(pid: int) -> dict | None:
-    raw = _read(f"/proc/{pid}/stat")
-    if raw is None:
-        return None
-    rest = raw[raw.rfind(")") + 2:].split()
-    return {"state": rest[0], "ppid": int(rest[1]), "pgrp": int(rest[2]), "session": int(rest[3])}
-
-
-def alive(pid: int) -> bool:
-    st = proc_stat(pid)
-    return st is not None and st["state"] not in ("Z", "X")
-
-
-def all_stats() -> dict[int, dict]:
-    out = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            st = proc_stat(int(name))
-            if st is not None:
-                out[int(name)] = st
-    return out
-
-
-def descendants(root: int, stats: dict[int, dict] | None = None) -> set[int]:
-    stats = stats if stats is not None else all_stats()
-    kids: dict[int, list[int]] = {}
-    for pid, st in stats.items():
-        kids.setdefault(st["ppid"], []).append(pid)
-    out, todo = set(), [root]
-    while todo:
-        for c in kids.get(todo.pop(), ()):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
-
-
-def live_descendants(root: int) -> set[int]:
-    stats = all_stats()
-    return {p for p in descendants(root, stats) if stats[p]["state"] not in ("Z", "X")}
-
-
-def session_members(sid: int, stats: dict[int, dict] | None = None) -> set[int]:
-    stats = stats if stats is not None else all_stats()
-    return {p for p, st in stats.items() if st["session"] == sid and st["state"] not in ("Z", "X")}
 
 
 def children(pid: int) -> set[int]:
     """Direct children of pid (/proc/PID/task/PID/children)."""
     raw = _read(f"/proc/{pid}/task/{pid}/children")
     return {int(x) for x in raw.split()} if raw else set()
-
-
-def smaps_rollup(pid: int) -> tuple[int, int] | None:
-    """(Rss kB, Pss kB) of one process, None if it is gone."""
-    raw = _read(f"/proc/{pid}/smaps_rollup")
-    if raw is None:
-        return None
-    rss = pss = None
-    for line in raw.splitlines():
-        if line.startswith("Rss:"):
-            rss = int(line.split()[1])
-        elif line.startswith("Pss:"):
-            pss = int(line.split()[1])
-    if rss is None or pss is None:
-        return None
-    return rss, pss
-
-
-# --------------------------------------------------------------------------- processes
-
-
-class Registry:
-    """Every process the bench starts, so that all of them can be stopped by pid."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-        self.lock = threading.Lock()
-
-    def spawn(self, argv: list[str], cwd: str, env: dict, log_path: str) -> subprocess.Popen:
-        logf = open(log_path, "ab")
-        try:
-            p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=logf,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            logf.close()
-        with self.lock:
-            self.procs.append(p)
-        return p
-
-    @staticmethod
-    def _targets(p: subprocess.Popen) -> set[int]:
-        stats = all_stats()
-        pids = descendants(p.pid, stats) | session_members(p.pid, stats)
-        if p.poll() is None:
-            pids.add(p.pid)
-        return pids
-
-    def kill_tree(self, p: subprocess.Popen, deadline_s: float = 5.0) -> int:
-        """SIGKILL the master, every process group of its descendants and session members,
-        and each of those pids. Returns how many processes besides the master were alive."""
-        me, mygrp = os.getpid(), os.getpgrp()
-        pids = {x for x in self._targets(p) if alive(x) or x == p.pid}
-        leftover = len({x for x in pids if x != p.pid and alive(x)})
-        end = now() + deadline_s
-        while pids and now() < end:
-            groups = set()
-            for pid in pids:
-                st = proc_stat(pid)
-                if st is not None:
-                    groups.add(st["pgrp"])
-            for g in groups:
-                if g > 1 and g != mygrp:
-                    try:
-                        os.killpg(g, signal.SIGKILL)
-                    except OSError:
-                        pass
-            for pid in pids:
-                if pid not in (me, 1):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
-            try:
-                p.wait(timeout=0.05)
-            except subprocess.TimeoutExpired:
-                pass
-            pids = {x for x in self._targets(p) if alive(x)}
-        try:
-            p.wait(timeout=max(0.1, end - now()))
-        except subprocess.TimeoutExpired:
-            pass
-        return leftover
-
-    def cleanup_all(self) -> None:
-        with self.lock:
-            procs = list(self.procs)
-        for p in procs:
-            try:
-                self.kill_tree(p, deadline_s=3.0)
-            except Exception as e:  # keep going: the others must still die
-                log(f"cleanup of pid {p.pid} failed: {e}")
-
-
-REG = Registry()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def wait_until(pred, timeout: float, interval: float = 0.01):
-    """Poll pred() until it returns something truthy or the deadline passes."""
-    end = now() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if now() >= end:
-            return None
-        time.sleep(interval)
-
-
-# --------------------------------------------------------------------------- HTTP
-
-
-def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[str, int | None]:
-    """One short connection (Connection: close). Returns (kind, pid from the body).
-
-    kind: ok (200) | non200 | refused | reset | empty | partial | timeout | error:<errno>"""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.settimeout(timeout)
-        s.connect((HOST, port))
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode())
-        buf = b""
-        head_end, clen = -1, None
-        while True:
-            if head_end >= 0 and clen is not None and len(buf) >= head_end + 4 + clen:
-                break
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-            if head_end < 0:
-                head_end = buf.find(b"\r\n\r\n")
-                if head_end >= 0:
-                    m = re.search(rb"(?im)^content-length:\s*(\d+)", buf[:head_end])
-                    clen = int(m.group(1)) if m else None
-        if not buf:
-            return "empty", None
-        m = re.match(rb"HTTP/1\.[01] (\d{3})", buf)
-        if not m or head_end < 0:
-            return "partial", None
-        if int(m.group(1)) != 200:
-            return "non200", None
-        pm = re.search(rb"\d+", buf[head_end + 4:])
-        return "ok", (int(pm.group()) if pm else None)
-    except ConnectionRefusedError:
-        return "refused", None
-    except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
-        return "reset", None
-    except (socket.timeout, TimeoutError):
-        return "timeout", None
-    except OSError as e:
-        return f"error:{errno.errorcode.get(e.errno, e.errno)}", None
-    finally:
-        try:  # RST on close: no TIME_WAIT pile-up from thousands of short connections
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        except OSError:
-            pass
-        s.close()
-
-
-class Client:
-    """`threads` threads doing short connections to `path`, bounded by max_requests (all
-    threads together) and max_seconds; `interval` paces each thread (a poller)."""
-
-    def __init__(self, port: int, path: str = "/pid", threads: int = 4, interval: float = 0.0,
-                 max_requests: int = 200_000, max_seconds: float = 30.0, timeout: float = 2.0):
-        self.port, self.path, self.nthreads = port, path, threads
-        self.interval, self.max_requests, self.max_seconds = interval, max_requests, max_seconds
-        self.timeout = timeout
-        self.stop_ev = threading.Event()
-        self.lock = threading.Lock()
-        self.total = 0
-        self.kinds: dict[str, int] = {}
-        self.first_seen: dict[int, float] = {}
-        self.last_seen: dict[int, float] = {}
-        self.first_ok: float | None = None
-        self.threads: list[threading.Thread] = []
-        self.t_start = 0.0
-
-    def start(self) -> "Client":
-        self.t_start = now()
-        for i in range(self.nthreads):
-            t = threading.Thread(target=self._run, name=f"client-{i}", daemon=True)
-            t.start()
-            self.threads.append(t)
-        return self
-
-    def _run(self) -> None:
-        end = self.t_start + self.max_seconds
-        while not self.stop_ev.is_set() and now() < end:
-            with self.lock:
-                if self.total >= self.max_requests:
-                    return
-                self.total += 1
-            kind, pid = http_get(self.port, self.path, timeout=self.timeout)
-            t = now()
-            with self.lock:
-                self.kinds[kind] = self.kinds.get(kind, 0) + 1
-                if kind == "ok":
-                    if self.first_ok is None:
-                        self.first_ok = t
-                    if pid is not None:
-                        self.first_seen.setdefault(pid, t)
-                        self.last_seen[pid] = t
-            if self.interval:
-                self.stop_ev.wait(self.interval)  # pacing of a poller, not synchronisation
-
-    def stop(self) -> None:
-        self.stop_ev.set()
-        for t in self.threads:
-            t.join(timeout=self.timeout + 1.0)
-
-    def count(self) -> int:
-        with self.lock:
-            return self.total
-
-    def pids(self) -> dict[int, float]:
-        with self.lock:
-            return dict(self.first_seen)
-
-    def new_pids(self, old: set[int]) -> dict[int, float]:
-        with self.lock:
-            return {p: t for p, t in self.first_seen.items() if p not in old}
-
-    def failures(self) -> tuple[int, int, str]:
-        with self.lock:
-            bad = {k: v for k, v in self.kinds.items() if k != "ok"}
-            total = sum(self.kinds.values())
-        kinds = ", ".join(f"{k}={v}" for k, v in sorted(bad.items())) or "none"
-        return sum(bad.values()), total, kinds
 
 
 # --------------------------------------------------------------------------- the bench
@@ -391,18 +96,11 @@ class Bench:
         self.samples: dict = {s: {} for s in self.servers}  # server -> key -> all samples
         self.errors: list[str] = []
         self.log_notes: list[str] = []
-        self.env = self._env()
+        self.env = common.server_env(self.vbin, drop=("GUNICORN_CMD_ARGS",))
         self.run_id = 0
         self.tmp = tempfile.mkdtemp(prefix="procman-preload-bench-")
         self.procman = self.procman_src
         self.procman_sha = "?"
-
-    def _env(self) -> dict:
-        drop = ("VIRTUAL_ENV", "WEB_CONCURRENCY", "PORT", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
-                "NOTIFY_SOCKET", "PYTHONPATH", "PYTHONHOME", "GUNICORN_CMD_ARGS")
-        env = {k: v for k, v in os.environ.items() if not (k.startswith("PROCMAN_") or k in drop)}
-        env["PATH"] = self.vbin + os.pathsep + env.get("PATH", "")
-        return env
 
     def pin_procman(self) -> None:
         """Run a private copy of target/release/procman: a concurrent rebuild (another
@@ -462,30 +160,9 @@ class Bench:
         log("FAILED " + line)
         self.errors.append(line)
 
-    @staticmethod
-    def log_tail(logp: str, k: int = 3) -> str:
-        raw = _read(logp) or ""
-        lines = [x.strip() for x in raw.splitlines()[1:] if x.strip()]
-        return " | ".join(lines[-k:])[-300:]
+    log_tail = staticmethod(common.Bench.log_tail)
 
     # ---- steps
-
-    def wait_workers(self, p, port: int, n: int, cap: float) -> tuple[dict[int, float] | None, Client]:
-        """Poll /pid (4 threads, short connections every 3 ms each) until n distinct pids
-        answered. Returns ({pid: first answer time}, client) or (None, client)."""
-        c = Client(port, "/pid", threads=4, interval=0.003, max_requests=10**7, max_seconds=cap,
-                   timeout=2.0).start()
-        try:
-            def done():
-                if p.poll() is not None:
-                    return "exited"
-                with c.lock:
-                    return "ok" if len(c.first_seen) >= n else None
-
-            state = wait_until(done, cap, 0.002)
-        finally:
-            c.stop()
-        return (c.pids() if state == "ok" else None), c
 
     def memory(self, m: int, workers: set[int]) -> dict:
         """PSS/RSS (MiB) summed over the workers and over the rest (master, zygote, ...)."""
@@ -527,7 +204,7 @@ class Bench:
         (times from the kill; None when not seen within the cap)."""
         victim = sorted(workers)[0]
         poll = Client(port, "/pid", threads=4, interval=0.002, max_requests=500_000,
-                      max_seconds=self.respawn_cap + 5, timeout=2.0).start()
+                      max_seconds=self.respawn_cap + 5, timeout=2.0, close_wait=0.0).start()
         t_fork = None
         try:
             if not wait_until(lambda: poll.count() >= 20, 5.0, 0.002):
@@ -559,7 +236,7 @@ class Bench:
 
     def reload(self, p, port: int, n: int, old: set[int]) -> dict:
         load = Client(port, "/pid", threads=4, interval=0.0, max_requests=1_000_000,
-                      max_seconds=self.reload_cap + 10, timeout=2.0).start()
+                      max_seconds=self.reload_cap + 10, timeout=2.0, close_wait=0.0).start()
         try:
             if not wait_until(lambda: load.count() >= 50, 5.0, 0.002):
                 raise StepFailed("the load loop got no answers before HUP")
@@ -633,13 +310,15 @@ class Bench:
             return
         try:
             # 1. start-up
-            seen, c = self.wait_workers(p, port, n, self.startup_cap)
-            if seen is None:
+            # 4 threads, a short connection every 3 ms each, not waiting for the server's close
+            c, _, t_all = common.wait_workers(p, port, n, "/pid", self.startup_cap, threads=4,
+                                              interval=0.003, close_wait=0.0)
+            if t_all is None:
                 why = (f"exited with {p.returncode}" if p.poll() is not None
                        else f"{len(c.pids())} of {n} workers answered within {self.startup_cap:.0f} s")
                 self.fail(server, n, rnd, "start-up", f"{why}: {self.log_tail(logp)}")
                 return
-            t_all = sorted(seen.values())[n - 1]
+            seen = c.pids()
             rec("startup", t_all - t0)
             rec("startup_first", c.first_ok - t0)
             workers = {x for x in seen if alive(x)}
@@ -751,7 +430,7 @@ class Bench:
         self.t_begin = datetime.datetime.now(datetime.timezone.utc)
         self.load_begin = os.getloadavg()
         if any(s.startswith("procman") for s in self.servers):
-            stale = stale_sources(self.root, self.procman_src)
+            stale = stale_sources(self.root, self.procman_src, examples=False)
             if stale:
                 log(f"WARNING: target/release/procman is older than {stale}")
             self.pin_procman()
@@ -765,15 +444,6 @@ class Bench:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def nums(vals) -> list[float]:
-    return [v for v in (vals or []) if isinstance(v, (int, float)) and not isinstance(v, bool)]
-
-
-def med(vals) -> float | None:
-    v = nums(vals)
-    return statistics.median(v) if v else None
 
 
 def fmt(v: float, unit: str) -> str:
@@ -883,105 +553,39 @@ def verdict(vs: list) -> str:
     return "PASS" if all(vs) else "FAIL"
 
 
-def sh(cmd: list[str]) -> str:
-    try:
-        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        txt = (cp.stdout or cp.stderr).strip()
-        return txt.splitlines()[0] if txt else "?"
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"n/a ({e})"
-
-
-def machine() -> dict:
-    model = "?"
-    for line in (_read("/proc/cpuinfo") or "").splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    mem = 0
-    for line in (_read("/proc/meminfo") or "").splitlines():
-        if line.startswith("MemTotal:"):
-            mem = int(line.split()[1])
-    return {"nproc": sh(["nproc"]), "cpu": model, "kernel": platform.release(),
-            "memory": f"{mem / 1024 / 1024:.1f} GiB"}
-
-
-def stale_sources(root: str, binary: str) -> str | None:
-    """The newest file under src/ (or Cargo.toml/Cargo.lock) if newer than the binary."""
-    try:
-        built = os.stat(binary).st_mtime
-    except OSError:
-        return "binary missing"
-    newest, newest_t = None, 0.0
-    cands = [os.path.join(root, f) for f in ("Cargo.toml", "Cargo.lock")]
-    for dp, _, fs in os.walk(os.path.join(root, "src")):
-        cands += [os.path.join(dp, f) for f in fs]
-    for f in cands:
-        try:
-            t = os.stat(f).st_mtime
-        except OSError:
-            continue
-        if t > newest_t:
-            newest, newest_t = f, t
-    return os.path.relpath(newest, root) if newest and newest_t > built else None
-
-
 def versions(b: Bench) -> dict:
-    v = {}
-    for pkg in ("gunicorn", "uvicorn-worker", "uvicorn", "fastapi", "starlette", "uvloop", "httptools"):
-        try:
-            v[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            v[pkg] = "not installed"
+    v = common.package_versions(("gunicorn", "uvicorn-worker", "uvicorn", "fastapi", "starlette", "uvloop",
+                                 "httptools"))
     v["python"] = sh([os.path.join(b.vbin, "python"), "--version"]).replace("Python ", "")
     v["procman"] = sh([b.procman, "--version"]) if os.access(b.procman, os.X_OK) else "not built"
     v["rustc"] = sh(["rustc", "--version"])
     try:
         built = datetime.datetime.fromtimestamp(os.stat(b.procman_src).st_mtime, datetime.timezone.utc)
-        stale = stale_sources(b.root, b.procman_src)
+        stale = stale_sources(b.root, b.procman_src, examples=False)
         v["build"] = f"binary built {built:%H:%M} UTC, " + (
             f"STALE: older than {stale} (BENCH_SKIP_SETUP=1 skips the build)" if stale
             else "newer than every source file")
     except OSError:
         v["build"] = "binary missing"
-    try:
-        head = subprocess.run(["git", "-C", b.root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        st = subprocess.run(["git", "--no-optional-locks", "-C", b.root, "status", "--porcelain", "--",
-                             "src", "Cargo.toml", "Cargo.lock"], capture_output=True, text=True,
-                            timeout=10).stdout
-        dirty = [x[3:] for x in st.splitlines() if x.strip()]
+    state = common.git_state(b.root, ("src", "Cargo.toml", "Cargo.lock"))
+    if state is None:
+        v["source"] = "unknown"
+    else:
+        head, dirty = state
         v["source"] = f"commit {head}" + (f" plus uncommitted changes to {', '.join(dirty[:5])}" if dirty
                                           else ", src clean")
-    except (OSError, subprocess.SubprocessError):
-        v["source"] = "unknown"
     return v
 
 
-def command_line() -> str:
-    args, skip = [], False
-    for x in sys.argv[1:]:
-        if skip:
-            skip = False
-            continue
-        if x == "--root":
-            skip = True
-            continue
-        if x.startswith("--root="):
-            continue
-        args.append(x)
-    return " ".join(["bench/run-preload"] + args)
-
-
 def render(b: Bench) -> str:
-    mi, ver = machine(), b.versions
+    mi, ver = common.machine_info(), b.versions
     dur = int((b.t_end - b.t_begin).total_seconds())
     q = " — quick mode (1 round: smoke figures)" if b.a.quick and b.rounds == 1 else ""
     order = " → ".join(TITLES[s] for s in b.servers)
     out = [
         "## Warm start (`--preload`)" + q,
         "",
-        f"Generated by `{command_line()}` on {b.t_begin:%Y-%m-%d %H:%M} UTC (took {dur // 60} min {dur % 60} s)."
+        f"Generated by `{common.command_line('bench/run-preload')}` on {b.t_begin:%Y-%m-%d %H:%M} UTC (took {dur // 60} min {dur % 60} s)."
         f" {b.rounds} round{'s' if b.rounds != 1 else ''}; in each round, for N = "
         f"{' then '.join(str(n) for n in b.ns)}, the servers ran one after the other ({order}), so drift"
         " on the shared machine hits all of them alike. Compare within this run only.",

@@ -580,6 +580,9 @@ fn uvicorn_options(
             }
         }
     };
+    // Workers exec the interpreter after changing to --chdir: a path given
+    // relative to where procman started must not change meaning there.
+    let python = std::path::absolute(&python).unwrap_or(python);
     let file = |flag: &str, v: &Option<String>| -> Result<Option<PathBuf>> {
         match v {
             None => Ok(None),

@@ -709,3 +709,23 @@ fn backlog_survives_uvicorn_listening_again() {
     let port = h.port();
     assert_eq!(listen_backlog(port), ["17"]);
 }
+
+#[test]
+fn a_relative_python_path_means_relative_to_where_procman_started() {
+    venv_python();
+    let mut h = Start::new(
+        "rel-python",
+        &[
+            "app:main",
+            "--python",
+            ".venv/bin/python",
+            "--chdir",
+            "examples/fastapi",
+            "-w",
+            "1",
+        ],
+    )
+    .cwd(&repo())
+    .spawn();
+    h.wait_workers(1, BOOT);
+}

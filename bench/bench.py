@@ -648,7 +648,6 @@ def server_env(vbin: str, drop: tuple[str, ...] = ()) -> dict:
     return env
 
 
-
 class Bench:
     def __init__(self, args):
         self.a = args
@@ -1939,11 +1938,28 @@ def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str, spread_t
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="bench/run", description=__doc__,
+def driver_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A driver's argument parser, with the hidden --root (the repository) its wrapper passes."""
+    ap = argparse.ArgumentParser(prog=prog, description=description,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     help=argparse.SUPPRESS)
+    return ap
+
+
+def interrupt_on_signals() -> None:
+    """SIGTERM, SIGINT and SIGHUP raise KeyboardInterrupt, so that the finally blocks stop every
+    process started (SIGINT also when the driver was started with it ignored, as a background job)."""
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_term)
+
+
+def parse_args(argv):
+    ap = driver_parser("bench/run", __doc__)
     ap.add_argument("--workers", "-w", type=int, default=4, help="workers per server (default 4)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; 1 with --quick)")
     ap.add_argument("--quick", action="store_true",
@@ -1983,13 +1999,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)  # also when started with SIGINT ignored (a background job)
-    signal.signal(signal.SIGHUP, on_term)
+    interrupt_on_signals()
     b = Bench(a)
     if not shutil.which("wrk"):
         log("wrk not found (bench/run installs it)")

@@ -23,7 +23,6 @@ targets 127.0.0.1; each start gets a fresh free port; waits are polls with deadl
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import json
@@ -674,10 +673,7 @@ def render(b: Bench) -> str:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="bench/run-preload", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                    help=argparse.SUPPRESS)
+    ap = common.driver_parser("bench/run-preload", __doc__)
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="1 round")
     ap.add_argument("--workers", default="4,8", help="worker counts (default 4,8)")
@@ -701,12 +697,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_term)
+    common.interrupt_on_signals()
     b = Bench(a)
     try:
         b.run()

@@ -299,12 +299,6 @@ impl Listener {
         tcp_socket(addr, backlog, true, true).map(OwnedFd::from)
     }
 
-    /// The TCP port this listener is bound to, if it is TCP.
-    pub fn port(&self) -> Option<u16> {
-        let sock = socket2::SockRef::from(&self.fd);
-        sock.local_addr().ok()?.as_socket().map(|a| a.port())
-    }
-
     /// Removes the unix socket file procman created, if any.
     pub fn remove_file(&mut self) {
         if let Some(path) = self.unlink_at_exit.take() {

@@ -944,7 +944,6 @@ impl Master {
                     errno.desc(),
                     spawned.pid
                 );
-                w.exec_failed = true;
                 w.reported_error = Some(format!(
                     "cannot {} {}: {}",
                     stage.describe(),

@@ -105,9 +105,10 @@ pub enum Due {
     Kill(Pid),
 }
 
-/// Fresh: active, of the required generation, not marked for recycling.
+/// Fresh: active, of the required generation, not marked for recycling
+/// and not leaving on its own (STOPPING=1).
 pub fn is_fresh(w: &Worker, goal: &Goal) -> bool {
-    w.is_active() && w.generation >= goal.required_generation && w.recycle.is_none()
+    w.is_active() && w.generation >= goal.required_generation && w.recycle.is_none() && !w.draining
 }
 
 /// Compares the set of workers with the goal. Returns the decisions and
@@ -334,6 +335,8 @@ mod tests {
         }
         let mut recycled = worker(11, 0, 1, Ready, 5000, now);
         recycled.recycle = Some("max-requests".into());
+        let mut draining_alone = worker(11, 0, 1, Ready, 5000, now);
+        draining_alone.draining = true;
         let mut stopping = worker(12, 1, 1, Stopping, 9000, now);
         stopping.stop = Some(Stop {
             reason: StopReason::Excess,
@@ -430,6 +433,13 @@ mod tests {
                 ],
                 goal: goal(2, 1),
                 want: vec![stop(11, StopReason::Replaced)],
+            },
+            Case {
+                name:
+                    "a worker draining on its own gets a replacement and is let go once it is ready",
+                rows: vec![draining_alone.clone(), worker(12, 1, 1, Ready, 100, now)],
+                goal: goal(2, 1),
+                want: vec![spawn(0)],
             },
             Case {
                 name: "stopping workers are ignored",

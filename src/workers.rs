@@ -76,10 +76,9 @@ pub struct Worker {
     pub recycle: Option<String>,
     /// Set once the master asked it to stop.
     pub stop: Option<Stop>,
-    /// It said STOPPING=1.
+    /// It said STOPPING=1: it is leaving on its own, so it no longer
+    /// counts as capacity and a replacement is started.
     pub draining: bool,
-    /// Its exec failed (stage and reason), already logged.
-    pub exec_failed: bool,
     /// The last error it reported (X_PROCMAN_ERROR=), for the exit message.
     pub reported_error: Option<String>,
     /// When it is due for recycling by age (--max-worker-lifetime + jitter).
@@ -103,7 +102,6 @@ impl Worker {
             recycle: None,
             stop: None,
             draining: false,
-            exec_failed: false,
             reported_error: None,
             retire_at: None,
             samples_over_memory: 0,

@@ -325,3 +325,44 @@ fn exec_readiness_tolerates_workers_that_notify_anyway() {
     // Each worker is marked ready once, at exec, and its READY=1 changes nothing.
     assert_eq!(h.count_log("ready in"), 2, "{}", h.log_text());
 }
+
+#[test]
+fn a_worker_that_says_it_is_stopping_gets_a_replacement() {
+    let start = Start::new("draining", &[]);
+    let marker = start.dir().join("said-stopping");
+    let sender = format!(
+        "{} {}",
+        python3().display(),
+        repo().join("tests/workers/send_notify.py").display()
+    );
+    let script = format!(
+        "if [ ! -e {m} ]; then touch {m}; {sender} \"$NOTIFY_SOCKET\" STOPPING=1; fi; exec {w}",
+        m = marker.display(),
+        w = notify_worker().join(" ")
+    );
+    let mut h = start
+        .args(["--log-level", "debug", "-w", "1", "--", "sh", "-c", &script])
+        .spawn();
+    h.check(
+        h.wait_log("is draining", BOOT),
+        "STOPPING=1 attributed (sent by a child of the worker)",
+    );
+    let first: i32 = h
+        .log_text()
+        .lines()
+        .find_map(|l| {
+            l.split("Booting worker 0 with pid ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("first pid");
+    h.check(
+        h.wait_log(&format!("Stopping worker {first} (slot 0): replaced"), BOOT),
+        "the draining worker was replaced",
+    );
+    let now = h.wait_workers(1, BOOT);
+    assert!(!now.contains(&first));
+}

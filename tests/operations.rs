@@ -401,13 +401,20 @@ fn umask_applies_to_unix_socket_files_and_workers() {
     h.check(made.is_some(), "socket created");
     let mode = std::fs::metadata(&sock).expect("meta").permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "socket mode {mode:o}");
-    let worker = wait_for(BOOT, || h.children().first().copied()).expect("worker");
-    let status = std::fs::read_to_string(format!("/proc/{worker}/status")).expect("status");
-    let umask = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Umask:"))
-        .map(str::trim);
-    assert_eq!(umask, Some("0077"), "worker umask");
+    // Poll: a worker caught between fork and exec still shows the
+    // master's umask.
+    let umask_of = |pid: i32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .map(|u| u.trim().to_string())
+    };
+    let seen = wait_for(BOOT, || {
+        let pid = *h.children().first()?;
+        (umask_of(pid).as_deref() == Some("0077")).then_some(())
+    });
+    h.check(seen.is_some(), "the worker runs with umask 0077");
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
 }

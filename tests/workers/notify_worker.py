@@ -99,6 +99,11 @@ def log_event(path, what):
 def dump_env(path):
     data = dict(os.environ)
     data["fds"] = FDS_AT_START
+    if os.path.exists(path) and not os.path.isfile(path):
+        # A device such as /dev/null: write to it, never rename over it.
+        with open(path, "w") as f:
+            json.dump(data, f)
+        return
     tmp = f"{path}.{PID}.tmp"
     with open(tmp, "w") as f:
         json.dump(data, f)

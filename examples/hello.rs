@@ -6,7 +6,7 @@
 //! answered with the worker's pid, so you can watch the load spread:
 //!
 //! ```sh
-//! cargo build --release --examples
+//! cargo build --release --bins --examples
 //! procman -w 4 -b 127.0.0.1:8000 -- target/release/examples/hello
 //! curl http://127.0.0.1:8000/
 //! ```

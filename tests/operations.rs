@@ -594,3 +594,32 @@ fn stop_signal_is_what_command_workers_get_on_a_graceful_stop() {
         "the worker got --stop-signal, not TERM"
     );
 }
+
+#[test]
+fn the_example_systemd_units_are_valid() {
+    // systemd's own parser, offline: unknown keys, bad values and missing
+    // executables are reported on stderr.
+    let dir = temp_dir("units");
+    for unit in ["procman.service", "procman.socket"] {
+        let text =
+            std::fs::read_to_string(repo().join("examples/systemd").join(unit)).expect("unit");
+        std::fs::write(
+            dir.join(unit),
+            text.replace("/usr/local/bin/procman", PROCMAN),
+        )
+        .expect("write");
+    }
+    let out = Command::new("systemd-analyze")
+        .args([
+            "verify",
+            "--man=no",
+            "./procman.socket",
+            "./procman.service",
+        ])
+        .current_dir(&dir)
+        .output()
+        .expect("systemd-analyze (apt-get install systemd)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -359,12 +359,26 @@ mod tests {
         Environment::default()
     }
 
-    fn write(name: &str, text: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("procman-layers-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let p = dir.join(name);
+    /// A config file in the temp dir, removed when dropped.
+    struct Written(PathBuf);
+
+    impl std::ops::Deref for Written {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Written {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn write(name: &str, text: &str) -> Written {
+        let p = std::env::temp_dir().join(format!("procman-layers-{}-{name}", std::process::id()));
         std::fs::write(&p, text).expect("write");
-        p
+        Written(p)
     }
 
     fn load_args(args: &[&str]) -> Result<Layered> {
@@ -393,7 +407,7 @@ mod tests {
         assert_eq!(
             l.sources["timeout"],
             Source::File {
-                path: p.clone(),
+                path: p.to_path_buf(),
                 line: 3
             }
         );

@@ -175,7 +175,7 @@ fn activated(name: &str, listen_pid: &str, extra: &[String]) -> (Harness, u16) {
     drop(listener);
     let mut args = vec!["-c".to_string(), script, PROCMAN.to_string()];
     args.extend(extra.iter().cloned());
-    let dir = temp_dir(name);
+    let dir = temp_dir(name).keep();
     let log = dir.join("procman.log");
     let out = std::fs::File::create(&log).expect("log");
     let child = Command::new(python3())
@@ -218,7 +218,8 @@ fn socket_activation_serves_on_the_inherited_socket_and_binds_nothing() {
 
 #[test]
 fn a_listen_pid_that_is_not_ours_is_ignored() {
-    let dump = temp_dir("wrong-pid-dump").join("env.json");
+    let dump_dir = temp_dir("wrong-pid-dump");
+    let dump = dump_dir.join("env.json");
     let mut extra = vec!["-b".to_string(), "127.0.0.1:0".into(), "--".into()];
     extra.extend(notify_worker());
     extra.extend(["--dump-env".to_string(), dump.display().to_string()]);

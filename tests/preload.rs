@@ -4,7 +4,7 @@
 mod util;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -13,7 +13,7 @@ use util::*;
 const BOOT: Duration = Duration::from_secs(60);
 
 /// A private copy of the FastAPI example, so a test can change its code.
-fn app_copy(name: &str) -> PathBuf {
+fn app_copy(name: &str) -> TempDir {
     let dir = temp_dir(name);
     std::fs::copy(repo().join("examples/fastapi/app.py"), dir.join("app.py")).expect("copy app");
     dir

@@ -70,13 +70,45 @@ pub fn hello() -> String {
     dir.join("examples/hello").display().to_string()
 }
 
+/// A fresh temp dir for one test, removed when dropped (also when the test
+/// fails: nothing of a test run may remain).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Hands the directory over to an owner that removes it itself.
+    pub fn keep(self) -> PathBuf {
+        let path = self.0.clone();
+        std::mem::forget(self);
+        path
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A fresh temp dir for one test.
-pub fn temp_dir(name: &str) -> PathBuf {
+pub fn temp_dir(name: &str) -> TempDir {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
     let dir = std::env::temp_dir().join(format!("procman-test-{}-{name}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create temp dir");
-    dir
+    TempDir(dir)
 }
 
 /// Polls `cond` until it returns Some or the deadline passes.
@@ -133,7 +165,7 @@ impl Start {
             args: args.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
             env_remove: Vec::new(),
-            dir: temp_dir(name),
+            dir: temp_dir(name).keep(),
             cwd: None,
             default_bind: true,
         }
@@ -432,9 +464,8 @@ impl Drop for Harness {
                 }
             }
         }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        // The log was printed by `check` on failure; nothing may remain.
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

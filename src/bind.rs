@@ -10,7 +10,7 @@
 //! * a unix socket file is removed at exit only if procman created it
 //!   (inherited and `fd://` sockets are never unlinked).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -414,17 +414,12 @@ fn adopt_fd(n: RawFd) -> std::result::Result<OwnedFd, String> {
     Ok(fd)
 }
 
-/// The default bind: `0.0.0.0:$PORT` if PORT is set, else `127.0.0.1:8000`.
-pub fn default_spec(port_env: Option<&str>) -> std::result::Result<BindSpec, String> {
-    match port_env {
-        Some(p) => Ok(BindSpec::Tcp {
-            host: Ipv4Addr::UNSPECIFIED.to_string(),
-            port: parse_port(p).map_err(|e| format!("PORT={p}: {e}"))?,
-        }),
-        None => Ok(BindSpec::Tcp {
-            host: "127.0.0.1".into(),
-            port: DEFAULT_PORT,
-        }),
+/// The default bind, `127.0.0.1:8000` (`PORT` is a configuration layer
+/// that supplies `0.0.0.0:$PORT` instead, see `layers.rs`).
+pub fn default_spec() -> BindSpec {
+    BindSpec::Tcp {
+        host: "127.0.0.1".into(),
+        port: DEFAULT_PORT,
     }
 }
 

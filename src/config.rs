@@ -198,11 +198,13 @@ pub struct Config {
 
 /// The parts of procman's own environment that configuration depends on,
 /// gathered once so that validation is a pure function of its inputs.
+/// (`WEB_CONCURRENCY` and `PORT` are configuration layers: `layers.rs`
+/// folds them into the options, with their source.)
 #[derive(Debug, Clone, Default)]
 pub struct Environment {
-    /// `$WEB_CONCURRENCY`.
+    /// `$WEB_CONCURRENCY`, for `layers.rs`.
     pub web_concurrency: Option<String>,
-    /// `$PORT`.
+    /// `$PORT`, for `layers.rs`.
     pub port: Option<String>,
     /// `$VIRTUAL_ENV`.
     pub virtual_env: Option<String>,
@@ -248,7 +250,7 @@ impl Config {
         let uvicorn = matches!(kind, WorkerKind::Uvicorn(_));
 
         let binds = if cli.bind.is_empty() {
-            vec![bind::default_spec(env.port.as_deref()).map_err(Error::usage)?]
+            vec![bind::default_spec()]
         } else {
             cli.bind
                 .iter()
@@ -264,17 +266,9 @@ impl Config {
             },
         };
 
-        let (workers, workers_reason) = match (&cli.workers, &env.web_concurrency) {
-            (Some(v), _) => parse_workers("workers", v)?,
-            (None, Some(v)) => {
-                let (n, why) = parse_workers("workers", v).map_err(|_| {
-                    Error::usage(format!(
-                        "invalid value '{v}' for WEB_CONCURRENCY: expected a positive whole number or 'auto'"
-                    ))
-                })?;
-                (n, format!("{why} (from WEB_CONCURRENCY)"))
-            }
-            (None, None) => (1, "default".to_string()),
+        let (workers, workers_reason) = match &cli.workers {
+            Some(v) => parse_workers("workers", v)?,
+            None => (1, "default".to_string()),
         };
 
         let ready = match cli.ready.as_deref() {
@@ -943,20 +937,6 @@ mod tests {
         assert_eq!(c.stop_signal, Signal::SIGTERM);
         assert_eq!(c.umask, 0o022);
         assert_eq!(c.ready, ReadyMode::Exec);
-    }
-
-    #[test]
-    fn environment_supplies_port_and_worker_count() {
-        let cli = Cli::try_parse_from(["procman", "--", "true"]).expect("parses");
-        let mut e = env();
-        e.port = Some("9999".into());
-        e.web_concurrency = Some("3".into());
-        let c = Config::from_cli(&cli, &e).expect("valid");
-        assert_eq!(c.workers, 3);
-        assert_eq!(c.binds, [BindSpec::parse("0.0.0.0:9999").expect("spec")]);
-        e.web_concurrency = Some("lots".into());
-        let err = Config::from_cli(&cli, &e).expect_err("bad WEB_CONCURRENCY");
-        assert!(err.to_string().contains("WEB_CONCURRENCY"), "{err}");
     }
 
     #[test]

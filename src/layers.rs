@@ -443,6 +443,42 @@ mod tests {
     }
 
     #[test]
+    fn web_concurrency_and_port_fill_workers_and_bind() {
+        let e = Environment {
+            web_concurrency: Some("3".into()),
+            port: Some("9999".into()),
+            ..Environment::default()
+        };
+        let argv: Vec<OsString> = ["procman", "--", "true"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let Parsed::Run(l) = load(argv.clone(), &e).expect("loads") else {
+            panic!("printed")
+        };
+        assert_eq!(l.cli.workers.as_deref(), Some("3"));
+        assert_eq!(l.cli.bind, ["0.0.0.0:9999"]);
+        assert_eq!(
+            l.sources["workers"],
+            Source::Environment("WEB_CONCURRENCY".into())
+        );
+        assert_eq!(l.sources["bind"], Source::Environment("PORT".into()));
+        let e = Environment {
+            web_concurrency: Some("lots".into()),
+            ..Environment::default()
+        };
+        let Parsed::Run(l) = load(argv, &e).expect("loads") else {
+            panic!("printed")
+        };
+        let err = crate::config::Config::from_cli(&l.cli, &e).expect_err("bad WEB_CONCURRENCY");
+        let msg = l.annotate(err).to_string();
+        assert!(
+            msg.contains("'lots' for '--workers'") && msg.ends_with("(from WEB_CONCURRENCY)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn a_missing_file_is_a_usage_error() {
         let err = load_args(&["-c", "/no/such/procman.toml"]).expect_err("missing");
         assert_eq!(err.exit_code(), 2);

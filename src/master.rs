@@ -45,7 +45,7 @@ use recycle::Random;
 
 /// Variables procman may have inherited from its own supervisor that must
 /// never reach a worker (they describe procman's sockets, not the worker's).
-pub const SCRUBBED: &[&str] = &[
+const SCRUBBED: &[&str] = &[
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
@@ -194,10 +194,16 @@ impl Master {
 
     /// Runs until every worker is gone after a stop. Returns the outcome.
     pub fn run(mut self) -> Result<()> {
+        // How the count was chosen matters for `auto` (affinity mask or
+        // cgroup quota); a number the operator gave needs no explanation.
+        let why = match self.cfg.workers_reason.as_str() {
+            "set" | "default" => String::new(),
+            reason => format!(" ({reason})"),
+        };
         info!(
-            "Starting {} worker{}: {}",
+            "Starting {} worker{}{why}: {}",
             self.target,
-            if self.target == 1 { "" } else { "s" },
+            plural(self.target),
             self.cfg.describe_workers()
         );
         // A stop requested during the pre-start commands is honoured before

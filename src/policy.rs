@@ -435,8 +435,7 @@ mod tests {
                 want: vec![stop(11, StopReason::Replaced)],
             },
             Case {
-                name:
-                    "a worker draining on its own gets a replacement and is let go once it is ready",
+                name: "a worker draining on its own gets a replacement in its slot",
                 rows: vec![draining_alone.clone(), worker(12, 1, 1, Ready, 100, now)],
                 goal: goal(2, 1),
                 want: vec![spawn(0)],

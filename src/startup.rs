@@ -78,11 +78,9 @@ fn check(cfg: &Config) -> Result<()> {
     json["mode"] = "check".into();
     let mut cmd = std::process::Command::new(&opts.python);
     cmd.arg("-c").arg(crate::classes::uvicorn::BOOTSTRAP);
-    cmd.env(crate::classes::uvicorn::CONFIG_VAR, json.to_string());
-    for k in master::SCRUBBED {
-        cmd.env_remove(k);
-    }
-    cmd.envs(cfg.env.iter().map(|(k, v)| (k, v)));
+    cmd.env_clear()
+        .envs(master::worker_base_env(cfg))
+        .env(crate::classes::uvicorn::CONFIG_VAR, json.to_string());
     if let Some(dir) = &cfg.chdir {
         cmd.current_dir(dir);
     }

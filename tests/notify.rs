@@ -13,28 +13,25 @@ use util::*;
 
 const BOOT: Duration = Duration::from_secs(20);
 
-/// `sh -c` that runs the test worker with `slot0` args in slot 0 (or in
-/// generation `gen` when given) and `others` elsewhere; exec keeps the pid.
-fn per_slot(slot0: &str, others: &str) -> Vec<String> {
+/// `sh -c` that runs the test worker with `when` args if the environment
+/// variable `var` is `value`, else with `otherwise`; exec keeps the pid.
+fn switch(var: &str, value: &str, when: &str, otherwise: &str) -> Vec<String> {
     let w = notify_worker().join(" ");
     vec![
         "sh".into(),
         "-c".into(),
-        format!(
-            "if [ \"$PROCMAN_WORKER_ID\" = 0 ]; then exec {w} {slot0}; else exec {w} {others}; fi"
-        ),
+        format!("if [ \"${var}\" = {value} ]; then exec {w} {when}; else exec {w} {otherwise}; fi"),
     ]
 }
 
+/// The test worker with `slot0` args in slot 0 and `others` elsewhere.
+fn per_slot(slot0: &str, others: &str) -> Vec<String> {
+    switch("PROCMAN_WORKER_ID", "0", slot0, others)
+}
+
+/// The test worker with `first` args in generation 1 and `later` after.
 fn per_generation(first: &str, later: &str) -> Vec<String> {
-    let w = notify_worker().join(" ");
-    vec![
-        "sh".into(),
-        "-c".into(),
-        format!(
-            "if [ \"$PROCMAN_GENERATION\" = 1 ]; then exec {w} {first}; else exec {w} {later}; fi"
-        ),
-    ]
+    switch("PROCMAN_GENERATION", "1", first, later)
 }
 
 fn notify_socket(h: &Harness) -> PathBuf {
@@ -365,4 +362,35 @@ fn a_worker_that_says_it_is_stopping_gets_a_replacement() {
     );
     let now = h.wait_workers(1, BOOT);
     assert!(!now.contains(&first));
+}
+
+#[test]
+fn extend_timeout_during_a_stop_pushes_the_kill_back() {
+    // On TERM the worker asks for 5 s more (from a child process, as a
+    // shell script would) and takes 2 s: past --graceful-timeout 1.
+    let sender = format!(
+        "{} {}",
+        python3().display(),
+        repo().join("tests/workers/send_notify.py").display()
+    );
+    let script = format!(
+        "trap '{sender} \"$NOTIFY_SOCKET\" EXTEND_TIMEOUT_USEC=5000000; sleep 2; exit 0' TERM; while :; do sleep 0.05; done"
+    );
+    let mut h = Start::new(
+        "extend-stop",
+        &["--graceful-timeout", "1", "--", "sh", "-c", &script],
+    )
+    .spawn();
+    h.check(h.wait_log("All 1 workers ready", BOOT), "ready");
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+    let log = h.log_text();
+    h.check(
+        log.contains("exited: exited cleanly"),
+        "the worker finished its stop",
+    );
+    h.check(
+        !log.contains("did not stop in time"),
+        "no SIGKILL at the original deadline",
+    );
 }

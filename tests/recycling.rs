@@ -177,7 +177,10 @@ fn workers_auto_follows_the_affinity_mask() {
         .spawn_with("taskset", &["-c", "0", PROCMAN]);
     h.wait_workers(1, BOOT);
     h.check(
-        h.wait_log("Starting 1 worker:", BOOT),
+        h.wait_log(
+            "Starting 1 worker (auto: 1 (CPUs in the affinity mask)):",
+            BOOT,
+        ),
         "one worker for one CPU",
     );
     // Nothing more shows up.

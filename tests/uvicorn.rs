@@ -729,3 +729,35 @@ fn a_relative_python_path_means_relative_to_where_procman_started() {
     .spawn();
     h.wait_workers(1, BOOT);
 }
+
+#[test]
+fn graceful_timeout_also_bounds_uvicorns_drain_so_it_exits_cleanly() {
+    // A request longer than --graceful-timeout: uvicorn cancels it itself
+    // and exits cleanly just before the master would SIGKILL it.
+    let mut h = uvicorn(
+        "uv-drain",
+        &fastapi_dir(),
+        "app:main",
+        &["-w", "1", "--graceful-timeout", "3"],
+    )
+    .spawn();
+    let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
+    let idle = idle_fd_count(pid);
+    let addr = h.addr();
+    let slow = std::thread::spawn(move || {
+        http_request(addr, "GET", "/slow?s=30", None, Duration::from_secs(40))
+    });
+    h.check(
+        wait_for(BOOT, || (open_fds(pid).len() > idle).then_some(())).is_some(),
+        "request in flight",
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+    let _ = slow.join();
+    let log = h.log_text();
+    h.check(
+        log.contains(&format!("Worker {pid} (slot 0) exited: exited cleanly")),
+        "uvicorn ended the drain itself",
+    );
+    h.check(!log.contains("did not stop in time"), "no SIGKILL needed");
+}

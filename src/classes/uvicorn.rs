@@ -25,6 +25,14 @@ pub fn launch(opts: &UvicornOptions, cfg: &Config) -> Launch {
     }
 }
 
+/// How long uvicorn itself lets requests finish on TERM: a little less than
+/// `--graceful-timeout`, so that it cancels what is left, closes the
+/// connections and runs the lifespan shutdown before the master's SIGKILL
+/// at the full timeout (up to 1 s of margin, at most half the timeout).
+pub fn uvicorn_drain(graceful: std::time::Duration) -> std::time::Duration {
+    graceful.saturating_sub((graceful / 2).min(std::time::Duration::from_secs(1)))
+}
+
 /// The JSON object the bootstrap reads.
 pub fn app_config(opts: &UvicornOptions, cfg: &Config) -> serde_json::Value {
     serde_json::json!({
@@ -44,11 +52,29 @@ pub fn app_config(opts: &UvicornOptions, cfg: &Config) -> serde_json::Value {
         "ssl_certfile": opts.certfile.as_ref().map(|p| p.display().to_string()),
         "access_log": opts.access_log,
         "log_level": cfg.log_level.uvicorn_name(),
-        "graceful_timeout": cfg.graceful_timeout.as_secs_f64(),
+        "graceful_timeout": uvicorn_drain(cfg.graceful_timeout).as_secs_f64(),
         "max_requests": opts.max_requests,
         "max_requests_jitter": opts.max_requests_jitter,
         // asyncio calls listen() again on the shared socket when it starts
         // serving, which would reset --backlog to its own default.
         "backlog": cfg.backlog,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn uvicorn_drains_a_little_less_than_the_master_waits() {
+        let table = [(30_000, 29_000), (3_000, 2_000), (1_000, 500), (0, 0)];
+        for (graceful, drain) in table {
+            assert_eq!(
+                uvicorn_drain(Duration::from_millis(graceful)),
+                Duration::from_millis(drain),
+                "{graceful} ms"
+            );
+        }
+    }
 }

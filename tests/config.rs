@@ -641,15 +641,11 @@ fn usr1_reopens_a_moved_log_file() {
     let start = Start::new("usr1", &[]);
     let log = start.dir().join("master.log");
     let rotated = start.dir().join("master.log.1");
+    let events = start.dir().join("worker-events");
     let mut h = start
-        .args([
-            "--log-file",
-            log.to_str().expect("utf8"),
-            "-w",
-            "1",
-            "--",
-            &hello(),
-        ])
+        .args(["--log-file", log.to_str().expect("utf8"), "-w", "1", "--"])
+        .args(notify_worker())
+        .args(["--log", events.to_str().expect("utf8")])
         .spawn();
     let ready = wait_for(BOOT, || {
         std::fs::read_to_string(&log)
@@ -657,6 +653,13 @@ fn usr1_reopens_a_moved_log_file() {
             .filter(|t| t.contains("All 1 workers ready"))
     });
     assert!(ready.is_some());
+    // The worker logs `start` once its signal handlers are in place.
+    let started = wait_for(BOOT, || {
+        std::fs::read_to_string(&events)
+            .ok()
+            .filter(|t| t.contains(" start"))
+    });
+    assert!(started.is_some(), "the worker started");
     std::fs::rename(&log, &rotated).expect("rotate");
     h.signal(Signal::SIGUSR1);
     let reopened = wait_for(BOOT, || {
@@ -665,6 +668,13 @@ fn usr1_reopens_a_moved_log_file() {
             .filter(|t| t.contains("Reopened the log"))
     });
     assert!(reopened.is_some(), "a new log file was written");
+    // USR1 is forwarded to the workers too (they reopen their own logs).
+    let forwarded = wait_for(BOOT, || {
+        std::fs::read_to_string(&events)
+            .ok()
+            .filter(|t| t.contains(" usr1"))
+    });
+    assert!(forwarded.is_some(), "the worker got USR1");
     h.signal(Signal::SIGTTIN);
     let more = wait_for(BOOT, || {
         std::fs::read_to_string(&log)

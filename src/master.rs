@@ -328,10 +328,30 @@ impl Master {
         self.report_status();
     }
 
+    /// USR1: reopen our log file. Only ready uvicorn workers get USR1 too:
+    /// their bootstrap handles it, but USR1's default action is to
+    /// terminate, which is what a command worker (or a uvicorn worker whose
+    /// interpreter has not installed its handler yet) would do with it.
     fn reopen_logs(&mut self) {
         crate::logging::reopen();
-        info!("Reopened the log; forwarding USR1 to workers");
-        let pids: Vec<Pid> = self.table.iter().map(|w| w.pid).collect();
+        let pids: Vec<Pid> = match self.cfg.kind {
+            WorkerKind::Uvicorn(_) => self
+                .table
+                .iter()
+                .filter(|w| w.state == WorkerState::Ready)
+                .map(|w| w.pid)
+                .collect(),
+            WorkerKind::Command { .. } => Vec::new(),
+        };
+        if pids.is_empty() {
+            info!("Reopened the log");
+        } else {
+            info!(
+                "Reopened the log; forwarding USR1 to {} ready worker{}",
+                pids.len(),
+                plural(pids.len())
+            );
+        }
         for pid in pids {
             signal_group(pid, Signal::SIGUSR1);
         }
@@ -424,7 +444,7 @@ impl Master {
             );
             return;
         };
-        let how = describe(&status);
+        let how = describe_exit(&status, w.stop.as_ref());
         let stopping_master = matches!(self.state, MasterState::Stopping { .. });
         match w.stop.map(|s| s.reason) {
             Some(reason) if reason.is_boot_failure() => {
@@ -461,8 +481,13 @@ impl Master {
                 self.on_boot_failure(&w, &how, code, now);
             }
             None => {
+                // A ready worker killed by a signal procman did not send (an
+                // operator's kill, the OOM killer) crashed: it is respawned
+                // with the slot's backoff, but it did boot, so it never
+                // counts toward the fatal boot-failure limit.
+                let killed_from_outside = matches!(status, WaitStatus::Signaled(..));
                 let failed = policy::is_failed_start(w.ready_for(now));
-                if failed && !self.ever_up {
+                if failed && !self.ever_up && !killed_from_outside {
                     self.on_boot_failure(&w, &how, exit_code(&status), now);
                 } else {
                     let b = self.note_death(&w, now);
@@ -591,9 +616,11 @@ impl Master {
                     self.abort_worker(pid, now);
                 }
                 Due::Kill(pid) => {
+                    let quick = matches!(self.state, MasterState::Stopping { quick: true, .. });
                     if let Some(w) = self.table.get_mut(pid) {
                         if let Some(stop) = &mut w.stop {
                             stop.kill_at = None;
+                            stop.killed = Some(kill_cause(stop.reason, quick));
                         }
                         warn!(
                             worker = pid.as_raw(),
@@ -1009,7 +1036,12 @@ impl Master {
             _ => {}
         }
         w.state = WorkerState::Stopping;
-        w.stop = Some(Stop { reason, kill_at });
+        let killed = kill_at.is_none().then(|| kill_cause(reason, false));
+        w.stop = Some(Stop {
+            reason,
+            kill_at,
+            killed,
+        });
         signal_group(pid, signal);
     }
 
@@ -1039,6 +1071,7 @@ impl Master {
         w.stop = Some(Stop {
             reason: StopReason::HeartbeatTimeout,
             kill_at: Some(now + policy::ABORT_GRACE),
+            killed: None,
         });
         signal_group(pid, Signal::SIGABRT);
     }
@@ -1202,6 +1235,25 @@ fn signal_group(pid: Pid, sig: Signal) {
     }
 }
 
+/// What procman says when it SIGKILLs a worker itself, by why it stopped it.
+fn kill_cause(reason: StopReason, quick: bool) -> &'static str {
+    match reason {
+        StopReason::StartupTimeout => "killed by procman after the startup timeout",
+        StopReason::HeartbeatTimeout => "killed by procman after a heartbeat timeout",
+        _ if quick => "killed by procman after the quick-stop grace",
+        _ => "killed by procman after the graceful timeout",
+    }
+}
+
+/// Like [`describe`], but a SIGKILL procman sent itself says why instead of
+/// suspecting the OOM killer.
+fn describe_exit(status: &WaitStatus, stop: Option<&Stop>) -> String {
+    match (status, stop.and_then(|s| s.killed)) {
+        (WaitStatus::Signaled(_, Signal::SIGKILL, _), Some(cause)) => cause.to_string(),
+        _ => describe(status),
+    }
+}
+
 fn exit_code(status: &WaitStatus) -> Option<i32> {
     match status {
         WaitStatus::Exited(_, code) => Some(*code),
@@ -1263,5 +1315,64 @@ mod tests {
             describe(&WaitStatus::Signaled(pid, Signal::SIGKILL, false)),
             "killed by SIGKILL (perhaps out of memory?)"
         );
+    }
+
+    #[test]
+    fn a_sigkill_procman_sent_names_procman_not_the_oom_killer() {
+        let pid = Pid::from_raw(7);
+        let killed = WaitStatus::Signaled(pid, Signal::SIGKILL, false);
+        let stop = |reason, killed| Stop {
+            reason,
+            kill_at: None,
+            killed,
+        };
+        let table = [
+            (
+                stop(
+                    StopReason::Shutdown,
+                    Some(kill_cause(StopReason::Shutdown, false)),
+                ),
+                "killed by procman after the graceful timeout",
+            ),
+            (
+                stop(
+                    StopReason::Replaced,
+                    Some(kill_cause(StopReason::Replaced, true)),
+                ),
+                "killed by procman after the quick-stop grace",
+            ),
+            (
+                stop(
+                    StopReason::HeartbeatTimeout,
+                    Some(kill_cause(StopReason::HeartbeatTimeout, false)),
+                ),
+                "killed by procman after a heartbeat timeout",
+            ),
+            (
+                stop(
+                    StopReason::StartupTimeout,
+                    Some(kill_cause(StopReason::StartupTimeout, false)),
+                ),
+                "killed by procman after the startup timeout",
+            ),
+            // Asked to stop, but the SIGKILL came from elsewhere.
+            (
+                stop(StopReason::Shutdown, None),
+                "killed by SIGKILL (perhaps out of memory?)",
+            ),
+        ];
+        for (s, want) in table {
+            assert_eq!(describe_exit(&killed, Some(&s)), want);
+        }
+        assert_eq!(
+            describe_exit(&killed, None),
+            "killed by SIGKILL (perhaps out of memory?)"
+        );
+        let term = WaitStatus::Signaled(pid, Signal::SIGTERM, false);
+        let s = stop(
+            StopReason::Shutdown,
+            Some(kill_cause(StopReason::Shutdown, false)),
+        );
+        assert_eq!(describe_exit(&term, Some(&s)), "killed by SIGTERM");
     }
 }

@@ -341,6 +341,7 @@ mod tests {
         stopping.stop = Some(Stop {
             reason: StopReason::Excess,
             kill_at: None,
+            killed: None,
         });
         let cases = vec![
             Case {
@@ -488,11 +489,13 @@ mod tests {
         draining.stop = Some(Stop {
             reason: StopReason::Shutdown,
             kill_at: Some(now),
+            killed: None,
         });
         let mut killed = worker(6, 5, 1, Stopping, 1000, now);
         killed.stop = Some(Stop {
             reason: StopReason::Shutdown,
             kill_at: None,
+            killed: None,
         });
         let t = table(vec![
             late_start, silent, beating, never_beat, draining, killed,

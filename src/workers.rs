@@ -51,6 +51,9 @@ pub struct Stop {
     pub reason: StopReason,
     /// When SIGKILL is due; `None` once it has been sent.
     pub kill_at: Option<Instant>,
+    /// Why procman sent SIGKILL, once it has ("after the graceful
+    /// timeout"): the exit message then names procman, not the OOM killer.
+    pub killed: Option<&'static str>,
 }
 
 /// One worker process.

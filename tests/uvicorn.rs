@@ -222,6 +222,67 @@ fn missing_uvicorn_exits_3_with_a_hint() {
 }
 
 #[test]
+fn usr1_reaches_uvicorn_workers_only_once_they_are_ready() {
+    // The interpreter is a wrapper that holds the worker in its start-up
+    // (USR1's default action, terminate, still in force) until told to go.
+    let dir = temp_dir("usr1-starting");
+    let go = dir.join("go");
+    let started = dir.join("started");
+    let python = dir.join("slow-python");
+    std::fs::write(
+        &python,
+        format!(
+            "#!/bin/sh\ntouch {started}\nwhile [ ! -e {go} ]; do sleep 0.02; done\nexec {real} \"$@\"\n",
+            started = started.display(),
+            go = go.display(),
+            real = venv_python().display()
+        ),
+    )
+    .expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut h = Start::new(
+        "usr1-starting",
+        &[
+            "app:main",
+            "-w",
+            "1",
+            "--python",
+            python.to_str().expect("utf8"),
+        ],
+    )
+    .args(["--chdir", fastapi_dir().to_str().expect("utf8")])
+    .spawn();
+    h.check(
+        wait_for(BOOT, || started.exists().then_some(())).is_some(),
+        "the worker started",
+    );
+    h.signal(Signal::SIGUSR1);
+    h.check(h.wait_log("Reopened the log", BOOT), "USR1 handled");
+    std::fs::write(&go, "").expect("go");
+    let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
+    h.check(
+        h.count_log("Booting worker") == 1,
+        "the first worker serves",
+    );
+    h.check(!h.log_text().contains("failed to boot"), "no failed boot");
+    // Ready, it has the bootstrap's handler: USR1 reaches it and is harmless.
+    h.signal(Signal::SIGUSR1);
+    h.check(
+        wait_for(BOOT, || {
+            (h.count_log("Reopened the log") == 2).then_some(())
+        })
+        .is_some(),
+        "second USR1 handled",
+    );
+    let reply = http_get(h.addr(), "/pid").expect("GET /pid");
+    assert_eq!(pid_of(&reply), pid);
+    h.check(!h.log_text().contains("exited"), "no worker exited");
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
 fn lifespan_startup_failure_exits_3() {
     let mut h = uvicorn("lifespan", &apps_dir(), "lifespan_fail:main", &["-w", "1"]).spawn();
     assert_eq!(h.exit_code(BOOT), 3, "{}", h.log_text());

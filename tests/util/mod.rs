@@ -42,6 +42,39 @@ pub fn venv_python() -> PathBuf {
     p
 }
 
+/// A Python with fastapi + uvicorn that `nobody` can execute (for tests
+/// with `-u nobody`): `.venv-system`, made by scripts/test from Debian's
+/// /usr/bin/python3, since `.venv`'s interpreter lives under /root (0700).
+/// Fails with a how-to when it is missing or `nobody` cannot reach it.
+pub fn system_venv_python() -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let venv = repo().join(".venv-system");
+    let p = venv.join("bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/test (it creates it with /usr/bin/python3 -m venv and examples/fastapi/requirements.txt)",
+        venv.display()
+    );
+    for dir in venv.ancestors() {
+        let mode = std::fs::metadata(dir).expect("stat").permissions().mode();
+        assert!(
+            mode & 0o005 == 0o005,
+            "nobody cannot traverse {} (mode {:o}): tests with -u nobody need every directory above {} to be world-readable and searchable (chmod 755)",
+            dir.display(),
+            mode & 0o7777,
+            venv.display()
+        );
+    }
+    let real = std::fs::canonicalize(&p).expect("resolve the venv's python");
+    let mode = std::fs::metadata(&real).expect("stat").permissions().mode();
+    assert!(
+        mode & 0o001 != 0,
+        "{} is not executable by nobody",
+        real.display()
+    );
+    p
+}
+
 /// A plain python3 for stdlib-only test workers.
 pub fn python3() -> PathBuf {
     let venv = repo().join(".venv/bin/python");

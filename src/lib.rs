@@ -23,6 +23,7 @@ pub mod startup;
 // The edges of the master: sockets, signals, notifications, fork/exec.
 pub mod bind;
 pub mod notify;
+pub mod pid;
 pub mod procfs;
 pub mod signals;
 pub mod spawn;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tracing::{debug, error, info, warn};
@@ -29,6 +29,7 @@ use crate::classes::{self, Launch};
 use crate::config::{Config, WorkerKind};
 use crate::error::{Error, Result};
 use crate::notify::{Datagram, Message, Receiver, SystemdNotifier};
+use crate::pid::ChildPid;
 use crate::policy::{self, Backoff, Decision, Due, Goal};
 use crate::procfs;
 use crate::signals::{self, MasterSignal, Signals};
@@ -1228,10 +1229,13 @@ fn reap_one() -> Option<(Pid, WaitStatus)> {
 }
 
 /// Signals a worker's whole process group (its helpers included); falls
-/// back to the pid if the group is already gone.
+/// back to the pid if the group is already gone. Every signal the master
+/// sends to a child goes through [`ChildPid`], which cannot hold 0 (our own
+/// group), -1 (every process) or 1 (init); such a value would be a bug.
 fn signal_group(pid: Pid, sig: Signal) {
-    if killpg(pid, sig).is_err() {
-        let _ = kill(pid, sig);
+    match ChildPid::new(pid.as_raw()) {
+        Some(child) => child.signal_group(sig),
+        None => error!("refusing to send {sig} to pid {pid}: not a single process"),
     }
 }
 

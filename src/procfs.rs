@@ -1,6 +1,7 @@
 //! Reading `/proc`: process parents and groups (to attribute notifications
-//! from a worker's helpers) and memory per process group (for
-//! `--max-worker-memory`).
+//! from a worker's helpers), memory per process group (for
+//! `--max-worker-memory`), and a process's owner and start time (to verify a
+//! pid the zygote reports before the master ever signals it).
 //!
 //! Everything here tolerates processes vanishing mid-read: a missing or
 //! half-parsed file means "not there".
@@ -16,6 +17,8 @@ pub struct Stat {
     pub pgrp: i32,
     /// Resident set size in pages.
     pub rss_pages: u64,
+    /// When it was created, in clock ticks since boot (field 22).
+    pub start_ticks: u64,
 }
 
 /// Parses the content of `/proc/PID/stat`.
@@ -28,7 +31,45 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
         ppid: fields.get(1)?.parse().ok()?,
         pgrp: fields.get(2)?.parse().ok()?,
         rss_pages: fields.get(21)?.parse().ok()?,
+        start_ticks: fields.get(19)?.parse().ok()?,
     })
+}
+
+/// The real, effective, saved and filesystem uids from the `Uid:` line of
+/// `/proc/PID/status`.
+pub fn parse_uids(status: &str) -> Option<[u32; 4]> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let mut ids = line.split_whitespace().map(|v| v.parse::<u32>().ok());
+    let mut out = [0u32; 4];
+    for slot in out.iter_mut() {
+        *slot = ids.next()??;
+    }
+    Some(out)
+}
+
+/// The uids of one process (see [`parse_uids`]).
+pub fn uids(pid: i32) -> Option<[u32; 4]> {
+    parse_uids(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// Now, in the unit of [`Stat::start_ticks`]: the kernel reports a start
+/// time as CLOCK_BOOTTIME at fork, truncated to clock ticks, so a process
+/// created at or after this instant has `start_ticks >= boot_ticks_now()`.
+pub fn boot_ticks_now() -> u64 {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&h| h > 0)
+        .unwrap_or(100) as u64;
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
+        Ok(t) => {
+            let ns = t.tv_sec() as u128 * 1_000_000_000 + t.tv_nsec() as u128;
+            (ns * hz as u128 / 1_000_000_000) as u64
+        }
+        // Cannot happen on Linux; 0 makes the start-time check accept any
+        // process, and the other checks still apply.
+        Err(_) => 0,
+    }
 }
 
 /// `/proc/PID/stat` of one process.
@@ -74,10 +115,32 @@ mod tests {
             Some(Stat {
                 ppid: 1,
                 pgrp: 4242,
-                rss_pages: 250
+                rss_pages: 250,
+                start_ticks: 123,
             })
         );
         assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn uid_lines_parse() {
+        let status = "Name:\tsleep\nUid:\t65534\t65534\t0\t65534\nGid:\t1\t1\t1\t1\n";
+        assert_eq!(parse_uids(status), Some([65534, 65534, 0, 65534]));
+        assert_eq!(parse_uids("Uid:\t1\t2\n"), None);
+        assert_eq!(parse_uids("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn a_new_process_starts_at_or_after_now() {
+        let before = boot_ticks_now();
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let st = stat(child.id() as i32).expect("stat of an unreaped child");
+        let _ = child.wait();
+        assert!(st.start_ticks >= before, "{} < {before}", st.start_ticks);
+        let me = stat(std::process::id() as i32).expect("own stat");
+        assert!(me.start_ticks <= boot_ticks_now());
     }
 
     #[test]

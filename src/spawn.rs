@@ -307,16 +307,6 @@ impl ChildSetup<'_> {
             if libc::setpgid(0, 0) != 0 {
                 self.fail(Stage::ProcessGroup);
             }
-
-            // Die with the master. If it already died before prctl took
-            // effect, we were re-parented and must not go on.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                self.fail(Stage::ParentDeath);
-            }
-            if libc::getppid() != self.master {
-                libc::_exit(1);
-            }
-
             // Listeners to 3..3+n. First raise every source (and the error
             // pipe) above the target range so no dup2 clobbers a source;
             // dup2 then clears FD_CLOEXEC on the copies; finally close
@@ -359,6 +349,19 @@ impl ChildSetup<'_> {
                 {
                     err_reporter.fail(Stage::Credentials);
                 }
+            }
+
+            // Die with the master. Only now: the kernel clears the
+            // parent-death signal whenever the credentials change
+            // (commit_creds), so set before setuid it would be gone, and a
+            // SIGKILLed master would leave `--user` workers holding the
+            // port. If the master died before prctl took effect, we were
+            // re-parented and must not go on.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                err_reporter.fail(Stage::ParentDeath);
+            }
+            if libc::getppid() != self.master {
+                libc::_exit(1);
             }
 
             let pid = libc::getpid();

@@ -69,39 +69,68 @@ pub fn load_config(args: &[OsString]) -> Result<Option<(Config, Layered)>> {
 }
 
 /// --check-config: everything is valid; for an APP, import it once with the
-/// chosen Python (its own error, if any, is printed on stderr).
+/// chosen Python (its own error, if any, is printed on stderr). The import
+/// runs the app's code, so it runs exactly like a worker's: forked with the
+/// workers' user, groups, directory and umask, never as root when `--user`
+/// is set.
 fn check(cfg: &Config) -> Result<()> {
     let Some(opts) = cfg.uvicorn() else {
         return Ok(());
     };
     let mut json = crate::classes::uvicorn::app_config(opts, cfg);
     json["mode"] = "check".into();
-    let mut cmd = std::process::Command::new(&opts.python);
-    cmd.arg("-c").arg(crate::classes::uvicorn::BOOTSTRAP);
-    cmd.env_clear()
-        .envs(master::worker_base_env(cfg))
-        .env(crate::classes::uvicorn::CONFIG_VAR, json.to_string());
-    if let Some(dir) = &cfg.chdir {
-        cmd.current_dir(dir);
+    let mut env = master::worker_base_env(cfg);
+    env.retain(|(k, _)| k != crate::classes::uvicorn::CONFIG_VAR);
+    env.push((
+        crate::classes::uvicorn::CONFIG_VAR.to_string(),
+        json.to_string(),
+    ));
+    let argv = [
+        opts.python.display().to_string(),
+        "-c".to_string(),
+        crate::classes::uvicorn::BOOTSTRAP.to_string(),
+    ];
+    let cannot =
+        |why: String| Error::runtime(format!("cannot run {}: {why}", opts.python.display()));
+    let plan = Plan::new(
+        &opts.python,
+        &argv,
+        &env,
+        &[],
+        &[],
+        cfg.credentials.as_ref(),
+        cfg.chdir.as_deref(),
+        cfg.umask,
+        &signals::changed_dispositions(),
+    )
+    .map_err(|e| cannot(format!("'{}' contains a NUL byte", e.0)))?;
+    let child = plan.spawn().map_err(|e| cannot(e.desc().to_string()))?;
+    if let Some((stage, errno)) = child.exec_error {
+        let _ = waitpid(child.pid, None);
+        return Err(cannot(format!(
+            "cannot {}: {}",
+            stage.describe(),
+            errno.desc()
+        )));
     }
-    let status = cmd.status().map_err(|e| {
-        Error::runtime(format!(
-            "cannot run {}: {}",
-            opts.python.display(),
-            crate::error::os_reason(&e)
-        ))
-    })?;
-    match status.code() {
-        Some(0) => Ok(()),
-        Some(4) => Err(Error::AppImport(format!(
+    let status = loop {
+        match waitpid(child.pid, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    match status {
+        Ok(WaitStatus::Exited(_, 0)) => Ok(()),
+        Ok(WaitStatus::Exited(_, 4)) => Err(Error::AppImport(format!(
             "Failed to load application '{}' (the Python error is above)",
             opts.app
         ))),
-        other => Err(Error::BootFailed(format!(
-            "checking '{}' failed (status {}; see above)",
+        Ok(other) => Err(Error::BootFailed(format!(
+            "checking '{}' failed ({}; see above)",
             opts.app,
-            other.map_or("?".to_string(), |c| c.to_string())
+            master::describe(&other)
         ))),
+        Err(e) => Err(cannot(e.desc().to_string())),
     }
 }
 

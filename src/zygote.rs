@@ -12,6 +12,11 @@
 //! (a child subreaper, or PID 1) and supervised exactly like a cold-started
 //! one; the worker's pid is reported before the worker proceeds, so the
 //! master always knows a pid before it can send anything or exit.
+//!
+//! The zygote runs the app's import-time code, so what it reports is not
+//! trusted: a reported pid becomes a [`ChildPid`] only once
+//! [`crate::pid::verify_reported`] found it to be a fresh child of the
+//! master owned by the workers' user.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -20,6 +25,9 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use nix::unistd::Pid;
+
+use crate::pid::{self, ChildPid};
+use crate::procfs;
 
 /// How long the master waits for the zygote to report a forked worker.
 const SPAWN_REPLY: Duration = Duration::from_secs(2);
@@ -33,8 +41,8 @@ pub enum FromZygote {
     Spawned {
         /// Its slot.
         slot: usize,
-        /// Its pid.
-        pid: i32,
+        /// Its pid, as reported (unverified, maybe out of range).
+        pid: i64,
     },
     /// Something the operator should know (threads at import time, …).
     Warning(String),
@@ -53,7 +61,7 @@ pub fn parse(bytes: &[u8]) -> Option<FromZygote> {
     if let Some(s) = v.get("spawned") {
         return Some(FromZygote::Spawned {
             slot: s.get("slot")?.as_u64()? as usize,
-            pid: s.get("pid")?.as_i64()? as i32,
+            pid: s.get("pid")?.as_i64()?,
         });
     }
     if let Some(w) = v.get("warning").and_then(|w| w.as_str()) {
@@ -86,6 +94,9 @@ pub struct Zygote {
     pub state: ZygoteState,
     /// When it was started.
     pub started_at: Instant,
+    /// The same, in [`procfs::boot_ticks_now`] units: a worker it reports
+    /// cannot be older.
+    pub started_ticks: u64,
     /// The error it reported before exiting (X_PROCMAN_ERROR).
     pub reported_error: Option<String>,
     /// Its end of the channel closed (it is exiting): no more polling, or
@@ -112,6 +123,7 @@ impl Zygote {
             generation,
             state: ZygoteState::Starting,
             started_at: now,
+            started_ticks: procfs::boot_ticks_now(),
             reported_error: None,
             closed: false,
             channel,
@@ -141,14 +153,22 @@ impl Zygote {
         out
     }
 
-    /// Asks for a worker and waits (bounded) for its pid. Other messages
-    /// that arrive meanwhile are returned for the caller to handle.
+    /// Asks for a worker and waits (bounded) for its pid, which must be a
+    /// process with the workers' `uids` that the master can vouch for (see
+    /// [`pid::verify_reported`]). Other messages that arrive meanwhile are
+    /// returned for the caller to handle.
     pub fn spawn(
         &self,
         slot: usize,
         generation: u64,
         env: &[(String, String)],
-    ) -> (Result<Pid, String>, Vec<FromZygote>) {
+        uids: [u32; 4],
+    ) -> (Result<ChildPid, String>, Vec<FromZygote>) {
+        let expected = pid::Expected {
+            parent: nix::unistd::getpid().as_raw(),
+            uids,
+            not_before: procfs::boot_ticks_now(),
+        };
         let env: serde_json::Map<String, serde_json::Value> = env
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
@@ -185,7 +205,9 @@ impl Zygote {
             for m in self.drain() {
                 match m {
                     FromZygote::Spawned { slot: s, pid } if s == slot => {
-                        return (Ok(Pid::from_raw(pid)), others)
+                        let verified = pid::verify_reported(pid, &expected)
+                            .map_err(|e| format!("it reported a worker it did not fork: {e}"));
+                        return (verified, others);
                     }
                     FromZygote::Error(e) => return (Err(e), others),
                     FromZygote::Closed => {
@@ -218,6 +240,13 @@ mod tests {
             (
                 r#"{"error": "boom"}"#,
                 Some(FromZygote::Error("boom".into())),
+            ),
+            (
+                r#"{"spawned": {"slot": 0, "pid": 4294967295}}"#,
+                Some(FromZygote::Spawned {
+                    slot: 0,
+                    pid: 4294967295,
+                }),
             ),
             (r#"{"spawned": {"slot": "x"}}"#, None),
             ("not json", None),

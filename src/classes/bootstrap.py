@@ -43,9 +43,11 @@ on request:
   order: {"spawned": {"slot": S, "pid": W}} or {"error": "..."}. EOF on the
   control socket or TERM/INT/QUIT ends the zygote with status 0; the workers
   it forked live on.
-* A spawn double-forks: the intermediate child reports the worker's pid and
-  exits, so the worker is re-parented to the master (a child subreaper),
-  which therefore knows the pid before the worker does anything. The worker
+* A spawn double-forks: the intermediate child hands the worker's pid to the
+  zygote and exits, so the worker is re-parented to the master (a child
+  subreaper); only then does the zygote report the pid, so the master knows
+  it before the worker does anything, and finds the worker already its child
+  (it verifies that, and refuses any other pid). The worker
   waits until its parent is the master, then sets PR_SET_PDEATHSIG, restores
   a cold worker's signal state, takes its identity from "env" and calls the
   same serve() as a cold worker. It never returns into the zygote's code.
@@ -602,30 +604,51 @@ class Zygote:
 
     def spawn(self, slot, env):
         flush_stdio()  # or buffered output would be written again by the children
-        # Blocked across the fork and for the whole life of the intermediate
-        # (the worker unblocks them): a stop signal to our process group can
-        # then never kill an intermediate between forking and reporting.
+        # Blocked across the fork, for the whole life of the intermediate
+        # (the worker unblocks them) and until the worker is reported: a stop
+        # signal to our process group can then never kill an intermediate
+        # between forking and reporting, nor us between its exit and our
+        # report (a pending stop signal ends us once the reply is sent).
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.spawn_blocked(slot, env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def spawn_blocked(self, slot, env):
+        read_end, write_end = os.pipe()  # intermediate -> us: the worker's pid
         try:
             pid = os.fork()
         except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            os.close(read_end)
+            os.close(write_end)
             self.control.send({"error": f"cannot fork: {exc} (slot {slot})"})
             return
         if pid == 0:
-            self.intermediate(slot, env)  # never returns
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending stop signal ends us here
+            os.close(read_end)
+            self.intermediate(slot, env, write_end)  # never returns
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            reported = pipe.read()  # EOF when the intermediate exits
         try:
             _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
         except ChildProcessError:
-            return  # the app set SIGCHLD to SIG_IGN: no status, the intermediate did report
-        code = os.waitstatus_to_exitcode(status)
-        if code not in (0, 1):  # 0: "spawned" sent, 1: "error" sent
+            code = 0  # the app set SIGCHLD to SIG_IGN: no status; the pipe tells
+        worker = int(reported) if reported.isdigit() else None
+        if code == 0 and worker is not None:
+            # The intermediate has exited, so the worker was re-parented to
+            # the master before this reply: the master checks that its
+            # parent is the master when the reply arrives.
+            if not self.control.send({"spawned": {"slot": slot, "pid": worker}}):
+                with contextlib.suppress(OSError):  # nobody knows this worker: it must not serve
+                    os.kill(worker, signal.SIGKILL)
+        elif code != 1:  # 1: the intermediate sent "error" itself
             self.control.send({"error": f"cannot spawn slot {slot}: the intermediate process "
                                         f"ended with status {code} before reporting"})
 
-    def intermediate(self, slot, env):
-        """Forks the worker, reports its pid and exits. Runs with stop signals blocked."""
+    def intermediate(self, slot, env, report_fd):
+        """Forks the worker, writes its pid to report_fd and exits. Runs with stop signals blocked."""
         code = 2
         me = os.getpid()  # before the fork: the worker's getppid() may already be the master
         try:
@@ -636,17 +659,21 @@ class Zygote:
                     code = 1
                 return
             if pid == 0:
+                os.close(report_fd)
                 self.worker(env, me)  # never returns
             # Its own process group before anyone knows the pid (the worker
             # does the same: whichever runs first wins, the other is a no-op).
             with contextlib.suppress(OSError):
                 os.setpgid(pid, pid)
-            if self.control.send({"spawned": {"slot": slot, "pid": pid}}):
+            data = str(pid).encode()
+            if os.write(report_fd, data) == len(data):  # a pipe write this small is atomic
                 code = 0
             else:  # nobody knows this worker: it must not serve
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
                     os.waitpid(pid, 0)
+        except OSError:
+            pass  # code 2: the zygote reports the failure
         finally:
             os._exit(code)
 

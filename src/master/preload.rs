@@ -122,14 +122,17 @@ impl Master {
     }
 
     pub(super) fn on_zygote_message(&mut self, pid: Pid, message: FromZygote, now: Instant) {
+        let uids = self.workers_uids();
         let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == pid) else {
             return;
         };
         match message {
             FromZygote::Ready => {
                 if z.state == ZygoteState::Starting {
+                    // The backoff is reset by a worker it forked, not here:
+                    // a zygote that imports fine but reports nonsense must
+                    // still be backed off and given up on.
                     z.state = ZygoteState::Ready;
-                    self.zygote_backoff = Backoff::default();
                     info!(
                         "Zygote {pid} ready in {:.3}s (generation {})",
                         now.saturating_duration_since(z.started_at).as_secs_f64(),
@@ -140,10 +143,33 @@ impl Master {
             FromZygote::Warning(w) => warn!("Zygote {pid}: {w}"),
             FromZygote::Error(e) => warn!("Zygote {pid} reported an error: {e}"),
             // A reply that came after the master gave up on the request:
-            // that worker is not supervised, so it must not serve.
+            // that worker is not supervised, so it must not serve. Killed
+            // only if it is a process the zygote forked since it started;
+            // a zygote that reports anything else is broken.
             FromZygote::Spawned { slot, pid: worker } => {
-                warn!("Zygote {pid} reported worker {worker} (slot {slot}) too late; killing it");
-                signal_group(Pid::from_raw(worker), Signal::SIGKILL);
+                let expected = crate::pid::Expected {
+                    parent: std::process::id() as i32,
+                    uids,
+                    not_before: z.started_ticks,
+                };
+                match crate::pid::verify_reported(worker, &expected) {
+                    Ok(w) => {
+                        warn!(
+                            "Zygote {pid} reported worker {w} (slot {slot}) too late; killing it"
+                        );
+                        w.signal_group(Signal::SIGKILL);
+                    }
+                    Err(e) => {
+                        error!(
+                            "Zygote {pid} reported a worker it did not fork: {e}; signalling nothing, restarting the zygote"
+                        );
+                        if z.state != ZygoteState::Stopping {
+                            z.state = ZygoteState::Stopping;
+                            signal_group(pid, Signal::SIGKILL);
+                            self.zygote_failed(now);
+                        }
+                    }
+                }
             }
             // Its exit status (reaped soon) says what happened.
             FromZygote::Closed => {
@@ -169,21 +195,24 @@ impl Master {
             ("PROCMAN_WORKER_ID".to_string(), slot.to_string()),
             ("PROCMAN_GENERATION".to_string(), current.to_string()),
         ];
-        let (result, others) = z.spawn(slot, current, &env);
+        let (result, others) = z.spawn(slot, current, &env, self.workers_uids());
         for m in others {
             self.on_zygote_message(zpid, m, now);
         }
         match result {
             Ok(pid) => {
+                self.zygote_backoff = Backoff::default();
                 info!(
                     worker = pid.as_raw(),
                     slot,
                     generation = current,
                     "Booting worker {slot} with pid {pid} (generation {current}, forked from zygote {zpid})"
                 );
-                let w = Worker::new(pid, slot, current, now, self.cfg.startup_timeout);
+                let w = Worker::new(pid.pid(), slot, current, now, self.cfg.startup_timeout);
                 self.table.insert(w);
             }
+            // Nothing reported is signalled: only the zygote (our own
+            // child) is killed, and restarted with backoff.
             Err(e) => {
                 error!("Zygote {zpid} could not fork a worker for slot {slot}: {e}; restarting it");
                 if let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == zpid) {
@@ -239,6 +268,11 @@ impl Master {
                 self.zygote_failed(now);
             }
         }
+    }
+
+    /// The uids a worker forked by the zygote must have.
+    fn workers_uids(&self) -> [u32; 4] {
+        crate::pid::workers_uids(self.cfg.credentials.as_ref().map(|c| c.uid))
     }
 
     /// Backs off zygote restarts; after 3 failures in a row, workers start

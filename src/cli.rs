@@ -101,7 +101,7 @@ pub struct Cli {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_class: Option<String>,
 
-    /// Command workers are ready when exec succeeded (exec) or when they send READY=1 (notify). [default: exec]
+    /// Command workers are ready once exec succeeded and they stayed alive for --ready-after (exec), or when they send READY=1 (notify). [default: exec]
     #[arg(
         long,
         value_name = "exec|notify",
@@ -110,6 +110,16 @@ pub struct Cli {
     )]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ready: Option<String>,
+
+    /// With --ready exec: how long a command worker must stay alive after exec to count as ready (dying sooner is a failed boot); 0 = ready at exec. [default: 1s]
+    #[arg(
+        long,
+        value_name = "DUR",
+        env = "PROCMAN_READY_AFTER",
+        help_heading = "Workers"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready_after: Option<String>,
 
     /// Signal that asks a command worker to stop gracefully. [default: TERM]
     #[arg(

@@ -84,7 +84,8 @@ pub struct UvicornOptions {
 /// When a command worker counts as ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadyMode {
-    /// As soon as exec succeeded.
+    /// When exec succeeded and the process stayed alive for
+    /// `--ready-after`.
     Exec,
     /// When it sends READY=1 on NOTIFY_SOCKET.
     Notify,
@@ -158,6 +159,9 @@ pub struct Config {
     pub workers_reason: String,
     /// Readiness of command workers (uvicorn workers always notify).
     pub ready: ReadyMode,
+    /// `--ready exec`: how long a worker must stay alive after exec to be
+    /// ready (zero: ready at exec).
+    pub ready_after: Duration,
     /// Graceful stop signal for workers.
     pub stop_signal: Signal,
     /// Heartbeat timeout; `None` = off.
@@ -316,6 +320,25 @@ impl Config {
                 d
             }
         };
+        let ready_after = match &cli.ready_after {
+            None => Duration::from_secs(1),
+            Some(v) => {
+                let d = parse_duration(v).map_err(|why| invalid("ready-after", v, why))?;
+                if uvicorn || ready == ReadyMode::Notify {
+                    return Err(Error::usage(format!(
+                        "'--ready-after {v}' applies to command workers with '--ready exec'; workers that send READY=1 say themselves when they are ready"
+                    )));
+                }
+                if d >= startup_timeout {
+                    return Err(invalid(
+                        "ready-after",
+                        v,
+                        "must be shorter than --startup-timeout",
+                    ));
+                }
+                d
+            }
+        };
         let graceful_timeout = match &cli.graceful_timeout {
             None => Duration::from_secs(30),
             Some(v) => parse_duration(v).map_err(|why| invalid("graceful-timeout", v, why))?,
@@ -444,6 +467,7 @@ impl Config {
             workers,
             workers_reason,
             ready,
+            ready_after,
             stop_signal,
             timeout,
             startup_timeout,
@@ -937,6 +961,9 @@ mod tests {
         assert_eq!(c.stop_signal, Signal::SIGTERM);
         assert_eq!(c.umask, 0o022);
         assert_eq!(c.ready, ReadyMode::Exec);
+        assert_eq!(c.ready_after, Duration::from_secs(1));
+        let c = config(&["--ready-after", "250ms", "--", "true"]).expect("valid");
+        assert_eq!(c.ready_after, Duration::from_millis(250));
     }
 
     #[test]
@@ -957,6 +984,22 @@ mod tests {
                 "'/no/such/dir' for '--chdir'",
             ),
             (&["--ready", "soon", "--", "true"], "'soon' for '--ready'"),
+            (
+                &["--ready-after", "soon", "--", "true"],
+                "'soon' for '--ready-after'",
+            ),
+            (
+                &["--ready-after", "2", "--startup-timeout", "2", "--", "true"],
+                "shorter than --startup-timeout",
+            ),
+            (
+                &["--ready", "notify", "--ready-after", "2", "--", "true"],
+                "'--ready-after 2' applies to command workers with '--ready exec'",
+            ),
+            (
+                &["--ready-after", "2", "app:main"],
+                "'--ready-after 2' applies to command workers",
+            ),
             (&["--backlog", "-1", "--", "true"], "'--backlog'"),
             (&["appmain"], "invalid APP 'appmain'"),
             (&["app:main", "--", "true"], "both an APP"),

@@ -275,6 +275,7 @@ fn default_of(key: &str) -> Option<&'static str> {
         "bind" => "[\"127.0.0.1:8000\"]",
         "backlog" => "2048",
         "ready" => "\"exec\"",
+        "ready-after" => "\"1s\"",
         "stop-signal" => "\"TERM\"",
         "timeout" => "30",
         "startup-timeout" => "60",

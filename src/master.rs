@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -43,6 +44,7 @@ mod reload;
 
 use preload::stop_zygote;
 use recycle::Random;
+use reload::{release, Reload};
 
 /// Variables procman may have inherited from its own supervisor that must
 /// never reach a worker (they describe procman's sockets, not the worker's).
@@ -102,19 +104,12 @@ pub enum Event {
     },
 }
 
-/// A rolling reload in progress.
-#[derive(Debug, Clone, Copy)]
-struct Reload {
-    generation: u64,
-    previous_required: u64,
-    previous_generation: u64,
-}
-
 /// The master's whole state.
 pub struct Master {
     cfg: Config,
     launch: Launch,
-    listeners: Vec<Listener>,
+    /// Shared with the settings a reload may go back to (see reload.rs).
+    listeners: Vec<Rc<Listener>>,
     signals: Signals,
     notify: Receiver,
     systemd: Option<SystemdNotifier>,
@@ -127,6 +122,9 @@ pub struct Master {
     generation: u64,
     required_generation: u64,
     reload: Option<Reload>,
+    /// The highest generation ever started (a failed reload's number is
+    /// not reused).
+    latest_generation: u64,
     ever_up: bool,
     boot_failures: u32,
     recycle_queue: VecDeque<(Pid, String)>,
@@ -136,8 +134,6 @@ pub struct Master {
     /// The original command line, re-read (with the environment and the
     /// config file) on HUP.
     args: Vec<OsString>,
-    /// Sockets removed by a reload, closed when it completes.
-    retired_listeners: Vec<Listener>,
     /// `--preload`: the zygotes (the current generation's, and older ones
     /// until their workers are gone).
     zygotes: Vec<Zygote>,
@@ -166,7 +162,7 @@ impl Master {
         Ok(Master {
             cfg,
             launch,
-            listeners,
+            listeners: listeners.into_iter().map(Rc::new).collect(),
             signals,
             notify,
             systemd,
@@ -179,6 +175,7 @@ impl Master {
             generation: 1,
             required_generation: 1,
             reload: None,
+            latest_generation: 1,
             ever_up: false,
             boot_failures: 0,
             recycle_queue: VecDeque::new(),
@@ -186,7 +183,6 @@ impl Master {
             next_memory_sample: None,
             random: Random::seeded(),
             args,
-            retired_listeners: Vec::new(),
             zygotes: Vec::new(),
             zygote_backoff: Backoff::default(),
             cold_fallback: false,
@@ -445,6 +441,9 @@ impl Master {
             );
             return;
         };
+        if self.reload_worker_exited(&w, &status, now) {
+            return;
+        }
         let how = describe_exit(&status, w.stop.as_ref());
         let stopping_master = matches!(self.state, MasterState::Stopping { .. });
         match w.stop.map(|s| s.reason) {
@@ -521,17 +520,6 @@ impl Master {
 
     fn on_boot_failure(&mut self, w: &Worker, how: &str, code: Option<i32>, now: Instant) {
         let b = self.note_death(w, now);
-        if let Some(r) = self.reload {
-            if w.generation == r.generation {
-                self.abort_reload(
-                    &format!(
-                        "worker {} of the new generation failed to boot ({how})",
-                        w.pid
-                    ),
-                    now,
-                );
-            }
-        }
         let detail = w
             .reported_error
             .clone()
@@ -595,6 +583,17 @@ impl Master {
         let (due, _) = policy::due(&self.table, self.cfg.timeout, now);
         for d in due {
             match d {
+                Due::Stable(pid) => {
+                    if let Some(w) = self.table.get_mut(pid) {
+                        if w.state == WorkerState::Starting {
+                            mark_ready(w, now);
+                            // Alive through its stability window: it stayed
+                            // up, so a later crash is not a failed boot.
+                            self.ever_up = true;
+                            self.boot_failures = 0;
+                        }
+                    }
+                }
                 Due::StartupTimeout(pid) => self.startup_timed_out(pid, now),
                 Due::HeartbeatTimeout(pid) => {
                     if let Some(w) = self.table.get(pid) {
@@ -657,7 +656,7 @@ impl Master {
         self.check_lifetimes(now);
         self.sample_memory(now);
         self.start_next_recycle();
-        // A spawn can make a worker ready at once (exec readiness), which
+        // A spawn can make a worker ready at once (`--ready-after 0`), which
         // lets an outdated one go: settle in a few passes, not a wake-up.
         for _ in 0..4 {
             let goal = self.goal();
@@ -805,20 +804,13 @@ impl Master {
                 sd.send(&format!("READY=1\nSTATUS={}", self.status_line()));
             }
         }
-        if let Some(r) = self.reload {
+        if let Some(generation) = self.reload.as_ref().map(|r| r.generation) {
             let outdated = self
                 .table
                 .iter()
-                .any(|w| w.is_active() && w.generation < r.generation);
+                .any(|w| w.is_active() && w.generation != generation);
             if !outdated && fresh_ready >= self.target {
-                self.reload = None;
-                for mut l in self.retired_listeners.drain(..) {
-                    l.remove_file();
-                }
-                info!("Reload done: generation {} serving", r.generation);
-                if let Some(sd) = &self.systemd {
-                    sd.send(&format!("READY=1\nSTATUS={}", self.status_line()));
-                }
+                self.complete_reload();
             }
         }
     }
@@ -994,8 +986,15 @@ impl Master {
                     spawned.pid,
                     self.generation
                 );
+                // --ready exec: ready once it has stayed alive for
+                // --ready-after; dying sooner is a failed boot, so a command
+                // that exits at once never replaces a working one.
                 if !self.cfg.workers_notify_ready() {
-                    mark_ready(&mut w, now);
+                    if self.cfg.ready_after.is_zero() {
+                        mark_ready(&mut w, now);
+                    } else {
+                        w.stable_at = Some(now + self.cfg.ready_after);
+                    }
                 }
             }
         }
@@ -1156,13 +1155,10 @@ impl Master {
     }
 
     fn finish(&mut self) {
-        for l in self
-            .listeners
-            .iter_mut()
-            .chain(self.retired_listeners.iter_mut())
-        {
-            l.remove_file();
+        if let Some(r) = self.reload.take() {
+            release(r.previous.listeners);
         }
+        release(std::mem::take(&mut self.listeners));
     }
 }
 

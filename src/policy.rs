@@ -97,6 +97,8 @@ pub enum Decision {
 /// A deadline that has passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Due {
+    /// Alive for `--ready-after` since exec: ready.
+    Stable(Pid),
     /// Not ready in time: kill, count as a boot failure.
     StartupTimeout(Pid),
     /// No heartbeat in time: SIGABRT, SIGKILL a second later.
@@ -106,9 +108,11 @@ pub enum Due {
 }
 
 /// Fresh: active, of the required generation, not marked for recycling
-/// and not leaving on its own (STOPPING=1).
+/// and not leaving on its own (STOPPING=1). Exactly that generation: after
+/// a failed reload, workers of the newer one are outdated too, replaced by
+/// the previous generation like a reload in reverse.
 pub fn is_fresh(w: &Worker, goal: &Goal) -> bool {
-    w.is_active() && w.generation >= goal.required_generation && w.recycle.is_none() && !w.draining
+    w.is_active() && w.generation == goal.required_generation && w.recycle.is_none() && !w.draining
 }
 
 /// Compares the set of workers with the goal. Returns the decisions and
@@ -199,7 +203,12 @@ pub fn due(table: &Table, timeout: Option<Duration>, now: Instant) -> (Vec<Due>,
     };
     for w in table.iter() {
         match w.state {
-            WorkerState::Starting => at(w.startup_deadline, Due::StartupTimeout(w.pid), &mut out),
+            // A worker is either ready by exec or out of time, never both
+            // (--ready-after is shorter than --startup-timeout).
+            WorkerState::Starting => match w.stable_at {
+                Some(t) if t <= w.startup_deadline => at(t, Due::Stable(w.pid), &mut out),
+                _ => at(w.startup_deadline, Due::StartupTimeout(w.pid), &mut out),
+            },
             WorkerState::Ready => {
                 if let (Some(limit), Some(beat)) = (timeout, w.last_heartbeat) {
                     at(beat + limit, Due::HeartbeatTimeout(w.pid), &mut out);
@@ -413,6 +422,26 @@ mod tests {
                 ],
             },
             Case {
+                name: "after a failed reload, a ready newer worker stays until its replacement is ready",
+                rows: vec![
+                    worker(10, 0, 1, Ready, 900, now),
+                    worker(20, 1, 2, Ready, 50, now),
+                    worker(21, 0, 2, Starting, 50, now),
+                ],
+                goal: goal(2, 1),
+                want: vec![spawn(1), stop(21, StopReason::Replaced)],
+            },
+            Case {
+                name: "after a failed reload, a newer worker goes once the previous generation is back",
+                rows: vec![
+                    worker(10, 0, 1, Ready, 900, now),
+                    worker(11, 1, 1, Ready, 10, now),
+                    worker(20, 1, 2, Ready, 50, now),
+                ],
+                goal: goal(2, 1),
+                want: vec![stop(20, StopReason::Replaced)],
+            },
+            Case {
                 name: "an old worker still starting is stopped at once",
                 rows: vec![worker(10, 0, 1, Starting, 50, now)],
                 goal: goal(1, 2),
@@ -519,6 +548,26 @@ mod tests {
             !got.contains(&Due::HeartbeatTimeout(Pid::from_raw(2))),
             "timeout 0 = off"
         );
+    }
+
+    #[test]
+    fn an_exec_worker_is_ready_after_its_stability_window_not_before() {
+        let now = t0();
+        let mut w = worker(1, 0, 1, Starting, 100, now);
+        w.stable_at = Some(now + Duration::from_millis(900));
+        let t = table(vec![w.clone()]);
+        let (got, wake) = due(&t, None, now);
+        assert!(got.is_empty(), "still in its window: {got:?}");
+        assert_eq!(wake, Some(now + Duration::from_millis(900)));
+        let (got, _) = due(&t, None, now + Duration::from_millis(900));
+        assert_eq!(got, vec![Due::Stable(Pid::from_raw(1))]);
+        // Both passed (a suspended master): ready, not also timed out.
+        let (got, _) = due(&t, None, now + Duration::from_secs(120));
+        assert_eq!(got, vec![Due::Stable(Pid::from_raw(1))]);
+        // A window beyond the startup deadline never makes it ready.
+        w.stable_at = Some(w.startup_deadline + Duration::from_secs(1));
+        let (got, _) = due(&table(vec![w]), None, now + Duration::from_secs(120));
+        assert_eq!(got, vec![Due::StartupTimeout(Pid::from_raw(1))]);
     }
 
     #[test]

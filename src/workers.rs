@@ -73,6 +73,9 @@ pub struct Worker {
     pub ready_at: Option<Instant>,
     /// When it must be ready by.
     pub startup_deadline: Instant,
+    /// `--ready exec`: when it becomes ready if it is still alive then
+    /// (exec succeeded at spawn; `--ready-after` later).
+    pub stable_at: Option<Instant>,
     /// Its last WATCHDOG=1, if it ever sent one.
     pub last_heartbeat: Option<Instant>,
     /// Marked for replacement (recycling), with the reason.
@@ -101,6 +104,7 @@ impl Worker {
             started_at: now,
             ready_at: None,
             startup_deadline: now + startup,
+            stable_at: None,
             last_heartbeat: None,
             recycle: None,
             stop: None,

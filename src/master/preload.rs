@@ -239,8 +239,8 @@ impl Master {
                     .reported_error
                     .clone()
                     .unwrap_or_else(|| format!("zygote {} {how}", z.pid));
-                if let Some(r) = self.reload {
-                    if r.generation == z.generation {
+                if let Some(generation) = self.reload.as_ref().map(|r| r.generation) {
+                    if generation == z.generation {
                         self.abort_reload(
                             &format!("the new code could not be loaded: {detail}"),
                             now,

@@ -1,25 +1,74 @@
-//! HUP in the master: re-read the configuration, apply it (binding new
-//! addresses, retiring removed ones), and roll over to a new generation; or,
-//! when the new generation cannot boot, go back to the previous one.
+//! HUP in the master: a reload is all-or-nothing.
+//!
+//! The next configuration, launch plan, base environment and listeners are
+//! prepared as one value ([`Settings`]) before anything changes; a
+//! configuration that does not load or whose new addresses cannot be bound
+//! changes nothing. The prepared value is then swapped with the one in
+//! force, which the [`Reload`] keeps. The reload either completes (every
+//! slot runs the new generation; the previous settings are dropped, closing
+//! the sockets only they used) or is aborted (the previous settings are
+//! swapped back, so respawns use the old command and environment; sockets
+//! only the new settings used are closed; new-generation workers still
+//! starting are stopped, and those already serving are replaced by the
+//! previous generation like a reload in reverse, so capacity never drops).
+//!
+//! Listeners are shared between both settings with `Rc`: a socket is closed
+//! (and its unix socket file removed) when the last settings holding it are
+//! dropped. Workers hold their own copies of the fds, so closing the
+//! master's copy never cuts a worker's socket.
 
+use std::rc::Rc;
 use std::time::Instant;
 
+use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tracing::{error, info, warn};
 
-use super::{worker_base_env, Master, Reload};
+use super::{describe_exit, worker_base_env, Master, MasterState};
 use crate::bind::Listener;
-use crate::classes;
+use crate::classes::{self, Launch};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::notify;
-use crate::workers::{StopReason, WorkerState};
+use crate::workers::{StopReason, Worker, WorkerState};
+
+/// What workers are started from; replaced whole by a reload.
+pub(super) struct Settings {
+    cfg: Config,
+    launch: Launch,
+    base_env: Vec<(String, String)>,
+    pub(super) listeners: Vec<Rc<Listener>>,
+    target: usize,
+}
+
+/// A rolling reload in progress.
+pub(super) struct Reload {
+    /// The generation being rolled out.
+    pub(super) generation: u64,
+    previous_generation: u64,
+    previous_required: u64,
+    /// The settings in force before the reload, put back if it fails.
+    pub(super) previous: Settings,
+}
+
+/// Drops listeners; those no other settings hold are closed (unix socket
+/// files removed). Returns how the closed ones are shown in logs.
+pub(super) fn release(listeners: Vec<Rc<Listener>>) -> Vec<String> {
+    let mut closed = Vec::new();
+    for l in listeners {
+        if let Ok(mut l) = Rc::try_unwrap(l) {
+            l.remove_file();
+            closed.push(l.display.clone());
+        }
+    }
+    closed
+}
 
 impl Master {
     /// HUP: re-read the configuration (file, environment, the original
-    /// command line), apply it, and roll every worker over to a new
-    /// generation. A configuration that does not load or whose new sockets
-    /// cannot be bound changes nothing: the running workers keep serving.
+    /// command line), prepare the next settings and roll every worker over
+    /// to a new generation. A HUP during a reload supersedes it: a failure
+    /// still goes back to what was in force before the first.
     pub(super) fn begin_reload(&mut self) {
         if let Some(sd) = &self.systemd {
             sd.send(&format!(
@@ -27,70 +76,95 @@ impl Master {
                 notify::monotonic_usec()
             ));
         }
-        let applied = crate::startup::load_config(&self.args)
+        let prepared = crate::startup::load_config(&self.args)
             .and_then(|loaded| loaded.ok_or_else(|| Error::usage("--help or --version on reload")))
-            .and_then(|(cfg, _)| self.apply_config(cfg));
-        if let Err(e) = applied {
-            error!("Reload failed: {e}; still serving with the previous configuration");
-            if let Some(sd) = &self.systemd {
-                sd.send(&format!("READY=1\nSTATUS=reload failed: {e}"));
+            .and_then(|(cfg, _)| self.prepare(cfg));
+        let mut next = match prepared {
+            Ok(next) => next,
+            Err(e) => {
+                error!("Reload failed: {e}; still serving with the previous configuration");
+                if let Some(sd) = &self.systemd {
+                    sd.send(&format!("READY=1\nSTATUS=reload failed: {e}"));
+                }
+                return;
             }
-            return;
+        };
+        for l in &self.listeners {
+            if !next.listeners.iter().any(|n| Rc::ptr_eq(n, l)) {
+                info!("No longer listening at {} for new workers", l.display);
+            }
         }
-        let (previous_required, previous_generation) = self
-            .reload
-            .map_or((self.required_generation, self.generation), |r| {
-                (r.previous_required, r.previous_generation)
-            });
-        self.generation += 1;
-        self.required_generation = self.generation;
-        self.reload = Some(Reload {
-            generation: self.generation,
-            previous_required,
-            previous_generation,
-        });
+        // `next` now holds the settings that were in force.
+        self.swap_settings(&mut next);
+        self.latest_generation += 1;
+        let generation = self.latest_generation;
+        match &mut self.reload {
+            Some(r) => {
+                info!(
+                    "Reload to generation {} superseded by generation {generation}",
+                    r.generation
+                );
+                r.generation = generation;
+                release(next.listeners);
+            }
+            None => {
+                self.reload = Some(Reload {
+                    generation,
+                    previous_generation: self.generation,
+                    previous_required: self.required_generation,
+                    previous: next,
+                })
+            }
+        }
+        self.generation = generation;
+        self.required_generation = generation;
         info!(
-            "Reloading: replacing {} workers with generation {}",
-            self.target, self.generation
+            "Reloading: replacing {} workers with generation {generation}",
+            self.target
         );
     }
 
-    /// Switches to a newly loaded configuration. New addresses are bound
-    /// now; sockets no longer wanted are closed once the workers that use
-    /// them are gone (when the reload completes).
-    pub(super) fn apply_config(&mut self, cfg: Config) -> Result<()> {
-        let mut next: Vec<Listener> = Vec::new();
-        let mut kept = vec![false; self.listeners.len()];
+    /// The settings for a newly loaded configuration. Addresses already
+    /// bound (now, or by the settings a reload may go back to) are reused;
+    /// new ones are bound now. Nothing in force changes.
+    fn prepare(&mut self, cfg: Config) -> Result<Settings> {
         let keep_inherited = !cfg.binds_given && self.listeners.iter().all(|l| l.inherited);
-        if keep_inherited {
-            kept.iter_mut().for_each(|k| *k = true);
+        let listeners = if keep_inherited {
+            self.listeners.clone()
         } else {
+            let pool: Vec<&Rc<Listener>> = self
+                .listeners
+                .iter()
+                .chain(self.reload.iter().flat_map(|r| r.previous.listeners.iter()))
+                .collect();
+            let mut out: Vec<Rc<Listener>> = Vec::new();
             for spec in &cfg.binds {
-                match self.listeners.iter().position(|l| l.spec == *spec) {
-                    Some(i) if !kept[i] => kept[i] = true,
-                    _ => match Listener::bind(
-                        spec,
-                        &crate::bind::BindOptions {
-                            // Only a restart changes these two.
-                            reuse_port: self.cfg.reuse_port,
-                            owner: self.cfg.bind_options().owner,
-                            ..cfg.bind_options()
-                        },
-                    ) {
-                        Ok(l) => {
-                            info!("Listening at: {} ({}, bound on reload)", l.display, l.name);
-                            next.push(l);
-                        }
-                        Err(e) => {
-                            for l in &mut next {
-                                l.remove_file();
-                            }
-                            return Err(e);
-                        }
-                    },
+                let reused = pool
+                    .iter()
+                    .find(|l| l.spec == *spec && !out.iter().any(|o| Rc::ptr_eq(o, l)));
+                if let Some(l) = reused {
+                    out.push(Rc::clone(l));
+                    continue;
+                }
+                let opts = crate::bind::BindOptions {
+                    // Only a restart changes these two.
+                    reuse_port: self.cfg.reuse_port,
+                    owner: self.cfg.bind_options().owner,
+                    ..cfg.bind_options()
+                };
+                match Listener::bind(spec, &opts) {
+                    Ok(l) => {
+                        info!("Listening at: {} ({}, bound on reload)", l.display, l.name);
+                        out.push(Rc::new(l));
+                    }
+                    Err(e) => {
+                        release(out);
+                        return Err(e);
+                    }
                 }
             }
-        }
+            out
+        };
         for (what, changed) in [
             ("--user/--group", cfg.credentials != self.cfg.credentials),
             ("--pid", cfg.pidfile != self.cfg.pidfile),
@@ -106,54 +180,155 @@ impl Master {
                 warn!("{what} changed in the configuration: takes effect at the next restart");
             }
         }
-        // Keep the surviving listeners in their order, then the new ones.
-        let old = std::mem::take(&mut self.listeners);
-        for (l, keep) in old.into_iter().zip(kept) {
-            if keep {
-                self.listeners.push(l);
-            } else {
-                info!("No longer listening at {} for new workers", l.display);
-                self.retired_listeners.push(l);
-            }
-        }
-        self.listeners.extend(next);
         let mut cfg = cfg;
         // What only a restart can change stays as it was.
         cfg.credentials = self.cfg.credentials.clone();
         cfg.reuse_port = self.cfg.reuse_port;
-        self.launch = classes::launch(&cfg);
-        self.base_env = worker_base_env(&cfg);
-        self.target = cfg.workers;
-        self.cfg = cfg;
-        Ok(())
+        Ok(Settings {
+            launch: classes::launch(&cfg),
+            base_env: worker_base_env(&cfg),
+            target: cfg.workers,
+            listeners,
+            cfg,
+        })
     }
 
-    pub(super) fn abort_reload(&mut self, why: &str, now: Instant) {
+    /// Exchanges the settings in force with `s`.
+    fn swap_settings(&mut self, s: &mut Settings) {
+        std::mem::swap(&mut self.cfg, &mut s.cfg);
+        std::mem::swap(&mut self.launch, &mut s.launch);
+        std::mem::swap(&mut self.base_env, &mut s.base_env);
+        std::mem::swap(&mut self.listeners, &mut s.listeners);
+        std::mem::swap(&mut self.target, &mut s.target);
+    }
+
+    /// Every slot runs the new generation: the previous settings go, and
+    /// with them the sockets no longer in use.
+    pub(super) fn complete_reload(&mut self) {
         let Some(r) = self.reload.take() else { return };
-        self.required_generation = r.previous_required;
-        // New spawns go back to the previous generation (with --preload,
-        // its zygote still holds the code that works).
+        for addr in release(r.previous.listeners) {
+            info!("Closed {addr}");
+        }
+        info!("Reload done: generation {} serving", r.generation);
+        if let Some(sd) = &self.systemd {
+            sd.send(&format!("READY=1\nSTATUS={}", self.status_line()));
+        }
+    }
+
+    /// The reload failed: the previous settings are back in force (for
+    /// every respawn), sockets only the new ones used are closed, new
+    /// workers still starting are stopped, and those already serving are
+    /// replaced by the previous generation (the policy sees them as
+    /// outdated).
+    pub(super) fn abort_reload(&mut self, why: &str, now: Instant) {
+        let Some(mut r) = self.reload.take() else {
+            return;
+        };
+        // `r.previous` now holds the failed settings.
+        self.swap_settings(&mut r.previous);
         self.generation = r.previous_generation;
+        self.required_generation = r.previous_required;
         error!(
-            "Reload to generation {} failed: {why}; the running workers keep serving",
-            r.generation
+            "Reload to generation {} failed: {why}; generation {} (the previous configuration) keeps serving",
+            r.generation, self.generation
         );
+        for addr in release(std::mem::take(&mut r.previous.listeners)) {
+            info!("Closed {addr} (bound by the failed reload)");
+        }
+        let current = self.generation;
         let starting: Vec<Pid> = self
             .table
             .iter()
-            .filter(|w| w.generation == r.generation && w.state == WorkerState::Starting)
+            .filter(|w| w.generation > current && w.state == WorkerState::Starting)
             .map(|w| w.pid)
             .collect();
+        let serving = self
+            .table
+            .iter()
+            .filter(|w| w.generation > current && w.state == WorkerState::Ready)
+            .count();
+        if serving > 0 {
+            info!(
+                "Replacing {serving} worker{} of the failed generation with generation {current}",
+                if serving == 1 { "" } else { "s" }
+            );
+        }
         let grace = self.cfg.graceful_timeout;
         for pid in starting {
             self.stop_worker(pid, StopReason::ReloadAborted, grace, now);
         }
         if let Some(sd) = &self.systemd {
             sd.send(&format!(
-                "READY=1\nSTATUS=reload to generation {} failed; {} workers serving",
+                "READY=1\nSTATUS=reload to generation {} failed: {why}; {}",
                 r.generation,
-                self.table.ready_count()
+                self.status_line()
             ));
         }
+    }
+
+    /// Called for every reaped worker before anything else. A worker of
+    /// the generation being rolled out that died without being asked to
+    /// (or for missing its startup or heartbeat deadline) fails the reload;
+    /// a worker of a failed or superseded reload is only logged. Neither
+    /// feeds the slot's backoff nor the boot-failure count: they say
+    /// nothing about the configuration in force. Returns whether the exit
+    /// was handled here.
+    pub(super) fn reload_worker_exited(
+        &mut self,
+        w: &Worker,
+        status: &WaitStatus,
+        now: Instant,
+    ) -> bool {
+        if matches!(self.state, MasterState::Stopping { .. }) {
+            return false;
+        }
+        let rolling_out = self.reload.as_ref().map(|r| r.generation);
+        let baseline = self
+            .reload
+            .as_ref()
+            .map_or(self.generation, |r| r.previous_generation);
+        let how = describe_exit(status, w.stop.as_ref());
+        if rolling_out == Some(w.generation) {
+            let reason = w.stop.map(|s| s.reason);
+            let how = match reason {
+                None if w.draining => return false,
+                None => how,
+                Some(StopReason::StartupTimeout) => {
+                    format!("not ready within {:?}", self.cfg.startup_timeout)
+                }
+                Some(StopReason::HeartbeatTimeout) => format!("timed out ({how})"),
+                Some(_) => return false,
+            };
+            let what = if w.ready_at.is_some() {
+                "died before the reload completed"
+            } else {
+                "failed to boot"
+            };
+            let detail = w
+                .reported_error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default();
+            self.abort_reload(
+                &format!(
+                    "worker {} (slot {}) of the new generation {what}: {how}{detail}",
+                    w.pid, w.slot
+                ),
+                now,
+            );
+            return true;
+        }
+        if w.generation > baseline {
+            info!(
+                worker = w.pid.as_raw(),
+                slot = w.slot,
+                "Worker {} (slot {}) of the abandoned generation {} exited: {how}",
+                w.pid,
+                w.slot,
+                w.generation
+            );
+            return true;
+        }
+        false
     }
 }

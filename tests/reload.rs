@@ -1,0 +1,386 @@
+//! Reloads that fail: a bad deploy never takes the service down, and a
+//! failed reload leaves nothing of itself behind (configuration, launch
+//! plan, environment, listeners, workers).
+//!
+//! Each test starts on a working configuration file, rewrites it to a
+//! broken one and sends HUP. The workers' own environment
+//! (`/proc/PID/environ`: `RELEASE=` from the config, `PROCMAN_GENERATION`)
+//! tells which configuration a worker was started from.
+
+mod util;
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use util::*;
+
+const BOOT: Duration = Duration::from_secs(30);
+
+/// A TOML array of literal strings (no escapes needed for shell scripts).
+fn toml_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|i| {
+            assert!(!i.contains('\''), "{i}");
+            format!("'{i}'")
+        })
+        .collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// Writes the config file: `extra` lines, the command, and `RELEASE=`.
+fn write_config(file: &Path, release: &str, command: &[String], extra: &str) {
+    std::fs::write(
+        file,
+        format!(
+            "{extra}\nenv = ['RELEASE={release}']\ncommand = {}\n",
+            toml_list(command)
+        ),
+    )
+    .expect("write config");
+}
+
+/// A command that exits at once with status 1.
+fn exits_at_once() -> Vec<String> {
+    vec!["sh".into(), "-c".into(), "exit 1".into()]
+}
+
+/// `NAME=value` from a process's environment.
+fn env_of(pid: i32, name: &str) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{name}=");
+    environ
+        .split(|b| *b == 0)
+        .map(|kv| String::from_utf8_lossy(kv).to_string())
+        .find_map(|kv| kv.strip_prefix(&prefix).map(str::to_string))
+}
+
+/// The master's live children (workers).
+fn workers(h: &Harness) -> BTreeSet<i32> {
+    h.children().into_iter().filter(|p| alive(*p)).collect()
+}
+
+/// The pid of the worker booted in `slot` for `generation`, from the log.
+fn booted(h: &Harness, slot: usize, generation: u64) -> Option<i32> {
+    let needle = format!("Booting worker {slot} with pid ");
+    let tail = format!("(generation {generation})");
+    h.log_text().lines().find_map(|l| {
+        let rest = l.split(&needle).nth(1)?;
+        rest.contains(&tail)
+            .then(|| rest.split_whitespace().next()?.parse().ok())
+            .flatten()
+    })
+}
+
+/// A fake systemd: collects what procman sends to NOTIFY_SOCKET.
+struct FakeSystemd {
+    sock: UnixDatagram,
+    got: Vec<String>,
+}
+
+impl FakeSystemd {
+    fn at(path: &Path) -> FakeSystemd {
+        let sock = UnixDatagram::bind(path).expect("bind fake systemd");
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        FakeSystemd {
+            sock,
+            got: Vec::new(),
+        }
+    }
+
+    /// Waits for a datagram containing every needle, at or after `from`.
+    fn wait(&mut self, needles: &[&str], from: usize) -> Option<usize> {
+        let deadline = Instant::now() + BOOT;
+        let mut buf = [0u8; 4096];
+        loop {
+            while let Ok(n) = self.sock.recv(&mut buf) {
+                self.got
+                    .push(String::from_utf8_lossy(&buf[..n]).to_string());
+            }
+            let found = self
+                .got
+                .iter()
+                .skip(from)
+                .position(|m| needles.iter().all(|n| m.contains(n)));
+            if let Some(i) = found {
+                return Some(from + i);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+        }
+    }
+}
+
+/// procman on a config file in its test dir, with `RELEASE=old`.
+fn start_on(name: &str, command: &[String], extra: &str) -> (Start, PathBuf) {
+    let start = Start::new(name, &[]);
+    let file = start.dir().join("procman.toml");
+    write_config(&file, "old", command, extra);
+    let start = start.args(["-c", file.to_str().expect("utf8")]);
+    (start, file)
+}
+
+#[test]
+fn a_reload_to_a_command_that_exits_at_once_keeps_the_old_workers_serving() {
+    let dir = temp_dir("reload-exits-systemd");
+    let notify = dir.join("notify");
+    let mut systemd = FakeSystemd::at(&notify);
+    // --ready exec (the default).
+    let (start, file) = start_on("reload-exits", &[hello()], "workers = 2");
+    let mut h = start
+        .env("NOTIFY_SOCKET", notify.to_str().expect("utf8"))
+        .spawn();
+    h.check(h.wait_log("All 2 workers ready", BOOT), "booted");
+    let old = h.wait_workers(2, BOOT);
+    let load = Load::start(h.addr(), 2, 1_000_000, Duration::from_secs(60));
+    wait_for(BOOT, || (load.done() > 20).then_some(()));
+    // A stability window far longer than `sh` can take to start and exit,
+    // even on a loaded machine (the default, 1 s, is unit-tested).
+    write_config(
+        &file,
+        "new",
+        &exits_at_once(),
+        "workers = 2\nready-after = '10s'",
+    );
+    h.signal(Signal::SIGHUP);
+    h.check(
+        h.wait_log("Reload to generation 2 failed", BOOT),
+        "reload reported failed",
+    );
+    let reloading = systemd.wait(&["RELOADING=1"], 0);
+    h.check(reloading.is_some(), "RELOADING=1 sent");
+    let status = systemd.wait(
+        &["READY=1", "STATUS=", "failed", "exited with status 1"],
+        reloading.unwrap_or(0),
+    );
+    h.check(
+        status.is_some(),
+        &format!(
+            "READY=1 with a STATUS= saying the reload failed and why: {:?}",
+            systemd.got
+        ),
+    );
+    // The failed workers are gone; the old ones were never touched.
+    let settled = wait_for(BOOT, || (workers(&h) == old).then_some(()));
+    let target = load.done() + 50;
+    wait_for(BOOT, || (load.done() > target).then_some(()));
+    let report = load.finish();
+    h.check(
+        settled.is_some(),
+        &format!("only the old workers {old:?} remain: {:?}", workers(&h)),
+    );
+    h.check(
+        report.failures.is_empty() && report.pids.is_subset(&old),
+        &format!(
+            "every request answered by an old worker: {} ok, failures {:?}, pids {:?}",
+            report.ok, report.failures, report.pids
+        ),
+    );
+    for pid in &old {
+        h.check(
+            h.count_log(&format!("Stopping worker {pid} ")) == 0,
+            "no old worker was stopped",
+        );
+    }
+}
+
+#[test]
+fn a_command_that_dies_within_the_stability_window_is_a_boot_failure() {
+    // A window far longer than the command lives, even on a loaded machine.
+    let mut h = Start::new("ready-after", &["--ready-after", "20s", "--"])
+        .args(["sh", "-c", "sleep 0.1; exit 1"])
+        .spawn();
+    assert_eq!(h.exit_code(BOOT), 3, "{}", h.log_text());
+    h.check(!h.log_text().contains("ready in"), "never counted as ready");
+}
+
+#[test]
+fn after_a_failed_reload_a_respawn_runs_the_previous_command() {
+    let (start, file) = start_on("reload-respawn", &notify_worker(), "workers = 2");
+    let mut h = start.args(["--ready", "notify"]).spawn();
+    h.check(h.wait_log("All 2 workers ready", BOOT), "booted");
+    let old = h.wait_workers(2, BOOT);
+    write_config(&file, "new", &exits_at_once(), "workers = 2");
+    h.signal(Signal::SIGHUP);
+    h.check(
+        h.wait_log("Reload to generation 2 failed", BOOT),
+        "reload reported failed",
+    );
+    let settled = wait_for(BOOT, || (workers(&h) == old).then_some(()));
+    h.check(settled.is_some(), "only the old workers remain");
+    let victim = *old.iter().next().expect("a worker");
+    kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill -9");
+    let respawned = wait_for(BOOT, || {
+        let now = workers(&h);
+        let fresh: Vec<i32> = now.difference(&old).copied().collect();
+        (now.len() == 2 && !now.contains(&victim) && fresh.len() == 1).then(|| fresh[0])
+    });
+    h.check(respawned.is_some(), "the killed worker was respawned");
+    let pid = respawned.expect("checked");
+    let release = wait_for(BOOT, || env_of(pid, "RELEASE"));
+    h.check(
+        release.as_deref() == Some("old"),
+        &format!("the respawn has the previous environment: RELEASE={release:?}"),
+    );
+    h.check(
+        env_of(pid, "PROCMAN_GENERATION").as_deref() == Some("1"),
+        "the respawn is of the previous generation",
+    );
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    h.check(
+        String::from_utf8_lossy(&cmdline).contains("notify_worker.py"),
+        "the respawn runs the previous command",
+    );
+    h.wait_workers(2, BOOT);
+}
+
+#[test]
+fn a_failed_reload_closes_the_addresses_it_bound() {
+    let free = || {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let (pa, pb) = (free(), free());
+    let binds = |ports: &[u16]| {
+        let list: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("workers = 1\nbind = {}", toml_list(&list))
+    };
+    let start = Start::new("reload-binds", &["--ready", "notify"]).no_default_bind();
+    let file = start.dir().join("procman.toml");
+    write_config(&file, "old", &notify_worker(), &binds(&[pa]));
+    let mut h = start.args(["-c", file.to_str().expect("utf8")]).spawn();
+    h.check(h.wait_log("All 1 workers ready", BOOT), "booted");
+    let old = h.wait_workers_on(pa, 1, BOOT);
+    write_config(&file, "new", &exits_at_once(), &binds(&[pa, pb]));
+    h.signal(Signal::SIGHUP);
+    h.check(
+        h.wait_log(&format!("127.0.0.1:{pb}"), BOOT),
+        "the new address was bound",
+    );
+    h.check(
+        h.wait_log("Reload to generation 2 failed", BOOT),
+        "reload reported failed",
+    );
+    let released = wait_for(BOOT, || TcpListener::bind(("127.0.0.1", pb)).ok());
+    h.check(
+        released.is_some(),
+        "the address bound by the failed reload was closed",
+    );
+    drop(released);
+    let still = h.wait_workers_on(pa, 1, BOOT);
+    assert_eq!(old, still, "the old worker keeps serving the old address");
+}
+
+/// Slot 0 of the new generation runs the test worker (ready at once);
+/// every other slot waits for `go` to appear, then exits 1.
+fn slot0_works_others_fail_on(go: &Path) -> Vec<String> {
+    let w = notify_worker().join(" ");
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "if [ \"$PROCMAN_WORKER_ID\" = 0 ]; then exec {w}; fi; while [ ! -e {} ]; do sleep 0.05; done; exit 1",
+            go.display()
+        ),
+    ]
+}
+
+#[test]
+fn a_failed_reload_stops_the_new_workers_that_were_ready() {
+    let (start, file) = start_on("reload-mixed", &notify_worker(), "workers = 2");
+    let go = start.dir().join("go");
+    let mut h = start.args(["--ready", "notify"]).spawn();
+    h.check(h.wait_log("All 2 workers ready", BOOT), "booted");
+    h.wait_workers(2, BOOT);
+    write_config(
+        &file,
+        "new",
+        &slot0_works_others_fail_on(&go),
+        "workers = 2",
+    );
+    h.signal(Signal::SIGHUP);
+    let new0 = wait_for(BOOT, || booted(&h, 0, 2));
+    h.check(new0.is_some(), "slot 0 of generation 2 booted");
+    let new0 = new0.expect("checked");
+    h.check(
+        h.wait_log(&format!("Worker {new0} (slot 0) ready"), BOOT),
+        "slot 0 of generation 2 became ready",
+    );
+    std::fs::write(&go, "").expect("go");
+    h.check(
+        h.wait_log("Reload to generation 2 failed", BOOT),
+        "reload reported failed",
+    );
+    // No mixed generations: the ready new worker is replaced by one of the
+    // previous generation, and every worker runs the previous release.
+    let settled = wait_for(BOOT, || {
+        let now = workers(&h);
+        let all_old = now.iter().all(|p| {
+            env_of(*p, "RELEASE").as_deref() == Some("old")
+                && env_of(*p, "PROCMAN_GENERATION").as_deref() == Some("1")
+        });
+        (!alive(new0) && now.len() == 2 && all_old).then_some(now)
+    });
+    h.check(
+        settled.is_some(),
+        &format!(
+            "the new worker {new0} is gone and 2 old-release workers serve: {:?}",
+            workers(&h)
+        ),
+    );
+    h.wait_workers(2, BOOT);
+}
+
+#[test]
+fn a_new_worker_that_dies_before_the_reload_completes_fails_it() {
+    let (start, file) = start_on("reload-dies", &notify_worker(), "workers = 2");
+    let mut h = start.args(["--ready", "notify"]).spawn();
+    h.check(h.wait_log("All 2 workers ready", BOOT), "booted");
+    h.wait_workers(2, BOOT);
+    // Slot 0 of the new generation gets ready; slot 1 never does, so the
+    // reload cannot complete before the test kills slot 0.
+    let w = notify_worker().join(" ");
+    let command = vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "if [ \"$PROCMAN_WORKER_ID\" = 0 ]; then exec {w}; else exec {w} --never-ready; fi"
+        ),
+    ];
+    write_config(&file, "new", &command, "workers = 2");
+    h.signal(Signal::SIGHUP);
+    let new0 = wait_for(BOOT, || booted(&h, 0, 2));
+    h.check(new0.is_some(), "slot 0 of generation 2 booted");
+    let new0 = new0.expect("checked");
+    h.check(
+        h.wait_log(&format!("Worker {new0} (slot 0) ready"), BOOT),
+        "slot 0 of generation 2 became ready",
+    );
+    kill(Pid::from_raw(new0), Signal::SIGKILL).expect("kill -9");
+    h.check(
+        h.wait_log("Reload to generation 2 failed", BOOT),
+        "the death of a new worker failed the reload",
+    );
+    h.check(
+        h.log_text().contains(&format!("worker {new0} (slot 0)")),
+        "the failure names the worker that died",
+    );
+    let settled = wait_for(BOOT, || {
+        let now = workers(&h);
+        let all_old = now
+            .iter()
+            .all(|p| env_of(*p, "RELEASE").as_deref() == Some("old"));
+        (now.len() == 2 && all_old).then_some(now)
+    });
+    h.check(
+        settled.is_some(),
+        &format!("2 old-release workers serve: {:?}", workers(&h)),
+    );
+}

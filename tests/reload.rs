@@ -384,3 +384,54 @@ fn a_new_worker_that_dies_before_the_reload_completes_fails_it() {
         &format!("2 old-release workers serve: {:?}", workers(&h)),
     );
 }
+
+#[test]
+fn a_hup_during_a_reload_supersedes_it() {
+    let free = || {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let (pa, pb) = (free(), free());
+    let binds = |ports: &[u16]| {
+        let list: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("workers = 2\nbind = {}", toml_list(&list))
+    };
+    let start = Start::new("reload-supersede", &["--ready", "notify"]).no_default_bind();
+    let file = start.dir().join("procman.toml");
+    write_config(&file, "old", &notify_worker(), &binds(&[pa]));
+    let mut h = start.args(["-c", file.to_str().expect("utf8")]).spawn();
+    h.check(h.wait_log("All 2 workers ready", BOOT), "booted");
+    let old = h.wait_workers_on(pa, 2, BOOT);
+    // Generation 2 binds a second address and never gets ready.
+    let mut never = notify_worker();
+    never.push("--never-ready".into());
+    write_config(&file, "stuck", &never, &binds(&[pa, pb]));
+    h.signal(Signal::SIGHUP);
+    let stuck = wait_for(BOOT, || booted(&h, 1, 2));
+    h.check(stuck.is_some(), "generation 2 started");
+    // Generation 3 keeps both addresses and works.
+    write_config(&file, "new", &notify_worker(), &binds(&[pa, pb]));
+    h.signal(Signal::SIGHUP);
+    h.check(
+        h.wait_log("Reload to generation 2 superseded by generation 3", BOOT),
+        "the second HUP superseded the first",
+    );
+    h.check(h.wait_log("Reload done: generation 3", BOOT), "reload done");
+    let settled = wait_for(BOOT, || {
+        let now = workers(&h);
+        let all_new = now.iter().all(|p| {
+            env_of(*p, "RELEASE").as_deref() == Some("new")
+                && env_of(*p, "PROCMAN_GENERATION").as_deref() == Some("3")
+        });
+        (now.len() == 2 && now.is_disjoint(&old) && all_new).then_some(now)
+    });
+    h.check(
+        settled.is_some(),
+        &format!("2 workers of generation 3: {:?}", workers(&h)),
+    );
+    let on_b = h.wait_workers_on(pb, 2, BOOT);
+    h.check(
+        Some(&on_b) == settled.as_ref(),
+        "the new workers serve the address generation 2 bound",
+    );
+}

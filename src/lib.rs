@@ -18,6 +18,7 @@ pub mod layers;
 // Start-up: logging, then the steps before the first worker.
 pub mod logging;
 pub mod pidfile;
+pub mod safefs;
 pub mod startup;
 
 // The edges of the master: sockets, signals, notifications, fork/exec.

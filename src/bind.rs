@@ -8,16 +8,31 @@
 //! * `O_NONBLOCK` is never changed after creation: the open file description
 //!   is shared by every worker, so flipping it anywhere flips it everywhere;
 //! * a unix socket file is removed at exit only if procman created it
-//!   (inherited and `fd://` sockets are never unlinked).
+//!   (inherited and `fd://` sockets are never unlinked), and only while its
+//!   path still names the inode procman bound (someone may have moved it
+//!   away and started another server there);
+//! * an existing socket file is replaced only when connecting to it is
+//!   refused (`ECONNREFUSED`: nobody listens); any other answer, such as
+//!   `EACCES` from a socket procman may not even connect to, means "in use
+//!   or not ours", and procman refuses to start rather than take it over;
+//! * `fd://N` takes only a descriptor that was already open when procman
+//!   started (recorded by [`record_inherited_fds`] before procman opens
+//!   anything) and is a listening socket, and each such descriptor once:
+//!   procman's own descriptors (signal pipe, notify socket, zygote
+//!   channels, listeners) are never adopted, since adopting one means
+//!   closing it later under its real owner.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::error::{os_reason, Error, Result};
+use crate::safefs::{self, FileId, Kind};
 
 /// Port used when a bind spec names a host without a port (gunicorn's default).
 pub const DEFAULT_PORT: u16 = 8000;
@@ -184,8 +199,9 @@ pub struct Listener {
     pub name: String,
     /// How it is shown in logs: `http://127.0.0.1:8000`, `unix:/run/app.sock`.
     pub display: String,
-    /// The unix socket file procman created and must remove at exit.
-    pub unlink_at_exit: Option<PathBuf>,
+    /// The unix socket file procman created and must remove at exit, and
+    /// the inode it was (removed only while the path still names it).
+    pub unlink_at_exit: Option<(PathBuf, FileId)>,
     /// Passed to procman by systemd (socket activation), not bound here.
     pub inherited: bool,
     /// `--reuse-port`: this socket only holds the address (bound, not
@@ -221,30 +237,34 @@ impl Listener {
             BindSpec::Unix(path) => {
                 remove_stale_socket(path).map_err(fail)?;
                 let sock = unix_listener(path, backlog, umask).map_err(|e| fail(os_reason(&e)))?;
+                // The file just bound, opened without following a symlink
+                // and checked to be still our socket: the directory may be
+                // writable by others, who could swap the path meanwhile.
+                let (file, id) = safefs::open_own(path, Kind::Socket).map_err(|e| {
+                    fail(format!(
+                        "the socket file changed under procman: {}",
+                        os_reason(&e)
+                    ))
+                })?;
                 // Workers that run as --user own their socket file, as with
                 // gunicorn (they can then manage or remove it themselves).
                 if let Some((uid, gid)) = owner {
-                    let chowned = nix::unistd::chown(
-                        path.as_path(),
-                        Some(nix::unistd::Uid::from_raw(uid)),
-                        Some(nix::unistd::Gid::from_raw(gid)),
-                    );
-                    if let Err(e) = chowned {
-                        let _ = std::fs::remove_file(path);
+                    if let Err(e) = safefs::chown_fd(&file, uid, gid) {
+                        safefs::remove_if_same(path, id);
                         return Err(fail(format!(
                             "cannot hand it to the worker user: {}",
-                            e.desc()
+                            os_reason(&e)
                         )));
                     }
                 }
                 (
                     OwnedFd::from(sock),
                     format!("unix:{}", path.display()),
-                    Some(path.clone()),
+                    Some((path.clone(), id)),
                 )
             }
             BindSpec::Fd(n) => {
-                let fd = adopt_fd(*n).map_err(fail)?;
+                let fd = claim_inherited(*n).map_err(fail)?;
                 (fd, format!("fd://{n}"), None)
             }
         };
@@ -299,10 +319,22 @@ impl Listener {
         tcp_socket(addr, backlog, true, true).map(OwnedFd::from)
     }
 
-    /// Removes the unix socket file procman created, if any.
+    /// Removes the unix socket file procman created, if any, and if the
+    /// path still names it.
     pub fn remove_file(&mut self) {
-        if let Some(path) = self.unlink_at_exit.take() {
-            let _ = std::fs::remove_file(path);
+        if let Some((path, id)) = self.unlink_at_exit.take() {
+            safefs::remove_if_same(&path, id);
+        }
+    }
+
+    /// Undoes [`Listener::bind`] for a listener that never served (a
+    /// failed reload or start): its socket file is removed, and an
+    /// `fd://` descriptor goes back, open, to the inherited ones it was
+    /// taken from.
+    pub fn abandon(mut self) {
+        self.remove_file();
+        if matches!(self.spec, BindSpec::Fd(_)) && !self.inherited {
+            give_back(self.fd);
         }
     }
 }
@@ -377,6 +409,9 @@ fn unix_listener(path: &Path, backlog: i32, umask: u32) -> std::io::Result<Socke
 
 /// A socket file nobody listens on is left over from a crash: replace it.
 /// A live socket or a file that is not a socket is someone else's: refuse.
+/// Only `ECONNREFUSED` proves nobody listens; `EACCES` (a socket procman may
+/// not connect to, e.g. root's, seen by an unprivileged procman) or any
+/// other error leaves the file alone.
 fn remove_stale_socket(path: &Path) -> std::result::Result<(), String> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
@@ -389,29 +424,105 @@ fn remove_stale_socket(path: &Path) -> std::result::Result<(), String> {
             path.display()
         ));
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(format!(
+    match probe_unix(path) {
+        Ok(()) => Err(format!(
             "a live server is already listening on {}",
             path.display()
         )),
-        Err(_) => std::fs::remove_file(path).map_err(|e| os_reason(&e)),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            std::fs::remove_file(path).map_err(|e| os_reason(&e))
+        }
+        Err(e) => Err(format!(
+            "{} exists and may be in use (connecting to it failed: {}); not replacing it",
+            path.display(),
+            os_reason(&e)
+        )),
     }
 }
 
-/// Takes over an fd named by `fd://N`: it must be a listening stream socket.
-fn adopt_fd(n: RawFd) -> std::result::Result<OwnedFd, String> {
-    let fd = crate::spawn::adopt_fd(n).map_err(|e| format!("{} (is fd {n} open?)", e.desc()))?;
-    let sock = socket2::SockRef::from(&fd);
-    let listening = sock.is_listener().map_err(|e| os_reason(&e))?;
-    if !listening {
-        return Err(format!("fd {n} is not a listening socket"));
+/// Connects to a unix stream socket without blocking: a live server whose
+/// backlog is full answers `EAGAIN`, which counts as live too.
+fn probe_unix(path: &Path) -> std::io::Result<()> {
+    let sock = Socket::new(Domain::UNIX, Type::STREAM.cloexec().nonblocking(), None)?;
+    match sock.connect(&SockAddr::unix(path)?) {
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(()),
+        other => other,
+    }
+}
+
+/// Descriptors open when procman started and not yet taken by a listener:
+/// the only ones `fd://N` may name.
+static INHERITED: Mutex<BTreeSet<RawFd>> = Mutex::new(BTreeSet::new());
+
+fn inherited_set() -> std::sync::MutexGuard<'static, BTreeSet<RawFd>> {
+    // A panic elsewhere cannot leave the set half-updated (each update is
+    // one insert or remove), so a poisoned lock is still usable.
+    INHERITED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Records the descriptors (3 and up) open at this moment as inherited.
+/// Called first thing at start, before procman opens anything of its own.
+pub fn record_inherited_fds() {
+    let listed: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|n| *n > 2)
+            .collect(),
+        // Without /proc: look at the low numbers one by one.
+        Err(_) => (3..1024).collect(),
+    };
+    // The listing included the directory's own fd, closed by now: keep only
+    // what is still open.
+    let open: BTreeSet<RawFd> = listed
+        .into_iter()
+        .filter(|n| nix::fcntl::fcntl(*n, nix::fcntl::FcntlArg::F_GETFD).is_ok())
+        .collect();
+    *inherited_set() = open;
+}
+
+/// Takes the inherited descriptor `n` for a listener: it must have been
+/// open when procman started, not be taken yet, and be a listening socket.
+/// It becomes CLOEXEC (only the copies placed for workers survive exec).
+pub fn claim_inherited(n: RawFd) -> std::result::Result<OwnedFd, String> {
+    let mut set = inherited_set();
+    if !set.contains(&n) {
+        if nix::fcntl::fcntl(n, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+            return Err(format!("fd {n} is not open"));
+        }
+        return Err(format!(
+            "fd {n} belongs to procman (fd:// takes only a listening socket that was open when procman started, once)"
+        ));
+    }
+    // SAFETY: `n` is in the set, so it was open at start and nothing in
+    // procman has taken (or closed) it since; the borrow ends before any
+    // ownership is taken below.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(n) };
+    match socket2::SockRef::from(&borrowed).is_listener() {
+        Ok(true) => {}
+        Ok(false) => return Err(format!("fd {n} is not a listening socket")),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
+            return Err(format!("fd {n} is not a socket"))
+        }
+        Err(e) => return Err(format!("fd {n}: {}", os_reason(&e))),
     }
     nix::fcntl::fcntl(
         n,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     )
     .map_err(|e| e.desc().to_string())?;
-    Ok(fd)
+    set.remove(&n);
+    // SAFETY: `n` is open (above) and was in the inherited set, which it
+    // has just left: no other owner exists in this process, and no later
+    // claim can create a second one.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// Returns a descriptor taken by [`claim_inherited`], still open, so a
+/// later `fd://` may take it again.
+pub fn give_back(fd: OwnedFd) {
+    let n = fd.into_raw_fd();
+    inherited_set().insert(n);
 }
 
 /// The default bind, `127.0.0.1:8000` (`PORT` is a configuration layer

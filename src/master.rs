@@ -152,8 +152,7 @@ impl Master {
         signals: Signals,
         args: Vec<OsString>,
     ) -> Result<Master> {
-        let owner = cfg.credentials.as_ref().map(|c| (c.uid, c.gid));
-        let notify = Receiver::create(owner)?;
+        let notify = Receiver::create(cfg.credentials.as_ref())?;
         let systemd = SystemdNotifier::from_env(std::env::var("NOTIFY_SOCKET").ok().as_deref());
         let systemd_watchdog = systemd_watchdog_interval().map(|d| (d, Instant::now() + d));
         let base_env = worker_base_env(&cfg);

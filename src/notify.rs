@@ -4,6 +4,17 @@
 //! Receiver invariants:
 //! * the socket lives at a path in a private 0700 directory, so only
 //!   processes that can reach that directory (workers, their user) can send;
+//! * the directory gets an unpredictable name (`mkdtemp`), in the first of
+//!   `$RUNTIME_DIRECTORY`, `$XDG_RUNTIME_DIR`, `$TMPDIR` (or `/tmp`) that
+//!   the workers' user can traverse (root's `/run/user/0` is 0700: a
+//!   `--user` worker could never reach a socket there); none reachable is
+//!   an error at start naming the directories and the user;
+//! * with `--user`, the socket is handed to the user before the directory
+//!   (once the user owns the directory, it could swap the socket file),
+//!   both through descriptors that do not follow symlinks;
+//! * at exit procman removes only the directory it made (the path must
+//!   still name that inode): a shared `/tmp` may hold other procmans'
+//!   directories, e.g. from other PID namespaces;
 //! * the sender is whoever `SCM_CREDENTIALS` says it is (the kernel fills it
 //!   in because `SO_PASSCRED` is on), never what the payload claims;
 //! * file descriptors passed with `SCM_RIGHTS` are closed at once (they are
@@ -16,7 +27,6 @@
 use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,7 +37,9 @@ use nix::sys::socket::{
     SockFlag, SockType, UnixAddr,
 };
 
+use crate::config::Credentials;
 use crate::error::{Error, Result};
+use crate::safefs::{self, FileId, Kind};
 
 /// One parsed notification line that procman acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,63 +106,138 @@ pub struct Datagram {
 pub struct Receiver {
     fd: OwnedFd,
     dir: PathBuf,
+    /// The directory procman made, open: the socket is removed through it
+    /// (whatever the path names by then), and the directory itself only
+    /// while its path still names this inode.
+    dir_fd: OwnedFd,
+    dir_id: FileId,
     path: PathBuf,
+}
+
+/// Name of the socket inside the notify directory.
+const SOCKET_NAME: &str = "notify.sock";
+
+/// Where the notify directory goes: the first candidate that exists and
+/// that `user` (the workers' user, if not procman's own) can traverse.
+/// Also called at start before anything is bound, so an unreachable one
+/// stops procman before it binds or starts anything.
+pub fn notify_base(user: Option<&Credentials>) -> Result<PathBuf> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    // systemd sets RUNTIME_DIRECTORY to a colon-separated list when a unit
+    // has several RuntimeDirectory= entries.
+    if let Some(v) = std::env::var_os("RUNTIME_DIRECTORY") {
+        candidates.extend(std::env::split_paths(&v).filter(|p| p.is_absolute()));
+    }
+    if let Some(v) = std::env::var_os("XDG_RUNTIME_DIR") {
+        candidates.push(PathBuf::from(v));
+    }
+    candidates.push(std::env::temp_dir());
+    let mut seen = std::collections::BTreeSet::new();
+    candidates.retain(|p| seen.insert(p.clone()));
+    let mut refused: Vec<String> = Vec::new();
+    for dir in candidates.into_iter().filter(|p| p.is_dir()) {
+        match user.map_or(Ok(()), |u| traversable(&dir, u)) {
+            Ok(()) => return Ok(dir),
+            Err(why) => {
+                tracing::debug!("notify socket not in {}: {why}", dir.display());
+                refused.push(why);
+            }
+        }
+    }
+    let who = user.map_or("procman".to_string(), |u| format!("user {}", u.user_name));
+    Err(Error::runtime(format!(
+        "cannot place the notify socket where {who} can reach it: {} (set RUNTIME_DIRECTORY or TMPDIR to a directory {who} can traverse)",
+        if refused.is_empty() {
+            "no runtime or temporary directory exists".to_string()
+        } else {
+            refused.join("; ")
+        }
+    )))
+}
+
+/// Whether `user` may search every directory from `/` down to `dir`, by
+/// the mode bits (owner, group or other; ACLs are not consulted, so a
+/// directory opened to the user by an ACL alone is passed over).
+fn traversable(dir: &Path, user: &Credentials) -> std::result::Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if user.uid == 0 {
+        return Ok(());
+    }
+    let full = std::fs::canonicalize(dir).map_err(|e| {
+        format!(
+            "{} cannot be resolved: {}",
+            dir.display(),
+            crate::error::os_reason(&e)
+        )
+    })?;
+    for step in full.ancestors() {
+        let meta = std::fs::metadata(step)
+            .map_err(|e| format!("{}: {}", step.display(), crate::error::os_reason(&e)))?;
+        let mode = meta.mode();
+        let bit = if meta.uid() == user.uid {
+            0o100
+        } else if meta.gid() == user.gid || user.groups.contains(&meta.gid()) {
+            0o010
+        } else {
+            0o001
+        };
+        if mode & bit == 0 {
+            return Err(format!(
+                "{} is not traversable by user {} (uid {}; the directory is mode {:o}, owner {}:{})",
+                step.display(),
+                user.user_name,
+                user.uid,
+                mode & 0o7777,
+                meta.uid(),
+                meta.gid()
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Receiver {
     /// Creates the private directory and binds the socket in it.
-    /// `owner` (uid, gid) gets the directory and socket when workers drop
-    /// privileges, since connecting needs write permission on the file.
-    pub fn create(owner: Option<(u32, u32)>) -> Result<Receiver> {
-        let base = ["RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"]
-            .iter()
-            .filter_map(std::env::var_os)
-            .map(PathBuf::from)
-            .find(|p| p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!("procman-{}", std::process::id()));
+    /// `owner` (the workers' user) gets the socket and then the directory
+    /// when workers drop privileges, since connecting needs write
+    /// permission on the file.
+    pub fn create(owner: Option<&Credentials>) -> Result<Receiver> {
+        let base = notify_base(owner)?;
         let fail =
             |what: &str, e: &dyn std::fmt::Display| Error::runtime(format!("cannot {what}: {e}"));
-        // A leftover from a previous procman with our pid (after a reboot or
-        // in a container) is stale by construction.
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).map_err(|e| {
+        // mkdtemp: a fresh 0700 directory under an unpredictable name, so
+        // nothing can be planted there in advance and no other procman's
+        // directory (same pid in another PID namespace) is ever reused.
+        let dir = nix::unistd::mkdtemp(&base.join("procman-XXXXXX")).map_err(|e| {
             fail(
-                &format!("create the notify directory {}", dir.display()),
-                &e,
+                &format!("create the notify directory in {}", base.display()),
+                &e.desc(),
             )
         })?;
-        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
-        let path = dir.join("notify.sock");
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::Datagram,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            None,
-        )
-        .map_err(|e| fail("create the notify socket", &e))?;
-        let addr = UnixAddr::new(&path).map_err(|e| fail("name the notify socket", &e))?;
-        bind(fd.as_raw_fd(), &addr)
-            .map_err(|e| fail(&format!("bind the notify socket {}", path.display()), &e))?;
-        setsockopt(&fd, sockopt::PassCred, &true)
-            .map_err(|e| fail("enable SO_PASSCRED on the notify socket", &e))?;
-        // The queue is bounded by net.unix.max_dgram_qlen datagrams (often
-        // 10) whatever the buffer size, so the master drains it promptly
-        // (also between spawns) and workers retry what must arrive
-        // (READY=1); the buffer only has to hold those datagrams' bytes.
-        let _ = setsockopt(&fd, sockopt::RcvBuf, &(1 << 20));
-        if let Some((uid, gid)) = owner {
-            let chown = |p: &Path| {
-                nix::unistd::chown(
-                    p,
-                    Some(nix::unistd::Uid::from_raw(uid)),
-                    Some(nix::unistd::Gid::from_raw(gid)),
-                )
-            };
-            chown(&dir).map_err(|e| fail("hand the notify directory to the worker user", &e))?;
-            chown(&path).map_err(|e| fail("hand the notify socket to the worker user", &e))?;
+        let made = safefs::open_own(&dir, Kind::Directory)
+            .map_err(|e| fail(&format!("open the notify directory {}", dir.display()), &e));
+        let (dir_file, dir_id) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(e);
+            }
+        };
+        let dir_fd = OwnedFd::from(dir_file);
+        let path = dir.join(SOCKET_NAME);
+        match bind_socket(&path, &dir_fd, owner) {
+            Ok(fd) => Ok(Receiver {
+                fd,
+                dir,
+                dir_fd,
+                dir_id,
+                path,
+            }),
+            Err(e) => {
+                remove_made_dir(&dir, &dir_fd, dir_id);
+                Err(e)
+            }
         }
-        Ok(Receiver { fd, dir, path })
     }
 
     /// The socket's path, for `NOTIFY_SOCKET`.
@@ -229,8 +316,62 @@ impl Receiver {
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-        let _ = std::fs::remove_dir(&self.dir);
+        remove_made_dir(&self.dir, &self.dir_fd, self.dir_id);
+    }
+}
+
+/// Binds the notify socket at `path` (in the directory open as `dir_fd`)
+/// and, with `--user`, hands the socket, then the directory, to the user.
+fn bind_socket(path: &Path, dir_fd: &OwnedFd, owner: Option<&Credentials>) -> Result<OwnedFd> {
+    let fail =
+        |what: &str, e: &dyn std::fmt::Display| Error::runtime(format!("cannot {what}: {e}"));
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(|e| fail("create the notify socket", &e))?;
+    let addr = UnixAddr::new(path).map_err(|e| fail("name the notify socket", &e))?;
+    bind(fd.as_raw_fd(), &addr)
+        .map_err(|e| fail(&format!("bind the notify socket {}", path.display()), &e))?;
+    setsockopt(&fd, sockopt::PassCred, &true)
+        .map_err(|e| fail("enable SO_PASSCRED on the notify socket", &e))?;
+    // The queue is bounded by net.unix.max_dgram_qlen datagrams (often
+    // 10) whatever the buffer size, so the master drains it promptly
+    // (also between spawns) and workers retry what must arrive
+    // (READY=1); the buffer only has to hold those datagrams' bytes.
+    let _ = setsockopt(&fd, sockopt::RcvBuf, &(1 << 20));
+    if let Some(user) = owner {
+        // The socket first: while procman still owns the directory, nobody
+        // else can have replaced the file in it.
+        let (sock_file, _) = safefs::open_own(path, Kind::Socket)
+            .map_err(|e| fail("open the notify socket file", &e))?;
+        safefs::chown_fd(&sock_file, user.uid, user.gid)
+            .map_err(|e| fail("hand the notify socket to the worker user", &e))?;
+        let dir_handle = std::fs::File::from(
+            dir_fd
+                .try_clone()
+                .map_err(|e| fail("duplicate a descriptor", &e))?,
+        );
+        safefs::chown_fd(&dir_handle, user.uid, user.gid)
+            .map_err(|e| fail("hand the notify directory to the worker user", &e))?;
+    }
+    Ok(fd)
+}
+
+/// Removes the socket through the directory's descriptor (if the worker
+/// user, who may own the directory, moved it or put a symlink at its path,
+/// this still acts inside the directory procman made, nowhere else), then
+/// the directory, only while its path still names the inode procman made.
+fn remove_made_dir(dir: &Path, dir_fd: &OwnedFd, dir_id: FileId) {
+    let _ = nix::unistd::unlinkat(
+        Some(dir_fd.as_raw_fd()),
+        SOCKET_NAME,
+        nix::unistd::UnlinkatFlags::NoRemoveDir,
+    );
+    if FileId::at(dir) == Some(dir_id) {
+        let _ = std::fs::remove_dir(dir);
     }
 }
 

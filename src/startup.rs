@@ -23,13 +23,15 @@ use crate::master::{self, Master};
 use crate::pidfile::Pidfile;
 use crate::signals;
 use crate::signals::Signals;
-use crate::spawn;
 use crate::spawn::Plan;
 use nix::sys::wait::{waitpid, WaitStatus};
 
 /// Runs procman with the given argv. `Ok` carries the exit code of a clean
 /// run (0, or --help/--version); `Err` the failure to print.
 pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
+    // Before procman opens anything: what is open now was inherited, and
+    // only that may be named by fd:// (see bind.rs).
+    bind::record_inherited_fds();
     let args: Vec<OsString> = args.into_iter().collect();
     let Some((cfg, layered)) = load_config(&args)? else {
         return Ok(ExitCode::SUCCESS);
@@ -46,6 +48,9 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
     logging::init(cfg.log_level, cfg.log_format, cfg.log_file.as_deref())?;
     become_subreaper();
     let signals = Signals::install()?;
+    // Where `--user` workers will reach the notify socket is part of a valid
+    // start: decided before anything is bound.
+    crate::notify::notify_base(cfg.credentials.as_ref())?;
     let listeners = bind_all(&cfg)?;
     let _pidfile = cfg.pidfile.as_deref().map(Pidfile::create).transpose()?;
     run_pre_start(&cfg)?;
@@ -161,27 +166,13 @@ fn bind_all(cfg: &Config) -> Result<Vec<Listener>> {
     );
     let mut inherited: Vec<Option<(OwnedFd, String)>> = Vec::new();
     for (fd, name) in passed {
-        match spawn::adopt_fd(fd) {
-            // Only a listening socket is a usable inheritance; anything
-            // else at that number is a mistake of whoever started us.
-            Ok(owned)
-                if !socket2::SockRef::from(&owned)
-                    .is_listener()
-                    .unwrap_or(false) =>
-            {
-                warn!("ignoring inherited fd {fd} ({name}): not a listening socket");
-                // Not ours to close (it may even be one of our own fds
-                // if the number was free when we started): leave it be.
-                std::mem::forget(owned);
-            }
-            Ok(owned) => {
-                let _ = nix::fcntl::fcntl(
-                    fd,
-                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-                );
-                inherited.push(Some((owned, name)));
-            }
-            Err(e) => warn!("ignoring inherited fd {fd} ({name}): {}", e.desc()),
+        // Only a listening socket that was really open at start is a
+        // usable inheritance; anything else at that number is a mistake of
+        // whoever started us (or one of our own fds, if the number was
+        // free at start), and is left alone.
+        match bind::claim_inherited(fd) {
+            Ok(owned) => inherited.push(Some((owned, name))),
+            Err(why) => warn!("ignoring inherited fd {fd} ({name}): {why}"),
         }
     }
     let mut listeners: Vec<Listener> = Vec::new();

@@ -17,6 +17,7 @@
 //! dropped. Workers hold their own copies of the fds, so closing the
 //! master's copy never cuts a worker's socket.
 
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -25,7 +26,7 @@ use nix::unistd::Pid;
 use tracing::{error, info, warn};
 
 use super::{describe_exit, worker_base_env, Master, MasterState};
-use crate::bind::Listener;
+use crate::bind::{BindSpec, Listener};
 use crate::classes::{self, Launch};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -62,6 +63,26 @@ pub(super) fn release(listeners: Vec<Rc<Listener>>) -> Vec<String> {
         }
     }
     closed
+}
+
+/// `fd://N` in a new configuration must not name a descriptor a listener
+/// already holds under another spec (`pool`: the listeners in force and
+/// those a reload may go back to). bind.rs refuses every other descriptor
+/// procman owns; this says which listener holds it.
+fn check_fd_binds(cfg: &Config, pool: &[&Rc<Listener>]) -> Result<()> {
+    for spec in &cfg.binds {
+        let BindSpec::Fd(n) = spec else { continue };
+        if pool.iter().any(|l| l.spec == *spec) {
+            continue;
+        }
+        if let Some(l) = pool.iter().find(|l| l.fd.as_raw_fd() == *n) {
+            return Err(Error::runtime(format!(
+                "cannot bind {spec}: fd {n} belongs to procman (it is the listener for {})",
+                l.display
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Master {
@@ -137,6 +158,7 @@ impl Master {
                 .iter()
                 .chain(self.reload.iter().flat_map(|r| r.previous.listeners.iter()))
                 .collect();
+            check_fd_binds(&cfg, &pool)?;
             let mut out: Vec<Rc<Listener>> = Vec::new();
             for spec in &cfg.binds {
                 let reused = pool
@@ -158,7 +180,13 @@ impl Master {
                         out.push(Rc::new(l));
                     }
                     Err(e) => {
-                        release(out);
+                        // Nothing changes: files bound here go, and fd://
+                        // sockets go back to the inherited ones.
+                        for l in out {
+                            if let Ok(l) = Rc::try_unwrap(l) {
+                                l.abandon();
+                            }
+                        }
                         return Err(e);
                     }
                 }

@@ -34,8 +34,19 @@ fn per_generation(first: &str, later: &str) -> Vec<String> {
     switch("PROCMAN_GENERATION", "1", first, later)
 }
 
+/// procman's notify socket: the only `procman-*/notify.sock` in the
+/// runtime directory the harness gives it (the directory's name is
+/// unpredictable by design).
 fn notify_socket(h: &Harness) -> PathBuf {
-    h.dir.join(format!("procman-{}", h.pid)).join("notify.sock")
+    let found = wait_for(Duration::from_secs(30), || {
+        std::fs::read_dir(&h.dir)
+            .ok()?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("procman-"))
+            .map(|e| e.path().join("notify.sock"))
+            .find(|p| p.exists())
+    });
+    found.unwrap_or_else(|| panic!("no notify socket in {}", h.dir.display()))
 }
 
 /// Seconds from a log line's `[timestamp]` (RFC 3339, UTC) within the day.

@@ -352,11 +352,20 @@ fn user_drop_runs_workers_as_nobody_on_a_privileged_port() {
     // The unix socket file and the notify directory belong to the user.
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&sock).expect("socket file").uid(), 65534);
-    let notify_dir = h.dir.join(format!("procman-{}", h.pid));
-    assert_eq!(
-        std::fs::metadata(&notify_dir).expect("notify dir").uid(),
-        65534
-    );
+    // The notify directory (unpredictable name) is found through a
+    // worker's NOTIFY_SOCKET.
+    let worker = *pids.iter().next().expect("a worker");
+    let environ = std::fs::read(format!("/proc/{worker}/environ")).expect("environ");
+    let notify = environ
+        .split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(b"NOTIFY_SOCKET="))
+        .map(|v| std::path::PathBuf::from(String::from_utf8_lossy(v).to_string()))
+        .expect("NOTIFY_SOCKET in the worker's environment");
+    let notify_dir = notify.parent().expect("notify dir");
+    for path in [&notify, notify_dir] {
+        let meta = std::fs::symlink_metadata(path).expect("notify dir and socket");
+        assert_eq!((meta.uid(), meta.gid()), (65534, 1), "{}", path.display());
+    }
     for pid in pids {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
         let uid = status

@@ -188,6 +188,7 @@ pub struct Start {
     dir: PathBuf,
     cwd: Option<PathBuf>,
     default_bind: bool,
+    inherit: Vec<(std::os::fd::RawFd, std::os::fd::RawFd)>,
 }
 
 impl Start {
@@ -201,6 +202,7 @@ impl Start {
             dir: temp_dir(name).keep(),
             cwd: None,
             default_bind: true,
+            inherit: Vec::new(),
         }
     }
 
@@ -226,6 +228,14 @@ impl Start {
     /// procman's working directory.
     pub fn cwd(mut self, dir: &Path) -> Start {
         self.cwd = Some(dir.to_path_buf());
+        self
+    }
+
+    /// procman inherits `fd` (open in the test) as fd number `at`, as an
+    /// open descriptor procman did not create (the caller keeps `fd` open
+    /// until procman has started).
+    pub fn inherit_fd(mut self, fd: std::os::fd::RawFd, at: std::os::fd::RawFd) -> Start {
+        self.inherit.push((fd, at));
         self
     }
 
@@ -291,6 +301,25 @@ impl Start {
         cmd.env("RUNTIME_DIRECTORY", &self.dir);
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if !self.inherit.is_empty() {
+            let inherit = self.inherit.clone();
+            // SAFETY: between fork and exec only dup2 and fcntl run
+            // (async-signal-safe); nothing is allocated.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    for &(fd, at) in &inherit {
+                        if libc::dup2(fd, at) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        // dup2 onto the same number keeps FD_CLOEXEC.
+                        if fd == at {
+                            libc::fcntl(at, libc::F_SETFD, 0);
+                        }
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = cmd.spawn().expect("start procman");
         let pid = child.id() as i32;

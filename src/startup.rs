@@ -1,6 +1,8 @@
 //! Start-up, as a straight list of named steps: parse the command line,
-//! validate the configuration, start logging, install the signal handlers,
-//! bind every socket, then hand over to the master loop.
+//! validate the configuration, start logging, install the signal handlers
+//! (undoing whatever signal state the parent left), bind every socket, run
+//! the `--pre-start` commands (a stop request ends start-up there), then
+//! hand over to the master loop.
 //!
 //! Nothing is bound before the whole configuration is valid, and no worker
 //! starts before every socket is bound, so a bad value or a busy port never
@@ -22,9 +24,14 @@ use crate::logging;
 use crate::master::{self, Master};
 use crate::pidfile::Pidfile;
 use crate::signals;
-use crate::signals::Signals;
+use crate::signals::{MasterSignal, Signals};
 use crate::spawn::Plan;
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::time::{Duration, Instant};
 
 /// Runs procman with the given argv. `Ok` carries the exit code of a clean
 /// run (0, or --help/--version); `Err` the failure to print.
@@ -47,13 +54,23 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
     }
     logging::init(cfg.log_level, cfg.log_format, cfg.log_file.as_deref())?;
     become_subreaper();
-    let signals = Signals::install()?;
+    let mut signals = Signals::install()?;
     // Where `--user` workers will reach the notify socket is part of a valid
     // start: decided before anything is bound.
     crate::notify::notify_base(cfg.credentials.as_ref())?;
-    let listeners = bind_all(&cfg)?;
+    let mut listeners = bind_all(&cfg)?;
     let _pidfile = cfg.pidfile.as_deref().map(Pidfile::create).transpose()?;
-    run_pre_start(&cfg)?;
+    let pre_start = run_pre_start(&cfg, &mut signals);
+    if !matches!(pre_start, Ok(PreStart::Done)) {
+        // No worker will use the sockets: leave no socket file behind.
+        for l in &mut listeners {
+            l.remove_file();
+        }
+    }
+    if pre_start? == PreStart::Stopped {
+        info!("Stopped");
+        return Ok(ExitCode::SUCCESS);
+    }
     let master = Master::new(cfg, listeners, signals, args)?;
     master.run()?;
     info!("Stopped");
@@ -241,18 +258,42 @@ fn bind_all(cfg: &Config) -> Result<Vec<Listener>> {
     Ok(listeners)
 }
 
+/// How the `--pre-start` commands ended, when none failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PreStart {
+    /// All ran and succeeded: start the workers.
+    Done,
+    /// TERM, INT or QUIT came first: exit 0 without starting any worker.
+    Stopped,
+}
+
+/// After the SIGKILL at the graceful deadline, how long to wait for the
+/// command's process group to be gone (as a subreaper procman reaps every
+/// member itself; this only bounds the wait if it could not become one).
+const KILL_GRACE: Duration = Duration::from_secs(1);
+
 /// `--pre-start` commands: each once, in order, as `sh -c CMD`, with the
 /// workers' environment, directory, umask and user (forked like a worker,
 /// without sockets); output goes to procman's own stdout and stderr. The
-/// first failure stops procman (exit 1) before any worker starts.
-fn run_pre_start(cfg: &Config) -> Result<()> {
+/// first failure stops procman (exit 1) before any worker starts; so does
+/// TERM, INT or QUIT, with exit 0 (see [`wait_pre_start`]).
+fn run_pre_start(cfg: &Config, signals: &mut Signals) -> Result<PreStart> {
     if cfg.pre_start.is_empty() {
-        return Ok(());
+        return Ok(PreStart::Done);
     }
     let sh = config::find_program("sh", std::env::var("PATH").ok().as_deref(), None)
         .map_err(|why| Error::runtime(format!("cannot run pre-start commands: sh {why}")))?;
     let env = master::worker_base_env(cfg);
     for cmd in &cfg.pre_start {
+        // A stop that came before (or between) the commands: the next one
+        // does not start.
+        if let Some(sig) = take_stop(signals) {
+            info!(
+                "Shutting down: {} before pre-start command '{cmd}'; not starting any worker",
+                signal_name(sig)
+            );
+            return Ok(PreStart::Stopped);
+        }
         info!("Running pre-start command: {cmd}");
         let argv = ["sh".to_string(), "-c".to_string(), cmd.clone()];
         let fail =
@@ -278,22 +319,145 @@ fn run_pre_start(cfg: &Config) -> Result<()> {
                 errno.desc()
             )));
         }
-        let status = loop {
-            match waitpid(child.pid, None) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                other => break other,
-            }
-        };
-        match status {
-            Ok(WaitStatus::Exited(_, 0)) => {}
-            Ok(other) => {
+        match wait_pre_start(child.pid, cmd, cfg.graceful_timeout, signals) {
+            PreStartEnd::Exited(WaitStatus::Exited(_, 0)) => {}
+            PreStartEnd::Exited(other) => {
                 return Err(Error::runtime(format!(
                     "pre-start command '{cmd}' {}; not starting any worker",
                     master::describe(&other)
                 )))
             }
-            Err(e) => return Err(fail(e.desc().to_string())),
+            PreStartEnd::Stopped => return Ok(PreStart::Stopped),
         }
     }
-    Ok(())
+    Ok(PreStart::Done)
+}
+
+/// How one pre-start command ended.
+enum PreStartEnd {
+    /// It exited on its own, with this status.
+    Exited(WaitStatus),
+    /// procman was asked to stop and the command's process group is gone.
+    Stopped,
+}
+
+/// Drains the signal pipe: the first stop request, if any. Everything
+/// else (HUP, TTIN, ...) is held for the master loop; CHLD is dropped, as
+/// the caller reaps anyway.
+fn take_stop(signals: &mut Signals) -> Option<MasterSignal> {
+    let mut stop = None;
+    for sig in signals.drain() {
+        match sig {
+            s if s.is_stop() => stop = stop.or(Some(s)),
+            MasterSignal::ChildExited => {}
+            other => signals.hold(other),
+        }
+    }
+    stop
+}
+
+/// "SIGTERM", for the log.
+fn signal_name(sig: MasterSignal) -> &'static str {
+    Signal::try_from(sig.number()).map_or("a signal", |s| s.as_str())
+}
+
+/// Waits for the pre-start command `leader` (which leads its own process
+/// group, so a terminal's Ctrl-C does not reach it) without a master loop:
+/// poll(2) on the signal self-pipe, where SIGCHLD arrives too, and reap
+/// after each wake-up. TERM, INT or QUIT is sent on to the command's
+/// process group; if the group is not gone by `--graceful-timeout`, it
+/// gets SIGKILL. A stopped command ends start-up, whatever its status.
+fn wait_pre_start(
+    leader: Pid,
+    cmd: &str,
+    graceful: Duration,
+    signals: &mut Signals,
+) -> PreStartEnd {
+    let mut status: Option<WaitStatus> = None;
+    // When stopping: the deadline, and whether SIGKILL was sent.
+    let mut stopping: Option<(Instant, bool)> = None;
+    loop {
+        let mut stops = Vec::new();
+        for sig in signals.drain() {
+            match sig {
+                s if s.is_stop() => stops.push(s),
+                MasterSignal::ChildExited => {}
+                other => signals.hold(other),
+            }
+        }
+        for sig in stops {
+            if stopping.is_none() {
+                info!(
+                    "Shutting down: {} during pre-start command '{cmd}' (pid {leader}); not starting any worker",
+                    signal_name(sig)
+                );
+                stopping = Some((Instant::now() + graceful, false));
+            }
+            // Every stop signal is passed on (a second Ctrl-C included).
+            if let Ok(sig) = Signal::try_from(sig.number()) {
+                let _ = killpg(leader, sig);
+            }
+        }
+        // Reap every child: the command, and any of its helpers that were
+        // re-parented to procman (a subreaper) when their parent died.
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => break,
+                Ok(s) if s.pid() == Some(leader) => status = Some(s),
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(_) => break, // ECHILD
+            }
+        }
+        let now = Instant::now();
+        match (status, stopping) {
+            (Some(s), None) => return PreStartEnd::Exited(s),
+            // The group outlives its leader until every member is gone.
+            (Some(_), Some(_)) if killpg(leader, None) == Err(Errno::ESRCH) => {
+                return PreStartEnd::Stopped
+            }
+            (_, Some((deadline, false))) if now >= deadline => {
+                warn!(
+                    "Pre-start command '{cmd}' (pid {leader}) did not stop in {}s; killing it",
+                    graceful.as_secs_f64()
+                );
+                let _ = killpg(leader, Signal::SIGKILL);
+                stopping = Some((now + KILL_GRACE, true));
+                continue;
+            }
+            (_, Some((deadline, true))) if now >= deadline => {
+                warn!("Pre-start command '{cmd}' (pid {leader}): processes of its group are still there after SIGKILL");
+                return PreStartEnd::Stopped;
+            }
+            _ => {}
+        }
+        let timeout = match stopping {
+            None => PollTimeout::NONE,
+            // Rounded up, so the loop never wakes just before the deadline.
+            Some((deadline, _)) => {
+                let ms = deadline
+                    .saturating_duration_since(now)
+                    .as_nanos()
+                    .div_ceil(1_000_000)
+                    .min(i32::MAX as u128) as i32;
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut fds = [PollFd::new(signals.fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => {
+                // Without the pipe there is no event to wait for: wait for
+                // the command alone, as if no signal came.
+                warn!(
+                    "poll failed: {}; waiting for pre-start command '{cmd}'",
+                    e.desc()
+                );
+                return match (stopping, status.or_else(|| waitpid(leader, None).ok())) {
+                    (None, Some(s)) => PreStartEnd::Exited(s),
+                    _ => PreStartEnd::Stopped,
+                };
+            }
+        }
+    }
 }

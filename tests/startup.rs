@@ -45,27 +45,25 @@ fn term_stops_procman_even_if_its_parent_blocked_and_ignored_it() {
 #[test]
 fn a_killed_worker_is_respawned_even_if_the_parent_blocked_chld() {
     let mut h = careless_parent("blocked-chld", "1");
-    // Twice: the first death may be noticed anyway, when the master wakes
-    // up a second after the first ready worker (to learn the service is
-    // up); after that nothing but SIGCHLD wakes it.
-    let mut pids = h.wait_workers(1, BOOT);
-    for _ in 0..2 {
-        let victim = *pids.iter().next().expect("a worker");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL)
-            .expect("kill -9");
-        let reaped = wait_for(BOOT, || {
-            h.log_text()
-                .lines()
-                .any(|l| l.contains(&format!("Worker {victim} (slot 0)")) && l.contains("SIGKILL"))
-                .then_some(())
-        });
-        h.check(
-            reaped.is_some(),
-            &format!("the killed worker {victim} was reaped"),
-        );
-        pids = h.wait_workers(1, BOOT);
-        h.check(!pids.contains(&victim), "a new worker answers");
-    }
+    let before = h.wait_workers(1, BOOT);
+    h.check(h.wait_log("All 1 workers ready", BOOT), "ready");
+    // Kill only once the master sleeps with nothing due, so that only
+    // SIGCHLD can tell it (a wake-up for a deadline would reap anyway).
+    h.check(
+        wait_for(BOOT, || idle_in_poll(h.pid).then_some(())).is_some(),
+        "the master went idle",
+    );
+    let victim = *before.iter().next().expect("a worker");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL).expect("kill -9");
+    let reaped = wait_for(BOOT, || {
+        h.log_text()
+            .lines()
+            .any(|l| l.contains(&format!("Worker {victim} (slot 0)")) && l.contains("SIGKILL"))
+            .then_some(())
+    });
+    h.check(reaped.is_some(), "the killed worker was reaped");
+    let after = h.wait_workers(1, BOOT);
+    h.check(!after.contains(&victim), "a new worker answers");
     h.check(h.zombies().is_empty(), "no zombie");
     // HUP, ignored by the parent, is procman's again: a reload.
     h.signal(Signal::SIGHUP);

@@ -589,6 +589,27 @@ pub fn descendants_of(root: i32) -> Vec<i32> {
     out
 }
 
+/// Whether `pid` sleeps in poll(2) with no timeout: for the master, that
+/// nothing is due and only an event (a signal, a notification) can wake
+/// it. Read from /proc/PID/syscall: the syscall number, then its arguments.
+pub fn idle_in_poll(pid: i32) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/syscall")) else {
+        return false;
+    };
+    let f: Vec<&str> = text.split_whitespace().collect();
+    // poll(fds, nfds, timeout = -1) or ppoll(fds, nfds, timeout = NULL, ..).
+    let (poll, ppoll): (Option<&str>, &str) = if cfg!(target_arch = "x86_64") {
+        (Some("7"), "271")
+    } else {
+        (None, "73")
+    };
+    match (f.first(), f.get(3)) {
+        (Some(n), Some(t)) if Some(*n) == poll => *t == "0xffffffff",
+        (Some(n), Some(t)) if *n == ppoll => *t == "0x0",
+        _ => false,
+    }
+}
+
 /// Whether a process exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     stat(pid).is_some_and(|s| s.state != 'Z')

@@ -488,3 +488,38 @@ fn fd_bind_at_start_takes_only_an_inherited_listening_socket() {
         "the error says the fd is procman's",
     );
 }
+
+#[test]
+fn a_failed_reload_leaves_an_inherited_fd_free_for_the_next() {
+    // procman inherits a listening socket at fd 7 that no bind uses yet.
+    let inherited = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let fd_port = inherited.local_addr().expect("addr").port();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy_port = busy.local_addr().expect("addr").port();
+    let start = Start::new("reload-fd-back", &[])
+        .no_default_bind()
+        .inherit_fd(inherited.as_raw_fd(), 7);
+    let file = start.dir().join("procman.toml");
+    let port = free_port();
+    let bind = format!("127.0.0.1:{port}");
+    config(&file, std::slice::from_ref(&bind));
+    let mut h = start.args(["-c", file.to_str().expect("utf8")]).spawn();
+    h.wait_workers_on(port, 1, BOOT);
+    drop(inherited);
+    // fd://7 is taken, then a busy address fails the reload: nothing may
+    // change, fd 7 included (it must not be closed on the way out).
+    let busy_bind = format!("127.0.0.1:{busy_port}");
+    config(&file, &["fd://7".into(), bind.clone(), busy_bind]);
+    h.signal(Signal::SIGHUP);
+    h.check(h.wait_log("Reload failed", BOOT), "the reload is rejected");
+    drop(busy);
+    // (First, so that hello, which serves only fd 3, serves it.)
+    config(&file, &["fd://7".into(), bind]);
+    h.signal(Signal::SIGHUP);
+    h.check(
+        h.wait_log("Reload done", BOOT),
+        "the next reload takes fd 7",
+    );
+    h.wait_workers_on(fd_port, 1, BOOT);
+    stop(&mut h);
+}

@@ -148,7 +148,14 @@ impl std::fmt::Display for BindSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BindSpec::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            // "unix:80" would read back as a socket file named 80.
+            BindSpec::Tcp { host, port } if host == "unix" => write!(f, "tcp://{host}:{port}"),
             BindSpec::Tcp { host, port } => write!(f, "{host}:{port}"),
+            // parse() drops one leading "//" (unix://PATH), so a path that
+            // starts with "//" is written with it to read back unchanged.
+            BindSpec::Unix(p) if p.as_os_str().as_encoded_bytes().starts_with(b"//") => {
+                write!(f, "unix://{}", p.display())
+            }
             BindSpec::Unix(p) => write!(f, "unix:{}", p.display()),
             BindSpec::Fd(n) => write!(f, "fd://{n}"),
         }
@@ -593,7 +600,14 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for text in ["127.0.0.1:80", "[::1]:80", "unix:/x.sock", "fd://4"] {
+        for text in [
+            "127.0.0.1:80",
+            "[::1]:80",
+            "unix:/x.sock",
+            "fd://4",
+            "tcp://unix:80",
+            "unix:////x.sock",
+        ] {
             let spec = BindSpec::parse(text).expect("parses");
             assert_eq!(spec.to_string(), text);
             assert_eq!(BindSpec::parse(&spec.to_string()), Ok(spec));
@@ -622,6 +636,10 @@ mod tests {
     }
 }
 
+/// The most sockets `LISTEN_FDS` may announce (systemd passes one per
+/// `Listen…=` line of a socket unit: a handful).
+pub const MAX_LISTEN_FDS: i32 = 4096;
+
 /// Sockets systemd passed to procman itself (socket activation), read from
 /// `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES`. Pure: the caller passes
 /// the variables and its pid. Returns (fd, name) pairs; empty when the
@@ -636,7 +654,10 @@ pub fn activation_fds(
     let count = listen_fds
         .and_then(|n| n.trim().parse::<i32>().ok())
         .unwrap_or(0);
-    if !ours || count <= 0 {
+    // A count beyond any real socket unit is a corrupt variable: taking it
+    // would mean adopting (and later closing) fds that are not sockets, or
+    // allocating billions of entries.
+    if !ours || count <= 0 || count > MAX_LISTEN_FDS {
         return Vec::new();
     }
     let names: Vec<&str> = names.map(|n| n.split(':').collect()).unwrap_or_default();
@@ -687,5 +708,76 @@ mod activation_tests {
             activation_fds(Some("42"), Some("1"), None, 42),
             vec![(3, "fd-3".to_string())]
         );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cases() -> ProptestConfig {
+        ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// Text shaped like a bind spec, so that many cases parse.
+    fn spec_like() -> impl Strategy<Value = String> {
+        let host = prop_oneof![
+            Just(String::new()),
+            "[a-z0-9.:_\\[\\]/ -]{0,12}",
+            Just("unix".to_string()),
+            Just("fd".to_string()),
+            Just("tcp".to_string()),
+            any::<std::net::Ipv6Addr>().prop_map(|a| format!("[{a}]")),
+        ];
+        let port = prop_oneof![Just(String::new()), (0u32..70000).prop_map(|p| format!(":{p}"))];
+        let prefix = prop_oneof![
+            Just(""),
+            Just("tcp://"),
+            Just("unix:"),
+            Just("unix://"),
+            Just("fd://")
+        ];
+        (prefix, host, port).prop_map(|(pre, h, p)| format!("{pre}{h}{p}"))
+    }
+
+    proptest! {
+        #![proptest_config(cases())]
+
+        #[test]
+        fn parse_never_panics(text in any::<String>()) {
+            let _ = BindSpec::parse(&text);
+        }
+
+        #[test]
+        fn what_parses_prints_back_to_the_same_spec(text in prop_oneof![spec_like(), any::<String>()]) {
+            if let Ok(spec) = BindSpec::parse(&text) {
+                let shown = spec.to_string();
+                prop_assert_eq!(BindSpec::parse(&shown), Ok(spec), "{:?} shown as {:?}", text, shown);
+            }
+        }
+
+        #[test]
+        fn activation_variables_never_panic(
+            pid in prop_oneof![any::<String>(), any::<u32>().prop_map(|n| n.to_string())],
+            fds in prop_oneof![any::<String>(), any::<i64>().prop_map(|n| n.to_string())],
+            names in any::<String>(),
+        ) {
+            let my_pid = pid.trim().parse::<u32>().unwrap_or(42);
+            let got = activation_fds(Some(&pid), Some(&fds), Some(&names), my_pid);
+            for (fd, _) in &got {
+                prop_assert!(*fd >= 3);
+            }
+        }
+    }
+
+    #[test]
+    fn an_absurd_listen_fds_is_ignored_not_allocated() {
+        assert!(activation_fds(Some("42"), Some("2147483647"), None, 42).is_empty());
+        assert!(activation_fds(Some("42"), Some("1000000000"), None, 42).is_empty());
     }
 }

@@ -114,7 +114,7 @@ pub struct Master {
     notify: Receiver,
     systemd: Option<SystemdNotifier>,
     systemd_watchdog: Option<(Duration, Instant)>,
-    base_env: Vec<(String, String)>,
+    base_env: Vec<(OsString, OsString)>,
     table: Table,
     backoff: BTreeMap<usize, Backoff>,
     state: MasterState,
@@ -835,25 +835,29 @@ impl Master {
     /// what described procman's sockets) with `--env`, the class's
     /// variables, `extra`, and the protocol variables. Also returns the
     /// variables whose value the child's own pid fills in after fork.
-    fn child_env(&self, extra: &[(&str, String)]) -> (Vec<(String, String)>, Vec<&'static str>) {
+    fn child_env(
+        &self,
+        extra: &[(&str, String)],
+    ) -> (Vec<(OsString, OsString)>, Vec<&'static str>) {
         let mut env = self.base_env.clone();
-        let mut set = |k: &str, v: String| {
+        let mut set = |k: &str, v: OsString| {
             env.retain(|(key, _)| key != k);
-            env.push((k.to_string(), v));
+            env.push((k.into(), v));
         };
         for (k, v) in &self.launch.env {
-            set(k, v.clone());
+            set(k, v.into());
         }
         for (k, v) in extra {
-            set(k, v.clone());
+            set(k, v.into());
         }
-        set("LISTEN_FDS", self.listeners.len().to_string());
+        set("LISTEN_FDS", self.listeners.len().to_string().into());
         let names: Vec<&str> = self.listeners.iter().map(|l| l.name.as_str()).collect();
-        set("LISTEN_FDNAMES", names.join(":"));
-        set("NOTIFY_SOCKET", self.notify.path().display().to_string());
+        set("LISTEN_FDNAMES", names.join(":").into());
+        // The path as bytes: a runtime directory need not be UTF-8.
+        set("NOTIFY_SOCKET", self.notify.path().as_os_str().to_owned());
         let mut pid_vars = vec!["LISTEN_PID"];
         if let Some(t) = self.cfg.timeout {
-            set("WATCHDOG_USEC", t.as_micros().to_string());
+            set("WATCHDOG_USEC", t.as_micros().to_string().into());
             pid_vars.push("WATCHDOG_PID");
         }
         (env, pid_vars)
@@ -864,7 +868,7 @@ impl Master {
     /// their directory, with their umask.
     fn child_plan(
         &self,
-        env: &[(String, String)],
+        env: &[(OsString, OsString)],
         pid_vars: &[&str],
         fds: &[std::os::fd::RawFd],
     ) -> std::result::Result<Plan, crate::spawn::NulError> {
@@ -1163,13 +1167,15 @@ impl Master {
 
 /// The environment every worker (and pre-start command) starts from:
 /// procman's own, without what described procman's sockets, plus `--env`.
-pub fn worker_base_env(cfg: &Config) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = std::env::vars()
-        .filter(|(k, _)| !SCRUBBED.contains(&k.as_str()))
+/// Names and values are bytes: a variable that is not UTF-8 is passed on
+/// unchanged (`std::env::vars` would panic on it).
+pub fn worker_base_env(cfg: &Config) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !SCRUBBED.iter().any(|s| k == s))
         .collect();
     for (k, v) in &cfg.env {
-        env.retain(|(key, _)| key != k);
-        env.push((k.clone(), v.clone()));
+        env.retain(|(key, _)| key != k.as_str());
+        env.push((k.into(), v.into()));
     }
     env
 }

@@ -14,7 +14,7 @@
 //! so it cannot carry the child's own pid, which `LISTEN_PID` must be
 //! (libsystemd and gunicorn ignore the sockets otherwise).
 
-use std::ffi::{c_char, c_int, CString};
+use std::ffi::{c_char, c_int, CString, OsString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -109,7 +109,7 @@ impl Plan {
     pub fn new(
         program: &Path,
         argv: &[String],
-        env: &[(String, String)],
+        env: &[(OsString, OsString)],
         pid_vars: &[&str],
         listeners: &[RawFd],
         credentials: Option<&Credentials>,
@@ -120,10 +120,15 @@ impl Plan {
         let cstr =
             |s: &[u8]| CString::new(s).map_err(|_| NulError(String::from_utf8_lossy(s).into()));
         let mut env_bufs = Vec::with_capacity(env.len() + pid_vars.len());
+        // Names and values are bytes, passed on exactly as procman got
+        // them (UTF-8 or not).
         for (k, v) in env {
-            let mut b = format!("{k}={v}").into_bytes();
+            let mut b = Vec::with_capacity(k.len() + v.len() + 2);
+            b.extend_from_slice(k.as_bytes());
+            b.push(b'=');
+            b.extend_from_slice(v.as_bytes());
             if b.contains(&0) {
-                return Err(NulError(k.clone()));
+                return Err(NulError(k.to_string_lossy().into_owned()));
             }
             b.push(0);
             env_bufs.push(b);

@@ -104,8 +104,8 @@ fn check(cfg: &Config) -> Result<()> {
     let mut env = master::worker_base_env(cfg);
     env.retain(|(k, _)| k != crate::classes::uvicorn::CONFIG_VAR);
     env.push((
-        crate::classes::uvicorn::CONFIG_VAR.to_string(),
-        json.to_string(),
+        crate::classes::uvicorn::CONFIG_VAR.into(),
+        json.to_string().into(),
     ));
     let argv = [
         opts.python.display().to_string(),
@@ -281,7 +281,7 @@ fn run_pre_start(cfg: &Config, signals: &mut Signals) -> Result<PreStart> {
     if cfg.pre_start.is_empty() {
         return Ok(PreStart::Done);
     }
-    let sh = config::find_program("sh", std::env::var("PATH").ok().as_deref(), None)
+    let sh = config::find_program("sh", std::env::var_os("PATH").as_deref(), None)
         .map_err(|why| Error::runtime(format!("cannot run pre-start commands: sh {why}")))?;
     let env = master::worker_base_env(cfg);
     for cmd in &cfg.pre_start {

@@ -37,7 +37,7 @@ use crate::workers::{StopReason, Worker, WorkerState};
 pub(super) struct Settings {
     cfg: Config,
     launch: Launch,
-    base_env: Vec<(String, String)>,
+    base_env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
     pub(super) listeners: Vec<Rc<Listener>>,
     target: usize,
 }

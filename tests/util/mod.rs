@@ -183,7 +183,7 @@ pub struct Harness {
 /// How to start procman.
 pub struct Start {
     args: Vec<String>,
-    env: Vec<(String, String)>,
+    env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
     env_remove: Vec<String>,
     dir: PathBuf,
     cwd: Option<PathBuf>,
@@ -216,6 +216,16 @@ impl Start {
     /// Sets an environment variable for procman.
     pub fn env(mut self, k: &str, v: &str) -> Start {
         self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Sets an environment variable for procman, as bytes (not UTF-8).
+    pub fn env_os(mut self, k: &[u8], v: &[u8]) -> Start {
+        use std::os::unix::ffi::OsStrExt;
+        self.env.push((
+            std::ffi::OsStr::from_bytes(k).to_owned(),
+            std::ffi::OsStr::from_bytes(v).to_owned(),
+        ));
         self
     }
 
@@ -290,8 +300,8 @@ impl Start {
         ] {
             cmd.env_remove(k);
         }
-        for (k, _) in std::env::vars() {
-            if k.starts_with("PROCMAN_") {
+        for (k, _) in std::env::vars_os() {
+            if k.as_encoded_bytes().starts_with(b"PROCMAN_") {
                 cmd.env_remove(k);
             }
         }

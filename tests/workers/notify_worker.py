@@ -20,8 +20,10 @@ Behaviour worth knowing when writing tests:
   connection, exit 0. SIGUSR1: log `usr1`, keep going.
 * --log FILE gets `<pid> start`, `<pid> term`, `<pid> usr1`, one line each.
 * --dump-env FILE writes one JSON object: every environment variable as
-  received (LISTEN_* included), plus the key "fds": the numbers of the fds open
-  when the interpreter handed over control, as a sorted list of integers.
+  received (LISTEN_* included; bytes that are not UTF-8 shown as U+FFFD), plus
+  the key "fds": the numbers of the fds open when the interpreter handed over
+  control, as a sorted list of integers, and "environb_hex": the exact bytes,
+  as {hex(name): hex(value)}.
 * The listeners' O_NONBLOCK flag is shared with every other worker and is
   never touched: an accept that lost the race for a connection to a sibling
   is cut short by a timer instead (see accept_nowait).
@@ -97,7 +99,10 @@ def log_event(path, what):
 
 
 def dump_env(path):
-    data = dict(os.environ)
+    data = {
+        k.decode(errors="replace"): v.decode(errors="replace") for k, v in os.environb.items()
+    }
+    data["environb_hex"] = {k.hex(): v.hex() for k, v in os.environb.items()}
     data["fds"] = FDS_AT_START
     if os.path.exists(path) and not os.path.isfile(path):
         # A device such as /dev/null: write to it, never rename over it.

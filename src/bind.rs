@@ -734,7 +734,10 @@ mod properties {
             Just("tcp".to_string()),
             any::<std::net::Ipv6Addr>().prop_map(|a| format!("[{a}]")),
         ];
-        let port = prop_oneof![Just(String::new()), (0u32..70000).prop_map(|p| format!(":{p}"))];
+        let port = prop_oneof![
+            Just(String::new()),
+            (0u32..70000).prop_map(|p| format!(":{p}"))
+        ];
         let prefix = prop_oneof![
             Just(""),
             Just("tcp://"),

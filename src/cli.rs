@@ -5,7 +5,9 @@
 //! of them with the same messages whatever their source. Nothing here has a
 //! side effect. Each option's long name is also its config-file key and,
 //! upper-cased with `-` → `_` and a `PROCMAN_` prefix, its environment
-//! variable.
+//! variable. A command-line value is never split: `-e KEY=a,b` is one
+//! value. Only the list variables `PROCMAN_BIND` and `PROCMAN_ENV` hold
+//! several values, comma-separated; `layers.rs` splits them.
 
 use clap::{ArgAction, Parser};
 use serde::{Deserialize, Serialize};
@@ -49,13 +51,12 @@ pub struct Cli {
     pub command: Vec<String>,
 
     // ---- Binding ----
-    /// Address to listen on: HOST:PORT, :PORT, [V6]:PORT, unix:PATH or fd://N; repeatable. [default: 127.0.0.1:8000, or 0.0.0.0:$PORT]
+    /// Address to listen on: HOST:PORT, :PORT, [V6]:PORT, unix:PATH or fd://N; repeatable (PROCMAN_BIND: a comma-separated list, \, for a comma). [default: 127.0.0.1:8000, or 0.0.0.0:$PORT]
     #[arg(
         short = 'b',
         long,
         value_name = "ADDR",
         env = "PROCMAN_BIND",
-        value_delimiter = ',',
         help_heading = "Binding"
     )]
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -309,13 +310,12 @@ pub struct Cli {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chdir: Option<String>,
 
-    /// Extra environment for workers, KEY=VALUE; repeatable.
+    /// Extra environment for workers, KEY=VALUE (the value as typed, commas included); repeatable (PROCMAN_ENV: a comma-separated list, \, for a comma).
     #[arg(
         short = 'e',
         long,
         value_name = "KEY=VALUE",
         env = "PROCMAN_ENV",
-        value_delimiter = ',',
         help_heading = "Process"
     )]
     #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -114,6 +114,18 @@ pub fn load(args: impl IntoIterator<Item = OsString>, env: &Environment) -> Resu
             _ => {}
         }
     }
+    // clap hands a list variable over as one value; only these variables
+    // are lists (a command-line value is never split).
+    for (key, var) in LIST_VARIABLES {
+        if sources.get(*key) == Some(&Source::Environment(var.to_string())) {
+            let list = if *key == "bind" {
+                &mut cli.bind
+            } else {
+                &mut cli.env
+            };
+            *list = split_list(var, &list.concat())?;
+        }
+    }
     if cli.workers.is_none() {
         if let Some(n) = &env.web_concurrency {
             cli.workers = Some(n.clone());
@@ -161,6 +173,45 @@ fn one_line(e: &clap::Error) -> String {
         .to_string()
 }
 
+/// The environment variables that hold lists, by option key.
+const LIST_VARIABLES: &[(&str, &str)] = &[("bind", "PROCMAN_BIND"), ("env", "PROCMAN_ENV")];
+
+/// Splits a list variable (`PROCMAN_BIND`, `PROCMAN_ENV`): items are
+/// separated by `,`; `\,` is a comma inside an item and `\\` a backslash.
+/// Any other backslash is an error, so that no value changes silently.
+pub fn split_list(var: &str, value: &str) -> Result<Vec<String>> {
+    let mut items = Vec::new();
+    let mut item = String::new();
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' => items.push(std::mem::take(&mut item)),
+            '\\' => match chars.next() {
+                Some(e @ (',' | '\\')) => item.push(e),
+                other => {
+                    let after = other.map_or("the end".to_string(), |c| format!("'{c}'"));
+                    return Err(Error::usage(format!(
+                        "invalid {var}: a backslash before {after}; in this comma-separated list write \\, for a comma and \\\\ for a backslash"
+                    )));
+                }
+            },
+            c => item.push(c),
+        }
+    }
+    items.push(item);
+    Ok(items)
+}
+
+/// The inverse of [`split_list`] (for a list of at least one item): items
+/// joined with `,`, each comma and backslash escaped.
+pub fn join_list(items: &[String]) -> String {
+    items
+        .iter()
+        .map(|i| i.replace('\\', "\\\\").replace(',', "\\,"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl Layered {
     /// Fills every option still unset from the TOML file.
     pub fn apply_file(&mut self, path: &Path) -> Result<()> {
@@ -171,9 +222,15 @@ impl Layered {
                 os_reason(&e)
             ))
         })?;
+        self.apply_text(&text, path)
+    }
+
+    /// Fills every option still unset from `text`, the content of the TOML
+    /// file at `path` (named in messages).
+    pub fn apply_text(&mut self, text: &str, path: &Path) -> Result<()> {
         let table: BTreeMap<toml::Spanned<String>, toml::Spanned<toml::Value>> =
-            toml::from_str(&text).map_err(|e| {
-                let line = e.span().map(|s| line_of(&text, s.start)).unwrap_or(0);
+            toml::from_str(text).map_err(|e| {
+                let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
                 Error::usage(format!(
                     "{}, line {line}: invalid TOML: {}",
                     path.display(),
@@ -184,7 +241,7 @@ impl Layered {
         let mut current = toml::Table::try_from(&self.cli)
             .map_err(|e| Error::usage(format!("internal: cannot merge options: {e}")))?;
         for (key, value) in table {
-            let line = line_of(&text, key.span().start);
+            let line = line_of(text, key.span().start);
             let key = key.into_inner();
             let at = |why: String| Error::usage(format!("{}, line {line}: {why}", path.display()));
             if NOT_IN_FILE.contains(&key.as_str()) {
@@ -195,7 +252,8 @@ impl Layered {
                     "unknown key '{key}' (keys are the long option names, e.g. workers, bind, timeout)"
                 )));
             };
-            let value = canonical(&key, *shape, value.into_inner()).map_err(at)?;
+            let raw = text.get(value.span()).unwrap_or_default();
+            let value = canonical(&key, *shape, value.into_inner(), raw).map_err(at)?;
             if current.contains_key(&key) {
                 continue; // the environment or the command line wins
             }
@@ -295,44 +353,146 @@ fn default_of(key: &str) -> Option<&'static str> {
     })
 }
 
-/// A file value in the form the options take: text for most keys (numbers
-/// become their decimal text), arrays for repeatable ones, booleans for
-/// flags. `env` may also be a table of KEY = "value".
+/// The type of a key's value in the file. Each names what it accepts in
+/// its error message; a value of another type is an error naming the key,
+/// the line and the expected type, never reinterpreted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Type {
+    /// Text only (paths, names, choices).
+    Text,
+    /// A whole number, or text (`workers` also takes "auto").
+    Whole,
+    /// A number of seconds (whole or not), or text with a unit.
+    Duration,
+    /// A number of bytes, or text with a unit.
+    Size,
+    /// A name or a number (user, group, signal).
+    NameOrNumber,
+    /// An octal mask: text, or a TOML octal literal such as 0o022.
+    Umask,
+    /// true or false.
+    Flag,
+    /// A list of text items (a single text is a list of one).
+    List,
+    /// `env`: a table of NAME = value, or a list of "NAME=VALUE".
+    Env,
+}
+
+/// The type of every key (clap only knows text, lists and flags).
+fn type_of(key: &str, shape: Shape) -> Type {
+    match (key, shape) {
+        (_, Shape::Flag) => Type::Flag,
+        ("env", _) => Type::Env,
+        (_, Shape::List) => Type::List,
+        (
+            "workers" | "backlog" | "max-requests" | "max-requests-jitter" | "limit-concurrency",
+            _,
+        ) => Type::Whole,
+        (
+            "timeout"
+            | "startup-timeout"
+            | "graceful-timeout"
+            | "keep-alive"
+            | "memory-check-interval"
+            | "max-worker-lifetime"
+            | "max-worker-lifetime-jitter",
+            _,
+        ) => Type::Duration,
+        ("max-worker-memory", _) => Type::Size,
+        ("user" | "group" | "stop-signal", _) => Type::NameOrNumber,
+        ("umask", _) => Type::Umask,
+        _ => Type::Text,
+    }
+}
+
+/// What a key of this type must be, for messages.
+fn expected(key: &str, ty: Type) -> String {
+    match ty {
+        Type::Text => "a string".into(),
+        Type::Whole if key == "workers" => "a whole number or \"auto\"".into(),
+        Type::Whole => "a whole number".into(),
+        Type::Duration => "a duration: a number of seconds, or a string such as \"30s\"".into(),
+        Type::Size => "a size: a number of bytes, or a string such as \"512MiB\"".into(),
+        Type::NameOrNumber => "a name or a number".into(),
+        Type::Umask => "an octal mask such as \"0o022\" or 0o022".into(),
+        Type::Flag => "true or false".into(),
+        Type::List if key == "bind" => {
+            "an address or a list of addresses (strings, e.g. [\":8000\"])".into()
+        }
+        Type::List if key == "command" => {
+            "a list of strings (the program and its arguments)".into()
+        }
+        Type::List => "a string or a list of strings".into(),
+        Type::Env => "a table of NAME = \"value\" (or a list of \"NAME=VALUE\" strings)".into(),
+    }
+}
+
+/// A file value in the form the options take (text, lists of text,
+/// booleans), checked against the key's type. `raw` is the value as
+/// written in the file (to tell 0o022 from 18).
 fn canonical(
     key: &str,
     shape: Shape,
     value: toml::Value,
+    raw: &str,
 ) -> std::result::Result<toml::Value, String> {
     use toml::Value as V;
-    let scalar = |v: V| -> std::result::Result<String, String> {
-        match v {
-            V::String(s) => Ok(s),
-            V::Integer(n) => Ok(n.to_string()),
-            V::Float(f) => Ok(f.to_string()),
-            other => Err(format!(
-                "'{key}' must be a string or a number, not {}",
-                kind(&other)
-            )),
-        }
+    let ty = type_of(key, shape);
+    let wrong = |v: &V| format!("'{key}' must be {}, not {}", expected(key, ty), kind(v));
+    let text = |v: V| match v {
+        V::String(s) => Ok(V::String(s)),
+        other => Err(wrong(&other)),
     };
-    match (shape, value) {
-        (Shape::Flag, V::Boolean(b)) => Ok(V::Boolean(b)),
-        (Shape::Flag, other) => Err(format!(
-            "'{key}' must be true or false, not {}",
-            kind(&other)
-        )),
-        (Shape::List, V::Table(t)) if key == "env" => t
+    match (ty, value) {
+        (Type::Flag, V::Boolean(b)) => Ok(V::Boolean(b)),
+        (Type::Whole | Type::Size | Type::NameOrNumber, V::Integer(n))
+        | (Type::Duration, V::Integer(n)) => Ok(V::String(n.to_string())),
+        (Type::Duration, V::Float(f)) => Ok(V::String(f.to_string())),
+        (Type::Umask, V::Integer(n)) if raw.trim_start().starts_with("0o") => {
+            Ok(V::String(format!("{n:#o}")))
+        }
+        (Type::List, V::Array(items)) => items
             .into_iter()
-            .map(|(k, v)| scalar(v).map(|v| V::String(format!("{k}={v}"))))
+            .map(|item| match item {
+                V::String(s) => Ok(V::String(s)),
+                other => Err(format!(
+                    "'{key}' must be {}, not a list holding {}",
+                    expected(key, ty),
+                    kind(&other)
+                )),
+            })
             .collect::<std::result::Result<Vec<_>, _>>()
             .map(V::Array),
-        (Shape::List, V::Array(items)) => items
+        (Type::List, V::String(s)) => Ok(V::Array(vec![V::String(s)])),
+        (Type::Env, V::Table(t)) => t
             .into_iter()
-            .map(|v| scalar(v).map(V::String))
+            .map(|(name, v)| match v {
+                V::String(s) => Ok(V::String(format!("{name}={s}"))),
+                V::Integer(n) => Ok(V::String(format!("{name}={n}"))),
+                V::Float(f) => Ok(V::String(format!("{name}={f}"))),
+                V::Boolean(b) => Ok(V::String(format!("{name}={b}"))),
+                other => Err(format!(
+                    "'{key}' must be {}; '{name}' is {}",
+                    expected(key, ty),
+                    kind(&other)
+                )),
+            })
             .collect::<std::result::Result<Vec<_>, _>>()
             .map(V::Array),
-        (Shape::List, v) => scalar(v).map(|s| V::Array(vec![V::String(s)])),
-        (Shape::Text, v) => scalar(v).map(V::String),
+        (Type::Env, V::Array(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                V::String(s) => Ok(V::String(s)),
+                other => Err(format!(
+                    "'{key}' must be {}, not a list holding {}",
+                    expected(key, ty),
+                    kind(&other)
+                )),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map(V::Array),
+        (Type::Flag | Type::List | Type::Env, other) => Err(wrong(&other)),
+        (_, v) => text(v),
     }
 }
 
@@ -340,7 +500,7 @@ fn kind(v: &toml::Value) -> &'static str {
     match v {
         toml::Value::String(_) => "a string",
         toml::Value::Integer(_) => "a number",
-        toml::Value::Float(_) => "a number",
+        toml::Value::Float(_) => "a fractional number",
         toml::Value::Boolean(_) => "a boolean",
         toml::Value::Datetime(_) => "a date",
         toml::Value::Array(_) => "a list",
@@ -348,8 +508,15 @@ fn kind(v: &toml::Value) -> &'static str {
     }
 }
 
+/// The 1-based line of a byte offset (counted in bytes: an offset that is
+/// not on a character boundary cannot make this panic).
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 #[cfg(test)]
@@ -420,7 +587,7 @@ mod tests {
             ("workers = 2\nwokers = 3\n", "line 2: unknown key 'wokers'"),
             (
                 "workers = true\n",
-                "line 1: 'workers' must be a string or a number, not a boolean",
+                "line 1: 'workers' must be a whole number or \"auto\", not a boolean",
             ),
             (
                 "reuse-port = \"yes\"\n",
@@ -431,7 +598,15 @@ mod tests {
                 "config = \"x\"\n",
                 "'config' cannot be set in a config file",
             ),
-            ("bind = [true]\n", "'bind' must be a string or a number"),
+            (
+                "bind = [true]\n",
+                "'bind' must be an address or a list of addresses (strings, e.g. [\":8000\"]), not a list holding a boolean",
+            ),
+            ("bind = 5\n", "line 1: 'bind' must be an address or a list of addresses"),
+            ("timeout = true\n", "line 1: 'timeout' must be a duration"),
+            ("umask = 18\n", "line 1: 'umask' must be an octal mask"),
+            ("env = { A = [1] }\n", "line 1: 'env' must be a table"),
+            ("chdir = 1\n", "line 1: 'chdir' must be a string, not a number"),
         ];
         for (i, (text, want)) in table.iter().enumerate() {
             let p = write(&format!("bad{i}.toml"), text);
@@ -525,5 +700,131 @@ mod tests {
             )),
             "{msg}"
         );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cases() -> ProptestConfig {
+        ProptestConfig {
+            cases: 256,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn fresh() -> Layered {
+        Layered {
+            cli: Cli::default(),
+            sources: BTreeMap::new(),
+        }
+    }
+
+    /// A TOML value of any type, as text.
+    fn toml_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| format!("{f:?}")),
+            any::<bool>().prop_map(|b| b.to_string()),
+            any::<String>().prop_map(|s| toml::Value::String(s).to_string()),
+            Just("0o777".to_string()),
+            Just("[1, \"a\", true]".to_string()),
+            Just("{ A = 1, B = \"x\", C = [2] }".to_string()),
+            Just("1979-05-27T07:32:00Z".to_string()),
+            "[^\n]{0,20}",
+        ]
+    }
+
+    /// Lines of `key = value` with real keys and values of every type.
+    fn toml_like() -> impl Strategy<Value = String> {
+        let key = prop::sample::select(keys().into_iter().map(|k| k.0).collect::<Vec<_>>());
+        prop::collection::vec((key, toml_value()), 0..6).prop_map(|lines| {
+            lines
+                .into_iter()
+                .map(|(k, v)| format!("{k} = {v}\n"))
+                .collect::<String>()
+        })
+    }
+
+    fn opt_text() -> impl Strategy<Value = Option<String>> {
+        prop::option::of(any::<String>())
+    }
+
+    proptest! {
+        #![proptest_config(cases())]
+
+        #[test]
+        fn any_file_text_is_applied_or_refused_without_panic(
+            text in prop_oneof![any::<String>(), toml_like()],
+        ) {
+            let _ = fresh().apply_text(&text, Path::new("/x.toml"));
+        }
+
+        #[test]
+        fn printed_options_read_back_the_same(
+            workers in opt_text(),
+            timeout in opt_text(),
+            umask in opt_text(),
+            chdir in opt_text(),
+            bind in prop::collection::vec(any::<String>(), 0..3),
+            env in prop::collection::vec(any::<String>(), 0..3),
+            command in prop::collection::vec(any::<String>(), 0..3),
+            proxy_headers in any::<bool>(),
+        ) {
+            let mut l = fresh();
+            l.cli = Cli {
+                workers,
+                timeout,
+                umask,
+                chdir,
+                bind,
+                env,
+                command,
+                proxy_headers,
+                ..Cli::default()
+            };
+            let printed = l.render_toml();
+            let mut again = fresh();
+            again.apply_text(&printed, Path::new("/x.toml")).map_err(|e| {
+                TestCaseError::fail(format!("{e}\n{printed}"))
+            })?;
+            prop_assert_eq!(
+                toml::Table::try_from(&l.cli).map_err(|e| TestCaseError::fail(e.to_string()))?,
+                toml::Table::try_from(&again.cli).map_err(|e| TestCaseError::fail(e.to_string()))?,
+                "{}", printed
+            );
+        }
+
+        #[test]
+        fn list_variables_split_back_into_their_items(
+            items in prop::collection::vec(any::<String>(), 1..5),
+        ) {
+            prop_assert_eq!(split_list("PROCMAN_ENV", &join_list(&items)), Ok(items));
+        }
+
+        #[test]
+        fn any_list_variable_is_split_or_refused_without_panic(text in any::<String>()) {
+            let _ = split_list("PROCMAN_ENV", &text);
+        }
+    }
+
+    #[test]
+    fn list_variables_have_a_documented_escape() {
+        assert_eq!(
+            split_list("V", r"A=1\,2,B=x\\y,,C"),
+            Ok(vec![
+                "A=1,2".into(),
+                r"B=x\y".into(),
+                String::new(),
+                "C".into()
+            ])
+        );
+        for bad in [r"A=\x", "A=\\"] {
+            let err = split_list("PROCMAN_ENV", bad).expect_err(bad).to_string();
+            assert!(err.starts_with("invalid PROCMAN_ENV: a backslash"), "{err}");
+        }
     }
 }

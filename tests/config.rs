@@ -180,7 +180,7 @@ fn bad_input_gets_one_clear_line_and_the_documented_exit_code() {
             vec!["-c", &wrong_type, "--", "true"],
             vec![],
             2,
-            "'timeout' must be a string or a number",
+            "'timeout' must be a duration: a number of seconds, or a string such as \"30s\", not a list",
         ),
         (
             vec!["--max-requests", "5", "--", "true"],

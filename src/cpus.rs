@@ -64,10 +64,12 @@ pub fn parse_cpu_max(text: &str) -> Option<f64> {
     let mut parts = text.split_whitespace();
     let quota = parts.next()?;
     let period: f64 = parts.next()?.parse().ok()?;
-    if quota == "max" || period <= 0.0 {
+    if quota == "max" || !(period.is_finite() && period > 0.0) {
         return None;
     }
-    Some(quota.parse::<f64>().ok()? / period)
+    // Only a finite, positive quota is a limit ("nan" or "-1" are not).
+    let cpus = quota.parse::<f64>().ok()? / period;
+    (cpus.is_finite() && cpus > 0.0).then_some(cpus)
 }
 
 #[cfg(test)]
@@ -79,6 +81,9 @@ mod tests {
         assert_eq!(parse_cpu_max("max 100000\n"), None);
         assert_eq!(parse_cpu_max("150000 100000\n"), Some(1.5));
         assert_eq!(parse_cpu_max("garbage"), None);
+        for bad in ["nan 100000", "-5 100000", "inf 1", "1 0", "1 nan"] {
+            assert_eq!(parse_cpu_max(bad), None, "{bad}");
+        }
     }
 
     #[test]
@@ -88,5 +93,36 @@ mod tests {
         assert_eq!(combine(Some(2), Some(4.0)).0, 2);
         assert_eq!(combine(Some(4), Some(0.1)).0, 1);
         assert_eq!(combine(None, None).0, 1);
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn any_cpu_max_gives_at_least_one_worker(
+            text in prop_oneof![
+                any::<String>(),
+                (any::<f64>(), any::<f64>()).prop_map(|(q, p)| format!("{q} {p}")),
+                (any::<i64>(), any::<i64>()).prop_map(|(q, p)| format!("{q} {p}")),
+            ],
+            mask in prop::option::of(0usize..4096),
+        ) {
+            let quota = parse_cpu_max(&text);
+            if let Some(q) = quota {
+                prop_assert!(q.is_finite() && q > 0.0, "{}", q);
+            }
+            let (n, _) = combine(mask, quota);
+            prop_assert!(n >= 1 && n <= mask.unwrap_or(1).max(1));
+        }
     }
 }

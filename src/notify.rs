@@ -93,6 +93,43 @@ pub fn parse(payload: &str) -> Vec<Message> {
         .collect()
 }
 
+/// Why a datagram's payload was dropped whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// It holds a NUL byte (sd_notify payloads are text).
+    Nul,
+    /// It is not UTF-8.
+    NotUtf8,
+}
+
+/// Parses a datagram's raw payload: NUL bytes or bytes that are not UTF-8
+/// drop it whole (a half-understood notification is worse than none).
+pub fn parse_datagram(payload: &[u8]) -> std::result::Result<Vec<Message>, Dropped> {
+    if payload.contains(&0) {
+        return Err(Dropped::Nul);
+    }
+    let text = std::str::from_utf8(payload).map_err(|_| Dropped::NotUtf8)?;
+    Ok(parse(text))
+}
+
+impl std::fmt::Display for Message {
+    /// The notification line, as a worker sends it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Message::Ready => f.write_str("READY=1"),
+            Message::Reloading => f.write_str("RELOADING=1"),
+            Message::Stopping => f.write_str("STOPPING=1"),
+            Message::Heartbeat => f.write_str("WATCHDOG=1"),
+            Message::WatchdogTrigger => f.write_str("WATCHDOG=trigger"),
+            Message::Status(s) => write!(f, "STATUS={s}"),
+            Message::Errno(s) => write!(f, "ERRNO={s}"),
+            Message::ExtendTimeout(d) => write!(f, "EXTEND_TIMEOUT_USEC={}", d.as_micros()),
+            Message::Recycle(s) => write!(f, "X_PROCMAN_RECYCLE={s}"),
+            Message::Error(s) => write!(f, "X_PROCMAN_ERROR={s}"),
+        }
+    }
+}
+
 /// A datagram received from some process.
 #[derive(Debug)]
 pub struct Datagram {
@@ -296,19 +333,18 @@ impl Receiver {
                 tracing::debug!("dropped a notification without credentials");
                 continue;
             };
-            let payload = &buf[..len];
-            if payload.contains(&0) {
-                tracing::debug!(sender = pid, "dropped a notification with a NUL byte");
-                continue;
-            }
-            let Ok(text) = std::str::from_utf8(payload) else {
-                tracing::debug!(sender = pid, "dropped a notification that is not UTF-8");
-                continue;
+            let Some(payload) = buf.get(..len) else {
+                continue; // the kernel never reports more than the buffer
             };
-            out.push(Datagram {
-                pid,
-                messages: parse(text),
-            });
+            match parse_datagram(payload) {
+                Ok(messages) => out.push(Datagram { pid, messages }),
+                Err(Dropped::Nul) => {
+                    tracing::debug!(sender = pid, "dropped a notification with a NUL byte")
+                }
+                Err(Dropped::NotUtf8) => {
+                    tracing::debug!(sender = pid, "dropped a notification that is not UTF-8")
+                }
+            }
         }
         out
     }
@@ -461,5 +497,81 @@ mod tests {
         assert_eq!(got[0].pid, std::process::id() as i32);
         assert_eq!(got[0].messages[0], Message::Ready);
         assert!(rx.drain().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cases() -> ProptestConfig {
+        ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// One line's value: anything but a newline (which ends the line).
+    fn value() -> impl Strategy<Value = String> {
+        "[^\n\x00]{0,40}"
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            Just(Message::Ready),
+            Just(Message::Reloading),
+            Just(Message::Stopping),
+            Just(Message::Heartbeat),
+            Just(Message::WatchdogTrigger),
+            value().prop_map(Message::Status),
+            value().prop_map(Message::Errno),
+            any::<u64>().prop_map(|us| Message::ExtendTimeout(Duration::from_micros(us))),
+            value().prop_map(Message::Recycle),
+            value().prop_map(Message::Error),
+        ]
+    }
+
+    /// Bytes shaped like a notification, so that many cases parse.
+    fn notification_like() -> impl Strategy<Value = Vec<u8>> {
+        let key = prop::sample::select(vec![
+            "READY",
+            "RELOADING",
+            "STOPPING",
+            "WATCHDOG",
+            "STATUS",
+            "ERRNO",
+            "EXTEND_TIMEOUT_USEC",
+            "X_PROCMAN_RECYCLE",
+            "X_PROCMAN_ERROR",
+            "MAINPID",
+            "",
+        ]);
+        let line = (key, prop::collection::vec(any::<u8>(), 0..12)).prop_map(|(k, v)| {
+            let mut l = format!("{k}=").into_bytes();
+            l.extend(v);
+            l
+        });
+        prop::collection::vec(line, 0..5).prop_map(|lines| lines.join(&b'\n'))
+    }
+
+    proptest! {
+        #![proptest_config(cases())]
+
+        #[test]
+        fn any_payload_is_parsed_or_dropped_without_panic(
+            payload in prop_oneof![prop::collection::vec(any::<u8>(), 0..512), notification_like()],
+        ) {
+            if let Ok(messages) = parse_datagram(&payload) {
+                prop_assert!(messages.len() <= payload.len());
+            }
+        }
+
+        #[test]
+        fn formatted_messages_parse_back(messages in prop::collection::vec(message(), 0..8)) {
+            let text = messages.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("\n");
+            prop_assert_eq!(parse_datagram(text.as_bytes()), Ok(messages));
+        }
     }
 }

@@ -21,11 +21,14 @@ pub struct Stat {
     pub start_ticks: u64,
 }
 
-/// Parses the content of `/proc/PID/stat`.
-pub fn parse_stat(text: &str) -> Option<Stat> {
-    // The command name may contain spaces and parentheses: the fields that
-    // follow start after the last ')'. Field 3 (state) is index 0 here.
-    let rest = &text[text.rfind(')')? + 1..];
+/// Parses the content of `/proc/PID/stat`. It is bytes, not text: the
+/// command name in it is whatever the process named itself.
+pub fn parse_stat(bytes: &[u8]) -> Option<Stat> {
+    // The command name may contain spaces, parentheses and any byte: the
+    // fields that follow start after the last ')'. Field 3 (state) is
+    // index 0 here.
+    let close = bytes.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(bytes.get(close + 1..)?).ok()?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     Some(Stat {
         ppid: fields.get(1)?.parse().ok()?,
@@ -49,7 +52,11 @@ pub fn parse_uids(status: &str) -> Option<[u32; 4]> {
 
 /// The uids of one process (see [`parse_uids`]).
 pub fn uids(pid: i32) -> Option<[u32; 4]> {
-    parse_uids(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+    // Bytes, not text: the Name: line holds the process's own name, which
+    // need not be UTF-8 (the Uid: line always is).
+    parse_uids(&String::from_utf8_lossy(
+        &std::fs::read(format!("/proc/{pid}/status")).ok()?,
+    ))
 }
 
 /// Now, in the unit of [`Stat::start_ticks`]: the kernel reports a start
@@ -74,7 +81,7 @@ pub fn boot_ticks_now() -> u64 {
 
 /// `/proc/PID/stat` of one process.
 pub fn stat(pid: i32) -> Option<Stat> {
-    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    parse_stat(&std::fs::read(format!("/proc/{pid}/stat")).ok()?)
 }
 
 /// Resident memory in bytes of every process group, summed over its
@@ -111,7 +118,7 @@ mod tests {
     fn stat_lines_parse_even_with_odd_command_names() {
         let line = "4242 (we (ird) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 123 1000000 250 18446744073709551615";
         assert_eq!(
-            parse_stat(line),
+            parse_stat(line.as_bytes()),
             Some(Stat {
                 ppid: 1,
                 pgrp: 4242,
@@ -119,7 +126,32 @@ mod tests {
                 start_ticks: 123,
             })
         );
-        assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(parse_stat(b"garbage"), None);
+    }
+
+    #[test]
+    fn a_process_whose_name_is_not_utf8_is_still_read() {
+        use std::os::unix::ffi::OsStrExt;
+        // The kernel names a process after the file it executed, bytes and
+        // all (a process may also rename itself with PR_SET_NAME).
+        let dir = std::env::temp_dir().join(format!("procman-procfs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let exe = dir.join(std::ffi::OsStr::from_bytes(b"w\xff\xfe(x) y"));
+        let sleep = std::fs::canonicalize("/bin/sleep").expect("sleep");
+        std::os::unix::fs::symlink(sleep, &exe).expect("symlink");
+        let mut child = std::process::Command::new(&exe)
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id() as i32;
+        let comm = std::fs::read(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let got = stat(pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(comm.starts_with(b"w\xff\xfe(x) y"), "{comm:?}");
+        assert_eq!(got.map(|s| s.ppid), Some(std::process::id() as i32));
     }
 
     #[test]
@@ -147,5 +179,66 @@ mod tests {
     fn our_own_group_has_memory() {
         let me = nix::unistd::getpgrp().as_raw();
         assert!(rss_by_group().get(&me).copied().unwrap_or(0) > 0);
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cases() -> ProptestConfig {
+        ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// A stat line as the kernel writes it (52 fields), for a process
+    /// with this name (up to 15 bytes, any but NUL).
+    fn stat_line(pid: i32, comm: &[u8], s: Stat) -> Vec<u8> {
+        let Stat {
+            ppid,
+            pgrp,
+            rss_pages,
+            start_ticks,
+        } = s;
+        let mut line = format!("{pid} (").into_bytes();
+        line.extend_from_slice(comm);
+        line.extend_from_slice(
+            format!(") S {ppid} {pgrp} {pgrp} 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 {start_ticks} 1000000 {rss_pages} 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n")
+                .as_bytes(),
+        );
+        line
+    }
+
+    proptest! {
+        #![proptest_config(cases())]
+
+        #[test]
+        fn any_bytes_are_parsed_or_refused_without_panic(
+            bytes in prop::collection::vec(any::<u8>(), 0..400),
+        ) {
+            let _ = parse_stat(&bytes);
+        }
+
+        #[test]
+        fn kernel_lines_parse_whatever_the_name(
+            pid in 1..=i32::MAX,
+            comm in prop::collection::vec(1u8..=255, 0..16),
+            ppid in 0..=i32::MAX,
+            pgrp in 0..=i32::MAX,
+            rss_pages in any::<u64>(),
+            start_ticks in any::<u64>(),
+        ) {
+            let want = Stat { ppid, pgrp, rss_pages, start_ticks };
+            prop_assert_eq!(parse_stat(&stat_line(pid, &comm, want)), Some(want));
+        }
+
+        #[test]
+        fn any_status_text_is_parsed_or_refused_without_panic(text in any::<String>()) {
+            let _ = parse_uids(&text);
+        }
     }
 }

@@ -52,7 +52,10 @@ pub enum FromZygote {
     Closed,
 }
 
-/// Parses one datagram from the zygote.
+/// Parses one datagram from the zygote. A pid that is not a positive
+/// `pid_t` or a slot out of range makes the message unreadable (`None`):
+/// truncating it could name another process, and pid 0 or -1 given to
+/// kill(2) means a whole process group or every process.
 pub fn parse(bytes: &[u8]) -> Option<FromZygote> {
     let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
     if v.get("ready").and_then(|r| r.as_bool()) == Some(true) {
@@ -253,6 +256,77 @@ mod tests {
         ];
         for (text, want) in table {
             assert_eq!(&parse(text.as_bytes()), want, "{text}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cases() -> ProptestConfig {
+        ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// A message as the bootstrap writes it.
+    fn to_json(m: &FromZygote) -> serde_json::Value {
+        match m {
+            FromZygote::Ready => serde_json::json!({"ready": true, "pid": 7}),
+            FromZygote::Spawned { slot, pid } => {
+                serde_json::json!({"spawned": {"slot": slot, "pid": pid}})
+            }
+            FromZygote::Warning(w) => serde_json::json!({ "warning": w }),
+            FromZygote::Error(e) => serde_json::json!({ "error": e }),
+            FromZygote::Closed => serde_json::Value::Null,
+        }
+    }
+
+    fn message() -> impl Strategy<Value = FromZygote> {
+        prop_oneof![
+            Just(FromZygote::Ready),
+            (any::<u32>(), any::<i64>()).prop_map(|(slot, pid)| FromZygote::Spawned {
+                slot: slot as usize,
+                pid
+            }),
+            any::<String>().prop_map(FromZygote::Warning),
+            any::<String>().prop_map(FromZygote::Error),
+        ]
+    }
+
+    /// JSON shaped like the protocol, with numbers of any size and sign.
+    fn json_like() -> impl Strategy<Value = Vec<u8>> {
+        let number = prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| format!("{f:?}")),
+            Just("\"7\"".to_string()),
+            Just("null".to_string()),
+        ];
+        (number.clone(), number).prop_map(|(slot, pid)| {
+            format!(r#"{{"spawned": {{"slot": {slot}, "pid": {pid}}}}}"#).into_bytes()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(cases())]
+
+        #[test]
+        fn any_bytes_are_parsed_or_ignored_without_panic(
+            bytes in prop_oneof![prop::collection::vec(any::<u8>(), 0..256), json_like()],
+        ) {
+            // Whatever pid it names is checked by pid::verify_reported.
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn messages_as_the_bootstrap_writes_them_parse_back(m in message()) {
+            let bytes = to_json(&m).to_string().into_bytes();
+            prop_assert_eq!(parse(&bytes), Some(m));
         }
     }
 }

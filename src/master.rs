@@ -153,7 +153,7 @@ impl Master {
         args: Vec<OsString>,
     ) -> Result<Master> {
         let notify = Receiver::create(cfg.credentials.as_ref())?;
-        let systemd = SystemdNotifier::from_env(std::env::var("NOTIFY_SOCKET").ok().as_deref());
+        let systemd = SystemdNotifier::from_env(std::env::var_os("NOTIFY_SOCKET").as_deref());
         let systemd_watchdog = systemd_watchdog_interval().map(|d| (d, Instant::now() + d));
         let base_env = worker_base_env(&cfg);
         let launch = classes::launch(&cfg);

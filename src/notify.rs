@@ -24,9 +24,11 @@
 //! The master drains this socket before reaping children, so a `READY=1`
 //! sent just before a worker exits is still attributed to it.
 
+use std::ffi::OsStr;
 use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -418,16 +420,18 @@ pub struct SystemdNotifier {
 }
 
 impl SystemdNotifier {
-    /// Reads `NOTIFY_SOCKET`; `None` when unset or unusable.
-    pub fn from_env(value: Option<&str>) -> Option<SystemdNotifier> {
-        let value = value?;
-        let addr = if let Some(name) = value.strip_prefix('@') {
-            SocketAddr::from_abstract_name(name.as_bytes()).ok()?
-        } else if value.starts_with('/') {
-            SocketAddr::from_pathname(value).ok()?
+    /// Reads `NOTIFY_SOCKET` (bytes: a path or an abstract name need not be
+    /// UTF-8); `None` when unset or unusable.
+    pub fn from_env(value: Option<&OsStr>) -> Option<SystemdNotifier> {
+        let bytes = value?.as_bytes();
+        let addr = if let Some(name) = bytes.strip_prefix(b"@") {
+            SocketAddr::from_abstract_name(name).ok()?
+        } else if bytes.starts_with(b"/") {
+            SocketAddr::from_pathname(Path::new(OsStr::from_bytes(bytes))).ok()?
         } else {
             tracing::warn!(
-                "ignoring NOTIFY_SOCKET={value}: only paths and @abstract names are supported"
+                "ignoring NOTIFY_SOCKET={}: only paths and @abstract names are supported",
+                String::from_utf8_lossy(bytes)
             );
             return None;
         };

@@ -63,19 +63,11 @@ pub enum Parsed {
     Printed,
 }
 
-/// How a key is written in the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Shape {
-    Text,
-    List,
-    Flag,
-}
-
 /// Keys that make no sense inside a config file.
 const NOT_IN_FILE: &[&str] = &["config", "check-config", "print-config", "help", "version"];
 
-/// Every option's (key, clap id, env var, shape), from clap's definitions.
-fn keys() -> Vec<(String, String, Option<String>, Shape)> {
+/// Every option's (key, clap id, env var, type), from clap's definitions.
+fn keys() -> Vec<(String, String, Option<String>, Type)> {
     Cli::command()
         .get_arguments()
         .map(|a| {
@@ -83,14 +75,20 @@ fn keys() -> Vec<(String, String, Option<String>, Shape)> {
                 .get_long()
                 .map(str::to_string)
                 .unwrap_or_else(|| a.get_id().to_string());
-            let shape = match a.get_action() {
-                ArgAction::SetTrue => Shape::Flag,
-                ArgAction::Append => Shape::List,
-                _ if a.is_positional() && a.get_id() == "command" => Shape::List,
-                _ => Shape::Text,
+            let value_name = a
+                .get_value_names()
+                .and_then(|n| n.first())
+                .map(|n| n.as_str())
+                .unwrap_or("");
+            let ty = match a.get_action() {
+                ArgAction::SetTrue => Type::Flag,
+                ArgAction::Append if key == "env" => Type::Env,
+                ArgAction::Append => Type::List,
+                _ if a.is_positional() && a.get_id() == "command" => Type::List,
+                _ => type_of(value_name),
             };
             let env = a.get_env().map(|e| e.to_string_lossy().to_string());
-            (key, a.get_id().to_string(), env, shape)
+            (key, a.get_id().to_string(), env, ty)
         })
         .collect()
 }
@@ -247,13 +245,13 @@ impl Layered {
             if NOT_IN_FILE.contains(&key.as_str()) {
                 return Err(at(format!("'{key}' cannot be set in a config file")));
             }
-            let Some((_, _, _, shape)) = known.iter().find(|(k, ..)| *k == key) else {
+            let Some((_, _, _, ty)) = known.iter().find(|(k, ..)| *k == key) else {
                 return Err(at(format!(
                     "unknown key '{key}' (keys are the long option names, e.g. workers, bind, timeout)"
                 )));
             };
             let raw = text.get(value.span()).unwrap_or_default();
-            let value = canonical(&key, *shape, value.into_inner(), raw).map_err(at)?;
+            let value = canonical(&key, *ty, value.into_inner(), raw).map_err(at)?;
             if current.contains_key(&key) {
                 continue; // the environment or the command line wins
             }
@@ -378,29 +376,15 @@ enum Type {
     Env,
 }
 
-/// The type of every key (clap only knows text, lists and flags).
-fn type_of(key: &str, shape: Shape) -> Type {
-    match (key, shape) {
-        (_, Shape::Flag) => Type::Flag,
-        ("env", _) => Type::Env,
-        (_, Shape::List) => Type::List,
-        (
-            "workers" | "backlog" | "max-requests" | "max-requests-jitter" | "limit-concurrency",
-            _,
-        ) => Type::Whole,
-        (
-            "timeout"
-            | "startup-timeout"
-            | "graceful-timeout"
-            | "keep-alive"
-            | "memory-check-interval"
-            | "max-worker-lifetime"
-            | "max-worker-lifetime-jitter",
-            _,
-        ) => Type::Duration,
-        ("max-worker-memory", _) => Type::Size,
-        ("user" | "group" | "stop-signal", _) => Type::NameOrNumber,
-        ("umask", _) => Type::Umask,
+/// The type of a single-valued option, from the value name its `--help`
+/// shows (so that an option added later is typed by what it documents).
+fn type_of(value_name: &str) -> Type {
+    match value_name {
+        "N" | "N|auto" => Type::Whole,
+        "SECS" | "DUR" => Type::Duration,
+        "SIZE" => Type::Size,
+        "USER" | "GROUP" | "SIG" => Type::NameOrNumber,
+        "MASK" => Type::Umask,
         _ => Type::Text,
     }
 }
@@ -432,12 +416,11 @@ fn expected(key: &str, ty: Type) -> String {
 /// written in the file (to tell 0o022 from 18).
 fn canonical(
     key: &str,
-    shape: Shape,
+    ty: Type,
     value: toml::Value,
     raw: &str,
 ) -> std::result::Result<toml::Value, String> {
     use toml::Value as V;
-    let ty = type_of(key, shape);
     let wrong = |v: &V| format!("'{key}' must be {}, not {}", expected(key, ty), kind(v));
     let text = |v: V| match v {
         V::String(s) => Ok(V::String(s)),
@@ -616,6 +599,38 @@ mod tests {
             assert!(msg.contains(&p.display().to_string()), "{msg}");
             assert!(msg.contains(want), "{text:?}: {msg}");
         }
+    }
+
+    #[test]
+    fn every_key_has_the_type_its_help_documents() {
+        let types: BTreeMap<String, Type> = keys().into_iter().map(|k| (k.0, k.3)).collect();
+        let want: &[(&str, Type)] = &[
+            ("workers", Type::Whole),
+            ("backlog", Type::Whole),
+            ("limit-concurrency", Type::Whole),
+            ("timeout", Type::Duration),
+            ("keep-alive", Type::Duration),
+            ("max-worker-lifetime-jitter", Type::Duration),
+            ("memory-check-interval", Type::Duration),
+            ("max-worker-memory", Type::Size),
+            ("user", Type::NameOrNumber),
+            ("stop-signal", Type::NameOrNumber),
+            ("umask", Type::Umask),
+            ("bind", Type::List),
+            ("command", Type::List),
+            ("pre-start", Type::List),
+            ("env", Type::Env),
+            ("preload", Type::Flag),
+            ("app", Type::Text),
+            ("chdir", Type::Text),
+            ("ready", Type::Text),
+            ("log-level", Type::Text),
+        ];
+        for (key, ty) in want {
+            assert_eq!(types.get(*key), Some(ty), "{key}");
+        }
+        let durations = types.values().filter(|t| **t == Type::Duration).count();
+        assert!(durations >= 7, "{types:?}");
     }
 
     #[test]

@@ -40,9 +40,14 @@ fn affinity_count() -> Option<usize> {
 /// Reads `cpu.max` ("max 100000" or "150000 100000") of this process's
 /// cgroup v2 and returns the quota in CPUs, if one is set.
 fn cgroup_quota(self_cgroup: &Path, root: &Path) -> Option<f64> {
-    let text = std::fs::read_to_string(self_cgroup).ok()?;
-    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let mut dir = root.join(rel.trim_start_matches('/'));
+    use std::os::unix::ffi::OsStrExt;
+    // Bytes: a cgroup is a directory, and its name need not be UTF-8.
+    let bytes = std::fs::read(self_cgroup).ok()?;
+    let rel = bytes
+        .split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(b"0::"))?;
+    let rel = rel.strip_prefix(b"/").unwrap_or(rel);
+    let mut dir = root.join(std::ffi::OsStr::from_bytes(rel));
     // A limit set on any ancestor applies too; take the tightest.
     let mut best: Option<f64> = None;
     loop {
@@ -84,6 +89,22 @@ mod tests {
         for bad in ["nan 100000", "-5 100000", "inf 1", "1 0", "1 nan"] {
             assert_eq!(parse_cpu_max(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_cgroup_whose_name_is_not_utf8_is_read() {
+        use std::os::unix::ffi::OsStrExt;
+        let base = std::env::temp_dir().join(format!("procman-cpus-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let root = base.join("cgroup");
+        let group = root.join(std::ffi::OsStr::from_bytes(b"app\xff.slice"));
+        std::fs::create_dir_all(&group).expect("mkdir");
+        std::fs::write(group.join("cpu.max"), "250000 100000\n").expect("cpu.max");
+        let own = base.join("self-cgroup");
+        std::fs::write(&own, b"0::/app\xff.slice\n").expect("cgroup");
+        let quota = cgroup_quota(&own, &root);
+        let _ = std::fs::remove_dir_all(&base);
+        assert_eq!(quota, Some(2.5));
     }
 
     #[test]

@@ -95,6 +95,25 @@ fn keys() -> Vec<(String, String, Option<String>, Type)> {
 
 /// Parses the command line, then layers the environment and the file.
 pub fn load(args: impl IntoIterator<Item = OsString>, env: &Environment) -> Result<Parsed> {
+    let args: Vec<OsString> = args.into_iter().collect();
+    // Options are text; clap would only say "invalid UTF-8 was detected"
+    // without saying where.
+    for (i, arg) in args.iter().enumerate().skip(1) {
+        if arg.to_str().is_none() {
+            return Err(Error::usage(format!(
+                "argument {i} ('{}') is not valid UTF-8",
+                arg.to_string_lossy()
+            )));
+        }
+    }
+    for var in keys().into_iter().filter_map(|k| k.2) {
+        if let Some(v) = std::env::var_os(&var).filter(|v| v.to_str().is_none()) {
+            return Err(Error::usage(format!(
+                "{var} ('{}') is not valid UTF-8",
+                v.to_string_lossy()
+            )));
+        }
+    }
     let matches = match Cli::command().try_get_matches_from(args) {
         Ok(m) => m,
         Err(e) => return clap_outcome(e),

@@ -188,3 +188,40 @@ fn a_config_value_of_the_wrong_type_names_the_key_the_line_and_the_type() {
         assert!(out.contains(want), "{want}: {out}");
     }
 }
+
+#[test]
+fn a_value_that_is_not_utf8_is_named_in_the_error() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let dir = temp_dir("not-utf8");
+    let bad = OsStr::from_bytes(b"4\xff");
+    let cases: Vec<(Vec<&OsStr>, Option<&str>, &str)> = vec![
+        (
+            vec![OsStr::new("-w"), bad, OsStr::new("--"), OsStr::new("true")],
+            None,
+            "argument 2 ('4\u{fffd}') is not valid UTF-8",
+        ),
+        (
+            vec![OsStr::new("--"), OsStr::new("true")],
+            Some("PROCMAN_WORKERS"),
+            "PROCMAN_WORKERS ('4\u{fffd}') is not valid UTF-8",
+        ),
+    ];
+    for (args, var, want) in cases {
+        let mut cmd = Command::new(PROCMAN);
+        cmd.args(&args).current_dir(&*dir).stdin(Stdio::null());
+        for (k, _) in std::env::vars_os() {
+            if k.as_encoded_bytes().starts_with(b"PROCMAN_") {
+                cmd.env_remove(k);
+            }
+        }
+        if let Some(var) = var {
+            cmd.env(var, bad);
+        }
+        let out = cmd.output().expect("run procman");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(want), "want {want:?} in {err}");
+    }
+}

@@ -35,7 +35,7 @@ use crate::policy::{self, Backoff, Decision, Due, Goal};
 use crate::procfs;
 use crate::signals::{self, MasterSignal, Signals};
 use crate::spawn::Plan;
-use crate::workers::{Stop, StopReason, Table, Worker, WorkerState};
+use crate::workers::{Lingering, Stop, StopReason, Table, Worker, WorkerState};
 use crate::zygote::{FromZygote, Zygote, ZygoteState};
 
 mod preload;
@@ -141,6 +141,8 @@ pub struct Master {
     zygote_backoff: Backoff,
     /// After repeated zygote failures, workers start cold.
     cold_fallback: bool,
+    /// Process groups whose leader was reaped but which still have members.
+    lingering: Vec<Lingering>,
 }
 
 impl Master {
@@ -185,6 +187,7 @@ impl Master {
             zygotes: Vec::new(),
             zygote_backoff: Backoff::default(),
             cold_fallback: false,
+            lingering: Vec::new(),
         })
     }
 
@@ -211,7 +214,8 @@ impl Master {
             let now = Instant::now();
             self.act(now);
             if let MasterState::Stopping { outcome, .. } = &self.state {
-                if self.table.is_empty() && self.zygotes.is_empty() {
+                // Done only when no process of any group we created remains.
+                if self.table.is_empty() && self.zygotes.is_empty() && self.lingering.is_empty() {
                     let outcome = outcome.clone();
                     self.finish();
                     return outcome;
@@ -294,6 +298,14 @@ impl Master {
         for z in &mut self.zygotes {
             stop_zygote(z);
         }
+        // Leftovers of workers that are already gone: the stop deadline
+        // applies to them too, and a quick stop does not wait for them.
+        let limit = if quick { now } else { now + grace };
+        for g in &mut self.lingering {
+            if let Some(at) = &mut g.kill_at {
+                *at = (*at).min(limit);
+            }
+        }
     }
 
     /// A second TERM/INT/QUIT during a stop: everyone gets at most 2 s more.
@@ -309,6 +321,11 @@ impl Master {
             }) = &mut w.stop
             {
                 *at = (*at).min(limit);
+            }
+        }
+        for g in &mut self.lingering {
+            if let Some(at) = &mut g.kill_at {
+                *at = (*at).min(now);
             }
         }
     }
@@ -430,6 +447,11 @@ impl Master {
     fn on_exit(&mut self, pid: Pid, status: WaitStatus, now: Instant) {
         if let Some(i) = self.zygotes.iter().position(|z| z.pid == pid) {
             let z = self.zygotes.swap_remove(i);
+            // A zygote has nothing to drain: whatever is left in its group
+            // (an intermediate of a spawn) goes at once.
+            if let Some(group) = ChildPid::new(pid.as_raw()) {
+                self.linger(group, format!("zygote {pid}"), Some(now), now);
+            }
             self.on_zygote_exit(z, status, now);
             return;
         }
@@ -503,6 +525,91 @@ impl Master {
                 }
             }
         }
+        self.linger_after(&w, now);
+    }
+
+    /// A worker's leader was reaped: if its process group still has
+    /// members, they are SIGKILLed at the worker's stop deadline (at once on
+    /// a quick stop, or if procman already sent SIGKILL); the group of a
+    /// worker that died on its own gets the stop signal now and SIGKILL
+    /// after the graceful timeout.
+    fn linger_after(&mut self, w: &Worker, now: Instant) {
+        let Some(group) = ChildPid::new(w.pid.as_raw()).filter(|g| g.group_has_members()) else {
+            return;
+        };
+        let quick = matches!(self.state, MasterState::Stopping { quick: true, .. });
+        let kill_at = match w.stop {
+            _ if quick => now,
+            Some(Stop {
+                kill_at: Some(at), ..
+            }) => at,
+            Some(Stop { kill_at: None, .. }) => now,
+            None => {
+                group.signal_group_only(self.stop_signal());
+                now + self.cfg.graceful_timeout
+            }
+        };
+        let label = format!("worker {} (slot {})", w.pid, w.slot);
+        self.linger(group, label, Some(kill_at), now);
+    }
+
+    /// Tracks group `pgid` until it is empty; its members get SIGKILL at
+    /// `kill_at`.
+    fn linger(&mut self, pgid: ChildPid, label: String, kill_at: Option<Instant>, now: Instant) {
+        if !pgid.group_has_members() {
+            return;
+        }
+        info!(
+            "The process group of {label} still has processes; {}",
+            match kill_at {
+                Some(at) if at > now => format!(
+                    "killing them in {:.1}s unless they exit",
+                    at.saturating_duration_since(now).as_secs_f64()
+                ),
+                _ => "killing them".to_string(),
+            }
+        );
+        self.lingering.push(Lingering {
+            pgid,
+            label,
+            kill_at,
+            killed_at: None,
+        });
+        self.tend_groups(now);
+    }
+
+    /// Forgets emptied groups, SIGKILLs those whose deadline passed, and
+    /// stops waiting for members that survive SIGKILL for long.
+    fn tend_groups(&mut self, now: Instant) {
+        self.lingering.retain_mut(|g| {
+            if !g.pgid.group_has_members() {
+                debug!("The process group of {} is empty", g.label);
+                return false;
+            }
+            match (g.kill_at, g.killed_at) {
+                (Some(at), _) if at <= now => {
+                    warn!(
+                        "Killing what is left of the process group of {} (SIGKILL)",
+                        g.label
+                    );
+                    // Non-empty (just checked), so the number still names
+                    // this group: it cannot be reused while a member remains.
+                    g.pgid.signal_group_only(Signal::SIGKILL);
+                    g.kill_at = None;
+                    g.killed_at = Some(now);
+                    true
+                }
+                (None, Some(t)) if now >= t + policy::GROUP_KILL_PATIENCE => {
+                    warn!(
+                        "The process group of {} still has processes {:?} after SIGKILL; no longer waiting for them",
+                        g.label,
+                        policy::GROUP_KILL_PATIENCE
+                    );
+                    false
+                }
+                _ => true,
+            }
+        });
     }
 
     /// Records a death in the slot's backoff; returns the new backoff.
@@ -632,6 +739,7 @@ impl Master {
                 }
             }
         }
+        self.tend_groups(now);
         if let Some((interval, at)) = self.systemd_watchdog {
             if now >= at {
                 if let Some(sd) = &self.systemd {
@@ -738,7 +846,19 @@ impl Master {
             .flatten()
             .min()
         };
+        // A killed group empties when its last member is reaped (a SIGCHLD
+        // wakes us), but a member that is not our child would not: look
+        // again every 100 ms until it is empty or we stop waiting.
+        let groups = self
+            .lingering
+            .iter()
+            .map(|g| match g.kill_at {
+                Some(at) => at,
+                None => now + Duration::from_millis(100),
+            })
+            .min();
         [
+            groups,
             zygote,
             deadline,
             backoff,

@@ -50,6 +50,24 @@ impl ChildPid {
     }
 }
 
+impl ChildPid {
+    /// Whether the process group led by this pid still has a member, its
+    /// leader reaped or not (a zombie not yet reaped counts: the number
+    /// stays allocated, so it cannot name another group meanwhile).
+    /// `kill(-pgid, 0)` fails with ESRCH once none is left; EPERM (only
+    /// members the master may not signal) counts as empty, since nothing
+    /// could be done about them.
+    pub fn group_has_members(self) -> bool {
+        killpg(self.pid(), None).is_ok()
+    }
+
+    /// Signals the process group only, never the pid alone: for a group
+    /// whose leader was reaped (its pid may name another process by now).
+    pub fn signal_group_only(self, sig: Signal) {
+        let _ = killpg(self.pid(), sig);
+    }
+}
+
 impl std::fmt::Display for ChildPid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.0.fmt(f)

@@ -30,6 +30,11 @@ pub const ABORT_GRACE: Duration = Duration::from_secs(1);
 /// Consecutive samples above --max-worker-memory before a recycle.
 pub const MEMORY_SAMPLES: u32 = 3;
 
+/// How long the master waits for the members of a lingering process group
+/// to disappear after their SIGKILL before it stops waiting (a process in
+/// uninterruptible sleep, a zombie whose parent never reaps it).
+pub const GROUP_KILL_PATIENCE: Duration = Duration::from_secs(10);
+
 /// How long a quick stop lets workers drain.
 pub const QUICK_STOP_GRACE: Duration = Duration::from_secs(2);
 

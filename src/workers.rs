@@ -3,11 +3,14 @@
 //!
 //! Invariant: a row leaves the table only when its process is reaped by the
 //! master loop, so a pid in the table can always be signalled safely (it
-//! cannot have been reused by another process).
+//! cannot have been reused by another process). A reaped worker's process
+//! group that still has members lives on as a [`Lingering`] group.
 
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
+
+use crate::pid::ChildPid;
 
 /// Where a worker is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +127,24 @@ impl Worker {
     pub fn ready_for(&self, now: Instant) -> Option<Duration> {
         self.ready_at.map(|r| now.saturating_duration_since(r))
     }
+}
+
+/// The process group of a reaped worker (or zygote) that still has
+/// members: helpers that ignored the stop signal, or outlived a crashed
+/// leader. Orphaned members are re-parented to the master (a child
+/// subreaper) and reaped by its loop; the group is tracked until it is
+/// empty, and the number stays allocated (cannot name another group) while
+/// any member, zombie or not, remains.
+#[derive(Debug, Clone)]
+pub struct Lingering {
+    /// The group (the reaped leader's pid).
+    pub pgid: ChildPid,
+    /// "worker 123 (slot 0)", for the log.
+    pub label: String,
+    /// When its members get SIGKILL; `None` once they have.
+    pub kill_at: Option<Instant>,
+    /// When SIGKILL was sent.
+    pub killed_at: Option<Instant>,
 }
 
 /// All workers not yet reaped.

@@ -633,3 +633,127 @@ fn the_example_systemd_units_are_valid() {
     assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `sh -c` script of a worker (notify_worker with `worker_args`) that first
+/// starts a helper in its process group which ignores TERM and ABRT (a
+/// background child inherits ignored signals, and exec keeps them
+/// ignored); the helper's pid goes to `pid_file`.
+fn worker_with_stubborn_helper(pid_file: &Path, worker_args: &str) -> String {
+    format!(
+        "trap '' TERM ABRT; sleep 1000 & echo $! > {p}; trap - TERM ABRT; exec {w} {worker_args}",
+        p = pid_file.display(),
+        w = notify_worker().join(" ")
+    )
+}
+
+/// Live (non-zombie) processes of process group `pgid`.
+fn group_members(pgid: i32) -> Vec<i32> {
+    all_stats()
+        .into_iter()
+        .filter(|(_, s)| s.pgrp == pgid && s.state != 'Z')
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// Kills and reaps what is left of group `pgid` after procman exited (its
+/// members were re-parented to this test process, a subreaper), so that a
+/// failing test leaves nothing behind; returns what was left.
+fn kill_leftovers(pgid: i32) -> Vec<i32> {
+    let left = group_members(pgid);
+    for p in &left {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(*p), None);
+    }
+    left
+}
+
+/// Starts procman with one such worker; returns the worker's pid (its
+/// group) and the helper's pid.
+fn start_with_stubborn_helper(name: &str, args: &[&str], worker_args: &str) -> (Harness, i32, i32) {
+    let start = Start::new(name, args);
+    let pid_file = start.dir().join("helper.pid");
+    let script = worker_with_stubborn_helper(&pid_file, worker_args);
+    let mut h = start.args(["--", "sh", "-c", &script]).spawn();
+    let worker = *h.wait_workers(1, BOOT).iter().next().expect("worker");
+    let helper: i32 = wait_for(BOOT, || {
+        std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+    })
+    .expect("helper pid");
+    h.check(
+        group_members(worker).contains(&helper),
+        "the helper is in the worker's process group",
+    );
+    (h, worker, helper)
+}
+
+#[test]
+fn a_graceful_stop_kills_a_helper_that_ignores_term_and_waits_for_it() {
+    let (mut h, worker, helper) =
+        start_with_stubborn_helper("linger-term", &["-w", "1", "--graceful-timeout", "1"], "");
+    let t0 = Instant::now();
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+    // Checked at once: procman itself waited until the group was empty.
+    let left = kill_leftovers(worker);
+    h.check(
+        left.is_empty(),
+        &format!(
+            "processes of worker {worker}'s group outlived procman: {left:?} (helper {helper})"
+        ),
+    );
+    let took = t0.elapsed();
+    h.check(
+        took >= Duration::from_millis(900),
+        &format!("the helper had until --graceful-timeout, procman exited after {took:?}"),
+    );
+}
+
+#[test]
+fn a_quick_stop_kills_a_helper_that_ignores_term() {
+    let (mut h, worker, helper) =
+        start_with_stubborn_helper("linger-int", &["-w", "1", "--graceful-timeout", "60"], "");
+    h.signal(Signal::SIGINT);
+    assert_eq!(h.exit_code(BOOT), 0);
+    let left = kill_leftovers(worker);
+    h.check(
+        left.is_empty(),
+        &format!(
+            "processes of worker {worker}'s group outlived procman: {left:?} (helper {helper})"
+        ),
+    );
+}
+
+#[test]
+fn a_crashed_workers_helper_is_cleaned_up() {
+    let (h, worker, helper) =
+        start_with_stubborn_helper("linger-crash", &["-w", "1", "--graceful-timeout", "1"], "");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker), Signal::SIGKILL).expect("kill -9");
+    let gone = wait_for(Duration::from_secs(10), || {
+        group_members(worker).is_empty().then_some(())
+    });
+    h.check(
+        gone.is_some(),
+        &format!("helper {helper} of crashed worker {worker} still runs"),
+    );
+    h.check(h.children().len() == 1, "the worker was replaced");
+}
+
+#[test]
+fn a_timed_out_workers_helper_is_cleaned_up() {
+    let (h, worker, helper) = start_with_stubborn_helper(
+        "linger-timeout",
+        &["-w", "1", "-t", "1", "--graceful-timeout", "1"],
+        "--heartbeat 0.2 --silent-after 0.5",
+    );
+    h.check(
+        h.wait_log("without a heartbeat; aborting", BOOT),
+        "timeout logged",
+    );
+    let gone = wait_for(Duration::from_secs(10), || {
+        group_members(worker).is_empty().then_some(())
+    });
+    h.check(
+        gone.is_some(),
+        &format!("helper {helper} of timed-out worker {worker} still runs"),
+    );
+}

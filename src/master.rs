@@ -143,6 +143,9 @@ pub struct Master {
     cold_fallback: bool,
     /// Process groups whose leader was reaped but which still have members.
     lingering: Vec<Lingering>,
+    /// Once a quick stop (or a second TERM) was asked for: no SIGKILL may be
+    /// pushed past this, whatever a worker asks with EXTEND_TIMEOUT_USEC.
+    kill_limit: Option<Instant>,
 }
 
 impl Master {
@@ -188,6 +191,7 @@ impl Master {
             zygote_backoff: Backoff::default(),
             cold_fallback: false,
             lingering: Vec::new(),
+            kill_limit: None,
         })
     }
 
@@ -291,6 +295,9 @@ impl Master {
         }
         self.state = MasterState::Stopping { quick, outcome };
         let grace = self.stop_grace(quick);
+        if quick {
+            self.kill_limit = Some(now + grace);
+        }
         let pids: Vec<Pid> = self.table.iter().map(|w| w.pid).collect();
         for pid in pids {
             self.stop_worker(pid, StopReason::Shutdown, grace, now);
@@ -315,6 +322,7 @@ impl Master {
             *quick = true;
         }
         let limit = now + policy::QUICK_STOP_GRACE;
+        self.kill_limit = Some(self.kill_limit.map_or(limit, |l| l.min(limit)));
         for w in self.table.iter_mut() {
             if let Some(Stop {
                 kill_at: Some(at), ..
@@ -372,6 +380,7 @@ impl Master {
 
     fn on_message(&mut self, pid: Pid, sender: i32, message: Message, now: Instant) {
         let notify_ready = self.cfg.workers_notify_ready();
+        let kill_limit = self.kill_limit;
         let Some(w) = self.table.get_mut(pid) else {
             return;
         };
@@ -415,7 +424,24 @@ impl Master {
                     Some(Stop {
                         kill_at: Some(at), ..
                     }),
-                ) => *at = (*at).max(now + d),
+                ) => {
+                    let wanted = now + d;
+                    match kill_limit {
+                        // A quick stop is bounded: the worker keeps what it
+                        // has, up to the quick stop's deadline.
+                        Some(limit) if wanted > limit => {
+                            *at = (*at).max(limit);
+                            info!(
+                                worker = pid.as_raw(),
+                                slot = w.slot,
+                                "Worker {pid} (slot {}) asked for {d:?} more time to stop; a quick stop allows {:.1}s more",
+                                w.slot,
+                                at.saturating_duration_since(now).as_secs_f64()
+                            );
+                        }
+                        _ => *at = (*at).max(wanted),
+                    }
+                }
                 _ => {}
             },
             Message::Stopping => {
@@ -446,6 +472,14 @@ impl Master {
 
     fn on_exit(&mut self, pid: Pid, status: WaitStatus, now: Instant) {
         if let Some(i) = self.zygotes.iter().position(|z| z.pid == pid) {
+            // What it sent before dying (a reply to a spawn the master gave
+            // up on: that worker must be killed) is read before its channel
+            // is closed with it.
+            if !self.zygotes[i].closed {
+                for m in self.zygotes[i].drain() {
+                    self.on_zygote_message(pid, m, now);
+                }
+            }
             let z = self.zygotes.swap_remove(i);
             // A zygote has nothing to drain: whatever is left in its group
             // (an intermediate of a spawn) goes at once.

@@ -136,7 +136,9 @@ fn worker_ignoring_term_is_killed_at_the_graceful_timeout() {
 
 #[test]
 fn ready_workers_killed_from_outside_right_after_start_are_respawned() {
-    let mut h = Start::new("outside-kill", &[])
+    // Ready at exec, all within milliseconds (a worker that survived a
+    // stability window would already have stayed up).
+    let mut h = Start::new("outside-kill", &["--ready-after", "0"])
         .args(hello_args("5"))
         .spawn();
     h.check(h.wait_log("All 5 workers ready", BOOT), "ready");

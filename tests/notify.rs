@@ -405,3 +405,39 @@ fn extend_timeout_during_a_stop_pushes_the_kill_back() {
         "no SIGKILL at the original deadline",
     );
 }
+
+#[test]
+fn extend_timeout_during_a_quick_stop_does_not_delay_the_kill() {
+    // On the stop signal the worker asks for 60 s more and never exits: a
+    // quick stop still kills it after its 2 s.
+    let sender = format!(
+        "{} {}",
+        python3().display(),
+        repo().join("tests/workers/send_notify.py").display()
+    );
+    let script = format!(
+        "trap '{sender} \"$NOTIFY_SOCKET\" EXTEND_TIMEOUT_USEC=60000000; while :; do sleep 0.05; done' TERM; while :; do sleep 0.05; done"
+    );
+    let mut h = Start::new(
+        "extend-quick",
+        &["--graceful-timeout", "60", "--", "sh", "-c", &script],
+    )
+    .spawn();
+    h.check(h.wait_log("All 1 workers ready", BOOT), "ready");
+    h.signal(Signal::SIGINT);
+    let status = h.wait_exit(Duration::from_secs(15));
+    h.check(
+        status.is_some(),
+        "the extension delayed the quick stop's kill",
+    );
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    let log = h.log_text();
+    h.check(
+        log.contains("more time to stop; a quick stop allows"),
+        "the extension was received and capped",
+    );
+    h.check(
+        log.contains("did not stop in time; killing it"),
+        "killed at the quick stop's deadline",
+    );
+}

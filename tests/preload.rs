@@ -287,3 +287,67 @@ fn a_killed_master_leaves_neither_zygote_nor_workers() {
         "orphans: workers {workers:?}, zygote {zygote}"
     );
 }
+
+/// procman with --preload serving the hostile app (tests/apps/hostile_fork.py)
+/// in the given mode.
+fn hostile(name: &str, mode: &str, workers: &str) -> Start {
+    let python = venv_python();
+    Start::new(
+        name,
+        &[
+            "hostile_fork:main",
+            "--preload",
+            "--no-access-log",
+            "--python",
+            python.to_str().expect("utf8"),
+            "-w",
+            workers,
+            "--env",
+            &format!("HOSTILE_FORK={mode}"),
+        ],
+    )
+    .args(["--chdir", repo().join("tests/apps").to_str().expect("utf8")])
+}
+
+#[test]
+fn a_zygote_that_cannot_fork_is_given_up_for_cold_workers() {
+    let mut h = hostile("pre-nofork", "error", "2").spawn();
+    h.wait_workers(2, Duration::from_secs(30));
+    h.check(
+        h.log_text().contains("new workers start cold"),
+        "cold fallback logged",
+    );
+    // Each zygote answered a spawn with an error: counted as a failure,
+    // backed off, and given up after the third.
+    let zygotes = zygote_pids(&h).len();
+    h.check(zygotes == 3, &format!("{zygotes} zygotes started, want 3"));
+    h.check(
+        h.count_log("could not fork a worker") == 3,
+        "one failed spawn per zygote",
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
+fn a_spawn_reply_that_comes_too_late_leaves_no_unsupervised_worker() {
+    let mut h = hostile("pre-slowfork", "slow", "1").spawn();
+    h.check(
+        h.wait_log("new workers start cold", Duration::from_secs(40)),
+        "cold fallback after the zygotes that did not answer in time",
+    );
+    h.wait_workers(1, BOOT);
+    // The workers forked for requests that timed out must not serve: once
+    // they are gone only the cold worker is left (zygotes were killed).
+    let only_one = wait_for(Duration::from_secs(10), || {
+        let kids: Vec<i32> = h.children().into_iter().filter(|p| alive(*p)).collect();
+        (kids.len() == 1).then_some(())
+    });
+    let kids: Vec<i32> = h.children().into_iter().filter(|p| alive(*p)).collect();
+    h.check(
+        only_one.is_some(),
+        &format!("procman's children: {kids:?}, want only the cold worker"),
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}

@@ -48,7 +48,11 @@ on request:
   subreaper); only then does the zygote report the pid, so the master knows
   it before the worker does anything, and finds the worker already its child
   (it verifies that, and refuses any other pid). The worker
-  waits until its parent is the master, then sets PR_SET_PDEATHSIG, restores
+  waits until its parent is the master and until the zygote says (over a
+  pipe only the zygote can write to) that the master was told its pid: if
+  the zygote dies first, say killed by a master that gave up waiting for the
+  reply, the worker exits instead of serving unsupervised. It then sets
+  PR_SET_PDEATHSIG, restores
   a cold worker's signal state, takes its identity from "env" and calls the
   same serve() as a cold worker. It never returns into the zygote's code.
 * Stop signals are blocked around the fork and stay blocked in the
@@ -617,16 +621,30 @@ class Zygote:
 
     def spawn_blocked(self, slot, env):
         read_end, write_end = os.pipe()  # intermediate -> us: the worker's pid
+        # Us -> the worker: one byte once the master was told its pid. Only we
+        # hold the write end, so if we die first (the master gave up on the
+        # request and killed us) the worker reads EOF and does not serve:
+        # nobody supervises it.
+        go_read, go_write = os.pipe()
         try:
             pid = os.fork()
         except OSError as exc:
-            os.close(read_end)
-            os.close(write_end)
+            for fd in (read_end, write_end, go_read, go_write):
+                os.close(fd)
             self.control.send({"error": f"cannot fork: {exc} (slot {slot})"})
             return
         if pid == 0:
             os.close(read_end)
-            self.intermediate(slot, env, write_end)  # never returns
+            os.close(go_write)
+            self.intermediate(slot, env, write_end, go_read)  # never returns
+        os.close(go_read)
+        try:
+            self.report(slot, pid, read_end, write_end, go_write)
+        finally:
+            os.close(go_write)
+
+    def report(self, slot, pid, read_end, write_end, go_write):
+        """Reads the worker's pid from intermediate `pid`, tells the master, and lets the worker go."""
         os.close(write_end)
         with os.fdopen(read_end, "rb") as pipe:
             reported = pipe.read()  # EOF when the intermediate exits
@@ -640,14 +658,17 @@ class Zygote:
             # The intermediate has exited, so the worker was re-parented to
             # the master before this reply: the master checks that its
             # parent is the master when the reply arrives.
-            if not self.control.send({"spawned": {"slot": slot, "pid": worker}}):
+            if self.control.send({"spawned": {"slot": slot, "pid": worker}}):
+                with contextlib.suppress(OSError):
+                    os.write(go_write, b"1")
+            else:
                 with contextlib.suppress(OSError):  # nobody knows this worker: it must not serve
                     os.kill(worker, signal.SIGKILL)
         elif code != 1:  # 1: the intermediate sent "error" itself
             self.control.send({"error": f"cannot spawn slot {slot}: the intermediate process "
                                         f"ended with status {code} before reporting"})
 
-    def intermediate(self, slot, env, report_fd):
+    def intermediate(self, slot, env, report_fd, go_fd):
         """Forks the worker, writes its pid to report_fd and exits. Runs with stop signals blocked."""
         code = 2
         me = os.getpid()  # before the fork: the worker's getppid() may already be the master
@@ -660,7 +681,8 @@ class Zygote:
                 return
             if pid == 0:
                 os.close(report_fd)
-                self.worker(env, me)  # never returns
+                self.worker(env, me, go_fd)  # never returns
+            os.close(go_fd)
             # Its own process group before anyone knows the pid (the worker
             # does the same: whichever runs first wins, the other is a no-op).
             with contextlib.suppress(OSError):
@@ -677,7 +699,7 @@ class Zygote:
         finally:
             os._exit(code)
 
-    def worker(self, env, intermediate):
+    def worker(self, env, intermediate, go_fd):
         """Becomes a worker: waits for the master to adopt it, then serves. Never returns."""
 
         def give_up(message=None):
@@ -707,6 +729,13 @@ class Zygote:
                                                if parent == intermediate else
                                                f"pid {parent} adopted it (the master died, or is "
                                                "not a child subreaper)"))
+            # Serve only once the zygote told the master our pid: a spawn the
+            # master gave up on (the zygote killed before its reply) must not
+            # leave a worker nobody supervises.
+            with os.fdopen(go_fd, "rb") as go:
+                told = go.read(1)
+            if told != b"1":
+                give_up("the zygote could not report this worker to the master; not serving")
             # Die with the master. It may have died before prctl took effect:
             # then we were re-parented again and must not go on.
             if self.libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG

@@ -441,3 +441,31 @@ fn extend_timeout_during_a_quick_stop_does_not_delay_the_kill() {
         "killed at the quick stop's deadline",
     );
 }
+
+#[test]
+fn a_worker_killed_after_its_heartbeat_timeout_is_said_to_be_killed_by_procman() {
+    // The worker ignores SIGABRT (inherited through exec), so the SIGKILL
+    // a second later is what ends it: procman says it sent it.
+    let worker = format!(
+        "trap '' ABRT; exec {} --heartbeat 0.2 --silent-after 0.5",
+        notify_worker().join(" ")
+    );
+    let h = Start::new(
+        "hb-kill",
+        &["-w", "1", "-t", "1", "--", "sh", "-c", &worker],
+    )
+    .spawn();
+    h.check(
+        h.wait_log("exited after its timeout:", BOOT),
+        "the worker was killed after its timeout",
+    );
+    let log = h.log_text();
+    h.check(
+        log.contains("exited after its timeout: killed by procman after a heartbeat timeout"),
+        "the kill is named as procman's",
+    );
+    h.check(
+        !log.contains("perhaps out of memory"),
+        "no OOM suspicion for procman's own kill",
+    );
+}

@@ -505,11 +505,13 @@ fn exec_failure_is_logged_with_its_reason() {
 
 #[test]
 fn crash_loop_after_being_up_backs_off() {
-    // Workers serve for 1.5 s then crash: the service was up, so procman
-    // keeps it alive and respawns at once (no boot-failure exit).
+    // Workers serve for 2.5 s then crash: the service was up, so procman
+    // keeps it alive and respawns at once (no boot-failure exit). 2.5 s,
+    // counted from the interpreter's start, is well past the 1 s stability
+    // window counted from the spawn, also when the master is slow to wake.
     let mut h = Start::new("crashloop", &["-w", "1", "--"])
         .args(notify_worker())
-        .args(["--exit-after", "1.5", "--exit-code", "1"])
+        .args(["--exit-after", "2.5", "--exit-code", "1"])
         .spawn();
     h.wait_workers(1, BOOT);
     h.check(
@@ -534,8 +536,12 @@ fn an_idle_master_does_not_wake_up() {
     h.wait_workers(2, BOOT);
     h.check(h.wait_log("All 2 workers ready", BOOT), "ready");
     // The master wakes once, a second after the first worker is ready, to
-    // learn that the service has been up; after that nothing is due.
-    std::thread::sleep(Duration::from_millis(1500));
+    // learn that the service has been up; after that nothing is due: it
+    // sleeps in poll(2) without a timeout. Measure from then on.
+    h.check(
+        wait_for(BOOT, || idle_in_poll(h.pid).then_some(())).is_some(),
+        "the master sleeps in poll(2) with no timeout",
+    );
     let switches = |pid: i32| -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         s.lines()

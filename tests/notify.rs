@@ -4,7 +4,7 @@
 mod util;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -132,13 +132,19 @@ fn never_ready_worker_is_killed_at_the_startup_timeout_and_procman_exits_3() {
 
 #[test]
 fn a_replacement_that_never_becomes_ready_leaves_the_old_worker_serving() {
-    let mut h = Start::new(
-        "reload-fails",
-        &["--ready", "notify", "--startup-timeout", "1", "--"],
-    )
-    .args(per_generation("", "--never-ready"))
-    .spawn();
+    // The first worker gets all the time an interpreter may need to start
+    // on a loaded machine; only the replacement, which never becomes ready
+    // anyway, gets the short timeout (HUP re-reads the config file).
+    let start = Start::new("reload-fails", &[]);
+    let file = start.dir().join("procman.toml");
+    std::fs::write(&file, "startup-timeout = '60s'\n").expect("config");
+    let mut h = start
+        .args(["-c", file.to_str().expect("utf-8 path")])
+        .args(["--ready", "notify", "--"])
+        .args(per_generation("", "--never-ready"))
+        .spawn();
     let old = h.wait_workers(1, BOOT);
+    std::fs::write(&file, "startup-timeout = '1s'\n").expect("config");
     h.signal(Signal::SIGHUP);
     h.check(
         h.wait_log("Reload to generation 2 failed", BOOT),
@@ -205,14 +211,46 @@ fn watchdog_trigger_counts_as_a_timeout() {
     );
 }
 
+/// `systemd-notify` (a C program: it starts in milliseconds, where a
+/// Python interpreter on a loaded machine can take more than a second).
+fn systemd_notify() -> String {
+    let found = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join("systemd-notify"))
+        .find(|p| p.exists());
+    match found {
+        Some(p) => p.display().to_string(),
+        None => panic!("systemd-notify is missing: run scripts/test (it installs systemd)"),
+    }
+}
+
 #[test]
 fn extend_timeout_pushes_the_startup_deadline_back() {
+    // The request for more time must come before the 1 s deadline, so not
+    // from the Python worker, whose interpreter may not even have started
+    // by then: from systemd-notify, in the background of the worker's
+    // shell, which then execs the worker (same pid). Its exit status is
+    // never collected, so it stays a child of the worker (a zombie) and
+    // procman can attribute its message whenever it reads it.
+    let script = format!(
+        "{} --no-block EXTEND_TIMEOUT_USEC=60000000 & exec {} --ready-after 2",
+        systemd_notify(),
+        notify_worker().join(" ")
+    );
     let h = Start::new(
         "extend",
-        &["--ready", "notify", "--startup-timeout", "1", "--"],
+        &[
+            "--ready",
+            "notify",
+            "--startup-timeout",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
     )
-    .args(notify_worker())
-    .args(["--extend-timeout-usec", "5000000", "--ready-after", "2"])
     .spawn();
     h.check(
         h.wait_log("All 1 workers ready", BOOT),
@@ -375,24 +413,52 @@ fn a_worker_that_says_it_is_stopping_gets_a_replacement() {
     assert!(!now.contains(&first));
 }
 
+/// A helper a worker's shell starts in the background: on TERM (sent to the
+/// worker's whole process group) it asks for 60 s more and takes 2 s to
+/// stop. It is running, its handler set, before it writes `argv[1]`, so a
+/// stop does not race an interpreter's start-up.
+const SLOW_STOPPER: &str = "import os, signal, socket, sys, time
+def stop(*_):
+    addr = os.environ['NOTIFY_SOCKET']
+    addr = '\\0' + addr[1:] if addr.startswith('@') else addr
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(b'EXTEND_TIMEOUT_USEC=60000000', addr)
+    time.sleep(2)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+open(sys.argv[1] + '.tmp', 'w').close()
+os.rename(sys.argv[1] + '.tmp', sys.argv[1])
+while True:
+    time.sleep(60)
+";
+
 #[test]
 fn extend_timeout_during_a_stop_pushes_the_kill_back() {
-    // On TERM the worker asks for 5 s more (from a child process, as a
-    // shell script would) and takes 2 s: past --graceful-timeout 1.
-    let sender = format!(
-        "{} {}",
-        python3().display(),
-        repo().join("tests/workers/send_notify.py").display()
-    );
+    // On TERM a helper of the worker asks for more time and takes 2 s:
+    // past --graceful-timeout 1. The worker (the shell) waits for it.
+    let start = Start::new("extend-stop", &[]);
+    let ready = start.dir().join("helper-ready");
     let script = format!(
-        "trap '{sender} \"$NOTIFY_SOCKET\" EXTEND_TIMEOUT_USEC=5000000; sleep 2; exit 0' TERM; while :; do sleep 0.05; done"
+        "trap 'wait; exit 0' TERM; {} -c \"$0\" {} & while :; do sleep 0.05; done",
+        python3().display(),
+        ready.display()
     );
-    let mut h = Start::new(
-        "extend-stop",
-        &["--graceful-timeout", "1", "--", "sh", "-c", &script],
-    )
-    .spawn();
+    let mut h = start
+        .args([
+            "--graceful-timeout",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            &script,
+            SLOW_STOPPER,
+        ])
+        .spawn();
     h.check(h.wait_log("All 1 workers ready", BOOT), "ready");
+    h.check(
+        wait_for(BOOT, || ready.exists().then_some(())).is_some(),
+        "the helper is ready to be stopped",
+    );
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
     let log = h.log_text();

@@ -578,9 +578,11 @@ fn a_missing_chdir_or_a_malformed_env_is_a_usage_error() {
 fn stop_signal_is_what_command_workers_get_on_a_graceful_stop() {
     let start = Start::new("stop-signal", &[]);
     let got = start.dir().join("got");
+    let trapped = start.dir().join("trapped");
     let script = format!(
-        "trap 'echo usr2 > {g}; exit 0' USR2; trap 'echo term > {g}; exit 0' TERM; while :; do sleep 0.05; done",
-        g = got.display()
+        "trap 'echo usr2 > {g}; exit 0' USR2; trap 'echo term > {g}; exit 0' TERM; touch {t}; while :; do sleep 0.05; done",
+        g = got.display(),
+        t = trapped.display()
     );
     let mut h = start
         .args([
@@ -595,6 +597,11 @@ fn stop_signal_is_what_command_workers_get_on_a_graceful_stop() {
         ])
         .spawn();
     h.check(h.wait_log("All 1 workers ready", BOOT), "ready");
+    // Stop only once the worker's traps are set.
+    h.check(
+        wait_for(BOOT, || trapped.exists().then_some(())).is_some(),
+        "the worker set its traps",
+    );
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
     let text = std::fs::read_to_string(&got).unwrap_or_default();

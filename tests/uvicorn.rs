@@ -318,12 +318,19 @@ fn quick_stop_ends_at_once() {
         &["-w", "2", "--graceful-timeout", "60"],
     )
     .spawn();
-    h.wait_workers(2, BOOT);
+    let pids = h.wait_workers(2, BOOT);
+    let idle: Vec<(i32, usize)> = pids.iter().map(|p| (*p, idle_fd_count(*p))).collect();
     let addr = h.addr();
     let _slow = std::thread::spawn(move || {
         http_request(addr, "GET", "/slow?s=30", None, Duration::from_secs(40))
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // The request is in flight once a worker holds one more fd.
+    let in_flight = wait_for(BOOT, || {
+        idle.iter()
+            .any(|(p, n)| open_fds(*p).len() > *n)
+            .then_some(())
+    });
+    h.check(in_flight.is_some(), "the slow request reached a worker");
     let t0 = Instant::now();
     h.signal(Signal::SIGINT);
     assert_eq!(h.exit_code(BOOT), 0);

@@ -4,6 +4,12 @@
 //! No background writer thread: a thread in the master would make fork
 //! unsafe. Lines are short and written whole with one `write(2)`.
 //!
+//! With `--log-file`, workers get the open file as their stderr (fd 2; their
+//! stdout stays the master's), and a uvicorn worker's bootstrap writes its
+//! lines in this text format. On USR1 the master reopens the path first,
+//! then forwards USR1 (to ready uvicorn workers): the bootstrap reopens the
+//! same path onto its fd 2. A command worker keeps the fd it was given.
+//!
 //! Text: `[2026-11-27T09:40:00.123456Z] [4242] [INFO] Booting worker 2 with pid 4243`
 //! JSON: `{"timestamp":"…","level":"INFO","pid":4242,"message":"…","worker":4243,"slot":2}`
 
@@ -188,6 +194,14 @@ fn open(path: &Path) -> Result<File> {
                 os_reason(&e)
             ))
         })
+}
+
+/// The open `--log-file`, which workers get as their stderr (fd 2); `None`
+/// when logging to stderr (workers then inherit the master's own).
+pub fn file_fd() -> Option<std::os::fd::RawFd> {
+    use std::os::fd::AsRawFd;
+    let sink = SINK.lock().ok()?;
+    sink.as_ref().map(|(_, file)| file.as_raw_fd())
 }
 
 /// USR1: reopen `--log-file` (after logrotate moved it away). A failure

@@ -464,6 +464,7 @@ impl Master {
                 }
             }
             Message::Error(text) => w.reported_error = Some(text),
+            Message::Traceback(text) => w.reported_traceback = Some(text),
         }
         if sender != pid.as_raw() {
             debug!("notification from {sender} attributed to worker {pid}");
@@ -658,18 +659,31 @@ impl Master {
         next
     }
 
+    /// A worker died before it was ready. Its traceback (a uvicorn worker
+    /// sends it instead of printing it) is logged here, where its death is
+    /// decided: workers that fail the same way while procman is already
+    /// stopping because of the first one are not (see `on_exit`).
     fn on_boot_failure(&mut self, w: &Worker, how: &str, code: Option<i32>, now: Instant) {
         let b = self.note_death(w, now);
+        log_traceback(w);
+        let why = w
+            .reported_error
+            .as_ref()
+            .map_or(String::new(), |e| format!(" ({e})"));
         let detail = w
             .reported_error
             .clone()
             .unwrap_or_else(|| format!("worker {} {how}", w.pid));
+        let retry = match b.next_spawn_at {
+            Some(t) if t > now => format!(
+                "retrying in {:.1}s",
+                t.saturating_duration_since(now).as_secs_f64()
+            ),
+            _ => "retrying now".to_string(),
+        };
         if self.ever_up {
-            let wait = b
-                .next_spawn_at
-                .map_or(0.0, |t| t.saturating_duration_since(now).as_secs_f64());
             warn!(
-                "Worker {} (slot {}) failed to boot: {how}; still serving with the others, retrying in {wait:.1}s",
+                "Worker {} (slot {}) failed to boot: {how}{why}; still serving with the others, {retry}",
                 w.pid, w.slot
             );
             return;
@@ -702,11 +716,8 @@ impl Master {
                 self.begin_stop(true, Err(err), now);
             }
             None => {
-                let wait = b
-                    .next_spawn_at
-                    .map_or(0.0, |t| t.saturating_duration_since(now).as_secs_f64());
                 warn!(
-                    "Worker {} (slot {}) failed to boot: {how} (attempt {} of {}); retrying in {wait:.1}s",
+                    "Worker {} (slot {}) failed to boot: {how}{why} (attempt {} of {}); {retry}",
                     w.pid,
                     w.slot,
                     self.boot_failures,
@@ -811,8 +822,10 @@ impl Master {
                         self.spawn_worker(slot);
                         // Forked workers notify within milliseconds, and the
                         // notify queue holds only max_dgram_qlen datagrams
-                        // (often 10): empty it between spawns.
-                        self.drain_notifications(now);
+                        // (often 10): empty it between spawns. At the time of
+                        // receipt: `now` is from before this spawn, and a
+                        // READY=1 stamped with it would read "ready in 0.000s".
+                        self.drain_notifications(Instant::now());
                     }
                     Decision::Stop { pid, reason } => {
                         let grace = self.cfg.graceful_timeout;
@@ -952,7 +965,7 @@ impl Master {
             .count();
         if self.state == MasterState::Booting && fresh_ready >= self.target {
             self.state = MasterState::Running;
-            info!("All {} workers ready", self.target);
+            info!("All {} worker{} ready", self.target, plural(self.target));
             if let Some(sd) = &self.systemd {
                 sd.send(&format!("READY=1\nSTATUS={}", self.status_line()));
             }
@@ -1037,6 +1050,8 @@ impl Master {
             self.cfg.umask,
             &signals::changed_dispositions(),
         )
+        // With --log-file, the workers' stderr is the log file too.
+        .map(|plan| plan.with_stderr(crate::logging::file_fd()))
     }
 
     fn spawn_worker(&mut self, slot: usize) {
@@ -1332,6 +1347,22 @@ pub fn worker_base_env(cfg: &Config) -> Vec<(OsString, OsString)> {
         env.push((k.into(), v.into()));
     }
     env
+}
+
+/// Logs the traceback a worker reported (X_PROCMAN_TRACEBACK=), if any:
+/// called where its death is decided, so that of N workers failing the same
+/// way only the one that decides is shown.
+fn log_traceback(w: &Worker) {
+    if let Some(tb) = &w.reported_traceback {
+        error!(
+            worker = w.pid.as_raw(),
+            slot = w.slot,
+            "Worker {} (slot {}) could not load the app:\n{}",
+            w.pid,
+            w.slot,
+            tb.trim_end()
+        );
+    }
 }
 
 fn mark_ready(w: &mut Worker, now: Instant) {

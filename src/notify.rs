@@ -67,6 +67,9 @@ pub enum Message {
     /// `X_PROCMAN_ERROR=text`: why the worker is about to fail (shown in
     /// procman's own exit message, e.g. the app's import error).
     Error(String),
+    /// `X_PROCMAN_TRACEBACK="json string"`: the traceback that goes with
+    /// it, which the master logs (once, for the first failing worker).
+    Traceback(String),
 }
 
 /// Parses a datagram's payload into the messages procman understands.
@@ -89,6 +92,9 @@ pub fn parse(payload: &str) -> Vec<Message> {
                 }
                 ("X_PROCMAN_RECYCLE", why) => Message::Recycle(why.to_string()),
                 ("X_PROCMAN_ERROR", text) => Message::Error(text.to_string()),
+                ("X_PROCMAN_TRACEBACK", json) => {
+                    Message::Traceback(serde_json::from_str::<String>(json).ok()?)
+                }
                 _ => return None,
             })
         })
@@ -292,7 +298,8 @@ impl Receiver {
     /// Receives every queued datagram; drops the malformed ones.
     pub fn drain(&self) -> Vec<Datagram> {
         let mut out = Vec::new();
-        let mut buf = vec![0u8; 4096];
+        // Room for a traceback (the bootstrap sends at most 60000 bytes).
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
             let mut cmsg = nix::cmsg_space!(libc::ucred, [std::os::fd::RawFd; 16]);
             let mut iov = [IoSliceMut::new(&mut buf)];
@@ -480,6 +487,11 @@ mod tests {
                 "X_PROCMAN_RECYCLE=max-requests",
                 vec![Message::Recycle("max-requests".into())],
             ),
+            (
+                "X_PROCMAN_TRACEBACK=\"Traceback:\\n  boom\\n\"",
+                vec![Message::Traceback("Traceback:\n  boom\n".into())],
+            ),
+            ("X_PROCMAN_TRACEBACK=not json", vec![]),
             ("READY=0", vec![]),
             ("FOO=bar\nnoequals\n", vec![]),
             ("MAINPID=1", vec![]),

@@ -86,6 +86,8 @@ pub struct Plan {
     chdir: Option<CString>,
     umask: u32,
     reset_signals: Vec<c_int>,
+    /// Placed at fd 2 (`--log-file`); `None` keeps the master's stderr.
+    stderr: Option<RawFd>,
 }
 
 /// A child that was forked; `exec_error` is set when it could not exec
@@ -155,7 +157,15 @@ impl Plan {
             chdir: chdir.map(|d| cstr(d.as_os_str().as_bytes())).transpose()?,
             umask,
             reset_signals: reset_signals.to_vec(),
+            stderr: None,
         })
+    }
+
+    /// Gives the child `fd` (which the master keeps open until the spawn
+    /// returns) as its stderr.
+    pub fn with_stderr(mut self, fd: Option<RawFd>) -> Plan {
+        self.stderr = fd;
+        self
     }
 
     /// Forks and execs the child. Returns once exec succeeded or failed.
@@ -202,6 +212,7 @@ impl Plan {
             umask: self.umask as libc::mode_t,
             reset_signals: &self.reset_signals,
             err_fd: err_write.as_raw_fd(),
+            stderr: self.stderr,
         };
 
         // Block every signal across fork: otherwise a signal arriving in the
@@ -278,6 +289,7 @@ struct ChildSetup<'a> {
     umask: libc::mode_t,
     reset_signals: &'a [c_int],
     err_fd: RawFd,
+    stderr: Option<RawFd>,
 }
 
 impl ChildSetup<'_> {
@@ -316,6 +328,13 @@ impl ChildSetup<'_> {
             // pipe) above the target range so no dup2 clobbers a source;
             // dup2 then clears FD_CLOEXEC on the copies; finally close
             // everything else above the range but the (CLOEXEC) error pipe.
+            // stderr first: its source may sit where a listener goes, and
+            // everything else above 2 is closed below. dup2 clears CLOEXEC.
+            if let Some(fd) = self.stderr {
+                if fd != 2 && libc::dup2(fd, 2) < 0 {
+                    self.fail(Stage::Descriptors);
+                }
+            }
             let n = self.listeners.len() as c_int;
             let first_free = 3 + n;
             let err_fd = libc::fcntl(self.err_fd, libc::F_DUPFD_CLOEXEC, first_free);

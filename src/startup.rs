@@ -107,11 +107,8 @@ fn check(cfg: &Config) -> Result<()> {
         crate::classes::uvicorn::CONFIG_VAR.into(),
         json.to_string().into(),
     ));
-    let argv = [
-        opts.python.display().to_string(),
-        "-c".to_string(),
-        crate::classes::uvicorn::BOOTSTRAP.to_string(),
-    ];
+    let mut argv = vec![opts.python.display().to_string()];
+    argv.extend(crate::classes::uvicorn::bootstrap_args().map(String::from));
     let cannot =
         |why: String| Error::runtime(format!("cannot run {}: {why}", opts.python.display()));
     let plan = Plan::new(

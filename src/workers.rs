@@ -90,6 +90,8 @@ pub struct Worker {
     pub draining: bool,
     /// The last error it reported (X_PROCMAN_ERROR=), for the exit message.
     pub reported_error: Option<String>,
+    /// Its traceback (X_PROCMAN_TRACEBACK=), logged if its death decides.
+    pub reported_traceback: Option<String>,
     /// When it is due for recycling by age (--max-worker-lifetime + jitter).
     pub retire_at: Option<Instant>,
     /// Consecutive memory samples above --max-worker-memory.
@@ -113,6 +115,7 @@ impl Worker {
             stop: None,
             draining: false,
             reported_error: None,
+            reported_traceback: None,
             retire_at: None,
             samples_over_memory: 0,
         }

@@ -12,7 +12,19 @@ What this file owns, between the Rust master and uvicorn:
   --timeout catches it; STOPPING=1 when a stop begins;
   X_PROCMAN_RECYCLE=max-requests when --max-requests is reached.
 * The app import, so that a broken app gives one recognisable last line and
-  exit status 4 instead of a uvicorn log line and status 3.
+  exit status 4 instead of a uvicorn log line and status 3. A worker sends its
+  traceback and last line to the master (X_PROCMAN_TRACEBACK=<JSON string>,
+  X_PROCMAN_ERROR=<line>) instead of printing them, so that with N workers
+  failing at once the master shows the first one only; without a master to
+  tell (--check-config, a full queue) they are printed.
+* The interface: with --interface auto, an app whose call is a plain
+  function taking (environ, start_response) is served as WSGI, and this is
+  logged (uvicorn's own guess would be ASGI 2 and every request a 500).
+* Logging: uvicorn's loggers (and Python's last-resort handler) write the
+  master's text format, `[time] [pid] [LEVEL] message`, to stderr. With
+  --log-file, stderr is that file (the master hands it over as fd 2) and USR1
+  reopens it by path, after the master did. Tracebacks in these lines leave
+  out the bootstrap's own frames (named <procman-bootstrap>).
 
 Invariants:
 * No datagram may block the event loop: the notify socket is non-blocking and
@@ -65,7 +77,10 @@ import atexit
 import contextlib
 import gc
 import importlib
+import inspect
 import json
+import logging
+import logging.config
 import os
 import random
 import signal
@@ -74,6 +89,7 @@ import sys
 import threading
 import time
 import traceback
+from datetime import datetime, timezone
 
 EXIT_CANNOT_START = 3  # also what uvicorn itself uses for a lifespan startup failure
 EXIT_IMPORT_FAILED = 4
@@ -81,18 +97,26 @@ EXIT_IMPORT_FAILED = 4
 # stopped accepting. Long enough for a request already on the wire, short
 # enough not to matter next to --graceful-timeout.
 REQUEST_GRACE = 0.5
+# uvicorn's shutdown sleeps this long after asking connections to close and
+# before its drain starts (uvicorn/server.py); the drain budget counts it.
+UVICORN_SHUTDOWN_SLEEP = 0.1
+# How tracebacks name this file (procman runs it with this filename).
+BOOTSTRAP_FILE = "<procman-bootstrap>"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 # Zygote: the largest control message, and how long a forked worker waits to
 # be re-parented to the master.
 MAX_MESSAGE = 64 * 1024
+# The longest traceback sent to the master (its notify buffer holds 64 KiB).
+MAX_TRACEBACK = 60000
 REPARENT_TIMEOUT = 10.0
 
 
 def fail(message, code):
-    print(f"procman: {message}", file=sys.stderr, flush=True)
     # The master names the cause in its own last line (X_PROCMAN_ERROR is
-    # procman's private key; systemd ignores X_ keys).
-    tell_master("X_PROCMAN_ERROR=" + message.replace("\n", " ")[:3000])
+    # procman's private key; systemd ignores X_ keys). Printed here only when
+    # no master heard it.
+    if not tell_master("X_PROCMAN_ERROR=" + message.replace("\n", " ")[:3000]):
+        print(f"procman: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -102,16 +126,20 @@ NOTIFY_PATH = os.environ.get("NOTIFY_SOCKET", "")
 
 
 def tell_master(text):
+    """Sends one datagram to the master; False if there is none or it failed."""
     path = NOTIFY_PATH
     if not path.startswith(("/", "@")):
-        return
+        return False
     address = "\0" + path[1:] if path.startswith("@") else path
-    with contextlib.suppress(OSError):
+    try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             # The process is about to exit: waiting up to a second for room in
             # the master's queue costs nothing and keeps the error visible.
             sock.settimeout(1.0)
             sock.sendto(text.encode("utf-8", "replace"), address)
+            return True
+    except OSError:
+        return False
 
 
 def flush_stdio():
@@ -128,18 +156,103 @@ def exit_now(signum=None, frame=None):
     os._exit(0)
 
 
-def ignore(signum, frame):
-    # USR1 is forwarded by the master for log reopening; our logs go to the
-    # inherited stderr, so there is nothing to reopen. A Python-level no-op
-    # (rather than SIG_IGN) is reset to the default by exec in any child.
-    pass
+# --log-file, absolute (the master resolved it before we changed directory);
+# None: stderr is whatever the master's stderr is, nothing to reopen.
+LOG_PATH = None
+
+
+def reopen_log(signum=None, frame=None):
+    """USR1 (forwarded by the master after it reopened --log-file): point fd 2
+    at the file now at LOG_PATH, so that logrotate's rename is followed.
+
+    A Python handler (rather than SIG_IGN) is reset to the default by exec in
+    any child. If the file cannot be opened (the workers' --user may not write
+    where the master does), fd 2 stays on the old file and a line says so.
+    """
+    if not LOG_PATH:
+        return
+    try:
+        fd = os.open(LOG_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        logging.getLogger("procman").warning(
+            "cannot reopen the log file %s: %s; still writing to the old one", LOG_PATH, exc.strerror)
+        return
+    flush_stdio()
+    os.dup2(fd, 2)  # the copy at 2 is inheritable, as stderr should be
+    os.close(fd)
 
 
 def install_boot_signals():
     """The dispositions of a worker until uvicorn serves (and of a zygote)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, exit_now)
-    signal.signal(signal.SIGUSR1, ignore)
+    signal.signal(signal.SIGUSR1, reopen_log)
+
+
+def strip_bootstrap_frames(tb):
+    """Removes this file's frames (and importlib's) from a TracebackException
+    and the exceptions chained to it: the app's traceback starts in the app."""
+    pending, seen = [tb], set()
+    while pending:
+        tb = pending.pop()
+        if tb is None or id(tb) in seen:
+            continue
+        seen.add(id(tb))
+        tb.stack = traceback.StackSummary.from_list(
+            [f for f in tb.stack if f.filename not in (BOOTSTRAP_FILE, "<string>", importlib.__file__)
+             and not f.filename.startswith("<frozen importlib")])
+        pending += [tb.__cause__, tb.__context__]
+
+
+def format_exception(exc_info):
+    tb = traceback.TracebackException(*exc_info)
+    strip_bootstrap_frames(tb)
+    return "".join(tb.format())
+
+
+class MasterFormat(logging.Formatter):
+    """The master's text line: `[2026-11-27T09:40:00.123456Z] [4242] [INFO] message`."""
+
+    LEVELS = {"CRITICAL": "ERROR", "WARN": "WARNING"}
+
+    def format(self, record):
+        when = datetime.fromtimestamp(record.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        level = self.LEVELS.get(record.levelname, record.levelname)
+        text = f"[{when}] [{record.process}] [{level}] {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            text += "\n" + self.formatStack(record.stack_info)
+        return text
+
+    def formatException(self, ei):
+        return format_exception(ei).rstrip("\n")
+
+
+def configure_logging(level):
+    """uvicorn's loggers and ours in the master's format on stderr (fd 2).
+    The root logger is left to the app (its basicConfig() must still work);
+    only Python's last-resort handler, used when the app configured nothing,
+    gets the format too."""
+    logging.addLevelName(5, "TRACE")  # uvicorn's level below DEBUG
+    level = str(level or "info").upper()
+    handler = {"class": "logging.StreamHandler", "formatter": "procman", "stream": "ext://sys.stderr"}
+    logging.config.dictConfig({
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"procman": {"()": MasterFormat}},
+        "handlers": {"procman": handler},
+        "loggers": {
+            "uvicorn": {"handlers": ["procman"], "level": "INFO", "propagate": False},
+            "uvicorn.error": {"level": "INFO"},
+            "uvicorn.access": {"handlers": ["procman"], "level": "INFO", "propagate": False},
+            "procman": {"handlers": ["procman"], "level": level, "propagate": False},
+        },
+    })
+    last_resort = logging.StreamHandler(sys.stderr)
+    last_resort.setFormatter(MasterFormat())
+    last_resort.setLevel(logging.WARNING)
+    logging.lastResort = last_resort
 
 
 install_boot_signals()
@@ -261,6 +374,7 @@ def read_config():
         "ssl_keyfile": None, "ssl_certfile": None, "access_log": True,
         "log_level": "info", "graceful_timeout": 30.0, "max_requests": 0,
         "max_requests_jitter": 0, "mode": "worker", "backlog": 2048,
+        "log_file": None,
     }
     if "PROCMAN_APP_CONFIG" not in os.environ:
         fail("PROCMAN_APP_CONFIG is not set (this program is started by procman)", EXIT_CANNOT_START)
@@ -274,7 +388,7 @@ def read_config():
     return {**defaults, **{k: v for k, v in given.items() if v is not None}}
 
 
-def load_app(spec, factory):
+def load_app(spec, factory, report_to_master=False):
     """Import `module:attr.sub` (and call it if a factory). Exits 4 on any failure."""
     module_name, _, attrs = (spec or "").partition(":")
     if not module_name or not attrs:
@@ -288,15 +402,61 @@ def load_app(spec, factory):
             obj = obj()
     except (Exception, SystemExit) as exc:  # SystemExit: an app calling sys.exit() at import
         # The user's traceback, without the importlib/bootstrap frames in front of it.
-        tb = traceback.TracebackException.from_exception(exc)
-        tb.stack = traceback.StackSummary.from_list(
-            [f for f in tb.stack if f.filename not in ("<string>", importlib.__file__)
-             and not f.filename.startswith("<frozen importlib")])
-        print("".join(tb.format()), end="", file=sys.stderr)
+        text = format_exception((type(exc), exc, exc.__traceback__))
+        # A worker hands it to the master, which shows the first failing
+        # worker's only; the tail is what matters if it is huge.
+        if not (report_to_master and tell_master(
+                "X_PROCMAN_TRACEBACK=" + json.dumps(text[-MAX_TRACEBACK:]))):
+            print(text, end="", file=sys.stderr)
         message = " ".join(str(exc).split())  # the last line stays one line
         fail(f"Failed to load application '{spec}': {type(exc).__name__}"
              + (f": {message}" if message else ""), EXIT_IMPORT_FAILED)
     return obj
+
+
+def wsgi_signature(app):
+    """`name(environ, start_response)` if `app` looks like a WSGI callable, else None.
+
+    uvicorn's `auto` takes any callable whose call is not a coroutine
+    function for ASGI 2, so a Flask or Django app would answer 500 to every
+    request. A WSGI app is a plain (not async) function or object whose call
+    takes exactly two positional arguments; an ASGI 2 app takes one (scope)
+    and an ASGI 3 app three.
+    """
+    if inspect.isclass(app):
+        return None  # an ASGI 2 class, or an ASGI 3 class with __await__
+    call = app if inspect.isroutine(app) else getattr(type(app), "__call__", None)
+    if call is None or inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call):
+        return None
+    if not inspect.isroutine(app) and inspect.iscoroutinefunction(getattr(app, "__call__", None)):
+        return None
+    try:
+        parameters = list(inspect.signature(app).parameters.values())
+    except (TypeError, ValueError):  # no signature (a builtin): leave it to uvicorn
+        return None
+    positional = [p for p in parameters
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if (len(required) != 2 or len(positional) != 2
+            or any(p.kind == p.VAR_POSITIONAL for p in parameters)):
+        return None
+    name = getattr(app, "__qualname__", None) or f"{type(app).__qualname__}.__call__"
+    return f"{name}({', '.join(p.name for p in positional)})"
+
+
+def resolve_interface(app, config):
+    """--interface auto: a WSGI app is served as WSGI, and this is logged once
+    (by the zygote, slot 0 or --check-config)."""
+    if config["interface"] != "auto":
+        return
+    signature = wsgi_signature(app)
+    if signature is None:
+        return
+    config["interface"] = "wsgi"
+    if os.environ.get("PROCMAN_WORKER_ID", "0") == "0":
+        logging.getLogger("procman").warning(
+            "serving %s as WSGI (detected %s, a plain callable with WSGI's arguments); "
+            "pass --interface wsgi to silence this", config["app"], signature)
 
 
 class ProcmanServer(uvicorn.Server):
@@ -310,12 +470,20 @@ class ProcmanServer(uvicorn.Server):
         self.label = label
         self.loop = None
         self.heartbeat = None
+        # When the first stop signal arrived (time.monotonic()): the drain
+        # budget (--graceful-timeout less the master's reserve) counts from it.
+        self.stop_requested_at = None
+
+    def handle_exit(self, sig, frame):
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self):
         previous = {
             signal.SIGQUIT: signal.signal(signal.SIGQUIT, self.quick_stop),
-            signal.SIGUSR1: signal.signal(signal.SIGUSR1, ignore),
+            signal.SIGUSR1: signal.signal(signal.SIGUSR1, reopen_log),
         }
         try:
             with super().capture_signals():  # TERM/INT: graceful, a second INT forces
@@ -358,6 +526,9 @@ class ProcmanServer(uvicorn.Server):
             self.heartbeat = self.loop.create_task(self.beat())
         await super().startup(sockets=sockets)  # a failed lifespan startup exits 3 from here
         if self.started and not self.should_exit:
+            # The master forwards USR1 to ready workers only: a rotation
+            # while we were starting is caught up with here.
+            reopen_log()
             await self.notifier.send_surely("READY=1", f"STATUS=serving {self.label}")
 
     async def on_tick(self, counter):
@@ -374,24 +545,32 @@ class ProcmanServer(uvicorn.Server):
     async def shutdown(self, sockets=None):
         self.notifier.send("STOPPING=1", f"STATUS=stopping {self.label}")
         if not self.force_exit:
-            started = self.loop.time()
+            # The drain budget counts from the stop signal, so the time uvicorn
+            # took to notice it (its main loop ticks every 0.1 s, longer on a
+            # busy machine), our own wait below and uvicorn's sleep before its
+            # drain all come out of it; what follows the drain (cancelling,
+            # the lifespan shutdown, interpreter exit) has the master's reserve.
+            began = self.stop_requested_at or time.monotonic()
+            budget = self.config.timeout_graceful_shutdown
+            drain_ends = None if budget is None else began + budget - UVICORN_SHUTDOWN_SLEEP
             for server in self.servers:
                 server.close()  # stop accepting; closes only our fd of the shared listener
-            await self.let_requests_arrive()
-            if self.config.timeout_graceful_shutdown is not None:
-                spent = self.loop.time() - started
-                self.config.timeout_graceful_shutdown = max(0.0, self.config.timeout_graceful_shutdown - spent)
+            await self.let_requests_arrive(drain_ends)
+            if drain_ends is not None:
+                self.config.timeout_graceful_shutdown = max(0.0, drain_ends - time.monotonic())
         if self.force_exit:
             self.abort_connections()
         await super().shutdown(sockets=sockets)
 
-    async def let_requests_arrive(self):
+    async def let_requests_arrive(self, drain_ends=None):
         # uvicorn's shutdown closes every connection with no request in
         # progress. One that was just accepted, or whose request is still on the
         # wire, would see a reset. So wait (at most REQUEST_GRACE) until no
         # connection is idle; meanwhile a connection that is mid-request is told
         # to close after its response instead of keeping alive.
         deadline = self.loop.time() + REQUEST_GRACE
+        if drain_ends is not None:
+            deadline = min(deadline, self.loop.time() + (drain_ends - time.monotonic()))
         while not self.force_exit:
             await asyncio.sleep(0.02)  # first: lets just-accepted connections register
             waiting = False
@@ -430,6 +609,7 @@ def uvicorn_config(app, config, limit_max_requests=None):
         ssl_keyfile=config["ssl_keyfile"],
         ssl_certfile=config["ssl_certfile"],
         access_log=bool(config["access_log"]),
+        log_config=None,  # configure_logging() did it, in the master's format
         log_level=config["log_level"],
         timeout_graceful_shutdown=float(config["graceful_timeout"]),
         # Serving calls listen() again on the shared socket: keep its backlog.
@@ -578,6 +758,7 @@ class Zygote:
         self.sockets = listen_sockets()
         self.notify = take_notify_env()  # (address, interval) for the workers' Notifier
         self.app = load_app(config["app"], config["factory"])
+        resolve_interface(self.app, config)  # its workers inherit the answer
         # What each worker's serve() would import anyway (protocols, lifespan,
         # event loop): imported here, it is shared too.
         uvicorn_config(self.app, config).get_loop_factory()
@@ -746,6 +927,10 @@ class Zygote:
             # boot ones; the mask blocked for the fork is emptied (a stop
             # signal the master sent meanwhile is delivered now: exit 0).
             install_boot_signals()
+            # The zygote's fd 2 is the log file as it was when the zygote
+            # started; after a rotation (USR1 goes to workers only) that is
+            # the old file: start on the current one.
+            reopen_log()
             signal.pthread_sigmask(signal.SIG_SETMASK, ())
             random.seed()  # CPython re-seeds at fork too; be explicit (--max-requests jitter)
             os.environ.update(env)  # PROCMAN_WORKER_ID, PROCMAN_GENERATION, the user's variables
@@ -767,17 +952,22 @@ class Zygote:
 
 
 def main():
+    global LOG_PATH
     config = read_config()
+    LOG_PATH = config["log_file"]
+    configure_logging(config["log_level"])
     mode = config["mode"]
     if mode == "worker":
         sockets = listen_sockets()  # before the import: the app never sees LISTEN_*
         notifier = Notifier.from_env()
-        app = load_app(config["app"], config["factory"])
+        app = load_app(config["app"], config["factory"], report_to_master=True)
+        resolve_interface(app, config)
         sys.exit(serve(app, config, sockets, notifier))
     if mode == "zygote":  # --preload: import once, fork workers on request
         Zygote(config).run()  # never returns
     if mode == "check":  # import the app once and report (for --check-config)
-        load_app(config["app"], config["factory"])
+        app = load_app(config["app"], config["factory"])
+        resolve_interface(app, config)
         sys.exit(0)
     fail(f"unknown bootstrap mode {mode!r}", EXIT_CANNOT_START)
 

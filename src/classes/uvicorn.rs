@@ -3,8 +3,10 @@
 //! `LISTEN_FDS`, imports the app, runs uvicorn and speaks sd_notify back
 //! (READY=1 after startup, WATCHDOG=1 from the event loop).
 //!
-//! The options reach it as one JSON object in `PROCMAN_APP_CONFIG`, so the
-//! argv shown by `ps` stays short and no file is needed at run time.
+//! The options reach it as one JSON object in `PROCMAN_APP_CONFIG`, so no
+//! file is needed at run time. The source is compiled under the name
+//! `<procman-bootstrap>` (not `-c`'s `<string>`), so that a traceback
+//! says where a frame comes from.
 
 use super::Launch;
 use crate::config::{Config, UvicornOptions};
@@ -15,22 +17,42 @@ pub const BOOTSTRAP: &str = include_str!("bootstrap.py");
 /// The environment variable that carries the options.
 pub const CONFIG_VAR: &str = "PROCMAN_APP_CONFIG";
 
+/// `python -c LOADER BOOTSTRAP`: the loader takes the source from argv
+/// (leaving `sys.argv == ["-c"]`, as plain `-c` would) and runs it in
+/// `__main__` under its own file name.
+const LOADER: &str = "import sys; exec(compile(sys.argv.pop(1), '<procman-bootstrap>', 'exec'))";
+
+/// The bootstrap's argv under `python` (without the program name).
+pub fn bootstrap_args() -> [&'static str; 3] {
+    ["-c", LOADER, BOOTSTRAP]
+}
+
 /// Runs the bootstrap under the configured interpreter.
 pub fn launch(opts: &UvicornOptions, cfg: &Config) -> Launch {
     let python = opts.python.display().to_string();
+    let mut argv = vec![python];
+    argv.extend(bootstrap_args().map(String::from));
     Launch {
         program: opts.python.clone(),
-        argv: vec![python, "-c".into(), BOOTSTRAP.into()],
+        argv,
         env: vec![(CONFIG_VAR.into(), app_config(opts, cfg).to_string())],
     }
 }
 
-/// How long uvicorn itself lets requests finish on TERM: a little less than
-/// `--graceful-timeout`, so that it cancels what is left, closes the
-/// connections and runs the lifespan shutdown before the master's SIGKILL
-/// at the full timeout (up to 1 s of margin, at most half the timeout).
+/// What the master keeps of `--graceful-timeout` for the end of a uvicorn
+/// worker's stop, after its drain: 2 s, or half the timeout below 4 s.
+const STOP_RESERVE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long uvicorn lets requests (and streams) finish on TERM, counted
+/// from the moment the worker receives the signal: `--graceful-timeout`
+/// less 2 s (less half of it below 4 s). The reserve is for what follows
+/// the drain before the master's SIGKILL at the full timeout: cancelling
+/// what is left, the lifespan shutdown (closing a database pool: 0.5 s
+/// fits with a wide margin from 4 s on), and the interpreter's exit. The
+/// bootstrap counts the time uvicorn takes to notice the stop and its own
+/// sleeps into the drain, not into the reserve.
 pub fn uvicorn_drain(graceful: std::time::Duration) -> std::time::Duration {
-    graceful.saturating_sub((graceful / 2).min(std::time::Duration::from_secs(1)))
+    graceful.saturating_sub((graceful / 2).min(STOP_RESERVE))
 }
 
 /// The JSON object the bootstrap reads.
@@ -53,6 +75,10 @@ pub fn app_config(opts: &UvicornOptions, cfg: &Config) -> serde_json::Value {
         "access_log": opts.access_log,
         "log_level": cfg.log_level.uvicorn_name(),
         "graceful_timeout": uvicorn_drain(cfg.graceful_timeout).as_secs_f64(),
+        // Absolute: workers run in --chdir; they reopen it by path on USR1.
+        "log_file": cfg.log_file.as_ref().map(|p| {
+            std::path::absolute(p).unwrap_or_else(|_| p.clone()).display().to_string()
+        }),
         "max_requests": opts.max_requests,
         "max_requests_jitter": opts.max_requests_jitter,
         // asyncio calls listen() again on the shared socket when it starts
@@ -68,7 +94,13 @@ mod tests {
 
     #[test]
     fn uvicorn_drains_a_little_less_than_the_master_waits() {
-        let table = [(30_000, 29_000), (3_000, 2_000), (1_000, 500), (0, 0)];
+        let table = [
+            (30_000, 28_000),
+            (4_000, 2_000),
+            (3_000, 1_500),
+            (1_000, 500),
+            (0, 0),
+        ];
         for (graceful, drain) in table {
             assert_eq!(
                 uvicorn_drain(Duration::from_millis(graceful)),

@@ -337,6 +337,7 @@ impl Master {
                 .as_ref()
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default();
+            super::log_traceback(w);
             self.abort_reload(
                 &format!(
                     "worker {} (slot {}) of the new generation {what}: {how}{detail}",

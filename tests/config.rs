@@ -650,7 +650,7 @@ fn usr1_reopens_a_moved_log_file() {
     let ready = wait_for(BOOT, || {
         std::fs::read_to_string(&log)
             .ok()
-            .filter(|t| t.contains("All 1 workers ready"))
+            .filter(|t| t.contains("All 1 worker ready"))
     });
     assert!(ready.is_some());
     // The worker logs `start` once its signal handlers are in place.

@@ -70,7 +70,7 @@ fn readiness_gates_the_ready_log() {
         .args(notify_worker())
         .args(["--ready-after", "1.5"])
         .spawn();
-    h.check(h.wait_log("All 1 workers ready", BOOT), "ready");
+    h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
     let log = h.log_text();
     let boot = line_with(&log, "Booting worker 0")
         .and_then(log_time)
@@ -253,7 +253,7 @@ fn extend_timeout_pushes_the_startup_deadline_back() {
     )
     .spawn();
     h.check(
-        h.wait_log("All 1 workers ready", BOOT),
+        h.wait_log("All 1 worker ready", BOOT),
         "became ready after 2s",
     );
     h.check(
@@ -454,7 +454,7 @@ fn extend_timeout_during_a_stop_pushes_the_kill_back() {
             SLOW_STOPPER,
         ])
         .spawn();
-    h.check(h.wait_log("All 1 workers ready", BOOT), "ready");
+    h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
     h.check(
         wait_for(BOOT, || ready.exists().then_some(())).is_some(),
         "the helper is ready to be stopped",
@@ -489,7 +489,7 @@ fn extend_timeout_during_a_quick_stop_does_not_delay_the_kill() {
         &["--graceful-timeout", "60", "--", "sh", "-c", &script],
     )
     .spawn();
-    h.check(h.wait_log("All 1 workers ready", BOOT), "ready");
+    h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
     h.signal(Signal::SIGINT);
     let status = h.wait_exit(Duration::from_secs(15));
     h.check(

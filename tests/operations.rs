@@ -596,7 +596,7 @@ fn stop_signal_is_what_command_workers_get_on_a_graceful_stop() {
             &script,
         ])
         .spawn();
-    h.check(h.wait_log("All 1 workers ready", BOOT), "ready");
+    h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
     // Stop only once the worker's traps are set.
     h.check(
         wait_for(BOOT, || trapped.exists().then_some(())).is_some(),

@@ -256,7 +256,7 @@ fn a_failed_reload_closes_the_addresses_it_bound() {
     let file = start.dir().join("procman.toml");
     write_config(&file, "old", &notify_worker(), &binds(&[pa]));
     let mut h = start.args(["-c", file.to_str().expect("utf8")]).spawn();
-    h.check(h.wait_log("All 1 workers ready", BOOT), "booted");
+    h.check(h.wait_log("All 1 worker ready", BOOT), "booted");
     let old = h.wait_workers_on(pa, 1, BOOT);
     write_config(&file, "new", &exits_at_once(), &binds(&[pa, pb]));
     h.signal(Signal::SIGHUP);

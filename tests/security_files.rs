@@ -166,7 +166,7 @@ fn notify_dir_of_another_procman_with_our_pid_is_left_alone() {
     std::fs::write(theirs.join("notify.sock"), "theirs").expect("write");
     gate.open();
     h.check(
-        h.wait_log("All 1 workers ready", BOOT),
+        h.wait_log("All 1 worker ready", BOOT),
         "the worker became ready",
     );
     // Ours is elsewhere in the same base, with a name nobody can predict.
@@ -258,7 +258,7 @@ fn a_socket_file_replaced_by_another_server_is_not_unlinked_at_exit() {
     let unix = format!("unix:{}", path.display());
     let mut h = start.args(["-b", &unix, "--", &hello()]).spawn();
     h.check(
-        h.wait_log("All 1 workers ready", BOOT),
+        h.wait_log("All 1 worker ready", BOOT),
         "the worker became ready",
     );
     // An operator moved procman's socket away and started another server
@@ -306,7 +306,7 @@ fn workers_of_user_reach_the_notify_socket_when_the_runtime_dir_is_private() {
     // procman itself heard READY=1 (the test worker serves even when its
     // notification cannot be delivered).
     h.check(
-        h.wait_log("All 1 workers ready", BOOT),
+        h.wait_log("All 1 worker ready", BOOT),
         "the worker's READY=1 reached procman",
     );
     let pids = h.wait_workers(1, BOOT);

@@ -46,7 +46,7 @@ fn term_stops_procman_even_if_its_parent_blocked_and_ignored_it() {
 fn a_killed_worker_is_respawned_even_if_the_parent_blocked_chld() {
     let mut h = careless_parent("blocked-chld", "1");
     let before = h.wait_workers(1, BOOT);
-    h.check(h.wait_log("All 1 workers ready", BOOT), "ready");
+    h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
     // Kill only once the master sleeps with nothing due, so that only
     // SIGCHLD can tell it (a wake-up for a deadline would reap anyway).
     h.check(

@@ -410,7 +410,7 @@ fn https_with_a_self_signed_certificate() {
     )
     .spawn();
     let port = h.port();
-    h.check(h.wait_log("All 1 workers ready", BOOT), "ready");
+    h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
     let script = format!(
         "import ssl,urllib.request;c=ssl.create_default_context(cafile='{}');c.check_hostname=False;print(urllib.request.urlopen('https://127.0.0.1:{port}/pid',context=c,timeout=10).read().decode())",
         cert.display()
@@ -622,7 +622,7 @@ fn lifespan_off_skips_a_failing_startup() {
     )
     .spawn();
     h.check(
-        h.wait_log("All 1 workers ready", BOOT),
+        h.wait_log("All 1 worker ready", BOOT),
         "serves without running the lifespan",
     );
 }

@@ -134,6 +134,12 @@ impl std::fmt::Display for Message {
             Message::ExtendTimeout(d) => write!(f, "EXTEND_TIMEOUT_USEC={}", d.as_micros()),
             Message::Recycle(s) => write!(f, "X_PROCMAN_RECYCLE={s}"),
             Message::Error(s) => write!(f, "X_PROCMAN_ERROR={s}"),
+            // A JSON string: one line, whatever the traceback holds.
+            Message::Traceback(s) => write!(
+                f,
+                "X_PROCMAN_TRACEBACK={}",
+                serde_json::Value::String(s.clone())
+            ),
         }
     }
 }
@@ -546,6 +552,7 @@ mod properties {
             any::<u64>().prop_map(|us| Message::ExtendTimeout(Duration::from_micros(us))),
             value().prop_map(Message::Recycle),
             value().prop_map(Message::Error),
+            any::<String>().prop_map(Message::Traceback),
         ]
     }
 
@@ -561,6 +568,7 @@ mod properties {
             "EXTEND_TIMEOUT_USEC",
             "X_PROCMAN_RECYCLE",
             "X_PROCMAN_ERROR",
+            "X_PROCMAN_TRACEBACK",
             "MAINPID",
             "",
         ]);

@@ -265,6 +265,16 @@ fn log_file_gets_the_workers_lines_in_the_masters_format_and_follows_usr1() {
         !text.contains("File \"<string>\"") && !text.contains("<procman-bootstrap>"),
         &format!("no bootstrap frame in the app's traceback:\n{text}"),
     );
+    // The app's own prints go to stdout (procman's, here the harness log).
+    let _ = http_get(addr, "/print");
+    h.check(
+        h.wait_log("printed by the app", BOOT),
+        "the app's stdout is untouched",
+    );
+    h.check(
+        file_lines_with(&file, "printed by the app").is_empty(),
+        "the app's stdout is not in the log file",
+    );
     // logrotate: move the file away, USR1, and new lines land in the new file.
     let rotated = h.dir.join("procman-file.log.1");
     std::fs::rename(&file, &rotated).expect("rotate");

@@ -35,8 +35,8 @@ use crate::policy::{self, Backoff, Decision, Due, Goal};
 use crate::procfs;
 use crate::signals::{self, MasterSignal, Signals};
 use crate::spawn::Plan;
-use crate::workers::{Lingering, Stop, StopReason, Table, Worker, WorkerState};
-use crate::zygote::{FromZygote, Zygote, ZygoteState};
+use crate::workers::{GroupKill, Lingering, Stop, StopReason, Table, Worker, WorkerState};
+use crate::zygote::{FromZygote, Zygote};
 
 mod preload;
 mod recycle;
@@ -102,6 +102,8 @@ pub enum Event {
         /// How it ended.
         status: WaitStatus,
     },
+    /// A deadline passed.
+    Due(Due),
 }
 
 /// The master's whole state.
@@ -225,7 +227,7 @@ impl Master {
                     return outcome;
                 }
             }
-            let wake = self.next_wake(now);
+            let wake = self.next_wake();
             self.expected_wake = wake;
             self.wait(wake.map(|w| w.saturating_duration_since(now)));
             let now = Instant::now();
@@ -281,6 +283,11 @@ impl Master {
             ) => self.on_message(worker, sender, message, now),
             (_, Event::Zygote { pid, message }) => self.on_zygote_message(pid, message, now),
             (_, Event::Exited { pid, status }) => self.on_exit(pid, status, now),
+            // Deadlines of what is not pursued during a stop are not even
+            // listed then; one that passed with the one that began the stop
+            // is dropped.
+            (true, Event::Due(d)) if !d.during_stop() => {}
+            (_, Event::Due(d)) => self.on_due(d, now),
         }
     }
 
@@ -309,7 +316,7 @@ impl Master {
         // applies to them too, and a quick stop does not wait for them.
         let limit = if quick { now } else { now + grace };
         for g in &mut self.lingering {
-            if let Some(at) = &mut g.kill_at {
+            if let GroupKill::At(at) = &mut g.kill {
                 *at = (*at).min(limit);
             }
         }
@@ -324,15 +331,15 @@ impl Master {
         let limit = now + policy::QUICK_STOP_GRACE;
         self.kill_limit = Some(self.kill_limit.map_or(limit, |l| l.min(limit)));
         for w in self.table.iter_mut() {
-            if let Some(Stop {
+            if let WorkerState::Stopping(Stop {
                 kill_at: Some(at), ..
-            }) = &mut w.stop
+            }) = &mut w.state
             {
                 *at = (*at).min(limit);
             }
         }
         for g in &mut self.lingering {
-            if let Some(at) = &mut g.kill_at {
+            if let GroupKill::At(at) = &mut g.kill {
                 *at = (*at).min(now);
             }
         }
@@ -359,7 +366,7 @@ impl Master {
             WorkerKind::Uvicorn(_) => self
                 .table
                 .iter()
-                .filter(|w| w.state == WorkerState::Ready)
+                .filter(|w| w.is_ready())
                 .map(|w| w.pid)
                 .collect(),
             WorkerKind::Command { .. } => Vec::new(),
@@ -386,7 +393,7 @@ impl Master {
         };
         match message {
             Message::Ready => {
-                if w.state == WorkerState::Starting && notify_ready {
+                if w.is_starting() && notify_ready {
                     mark_ready(w, now);
                 }
             }
@@ -414,17 +421,14 @@ impl Master {
                 "Worker {pid} (slot {}) reported errno {e}",
                 w.slot
             ),
-            Message::ExtendTimeout(d) => match (w.state, &mut w.stop) {
-                (WorkerState::Starting, _) => {
-                    w.startup_deadline = w.startup_deadline.max(now + d);
+            Message::ExtendTimeout(d) => match &mut w.state {
+                WorkerState::Starting { deadline, .. } => {
+                    *deadline = (*deadline).max(now + d);
                     debug!("Worker {pid} extended its startup deadline by {d:?}");
                 }
-                (
-                    WorkerState::Stopping,
-                    Some(Stop {
-                        kill_at: Some(at), ..
-                    }),
-                ) => {
+                WorkerState::Stopping(Stop {
+                    kill_at: Some(at), ..
+                }) => {
                     let wanted = now + d;
                     match kill_limit {
                         // A quick stop is bounded: the worker keeps what it
@@ -485,7 +489,7 @@ impl Master {
             // A zygote has nothing to drain: whatever is left in its group
             // (an intermediate of a spawn) goes at once.
             if let Some(group) = ChildPid::new(pid.as_raw()) {
-                self.linger(group, format!("zygote {pid}"), Some(now), now);
+                self.linger(group, format!("zygote {pid}"), now, now);
             }
             self.on_zygote_exit(z, status, now);
             return;
@@ -500,9 +504,9 @@ impl Master {
         if self.reload_worker_exited(&w, &status, now) {
             return;
         }
-        let how = describe_exit(&status, w.stop.as_ref());
+        let how = describe_exit(&status, w.stop());
         let stopping_master = matches!(self.state, MasterState::Stopping { .. });
-        match w.stop.map(|s| s.reason) {
+        match w.stop().map(|s| s.reason) {
             Some(reason) if reason.is_boot_failure() => {
                 self.on_boot_failure(
                     &w,
@@ -532,7 +536,7 @@ impl Master {
                 "Worker {pid} (slot {}) exited: {how}",
                 w.slot
             ),
-            None if w.state == WorkerState::Starting => {
+            None if w.is_starting() => {
                 let code = exit_code(&status);
                 self.on_boot_failure(&w, &how, code, now);
             }
@@ -573,11 +577,11 @@ impl Master {
             return;
         };
         let quick = matches!(self.state, MasterState::Stopping { quick: true, .. });
-        let kill_at = match w.stop {
+        let kill_at = match w.stop() {
             _ if quick => now,
             Some(Stop {
                 kill_at: Some(at), ..
-            }) => at,
+            }) => *at,
             Some(Stop { kill_at: None, .. }) => now,
             None => {
                 group.signal_group_only(self.stop_signal());
@@ -585,30 +589,30 @@ impl Master {
             }
         };
         let label = format!("worker {} (slot {})", w.pid, w.slot);
-        self.linger(group, label, Some(kill_at), now);
+        self.linger(group, label, kill_at, now);
     }
 
     /// Tracks group `pgid` until it is empty; its members get SIGKILL at
     /// `kill_at`.
-    fn linger(&mut self, pgid: ChildPid, label: String, kill_at: Option<Instant>, now: Instant) {
+    fn linger(&mut self, pgid: ChildPid, label: String, kill_at: Instant, now: Instant) {
         if !pgid.group_has_members() {
             return;
         }
         info!(
             "The process group of {label} still has processes; {}",
-            match kill_at {
-                Some(at) if at > now => format!(
+            if kill_at > now {
+                format!(
                     "killing them in {:.1}s unless they exit",
-                    at.saturating_duration_since(now).as_secs_f64()
-                ),
-                _ => "killing them".to_string(),
+                    kill_at.saturating_duration_since(now).as_secs_f64()
+                )
+            } else {
+                "killing them".to_string()
             }
         );
         self.lingering.push(Lingering {
             pgid,
             label,
-            kill_at,
-            killed_at: None,
+            kill: GroupKill::At(kill_at),
         });
         self.tend_groups(now);
     }
@@ -621,8 +625,8 @@ impl Master {
                 debug!("The process group of {} is empty", g.label);
                 return false;
             }
-            match (g.kill_at, g.killed_at) {
-                (Some(at), _) if at <= now => {
+            match &mut g.kill {
+                GroupKill::At(at) if *at <= now => {
                     warn!(
                         "Killing what is left of the process group of {} (SIGKILL)",
                         g.label
@@ -630,11 +634,13 @@ impl Master {
                     // Non-empty (just checked), so the number still names
                     // this group: it cannot be reused while a member remains.
                     g.pgid.signal_group_only(Signal::SIGKILL);
-                    g.kill_at = None;
-                    g.killed_at = Some(now);
+                    g.kill = GroupKill::Sent {
+                        at: now,
+                        looked: now,
+                    };
                     true
                 }
-                (None, Some(t)) if now >= t + policy::GROUP_KILL_PATIENCE => {
+                GroupKill::Sent { at, .. } if now >= *at + policy::GROUP_KILL_PATIENCE => {
                     warn!(
                         "The process group of {} still has processes {:?} after SIGKILL; no longer waiting for them",
                         g.label,
@@ -642,7 +648,11 @@ impl Master {
                     );
                     false
                 }
-                _ => true,
+                GroupKill::Sent { looked, .. } => {
+                    *looked = now;
+                    true
+                }
+                GroupKill::At(_) => true,
             }
         });
     }
@@ -731,68 +741,14 @@ impl Master {
 
     /// Handles passed deadlines, then brings the workers in line with the goal.
     fn act(&mut self, now: Instant) {
-        let (due, _) = policy::due(&self.table, self.cfg.timeout, now);
-        for d in due {
-            match d {
-                Due::Stable(pid) => {
-                    if let Some(w) = self.table.get_mut(pid) {
-                        if w.state == WorkerState::Starting {
-                            mark_ready(w, now);
-                            // Alive through its stability window: it stayed
-                            // up, so a later crash is not a failed boot.
-                            self.ever_up = true;
-                            self.boot_failures = 0;
-                        }
-                    }
-                }
-                Due::StartupTimeout(pid) => self.startup_timed_out(pid, now),
-                Due::HeartbeatTimeout(pid) => {
-                    if let Some(w) = self.table.get(pid) {
-                        let silent = w
-                            .last_heartbeat
-                            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-                        warn!(
-                            worker = pid.as_raw(),
-                            slot = w.slot,
-                            "Worker {pid} (slot {}) timed out after {:.0}s without a heartbeat; aborting",
-                            w.slot,
-                            silent.as_secs_f64()
-                        );
-                        let limit = self.cfg.timeout.unwrap_or_default();
-                        debug!(
-                            "Worker {pid}: aborted {:.1} ms after its heartbeat deadline",
-                            silent.saturating_sub(limit).as_secs_f64() * 1000.0
-                        );
-                    }
-                    self.abort_worker(pid, now);
-                }
-                Due::Kill(pid) => {
-                    let quick = matches!(self.state, MasterState::Stopping { quick: true, .. });
-                    if let Some(w) = self.table.get_mut(pid) {
-                        if let Some(stop) = &mut w.stop {
-                            stop.kill_at = None;
-                            stop.killed = Some(kill_cause(stop.reason, quick));
-                        }
-                        warn!(
-                            worker = pid.as_raw(),
-                            slot = w.slot,
-                            "Worker {pid} (slot {}) did not stop in time; killing it",
-                            w.slot
-                        );
-                    }
-                    signal_group(pid, Signal::SIGKILL);
-                }
-            }
+        if self.cfg.max_worker_memory.is_some() && self.next_memory_sample.is_none() {
+            self.next_memory_sample = Some(now + self.cfg.memory_check_interval);
+        }
+        let (passed, _) = policy::split_due(&self.deadlines(), now);
+        for due in passed {
+            self.handle(Event::Due(due), now);
         }
         self.tend_groups(now);
-        if let Some((interval, at)) = self.systemd_watchdog {
-            if now >= at {
-                if let Some(sd) = &self.systemd {
-                    sd.send("WATCHDOG=1");
-                }
-                self.systemd_watchdog = Some((interval, now + interval));
-            }
-        }
         if matches!(self.state, MasterState::Stopping { .. }) {
             // Zygotes have nothing to drain: once the workers are gone, any
             // zygote still around is not waited for.
@@ -803,16 +759,13 @@ impl Master {
             }
             return;
         }
-        self.refresh_ever_up(now);
         self.tend_zygotes(now);
-        self.check_lifetimes(now);
-        self.sample_memory(now);
         self.start_next_recycle();
         // A spawn can make a worker ready at once (`--ready-after 0`), which
         // lets an outdated one go: settle in a few passes, not a wake-up.
         for _ in 0..4 {
             let goal = self.goal();
-            let (decisions, _) = policy::reconcile(&self.table, &goal, &self.backoff, now);
+            let decisions = policy::reconcile(&self.table, &goal, &self.backoff, now);
             if decisions.is_empty() {
                 break;
             }
@@ -840,6 +793,115 @@ impl Master {
         self.check_milestones();
     }
 
+    /// Every pending deadline of every part of the master, as data: the
+    /// one list both the wake-up ([`Master::next_wake`]) and the event path
+    /// ([`Master::on_due`]) read. Handling a passed deadline removes it or
+    /// moves it on.
+    fn deadlines(&self) -> Vec<(Instant, Due)> {
+        let mut out = policy::worker_deadlines(&self.table, self.cfg.timeout);
+        out.extend(self.lingering.iter().map(Lingering::deadline));
+        out.extend(
+            self.systemd_watchdog
+                .map(|(_, at)| (at, Due::SystemdWatchdog)),
+        );
+        if matches!(self.state, MasterState::Stopping { .. }) {
+            return out;
+        }
+        // ever_up is learnt when the first ready worker has been up long
+        // enough, so a later failure is judged correctly.
+        if !self.ever_up {
+            out.extend(
+                self.table.iter().filter(|w| w.is_active()).filter_map(|w| {
+                    Some((w.ready_at? + policy::QUICK_DEATH, Due::StayedUp(w.pid)))
+                }),
+            );
+        }
+        out.extend(
+            self.table
+                .iter()
+                .filter(|w| w.is_active())
+                .filter_map(|w| Some((w.retire_at?, Due::Retire(w.pid)))),
+        );
+        out.extend(self.next_memory_sample.map(|at| (at, Due::SampleMemory)));
+        out.extend(policy::backoff_deadlines(&self.backoff));
+        out.extend(self.zygote_deadlines());
+        out
+    }
+
+    /// A deadline passed.
+    fn on_due(&mut self, due: Due, now: Instant) {
+        match due {
+            Due::Stable(pid) => {
+                if let Some(w) = self.table.get_mut(pid).filter(|w| w.is_starting()) {
+                    mark_ready(w, now);
+                    // Alive through its stability window: it stayed up, so
+                    // a later crash is not a failed boot.
+                    self.ever_up = true;
+                    self.boot_failures = 0;
+                }
+            }
+            Due::StartupTimeout(pid) => self.startup_timed_out(pid, now),
+            Due::HeartbeatTimeout(pid) => {
+                if let Some(w) = self.table.get(pid) {
+                    let silent = w
+                        .last_heartbeat
+                        .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+                    warn!(
+                        worker = pid.as_raw(),
+                        slot = w.slot,
+                        "Worker {pid} (slot {}) timed out after {:.0}s without a heartbeat; aborting",
+                        w.slot,
+                        silent.as_secs_f64()
+                    );
+                    let limit = self.cfg.timeout.unwrap_or_default();
+                    debug!(
+                        "Worker {pid}: aborted {:.1} ms after its heartbeat deadline",
+                        silent.saturating_sub(limit).as_secs_f64() * 1000.0
+                    );
+                }
+                self.abort_worker(pid, now);
+            }
+            Due::Kill(pid) => {
+                let quick = matches!(self.state, MasterState::Stopping { quick: true, .. });
+                if let Some(w) = self.table.get_mut(pid) {
+                    if let WorkerState::Stopping(stop) = &mut w.state {
+                        stop.kill_at = None;
+                        stop.killed = Some(kill_cause(stop.reason, quick));
+                    }
+                    warn!(
+                        worker = pid.as_raw(),
+                        slot = w.slot,
+                        "Worker {pid} (slot {}) did not stop in time; killing it",
+                        w.slot
+                    );
+                }
+                signal_group(pid, Signal::SIGKILL);
+            }
+            Due::Group(_) => self.tend_groups(now),
+            Due::SystemdWatchdog => {
+                if let Some(sd) = &self.systemd {
+                    sd.send("WATCHDOG=1");
+                }
+                if let Some((interval, at)) = &mut self.systemd_watchdog {
+                    *at = now + *interval;
+                }
+            }
+            Due::StayedUp(_) => {
+                self.ever_up = true;
+                self.boot_failures = 0;
+            }
+            Due::Retire(pid) => self.retire(pid, now),
+            Due::SampleMemory => self.sample_memory(now),
+            Due::BackoffOver(slot) => {
+                if let Some(b) = self.backoff.get_mut(&slot) {
+                    b.next_spawn_at = None;
+                }
+            }
+            Due::ZygoteStartTimeout(pid) => self.zygote_start_timed_out(pid, now),
+            Due::ZygoteBackoffOver => self.zygote_backoff.next_spawn_at = None,
+        }
+    }
+
     fn goal(&self) -> Goal {
         Goal {
             target: self.target,
@@ -848,75 +910,8 @@ impl Master {
     }
 
     /// The earliest moment something is due.
-    fn next_wake(&self, now: Instant) -> Option<Instant> {
-        let (_, deadline) = policy::due(&self.table, self.cfg.timeout, now);
-        let (_, backoff) = if matches!(self.state, MasterState::Stopping { .. }) {
-            (Vec::new(), None)
-        } else {
-            policy::reconcile(&self.table, &self.goal(), &self.backoff, now)
-        };
-        // ever_up is learnt lazily: wake when the first ready worker has
-        // been up long enough, so a later failure is judged correctly.
-        let up_check = if self.ever_up {
-            None
-        } else {
-            self.table
-                .iter()
-                .filter_map(|w| w.ready_at)
-                .map(|r| r + policy::QUICK_DEATH)
-                .filter(|t| *t > now)
-                .min()
-        };
-        let stopping = matches!(self.state, MasterState::Stopping { .. });
-        let retire = self
-            .table
-            .iter()
-            .filter(|w| w.is_active())
-            .filter_map(|w| w.retire_at)
-            .min()
-            .filter(|_| !stopping);
-        let memory = self.next_memory_sample.filter(|_| !stopping);
-        let zygote = if stopping || !self.preloading() {
-            None
-        } else {
-            let starting = self
-                .zygotes
-                .iter()
-                .filter(|z| z.state == ZygoteState::Starting)
-                .map(|z| z.started_at + self.cfg.startup_timeout)
-                .min();
-            [
-                starting,
-                self.zygote_backoff.next_spawn_at.filter(|t| *t > now),
-            ]
-            .into_iter()
-            .flatten()
-            .min()
-        };
-        // A killed group empties when its last member is reaped (a SIGCHLD
-        // wakes us), but a member that is not our child would not: look
-        // again every 100 ms until it is empty or we stop waiting.
-        let groups = self
-            .lingering
-            .iter()
-            .map(|g| match g.kill_at {
-                Some(at) => at,
-                None => now + Duration::from_millis(100),
-            })
-            .min();
-        [
-            groups,
-            zygote,
-            deadline,
-            backoff,
-            self.systemd_watchdog.map(|(_, at)| at),
-            up_check,
-            retire,
-            memory,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+    fn next_wake(&self) -> Option<Instant> {
+        self.deadlines().into_iter().map(|(at, _)| at).min()
     }
 
     fn wait(&self, timeout: Option<Duration>) {
@@ -944,24 +939,13 @@ impl Master {
         }
     }
 
-    fn refresh_ever_up(&mut self, now: Instant) {
-        if !self.ever_up
-            && self.table.iter().any(|w| {
-                w.is_active() && w.ready_for(now).is_some_and(|d| d >= policy::QUICK_DEATH)
-            })
-        {
-            self.ever_up = true;
-            self.boot_failures = 0;
-        }
-    }
-
     /// READY to systemd when the first generation is up, and the end of a
     /// reload once no outdated worker remains.
     fn check_milestones(&mut self) {
         let fresh_ready = self
             .table
             .iter()
-            .filter(|w| w.state == WorkerState::Ready && policy::is_fresh(w, &self.goal()))
+            .filter(|w| w.is_ready() && policy::is_fresh(w, &self.goal()))
             .count();
         if self.state == MasterState::Booting && fresh_ready >= self.target {
             self.state = MasterState::Running;
@@ -1165,7 +1149,9 @@ impl Master {
                     if self.cfg.ready_after.is_zero() {
                         mark_ready(&mut w, now);
                     } else {
-                        w.stable_at = Some(now + self.cfg.ready_after);
+                        if let WorkerState::Starting { stable_at, .. } = &mut w.state {
+                            *stable_at = Some(now + self.cfg.ready_after);
+                        }
                     }
                 }
             }
@@ -1178,7 +1164,7 @@ impl Master {
         let Some(w) = self.table.get_mut(pid) else {
             return;
         };
-        if let Some(stop) = &mut w.stop {
+        if let WorkerState::Stopping(stop) = &mut w.state {
             // Already stopping: only a shorter grace applies.
             if let Some(at) = &mut stop.kill_at {
                 *at = (*at).min(now + grace);
@@ -1189,7 +1175,7 @@ impl Master {
             StopReason::StartupTimeout => (Signal::SIGKILL, None),
             // A uvicorn worker still starting may not have its handlers
             // yet: QUIT's default action would dump core, TERM just ends it.
-            _ if signal == Signal::SIGQUIT && w.state == WorkerState::Starting => {
+            _ if signal == Signal::SIGQUIT && w.is_starting() => {
                 (Signal::SIGTERM, Some(now + grace))
             }
             _ => (signal, Some(now + grace)),
@@ -1207,9 +1193,8 @@ impl Master {
             }
             _ => {}
         }
-        w.state = WorkerState::Stopping;
         let killed = kill_at.is_none().then(|| kill_cause(reason, false));
-        w.stop = Some(Stop {
+        w.state = WorkerState::Stopping(Stop {
             reason,
             kill_at,
             killed,
@@ -1236,11 +1221,10 @@ impl Master {
         let Some(w) = self.table.get_mut(pid) else {
             return;
         };
-        if w.stop.is_some() {
+        if w.is_stopping() {
             return;
         }
-        w.state = WorkerState::Stopping;
-        w.stop = Some(Stop {
+        w.state = WorkerState::Stopping(Stop {
             reason: StopReason::HeartbeatTimeout,
             kill_at: Some(now + policy::ABORT_GRACE),
             killed: None,
@@ -1277,8 +1261,8 @@ impl Master {
             if w.last_heartbeat.is_some() {
                 w.last_heartbeat = Some(now);
             }
-            if w.state == WorkerState::Starting {
-                w.startup_deadline += late;
+            if let WorkerState::Starting { deadline, .. } = &mut w.state {
+                *deadline += late;
             }
         }
     }

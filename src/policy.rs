@@ -99,7 +99,9 @@ pub enum Decision {
     },
 }
 
-/// A deadline that has passed.
+/// What passing a deadline means. Each part of the master lists its
+/// pending deadlines as `(Instant, Due)`; the loop sleeps until the
+/// earliest, and each passed one is handled as an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Due {
     /// Alive for `--ready-after` since exec: ready.
@@ -110,6 +112,68 @@ pub enum Due {
     HeartbeatTimeout(Pid),
     /// A stopping worker's grace is over: SIGKILL.
     Kill(Pid),
+    /// A lingering process group is due for SIGKILL, or for another look.
+    Group(Pid),
+    /// Time to tell systemd's watchdog we are alive.
+    SystemdWatchdog,
+    /// A worker has been ready for [`QUICK_DEATH`]: procman has been up.
+    StayedUp(Pid),
+    /// A worker reached --max-worker-lifetime: recycle it.
+    Retire(Pid),
+    /// Time for a --max-worker-memory sample.
+    SampleMemory,
+    /// A slot's backoff is over: it may be filled.
+    BackoffOver(usize),
+    /// A zygote did not import the app within --startup-timeout.
+    ZygoteStartTimeout(Pid),
+    /// The zygote's restart backoff is over.
+    ZygoteBackoffOver,
+}
+
+impl Due {
+    /// Whether it still matters while procman stops: the workers' and
+    /// their groups' deadlines and systemd's watchdog do, recycling,
+    /// respawns and zygotes do not.
+    pub fn during_stop(self) -> bool {
+        matches!(
+            self,
+            Due::Stable(_)
+                | Due::StartupTimeout(_)
+                | Due::HeartbeatTimeout(_)
+                | Due::Kill(_)
+                | Due::Group(_)
+                | Due::SystemdWatchdog
+        )
+    }
+}
+
+/// The passed deadlines (in the order given) and the earliest one still
+/// ahead.
+pub fn split_due(deadlines: &[(Instant, Due)], now: Instant) -> (Vec<Due>, Option<Instant>) {
+    let passed = deadlines
+        .iter()
+        .filter(|(at, _)| *at <= now)
+        .map(|(_, d)| *d)
+        .collect();
+    let ahead = deadlines
+        .iter()
+        .map(|(at, _)| *at)
+        .filter(|at| *at > now)
+        .min();
+    (passed, ahead)
+}
+
+/// Every worker's deadline.
+pub fn worker_deadlines(table: &Table, timeout: Option<Duration>) -> Vec<(Instant, Due)> {
+    table.iter().filter_map(|w| w.deadline(timeout)).collect()
+}
+
+/// When each backed-off slot may be filled again.
+pub fn backoff_deadlines(backoff: &BTreeMap<usize, Backoff>) -> Vec<(Instant, Due)> {
+    backoff
+        .iter()
+        .filter_map(|(slot, b)| Some((b.next_spawn_at?, Due::BackoffOver(*slot))))
+        .collect()
 }
 
 /// Fresh: active, of the required generation, not marked for recycling
@@ -120,16 +184,15 @@ pub fn is_fresh(w: &Worker, goal: &Goal) -> bool {
     w.is_active() && w.generation == goal.required_generation && w.recycle.is_none() && !w.draining
 }
 
-/// Compares the set of workers with the goal. Returns the decisions and
-/// the earliest time a backed-off slot may be filled.
+/// Compares the set of workers with the goal. A backed-off slot is not
+/// filled before its time ([`backoff_deadlines`] wakes the loop then).
 pub fn reconcile(
     table: &Table,
     goal: &Goal,
     backoff: &BTreeMap<usize, Backoff>,
     now: Instant,
-) -> (Vec<Decision>, Option<Instant>) {
+) -> Vec<Decision> {
     let mut decisions = Vec::new();
-    let mut wake: Option<Instant> = None;
 
     let mut fresh: Vec<&Worker> = table.iter().filter(|w| is_fresh(w, goal)).collect();
     fresh.sort_by_key(|w| w.started_at);
@@ -142,7 +205,7 @@ pub fn reconcile(
         if used.insert(slot) {
             missing -= 1;
             match backoff.get(&slot).and_then(|b| b.next_spawn_at) {
-                Some(t) if t > now => wake = Some(wake.map_or(t, |w| w.min(t))),
+                Some(t) if t > now => {}
                 _ => decisions.push(Decision::Spawn { slot }),
             }
         }
@@ -159,26 +222,19 @@ pub fn reconcile(
     }
 
     // Outdated workers stay only while needed for capacity.
-    let fresh_ready = fresh
-        .iter()
-        .skip(excess)
-        .filter(|w| w.state == WorkerState::Ready)
-        .count();
+    let fresh_ready = fresh.iter().skip(excess).filter(|w| w.is_ready()).count();
     let mut outdated: Vec<&Worker> = table
         .iter()
         .filter(|w| w.is_active() && !is_fresh(w, goal))
         .collect();
     outdated.sort_by_key(|w| w.started_at);
     let keep = goal.target.saturating_sub(fresh_ready);
-    let ready_outdated = outdated
-        .iter()
-        .filter(|w| w.state == WorkerState::Ready)
-        .count();
+    let ready_outdated = outdated.iter().filter(|w| w.is_ready()).count();
     let mut to_retire = ready_outdated.saturating_sub(keep);
     for w in outdated {
         let retire = match w.state {
             // A starting outdated worker adds no capacity.
-            WorkerState::Starting => true,
+            WorkerState::Starting { .. } => true,
             _ if to_retire > 0 => {
                 to_retire -= 1;
                 true
@@ -192,41 +248,7 @@ pub fn reconcile(
             });
         }
     }
-    (decisions, wake)
-}
-
-/// Finds the passed deadlines and the next one.
-pub fn due(table: &Table, timeout: Option<Duration>, now: Instant) -> (Vec<Due>, Option<Instant>) {
-    let mut out = Vec::new();
-    let mut wake: Option<Instant> = None;
-    let mut at = |t: Instant, event: Due, out: &mut Vec<Due>| {
-        if t <= now {
-            out.push(event);
-        } else {
-            wake = Some(wake.map_or(t, |w| w.min(t)));
-        }
-    };
-    for w in table.iter() {
-        match w.state {
-            // A worker is either ready by exec or out of time, never both
-            // (--ready-after is shorter than --startup-timeout).
-            WorkerState::Starting => match w.stable_at {
-                Some(t) if t <= w.startup_deadline => at(t, Due::Stable(w.pid), &mut out),
-                _ => at(w.startup_deadline, Due::StartupTimeout(w.pid), &mut out),
-            },
-            WorkerState::Ready => {
-                if let (Some(limit), Some(beat)) = (timeout, w.last_heartbeat) {
-                    at(beat + limit, Due::HeartbeatTimeout(w.pid), &mut out);
-                }
-            }
-            WorkerState::Stopping => {
-                if let Some(kill_at) = w.stop.and_then(|s| s.kill_at) {
-                    at(kill_at, Due::Kill(w.pid), &mut out);
-                }
-            }
-        }
-    }
-    (out, wake)
+    decisions
 }
 
 /// Whether the loop woke so late that the master must have been stopped
@@ -246,14 +268,7 @@ mod tests {
         Instant::now()
     }
 
-    fn worker(
-        pid: i32,
-        slot: usize,
-        gen: u64,
-        state: WorkerState,
-        age_ms: u64,
-        now: Instant,
-    ) -> Worker {
+    fn worker(pid: i32, slot: usize, gen: u64, state: Stage, age_ms: u64, now: Instant) -> Worker {
         let started = now - Duration::from_millis(age_ms);
         let mut w = Worker::new(
             Pid::from_raw(pid),
@@ -262,11 +277,29 @@ mod tests {
             started,
             Duration::from_secs(60),
         );
-        w.state = state;
-        if state == WorkerState::Ready {
-            w.ready_at = Some(started);
+        match state {
+            Starting => {}
+            Ready => {
+                w.state = WorkerState::Ready;
+                w.ready_at = Some(started);
+            }
+            Stopping => {
+                w.state = WorkerState::Stopping(Stop {
+                    reason: StopReason::Excess,
+                    kill_at: None,
+                    killed: None,
+                })
+            }
         }
         w
+    }
+
+    /// The stage of a test worker (the data of each comes with it).
+    #[derive(Clone, Copy)]
+    enum Stage {
+        Starting,
+        Ready,
+        Stopping,
     }
 
     fn table(rows: Vec<Worker>) -> Table {
@@ -284,7 +317,7 @@ mod tests {
         }
     }
 
-    use WorkerState::{Ready, Starting, Stopping};
+    use Stage::{Ready, Starting, Stopping};
 
     fn spawn(slot: usize) -> Decision {
         Decision::Spawn { slot }
@@ -351,12 +384,7 @@ mod tests {
         recycled.recycle = Some("max-requests".into());
         let mut draining_alone = worker(11, 0, 1, Ready, 5000, now);
         draining_alone.draining = true;
-        let mut stopping = worker(12, 1, 1, Stopping, 9000, now);
-        stopping.stop = Some(Stop {
-            reason: StopReason::Excess,
-            kill_at: None,
-            killed: None,
-        });
+        let stopping = worker(12, 1, 1, Stopping, 9000, now);
         let cases = vec![
             Case {
                 name: "empty start fills slots 0..n",
@@ -484,7 +512,7 @@ mod tests {
         ];
         let no_backoff = BTreeMap::new();
         for c in cases {
-            let (got, _) = reconcile(&table(c.rows), &c.goal, &no_backoff, now);
+            let got = reconcile(&table(c.rows), &c.goal, &no_backoff, now);
             assert_eq!(got, c.want, "{}", c.name);
         }
     }
@@ -501,10 +529,17 @@ mod tests {
                 next_spawn_at: Some(later),
             },
         );
-        let (got, wake) = reconcile(&Table::default(), &goal(2, 1), &backoff, now);
+        let got = reconcile(&Table::default(), &goal(2, 1), &backoff, now);
         assert_eq!(got, vec![spawn(1)]);
-        assert_eq!(wake, Some(later));
-        let (got, _) = reconcile(&Table::default(), &goal(2, 1), &backoff, later);
+        assert_eq!(
+            split_due(&backoff_deadlines(&backoff), now),
+            (vec![], Some(later))
+        );
+        assert_eq!(
+            split_due(&backoff_deadlines(&backoff), later),
+            (vec![Due::BackoffOver(0)], None)
+        );
+        let got = reconcile(&Table::default(), &goal(2, 1), &backoff, later);
         assert_eq!(got, vec![spawn(0), spawn(1)]);
     }
 
@@ -513,28 +548,26 @@ mod tests {
         let now = t0();
         let limit = Some(Duration::from_secs(10));
         let mut late_start = worker(1, 0, 1, Starting, 0, now);
-        late_start.startup_deadline = now - Duration::from_millis(1);
+        late_start.state = WorkerState::Starting {
+            deadline: now - Duration::from_millis(1),
+            stable_at: None,
+        };
         let mut silent = worker(2, 1, 1, Ready, 60_000, now);
         silent.last_heartbeat = Some(now - Duration::from_secs(11));
         let mut beating = worker(3, 2, 1, Ready, 60_000, now);
         beating.last_heartbeat = Some(now - Duration::from_secs(2));
         let never_beat = worker(4, 3, 1, Ready, 60_000, now);
         let mut draining = worker(5, 4, 1, Stopping, 1000, now);
-        draining.stop = Some(Stop {
+        draining.state = WorkerState::Stopping(Stop {
             reason: StopReason::Shutdown,
             kill_at: Some(now),
             killed: None,
         });
-        let mut killed = worker(6, 5, 1, Stopping, 1000, now);
-        killed.stop = Some(Stop {
-            reason: StopReason::Shutdown,
-            kill_at: None,
-            killed: None,
-        });
+        let killed = worker(6, 5, 1, Stopping, 1000, now);
         let t = table(vec![
             late_start, silent, beating, never_beat, draining, killed,
         ]);
-        let (got, wake) = due(&t, limit, now);
+        let (got, wake) = split_due(&worker_deadlines(&t, limit), now);
         assert_eq!(
             got,
             vec![
@@ -548,7 +581,7 @@ mod tests {
             Some(now + Duration::from_secs(8)),
             "the beating worker's deadline"
         );
-        let (got, _) = due(&t, None, now);
+        let (got, _) = split_due(&worker_deadlines(&t, None), now);
         assert!(
             !got.contains(&Due::HeartbeatTimeout(Pid::from_raw(2))),
             "timeout 0 = off"
@@ -559,19 +592,27 @@ mod tests {
     fn an_exec_worker_is_ready_after_its_stability_window_not_before() {
         let now = t0();
         let mut w = worker(1, 0, 1, Starting, 100, now);
-        w.stable_at = Some(now + Duration::from_millis(900));
+        let deadline = now + Duration::from_secs(60);
+        w.state = WorkerState::Starting {
+            deadline,
+            stable_at: Some(now + Duration::from_millis(900)),
+        };
         let t = table(vec![w.clone()]);
-        let (got, wake) = due(&t, None, now);
+        let due = |t: &Table, now| split_due(&worker_deadlines(t, None), now);
+        let (got, wake) = due(&t, now);
         assert!(got.is_empty(), "still in its window: {got:?}");
         assert_eq!(wake, Some(now + Duration::from_millis(900)));
-        let (got, _) = due(&t, None, now + Duration::from_millis(900));
+        let (got, _) = due(&t, now + Duration::from_millis(900));
         assert_eq!(got, vec![Due::Stable(Pid::from_raw(1))]);
         // Both passed (a suspended master): ready, not also timed out.
-        let (got, _) = due(&t, None, now + Duration::from_secs(120));
+        let (got, _) = due(&t, now + Duration::from_secs(120));
         assert_eq!(got, vec![Due::Stable(Pid::from_raw(1))]);
         // A window beyond the startup deadline never makes it ready.
-        w.stable_at = Some(w.startup_deadline + Duration::from_secs(1));
-        let (got, _) = due(&table(vec![w]), None, now + Duration::from_secs(120));
+        w.state = WorkerState::Starting {
+            deadline,
+            stable_at: Some(deadline + Duration::from_secs(1)),
+        };
+        let (got, _) = due(&table(vec![w]), now + Duration::from_secs(120));
         assert_eq!(got, vec![Due::StartupTimeout(Pid::from_raw(1))]);
     }
 

@@ -11,16 +11,26 @@ use std::time::{Duration, Instant};
 use nix::unistd::Pid;
 
 use crate::pid::ChildPid;
+use crate::policy::Due;
 
-/// Where a worker is in its life.
+/// Where a worker is in its life, with what only that stage has: a
+/// startup deadline exists only while starting, a stop only while
+/// stopping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerState {
     /// Forked; not ready yet.
-    Starting,
-    /// Serving.
+    Starting {
+        /// When it must be ready by (--startup-timeout, pushed later by
+        /// EXTEND_TIMEOUT_USEC).
+        deadline: Instant,
+        /// `--ready exec`: when it becomes ready if it is still alive then
+        /// (exec succeeded at spawn; `--ready-after` later).
+        stable_at: Option<Instant>,
+    },
+    /// Serving (since [`Worker::ready_at`]).
     Ready,
     /// Asked to stop (or killed); waiting to be reaped.
-    Stopping,
+    Stopping(Stop),
 }
 
 /// Why the master stopped a worker.
@@ -68,23 +78,17 @@ pub struct Worker {
     pub slot: usize,
     /// Generation it was started in (PROCMAN_GENERATION).
     pub generation: u64,
-    /// Life stage.
+    /// Life stage, with its deadlines.
     pub state: WorkerState,
     /// When it was forked.
     pub started_at: Instant,
-    /// When it became ready.
+    /// When it became ready, if it ever did (kept while it stops: how long
+    /// it served decides whether its death was a failed start).
     pub ready_at: Option<Instant>,
-    /// When it must be ready by.
-    pub startup_deadline: Instant,
-    /// `--ready exec`: when it becomes ready if it is still alive then
-    /// (exec succeeded at spawn; `--ready-after` later).
-    pub stable_at: Option<Instant>,
     /// Its last WATCHDOG=1, if it ever sent one.
     pub last_heartbeat: Option<Instant>,
     /// Marked for replacement (recycling), with the reason.
     pub recycle: Option<String>,
-    /// Set once the master asked it to stop.
-    pub stop: Option<Stop>,
     /// It said STOPPING=1: it is leaving on its own, so it no longer
     /// counts as capacity and a replacement is started.
     pub draining: bool,
@@ -105,14 +109,14 @@ impl Worker {
             pid,
             slot,
             generation,
-            state: WorkerState::Starting,
+            state: WorkerState::Starting {
+                deadline: now + startup,
+                stable_at: None,
+            },
             started_at: now,
             ready_at: None,
-            startup_deadline: now + startup,
-            stable_at: None,
             last_heartbeat: None,
             recycle: None,
-            stop: None,
             draining: false,
             reported_error: None,
             reported_traceback: None,
@@ -123,7 +127,52 @@ impl Worker {
 
     /// Not stopping: it counts toward capacity (ready) or soon will.
     pub fn is_active(&self) -> bool {
-        self.state != WorkerState::Stopping
+        !self.is_stopping()
+    }
+
+    /// Still starting.
+    pub fn is_starting(&self) -> bool {
+        matches!(self.state, WorkerState::Starting { .. })
+    }
+
+    /// Serving.
+    pub fn is_ready(&self) -> bool {
+        self.state == WorkerState::Ready
+    }
+
+    /// Asked to stop.
+    pub fn is_stopping(&self) -> bool {
+        matches!(self.state, WorkerState::Stopping(_))
+    }
+
+    /// The stop in progress, if it is stopping.
+    pub fn stop(&self) -> Option<&Stop> {
+        match &self.state {
+            WorkerState::Stopping(stop) => Some(stop),
+            _ => None,
+        }
+    }
+
+    /// Its next deadline and what passing it means: the one place a
+    /// worker's deadlines are computed (`timeout`: --timeout, the
+    /// heartbeat limit).
+    pub fn deadline(&self, timeout: Option<Duration>) -> Option<(Instant, Due)> {
+        match self.state {
+            // Either ready by exec or out of time, never both
+            // (--ready-after is shorter than --startup-timeout).
+            WorkerState::Starting {
+                deadline,
+                stable_at,
+            } => Some(match stable_at {
+                Some(t) if t <= deadline => (t, Due::Stable(self.pid)),
+                _ => (deadline, Due::StartupTimeout(self.pid)),
+            }),
+            WorkerState::Ready => {
+                let beat = self.last_heartbeat?;
+                Some((beat + timeout?, Due::HeartbeatTimeout(self.pid)))
+            }
+            WorkerState::Stopping(Stop { kill_at, .. }) => Some((kill_at?, Due::Kill(self.pid))),
+        }
     }
 
     /// How long it has been ready.
@@ -144,11 +193,39 @@ pub struct Lingering {
     pub pgid: ChildPid,
     /// "worker 123 (slot 0)", for the log.
     pub label: String,
-    /// When its members get SIGKILL; `None` once they have.
-    pub kill_at: Option<Instant>,
-    /// When SIGKILL was sent.
-    pub killed_at: Option<Instant>,
+    /// Where its SIGKILL stands.
+    pub kill: GroupKill,
 }
+
+/// The SIGKILL of a lingering group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupKill {
+    /// Due then.
+    At(Instant),
+    /// Sent `at`; the group was last looked at `looked`.
+    Sent {
+        /// When SIGKILL was sent.
+        at: Instant,
+        /// When the master last checked whether it is empty.
+        looked: Instant,
+    },
+}
+
+impl Lingering {
+    /// When the master must look at it next: its SIGKILL, or (once sent)
+    /// another look, because a member that is not our child empties the
+    /// group without a SIGCHLD.
+    pub fn deadline(&self) -> (Instant, Due) {
+        let pgid = self.pgid.pid();
+        match self.kill {
+            GroupKill::At(at) => (at, Due::Group(pgid)),
+            GroupKill::Sent { looked, .. } => (looked + GROUP_LOOK_AGAIN, Due::Group(pgid)),
+        }
+    }
+}
+
+/// How often a killed group that is not empty yet is looked at again.
+const GROUP_LOOK_AGAIN: Duration = Duration::from_millis(100);
 
 /// All workers not yet reaped.
 #[derive(Debug, Default)]
@@ -200,9 +277,6 @@ impl Table {
 
     /// Ready workers (serving).
     pub fn ready_count(&self) -> usize {
-        self.rows
-            .iter()
-            .filter(|w| w.state == WorkerState::Ready)
-            .count()
+        self.rows.iter().filter(|w| w.is_ready()).count()
     }
 }

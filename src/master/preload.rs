@@ -15,7 +15,7 @@ use tracing::{debug, error, info, warn};
 use super::{describe, exit_code, signal_group, Master};
 use crate::classes;
 use crate::error::Error;
-use crate::policy::{self, Backoff};
+use crate::policy::{self, Backoff, Due};
 use crate::workers::Worker;
 use crate::zygote::{self, FromZygote, Zygote, ZygoteState};
 
@@ -25,27 +25,50 @@ impl Master {
         self.cfg.uvicorn().is_some_and(|u| u.preload) && !self.cold_fallback
     }
 
-    /// Starts the current generation's zygote when there is none, kills one
-    /// that does not become ready in time, and retires zygotes whose
-    /// generation has no worker left.
+    /// The zygotes' pending deadlines: each one starting must be ready by
+    /// --startup-timeout; a restart waits for its backoff.
+    pub(super) fn zygote_deadlines(&self) -> Vec<(Instant, Due)> {
+        if !self.preloading() {
+            return Vec::new();
+        }
+        let timeout = self.cfg.startup_timeout;
+        let mut out: Vec<(Instant, Due)> = self
+            .zygotes
+            .iter()
+            .filter(|z| z.state == ZygoteState::Starting)
+            .map(|z| (z.started_at + timeout, Due::ZygoteStartTimeout(z.pid)))
+            .collect();
+        out.extend(
+            self.zygote_backoff
+                .next_spawn_at
+                .map(|at| (at, Due::ZygoteBackoffOver)),
+        );
+        out
+    }
+
+    /// A zygote did not become ready in time: killed and restarted with
+    /// backoff.
+    pub(super) fn zygote_start_timed_out(&mut self, pid: Pid, now: Instant) {
+        let Some(z) = self
+            .zygotes
+            .iter_mut()
+            .find(|z| z.pid == pid && z.state == ZygoteState::Starting)
+        else {
+            return;
+        };
+        let timeout = self.cfg.startup_timeout;
+        warn!("Zygote {pid} did not import the app within {timeout:?}; killing it");
+        signal_group(pid, Signal::SIGKILL);
+        z.state = ZygoteState::Stopping;
+        self.zygote_failed(now);
+    }
+
+    /// Starts the current generation's zygote when there is none (and its
+    /// backoff is over), and retires zygotes whose generation has no worker
+    /// left.
     pub(super) fn tend_zygotes(&mut self, now: Instant) {
         if !self.preloading() {
             return;
-        }
-        let timeout = self.cfg.startup_timeout;
-        let late: Vec<Pid> = self
-            .zygotes
-            .iter()
-            .filter(|z| z.state == ZygoteState::Starting && now >= z.started_at + timeout)
-            .map(|z| z.pid)
-            .collect();
-        for pid in late {
-            warn!("Zygote {pid} did not import the app within {timeout:?}; killing it");
-            signal_group(pid, Signal::SIGKILL);
-            if let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == pid) {
-                z.state = ZygoteState::Stopping;
-            }
-            self.zygote_failed(now);
         }
         let current = self.generation;
         for z in self.zygotes.iter_mut() {

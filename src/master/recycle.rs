@@ -4,12 +4,13 @@
 
 use std::time::Instant;
 
+use nix::unistd::Pid;
+
 use tracing::{debug, info, warn};
 
 use super::Master;
 use crate::policy;
 use crate::procfs;
-use crate::workers::WorkerState;
 
 impl Master {
     /// At most one recycle at a time: mark the next worker only when no
@@ -38,41 +39,31 @@ impl Master {
         }
     }
 
-    /// Queues workers past their lifetime for recycling (one at a time, by
-    /// the queue).
-    pub(super) fn check_lifetimes(&mut self, now: Instant) {
-        for w in self.table.iter_mut() {
-            if w.is_active() && w.retire_at.is_some_and(|t| t <= now) {
-                w.retire_at = None;
-                let age = now.saturating_duration_since(w.started_at).as_secs_f64();
-                self.recycle_queue
-                    .push_back((w.pid, format!("lifetime reached ({age:.0}s old)")));
-            }
+    /// A worker reached its lifetime: it is queued for recycling (one at
+    /// a time, by the queue).
+    pub(super) fn retire(&mut self, pid: Pid, now: Instant) {
+        let Some(w) = self.table.get_mut(pid) else {
+            return;
+        };
+        if w.is_active() && w.retire_at.take().is_some() {
+            let age = now.saturating_duration_since(w.started_at).as_secs_f64();
+            self.recycle_queue
+                .push_back((w.pid, format!("lifetime reached ({age:.0}s old)")));
         }
     }
 
-    /// Every --memory-check-interval: a worker whose process group stays
+    /// Every --memory-check-interval (when it is due): a worker whose process group stays
     /// above --max-worker-memory for 3 samples in a row is recycled; a
     /// short spike is forgiven.
     pub(super) fn sample_memory(&mut self, now: Instant) {
         let Some(limit) = self.cfg.max_worker_memory else {
+            // A reload turned it off.
+            self.next_memory_sample = None;
             return;
         };
-        match self.next_memory_sample {
-            Some(at) if at > now => return,
-            None => {
-                self.next_memory_sample = Some(now + self.cfg.memory_check_interval);
-                return;
-            }
-            _ => {}
-        }
         self.next_memory_sample = Some(now + self.cfg.memory_check_interval);
         let rss = procfs::rss_by_group();
-        for w in self
-            .table
-            .iter_mut()
-            .filter(|w| w.state == WorkerState::Ready)
-        {
+        for w in self.table.iter_mut().filter(|w| w.is_ready()) {
             let used = rss.get(&w.pid.as_raw()).copied().unwrap_or(0);
             if used <= limit {
                 w.samples_over_memory = 0;

@@ -31,7 +31,7 @@ use crate::classes::{self, Launch};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::notify;
-use crate::workers::{StopReason, Worker, WorkerState};
+use crate::workers::{StopReason, Worker};
 
 /// What workers are started from; replaced whole by a reload.
 pub(super) struct Settings {
@@ -267,13 +267,13 @@ impl Master {
         let starting: Vec<Pid> = self
             .table
             .iter()
-            .filter(|w| w.generation > current && w.state == WorkerState::Starting)
+            .filter(|w| w.generation > current && w.is_starting())
             .map(|w| w.pid)
             .collect();
         let serving = self
             .table
             .iter()
-            .filter(|w| w.generation > current && w.state == WorkerState::Ready)
+            .filter(|w| w.generation > current && w.is_ready())
             .count();
         if serving > 0 {
             info!(
@@ -315,9 +315,9 @@ impl Master {
             .reload
             .as_ref()
             .map_or(self.generation, |r| r.previous_generation);
-        let how = describe_exit(status, w.stop.as_ref());
+        let how = describe_exit(status, w.stop());
         if rolling_out == Some(w.generation) {
-            let reason = w.stop.map(|s| s.reason);
+            let reason = w.stop().map(|s| s.reason);
             let how = match reason {
                 None if w.draining => return false,
                 None => how,

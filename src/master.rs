@@ -899,6 +899,7 @@ impl Master {
             }
             Due::ZygoteStartTimeout(pid) => self.zygote_start_timed_out(pid, now),
             Due::ZygoteBackoffOver => self.zygote_backoff.next_spawn_at = None,
+            Due::ZygoteSpawnTimeout(pid) => self.zygote_spawn_timed_out(pid, now),
         }
     }
 

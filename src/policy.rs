@@ -128,6 +128,8 @@ pub enum Due {
     ZygoteStartTimeout(Pid),
     /// The zygote's restart backoff is over.
     ZygoteBackoffOver,
+    /// A zygote did not answer a spawn request in time.
+    ZygoteSpawnTimeout(Pid),
 }
 
 impl Due {

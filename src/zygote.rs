@@ -14,7 +14,7 @@
 //! master always knows a pid before it can send anything or exit.
 //!
 //! The zygote runs the app's import-time code, so what it reports is not
-//! trusted: a reported pid becomes a [`ChildPid`] only once
+//! trusted: a reported pid becomes a [`crate::pid::ChildPid`] only once
 //! [`crate::pid::verify_reported`] found it to be a fresh child of the
 //! master owned by the workers' user.
 
@@ -22,15 +22,14 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use nix::unistd::Pid;
 
-use crate::pid::{self, ChildPid};
+use crate::pid;
 use crate::procfs;
 
 /// How long the master waits for the zygote to report a forked worker.
-const SPAWN_REPLY: Duration = Duration::from_secs(2);
+pub const SPAWN_REPLY: Duration = Duration::from_secs(2);
 
 /// A message from the zygote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +104,32 @@ pub struct Zygote {
     /// Its end of the channel closed (it is exiting): no more polling, or
     /// the end-of-file would wake the loop forever.
     pub closed: bool,
+    /// The spawn request it has not answered yet (one at a time: each
+    /// gets the whole [`SPAWN_REPLY`]). The reply arrives on the channel
+    /// like any message; the master never waits for it.
+    pub pending: Option<Pending>,
     channel: OwnedFd,
+}
+
+/// A spawn request sent to a zygote, awaiting its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    /// The slot asked for.
+    pub slot: usize,
+    /// The generation of the worker.
+    pub generation: u64,
+    /// When it was asked for (the worker's start, for its startup timeout).
+    pub requested_at: Instant,
+    /// The same in [`procfs::boot_ticks_now`] units: the reported worker
+    /// cannot be older.
+    pub not_before: u64,
+}
+
+impl Pending {
+    /// When the master gives up on the reply.
+    pub fn deadline(&self) -> Instant {
+        self.requested_at + SPAWN_REPLY
+    }
 }
 
 /// The two ends of a fresh control channel: (master's, zygote's).
@@ -129,6 +153,7 @@ impl Zygote {
             started_ticks: procfs::boot_ticks_now(),
             reported_error: None,
             closed: false,
+            pending: None,
             channel,
         }
     }
@@ -156,70 +181,42 @@ impl Zygote {
         out
     }
 
-    /// Asks for a worker and waits (bounded) for its pid, which must be a
-    /// process with the workers' `uids` that the master can vouch for (see
-    /// [`pid::verify_reported`]). Other messages that arrive meanwhile are
-    /// returned for the caller to handle.
-    pub fn spawn(
-        &self,
+    /// Asks for a worker; the reply (its pid, or an error) comes later as
+    /// a message on the channel, and `pending` holds the request until then.
+    /// The reported pid must then be a process with the workers' uids that
+    /// the master can vouch for (see [`pid::verify_reported`]).
+    pub fn request(
+        &mut self,
         slot: usize,
         generation: u64,
         env: &[(String, String)],
-        uids: [u32; 4],
-    ) -> (Result<ChildPid, String>, Vec<FromZygote>) {
-        let expected = pid::Expected {
-            parent: nix::unistd::getpid().as_raw(),
-            uids,
-            not_before: procfs::boot_ticks_now(),
-        };
+        now: Instant,
+    ) -> Result<(), String> {
         let env: serde_json::Map<String, serde_json::Value> = env
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
             .collect();
         let msg =
             serde_json::json!({"spawn": {"slot": slot, "generation": generation, "env": env}});
+        let not_before = procfs::boot_ticks_now();
         let bytes = msg.to_string().into_bytes();
-        if let Err(e) = send(self.channel.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL) {
-            return (
-                Err(format!("cannot reach the zygote: {}", e.desc())),
-                Vec::new(),
-            );
-        }
-        // Bounded wait for the reply: the zygote forks in milliseconds; a
-        // zygote that does not answer in time is treated as broken.
-        let deadline = Instant::now() + SPAWN_REPLY;
-        let mut others = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return (
-                    Err("the zygote did not answer a spawn request in 2s".into()),
-                    others,
-                );
-            }
-            let ms = PollTimeout::try_from(left.as_millis().min(2000) as i32)
-                .unwrap_or(PollTimeout::MAX);
-            let mut fds = [PollFd::new(self.channel.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, ms) {
-                Ok(0) | Err(Errno::EINTR) => continue,
-                Ok(_) => {}
-                Err(e) => return (Err(format!("poll: {}", e.desc())), others),
-            }
-            for m in self.drain() {
-                match m {
-                    FromZygote::Spawned { slot: s, pid } if s == slot => {
-                        let verified = pid::verify_reported(pid, &expected)
-                            .map_err(|e| format!("it reported a worker it did not fork: {e}"));
-                        return (verified, others);
-                    }
-                    FromZygote::Error(e) => return (Err(e), others),
-                    FromZygote::Closed => {
-                        others.push(FromZygote::Closed);
-                        return (Err("the zygote closed its channel".into()), others);
-                    }
-                    other => others.push(other),
-                }
-            }
+        send(self.channel.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL)
+            .map_err(|e| format!("cannot reach the zygote: {}", e.desc()))?;
+        self.pending = Some(Pending {
+            slot,
+            generation,
+            requested_at: now,
+            not_before,
+        });
+        Ok(())
+    }
+
+    /// What a verified worker of `pending` must look like.
+    pub fn expected(pending: &Pending, uids: [u32; 4]) -> pid::Expected {
+        pid::Expected {
+            parent: nix::unistd::getpid().as_raw(),
+            uids,
+            not_before: pending.not_before,
         }
     }
 }

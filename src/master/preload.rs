@@ -12,12 +12,13 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tracing::{debug, error, info, warn};
 
-use super::{describe, exit_code, signal_group, Master};
+use super::{describe, exit_code, signal_group, Master, MasterState};
 use crate::classes;
 use crate::error::Error;
+use crate::pid::ChildPid;
 use crate::policy::{self, Backoff, Due};
 use crate::workers::Worker;
-use crate::zygote::{self, FromZygote, Zygote, ZygoteState};
+use crate::zygote::{self, FromZygote, Pending, Zygote, ZygoteState};
 
 impl Master {
     /// Whether workers are forked from a zygote.
@@ -26,7 +27,8 @@ impl Master {
     }
 
     /// The zygotes' pending deadlines: each one starting must be ready by
-    /// --startup-timeout; a restart waits for its backoff.
+    /// --startup-timeout, a spawn request must be answered within
+    /// [`zygote::SPAWN_REPLY`]; a restart waits for its backoff.
     pub(super) fn zygote_deadlines(&self) -> Vec<(Instant, Due)> {
         if !self.preloading() {
             return Vec::new();
@@ -38,6 +40,10 @@ impl Master {
             .filter(|z| z.state == ZygoteState::Starting)
             .map(|z| (z.started_at + timeout, Due::ZygoteStartTimeout(z.pid)))
             .collect();
+        out.extend(self.zygotes.iter().filter_map(|z| {
+            let p = z.pending.as_ref()?;
+            Some((p.deadline(), Due::ZygoteSpawnTimeout(z.pid)))
+        }));
         out.extend(
             self.zygote_backoff
                 .next_spawn_at
@@ -164,7 +170,31 @@ impl Master {
                 }
             }
             FromZygote::Warning(w) => warn!("Zygote {pid}: {w}"),
+            // Its answer to the request in flight.
+            FromZygote::Error(e) if z.pending.is_some() => {
+                let slot = z.pending.take().map_or(0, |p| p.slot);
+                self.zygote_spawn_failed(pid, slot, &e, now);
+            }
             FromZygote::Error(e) => warn!("Zygote {pid} reported an error: {e}"),
+            // The reply to the request in flight: the worker is supervised
+            // from now on, if it is a process the zygote just forked.
+            FromZygote::Spawned { slot, pid: worker }
+                if z.pending.is_some_and(|p| p.slot == slot) =>
+            {
+                let Some(pending) = z.pending.take() else {
+                    return;
+                };
+                let expected = Zygote::expected(&pending, uids);
+                match crate::pid::verify_reported(worker, &expected) {
+                    Ok(w) => self.adopt_forked(pid, w, &pending),
+                    Err(e) => self.zygote_spawn_failed(
+                        pid,
+                        slot,
+                        &format!("it reported a worker it did not fork: {e}"),
+                        now,
+                    ),
+                }
+            }
             // A reply that came after the master gave up on the request:
             // that worker is not supervised, so it must not serve. Killed
             // only if it is a process the zygote forked since it started;
@@ -198,53 +228,99 @@ impl Master {
             FromZygote::Closed => {
                 debug!("Zygote {pid} closed its channel");
                 z.closed = true;
+                if let Some(p) = z.pending.take() {
+                    self.zygote_spawn_failed(pid, p.slot, "the zygote closed its channel", now);
+                }
             }
         }
     }
 
+    /// Asks the current generation's zygote for a worker in `slot`. The
+    /// worker joins the table when the zygote's reply arrives (an event
+    /// like any other); one request at a time per zygote.
     pub(super) fn spawn_from_zygote(&mut self, slot: usize, now: Instant) {
         let current = self.generation;
         let Some(z) = self
             .zygotes
-            .iter()
+            .iter_mut()
             .find(|z| z.generation == current && z.state == ZygoteState::Ready && !z.closed)
         else {
             // The zygote is still importing: the slot is filled once it is
             // ready (its channel wakes the loop).
             return;
         };
+        if z.pending.is_some() {
+            // Asked again once the reply in flight arrived.
+            return;
+        }
         let zpid = z.pid;
         let env = vec![
             ("PROCMAN_WORKER_ID".to_string(), slot.to_string()),
             ("PROCMAN_GENERATION".to_string(), current.to_string()),
         ];
-        let (result, others) = z.spawn(slot, current, &env, self.workers_uids());
-        for m in others {
-            self.on_zygote_message(zpid, m, now);
+        if let Err(e) = z.request(slot, current, &env, now) {
+            self.zygote_spawn_failed(zpid, slot, &e, now);
         }
-        match result {
-            Ok(pid) => {
-                self.zygote_backoff = Backoff::default();
-                info!(
-                    worker = pid.as_raw(),
-                    slot,
-                    generation = current,
-                    "Booting worker {slot} with pid {pid} (generation {current}, forked from zygote {zpid})"
-                );
-                let w = Worker::new(pid.pid(), slot, current, now, self.cfg.startup_timeout);
-                self.table.insert(w);
-            }
-            // Nothing reported is signalled: only the zygote (our own
-            // child) is killed, and restarted with backoff.
-            Err(e) => {
-                error!("Zygote {zpid} could not fork a worker for slot {slot}: {e}; restarting it");
-                if let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == zpid) {
-                    signal_group(zpid, Signal::SIGKILL);
-                    z.state = ZygoteState::Stopping;
-                }
-                self.zygote_failed(now);
+    }
+
+    /// The zygote reported the worker of `pending`, verified: it is
+    /// supervised from now on (killed at once if procman is stopping).
+    fn adopt_forked(&mut self, zpid: Pid, w: ChildPid, pending: &Pending) {
+        let slot = pending.slot;
+        let generation = pending.generation;
+        if matches!(self.state, MasterState::Stopping { .. }) {
+            warn!("Zygote {zpid} reported worker {w} (slot {slot}) during shutdown; killing it");
+            w.signal_group(Signal::SIGKILL);
+            return;
+        }
+        self.zygote_backoff = Backoff::default();
+        info!(
+            worker = w.as_raw(),
+            slot,
+            generation,
+            "Booting worker {slot} with pid {w} (generation {generation}, forked from zygote {zpid})"
+        );
+        let worker = Worker::new(
+            w.pid(),
+            slot,
+            generation,
+            pending.requested_at,
+            self.cfg.startup_timeout,
+        );
+        self.table.insert(worker);
+    }
+
+    /// A spawn request failed (an error reply, no reply in time, a reply
+    /// that is not to be trusted, or the channel closed). Nothing reported
+    /// is signalled: only the zygote (our own child) is killed, and
+    /// restarted with backoff.
+    fn zygote_spawn_failed(&mut self, zpid: Pid, slot: usize, why: &str, now: Instant) {
+        error!("Zygote {zpid} could not fork a worker for slot {slot}: {why}; restarting it");
+        if let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == zpid) {
+            z.pending = None;
+            if z.state != ZygoteState::Stopping {
+                signal_group(zpid, Signal::SIGKILL);
+                z.state = ZygoteState::Stopping;
             }
         }
+        self.zygote_failed(now);
+    }
+
+    /// A spawn request was not answered in time.
+    pub(super) fn zygote_spawn_timed_out(&mut self, zpid: Pid, now: Instant) {
+        let Some(p) = self
+            .zygotes
+            .iter()
+            .find(|z| z.pid == zpid)
+            .and_then(|z| z.pending)
+        else {
+            return;
+        };
+        let why = format!(
+            "the zygote did not answer a spawn request in {}s",
+            zygote::SPAWN_REPLY.as_secs()
+        );
+        self.zygote_spawn_failed(zpid, p.slot, &why, now);
     }
 
     pub(super) fn on_zygote_exit(&mut self, z: Zygote, status: WaitStatus, now: Instant) {

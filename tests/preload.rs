@@ -351,3 +351,39 @@ fn a_spawn_reply_that_comes_too_late_leaves_no_unsupervised_worker() {
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
 }
+
+#[test]
+fn a_master_awaiting_a_spawn_reply_still_handles_signals() {
+    // The zygote answers a spawn only after 3 s. The master must not wait
+    // for it: a TTIN sent meanwhile is handled at once, before the master
+    // gives up on the reply (2 s after asking).
+    let mut h = hostile("pre-async", "slow", "1").spawn();
+    let zygote_ready = wait_for(BOOT, || {
+        let log = h.log_text();
+        let ready = log
+            .lines()
+            .any(|l| l.contains("] Zygote ") && l.contains(" ready in "));
+        ready.then_some(())
+    });
+    h.check(
+        zygote_ready.is_some(),
+        "zygote ready (the spawn request follows at once)",
+    );
+    h.signal(Signal::SIGTTIN);
+    h.check(h.wait_log("Workers: 1 -> 2", BOOT), "TTIN handled");
+    h.check(
+        h.wait_log("did not answer a spawn request", BOOT),
+        "the request timed out",
+    );
+    let log = h.log_text();
+    let ttin = log.find("Workers: 1 -> 2").unwrap_or(usize::MAX);
+    let gave_up = log
+        .find("did not answer a spawn request")
+        .unwrap_or(usize::MAX);
+    h.check(
+        ttin < gave_up,
+        "TTIN was handled while the spawn reply was awaited, not after",
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}

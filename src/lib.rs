@@ -5,7 +5,7 @@
 //! set of healthy workers alive from a single-threaded, SIGCHLD-driven
 //! loop. The modules, in the order a start-up goes through them:
 
-#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs, clippy::unwrap_used)]
 
 // What the user asked for, validated.

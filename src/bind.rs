@@ -198,7 +198,6 @@ impl BindOptions {
 /// A listening socket owned by the master.
 #[derive(Debug)]
 pub struct Listener {
-    /// What the user asked for.
     pub spec: BindSpec,
     /// The socket. CLOEXEC in the master.
     pub fd: OwnedFd,

@@ -19,6 +19,7 @@ use nix::unistd::{Gid, Group, Uid, User};
 use crate::bind::{self, BindSpec};
 use crate::cli::Cli;
 use crate::error::{Error, Result};
+use crate::identity::Credentials;
 
 /// The worker class names gunicorn command lines use for uvicorn workers.
 pub const UVICORN_CLASSES: &[&str] = &[
@@ -50,9 +51,7 @@ pub struct UvicornOptions {
     pub python: PathBuf,
     /// APP is a factory to call.
     pub factory: bool,
-    /// TLS key file.
     pub keyfile: Option<PathBuf>,
-    /// TLS certificate file.
     pub certfile: Option<PathBuf>,
     /// uvicorn's timeout_keep_alive.
     pub keep_alive: u64,
@@ -95,15 +94,11 @@ pub enum ReadyMode {
 /// The master's log verbosity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LogLevel {
-    /// Errors only.
     Error,
-    /// Warnings and errors.
     Warn,
     /// The default.
     Info,
-    /// Debugging detail.
     Debug,
-    /// Everything.
     Trace,
 }
 
@@ -129,23 +124,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// Who workers run as after the privilege drop.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Credentials {
-    /// Target user id.
-    pub uid: u32,
-    /// Target group id.
-    pub gid: u32,
-    /// Supplementary groups (the user's group list, looked up now).
-    pub groups: Vec<u32>,
-    /// For messages.
-    pub user_name: String,
-}
-
 /// The validated, resolved configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Command or uvicorn workers.
     pub kind: WorkerKind,
     /// Where to listen, in `--bind` order.
     pub binds: Vec<BindSpec>,
@@ -154,7 +135,6 @@ pub struct Config {
     pub binds_given: bool,
     /// listen(2) backlog.
     pub backlog: i32,
-    /// Number of workers.
     pub workers: usize,
     /// Why that number (for the start-up log).
     pub workers_reason: String,
@@ -177,15 +157,12 @@ pub struct Config {
     pub credentials: Option<Credentials>,
     /// umask for workers and unix socket files.
     pub umask: u32,
-    /// Pidfile path.
     pub pidfile: Option<PathBuf>,
     /// Workers' working directory.
     pub chdir: Option<PathBuf>,
     /// Extra worker environment.
     pub env: Vec<(String, String)>,
-    /// Master log level.
     pub log_level: LogLevel,
-    /// Master log format.
     pub log_format: LogFormat,
     /// Master log file (else stderr).
     pub log_file: Option<PathBuf>,

@@ -31,12 +31,10 @@ impl Error {
         }
     }
 
-    /// Shorthand for a usage error.
     pub fn usage(msg: impl Into<String>) -> Self {
         Error::Usage(msg.into())
     }
 
-    /// Shorthand for a runtime error.
     pub fn runtime(msg: impl Into<String>) -> Self {
         Error::Runtime(msg.into())
     }
@@ -54,7 +52,6 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// The result type used across procman.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Renders an OS error the way people read them: "Permission denied", not

@@ -17,19 +17,16 @@ use std::path::{Path, PathBuf};
 use clap::{ArgAction, CommandFactory, FromArgMatches};
 
 use crate::cli::Cli;
-use crate::config::Environment;
+use crate::config::{Config, Environment};
 use crate::error::{os_reason, Error, Result};
 
 /// Where a value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    /// The command line.
     CommandLine,
-    /// An environment variable.
     Environment(String),
     /// A config file line.
     File {
-        /// The file.
         path: PathBuf,
         /// 1-based line.
         line: usize,
@@ -49,7 +46,6 @@ impl std::fmt::Display for Source {
 /// The merged raw options and their sources, keyed by long option name.
 #[derive(Debug, Clone)]
 pub struct Layered {
-    /// The merged options.
     pub cli: Cli,
     /// Where each set option came from.
     pub sources: BTreeMap<String, Source>,
@@ -91,6 +87,19 @@ fn keys() -> Vec<(String, String, Option<String>, Type)> {
             (key, a.get_id().to_string(), env, ty)
         })
         .collect()
+}
+
+/// Parses and validates the whole configuration (command line, environment,
+/// file). `None` when --help or --version was printed. Used at start and
+/// again by HUP.
+pub fn load_config(args: &[OsString]) -> Result<Option<(Config, Layered)>> {
+    let env = Environment::from_process();
+    let layered = match load(args.iter().cloned(), &env)? {
+        Parsed::Run(l) => *l,
+        Parsed::Printed => return Ok(None),
+    };
+    let cfg = Config::from_cli(&layered.cli, &env).map_err(|e| layered.annotate(e))?;
+    Ok(Some((cfg, layered)))
 }
 
 /// Parses the command line, then layers the environment and the file.

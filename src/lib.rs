@@ -3,16 +3,25 @@
 //! A master process binds the listening sockets, forks N workers that
 //! inherit them (the systemd `LISTEN_FDS` convention), and keeps the right
 //! set of healthy workers alive from a single-threaded, SIGCHLD-driven
-//! loop. The modules, in the order a start-up goes through them:
+//! loop.
+//!
+//! The modules form layers, each importing only from layers below it (no
+//! import cycles):
+//! `main → startup → master (and master/*) → the parts (classes, zygote,
+//! logging, layers → config → cli) → the edges (policy, workers, spawn,
+//! bind, notify, signals, pid, pidfile) → the leaves (error, identity,
+//! safefs, procfs, cpus)`. A lower module never names a higher one: what it
+//! needs from above is passed in as a value.
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
-#![warn(missing_docs, clippy::unwrap_used)]
+#![warn(clippy::unwrap_used)]
 
 // What the user asked for, validated.
 pub mod cli;
 pub mod config;
 pub mod cpus;
 pub mod error;
+pub mod identity;
 pub mod layers;
 
 // Start-up: logging, then the steps before the first worker.

@@ -39,8 +39,8 @@ use nix::sys::socket::{
     SockFlag, SockType, UnixAddr,
 };
 
-use crate::config::Credentials;
 use crate::error::{Error, Result};
+use crate::identity::Credentials;
 use crate::safefs::{self, FileId, Kind};
 
 /// One parsed notification line that procman acts on.
@@ -149,7 +149,6 @@ impl std::fmt::Display for Message {
 pub struct Datagram {
     /// The sender's pid, from SCM_CREDENTIALS.
     pub pid: i32,
-    /// The messages in it.
     pub messages: Vec<Message>,
 }
 
@@ -296,7 +295,6 @@ impl Receiver {
         &self.path
     }
 
-    /// The fd to poll.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }

@@ -29,12 +29,10 @@ impl ChildPid {
         (raw > 1).then_some(ChildPid(raw))
     }
 
-    /// The number.
     pub fn as_raw(self) -> i32 {
         self.0
     }
 
-    /// The pid.
     pub fn pid(self) -> Pid {
         Pid::from_raw(self.0)
     }

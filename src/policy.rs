@@ -86,17 +86,9 @@ pub struct Goal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// Start a worker in this slot.
-    Spawn {
-        /// Slot index.
-        slot: usize,
-    },
+    Spawn { slot: usize },
     /// Ask a worker to stop gracefully.
-    Stop {
-        /// The worker.
-        pid: Pid,
-        /// Why.
-        reason: StopReason,
-    },
+    Stop { pid: Pid, reason: StopReason },
 }
 
 /// What passing a deadline means. Each part of the master lists its

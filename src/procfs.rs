@@ -11,9 +11,7 @@ use std::collections::HashMap;
 /// The fields of `/proc/PID/stat` procman uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stat {
-    /// Parent pid.
     pub ppid: i32,
-    /// Process group.
     pub pgrp: i32,
     /// Resident set size in pages.
     pub rss_pages: u64,

@@ -136,7 +136,6 @@ impl MasterSignal {
         )
     }
 
-    /// The raw signal number.
     pub fn number(self) -> i32 {
         HANDLED
             .iter()

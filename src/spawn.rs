@@ -27,7 +27,7 @@ use std::path::Path;
 use nix::errno::Errno;
 use nix::unistd::Pid;
 
-use crate::config::Credentials;
+use crate::identity::Credentials;
 
 /// Width reserved for a pid's decimal digits in the environment.
 const PID_WIDTH: usize = 20;
@@ -37,17 +37,13 @@ const PID_WIDTH: usize = 20;
 pub enum Stage {
     /// Resetting the signal mask and dispositions.
     Signals = 1,
-    /// Becoming a process group leader.
     ProcessGroup = 2,
     /// Setting the parent-death signal.
     ParentDeath = 3,
     /// Moving the listeners to fd 3...
     Descriptors = 4,
-    /// Changing directory.
     Chdir = 5,
-    /// Dropping privileges.
     Credentials = 6,
-    /// execve itself.
     Exec = 7,
     /// Unknown: the child's report was cut short or unreadable, so the
     /// parent knows only that the child did not exec cleanly.
@@ -104,7 +100,6 @@ pub struct Plan {
 /// (it has then already called `_exit(127)` and will be reaped as usual).
 #[derive(Debug)]
 pub struct Spawned {
-    /// The child's pid.
     pub pid: Pid,
     /// Why exec failed, if it did.
     pub exec_error: Option<(Stage, Errno)>,

@@ -17,9 +17,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::bind::{self, BindSpec, Listener};
 use crate::config;
-use crate::config::{Config, Environment};
+use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::layers::{self, Layered, Parsed};
+use crate::layers;
 use crate::logging;
 use crate::master::{self, Master};
 use crate::pidfile::Pidfile;
@@ -40,7 +40,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
     // only that may be named by fd:// (see bind.rs).
     bind::record_inherited_fds();
     let args: Vec<OsString> = args.into_iter().collect();
-    let Some((cfg, layered)) = load_config(&args)? else {
+    let Some((cfg, layered)) = layers::load_config(&args)? else {
         return Ok(ExitCode::SUCCESS);
     };
     if layered.cli.print_config {
@@ -75,19 +75,6 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
     master.run()?;
     info!("Stopped");
     Ok(ExitCode::SUCCESS)
-}
-
-/// Parses and validates the whole configuration (command line, environment,
-/// file). `None` when --help or --version was printed. Used at start and
-/// again by HUP.
-pub fn load_config(args: &[OsString]) -> Result<Option<(Config, Layered)>> {
-    let env = Environment::from_process();
-    let layered = match layers::load(args.iter().cloned(), &env)? {
-        Parsed::Run(l) => *l,
-        Parsed::Printed => return Ok(None),
-    };
-    let cfg = Config::from_cli(&layered.cli, &env).map_err(|e| layered.annotate(e))?;
-    Ok(Some((cfg, layered)))
 }
 
 /// --check-config: everything is valid; for an APP, import it once with the

@@ -60,7 +60,6 @@ impl StopReason {
 /// A stop in progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stop {
-    /// Why.
     pub reason: StopReason,
     /// When SIGKILL is due; `None` once it has been sent.
     pub kill_at: Option<Instant>,
@@ -234,7 +233,6 @@ pub struct Table {
 }
 
 impl Table {
-    /// Adds a worker.
     pub fn insert(&mut self, w: Worker) {
         self.rows.push(w);
     }
@@ -245,22 +243,18 @@ impl Table {
         Some(self.rows.swap_remove(i))
     }
 
-    /// The row of `pid`.
     pub fn get(&self, pid: Pid) -> Option<&Worker> {
         self.rows.iter().find(|w| w.pid == pid)
     }
 
-    /// The row of `pid`, mutably.
     pub fn get_mut(&mut self, pid: Pid) -> Option<&mut Worker> {
         self.rows.iter_mut().find(|w| w.pid == pid)
     }
 
-    /// Every row.
     pub fn iter(&self) -> impl Iterator<Item = &Worker> {
         self.rows.iter()
     }
 
-    /// Every row, mutably.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Worker> {
         self.rows.iter_mut()
     }
@@ -270,7 +264,6 @@ impl Table {
         self.rows.len()
     }
 
-    /// No rows.
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }

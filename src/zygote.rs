@@ -38,7 +38,6 @@ pub enum FromZygote {
     Ready,
     /// A worker was forked.
     Spawned {
-        /// Its slot.
         slot: usize,
         /// Its pid, as reported (unverified, maybe out of range).
         pid: i64,
@@ -88,13 +87,10 @@ pub enum ZygoteState {
 /// One zygote process.
 #[derive(Debug)]
 pub struct Zygote {
-    /// Its pid.
     pub pid: Pid,
     /// The generation whose workers it forks.
     pub generation: u64,
-    /// Life stage.
     pub state: ZygoteState,
-    /// When it was started.
     pub started_at: Instant,
     /// The same, in [`procfs::boot_ticks_now`] units: a worker it reports
     /// cannot be older.

@@ -12,7 +12,6 @@ use crate::config::{Config, WorkerKind};
 /// What to exec for one worker of the configured class.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Launch {
-    /// The executable.
     pub program: PathBuf,
     /// argv, argv[0] included.
     pub argv: Vec<String>,

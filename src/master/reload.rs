@@ -97,7 +97,7 @@ impl Master {
                 notify::monotonic_usec()
             ));
         }
-        let prepared = crate::startup::load_config(&self.args)
+        let prepared = crate::layers::load_config(&self.args)
             .and_then(|loaded| loaded.ok_or_else(|| Error::usage("--help or --version on reload")))
             .and_then(|(cfg, _)| self.prepare(cfg));
         let mut next = match prepared {

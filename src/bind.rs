@@ -531,15 +531,6 @@ pub fn give_back(fd: OwnedFd) {
     inherited_set().insert(n);
 }
 
-/// The default bind, `127.0.0.1:8000` (`PORT` is a configuration layer
-/// that supplies `0.0.0.0:$PORT` instead, see `layers.rs`).
-pub fn default_spec() -> BindSpec {
-    BindSpec::Tcp {
-        host: "127.0.0.1".into(),
-        port: DEFAULT_PORT,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

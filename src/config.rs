@@ -16,8 +16,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Group, Uid, User};
 
-use crate::bind::{self, BindSpec};
-use crate::cli::Cli;
+use crate::bind::BindSpec;
+use crate::cli::{Class, Cli, OPTIONS};
 use crate::error::{Error, Result};
 use crate::identity::Credentials;
 
@@ -164,6 +164,9 @@ pub struct Config {
     pub env: Vec<(String, String)>,
     pub log_level: LogLevel,
     pub log_format: LogFormat,
+    /// The raw options this was resolved from (a reload compares the
+    /// restart-only ones).
+    pub options: Cli,
     /// Master log file (else stderr).
     pub log_file: Option<PathBuf>,
     /// One SO_REUSEPORT listener per worker for TCP binds.
@@ -214,14 +217,21 @@ impl Environment {
     }
 }
 
-fn invalid(flag: &str, value: &str, why: impl std::fmt::Display) -> Error {
-    Error::usage(format!("invalid value '{value}' for '--{flag}': {why}"))
+/// A bad value of option `flag`; the error carries the option, so that
+/// `layers.rs` can say where the value came from.
+fn invalid(flag: &'static str, value: &str, why: impl std::fmt::Display) -> Error {
+    Error::Invalid {
+        option: flag,
+        msg: format!("invalid value '{value}' for '--{flag}': {why}"),
+    }
 }
 
 impl Config {
     /// Validates and resolves the raw options.
+    /// Every value is parsed by its option's parser; an option not set is
+    /// parsed from its default's text in `cli::OPTIONS` (`Cli::value`).
     pub fn from_cli(cli: &Cli, env: &Environment) -> Result<Config> {
-        let chdir = match &cli.chdir {
+        let chdir = match cli.text("chdir") {
             None => None,
             Some(dir) => {
                 let p = PathBuf::from(dir);
@@ -235,98 +245,85 @@ impl Config {
         let kind = worker_kind(cli, env, chdir.as_deref())?;
         let uvicorn = matches!(kind, WorkerKind::Uvicorn(_));
 
-        let binds = if cli.bind.is_empty() {
-            vec![bind::default_spec()]
-        } else {
-            cli.bind
+        let binds = if cli.is_set("bind") {
+            cli.list("bind")
                 .iter()
                 .map(|b| BindSpec::parse(b).map_err(|why| invalid("bind", b, why)))
                 .collect::<Result<Vec<_>>>()?
+        } else {
+            let v = cli.value("bind");
+            vec![BindSpec::parse(v).map_err(|why| invalid("bind", v, why))?]
         };
 
-        let backlog = match &cli.backlog {
-            None => 2048,
-            Some(v) => match v.parse::<i32>() {
+        let backlog = {
+            let v = cli.value("backlog");
+            match v.parse::<i32>() {
                 Ok(n) if n > 0 => n,
                 _ => return Err(invalid("backlog", v, "expected a positive whole number")),
-            },
+            }
         };
 
-        let (workers, workers_reason) = match &cli.workers {
+        let (workers, workers_reason) = match cli.text("workers") {
             Some(v) => parse_workers("workers", v)?,
-            None => (1, "default".to_string()),
+            None => (
+                parse_workers("workers", cli.value("workers"))?.0,
+                "default".to_string(),
+            ),
         };
 
-        let ready = match cli.ready.as_deref() {
-            None => ReadyMode::Exec,
-            Some("exec") => ReadyMode::Exec,
-            Some("notify") => ReadyMode::Notify,
-            Some(v) => return Err(invalid("ready", v, "expected 'exec' or 'notify'")),
+        let ready = match cli.value("ready") {
+            "exec" => ReadyMode::Exec,
+            "notify" => ReadyMode::Notify,
+            v => return Err(invalid("ready", v, "expected 'exec' or 'notify'")),
         };
-        if uvicorn && cli.ready.is_some() {
-            return Err(Error::usage(
-                "'--ready' applies to command workers; uvicorn workers always report readiness themselves",
-            ));
+        if uvicorn {
+            if let Some(err) = command_only(cli) {
+                return Err(err);
+            }
         }
 
-        let stop_signal = match &cli.stop_signal {
-            None => Signal::SIGTERM,
-            Some(v) => parse_signal(v).ok_or_else(|| {
+        let stop_signal = {
+            let v = cli.value("stop-signal");
+            parse_signal(v).ok_or_else(|| {
                 invalid(
                     "stop-signal",
                     v,
                     "not a signal name (e.g. TERM, INT, QUIT, USR1)",
                 )
-            })?,
+            })?
         };
-        if uvicorn && cli.stop_signal.is_some() {
-            return Err(Error::usage(
-                "'--stop-signal' applies to command workers; uvicorn workers drain on TERM",
+
+        let duration = |flag: &'static str| -> Result<Duration> {
+            let v = cli.value(flag);
+            parse_duration(v).map_err(|why| invalid(flag, v, why))
+        };
+        let timeout = Some(duration("timeout")?).filter(|d| !d.is_zero());
+        let startup_timeout = duration("startup-timeout")?;
+        if startup_timeout.is_zero() {
+            return Err(invalid(
+                "startup-timeout",
+                cli.value("startup-timeout"),
+                "must be above 0",
             ));
         }
+        let ready_after = duration("ready-after")?;
+        if let Some(v) = cli.text("ready-after") {
+            if uvicorn || ready == ReadyMode::Notify {
+                return Err(Error::usage(format!(
+                    "'--ready-after {v}' applies to command workers with '--ready exec'; workers that send READY=1 say themselves when they are ready"
+                )));
+            }
+            if ready_after >= startup_timeout {
+                return Err(invalid(
+                    "ready-after",
+                    v,
+                    "must be shorter than --startup-timeout",
+                ));
+            }
+        }
+        let graceful_timeout = duration("graceful-timeout")?;
 
-        let timeout = match &cli.timeout {
-            None => Some(Duration::from_secs(30)),
-            Some(v) => {
-                let d = parse_duration(v).map_err(|why| invalid("timeout", v, why))?;
-                (!d.is_zero()).then_some(d)
-            }
-        };
-        let startup_timeout = match &cli.startup_timeout {
-            None => Duration::from_secs(60),
-            Some(v) => {
-                let d = parse_duration(v).map_err(|why| invalid("startup-timeout", v, why))?;
-                if d.is_zero() {
-                    return Err(invalid("startup-timeout", v, "must be above 0"));
-                }
-                d
-            }
-        };
-        let ready_after = match &cli.ready_after {
-            None => Duration::from_secs(1),
-            Some(v) => {
-                let d = parse_duration(v).map_err(|why| invalid("ready-after", v, why))?;
-                if uvicorn || ready == ReadyMode::Notify {
-                    return Err(Error::usage(format!(
-                        "'--ready-after {v}' applies to command workers with '--ready exec'; workers that send READY=1 say themselves when they are ready"
-                    )));
-                }
-                if d >= startup_timeout {
-                    return Err(invalid(
-                        "ready-after",
-                        v,
-                        "must be shorter than --startup-timeout",
-                    ));
-                }
-                d
-            }
-        };
-        let graceful_timeout = match &cli.graceful_timeout {
-            None => Duration::from_secs(30),
-            Some(v) => parse_duration(v).map_err(|why| invalid("graceful-timeout", v, why))?,
-        };
-
-        for cmd in &cli.pre_start {
+        for cmd in cli.list("pre-start") {
             if cmd.trim().is_empty() {
                 return Err(invalid("pre-start", cmd, "empty command"));
             }
@@ -334,54 +331,47 @@ impl Config {
 
         let credentials = credentials(cli, env)?;
 
-        let umask = match &cli.umask {
-            None => 0o022,
-            Some(v) => parse_umask(v).ok_or_else(|| {
+        let umask = {
+            let v = cli.value("umask");
+            parse_umask(v).ok_or_else(|| {
                 invalid(
                     "umask",
                     v,
                     "expected an octal mask from 0 to 0o777, e.g. 0o022",
                 )
-            })?,
+            })?
         };
 
         let env_pairs = cli
-            .env
+            .list("env")
             .iter()
             .map(|kv| parse_env_pair(kv).map_err(|why| invalid("env", kv, why)))
             .collect::<Result<Vec<_>>>()?;
 
-        let log_level = match &cli.log_level {
-            None => LogLevel::Info,
-            Some(v) => parse_log_level(v).ok_or_else(|| {
+        let log_level = {
+            let v = cli.value("log-level");
+            parse_log_level(v).ok_or_else(|| {
                 invalid(
                     "log-level",
                     v,
                     "expected error, warning, info, debug or trace",
                 )
-            })?,
+            })?
         };
 
-        let max_worker_memory = match &cli.max_worker_memory {
+        let max_worker_memory = match cli.text("max-worker-memory") {
             None => None,
             Some(v) => Some(parse_size(v).map_err(|why| invalid("max-worker-memory", v, why))?),
         };
-        let memory_check_interval = match &cli.memory_check_interval {
-            None => Duration::from_secs(5),
-            Some(v) => {
-                let d =
-                    parse_duration(v).map_err(|why| invalid("memory-check-interval", v, why))?;
-                if d < Duration::from_millis(100) {
-                    return Err(invalid(
-                        "memory-check-interval",
-                        v,
-                        "must be at least 100ms",
-                    ));
-                }
-                d
-            }
-        };
-        let max_worker_lifetime = match &cli.max_worker_lifetime {
+        let memory_check_interval = duration("memory-check-interval")?;
+        if memory_check_interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "memory-check-interval",
+                cli.value("memory-check-interval"),
+                "must be at least 100ms",
+            ));
+        }
+        let max_worker_lifetime = match cli.text("max-worker-lifetime") {
             None => None,
             Some(v) => {
                 let d = parse_duration(v).map_err(|why| invalid("max-worker-lifetime", v, why))?;
@@ -391,29 +381,29 @@ impl Config {
                 Some(d)
             }
         };
-        let max_worker_lifetime_jitter = match &cli.max_worker_lifetime_jitter {
+        let max_worker_lifetime_jitter = match cli.text("max-worker-lifetime-jitter") {
             None => Duration::ZERO,
             Some(v) => {
                 parse_duration(v).map_err(|why| invalid("max-worker-lifetime-jitter", v, why))?
             }
         };
-        if cli.max_worker_lifetime_jitter.is_some() && max_worker_lifetime.is_none() {
+        if cli.is_set("max-worker-lifetime-jitter") && max_worker_lifetime.is_none() {
             return Err(Error::usage(
                 "'--max-worker-lifetime-jitter' needs '--max-worker-lifetime'",
             ));
         }
-        if cli.memory_check_interval.is_some() && max_worker_memory.is_none() {
+        if cli.is_set("memory-check-interval") && max_worker_memory.is_none() {
             return Err(Error::usage(
                 "'--memory-check-interval' needs '--max-worker-memory'",
             ));
         }
 
-        let log_format = match cli.log_format.as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(v) => return Err(invalid("log-format", v, "expected 'text' or 'json'")),
+        let log_format = match cli.value("log-format") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            v => return Err(invalid("log-format", v, "expected 'text' or 'json'")),
         };
-        let log_file = cli.log_file.as_ref().map(PathBuf::from);
+        let log_file = cli.text("log-file").map(PathBuf::from);
         if let Some(f) = &log_file {
             let dir = f
                 .parent()
@@ -428,7 +418,7 @@ impl Config {
             }
         }
 
-        if cli.reuse_port && cli.preload {
+        if cli.flag("reuse-port") && cli.flag("preload") {
             return Err(Error::usage(
                 "'--reuse-port' and '--preload' cannot be combined: workers forked from the zygote share its sockets",
             ));
@@ -437,13 +427,13 @@ impl Config {
         Ok(Config {
             log_format,
             log_file,
-            reuse_port: cli.reuse_port,
+            reuse_port: cli.flag("reuse-port"),
             max_worker_memory,
             memory_check_interval,
             max_worker_lifetime,
             max_worker_lifetime_jitter,
             kind,
-            binds_given: !cli.bind.is_empty(),
+            binds_given: cli.is_set("bind"),
             binds,
             backlog,
             workers,
@@ -454,13 +444,14 @@ impl Config {
             timeout,
             startup_timeout,
             graceful_timeout,
-            pre_start: cli.pre_start.clone(),
+            pre_start: cli.list("pre-start").to_vec(),
             credentials,
             umask,
-            pidfile: cli.pidfile.as_ref().map(PathBuf::from),
+            pidfile: cli.text("pid").map(PathBuf::from),
             chdir,
             env: env_pairs,
             log_level,
+            options: cli.clone(),
         })
     }
 
@@ -499,9 +490,21 @@ impl Config {
     }
 }
 
+/// The first option of class [`Class::Command`] that is set, as the error
+/// for uvicorn workers.
+fn command_only(cli: &Cli) -> Option<Error> {
+    OPTIONS.iter().find_map(|o| match o.applies_to {
+        Class::Command(why) if cli.is_set(o.name) => Some(Error::usage(format!(
+            "'--{}' applies to command workers; {why}",
+            o.name
+        ))),
+        _ => None,
+    })
+}
+
 fn worker_kind(cli: &Cli, env: &Environment, chdir: Option<&Path>) -> Result<WorkerKind> {
-    if let Some(class) = &cli.worker_class {
-        if !UVICORN_CLASSES.contains(&class.as_str()) {
+    if let Some(class) = cli.text("worker-class") {
+        if !UVICORN_CLASSES.contains(&class) {
             return Err(invalid(
                 "worker-class",
                 class,
@@ -509,41 +512,25 @@ fn worker_kind(cli: &Cli, env: &Environment, chdir: Option<&Path>) -> Result<Wor
             ));
         }
     }
-    let uvicorn_only: &[(&str, bool)] = &[
-        ("worker-class", cli.worker_class.is_some()),
-        ("python", cli.python.is_some()),
-        ("factory", cli.factory),
-        ("keyfile", cli.keyfile.is_some()),
-        ("certfile", cli.certfile.is_some()),
-        ("keep-alive", cli.keep_alive.is_some()),
-        ("limit-concurrency", cli.limit_concurrency.is_some()),
-        ("proxy-headers", cli.proxy_headers),
-        ("forwarded-allow-ips", cli.forwarded_allow_ips.is_some()),
-        ("root-path", cli.root_path.is_some()),
-        ("lifespan", cli.lifespan.is_some()),
-        ("interface", cli.interface.is_some()),
-        ("http", cli.http.is_some()),
-        ("loop", cli.event_loop.is_some()),
-        ("no-access-log", cli.no_access_log),
-        ("max-requests", cli.max_requests.is_some()),
-        ("max-requests-jitter", cli.max_requests_jitter.is_some()),
-        ("preload", cli.preload),
-    ];
-    match (&cli.app, cli.command.is_empty()) {
+    match (cli.text("app"), cli.list("command").is_empty()) {
         (Some(app), false) => Err(Error::usage(format!(
             "both an APP ('{app}') and a COMMAND ('{}') were given; use one: APP for uvicorn workers, or -- COMMAND",
-            cli.command.join(" ")
+            cli.list("command").join(" ")
         ))),
         (None, true) => Err(Error::usage(
             "nothing to run: give an APP (module:attribute, e.g. app:main) or a command after --, e.g. procman -- ./server",
         )),
         (None, false) => {
-            if let Some((flag, _)) = uvicorn_only.iter().find(|(_, given)| *given) {
+            let uvicorn_only = OPTIONS
+                .iter()
+                .find(|o| o.applies_to == Class::Uvicorn && cli.is_set(o.name));
+            if let Some(o) = uvicorn_only {
                 return Err(Error::usage(format!(
-                    "'--{flag}' applies to uvicorn workers (an APP), not to a COMMAND"
+                    "'--{}' applies to uvicorn workers (an APP), not to a COMMAND",
+                    o.name
                 )));
             }
-            let argv = cli.command.clone();
+            let argv = cli.list("command").to_vec();
             let program = find_program(&argv[0], env.path.as_deref(), chdir).map_err(|why| {
                 Error::usage(format!("cannot find COMMAND '{}': {why}", argv[0]))
             })?;
@@ -559,8 +546,11 @@ fn uvicorn_options(
     chdir: Option<&Path>,
     app: &str,
 ) -> Result<UvicornOptions> {
-    validate_app(app).map_err(|why| Error::usage(format!("invalid APP '{app}': {why}")))?;
-    let python = match &cli.python {
+    validate_app(app).map_err(|why| Error::Invalid {
+        option: "app",
+        msg: format!("invalid APP '{app}': {why}"),
+    })?;
+    let python = match cli.text("python") {
         Some(p) => {
             find_program(p, env.path.as_deref(), None).map_err(|why| invalid("python", p, why))?
         }
@@ -583,8 +573,8 @@ fn uvicorn_options(
     // Workers exec the interpreter after changing to --chdir: a path given
     // relative to where procman started must not change meaning there.
     let python = std::path::absolute(&python).unwrap_or(python);
-    let file = |flag: &str, v: &Option<String>| -> Result<Option<PathBuf>> {
-        match v {
+    let file = |flag: &'static str| -> Result<Option<PathBuf>> {
+        match cli.text(flag) {
             None => Ok(None),
             Some(f) => {
                 let p = match chdir {
@@ -599,25 +589,24 @@ fn uvicorn_options(
             }
         }
     };
-    let keyfile = file("keyfile", &cli.keyfile)?;
-    let certfile = file("certfile", &cli.certfile)?;
+    let keyfile = file("keyfile")?;
+    let certfile = file("certfile")?;
     if keyfile.is_some() != certfile.is_some() {
         return Err(Error::usage(
             "HTTPS needs both '--keyfile' and '--certfile'; only one was given",
         ));
     }
-    let choice = |flag: &str, v: &Option<String>, allowed: &[&str]| -> Result<String> {
-        match v {
-            None => Ok("auto".to_string()),
-            Some(x) if allowed.contains(&x.as_str()) => Ok(x.clone()),
-            Some(x) => Err(invalid(
+    let choice = |flag: &'static str, allowed: &[&str]| -> Result<String> {
+        match cli.value(flag) {
+            x if allowed.contains(&x) => Ok(x.to_string()),
+            x => Err(invalid(
                 flag,
                 x,
                 format!("expected one of {}", allowed.join(", ")),
             )),
         }
     };
-    let count = |flag: &str, v: &Option<String>| -> Result<Option<u64>> {
+    let count = |flag: &'static str, v: Option<&str>| -> Result<Option<u64>> {
         match v {
             None => Ok(None),
             Some(x) => x
@@ -626,7 +615,7 @@ fn uvicorn_options(
                 .map_err(|_| invalid(flag, x, "expected a whole number, 0 or more")),
         }
     };
-    let limit_concurrency = match count("limit-concurrency", &cli.limit_concurrency)? {
+    let limit_concurrency = match count("limit-concurrency", cli.text("limit-concurrency"))? {
         Some(0) => {
             return Err(invalid(
                 "limit-concurrency",
@@ -636,36 +625,36 @@ fn uvicorn_options(
         }
         other => other,
     };
-    let keep_alive = match &cli.keep_alive {
-        None => 5,
-        Some(v) => parse_duration(v)
+    let keep_alive = {
+        let v = cli.value("keep-alive");
+        parse_duration(v)
             .map_err(|why| invalid("keep-alive", v, why))?
             .as_secs()
-            .max(1),
+            .max(1)
     };
     Ok(UvicornOptions {
         app: app.to_string(),
         python,
-        factory: cli.factory,
+        factory: cli.flag("factory"),
         keyfile,
         certfile,
         keep_alive,
         limit_concurrency,
-        proxy_headers: cli.proxy_headers,
-        forwarded_allow_ips: cli.forwarded_allow_ips.clone(),
-        root_path: cli.root_path.clone().unwrap_or_default(),
-        lifespan: choice("lifespan", &cli.lifespan, &["auto", "on", "off"])?,
-        interface: choice(
-            "interface",
-            &cli.interface,
-            &["auto", "asgi3", "asgi2", "wsgi"],
-        )?,
-        http: choice("http", &cli.http, &["auto", "h11", "httptools"])?,
-        event_loop: choice("loop", &cli.event_loop, &["auto", "asyncio", "uvloop"])?,
-        access_log: !cli.no_access_log,
-        max_requests: count("max-requests", &cli.max_requests)?.unwrap_or(0),
-        max_requests_jitter: count("max-requests-jitter", &cli.max_requests_jitter)?.unwrap_or(0),
-        preload: cli.preload,
+        proxy_headers: cli.flag("proxy-headers"),
+        forwarded_allow_ips: cli.text("forwarded-allow-ips").map(str::to_string),
+        root_path: cli.value("root-path").to_string(),
+        lifespan: choice("lifespan", &["auto", "on", "off"])?,
+        interface: choice("interface", &["auto", "asgi3", "asgi2", "wsgi"])?,
+        http: choice("http", &["auto", "h11", "httptools"])?,
+        event_loop: choice("loop", &["auto", "asyncio", "uvloop"])?,
+        access_log: !cli.flag("no-access-log"),
+        max_requests: count("max-requests", Some(cli.value("max-requests")))?.unwrap_or(0),
+        max_requests_jitter: count(
+            "max-requests-jitter",
+            Some(cli.value("max-requests-jitter")),
+        )?
+        .unwrap_or(0),
+        preload: cli.flag("preload"),
     })
 }
 
@@ -730,7 +719,7 @@ fn is_executable(p: &Path) -> bool {
     p.is_file() && nix::unistd::access(p, nix::unistd::AccessFlags::X_OK).is_ok()
 }
 
-fn parse_workers(flag: &str, v: &str) -> Result<(usize, String)> {
+fn parse_workers(flag: &'static str, v: &str) -> Result<(usize, String)> {
     if v == "auto" {
         let (n, why) = crate::cpus::available();
         return Ok((n, format!("auto: {why}")));
@@ -929,12 +918,12 @@ fn parse_log_level(v: &str) -> Option<LogLevel> {
 }
 
 fn credentials(cli: &Cli, env: &Environment) -> Result<Option<Credentials>> {
-    if cli.user.is_none() && cli.group.is_none() {
+    if !cli.is_set("user") && !cli.is_set("group") {
         return Ok(None);
     }
     let egid = nix::unistd::getegid().as_raw();
     // (uid, the user's primary gid, name for messages, name for getgrouplist)
-    let (uid, user_gid, name, account) = match &cli.user {
+    let (uid, user_gid, name, account) = match cli.text("user") {
         None => (env.euid, egid, "(unchanged)".to_string(), None),
         Some(u) => {
             let number = u.parse::<u32>().ok();
@@ -950,12 +939,12 @@ fn credentials(cli: &Cli, env: &Environment) -> Result<Option<Credentials>> {
                     Some(user.name),
                 ),
                 // A bare uid without a passwd entry is fine (containers).
-                (None, Some(n)) => (n, n, u.clone(), None),
+                (None, Some(n)) => (n, n, u.to_string(), None),
                 (None, None) => return Err(invalid("user", u, "no such user")),
             }
         }
     };
-    let gid = match &cli.group {
+    let gid = match cli.text("group") {
         None => user_gid,
         Some(g) => match g.parse::<u32>() {
             Ok(n) => n,
@@ -990,7 +979,6 @@ fn credentials(cli: &Cli, env: &Environment) -> Result<Option<Credentials>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
     fn env() -> Environment {
         Environment {

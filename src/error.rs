@@ -12,6 +12,14 @@ use std::fmt;
 pub enum Error {
     /// Bad command line, environment or config file: exit 2.
     Usage(String),
+    /// A bad value of one option: exit 2. It names the option (its long
+    /// name), so that `layers.rs` can add where the value came from.
+    Invalid {
+        /// The option's long name.
+        option: &'static str,
+        /// The whole message.
+        msg: String,
+    },
     /// A runtime failure (cannot bind, pidfile held, pre-start failed): exit 1.
     Runtime(String),
     /// Workers failed to boot: exit 3.
@@ -25,7 +33,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Runtime(_) => 1,
-            Error::Usage(_) => 2,
+            Error::Usage(_) | Error::Invalid { .. } => 2,
             Error::BootFailed(_) => 3,
             Error::AppImport(_) => 4,
         }
@@ -43,9 +51,11 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Usage(m) | Error::Runtime(m) | Error::BootFailed(m) | Error::AppImport(m) => {
-                f.write_str(m)
-            }
+            Error::Usage(m)
+            | Error::Invalid { msg: m, .. }
+            | Error::Runtime(m)
+            | Error::BootFailed(m)
+            | Error::AppImport(m) => f.write_str(m),
         }
     }
 }

@@ -43,11 +43,11 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
     let Some((cfg, layered)) = layers::load_config(&args)? else {
         return Ok(ExitCode::SUCCESS);
     };
-    if layered.cli.print_config {
+    if layered.cli.flag("print-config") {
         print!("{}", layered.render_toml());
         return Ok(ExitCode::SUCCESS);
     }
-    if layered.cli.check_config {
+    if layered.cli.flag("check-config") {
         check(&cfg)?;
         println!("procman: configuration OK ({})", cfg.describe_workers());
         return Ok(ExitCode::SUCCESS);

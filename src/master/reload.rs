@@ -97,11 +97,17 @@ impl Master {
                 notify::monotonic_usec()
             ));
         }
-        let prepared = crate::layers::load_config(&self.args)
-            .and_then(|loaded| loaded.ok_or_else(|| Error::usage("--help or --version on reload")))
-            .and_then(|(cfg, _)| self.prepare(cfg));
+        let prepared = crate::layers::reload_config(&self.args, &self.cfg.options)
+            .and_then(|(cfg, set_aside)| Ok((self.prepare(cfg)?, set_aside)));
         let mut next = match prepared {
-            Ok(next) => next,
+            Ok((next, set_aside)) => {
+                for name in set_aside {
+                    warn!(
+                        "--{name} changed in the configuration: takes effect at the next restart"
+                    );
+                }
+                next
+            }
             Err(e) => {
                 error!("Reload failed: {e}; still serving with the previous configuration");
                 if let Some(sd) = &self.systemd {
@@ -193,25 +199,11 @@ impl Master {
             }
             out
         };
-        for (what, changed) in [
-            ("--user/--group", cfg.credentials != self.cfg.credentials),
-            ("--pid", cfg.pidfile != self.cfg.pidfile),
-            (
-                "--log-file/--log-format/--log-level",
-                cfg.log_file != self.cfg.log_file
-                    || cfg.log_format != self.cfg.log_format
-                    || cfg.log_level != self.cfg.log_level,
-            ),
-            ("--reuse-port", cfg.reuse_port != self.cfg.reuse_port),
-        ] {
-            if changed {
-                warn!("{what} changed in the configuration: takes effect at the next restart");
-            }
-        }
+        // The restart-only options kept their value in force (see
+        // layers::reload_config); the identity also keeps its resolution
+        // at start (the group list is not looked up again).
         let mut cfg = cfg;
-        // What only a restart can change stays as it was.
         cfg.credentials = self.cfg.credentials.clone();
-        cfg.reuse_port = self.cfg.reuse_port;
         Ok(Settings {
             launch: classes::launch(&cfg),
             base_env: worker_base_env(&cfg),

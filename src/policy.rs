@@ -91,55 +91,10 @@ pub enum Decision {
     Stop { pid: Pid, reason: StopReason },
 }
 
-/// What passing a deadline means. Each part of the master lists its
-/// pending deadlines as `(Instant, Due)`; the loop sleeps until the
-/// earliest, and each passed one is handled as an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Due {
-    /// Alive for `--ready-after` since exec: ready.
-    Stable(Pid),
-    /// Not ready in time: kill, count as a boot failure.
-    StartupTimeout(Pid),
-    /// No heartbeat in time: SIGABRT, SIGKILL a second later.
-    HeartbeatTimeout(Pid),
-    /// A stopping worker's grace is over: SIGKILL.
-    Kill(Pid),
-    /// A lingering process group is due for SIGKILL, or for another look.
-    Group(Pid),
-    /// Time to tell systemd's watchdog we are alive.
-    SystemdWatchdog,
-    /// A worker has been ready for [`QUICK_DEATH`]: procman has been up.
-    StayedUp(Pid),
-    /// A worker reached --max-worker-lifetime: recycle it.
-    Retire(Pid),
-    /// Time for a --max-worker-memory sample.
-    SampleMemory,
-    /// A slot's backoff is over: it may be filled.
-    BackoffOver(usize),
-    /// A zygote did not import the app within --startup-timeout.
-    ZygoteStartTimeout(Pid),
-    /// The zygote's restart backoff is over.
-    ZygoteBackoffOver,
-    /// A zygote did not answer a spawn request in time.
-    ZygoteSpawnTimeout(Pid),
-}
-
-impl Due {
-    /// Whether it still matters while procman stops: the workers' and
-    /// their groups' deadlines and systemd's watchdog do, recycling,
-    /// respawns and zygotes do not.
-    pub fn during_stop(self) -> bool {
-        matches!(
-            self,
-            Due::Stable(_)
-                | Due::StartupTimeout(_)
-                | Due::HeartbeatTimeout(_)
-                | Due::Kill(_)
-                | Due::Group(_)
-                | Due::SystemdWatchdog
-        )
-    }
-}
+// The deadline vocabulary lives with the table (workers.rs), the lower
+// layer, whose rows compute their own deadlines; re-exported here, where
+// the loop meets it.
+pub use crate::workers::Due;
 
 /// The passed deadlines (in the order given) and the earliest one still
 /// ahead.

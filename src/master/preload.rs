@@ -12,7 +12,8 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tracing::{debug, error, info, warn};
 
-use super::{describe, exit_code, signal_group, Master, MasterState};
+use super::exits::{describe, exit_code, signal_group};
+use super::{Master, MasterState};
 use crate::classes;
 use crate::error::Error;
 use crate::pid::ChildPid;
@@ -23,7 +24,7 @@ use crate::zygote::{self, FromZygote, Pending, Zygote, ZygoteState};
 impl Master {
     /// Whether workers are forked from a zygote.
     pub(super) fn preloading(&self) -> bool {
-        self.cfg.uvicorn().is_some_and(|u| u.preload) && !self.cold_fallback
+        self.settings.cfg.uvicorn().is_some_and(|u| u.preload) && !self.cold_fallback
     }
 
     /// The zygotes' pending deadlines: each one starting must be ready by
@@ -33,7 +34,7 @@ impl Master {
         if !self.preloading() {
             return Vec::new();
         }
-        let timeout = self.cfg.startup_timeout;
+        let timeout = self.settings.cfg.startup_timeout;
         let mut out: Vec<(Instant, Due)> = self
             .zygotes
             .iter()
@@ -62,7 +63,7 @@ impl Master {
         else {
             return;
         };
-        let timeout = self.cfg.startup_timeout;
+        let timeout = self.settings.cfg.startup_timeout;
         warn!("Zygote {pid} did not import the app within {timeout:?}; killing it");
         signal_group(pid, Signal::SIGKILL);
         z.state = ZygoteState::Stopping;
@@ -101,7 +102,7 @@ impl Master {
     }
 
     pub(super) fn start_zygote(&mut self, now: Instant) {
-        let Some(opts) = self.cfg.uvicorn() else {
+        let Some(opts) = self.settings.cfg.uvicorn() else {
             return;
         };
         let (master_end, zygote_end) = match zygote::channel() {
@@ -112,16 +113,27 @@ impl Master {
                 return;
             }
         };
-        let mut json = classes::uvicorn::app_config(opts, &self.cfg);
+        let mut json = classes::uvicorn::app_config(opts, &self.settings.cfg);
         json["mode"] = "zygote".into();
-        let (env, pid_vars) = self.child_env(&[
-            (classes::uvicorn::CONFIG_VAR, json.to_string()),
-            ("PROCMAN_ZYGOTE_FD", (3 + self.listeners.len()).to_string()),
-            ("PROCMAN_MASTER_PID", std::process::id().to_string()),
-        ]);
-        let mut fds: Vec<_> = self.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
+        let (env, pid_vars) = self.settings.child_env(
+            self.notify.path(),
+            &[
+                (classes::uvicorn::CONFIG_VAR, json.to_string()),
+                (
+                    "PROCMAN_ZYGOTE_FD",
+                    (3 + self.settings.listeners.len()).to_string(),
+                ),
+                ("PROCMAN_MASTER_PID", std::process::id().to_string()),
+            ],
+        );
+        let mut fds: Vec<_> = self
+            .settings
+            .listeners
+            .iter()
+            .map(|l| l.fd.as_raw_fd())
+            .collect();
         fds.push(zygote_end.as_raw_fd());
-        let plan = self.child_plan(&env, &pid_vars, &fds);
+        let plan = self.settings.child_plan(&env, &pid_vars, &fds);
         let spawned = plan
             .map_err(|e| format!("'{}' contains a NUL byte", e.0))
             .and_then(|p| p.spawn().map_err(|e| e.desc().to_string()));
@@ -285,7 +297,7 @@ impl Master {
             slot,
             generation,
             pending.requested_at,
-            self.cfg.startup_timeout,
+            self.settings.cfg.startup_timeout,
         );
         self.table.insert(worker);
     }
@@ -371,7 +383,7 @@ impl Master {
 
     /// The uids a worker forked by the zygote must have.
     fn workers_uids(&self) -> [u32; 4] {
-        crate::pid::workers_uids(self.cfg.credentials.as_ref().map(|c| c.uid))
+        crate::pid::workers_uids(self.settings.cfg.credentials.as_ref().map(|c| c.uid))
     }
 
     /// Backs off zygote restarts; after 3 failures in a row, workers start

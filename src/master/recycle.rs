@@ -56,12 +56,12 @@ impl Master {
     /// above --max-worker-memory for 3 samples in a row is recycled; a
     /// short spike is forgiven.
     pub(super) fn sample_memory(&mut self, now: Instant) {
-        let Some(limit) = self.cfg.max_worker_memory else {
+        let Some(limit) = self.settings.cfg.max_worker_memory else {
             // A reload turned it off.
             self.next_memory_sample = None;
             return;
         };
-        self.next_memory_sample = Some(now + self.cfg.memory_check_interval);
+        self.next_memory_sample = Some(now + self.settings.cfg.memory_check_interval);
         let rss = procfs::rss_by_group();
         for w in self.table.iter_mut().filter(|w| w.is_ready()) {
             let used = rss.get(&w.pid.as_raw()).copied().unwrap_or(0);

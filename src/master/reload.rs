@@ -25,22 +25,14 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tracing::{error, info, warn};
 
-use super::{describe_exit, worker_base_env, Master, MasterState};
+use super::exits::describe_exit;
+use super::launch::Settings;
+use super::{Master, MasterState};
 use crate::bind::{BindSpec, Listener};
-use crate::classes::{self, Launch};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::notify;
 use crate::workers::{StopReason, Worker};
-
-/// What workers are started from; replaced whole by a reload.
-pub(super) struct Settings {
-    cfg: Config,
-    launch: Launch,
-    base_env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
-    pub(super) listeners: Vec<Rc<Listener>>,
-    target: usize,
-}
 
 /// A rolling reload in progress.
 pub(super) struct Reload {
@@ -91,13 +83,11 @@ impl Master {
     /// to a new generation. A HUP during a reload supersedes it: a failure
     /// still goes back to what was in force before the first.
     pub(super) fn begin_reload(&mut self) {
-        if let Some(sd) = &self.systemd {
-            sd.send(&format!(
-                "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading",
-                notify::monotonic_usec()
-            ));
-        }
-        let prepared = crate::layers::reload_config(&self.args, &self.cfg.options)
+        self.systemd.send(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading",
+            notify::monotonic_usec()
+        ));
+        let prepared = crate::layers::reload_config(&self.args, &self.settings.cfg.options)
             .and_then(|(cfg, set_aside)| Ok((self.prepare(cfg)?, set_aside)));
         let mut next = match prepared {
             Ok((next, set_aside)) => {
@@ -110,13 +100,12 @@ impl Master {
             }
             Err(e) => {
                 error!("Reload failed: {e}; still serving with the previous configuration");
-                if let Some(sd) = &self.systemd {
-                    sd.send(&format!("READY=1\nSTATUS=reload failed: {e}"));
-                }
+                self.systemd
+                    .send(&format!("READY=1\nSTATUS=reload failed: {e}"));
                 return;
             }
         };
-        for l in &self.listeners {
+        for l in &self.settings.listeners {
             if !next.listeners.iter().any(|n| Rc::ptr_eq(n, l)) {
                 info!("No longer listening at {} for new workers", l.display);
             }
@@ -147,7 +136,7 @@ impl Master {
         self.required_generation = generation;
         info!(
             "Reloading: replacing {} workers with generation {generation}",
-            self.target
+            self.settings.target
         );
     }
 
@@ -155,11 +144,13 @@ impl Master {
     /// bound (now, or by the settings a reload may go back to) are reused;
     /// new ones are bound now. Nothing in force changes.
     fn prepare(&mut self, cfg: Config) -> Result<Settings> {
-        let keep_inherited = !cfg.binds_given && self.listeners.iter().all(|l| l.inherited);
+        let keep_inherited =
+            !cfg.binds_given && self.settings.listeners.iter().all(|l| l.inherited);
         let listeners = if keep_inherited {
-            self.listeners.clone()
+            self.settings.listeners.clone()
         } else {
             let pool: Vec<&Rc<Listener>> = self
+                .settings
                 .listeners
                 .iter()
                 .chain(self.reload.iter().flat_map(|r| r.previous.listeners.iter()))
@@ -176,8 +167,8 @@ impl Master {
                 }
                 let opts = crate::bind::BindOptions {
                     // Only a restart changes these two.
-                    reuse_port: self.cfg.reuse_port,
-                    owner: self.cfg.bind_options().owner,
+                    reuse_port: self.settings.cfg.reuse_port,
+                    owner: self.settings.cfg.bind_options().owner,
                     ..cfg.bind_options()
                 };
                 match Listener::bind(spec, &opts) {
@@ -203,23 +194,13 @@ impl Master {
         // layers::reload_config); the identity also keeps its resolution
         // at start (the group list is not looked up again).
         let mut cfg = cfg;
-        cfg.credentials = self.cfg.credentials.clone();
-        Ok(Settings {
-            launch: classes::launch(&cfg),
-            base_env: worker_base_env(&cfg),
-            target: cfg.workers,
-            listeners,
-            cfg,
-        })
+        cfg.credentials = self.settings.cfg.credentials.clone();
+        Ok(Settings::new(cfg, listeners))
     }
 
     /// Exchanges the settings in force with `s`.
     fn swap_settings(&mut self, s: &mut Settings) {
-        std::mem::swap(&mut self.cfg, &mut s.cfg);
-        std::mem::swap(&mut self.launch, &mut s.launch);
-        std::mem::swap(&mut self.base_env, &mut s.base_env);
-        std::mem::swap(&mut self.listeners, &mut s.listeners);
-        std::mem::swap(&mut self.target, &mut s.target);
+        std::mem::swap(&mut self.settings, s);
     }
 
     /// Every slot runs the new generation: the previous settings go, and
@@ -230,9 +211,8 @@ impl Master {
             info!("Closed {addr}");
         }
         info!("Reload done: generation {} serving", r.generation);
-        if let Some(sd) = &self.systemd {
-            sd.send(&format!("READY=1\nSTATUS={}", self.status_line()));
-        }
+        self.systemd
+            .send(&format!("READY=1\nSTATUS={}", self.status_line()));
     }
 
     /// The reload failed: the previous settings are back in force (for
@@ -273,17 +253,15 @@ impl Master {
                 if serving == 1 { "" } else { "s" }
             );
         }
-        let grace = self.cfg.graceful_timeout;
+        let grace = self.settings.cfg.graceful_timeout;
         for pid in starting {
             self.stop_worker(pid, StopReason::ReloadAborted, grace, now);
         }
-        if let Some(sd) = &self.systemd {
-            sd.send(&format!(
-                "READY=1\nSTATUS=reload to generation {} failed: {why}; {}",
-                r.generation,
-                self.status_line()
-            ));
-        }
+        self.systemd.send(&format!(
+            "READY=1\nSTATUS=reload to generation {} failed: {why}; {}",
+            r.generation,
+            self.status_line()
+        ));
     }
 
     /// Called for every reaped worker before anything else. A worker of
@@ -314,7 +292,7 @@ impl Master {
                 None if w.draining => return false,
                 None => how,
                 Some(StopReason::StartupTimeout) => {
-                    format!("not ready within {:?}", self.cfg.startup_timeout)
+                    format!("not ready within {:?}", self.settings.cfg.startup_timeout)
                 }
                 Some(StopReason::HeartbeatTimeout) => format!("timed out ({how})"),
                 Some(_) => return false,
@@ -329,7 +307,7 @@ impl Master {
                 .as_ref()
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default();
-            super::log_traceback(w);
+            super::lifecycle::log_traceback(w);
             self.abort_reload(
                 &format!(
                     "worker {} (slot {}) of the new generation {what}: {how}{detail}",

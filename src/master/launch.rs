@@ -1,0 +1,126 @@
+//! The launcher: what workers are started from, as one value
+//! ([`Settings`]: the configuration, the class's launch recipe, the base
+//! environment and the listeners), and how it becomes the environment and
+//! the fork plan of a child. A reload prepares the next `Settings` whole
+//! and swaps it in or drops it (see reload.rs).
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::rc::Rc;
+
+use crate::bind::Listener;
+use crate::classes::{self, Behaviour, Launch};
+use crate::config::Config;
+use crate::signals;
+use crate::spawn::Plan;
+
+/// Variables procman may have inherited from its own supervisor that must
+/// never reach a worker (they describe procman's sockets, not the worker's).
+const SCRUBBED: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "LISTEN_PIDFDID",
+];
+
+/// What workers are started from; replaced whole by a reload.
+pub(super) struct Settings {
+    pub(super) cfg: Config,
+    pub(super) launch: Launch,
+    /// What the master decides per class.
+    pub(super) class: Behaviour,
+    pub(super) base_env: Vec<(OsString, OsString)>,
+    /// Shared with the settings a reload may go back to (see reload.rs).
+    pub(super) listeners: Vec<Rc<Listener>>,
+    /// How many workers (TTIN/TTOU change it).
+    pub(super) target: usize,
+}
+
+impl Settings {
+    /// The settings for a configuration and its listeners.
+    pub(super) fn new(cfg: Config, listeners: Vec<Rc<Listener>>) -> Settings {
+        Settings {
+            launch: classes::launch(&cfg),
+            class: classes::behaviour(&cfg),
+            base_env: worker_base_env(&cfg),
+            target: cfg.workers,
+            listeners,
+            cfg,
+        }
+    }
+
+    /// The environment of a child (worker or zygote): procman's own (less
+    /// what described procman's sockets) with `--env`, the class's
+    /// variables, `extra`, and the protocol variables. Also returns the
+    /// variables whose value the child's own pid fills in after fork.
+    pub(super) fn child_env(
+        &self,
+        notify_socket: &Path,
+        extra: &[(&str, String)],
+    ) -> (Vec<(OsString, OsString)>, Vec<&'static str>) {
+        let mut env = self.base_env.clone();
+        let mut set = |k: &str, v: OsString| {
+            env.retain(|(key, _)| key != k);
+            env.push((k.into(), v));
+        };
+        for (k, v) in &self.launch.env {
+            set(k, v.into());
+        }
+        for (k, v) in extra {
+            set(k, v.into());
+        }
+        set("LISTEN_FDS", self.listeners.len().to_string().into());
+        let names: Vec<&str> = self.listeners.iter().map(|l| l.name.as_str()).collect();
+        set("LISTEN_FDNAMES", names.join(":").into());
+        // The path as bytes: a runtime directory need not be UTF-8.
+        set("NOTIFY_SOCKET", notify_socket.as_os_str().to_owned());
+        let mut pid_vars = vec!["LISTEN_PID"];
+        if let Some(t) = self.cfg.timeout {
+            set("WATCHDOG_USEC", t.as_micros().to_string().into());
+            pid_vars.push("WATCHDOG_PID");
+        }
+        (env, pid_vars)
+    }
+
+    /// What to fork for a child of the configured class: its program,
+    /// argv, environment and these fds at 3.., as the workers' user, in
+    /// their directory, with their umask.
+    pub(super) fn child_plan(
+        &self,
+        env: &[(OsString, OsString)],
+        pid_vars: &[&str],
+        fds: &[std::os::fd::RawFd],
+    ) -> std::result::Result<Plan, crate::spawn::NulError> {
+        Plan::new(
+            &self.launch.program,
+            &self.launch.argv,
+            env,
+            pid_vars,
+            fds,
+            self.cfg.credentials.as_ref(),
+            self.cfg.chdir.as_deref(),
+            self.cfg.umask,
+            &signals::changed_dispositions(),
+        )
+        // With --log-file, the workers' stderr is the log file too.
+        .map(|plan| plan.with_stderr(crate::logging::file_fd()))
+    }
+}
+
+/// The environment every worker (and pre-start command) starts from:
+/// procman's own, without what described procman's sockets, plus `--env`.
+/// Names and values are bytes: a variable that is not UTF-8 is passed on
+/// unchanged (`std::env::vars` would panic on it).
+pub fn worker_base_env(cfg: &Config) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !SCRUBBED.iter().any(|s| k == s))
+        .collect();
+    for (k, v) in &cfg.env {
+        env.retain(|(key, _)| key != k.as_str());
+        env.push((k.into(), v.into()));
+    }
+    env
+}

@@ -1,0 +1,370 @@
+//! A worker's life in the master: spawned (cold; see preload.rs for the
+//! zygote), ready (by READY=1 or by staying alive), told to stop, killed
+//! at its deadline, and reaped: what its exit means (a crash to respawn
+//! with backoff, a failed boot, the end of procman).
+
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+use tracing::{debug, error, info, warn};
+
+use super::exits::{describe, describe_exit, exit_code};
+use super::{Master, MasterState};
+use crate::classes::FatalExit;
+use crate::error::Error;
+use crate::pid::ChildPid;
+use crate::policy::{self, Backoff};
+use crate::workers::{StopReason, Worker, WorkerState};
+
+impl Master {
+    pub(super) fn on_exit(&mut self, pid: Pid, status: WaitStatus, now: Instant) {
+        if let Some(i) = self.zygotes.iter().position(|z| z.pid == pid) {
+            // What it sent before dying (a reply to a spawn the master gave
+            // up on: that worker must be killed) is read before its channel
+            // is closed with it.
+            if !self.zygotes[i].closed {
+                for m in self.zygotes[i].drain() {
+                    self.on_zygote_message(pid, m, now);
+                }
+            }
+            let z = self.zygotes.swap_remove(i);
+            // A zygote has nothing to drain: whatever is left in its group
+            // (an intermediate of a spawn) goes at once.
+            if let Some(group) = ChildPid::new(pid.as_raw()) {
+                self.linger(group, format!("zygote {pid}"), now, now);
+            }
+            self.on_zygote_exit(z, status, now);
+            return;
+        }
+        let Some(w) = self.table.remove(pid) else {
+            debug!(
+                "Reaped process {pid} ({}) that is not a worker",
+                describe(&status)
+            );
+            return;
+        };
+        if self.reload_worker_exited(&w, &status, now) {
+            return;
+        }
+        let how = describe_exit(&status, w.stop());
+        let stopping_master = matches!(self.state, MasterState::Stopping { .. });
+        match w.stop().map(|s| s.reason) {
+            Some(reason) if reason.is_boot_failure() => {
+                self.on_boot_failure(
+                    &w,
+                    &format!("not ready within {:?}", self.settings.cfg.startup_timeout),
+                    None,
+                    now,
+                );
+            }
+            Some(StopReason::HeartbeatTimeout) => {
+                warn!(
+                    worker = pid.as_raw(),
+                    slot = w.slot,
+                    "Worker {pid} (slot {}) exited after its timeout: {how}; respawning",
+                    w.slot
+                );
+                self.note_death(&w, now);
+            }
+            Some(_) => info!(
+                worker = pid.as_raw(),
+                slot = w.slot,
+                "Worker {pid} (slot {}) exited: {how}",
+                w.slot
+            ),
+            None if stopping_master => info!(
+                worker = pid.as_raw(),
+                slot = w.slot,
+                "Worker {pid} (slot {}) exited: {how}",
+                w.slot
+            ),
+            None if w.is_starting() => {
+                let code = exit_code(&status);
+                self.on_boot_failure(&w, &how, code, now);
+            }
+            None => {
+                // A ready worker killed by a signal procman did not send (an
+                // operator's kill, the OOM killer) crashed: it is respawned
+                // with the slot's backoff, but it did boot, so it never
+                // counts toward the fatal boot-failure limit.
+                let killed_from_outside = matches!(status, WaitStatus::Signaled(..));
+                let failed = policy::is_failed_start(w.ready_for(now));
+                if failed && !self.ever_up && !killed_from_outside {
+                    self.on_boot_failure(&w, &how, exit_code(&status), now);
+                } else {
+                    let b = self.note_death(&w, now);
+                    match b.next_spawn_at {
+                        Some(at) => warn!(
+                            worker = pid.as_raw(),
+                            slot = w.slot,
+                            "Worker {pid} (slot {}) exited: {how}; respawning in {:.1}s (it keeps dying right after start)",
+                            w.slot,
+                            at.saturating_duration_since(now).as_secs_f64()
+                        ),
+                        None => warn!(worker = pid.as_raw(), slot = w.slot, "Worker {pid} (slot {}) exited: {how}; respawning", w.slot),
+                    }
+                }
+            }
+        }
+        self.linger_after(&w, now);
+    }
+
+    /// Records a death in the slot's backoff; returns the new backoff.
+    pub(super) fn note_death(&mut self, w: &Worker, now: Instant) -> Backoff {
+        let ready_for = w.ready_for(now);
+        if ready_for.is_some_and(|d| d >= policy::QUICK_DEATH) {
+            self.ever_up = true;
+        }
+        let prev = self.backoff.get(&w.slot).copied().unwrap_or_default();
+        let next = policy::after_death(prev, policy::is_failed_start(ready_for), now);
+        self.backoff.insert(w.slot, next);
+        next
+    }
+
+    /// A worker died before it was ready. Its traceback (a uvicorn worker
+    /// sends it instead of printing it) is logged here, where its death is
+    /// decided: workers that fail the same way while procman is already
+    /// stopping because of the first one are not (see `on_exit`).
+    pub(super) fn on_boot_failure(
+        &mut self,
+        w: &Worker,
+        how: &str,
+        code: Option<i32>,
+        now: Instant,
+    ) {
+        let b = self.note_death(w, now);
+        log_traceback(w);
+        let why = w
+            .reported_error
+            .as_ref()
+            .map_or(String::new(), |e| format!(" ({e})"));
+        let detail = w
+            .reported_error
+            .clone()
+            .unwrap_or_else(|| format!("worker {} {how}", w.pid));
+        let retry = match b.next_spawn_at {
+            Some(t) if t > now => format!(
+                "retrying in {:.1}s",
+                t.saturating_duration_since(now).as_secs_f64()
+            ),
+            _ => "retrying now".to_string(),
+        };
+        if self.ever_up {
+            warn!(
+                "Worker {} (slot {}) failed to boot: {how}{why}; still serving with the others, {retry}",
+                w.pid, w.slot
+            );
+            return;
+        }
+        self.boot_failures += 1;
+        let class = &self.settings.class;
+        let fatal = match code.and_then(|c| class.fatal_boot_exit(c)) {
+            Some(FatalExit::AppImport) => Some(Error::AppImport(match &w.reported_error {
+                Some(e) => e.clone(),
+                None => format!(
+                    "Failed to load application '{}' (worker {} exited with status 4; its error is above)",
+                    class.app.as_deref().unwrap_or("?"),
+                    w.pid
+                ),
+            })),
+            Some(FatalExit::BootFailed) => Some(Error::BootFailed(format!(
+                "workers failed to boot: {detail}"
+            ))),
+            _ if self.boot_failures >= policy::MAX_BOOT_FAILURES => {
+                Some(Error::BootFailed(format!(
+                    "workers failed to boot {} times in a row and none ever stayed up; last: {detail}",
+                    self.boot_failures
+                )))
+            }
+            _ => None,
+        };
+        match fatal {
+            Some(err) => {
+                error!("{err}");
+                self.begin_stop(true, Err(err), now);
+            }
+            None => {
+                warn!(
+                    "Worker {} (slot {}) failed to boot: {how}{why} (attempt {} of {}); {retry}",
+                    w.pid,
+                    w.slot,
+                    self.boot_failures,
+                    policy::MAX_BOOT_FAILURES
+                );
+            }
+        }
+    }
+
+    pub(super) fn spawn_worker(&mut self, slot: usize) {
+        // Each worker's own start time: ages order "the oldest" for TTOU.
+        let now = Instant::now();
+        if self.preloading() {
+            self.spawn_from_zygote(slot, now);
+            return;
+        }
+        let (env, pid_vars) = self.settings.child_env(
+            self.notify.path(),
+            &[
+                ("PROCMAN_WORKER_ID", slot.to_string()),
+                ("PROCMAN_GENERATION", self.generation.to_string()),
+            ],
+        );
+        // With --reuse-port each worker gets its own listening socket, made
+        // here before the fork and closed in the master right after it.
+        let mut own_sockets = Vec::new();
+        for l in self.settings.listeners.iter().filter(|l| l.reuse_port) {
+            match l.worker_socket(self.settings.cfg.backlog) {
+                Ok(fd) => own_sockets.push(fd),
+                Err(e) => {
+                    error!(
+                        "cannot create a SO_REUSEPORT socket on {} for slot {slot}: {e}",
+                        l.display
+                    );
+                    let prev = self.backoff.get(&slot).copied().unwrap_or_default();
+                    self.backoff
+                        .insert(slot, policy::after_death(prev, true, now));
+                    return;
+                }
+            }
+        }
+        let mut own = own_sockets.iter();
+        let fds: Vec<_> = self
+            .settings
+            .listeners
+            .iter()
+            .map(|l| match l.reuse_port.then(|| own.next()).flatten() {
+                Some(fd) => fd.as_raw_fd(),
+                None => l.fd.as_raw_fd(),
+            })
+            .collect();
+        let plan = self.settings.child_plan(&env, &pid_vars, &fds);
+        let plan = match plan {
+            Ok(p) => p,
+            Err(e) => {
+                let err = Error::usage(format!(
+                    "cannot start a worker: '{}' contains a NUL byte",
+                    e.0
+                ));
+                error!("{err}");
+                self.begin_stop(true, Err(err), now);
+                return;
+            }
+        };
+        let spawned = plan.spawn();
+        drop(own_sockets);
+        let spawned = match spawned {
+            Ok(s) => s,
+            Err(e) => {
+                // fork failed (EAGAIN, ENOMEM): treat like a failed boot of
+                // this slot so the retry backs off.
+                error!("cannot fork a worker for slot {slot}: {}", e.desc());
+                let prev = self.backoff.get(&slot).copied().unwrap_or_default();
+                self.backoff
+                    .insert(slot, policy::after_death(prev, true, now));
+                return;
+            }
+        };
+        let mut w = Worker::new(
+            spawned.pid,
+            slot,
+            self.generation,
+            now,
+            self.settings.cfg.startup_timeout,
+        );
+        if let Some(life) = self.settings.cfg.max_worker_lifetime {
+            let jitter = self
+                .settings
+                .cfg
+                .max_worker_lifetime_jitter
+                .mul_f64(self.random.unit());
+            w.retire_at = Some(now + life + jitter);
+        }
+        match spawned.exec_error {
+            Some((stage, errno)) => {
+                error!(
+                    "cannot {} {}: {} (worker {}, slot {slot})",
+                    stage.describe(),
+                    self.settings
+                        .launch
+                        .argv
+                        .first()
+                        .map(String::as_str)
+                        .unwrap_or("?"),
+                    errno.desc(),
+                    spawned.pid
+                );
+                w.reported_error = Some(format!(
+                    "cannot {} {}: {}",
+                    stage.describe(),
+                    self.settings.launch.program.display(),
+                    errno.desc()
+                ));
+            }
+            None => {
+                info!(
+                    worker = spawned.pid.as_raw(),
+                    slot,
+                    generation = self.generation,
+                    "Booting worker {slot} with pid {} (generation {})",
+                    spawned.pid,
+                    self.generation
+                );
+                // --ready exec: ready once it has stayed alive for
+                // --ready-after; dying sooner is a failed boot, so a command
+                // that exits at once never replaces a working one.
+                if !self.settings.class.notify_ready {
+                    if self.settings.cfg.ready_after.is_zero() {
+                        mark_ready(&mut w, now);
+                    } else {
+                        if let WorkerState::Starting { stable_at, .. } = &mut w.state {
+                            *stable_at = Some(now + self.settings.cfg.ready_after);
+                        }
+                    }
+                }
+            }
+        }
+        self.table.insert(w);
+    }
+
+    /// `--ready exec`: alive through its stability window, so ready; it
+    /// stayed up, so a later crash is not a failed boot.
+    pub(super) fn stable(&mut self, pid: Pid, now: Instant) {
+        if let Some(w) = self.table.get_mut(pid).filter(|w| w.is_starting()) {
+            mark_ready(w, now);
+            self.ever_up = true;
+            self.boot_failures = 0;
+        }
+    }
+}
+
+/// Logs the traceback a worker reported (X_PROCMAN_TRACEBACK=), if any:
+/// called where its death is decided, so that of N workers failing the same
+/// way only the one that decides is shown.
+pub(super) fn log_traceback(w: &Worker) {
+    if let Some(tb) = &w.reported_traceback {
+        error!(
+            worker = w.pid.as_raw(),
+            slot = w.slot,
+            "Worker {} (slot {}) could not load the app:\n{}",
+            w.pid,
+            w.slot,
+            tb.trim_end()
+        );
+    }
+}
+
+pub(super) fn mark_ready(w: &mut Worker, now: Instant) {
+    w.state = WorkerState::Ready;
+    w.ready_at = Some(now);
+    let boot = now.saturating_duration_since(w.started_at);
+    info!(
+        worker = w.pid.as_raw(),
+        slot = w.slot,
+        "Worker {} (slot {}) ready in {:.3}s",
+        w.pid,
+        w.slot,
+        boot.as_secs_f64()
+    );
+}

@@ -475,20 +475,14 @@ fn extend_timeout_during_a_stop_pushes_the_kill_back() {
 #[test]
 fn extend_timeout_during_a_quick_stop_does_not_delay_the_kill() {
     // On the stop signal the worker asks for 60 s more and never exits: a
-    // quick stop still kills it after its 2 s.
-    let sender = format!(
-        "{} {}",
-        python3().display(),
-        repo().join("tests/workers/send_notify.py").display()
-    );
-    let script = format!(
-        "trap '{sender} \"$NOTIFY_SOCKET\" EXTEND_TIMEOUT_USEC=60000000; while :; do sleep 0.05; done' TERM; while :; do sleep 0.05; done"
-    );
-    let mut h = Start::new(
-        "extend-quick",
-        &["--graceful-timeout", "60", "--", "sh", "-c", &script],
-    )
-    .spawn();
+    // quick stop still kills it after its 2 s. The worker is already
+    // running when it is asked to stop, so its request is not raced
+    // against the 2 s by an interpreter's start-up.
+    let mut worker = notify_worker();
+    worker.extend(["--extend-on-term".to_string(), "60000000".into()]);
+    let mut args = vec!["--graceful-timeout", "60", "--"];
+    args.extend(worker.iter().map(String::as_str));
+    let mut h = Start::new("extend-quick", &args).spawn();
     h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
     h.signal(Signal::SIGINT);
     let status = h.wait_exit(Duration::from_secs(15));

@@ -78,6 +78,8 @@ def parse_args():
     p.add_argument("--exit-after", type=float, metavar="SECS",
                    help="exit this long after start (default with --exit-code: at once, before READY)")
     p.add_argument("--ignore-term", action="store_true", help="SIG_IGN on SIGTERM")
+    p.add_argument("--extend-on-term", type=int, metavar="USEC",
+                   help="on SIGTERM, send EXTEND_TIMEOUT_USEC=USEC and keep running (never stop)")
     p.add_argument("--status", metavar="TEXT", help="send STATUS=TEXT at start")
     p.add_argument("--extend-timeout-usec", type=int, metavar="N",
                    help="send EXTEND_TIMEOUT_USEC=N at start, before waiting --ready-after")
@@ -325,6 +327,9 @@ def main():
             signum = events.pop(0)
             if signum == signal.SIGUSR1:
                 log_event(args.log, "usr1")
+            elif signum == signal.SIGTERM and args.extend_on_term is not None:
+                log_event(args.log, "term")
+                notifier.send(f"EXTEND_TIMEOUT_USEC={args.extend_on_term}")
             elif not stopping:
                 if signum == signal.SIGTERM:
                     log_event(args.log, "term")

@@ -11,7 +11,12 @@
 //! same path onto its fd 2. A command worker keeps the fd it was given.
 //!
 //! Text: `[2026-11-27T09:40:00.123456Z] [4242] [INFO] Booting worker 2 with pid 4243`
-//! JSON: `{"timestamp":"…","level":"INFO","pid":4242,"message":"…","worker":4243,"slot":2}`
+//! JSON: `{"timestamp":"…","level":"INFO","pid":4242,"message":"…","event":"booting","worker":4243,"slot":2,"generation":1}`
+//!
+//! Lifecycle lines carry a stable `event` (booting, ready, exited,
+//! boot-failed, stopping, all-ready, reloading, reload-done, reload-failed,
+//! shutdown) with the worker's pid, slot and generation where there is
+//! one: JSON readers (and the tests) match on those, not on the wording.
 
 use std::fmt::{self, Write as _};
 use std::fs::{File, OpenOptions};
@@ -143,12 +148,11 @@ where
             writeln!(writer, "{line}")
         } else {
             let mut line = format!("[{time}] [{}] [{level}] {}", self.pid, fields.message);
-            // Fields that the message does not already say.
-            for (k, v) in fields
-                .rest
-                .iter()
-                .filter(|(k, _)| !matches!(*k, "worker" | "slot" | "generation"))
-            {
+            // Fields that the message does not already say (`event` and
+            // `reason` name what the message says, for JSON readers).
+            for (k, v) in fields.rest.iter().filter(|(k, _)| {
+                !matches!(*k, "worker" | "slot" | "generation" | "event" | "reason")
+            }) {
                 let _ = write!(line, " {k}={v}");
             }
             writeln!(writer, "{line}")

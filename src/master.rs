@@ -489,6 +489,8 @@ impl Master {
         if self.state == MasterState::Booting && fresh_ready >= self.settings.target {
             self.state = MasterState::Running;
             info!(
+                event = "all-ready",
+                generation = self.generation,
                 "All {} worker{} ready",
                 self.settings.target,
                 plural(self.settings.target)

@@ -396,27 +396,57 @@ fn a_hup_during_a_reload_supersedes_it() {
         let list: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         format!("workers = 2\nbind = {}", toml_list(&list))
     };
-    let start = Start::new("reload-supersede", &["--ready", "notify"]).no_default_bind();
+    let start = Start::new(
+        "reload-supersede",
+        &["--ready", "notify", "--log-format", "json"],
+    )
+    .no_default_bind();
     let file = start.dir().join("procman.toml");
     write_config(&file, "old", &notify_worker(), &binds(&[pa]));
     let mut h = start.args(["-c", file.to_str().expect("utf8")]).spawn();
-    h.check(h.wait_log("All 2 workers ready", BOOT), "booted");
+    h.check(
+        h.wait_event("all-ready", BOOT, |_| true).is_some(),
+        "booted",
+    );
     let old = h.wait_workers_on(pa, 2, BOOT);
     // Generation 2 binds a second address and never gets ready.
     let mut never = notify_worker();
     never.push("--never-ready".into());
     write_config(&file, "stuck", &never, &binds(&[pa, pb]));
     h.signal(Signal::SIGHUP);
-    let stuck = wait_for(BOOT, || booted(&h, 1, 2));
+    let stuck = h.wait_event("booting", BOOT, |e| e["slot"] == 1 && e["generation"] == 2);
     h.check(stuck.is_some(), "generation 2 started");
     // Generation 3 keeps both addresses and works.
     write_config(&file, "new", &notify_worker(), &binds(&[pa, pb]));
     h.signal(Signal::SIGHUP);
     h.check(
+        h.wait_event("reloading", BOOT, |e| e["generation"] == 3)
+            .is_some(),
+        "the second HUP started generation 3",
+    );
+    h.check(
         h.wait_log("Reload to generation 2 superseded by generation 3", BOOT),
         "the second HUP superseded the first",
     );
-    h.check(h.wait_log("Reload done: generation 3", BOOT), "reload done");
+    let done = h.wait_event("reload-done", BOOT, |_| true);
+    h.check(
+        done.as_ref().is_some_and(|e| e["generation"] == 3),
+        "reload done: generation 3",
+    );
+    // Exactly the two workers of generation 3 said they were ready, and
+    // no worker of generation 2 ever did.
+    let ready = h.events_named("ready");
+    let ready_pids = |generation: u64| -> BTreeSet<i32> {
+        ready
+            .iter()
+            .filter(|e| e["generation"] == generation)
+            .filter_map(|e| e["worker"].as_i64().map(|p| p as i32))
+            .collect()
+    };
+    h.check(
+        ready_pids(2).is_empty(),
+        "no worker of generation 2 was ready",
+    );
     let settled = wait_for(BOOT, || {
         let now = workers(&h);
         let all_new = now.iter().all(|p| {
@@ -428,6 +458,10 @@ fn a_hup_during_a_reload_supersedes_it() {
     h.check(
         settled.is_some(),
         &format!("2 workers of generation 3: {:?}", workers(&h)),
+    );
+    h.check(
+        settled.as_ref() == Some(&ready_pids(3)),
+        "the serving workers are those whose ready event said generation 3",
     );
     let on_b = h.wait_workers_on(pb, 2, BOOT);
     h.check(

@@ -61,22 +61,28 @@ impl Master {
             }
             Some(StopReason::HeartbeatTimeout) => {
                 warn!(
+                    event = "exited",
                     worker = pid.as_raw(),
                     slot = w.slot,
+                    generation = w.generation,
                     "Worker {pid} (slot {}) exited after its timeout: {how}; respawning",
                     w.slot
                 );
                 self.note_death(&w, now);
             }
             Some(_) => info!(
+                event = "exited",
                 worker = pid.as_raw(),
                 slot = w.slot,
+                generation = w.generation,
                 "Worker {pid} (slot {}) exited: {how}",
                 w.slot
             ),
             None if stopping_master => info!(
+                event = "exited",
                 worker = pid.as_raw(),
                 slot = w.slot,
+                generation = w.generation,
                 "Worker {pid} (slot {}) exited: {how}",
                 w.slot
             ),
@@ -97,13 +103,15 @@ impl Master {
                     let b = self.note_death(&w, now);
                     match b.next_spawn_at {
                         Some(at) => warn!(
+                            event = "exited",
                             worker = pid.as_raw(),
                             slot = w.slot,
+                            generation = w.generation,
                             "Worker {pid} (slot {}) exited: {how}; respawning in {:.1}s (it keeps dying right after start)",
                             w.slot,
                             at.saturating_duration_since(now).as_secs_f64()
                         ),
-                        None => warn!(worker = pid.as_raw(), slot = w.slot, "Worker {pid} (slot {}) exited: {how}; respawning", w.slot),
+                        None => warn!(event = "exited", worker = pid.as_raw(), slot = w.slot, generation = w.generation, "Worker {pid} (slot {}) exited: {how}; respawning", w.slot),
                     }
                 }
             }
@@ -153,6 +161,10 @@ impl Master {
         };
         if self.ever_up {
             warn!(
+                event = "boot-failed",
+                worker = w.pid.as_raw(),
+                slot = w.slot,
+                generation = w.generation,
                 "Worker {} (slot {}) failed to boot: {how}{why}; still serving with the others, {retry}",
                 w.pid, w.slot
             );
@@ -182,11 +194,21 @@ impl Master {
         };
         match fatal {
             Some(err) => {
-                error!("{err}");
+                error!(
+                    event = "boot-failed",
+                    worker = w.pid.as_raw(),
+                    slot = w.slot,
+                    generation = w.generation,
+                    "{err}"
+                );
                 self.begin_stop(true, Err(err), now);
             }
             None => {
                 warn!(
+                    event = "boot-failed",
+                    worker = w.pid.as_raw(),
+                    slot = w.slot,
+                    generation = w.generation,
                     "Worker {} (slot {}) failed to boot: {how}{why} (attempt {} of {}); {retry}",
                     w.pid,
                     w.slot,
@@ -304,6 +326,7 @@ impl Master {
             }
             None => {
                 info!(
+                    event = "booting",
                     worker = spawned.pid.as_raw(),
                     slot,
                     generation = self.generation,
@@ -360,8 +383,10 @@ pub(super) fn mark_ready(w: &mut Worker, now: Instant) {
     w.ready_at = Some(now);
     let boot = now.saturating_duration_since(w.started_at);
     info!(
+        event = "ready",
         worker = w.pid.as_raw(),
         slot = w.slot,
+        generation = w.generation,
         "Worker {} (slot {}) ready in {:.3}s",
         w.pid,
         w.slot,

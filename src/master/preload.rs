@@ -287,6 +287,7 @@ impl Master {
         }
         self.zygote_backoff = Backoff::default();
         info!(
+            event = "booting",
             worker = w.as_raw(),
             slot,
             generation,

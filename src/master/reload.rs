@@ -99,7 +99,10 @@ impl Master {
                 next
             }
             Err(e) => {
-                error!("Reload failed: {e}; still serving with the previous configuration");
+                error!(
+                    event = "reload-failed",
+                    "Reload failed: {e}; still serving with the previous configuration"
+                );
                 self.systemd
                     .send(&format!("READY=1\nSTATUS=reload failed: {e}"));
                 return;
@@ -135,6 +138,8 @@ impl Master {
         self.generation = generation;
         self.required_generation = generation;
         info!(
+            event = "reloading",
+            generation,
             "Reloading: replacing {} workers with generation {generation}",
             self.settings.target
         );
@@ -210,7 +215,12 @@ impl Master {
         for addr in release(r.previous.listeners) {
             info!("Closed {addr}");
         }
-        info!("Reload done: generation {} serving", r.generation);
+        info!(
+            event = "reload-done",
+            generation = r.generation,
+            "Reload done: generation {} serving",
+            r.generation
+        );
         self.systemd
             .send(&format!("READY=1\nSTATUS={}", self.status_line()));
     }
@@ -229,8 +239,11 @@ impl Master {
         self.generation = r.previous_generation;
         self.required_generation = r.previous_required;
         error!(
+            event = "reload-failed",
+            generation = r.generation,
             "Reload to generation {} failed: {why}; generation {} (the previous configuration) keeps serving",
-            r.generation, self.generation
+            r.generation,
+            self.generation
         );
         for addr in release(std::mem::take(&mut r.previous.listeners)) {
             info!("Closed {addr} (bound by the failed reload)");
@@ -319,8 +332,10 @@ impl Master {
         }
         if w.generation > baseline {
             info!(
+                event = "exited",
                 worker = w.pid.as_raw(),
                 slot = w.slot,
+                generation = w.generation,
                 "Worker {} (slot {}) of the abandoned generation {} exited: {how}",
                 w.pid,
                 w.slot,

@@ -25,7 +25,11 @@ impl Master {
     ) {
         let how = if quick { "quick" } else { "graceful" };
         let active = self.table.iter().filter(|w| w.is_active()).count();
-        info!("Shutting down: {how}, {active} worker{}", plural(active));
+        info!(
+            event = "shutdown",
+            "Shutting down: {how}, {active} worker{}",
+            plural(active)
+        );
         self.systemd.send("STOPPING=1");
         self.state = MasterState::Stopping { quick, outcome };
         let grace = self.stop_grace(quick);
@@ -102,13 +106,24 @@ impl Master {
         match reason {
             StopReason::Shutdown => {}
             StopReason::Replaced => info!(
+                event = "stopping",
+                reason = "replaced",
                 worker = pid.as_raw(),
                 slot = w.slot,
+                generation = w.generation,
                 "Stopping worker {pid} (slot {}): replaced",
                 w.slot
             ),
             StopReason::Excess => {
-                info!("Stopping worker {pid} (slot {}): one worker fewer", w.slot)
+                info!(
+                    event = "stopping",
+                    reason = "excess",
+                    worker = pid.as_raw(),
+                    slot = w.slot,
+                    generation = w.generation,
+                    "Stopping worker {pid} (slot {}): one worker fewer",
+                    w.slot
+                )
             }
             _ => {}
         }

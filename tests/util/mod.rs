@@ -382,6 +382,37 @@ impl Harness {
             .count()
     }
 
+    /// The lifecycle events logged so far (needs `--log-format json`): the
+    /// JSON lines that carry an `event` field, in order.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("event").is_some())
+            .collect()
+    }
+
+    /// The events named `name` (booting, ready, exited, boot-failed,
+    /// stopping, all-ready, reloading, reload-done, reload-failed, shutdown).
+    pub fn events_named(&self, name: &str) -> Vec<serde_json::Value> {
+        self.events()
+            .into_iter()
+            .filter(|v| v["event"] == name)
+            .collect()
+    }
+
+    /// Waits for an event named `name` for which `pred` holds; returns it.
+    pub fn wait_event(
+        &self,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        wait_for(timeout, || {
+            self.events_named(name).into_iter().find(|v| pred(v))
+        })
+    }
+
     /// Panics with the log when `cond` is false.
     #[track_caller]
     pub fn check(&self, cond: bool, what: &str) {

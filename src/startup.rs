@@ -94,8 +94,11 @@ fn check(cfg: &Config) -> Result<()> {
         crate::classes::uvicorn::CONFIG_VAR.into(),
         json.to_string().into(),
     ));
+    let (source_var, source) = crate::classes::uvicorn::bootstrap_env();
+    env.retain(|(k, _)| k != source_var.as_str());
+    env.push((source_var.into(), source.into()));
     let mut argv = vec![opts.python.display().to_string()];
-    argv.extend(crate::classes::uvicorn::bootstrap_args().map(String::from));
+    argv.extend(crate::classes::uvicorn::bootstrap_args(&opts.app));
     let cannot =
         |why: String| Error::runtime(format!("cannot run {}: {why}", opts.python.display()));
     let plan = Plan::new(

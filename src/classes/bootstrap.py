@@ -1,4 +1,6 @@
-"""procman's uvicorn worker bootstrap (embedded in the binary, run as `python -c <this>`).
+"""procman's uvicorn worker bootstrap (embedded in the binary, run by a short
+`python -c <loader> "procman [app]"` that takes this source out of
+PROCMAN_BOOTSTRAP, so that the command line stays readable).
 
 What this file owns, between the Rust master and uvicorn:
 
@@ -39,6 +41,16 @@ Invariants:
 * Importing the app (load_app) is separate from serving it (serve), so that a
   zygote can import once and fork workers that only call serve().
 
+Observability:
+* The process title: `ps` and /proc/PID/cmdline show `procman: worker S gen G
+  [app]`, `procman: zygote gen G [app]` or `procman: check [app]` (set_title;
+  a zygote-forked worker sets its own after the fork), and the thread name
+  (`comm`, what `top` shows by default) is `procman: worker` or `procman:
+  zygote`.
+* SIGABRT (the master's "no heartbeat" signal, SIGKILL follows 1 s later)
+  first writes every thread's Python traceback to fd 2 (faulthandler), so the
+  log shows where the event loop was blocked, then ends the process as before.
+
 Modes (PROCMAN_APP_CONFIG "mode"): "worker" imports and serves; "check" only
 imports (--check-config); "zygote" (--preload) imports once and forks workers
 on request:
@@ -75,6 +87,7 @@ on request:
 import asyncio
 import atexit
 import contextlib
+import faulthandler
 import gc
 import importlib
 import inspect
@@ -180,6 +193,79 @@ def reopen_log(signum=None, frame=None):
     flush_stdio()
     os.dup2(fd, 2)  # the copy at 2 is inheritable, as stderr should be
     os.close(fd)
+
+
+def dump_tracebacks_on_abort():
+    """On SIGABRT, every thread's traceback to fd 2, then the default action.
+
+    faulthandler writes from the C signal handler, so the dump happens even
+    while the event loop is blocked in C or in Python code that never returns
+    to the loop (the case the heartbeat timeout is for). It writes to fd 2 by
+    number, so after a USR1 reopen (dup2 onto fd 2) it lands in the current
+    log file. It then restores the default disposition and re-raises: the
+    worker still dies of SIGABRT at once, as before. SIGABRT can only be had
+    through enable(), which covers SIGSEGV, SIGFPE, SIGBUS and SIGILL too (a
+    crash in a C extension gets a Python traceback as well).
+    """
+    with contextlib.suppress(Exception):  # no usable stderr: nothing to dump to
+        faulthandler.enable(file=sys.stderr, all_threads=True)
+
+
+# The argv area of this process, (address, size), found once by set_title().
+ARGV_AREA = None
+PR_SET_NAME = 15
+COMM_MAX = 15  # the kernel's comm is 16 bytes with its NUL
+
+
+def find_argv_area():
+    """(address, size) of the argv strings exec laid out, or None.
+
+    /proc/self/stat fields 48 and 49 (arg_start, arg_end) are what the kernel
+    reads for /proc/PID/cmdline. CPython keeps its own (wide) copies of argv,
+    so the original bytes are free to be overwritten. Checked against
+    /proc/self/cmdline before anything is written there.
+    """
+    import ctypes  # noqa: PLC0415 (only here)
+
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()  # fields[0] is field 3 (state)
+    start, end = int(fields[45]), int(fields[46])
+    with open("/proc/self/cmdline", "rb") as f:
+        cmdline = f.read()
+    if end <= start or ctypes.string_at(start, end - start) != cmdline:
+        return None
+    return start, end - start
+
+
+def set_title(title, comm):
+    """Shows `title` as this process's command line and `comm` as its name.
+
+    The title overwrites the argv area (it cannot grow): the title, a NUL,
+    and non-NUL padding to the end. A last byte that is not NUL is the
+    kernel's sign that the process rewrote its title (setproctitle(3)): it
+    then shows the area up to the first NUL, so `ps` sees the title alone.
+    Best effort: a process title is cosmetic and never stops a worker.
+    """
+    global ARGV_AREA
+    try:
+        import ctypes  # noqa: PLC0415 (only here)
+
+        if ARGV_AREA is None:
+            ARGV_AREA = find_argv_area() or (0, 0)
+        address, size = ARGV_AREA
+        if size >= 3:
+            text = title.encode("utf-8", "replace")[:size - 2] + b"\0"
+            ctypes.memmove(address, text + b" " * (size - len(text)), size)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(comm.encode()[:COMM_MAX]), 0, 0, 0)
+    except Exception:  # noqa: BLE001, S110 (cosmetic, see above)
+        pass
+
+
+def worker_title(app):
+    slot = os.environ.get("PROCMAN_WORKER_ID", "?")
+    generation = os.environ.get("PROCMAN_GENERATION", "?")
+    set_title(f"procman: worker {slot} gen {generation} [{app}]", "procman: worker")
 
 
 def install_boot_signals():
@@ -748,6 +834,7 @@ class Zygote:
 
     def __init__(self, config):
         self.config = config
+        self.generation = None
         # Everything meant for the master or the workers leaves the
         # environment before the app is imported.
         self.control = ControlChannel.from_env()
@@ -781,10 +868,13 @@ class Zygote:
                 data = self.control.receive()
                 if data is None:
                     exit_now()  # EOF: the master is gone or closed us
-                slot, _generation, env = parse_spawn(json.loads(data.decode("utf-8")))
+                slot, generation, env = parse_spawn(json.loads(data.decode("utf-8")))
             except ValueError as exc:  # also JSON and UTF-8 errors
                 self.control.send({"error": f"bad message: {exc}"})
                 continue
+            if generation != self.generation:  # the master does not tell it sooner
+                self.generation = generation
+                set_title(f"procman: zygote gen {generation} [{self.config['app']}]", "procman: zygote")
             self.spawn(slot, env)
 
     def spawn(self, slot, env):
@@ -934,6 +1024,7 @@ class Zygote:
             signal.pthread_sigmask(signal.SIG_SETMASK, ())
             random.seed()  # CPython re-seeds at fork too; be explicit (--max-requests jitter)
             os.environ.update(env)  # PROCMAN_WORKER_ID, PROCMAN_GENERATION, the user's variables
+            worker_title(self.config["app"])  # its argv area is still the zygote's title
             # LISTEN_PID and WATCHDOG_PID named the zygote and mean "this
             # process" now: the listeners are ours, and so is the watchdog.
             code = serve(self.app, self.config, self.sockets, Notifier(*self.notify))
@@ -956,16 +1047,21 @@ def main():
     config = read_config()
     LOG_PATH = config["log_file"]
     configure_logging(config["log_level"])
+    dump_tracebacks_on_abort()
     mode = config["mode"]
+    name = config["app"]
     if mode == "worker":
+        worker_title(name)
         sockets = listen_sockets()  # before the import: the app never sees LISTEN_*
         notifier = Notifier.from_env()
         app = load_app(config["app"], config["factory"], report_to_master=True)
         resolve_interface(app, config)
         sys.exit(serve(app, config, sockets, notifier))
     if mode == "zygote":  # --preload: import once, fork workers on request
+        set_title(f"procman: zygote [{name}]", "procman: zygote")
         Zygote(config).run()  # never returns
     if mode == "check":  # import the app once and report (for --check-config)
+        set_title(f"procman: check [{name}]", "procman: check")
         app = load_app(config["app"], config["factory"])
         resolve_interface(app, config)
         sys.exit(0)

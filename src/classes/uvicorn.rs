@@ -1,11 +1,16 @@
-//! The uvicorn class: `<python> -c <bootstrap>`, where the bootstrap is a
-//! Python file shipped inside the binary. It takes the listeners from
-//! `LISTEN_FDS`, imports the app, runs uvicorn and speaks sd_notify back
-//! (READY=1 after startup, WATCHDOG=1 from the event loop).
+//! The uvicorn class: `<python> -c <loader> "procman [app]"`, where the
+//! loader runs the bootstrap, a Python file shipped inside the binary. It
+//! takes the listeners from `LISTEN_FDS`, imports the app, runs uvicorn and
+//! speaks sd_notify back (READY=1 after startup, WATCHDOG=1 from the event
+//! loop).
 //!
-//! The options reach it as one JSON object in `PROCMAN_APP_CONFIG`, so no
-//! file is needed at run time. The source is compiled under the name
-//! `<procman-bootstrap>` (not `-c`'s `<string>`), so that a traceback
+//! The options reach it as one JSON object in `PROCMAN_APP_CONFIG`, and the
+//! source itself in `PROCMAN_BOOTSTRAP`, so no file is needed at run time and
+//! the command line (`ps`, `top`, `/proc/PID/cmdline`) stays short: the
+//! loader takes the variable out of the environment before the bootstrap
+//! runs, and the bootstrap then rewrites its title to name its role, e.g.
+//! `procman: worker 2 gen 1 [app:main]`. The source is compiled under the
+//! name `<procman-bootstrap>` (not `-c`'s `<string>`), so that a traceback
 //! says where a frame comes from.
 
 use super::Launch;
@@ -17,25 +22,40 @@ pub const BOOTSTRAP: &str = include_str!("bootstrap.py");
 /// The environment variable that carries the options.
 pub const CONFIG_VAR: &str = "PROCMAN_APP_CONFIG";
 
-/// `python -c LOADER BOOTSTRAP`: the loader takes the source from argv
-/// (leaving `sys.argv == ["-c"]`, as plain `-c` would) and runs it in
-/// `__main__` under its own file name.
-const LOADER: &str = "import sys; exec(compile(sys.argv.pop(1), '<procman-bootstrap>', 'exec'))";
+/// The environment variable that carries the bootstrap's source.
+pub const SOURCE_VAR: &str = "PROCMAN_BOOTSTRAP";
 
-/// The bootstrap's argv under `python` (without the program name).
-pub fn bootstrap_args() -> [&'static str; 3] {
-    ["-c", LOADER, BOOTSTRAP]
+/// `python -c LOADER TITLE`: the loader drops the title from `sys.argv`
+/// (leaving `sys.argv == ["-c"]`, as plain `-c` would), takes the source out
+/// of the environment (so neither the app nor its subprocesses see it) and
+/// runs it in `__main__` under its own file name. `os.environ.pop` also
+/// unsets the C-level variable.
+const LOADER: &str = "import os, sys; del sys.argv[1:]; \
+                      exec(compile(os.environ.pop('PROCMAN_BOOTSTRAP'), '<procman-bootstrap>', 'exec'))";
+
+/// The bootstrap's argv under `python` (without the program name). The last
+/// argument is only a title for `ps` until the bootstrap writes its own.
+pub fn bootstrap_args(app: &str) -> [String; 3] {
+    ["-c".into(), LOADER.into(), format!("procman [{app}]")]
+}
+
+/// The variable that hands the source to the loader.
+pub fn bootstrap_env() -> (String, String) {
+    (SOURCE_VAR.into(), BOOTSTRAP.into())
 }
 
 /// Runs the bootstrap under the configured interpreter.
 pub fn launch(opts: &UvicornOptions, cfg: &Config) -> Launch {
     let python = opts.python.display().to_string();
     let mut argv = vec![python];
-    argv.extend(bootstrap_args().map(String::from));
+    argv.extend(bootstrap_args(&opts.app));
     Launch {
         program: opts.python.clone(),
         argv,
-        env: vec![(CONFIG_VAR.into(), app_config(opts, cfg).to_string())],
+        env: vec![
+            (CONFIG_VAR.into(), app_config(opts, cfg).to_string()),
+            bootstrap_env(),
+        ],
     }
 }
 

@@ -100,11 +100,20 @@ fn traceback_before_each_kill(name: &str, tries: usize) {
 }
 
 /// 10 tries in all, in two procmans side by side (the machine has 2 cores).
+/// Both threads are joined before a failure is reported, so each one's
+/// Harness is dropped (its procman killed) even when the other one failed.
 #[test]
 fn a_timed_out_worker_logs_the_blocking_line_before_it_is_killed() {
-    let other = std::thread::spawn(|| traceback_before_each_kill("tb-a", 5));
-    traceback_before_each_kill("tb-b", 5);
-    other.join().expect("the other five tries");
+    let runs: Vec<_> = ["tb-a", "tb-b"]
+        .into_iter()
+        .map(|name| std::thread::spawn(move || traceback_before_each_kill(name, 5)))
+        .collect();
+    let results: Vec<_> = runs.into_iter().map(|t| t.join()).collect();
+    for r in results {
+        if let Err(panic) = r {
+            std::panic::resume_unwind(panic);
+        }
+    }
 }
 
 fn cmdline(pid: i32) -> Vec<u8> {

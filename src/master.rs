@@ -16,15 +16,18 @@
 //! Decisions about which workers to start or stop live in `policy.rs`; the
 //! master only turns them into system calls.
 //!
-//! The parts, each in its own file under `master/`: `lifecycle` (spawn,
-//! ready, exit, boot accounting), `stop` (procman's stop and a worker's),
-//! `messages` (sd_notify from workers), `groups` (process groups outliving
-//! their leader), `preload` (zygotes), `recycle`, `reload` (a reload as a
-//! value), `launch` (the settings workers start from, and their
-//! environment and fork plan), `systemd` (procman's own supervisor), and
-//! `exits` (exit statuses as sentences, signalling a group).
+//! The parts, each in its own file under `master/`. Owned values with their
+//! own tests: `boot` (slot backoff, ever up, failed boots), `zygotes` (the
+//! zygotes, their restart backoff, cold fallback), `launch` (the settings
+//! workers start from, and their environment and fork plan), `systemd`
+//! (procman's own supervisor), `exits` (exit statuses as sentences). What
+//! the master does with them: `lifecycle` (spawn, ready, exit), `stop`
+//! (procman's stop and a worker's), `messages` (sd_notify from workers),
+//! `groups` (process groups outliving their leader), `preload` (zygote
+//! messages and exits, spawn requests), `recycle`, `reload` (a reload as a
+//! value).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -40,11 +43,12 @@ use crate::bind::Listener;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::notify::{Message, Receiver};
-use crate::policy::{self, Backoff, Decision, Due, Goal};
+use crate::policy::{self, Decision, Due, Goal};
 use crate::signals::{MasterSignal, Signals};
 use crate::workers::{Lingering, Table, WorkerState};
-use crate::zygote::{FromZygote, Zygote};
+use crate::zygote::FromZygote;
 
+mod boot;
 mod exits;
 mod groups;
 mod launch;
@@ -55,15 +59,18 @@ mod recycle;
 mod reload;
 mod stop;
 mod systemd;
+mod zygotes;
 
 pub use exits::describe;
 pub use launch::worker_base_env;
 
+use boot::Boot;
 use exits::signal_group;
 use launch::Settings;
 use recycle::Random;
 use reload::{release, Reload};
 use systemd::SystemdLink;
+use zygotes::Zygotes;
 
 /// What the master as a whole is doing.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,7 +129,8 @@ pub struct Master {
     notify: Receiver,
     systemd: SystemdLink,
     table: Table,
-    backoff: BTreeMap<usize, Backoff>,
+    /// Backoff of each slot, and whether procman was ever up.
+    boot: Boot,
     state: MasterState,
     generation: u64,
     required_generation: u64,
@@ -130,8 +138,6 @@ pub struct Master {
     /// The highest generation ever started (a failed reload's number is
     /// not reused).
     latest_generation: u64,
-    ever_up: bool,
-    boot_failures: u32,
     recycle_queue: VecDeque<(Pid, String)>,
     expected_wake: Option<Instant>,
     next_memory_sample: Option<Instant>,
@@ -139,13 +145,9 @@ pub struct Master {
     /// The original command line, re-read (with the environment and the
     /// config file) on HUP.
     args: Vec<OsString>,
-    /// `--preload`: the zygotes (the current generation's, and older ones
-    /// until their workers are gone).
-    zygotes: Vec<Zygote>,
-    /// Backoff of zygote (re)starts.
-    zygote_backoff: Backoff,
-    /// After repeated zygote failures, workers start cold.
-    cold_fallback: bool,
+    /// `--preload`: the zygotes, their restart backoff and the fall-back to
+    /// cold starts.
+    zygotes: Zygotes,
     /// Process groups whose leader was reaped but which still have members.
     lingering: Vec<Lingering>,
     /// Once a quick stop (or a second TERM) was asked for: no SIGKILL may be
@@ -170,22 +172,18 @@ impl Master {
             notify,
             systemd: SystemdLink::from_env(Instant::now()),
             table: Table::default(),
-            backoff: BTreeMap::new(),
+            boot: Boot::default(),
             state: MasterState::Booting,
             generation: 1,
             required_generation: 1,
             reload: None,
             latest_generation: 1,
-            ever_up: false,
-            boot_failures: 0,
             recycle_queue: VecDeque::new(),
             expected_wake: None,
             next_memory_sample: None,
             random: Random::seeded(),
             args,
-            zygotes: Vec::new(),
-            zygote_backoff: Backoff::default(),
-            cold_fallback: false,
+            zygotes: Zygotes::default(),
             lingering: Vec::new(),
             kill_limit: None,
         })
@@ -231,13 +229,7 @@ impl Master {
             for sig in self.signals.drain() {
                 self.handle(Event::Signal(sig), now);
             }
-            let from_zygotes: Vec<(Pid, FromZygote)> = self
-                .zygotes
-                .iter()
-                .filter(|z| !z.closed)
-                .flat_map(|z| z.drain().into_iter().map(move |m| (z.pid, m)))
-                .collect();
-            for (pid, message) in from_zygotes {
+            for (pid, message) in self.zygotes.drain() {
                 self.handle(Event::Zygote { pid, message }, now);
             }
             self.drain_notifications(now);
@@ -343,7 +335,7 @@ impl Master {
             // Zygotes have nothing to drain: once the workers are gone, any
             // zygote still around is not waited for.
             if self.table.is_empty() {
-                for z in &self.zygotes {
+                for z in self.zygotes.iter() {
                     signal_group(z.pid, Signal::SIGKILL);
                 }
             }
@@ -355,7 +347,7 @@ impl Master {
         // lets an outdated one go: settle in a few passes, not a wake-up.
         for _ in 0..4 {
             let goal = self.goal();
-            let decisions = policy::reconcile(&self.table, &goal, &self.backoff, now);
+            let decisions = policy::reconcile(&self.table, &goal, self.boot.backoff(), now);
             if decisions.is_empty() {
                 break;
             }
@@ -396,7 +388,7 @@ impl Master {
         }
         // ever_up is learnt when the first ready worker has been up long
         // enough, so a later failure is judged correctly.
-        if !self.ever_up {
+        if !self.boot.ever_up() {
             out.extend(
                 self.table.iter().filter(|w| w.is_active()).filter_map(|w| {
                     Some((w.ready_at? + policy::QUICK_DEATH, Due::StayedUp(w.pid)))
@@ -410,7 +402,7 @@ impl Master {
                 .filter_map(|w| Some((w.retire_at?, Due::Retire(w.pid)))),
         );
         out.extend(self.next_memory_sample.map(|at| (at, Due::SampleMemory)));
-        out.extend(policy::backoff_deadlines(&self.backoff));
+        out.extend(self.boot.deadlines());
         out.extend(self.zygote_deadlines());
         out
     }
@@ -424,19 +416,12 @@ impl Master {
             Due::Kill(pid) => self.kill_overdue(pid, now),
             Due::Group(_) => self.tend_groups(now),
             Due::SystemdWatchdog => self.systemd.ping(now),
-            Due::StayedUp(_) => {
-                self.ever_up = true;
-                self.boot_failures = 0;
-            }
+            Due::StayedUp(_) => self.boot.stayed_up(),
             Due::Retire(pid) => self.retire(pid, now),
             Due::SampleMemory => self.sample_memory(now),
-            Due::BackoffOver(slot) => {
-                if let Some(b) = self.backoff.get_mut(&slot) {
-                    b.next_spawn_at = None;
-                }
-            }
+            Due::BackoffOver(slot) => self.boot.backoff_over(slot),
             Due::ZygoteStartTimeout(pid) => self.zygote_start_timed_out(pid, now),
-            Due::ZygoteBackoffOver => self.zygote_backoff.next_spawn_at = None,
+            Due::ZygoteBackoffOver => self.zygotes.backoff_over(),
             Due::ZygoteSpawnTimeout(pid) => self.zygote_spawn_timed_out(pid, now),
         }
     }
@@ -468,9 +453,10 @@ impl Master {
             PollFd::new(self.notify.fd(), PollFlags::POLLIN),
         ];
         fds.extend(
+            // Not a closed channel: its end-of-file would wake us forever.
             self.zygotes
-                .iter()
-                .map(|z| PollFd::new(z.fd(), PollFlags::POLLIN)),
+                .channels()
+                .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
         );
         match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}

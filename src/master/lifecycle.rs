@@ -20,16 +20,17 @@ use crate::workers::{StopReason, Worker, WorkerState};
 
 impl Master {
     pub(super) fn on_exit(&mut self, pid: Pid, status: WaitStatus, now: Instant) {
-        if let Some(i) = self.zygotes.iter().position(|z| z.pid == pid) {
+        if let Some(z) = self.zygotes.get_mut(pid) {
             // What it sent before dying (a reply to a spawn the master gave
             // up on: that worker must be killed) is read before its channel
             // is closed with it.
-            if !self.zygotes[i].closed {
-                for m in self.zygotes[i].drain() {
-                    self.on_zygote_message(pid, m, now);
-                }
+            let last = if z.closed { Vec::new() } else { z.drain() };
+            for m in last {
+                self.on_zygote_message(pid, m, now);
             }
-            let z = self.zygotes.swap_remove(i);
+            let Some(z) = self.zygotes.remove(pid) else {
+                return;
+            };
             // A zygote has nothing to drain: whatever is left in its group
             // (an intermediate of a spawn) goes at once.
             if let Some(group) = ChildPid::new(pid.as_raw()) {
@@ -97,7 +98,7 @@ impl Master {
                 // counts toward the fatal boot-failure limit.
                 let killed_from_outside = matches!(status, WaitStatus::Signaled(..));
                 let failed = policy::is_failed_start(w.ready_for(now));
-                if failed && !self.ever_up && !killed_from_outside {
+                if failed && !self.boot.ever_up() && !killed_from_outside {
                     self.on_boot_failure(&w, &how, exit_code(&status), now);
                 } else {
                     let b = self.note_death(&w, now);
@@ -121,14 +122,7 @@ impl Master {
 
     /// Records a death in the slot's backoff; returns the new backoff.
     pub(super) fn note_death(&mut self, w: &Worker, now: Instant) -> Backoff {
-        let ready_for = w.ready_for(now);
-        if ready_for.is_some_and(|d| d >= policy::QUICK_DEATH) {
-            self.ever_up = true;
-        }
-        let prev = self.backoff.get(&w.slot).copied().unwrap_or_default();
-        let next = policy::after_death(prev, policy::is_failed_start(ready_for), now);
-        self.backoff.insert(w.slot, next);
-        next
+        self.boot.death(w.slot, w.ready_for(now), now)
     }
 
     /// A worker died before it was ready. Its traceback (a uvicorn worker
@@ -159,7 +153,7 @@ impl Master {
             ),
             _ => "retrying now".to_string(),
         };
-        if self.ever_up {
+        if self.boot.ever_up() {
             warn!(
                 event = "boot-failed",
                 worker = w.pid.as_raw(),
@@ -170,7 +164,7 @@ impl Master {
             );
             return;
         }
-        self.boot_failures += 1;
+        let failures = self.boot.count_failure();
         let class = &self.settings.class;
         let fatal = match code.and_then(|c| class.fatal_boot_exit(c)) {
             Some(FatalExit::AppImport) => Some(Error::AppImport(match &w.reported_error {
@@ -184,10 +178,9 @@ impl Master {
             Some(FatalExit::BootFailed) => Some(Error::BootFailed(format!(
                 "workers failed to boot: {detail}"
             ))),
-            _ if self.boot_failures >= policy::MAX_BOOT_FAILURES => {
+            _ if failures >= policy::MAX_BOOT_FAILURES => {
                 Some(Error::BootFailed(format!(
-                    "workers failed to boot {} times in a row and none ever stayed up; last: {detail}",
-                    self.boot_failures
+                    "workers failed to boot {failures} times in a row and none ever stayed up; last: {detail}"
                 )))
             }
             _ => None,
@@ -212,7 +205,7 @@ impl Master {
                     "Worker {} (slot {}) failed to boot: {how}{why} (attempt {} of {}); {retry}",
                     w.pid,
                     w.slot,
-                    self.boot_failures,
+                    failures,
                     policy::MAX_BOOT_FAILURES
                 );
             }
@@ -244,9 +237,7 @@ impl Master {
                         "cannot create a SO_REUSEPORT socket on {} for slot {slot}: {e}",
                         l.display
                     );
-                    let prev = self.backoff.get(&slot).copied().unwrap_or_default();
-                    self.backoff
-                        .insert(slot, policy::after_death(prev, true, now));
+                    self.boot.spawn_failed(slot, now);
                     return;
                 }
             }
@@ -282,9 +273,7 @@ impl Master {
                 // fork failed (EAGAIN, ENOMEM): treat like a failed boot of
                 // this slot so the retry backs off.
                 error!("cannot fork a worker for slot {slot}: {}", e.desc());
-                let prev = self.backoff.get(&slot).copied().unwrap_or_default();
-                self.backoff
-                    .insert(slot, policy::after_death(prev, true, now));
+                self.boot.spawn_failed(slot, now);
                 return;
             }
         };
@@ -356,8 +345,7 @@ impl Master {
     pub(super) fn stable(&mut self, pid: Pid, now: Instant) {
         if let Some(w) = self.table.get_mut(pid).filter(|w| w.is_starting()) {
             mark_ready(w, now);
-            self.ever_up = true;
-            self.boot_failures = 0;
+            self.boot.stayed_up();
         }
     }
 }

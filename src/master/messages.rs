@@ -25,7 +25,7 @@ impl Master {
     /// the worker itself or one of its descendants. Others are dropped.
     pub(super) fn dispatch_datagram(&mut self, d: Datagram, now: Instant) {
         let sender = Pid::from_raw(d.pid);
-        if let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == sender) {
+        if let Some(z) = self.zygotes.get_mut(sender) {
             for m in d.messages {
                 if let Message::Error(text) = m {
                     z.reported_error = Some(text);

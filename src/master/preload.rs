@@ -17,14 +17,14 @@ use super::{Master, MasterState};
 use crate::classes;
 use crate::error::Error;
 use crate::pid::ChildPid;
-use crate::policy::{self, Backoff, Due};
+use crate::policy::Due;
 use crate::workers::Worker;
 use crate::zygote::{self, FromZygote, Pending, Zygote, ZygoteState};
 
 impl Master {
     /// Whether workers are forked from a zygote.
     pub(super) fn preloading(&self) -> bool {
-        self.settings.cfg.uvicorn().is_some_and(|u| u.preload) && !self.cold_fallback
+        self.settings.cfg.uvicorn().is_some_and(|u| u.preload) && !self.zygotes.cold()
     }
 
     /// The zygotes' pending deadlines: each one starting must be ready by
@@ -34,23 +34,7 @@ impl Master {
         if !self.preloading() {
             return Vec::new();
         }
-        let timeout = self.settings.cfg.startup_timeout;
-        let mut out: Vec<(Instant, Due)> = self
-            .zygotes
-            .iter()
-            .filter(|z| z.state == ZygoteState::Starting)
-            .map(|z| (z.started_at + timeout, Due::ZygoteStartTimeout(z.pid)))
-            .collect();
-        out.extend(self.zygotes.iter().filter_map(|z| {
-            let p = z.pending.as_ref()?;
-            Some((p.deadline(), Due::ZygoteSpawnTimeout(z.pid)))
-        }));
-        out.extend(
-            self.zygote_backoff
-                .next_spawn_at
-                .map(|at| (at, Due::ZygoteBackoffOver)),
-        );
-        out
+        self.zygotes.deadlines(self.settings.cfg.startup_timeout)
     }
 
     /// A zygote did not become ready in time: killed and restarted with
@@ -58,8 +42,8 @@ impl Master {
     pub(super) fn zygote_start_timed_out(&mut self, pid: Pid, now: Instant) {
         let Some(z) = self
             .zygotes
-            .iter_mut()
-            .find(|z| z.pid == pid && z.state == ZygoteState::Starting)
+            .get_mut(pid)
+            .filter(|z| z.state == ZygoteState::Starting)
         else {
             return;
         };
@@ -91,12 +75,7 @@ impl Master {
                 stop_zygote(z);
             }
         }
-        let have = self
-            .zygotes
-            .iter()
-            .any(|z| z.generation == current && z.state != ZygoteState::Stopping);
-        let may = self.zygote_backoff.next_spawn_at.is_none_or(|t| t <= now);
-        if !have && may {
+        if !self.zygotes.has(current) && self.zygotes.may_start(now) {
             self.start_zygote(now);
         }
     }
@@ -145,7 +124,7 @@ impl Master {
                     s.pid, self.generation, opts.app
                 );
                 self.zygotes
-                    .push(Zygote::new(s.pid, self.generation, master_end, now));
+                    .add(Zygote::new(s.pid, self.generation, master_end, now));
             }
             Ok(s) => {
                 let (stage, errno) = s
@@ -164,7 +143,7 @@ impl Master {
 
     pub(super) fn on_zygote_message(&mut self, pid: Pid, message: FromZygote, now: Instant) {
         let uids = self.workers_uids();
-        let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == pid) else {
+        let Some(z) = self.zygotes.get_mut(pid) else {
             return;
         };
         match message {
@@ -252,11 +231,7 @@ impl Master {
     /// like any other); one request at a time per zygote.
     pub(super) fn spawn_from_zygote(&mut self, slot: usize, now: Instant) {
         let current = self.generation;
-        let Some(z) = self
-            .zygotes
-            .iter_mut()
-            .find(|z| z.generation == current && z.state == ZygoteState::Ready && !z.closed)
-        else {
+        let Some(z) = self.zygotes.ready(current) else {
             // The zygote is still importing: the slot is filled once it is
             // ready (its channel wakes the loop).
             return;
@@ -285,7 +260,7 @@ impl Master {
             w.signal_group(Signal::SIGKILL);
             return;
         }
-        self.zygote_backoff = Backoff::default();
+        self.zygotes.worked();
         info!(
             event = "booting",
             worker = w.as_raw(),
@@ -309,7 +284,7 @@ impl Master {
     /// restarted with backoff.
     fn zygote_spawn_failed(&mut self, zpid: Pid, slot: usize, why: &str, now: Instant) {
         error!("Zygote {zpid} could not fork a worker for slot {slot}: {why}; restarting it");
-        if let Some(z) = self.zygotes.iter_mut().find(|z| z.pid == zpid) {
+        if let Some(z) = self.zygotes.get_mut(zpid) {
             z.pending = None;
             if z.state != ZygoteState::Stopping {
                 signal_group(zpid, Signal::SIGKILL);
@@ -321,12 +296,7 @@ impl Master {
 
     /// A spawn request was not answered in time.
     pub(super) fn zygote_spawn_timed_out(&mut self, zpid: Pid, now: Instant) {
-        let Some(p) = self
-            .zygotes
-            .iter()
-            .find(|z| z.pid == zpid)
-            .and_then(|z| z.pending)
-        else {
+        let Some(p) = self.zygotes.get_mut(zpid).and_then(|z| z.pending) else {
             return;
         };
         let why = format!(
@@ -360,7 +330,7 @@ impl Master {
                         return;
                     }
                 }
-                if !self.ever_up {
+                if !self.boot.ever_up() {
                     let err = match exit_code(&status) {
                         Some(4) => Error::AppImport(detail),
                         _ => Error::BootFailed(format!("the zygote failed to start: {detail}")),
@@ -390,12 +360,9 @@ impl Master {
     /// Backs off zygote restarts; after 3 failures in a row, workers start
     /// cold (each imports the app itself) and this is logged.
     pub(super) fn zygote_failed(&mut self, now: Instant) {
-        self.zygote_backoff = policy::after_death(self.zygote_backoff, true, now);
-        if self.zygote_backoff.failures >= 3 && !self.cold_fallback {
-            self.cold_fallback = true;
+        if let Some(failures) = self.zygotes.failed(now) {
             warn!(
-                "The zygote failed {} times in a row; new workers start cold (without --preload)",
-                self.zygote_backoff.failures
+                "The zygote failed {failures} times in a row; new workers start cold (without --preload)"
             );
         }
     }

@@ -40,7 +40,7 @@ impl Master {
         for pid in pids {
             self.stop_worker(pid, StopReason::Shutdown, grace, now);
         }
-        for z in &mut self.zygotes {
+        for z in self.zygotes.iter_mut() {
             stop_zygote(z);
         }
         // Leftovers of workers that are already gone: the stop deadline

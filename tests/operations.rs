@@ -501,6 +501,8 @@ fn pre_start_commands_run_in_order_with_the_workers_environment() {
     h.wait_workers(1, BOOT);
     let text = std::fs::read_to_string(&out).expect("pre-start output");
     assert_eq!(text, format!("first prod {}\nsecond\n", workdir.display()));
+    // A worker can answer before the master has logged its spawn.
+    h.check(h.wait_log("Booting worker", BOOT), "boot logged");
     let log = h.log_text();
     let pre = log
         .find("Running pre-start command: echo second")

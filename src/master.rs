@@ -398,8 +398,7 @@ impl Master {
         out.extend(
             self.table
                 .iter()
-                .filter(|w| w.is_active())
-                .filter_map(|w| Some((w.retire_at?, Due::Retire(w.pid)))),
+                .filter_map(|w| Some((w.active()?.retire_at?, Due::Retire(w.pid)))),
         );
         out.extend(self.next_memory_sample.map(|at| (at, Due::SampleMemory)));
         out.extend(self.boot.deadlines());

@@ -130,7 +130,9 @@ pub fn backoff_deadlines(backoff: &BTreeMap<usize, Backoff>) -> Vec<(Instant, Du
 /// a failed reload, workers of the newer one are outdated too, replaced by
 /// the previous generation like a reload in reverse.
 pub fn is_fresh(w: &Worker, goal: &Goal) -> bool {
-    w.is_active() && w.generation == goal.required_generation && w.recycle.is_none() && !w.draining
+    w.generation == goal.required_generation
+        && w.active()
+            .is_some_and(|a| a.recycle.is_none() && !a.draining)
 }
 
 /// Compares the set of workers with the goal. A backed-off slot is not
@@ -211,7 +213,7 @@ pub fn was_suspended(expected: Option<Instant>, woke: Instant) -> Option<Duratio
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workers::Stop;
+    use crate::workers::{Active, Stop};
 
     fn t0() -> Instant {
         Instant::now()
@@ -229,8 +231,7 @@ mod tests {
         match state {
             Starting => {}
             Ready => {
-                w.state = WorkerState::Ready;
-                w.ready_at = Some(started);
+                w.become_ready(started);
             }
             Stopping => {
                 w.state = WorkerState::Stopping(Stop {
@@ -330,9 +331,9 @@ mod tests {
             want: Vec<Decision>,
         }
         let mut recycled = worker(11, 0, 1, Ready, 5000, now);
-        recycled.recycle = Some("max-requests".into());
+        recycled.active_mut().expect("active").recycle = Some("max-requests".into());
         let mut draining_alone = worker(11, 0, 1, Ready, 5000, now);
-        draining_alone.draining = true;
+        draining_alone.active_mut().expect("active").draining = true;
         let stopping = worker(12, 1, 1, Stopping, 9000, now);
         let cases = vec![
             Case {
@@ -500,6 +501,7 @@ mod tests {
         late_start.state = WorkerState::Starting {
             deadline: now - Duration::from_millis(1),
             stable_at: None,
+            active: Active::default(),
         };
         let mut silent = worker(2, 1, 1, Ready, 60_000, now);
         silent.last_heartbeat = Some(now - Duration::from_secs(11));
@@ -545,6 +547,7 @@ mod tests {
         w.state = WorkerState::Starting {
             deadline,
             stable_at: Some(now + Duration::from_millis(900)),
+            active: Active::default(),
         };
         let t = table(vec![w.clone()]);
         let due = |t: &Table, now| split_due(&worker_deadlines(t, None), now);
@@ -560,6 +563,7 @@ mod tests {
         w.state = WorkerState::Starting {
             deadline,
             stable_at: Some(deadline + Duration::from_secs(1)),
+            active: Active::default(),
         };
         let (got, _) = due(&table(vec![w]), now + Duration::from_secs(120));
         assert_eq!(got, vec![Due::StartupTimeout(Pid::from_raw(1))]);

@@ -63,9 +63,10 @@ impl Due {
 }
 
 /// Where a worker is in its life, with what only that stage has: a
-/// startup deadline exists only while starting, a stop only while
+/// startup deadline exists only while starting, plans to leave (recycling,
+/// draining, a lifetime) only until it is asked to stop, a stop only while
 /// stopping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WorkerState {
     /// Forked; not ready yet.
     Starting {
@@ -75,11 +76,27 @@ pub enum WorkerState {
         /// `--ready exec`: when it becomes ready if it is still alive then
         /// (exec succeeded at spawn; `--ready-after` later).
         stable_at: Option<Instant>,
+        active: Active,
     },
     /// Serving (since [`Worker::ready_at`]).
-    Ready,
+    Ready(Active),
     /// Asked to stop (or killed); waiting to be reaped.
     Stopping(Stop),
+}
+
+/// What only a worker that has not been asked to stop has: how it may
+/// leave.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Active {
+    /// Marked for replacement (recycling), with the reason.
+    pub recycle: Option<String>,
+    /// It said STOPPING=1: it is leaving on its own, so it no longer
+    /// counts as capacity and a replacement is started.
+    pub draining: bool,
+    /// When it is due for recycling by age (--max-worker-lifetime + jitter).
+    pub retire_at: Option<Instant>,
+    /// Consecutive memory samples above --max-worker-memory.
+    pub samples_over_memory: u32,
 }
 
 /// Why the master stopped a worker.
@@ -135,19 +152,10 @@ pub struct Worker {
     pub ready_at: Option<Instant>,
     /// Its last WATCHDOG=1, if it ever sent one.
     pub last_heartbeat: Option<Instant>,
-    /// Marked for replacement (recycling), with the reason.
-    pub recycle: Option<String>,
-    /// It said STOPPING=1: it is leaving on its own, so it no longer
-    /// counts as capacity and a replacement is started.
-    pub draining: bool,
     /// The last error it reported (X_PROCMAN_ERROR=), for the exit message.
     pub reported_error: Option<String>,
     /// Its traceback (X_PROCMAN_TRACEBACK=), logged if its death decides.
     pub reported_traceback: Option<String>,
-    /// When it is due for recycling by age (--max-worker-lifetime + jitter).
-    pub retire_at: Option<Instant>,
-    /// Consecutive memory samples above --max-worker-memory.
-    pub samples_over_memory: u32,
 }
 
 impl Worker {
@@ -160,17 +168,41 @@ impl Worker {
             state: WorkerState::Starting {
                 deadline: now + startup,
                 stable_at: None,
+                active: Active::default(),
             },
             started_at: now,
             ready_at: None,
             last_heartbeat: None,
-            recycle: None,
-            draining: false,
             reported_error: None,
             reported_traceback: None,
-            retire_at: None,
-            samples_over_memory: 0,
         }
+    }
+
+    /// How it may leave, unless it was asked to stop.
+    pub fn active(&self) -> Option<&Active> {
+        match &self.state {
+            WorkerState::Starting { active, .. } | WorkerState::Ready(active) => Some(active),
+            WorkerState::Stopping(_) => None,
+        }
+    }
+
+    /// The same, mutably.
+    pub fn active_mut(&mut self) -> Option<&mut Active> {
+        match &mut self.state {
+            WorkerState::Starting { active, .. } | WorkerState::Ready(active) => Some(active),
+            WorkerState::Stopping(_) => None,
+        }
+    }
+
+    /// Starting → ready (keeping how it may leave); false if it was not
+    /// starting.
+    pub fn become_ready(&mut self, now: Instant) -> bool {
+        let WorkerState::Starting { active, .. } = &mut self.state else {
+            return false;
+        };
+        self.state = WorkerState::Ready(std::mem::take(active));
+        self.ready_at = Some(now);
+        true
     }
 
     /// Not stopping: it counts toward capacity (ready) or soon will.
@@ -185,7 +217,7 @@ impl Worker {
 
     /// Serving.
     pub fn is_ready(&self) -> bool {
-        self.state == WorkerState::Ready
+        matches!(self.state, WorkerState::Ready(_))
     }
 
     /// Asked to stop.
@@ -211,11 +243,12 @@ impl Worker {
             WorkerState::Starting {
                 deadline,
                 stable_at,
+                ..
             } => Some(match stable_at {
                 Some(t) if t <= deadline => (t, Due::Stable(self.pid)),
                 _ => (deadline, Due::StartupTimeout(self.pid)),
             }),
-            WorkerState::Ready => {
+            WorkerState::Ready(_) => {
                 let beat = self.last_heartbeat?;
                 Some((beat + timeout?, Due::HeartbeatTimeout(self.pid)))
             }
@@ -320,5 +353,42 @@ impl Table {
     /// Ready workers (serving).
     pub fn ready_count(&self) -> usize {
         self.rows.iter().filter(|w| w.is_ready()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_stage_has_only_its_own_data() {
+        let t0 = Instant::now();
+        let pid = Pid::from_raw(7);
+        let mut w = Worker::new(pid, 0, 1, t0, Duration::from_secs(5));
+        let limit = Some(Duration::from_secs(10));
+        assert_eq!(
+            w.deadline(limit),
+            Some((t0 + Duration::from_secs(5), Due::StartupTimeout(pid)))
+        );
+        w.active_mut().expect("active").retire_at = Some(t0);
+        // Ready: no startup deadline any more; what it plans stays.
+        assert!(w.become_ready(t0));
+        assert!(!w.become_ready(t0), "only once");
+        assert_eq!(w.deadline(limit), None, "no heartbeat yet: no deadline");
+        w.last_heartbeat = Some(t0);
+        assert_eq!(
+            w.deadline(limit),
+            Some((t0 + Duration::from_secs(10), Due::HeartbeatTimeout(pid)))
+        );
+        assert_eq!(w.active().and_then(|a| a.retire_at), Some(t0));
+        // Stopping: only the stop; its plans to leave are gone with it.
+        w.state = WorkerState::Stopping(Stop {
+            reason: StopReason::Shutdown,
+            kill_at: Some(t0),
+            killed: None,
+        });
+        assert!(w.active().is_none());
+        assert_eq!(w.deadline(limit), Some((t0, Due::Kill(pid))));
+        assert_eq!(w.ready_at, Some(t0), "how long it served is kept");
     }
 }

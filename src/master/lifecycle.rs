@@ -290,7 +290,9 @@ impl Master {
                 .cfg
                 .max_worker_lifetime_jitter
                 .mul_f64(self.random.unit());
-            w.retire_at = Some(now + life + jitter);
+            if let Some(a) = w.active_mut() {
+                a.retire_at = Some(now + life + jitter);
+            }
         }
         match spawned.exec_error {
             Some((stage, errno)) => {
@@ -367,8 +369,9 @@ pub(super) fn log_traceback(w: &Worker) {
 }
 
 pub(super) fn mark_ready(w: &mut Worker, now: Instant) {
-    w.state = WorkerState::Ready;
-    w.ready_at = Some(now);
+    if !w.become_ready(now) {
+        return;
+    }
     let boot = now.saturating_duration_since(w.started_at);
     info!(
         event = "ready",

@@ -121,13 +121,15 @@ impl Master {
                 _ => {}
             },
             Message::Stopping => {
-                w.draining = true;
-                debug!("Worker {pid} (slot {}) is draining", w.slot);
+                // Asked to stop already: it was never counted.
+                if let Some(a) = w.active_mut() {
+                    a.draining = true;
+                    debug!("Worker {pid} (slot {}) is draining", w.slot);
+                }
             }
             Message::Reloading => debug!("Worker {pid} sent RELOADING=1 (ignored)"),
             Message::Recycle(why) => {
-                if w.is_active()
-                    && w.recycle.is_none()
+                if w.active().is_some_and(|a| a.recycle.is_none())
                     && !self.recycle_queue.iter().any(|(p, _)| *p == pid)
                 {
                     info!(

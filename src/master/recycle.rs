@@ -11,6 +11,7 @@ use tracing::{debug, info, warn};
 use super::Master;
 use crate::policy;
 use crate::procfs;
+use crate::workers::WorkerState;
 
 impl Master {
     /// At most one recycle at a time: mark the next worker only when no
@@ -19,22 +20,22 @@ impl Master {
         let busy = self
             .table
             .iter()
-            .any(|w| w.is_active() && w.recycle.is_some());
+            .any(|w| w.active().is_some_and(|a| a.recycle.is_some()));
         if busy {
             return;
         }
         while let Some((pid, why)) = self.recycle_queue.pop_front() {
-            if let Some(w) = self.table.get_mut(pid) {
-                if w.is_active() {
-                    info!(
-                        worker = pid.as_raw(),
-                        slot = w.slot,
-                        "Recycling worker {pid} (slot {}): {why}",
-                        w.slot
-                    );
-                    w.recycle = Some(why);
-                    return;
-                }
+            let Some(w) = self.table.get_mut(pid) else {
+                continue;
+            };
+            let slot = w.slot;
+            if let Some(a) = w.active_mut() {
+                info!(
+                    worker = pid.as_raw(),
+                    slot, "Recycling worker {pid} (slot {slot}): {why}"
+                );
+                a.recycle = Some(why);
+                return;
             }
         }
     }
@@ -45,10 +46,10 @@ impl Master {
         let Some(w) = self.table.get_mut(pid) else {
             return;
         };
-        if w.is_active() && w.retire_at.take().is_some() {
-            let age = now.saturating_duration_since(w.started_at).as_secs_f64();
+        let age = now.saturating_duration_since(w.started_at).as_secs_f64();
+        if w.active_mut().is_some_and(|a| a.retire_at.take().is_some()) {
             self.recycle_queue
-                .push_back((w.pid, format!("lifetime reached ({age:.0}s old)")));
+                .push_back((pid, format!("lifetime reached ({age:.0}s old)")));
         }
     }
 
@@ -63,31 +64,32 @@ impl Master {
         };
         self.next_memory_sample = Some(now + self.settings.cfg.memory_check_interval);
         let rss = procfs::rss_by_group();
-        for w in self.table.iter_mut().filter(|w| w.is_ready()) {
-            let used = rss.get(&w.pid.as_raw()).copied().unwrap_or(0);
+        for w in self.table.iter_mut() {
+            let (pid, slot) = (w.pid, w.slot);
+            let WorkerState::Ready(a) = &mut w.state else {
+                continue;
+            };
+            let used = rss.get(&pid.as_raw()).copied().unwrap_or(0);
             if used <= limit {
-                w.samples_over_memory = 0;
+                a.samples_over_memory = 0;
                 continue;
             }
-            w.samples_over_memory += 1;
+            a.samples_over_memory += 1;
             debug!(
-                "Worker {} uses {} (sample {} above the limit)",
-                w.pid,
+                "Worker {pid} uses {} (sample {} above the limit)",
                 mib(used),
-                w.samples_over_memory
+                a.samples_over_memory
             );
-            if w.samples_over_memory == policy::MEMORY_SAMPLES {
+            if a.samples_over_memory == policy::MEMORY_SAMPLES {
                 warn!(
-                    "Worker {} (slot {}) uses {}, above --max-worker-memory {} for {} samples; recycling",
-                    w.pid,
-                    w.slot,
+                    "Worker {pid} (slot {slot}) uses {}, above --max-worker-memory {} for {} samples; recycling",
                     mib(used),
                     mib(limit),
                     policy::MEMORY_SAMPLES
                 );
-                if w.recycle.is_none() {
+                if a.recycle.is_none() {
                     self.recycle_queue
-                        .push_back((w.pid, format!("memory {} above {}", mib(used), mib(limit))));
+                        .push_back((pid, format!("memory {} above {}", mib(used), mib(limit))));
                 }
             }
         }

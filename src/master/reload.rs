@@ -302,7 +302,7 @@ impl Master {
         if rolling_out == Some(w.generation) {
             let reason = w.stop().map(|s| s.reason);
             let how = match reason {
-                None if w.draining => return false,
+                None if w.active().is_some_and(|a| a.draining) => return false,
                 None => how,
                 Some(StopReason::StartupTimeout) => {
                     format!("not ready within {:?}", self.settings.cfg.startup_timeout)

@@ -18,16 +18,15 @@
 //!
 //! The parts, each in its own file under `master/`. Owned values with their
 //! own tests: `boot` (slot backoff, ever up, failed boots), `zygotes` (the
-//! zygotes, their restart backoff, cold fallback), `launch` (the settings
-//! workers start from, and their environment and fork plan), `systemd`
-//! (procman's own supervisor), `exits` (exit statuses as sentences). What
-//! the master does with them: `lifecycle` (spawn, ready, exit), `stop`
-//! (procman's stop and a worker's), `messages` (sd_notify from workers),
-//! `groups` (process groups outliving their leader), `preload` (zygote
-//! messages and exits, spawn requests), `recycle`, `reload` (a reload as a
-//! value).
+//! zygotes, their restart backoff, cold fallback), `recycle` (the queue,
+//! memory sampling, lifetime jitter), `launch` (the settings workers start
+//! from, and their environment and fork plan), `systemd` (procman's own
+//! supervisor), `exits` (exit statuses as sentences). What the master does
+//! with them: `lifecycle` (spawn, ready, exit), `stop` (procman's stop and
+//! a worker's), `messages` (sd_notify from workers), `groups` (process
+//! groups outliving their leader), `preload` (zygote messages and exits,
+//! spawn requests), `reload` (a reload as a value).
 
-use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -67,7 +66,7 @@ pub use launch::worker_base_env;
 use boot::Boot;
 use exits::signal_group;
 use launch::Settings;
-use recycle::Random;
+use recycle::Recycling;
 use reload::{release, Reload};
 use systemd::SystemdLink;
 use zygotes::Zygotes;
@@ -138,10 +137,8 @@ pub struct Master {
     /// The highest generation ever started (a failed reload's number is
     /// not reused).
     latest_generation: u64,
-    recycle_queue: VecDeque<(Pid, String)>,
+    recycling: Recycling,
     expected_wake: Option<Instant>,
-    next_memory_sample: Option<Instant>,
-    random: Random,
     /// The original command line, re-read (with the environment and the
     /// config file) on HUP.
     args: Vec<OsString>,
@@ -178,10 +175,8 @@ impl Master {
             required_generation: 1,
             reload: None,
             latest_generation: 1,
-            recycle_queue: VecDeque::new(),
+            recycling: Recycling::new(),
             expected_wake: None,
-            next_memory_sample: None,
-            random: Random::seeded(),
             args,
             zygotes: Zygotes::default(),
             lingering: Vec::new(),
@@ -323,9 +318,9 @@ impl Master {
 
     /// Handles passed deadlines, then brings the workers in line with the goal.
     fn act(&mut self, now: Instant) {
-        if self.settings.cfg.max_worker_memory.is_some() && self.next_memory_sample.is_none() {
-            self.next_memory_sample = Some(now + self.settings.cfg.memory_check_interval);
-        }
+        let memory = self.settings.cfg.max_worker_memory;
+        let interval = memory.map(|_| self.settings.cfg.memory_check_interval);
+        self.recycling.sample_every(interval, now);
         let (passed, _) = policy::split_due(&self.deadlines(), now);
         for due in passed {
             self.handle(Event::Due(due), now);
@@ -395,12 +390,7 @@ impl Master {
                 }),
             );
         }
-        out.extend(
-            self.table
-                .iter()
-                .filter_map(|w| Some((w.active()?.retire_at?, Due::Retire(w.pid)))),
-        );
-        out.extend(self.next_memory_sample.map(|at| (at, Due::SampleMemory)));
+        out.extend(self.recycle_deadlines());
         out.extend(self.boot.deadlines());
         out.extend(self.zygote_deadlines());
         out

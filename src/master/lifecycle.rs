@@ -285,13 +285,10 @@ impl Master {
             self.settings.cfg.startup_timeout,
         );
         if let Some(life) = self.settings.cfg.max_worker_lifetime {
-            let jitter = self
-                .settings
-                .cfg
-                .max_worker_lifetime_jitter
-                .mul_f64(self.random.unit());
+            let jitter = self.settings.cfg.max_worker_lifetime_jitter;
+            let lifetime = self.recycling.lifetime(life, jitter);
             if let Some(a) = w.active_mut() {
-                a.retire_at = Some(now + life + jitter);
+                a.retire_at = Some(now + lifetime);
             }
         }
         match spawned.exec_error {

@@ -129,8 +129,7 @@ impl Master {
             }
             Message::Reloading => debug!("Worker {pid} sent RELOADING=1 (ignored)"),
             Message::Recycle(why) => {
-                if w.active().is_some_and(|a| a.recycle.is_none())
-                    && !self.recycle_queue.iter().any(|(p, _)| *p == pid)
+                if w.active().is_some_and(|a| a.recycle.is_none()) && !self.recycling.is_queued(pid)
                 {
                     info!(
                         worker = pid.as_raw(),
@@ -138,7 +137,7 @@ impl Master {
                         "Worker {pid} (slot {}) asks to be recycled: {why}",
                         w.slot
                     );
-                    self.recycle_queue.push_back((pid, why));
+                    self.recycling.ask(pid, why);
                 }
             }
             Message::Error(text) => w.reported_error = Some(text),

@@ -1,19 +1,89 @@
-//! Recycling in the master: which workers are due (lifetime, memory, or
-//! their own request over the notify socket), queued and replaced one at a
-//! time so capacity never drops.
+//! Recycling: which workers are due (lifetime, memory, or their own
+//! request over the notify socket), queued and replaced one at a time so
+//! capacity never drops. [`Recycling`] owns the queue, the memory sampling
+//! schedule and the lifetime jitter; the master marks the workers.
 
-use std::time::Instant;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 
 use tracing::{debug, info, warn};
 
 use super::Master;
-use crate::policy;
+use crate::policy::{self, Due};
 use crate::procfs;
 use crate::workers::WorkerState;
 
+/// The recycling queue and schedule.
+pub(super) struct Recycling {
+    /// Workers to recycle, in order, with the reason.
+    queue: VecDeque<(Pid, String)>,
+    /// The next --max-worker-memory sample.
+    next_sample: Option<Instant>,
+    random: Random,
+}
+
+impl Recycling {
+    pub(super) fn new() -> Recycling {
+        Recycling {
+            queue: VecDeque::new(),
+            next_sample: None,
+            random: Random::seeded(),
+        }
+    }
+
+    /// Queues `pid` (unless it is queued already); returns whether it was.
+    pub(super) fn ask(&mut self, pid: Pid, why: String) -> bool {
+        if self.queue.iter().any(|(p, _)| *p == pid) {
+            return false;
+        }
+        self.queue.push_back((pid, why));
+        true
+    }
+
+    /// Whether `pid` waits in the queue.
+    pub(super) fn is_queued(&self, pid: Pid) -> bool {
+        self.queue.iter().any(|(p, _)| *p == pid)
+    }
+
+    fn next(&mut self) -> Option<(Pid, String)> {
+        self.queue.pop_front()
+    }
+
+    /// A worker's lifetime: `life` plus up to `jitter`, so that workers
+    /// started together are not all recycled together.
+    pub(super) fn lifetime(&mut self, life: Duration, jitter: Duration) -> Duration {
+        life + jitter.mul_f64(self.random.unit())
+    }
+
+    /// Samples memory every `interval` from `now` on, or no longer
+    /// (`None`); an already scheduled sample stays.
+    pub(super) fn sample_every(&mut self, interval: Option<Duration>, now: Instant) {
+        match interval {
+            None => self.next_sample = None,
+            Some(i) if self.next_sample.is_none() => self.next_sample = Some(now + i),
+            Some(_) => {}
+        }
+    }
+
+    /// The next memory sample.
+    pub(super) fn deadline(&self) -> Option<(Instant, Due)> {
+        self.next_sample.map(|at| (at, Due::SampleMemory))
+    }
+}
+
 impl Master {
+    /// Recycling's deadlines: each worker's lifetime, the next memory
+    /// sample.
+    pub(super) fn recycle_deadlines(&self) -> Vec<(Instant, Due)> {
+        let lifetimes = self
+            .table
+            .iter()
+            .filter_map(|w| Some((w.active()?.retire_at?, Due::Retire(w.pid))));
+        lifetimes.chain(self.recycling.deadline()).collect()
+    }
+
     /// At most one recycle at a time: mark the next worker only when no
     /// marked worker is still serving.
     pub(super) fn start_next_recycle(&mut self) {
@@ -24,7 +94,7 @@ impl Master {
         if busy {
             return;
         }
-        while let Some((pid, why)) = self.recycle_queue.pop_front() {
+        while let Some((pid, why)) = self.recycling.next() {
             let Some(w) = self.table.get_mut(pid) else {
                 continue;
             };
@@ -48,8 +118,8 @@ impl Master {
         };
         let age = now.saturating_duration_since(w.started_at).as_secs_f64();
         if w.active_mut().is_some_and(|a| a.retire_at.take().is_some()) {
-            self.recycle_queue
-                .push_back((pid, format!("lifetime reached ({age:.0}s old)")));
+            self.recycling
+                .ask(pid, format!("lifetime reached ({age:.0}s old)"));
         }
     }
 
@@ -57,12 +127,12 @@ impl Master {
     /// above --max-worker-memory for 3 samples in a row is recycled; a
     /// short spike is forgiven.
     pub(super) fn sample_memory(&mut self, now: Instant) {
+        self.recycling.next_sample = None;
         let Some(limit) = self.settings.cfg.max_worker_memory else {
-            // A reload turned it off.
-            self.next_memory_sample = None;
-            return;
+            return; // a reload turned it off
         };
-        self.next_memory_sample = Some(now + self.settings.cfg.memory_check_interval);
+        let interval = self.settings.cfg.memory_check_interval;
+        self.recycling.sample_every(Some(interval), now);
         let rss = procfs::rss_by_group();
         for w in self.table.iter_mut() {
             let (pid, slot) = (w.pid, w.slot);
@@ -88,8 +158,8 @@ impl Master {
                     policy::MEMORY_SAMPLES
                 );
                 if a.recycle.is_none() {
-                    self.recycle_queue
-                        .push_back((pid, format!("memory {} above {}", mib(used), mib(limit))));
+                    self.recycling
+                        .ask(pid, format!("memory {} above {}", mib(used), mib(limit)));
                 }
             }
         }
@@ -102,10 +172,10 @@ fn mib(bytes: u64) -> String {
 
 /// A small xorshift generator for recycling jitter: no need for a crate,
 /// nor for cryptographic quality, only for workers not to agree.
-pub(super) struct Random(u64);
+struct Random(u64);
 
 impl Random {
-    pub(super) fn seeded() -> Random {
+    fn seeded() -> Random {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -114,10 +184,44 @@ impl Random {
     }
 
     /// Uniform in [0, 1).
-    pub(super) fn unit(&mut self) -> f64 {
+    fn unit(&mut self) -> f64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_is_queued_once_and_memory_is_sampled_on_schedule() {
+        let now = Instant::now();
+        let mut r = Recycling::new();
+        let pid = Pid::from_raw(9);
+        assert!(r.ask(pid, "lifetime".into()));
+        assert!(!r.ask(pid, "memory".into()), "already queued");
+        assert!(r.is_queued(pid));
+        assert_eq!(r.next(), Some((pid, "lifetime".to_string())));
+        assert!(!r.is_queued(pid));
+        assert_eq!(r.deadline(), None);
+        let every = Duration::from_secs(5);
+        r.sample_every(Some(every), now);
+        r.sample_every(Some(every), now + every / 2);
+        assert_eq!(r.deadline(), Some((now + every, Due::SampleMemory)), "kept");
+        r.sample_every(None, now);
+        assert_eq!(r.deadline(), None, "turned off");
+    }
+
+    #[test]
+    fn lifetimes_are_jittered_within_their_bound() {
+        let mut r = Recycling::new();
+        let (life, jitter) = (Duration::from_secs(60), Duration::from_secs(10));
+        let got: Vec<Duration> = (0..50).map(|_| r.lifetime(life, jitter)).collect();
+        assert!(got.iter().all(|d| *d >= life && *d < life + jitter));
+        assert!(got.windows(2).any(|w| w[0] != w[1]), "not all the same");
+        assert_eq!(r.lifetime(life, Duration::ZERO), life);
     }
 }

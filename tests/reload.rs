@@ -65,18 +65,6 @@ fn workers(h: &Harness) -> BTreeSet<i32> {
     h.children().into_iter().filter(|p| alive(*p)).collect()
 }
 
-/// The pid of the worker booted in `slot` for `generation`, from the log.
-fn booted(h: &Harness, slot: usize, generation: u64) -> Option<i32> {
-    let needle = format!("Booting worker {slot} with pid ");
-    let tail = format!("(generation {generation})");
-    h.log_text().lines().find_map(|l| {
-        let rest = l.split(&needle).nth(1)?;
-        rest.contains(&tail)
-            .then(|| rest.split_whitespace().next()?.parse().ok())
-            .flatten()
-    })
-}
-
 /// A fake systemd: collects what procman sends to NOTIFY_SOCKET.
 struct FakeSystemd {
     sock: UnixDatagram,
@@ -296,8 +284,13 @@ fn slot0_works_others_fail_on(go: &Path) -> Vec<String> {
 fn a_failed_reload_stops_the_new_workers_that_were_ready() {
     let (start, file) = start_on("reload-mixed", &notify_worker(), "workers = 2");
     let go = start.dir().join("go");
-    let mut h = start.args(["--ready", "notify"]).spawn();
-    h.check(h.wait_log("All 2 workers ready", BOOT), "booted");
+    let mut h = start
+        .args(["--ready", "notify", "--log-format", "json"])
+        .spawn();
+    h.check(
+        h.wait_event("all-ready", BOOT, |_| true).is_some(),
+        "booted",
+    );
     h.wait_workers(2, BOOT);
     write_config(
         &file,
@@ -306,16 +299,13 @@ fn a_failed_reload_stops_the_new_workers_that_were_ready() {
         "workers = 2",
     );
     h.signal(Signal::SIGHUP);
-    let new0 = wait_for(BOOT, || booted(&h, 0, 2));
-    h.check(new0.is_some(), "slot 0 of generation 2 booted");
-    let new0 = new0.expect("checked");
-    h.check(
-        h.wait_log(&format!("Worker {new0} (slot 0) ready"), BOOT),
-        "slot 0 of generation 2 became ready",
-    );
+    let new0 = h.wait_event("ready", BOOT, |e| e["slot"] == 0 && e["generation"] == 2);
+    h.check(new0.is_some(), "slot 0 of generation 2 became ready");
+    let new0 = new0.and_then(|e| e["worker"].as_i64()).expect("checked") as i32;
     std::fs::write(&go, "").expect("go");
     h.check(
-        h.wait_log("Reload to generation 2 failed", BOOT),
+        h.wait_event("reload-failed", BOOT, |e| e["generation"] == 2)
+            .is_some(),
         "reload reported failed",
     );
     // No mixed generations: the ready new worker is replaced by one of the
@@ -341,8 +331,13 @@ fn a_failed_reload_stops_the_new_workers_that_were_ready() {
 #[test]
 fn a_new_worker_that_dies_before_the_reload_completes_fails_it() {
     let (start, file) = start_on("reload-dies", &notify_worker(), "workers = 2");
-    let mut h = start.args(["--ready", "notify"]).spawn();
-    h.check(h.wait_log("All 2 workers ready", BOOT), "booted");
+    let mut h = start
+        .args(["--ready", "notify", "--log-format", "json"])
+        .spawn();
+    h.check(
+        h.wait_event("all-ready", BOOT, |_| true).is_some(),
+        "booted",
+    );
     h.wait_workers(2, BOOT);
     // Slot 0 of the new generation gets ready; slot 1 never does, so the
     // reload cannot complete before the test kills slot 0.
@@ -356,16 +351,13 @@ fn a_new_worker_that_dies_before_the_reload_completes_fails_it() {
     ];
     write_config(&file, "new", &command, "workers = 2");
     h.signal(Signal::SIGHUP);
-    let new0 = wait_for(BOOT, || booted(&h, 0, 2));
-    h.check(new0.is_some(), "slot 0 of generation 2 booted");
-    let new0 = new0.expect("checked");
-    h.check(
-        h.wait_log(&format!("Worker {new0} (slot 0) ready"), BOOT),
-        "slot 0 of generation 2 became ready",
-    );
+    let new0 = h.wait_event("ready", BOOT, |e| e["slot"] == 0 && e["generation"] == 2);
+    h.check(new0.is_some(), "slot 0 of generation 2 became ready");
+    let new0 = new0.and_then(|e| e["worker"].as_i64()).expect("checked") as i32;
     kill(Pid::from_raw(new0), Signal::SIGKILL).expect("kill -9");
     h.check(
-        h.wait_log("Reload to generation 2 failed", BOOT),
+        h.wait_event("reload-failed", BOOT, |e| e["generation"] == 2)
+            .is_some(),
         "the death of a new worker failed the reload",
     );
     h.check(

@@ -296,7 +296,9 @@ pub static OPTIONS: &[OptionDef] = &[
     OptionDef {
         name: "python",
         value_name: "PATH",
-        default_help: Some("$VIRTUAL_ENV/bin/python, else python3"),
+        default_help: Some(
+            "$VIRTUAL_ENV/bin/python, else the python3 or python beside procman (a pip-installed procman uses its own environment), else python3",
+        ),
         applies_to: Class::Uvicorn,
         heading: "Workers",
         help: "Python interpreter for uvicorn workers.",

@@ -195,6 +195,10 @@ pub struct Environment {
     pub virtual_env: Option<OsString>,
     /// `$PATH` (directories: any bytes).
     pub path: Option<OsString>,
+    /// The directory of procman's own executable: a procman installed
+    /// into a virtualenv (or beside any interpreter) by pip finds that
+    /// environment's `python` there.
+    pub own_dir: Option<PathBuf>,
     /// procman's effective uid.
     pub euid: u32,
 }
@@ -212,6 +216,15 @@ impl Environment {
             port: text("PORT"),
             virtual_env: var("VIRTUAL_ENV"),
             path: var("PATH"),
+            // current_exe() reads /proc/self/exe: the real file, wherever a
+            // symlink to procman was invoked from (a link in ~/bin to
+            // venv/bin/procman still finds venv/bin). Only procman's own
+            // path is resolved, never the interpreter's (see default_python).
+            // After an upgrade replaced the file the kernel appends
+            // " (deleted)" to the name, which leaves its directory intact.
+            own_dir: std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf)),
             euid: nix::unistd::geteuid().as_raw(),
         }
     }
@@ -554,21 +567,11 @@ fn uvicorn_options(
         Some(p) => {
             find_program(p, env.path.as_deref(), None).map_err(|why| invalid("python", p, why))?
         }
-        None => {
-            let from_venv = env
-                .virtual_env
-                .as_ref()
-                .map(|v| Path::new(v).join("bin/python"))
-                .filter(|p| is_executable(p));
-            match from_venv {
-                Some(p) => p,
-                None => find_program("python3", env.path.as_deref(), None).map_err(|why| {
-                    Error::usage(format!(
-                        "cannot find a Python interpreter for APP '{app}': python3 {why} (use --python PATH or activate a virtualenv)"
-                    ))
-                })?,
-            }
-        }
+        None => default_python(env).map_err(|why| {
+            Error::usage(format!(
+                "cannot find a Python interpreter for APP '{app}': python3 {why} (use --python PATH or activate a virtualenv)"
+            ))
+        })?,
     };
     // Workers exec the interpreter after changing to --chdir: a path given
     // relative to where procman started must not change meaning there.
@@ -713,6 +716,36 @@ pub fn find_program(
         .map(|d| Path::new(OsStr::from_bytes(d)).join(name))
         .find(|p| is_executable(p))
         .ok_or_else(|| "not found on PATH".to_string())
+}
+
+/// The interpreter for uvicorn workers when `--python` is not given, in
+/// this order: `$VIRTUAL_ENV/bin/python` (an activated virtualenv), the
+/// `python3` or `python` beside procman's own executable (the environment
+/// pip installed procman into: a virtualenv's bin/, or /usr/local/bin of a
+/// Python image), else `python3` from `PATH`.
+///
+/// The path beside procman is used as it is, not resolved: a virtualenv's
+/// `bin/python` is a symlink to the base interpreter, and only when run
+/// through the link does Python find the virtualenv's `pyvenv.cfg` and its
+/// packages. `python3` is tried first because a `python` in a system bin/
+/// may still be Python 2.
+fn default_python(env: &Environment) -> std::result::Result<PathBuf, String> {
+    let from_venv = env
+        .virtual_env
+        .as_ref()
+        .map(|v| Path::new(v).join("bin/python"));
+    let beside_procman = env
+        .own_dir
+        .iter()
+        .flat_map(|d| [d.join("python3"), d.join("python")]);
+    match from_venv
+        .into_iter()
+        .chain(beside_procman)
+        .find(|p| is_executable(p))
+    {
+        Some(p) => Ok(p),
+        None => find_program("python3", env.path.as_deref(), None),
+    }
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -1141,6 +1174,67 @@ mod tests {
         let u = c.uvicorn().expect("uvicorn class");
         assert_eq!(u.app, "app:main");
         assert!(c.workers_notify_ready());
+    }
+
+    /// A scratch directory, removed when dropped (also when a test fails).
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// `dir/name` as an executable file.
+    fn executable(dir: &Path, name: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let p = dir.join(name);
+        std::fs::write(&p, "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        p
+    }
+
+    #[test]
+    fn python_is_the_flag_then_virtual_env_then_beside_procman_then_python3() {
+        let scratch = Scratch(
+            std::env::temp_dir().join(format!("procman-config-python-{}", std::process::id())),
+        );
+        let root = &scratch.0;
+        let flag = executable(&root.join("flag"), "python");
+        let venv = root.join("activated");
+        let activated = executable(&venv.join("bin"), "python");
+        let installed = root.join("installed/bin");
+        let beside = executable(&installed, "python");
+        let on_path = executable(&root.join("path"), "python3");
+        let python = |cli_python: Option<&Path>, env: &Environment| -> PathBuf {
+            let mut argv = vec!["procman".to_string(), "app:main".to_string()];
+            if let Some(p) = cli_python {
+                argv.extend(["--python".to_string(), p.display().to_string()]);
+            }
+            let cli = Cli::try_parse_from(argv).expect("parses");
+            let cfg = Config::from_cli(&cli, env).expect("valid");
+            cfg.uvicorn().expect("uvicorn class").python.clone()
+        };
+        let mut env = Environment {
+            path: Some(on_path.parent().expect("dir").as_os_str().to_owned()),
+            virtual_env: Some(venv.clone().into_os_string()),
+            own_dir: Some(installed.clone()),
+            ..Environment::default()
+        };
+        assert_eq!(python(Some(&flag), &env), flag, "--python wins");
+        assert_eq!(python(None, &env), activated, "then $VIRTUAL_ENV");
+        env.virtual_env = None;
+        assert_eq!(python(None, &env), beside, "then the python beside procman");
+        // python3 is preferred beside procman: `python` may be Python 2.
+        let beside3 = executable(&installed, "python3");
+        assert_eq!(python(None, &env), beside3);
+        env.own_dir = Some(root.join("cargo/bin"));
+        assert_eq!(python(None, &env), on_path, "then python3 from PATH");
+        // A VIRTUAL_ENV without an interpreter is passed over.
+        env.virtual_env = Some(root.join("gone").into_os_string());
+        env.own_dir = Some(installed);
+        assert_eq!(python(None, &env), beside3);
     }
 }
 

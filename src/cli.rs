@@ -35,7 +35,8 @@ Examples:
 Signals: TERM graceful stop, INT/QUIT quick stop, HUP rolling reload, TTIN/TTOU one worker
 more/fewer, USR1 reopen the log file and forward to workers.
 Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error,
-3 workers failed to boot, 4 the app could not be imported.";
+3 workers failed to boot, 4 the app could not be imported.
+Also: procman completions bash|zsh|fish (a completion script), procman man (the man page).";
 
 /// The type of an option's value: how clap collects it (once, repeated, a
 /// flag) and what a config-file key must hold. Each names what it accepts

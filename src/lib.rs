@@ -23,6 +23,8 @@ pub mod cpus;
 pub mod error;
 pub mod identity;
 pub mod layers;
+// `procman completions SHELL`, `procman man`: generated from cli.rs.
+pub mod generate;
 
 // Start-up: logging, then the steps before the first worker.
 pub mod logging;

@@ -40,6 +40,10 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
     // only that may be named by fd:// (see bind.rs).
     bind::record_inherited_fds();
     let args: Vec<OsString> = args.into_iter().collect();
+    if let Some(request) = crate::generate::requested(&args) {
+        crate::generate::print(request?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let Some((cfg, layered)) = layers::load_config(&args)? else {
         return Ok(ExitCode::SUCCESS);
     };

@@ -1,0 +1,306 @@
+//! procman as its users install it: the Python package (pip from the
+//! checkout, and the wheel into a virtualenv with no Rust toolchain), the
+//! shell completions and the man page.
+//!
+//! The release wheel is built once per suite run by scripts/test (maturin,
+//! into target/wheels), with the wheels of the example's requirements and of
+//! maturin downloaded into target/packaging/wheelhouse, so that these tests
+//! install offline. A missing or stale wheel fails here with a how-to; it
+//! never lets a test pass without having run.
+
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, SystemTime};
+
+use util::*;
+
+/// Where scripts/test puts the wheel.
+const WHEELS: &str = "target/packaging/dist";
+/// Where scripts/test puts the wheels to install offline.
+const WHEELHOUSE: &str = "target/packaging/wheelhouse";
+/// The interpreter a new user makes a virtualenv with.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+/// A PATH without the Rust toolchain (~/.cargo/bin) and without any
+/// virtualenv: what procman finds there is the system's python3, which has
+/// neither fastapi nor uvicorn.
+const PLAIN_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The wheel scripts/test built for this version of procman. Fails (with
+/// what to run) when it is missing, or older than the sources it is built
+/// from: a test of a stale wheel would test old code.
+fn wheel() -> PathBuf {
+    let dir = repo().join(WHEELS);
+    let prefix = format!("procman-{}-", env!("CARGO_PKG_VERSION"));
+    let found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl"))
+        })
+        .collect();
+    let [wheel] = &found[..] else {
+        panic!(
+            "expected one procman wheel {prefix}*.whl in {}, found {found:?}: scripts/test builds it \
+             (maturin build --release --out {WHEELS})",
+            dir.display()
+        );
+    };
+    let built = modified(wheel);
+    let mut sources = vec![
+        repo().join("Cargo.toml"),
+        repo().join("Cargo.lock"),
+        repo().join("pyproject.toml"),
+    ];
+    sources.extend(files_under(&repo().join("src")));
+    for source in sources {
+        assert!(
+            modified(&source) <= built,
+            "{} is older than {}: rebuild it with scripts/test",
+            wheel.display(),
+            source.display()
+        );
+    }
+    wheel.clone()
+}
+
+fn modified(p: &Path) -> SystemTime {
+    std::fs::metadata(p)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn wheelhouse() -> PathBuf {
+    let dir = repo().join(WHEELHOUSE);
+    assert!(
+        dir.join(".complete").exists(),
+        "{} is missing: scripts/test downloads the example's requirements and maturin there",
+        dir.display()
+    );
+    dir
+}
+
+/// Runs a command to completion; fails the test with its output if it fails.
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A command with a new user's environment: no virtualenv activated, no
+/// Rust toolchain on PATH, pip offline with the local wheelhouse.
+fn plain(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_remove("VIRTUAL_ENV")
+        .env_remove("PYTHONPATH")
+        .env_remove("PYTHONHOME")
+        .env("PATH", PLAIN_PATH)
+        .env("PIP_NO_INDEX", "1")
+        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+        .env("PIP_FIND_LINKS", wheelhouse());
+    cmd
+}
+
+/// `python3 -m venv DIR`, as a new user makes one.
+fn fresh_venv(dir: &Path) -> PathBuf {
+    run(plain(SYSTEM_PYTHON).arg("-m").arg("venv").arg(dir));
+    dir.to_path_buf()
+}
+
+/// argv[0] of a running process.
+fn argv0(pid: i32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let first = raw.split(|&b| b == 0).next().unwrap_or_default();
+    String::from_utf8_lossy(first).into_owned()
+}
+
+#[test]
+fn installed_from_the_checkout_into_a_virtualenv_it_serves_with_that_virtualenv() {
+    // pip builds procman from the checkout with maturin (cargo reuses the
+    // release build scripts/test made for the wheel, so this only links).
+    wheel();
+    let start = Start::new("pip-checkout", &["app:main", "-w", "2"]);
+    let venv = fresh_venv(&start.dir().join("v"));
+    run(plain(venv.join("bin/pip"))
+        .args(["install", "-q", "fastapi", "uvicorn"])
+        .arg(repo())
+        // cargo, for the build only; the run below has no toolchain.
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default()));
+    let procman = venv.join("bin/procman");
+    assert!(procman.is_file(), "pip installed no {}", procman.display());
+
+    // cd app && ../v/bin/procman app:main -w 2: no --python, no VIRTUAL_ENV,
+    // and the python3 on PATH cannot import uvicorn.
+    let app = start.dir().join("app");
+    std::fs::create_dir(&app).expect("mkdir app");
+    std::fs::copy(repo().join("examples/fastapi/app.py"), app.join("app.py"))
+        .expect("copy the example app");
+    let mut h = start
+        .cwd(&app)
+        .env_remove("VIRTUAL_ENV")
+        .env("PATH", PLAIN_PATH)
+        .spawn_with(procman.to_str().expect("utf-8 path"), &[]);
+    let pids = h.wait_workers(2, Duration::from_secs(60));
+    let python = venv.join("bin/python3").display().to_string();
+    for pid in &pids {
+        h.check(
+            argv0(*pid) == python,
+            &format!("worker {pid} runs {} instead of {python}", argv0(*pid)),
+        );
+    }
+    let (status, body) = http_get(h.addr(), "/").expect("GET /");
+    h.check(status == 200 && body.contains("\"pid\""), &body);
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    let code = h.exit_code(Duration::from_secs(30));
+    h.check(code == 0, &format!("exit code {code}"));
+}
+
+#[test]
+fn the_wheel_installs_into_a_virtualenv_without_rust_and_runs() {
+    let wheel = wheel();
+    let dir = temp_dir("wheel");
+    let venv = fresh_venv(&dir.join("v"));
+    run(plain(venv.join("bin/pip"))
+        .args(["install", "-q"])
+        .arg(&wheel));
+    let procman = venv.join("bin/procman");
+    let version = run(plain(&procman).arg("--version"));
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("procman {}", env!("CARGO_PKG_VERSION"))
+    );
+    // The wheel gives access to the completions and the man page too.
+    let bash = run(plain(&procman).args(["completions", "bash"]));
+    assert!(String::from_utf8_lossy(&bash.stdout).contains("complete -F _procman"));
+    let man = run(plain(&procman).arg("man"));
+    assert!(String::from_utf8_lossy(&man.stdout).starts_with(".ie \\n(.g"));
+
+    // The package's metadata is Cargo.toml's.
+    let metadata = run(plain(venv.join("bin/python")).args([
+        "-c",
+        "import importlib.metadata as m, json, sys\n\
+         md = m.metadata('procman')\n\
+         keys = ['Version', 'Summary', 'License', 'Project-URL']\n\
+         json.dump({k: md.get_all(k) or [] for k in keys}, sys.stdout)",
+    ]));
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&metadata.stdout).expect("metadata as JSON");
+    let field = |name: &str| -> Vec<String> {
+        metadata[name]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(field("Version"), [env!("CARGO_PKG_VERSION")], "{metadata}");
+    assert_eq!(
+        field("Summary"),
+        [env!("CARGO_PKG_DESCRIPTION")],
+        "{metadata}"
+    );
+    assert_eq!(field("License"), [env!("CARGO_PKG_LICENSE")], "{metadata}");
+    let urls = field("Project-URL");
+    for url in [env!("CARGO_PKG_REPOSITORY"), env!("CARGO_PKG_HOMEPAGE")] {
+        assert!(
+            url.is_empty() || urls.iter().any(|u| u.ends_with(url)),
+            "{url} not among {urls:?}"
+        );
+    }
+}
+
+#[test]
+fn bash_loads_the_completions() {
+    let dir = temp_dir("bash-completions");
+    let script = dir.join("procman.bash");
+    let out = run(Command::new(PROCMAN).args(["completions", "bash"]));
+    std::fs::write(&script, &out.stdout).expect("write script");
+    let out = run(Command::new("bash")
+        .arg("--norc")
+        .arg("-c")
+        .arg("source \"$1\" && complete -p procman")
+        .arg("bash")
+        .arg(&script));
+    let registered = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        registered.contains("-F _procman procman"),
+        "complete -p procman: {registered}"
+    );
+    // The function completes an option of --help.
+    let out = run(Command::new("bash")
+        .arg("--norc")
+        .arg("-c")
+        .arg(
+            "source \"$1\" && COMP_WORDS=(procman --graceful) COMP_CWORD=1 && \
+         _procman procman --graceful procman && echo \"${COMPREPLY[@]}\"",
+        )
+        .arg("bash")
+        .arg(&script));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "--graceful-timeout"
+    );
+}
+
+#[test]
+fn the_man_page_renders() {
+    let roff = run(Command::new(PROCMAN).arg("man")).stdout;
+    let mut man = Command::new("man")
+        .args(["-l", "-"])
+        .env("MANWIDTH", "100")
+        .env("LC_ALL", "C")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("man (apt-get install man-db)");
+    {
+        use std::io::Write;
+        let mut stdin = man.stdin.take().expect("stdin");
+        stdin.write_all(&roff).expect("feed man");
+    }
+    let out = man.wait_with_output().expect("man");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+    // man justifies and fills: compare with the spacing collapsed.
+    let words = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    for needle in [
+        "NAME",
+        "procman - A pre-fork process manager",
+        "--graceful-timeout <SECS>",
+        "PROCMAN_WORKERS",
+        "procman completions SHELL",
+        "procman man",
+        "Exit codes: 0 clean stop",
+    ] {
+        assert!(words.contains(needle), "{needle:?} not in:\n{text}");
+    }
+}

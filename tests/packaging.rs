@@ -304,3 +304,176 @@ fn the_man_page_renders() {
         assert!(words.contains(needle), "{needle:?} not in:\n{text}");
     }
 }
+
+/// The example unit's `[Service]` settings, with /usr/local/bin/procman
+/// replaced by the procman under test, written into `dir` with the socket
+/// unit and the notify-reload drop-in.
+fn example_units(dir: &Path) {
+    let examples = repo().join("examples/systemd");
+    for unit in ["procman.service", "procman.socket"] {
+        let text = std::fs::read_to_string(examples.join(unit)).expect("unit");
+        std::fs::write(
+            dir.join(unit),
+            text.replace("/usr/local/bin/procman", PROCMAN),
+        )
+        .expect("write unit");
+    }
+    let drop_in = "procman.service.d/notify-reload.conf";
+    std::fs::create_dir_all(dir.join("procman.service.d")).expect("mkdir");
+    std::fs::copy(examples.join(drop_in), dir.join(drop_in)).expect("copy drop-in");
+}
+
+/// The value of `key=` in the example service unit.
+fn unit_setting(key: &str) -> Option<String> {
+    let text =
+        std::fs::read_to_string(repo().join("examples/systemd/procman.service")).expect("unit");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .next_back()
+        .map(str::to_string)
+}
+
+/// The major version of the systemd whose tools are installed.
+fn systemd_version() -> u32 {
+    let out = run(Command::new("systemd-analyze").arg("--version"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("systemd-analyze --version: {text}"))
+}
+
+#[test]
+fn the_notify_reload_drop_in_verifies_where_systemd_has_the_type() {
+    let dir = temp_dir("notify-reload");
+    example_units(&dir);
+    let out = Command::new("systemd-analyze")
+        .args([
+            "verify",
+            "--man=no",
+            "./procman.socket",
+            "./procman.service",
+        ])
+        .current_dir(&dir)
+        .output()
+        .expect("systemd-analyze (apt-get install systemd)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if systemd_version() >= 253 {
+        assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+    } else {
+        // Type=notify-reload is systemd 253's: older ones reject exactly
+        // the drop-in's settings, which is why it is separate from the unit.
+        assert!(stderr.contains("notify-reload"), "{stderr}");
+        for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+            assert!(line.contains("notify-reload.conf"), "{stderr}");
+        }
+    }
+}
+
+/// What `systemd-analyze security` scored the example unit on the last
+/// audit (README, systemd section): a change that weakens the hardening
+/// fails here; one that strengthens it should lower this number.
+const EXPOSURE: f64 = 4.0;
+
+#[test]
+fn the_example_unit_keeps_its_systemd_analyze_security_score() {
+    let dir = temp_dir("security");
+    example_units(&dir);
+    let out = run(Command::new("systemd-analyze")
+        .args([
+            "security",
+            "--offline=yes",
+            "--no-pager",
+            "./procman.service",
+        ])
+        .current_dir(&dir));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for procman.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure level in:\n{text}"));
+    println!("systemd-analyze security procman.service: {score}");
+    assert!(score <= EXPOSURE, "exposure {score} > {EXPOSURE}:\n{text}");
+}
+
+/// A free TCP port below 1024 on 127.0.0.1.
+fn free_privileged_port() -> Option<u16> {
+    (900..1024).find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+}
+
+#[test]
+fn the_example_units_capabilities_are_all_procman_needs_with_user_workers() {
+    use std::os::unix::fs::PermissionsExt;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (CI runs as root)"
+    );
+    // The unit's CapabilityBoundingSet= and NoNewPrivileges=, applied by
+    // setpriv as systemd would: root with only these capabilities.
+    let caps = unit_setting("CapabilityBoundingSet").expect("CapabilityBoundingSet=");
+    let bounding: Vec<String> = caps
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    assert_eq!(unit_setting("NoNewPrivileges").as_deref(), Some("yes"));
+    let bounding = format!("--bounding-set=-all,{}", bounding.join(","));
+    let python = system_venv_python();
+    let port = free_privileged_port().expect("a free port below 1024");
+    let bind = format!("127.0.0.1:{port}");
+    let start = Start::new(
+        "unit-caps",
+        &[
+            "app:main",
+            "-w",
+            "2",
+            "-u",
+            "nobody",
+            "--no-access-log",
+            "-b",
+            &bind,
+        ],
+    );
+    // The test dir is RUNTIME_DIRECTORY (the notify directory goes there):
+    // nobody must be able to traverse it, as systemd's RuntimeDirectoryMode.
+    let dir = start.dir().to_path_buf();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let app = dir.join("app.py");
+    std::fs::copy(repo().join("examples/fastapi/app.py"), &app).expect("copy app");
+    std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut h = start
+        .args(["--python", python.to_str().expect("utf-8")])
+        .args(["--chdir", dir.to_str().expect("utf-8")])
+        .spawn_with(
+            "setpriv",
+            &["--no-new-privs", "--inh-caps=-all", &bounding, PROCMAN],
+        );
+    // Bound below 1024, workers as nobody that reported READY=1 through
+    // the notify socket handed to them.
+    let pids = h.wait_workers(2, Duration::from_secs(60));
+    for pid in &pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
+        h.check(
+            uid.split_whitespace().skip(1).all(|u| u == "65534"),
+            &format!("worker {pid}: {uid}"),
+        );
+    }
+    // A rolling reload (systemctl reload) and a stop work too.
+    h.signal(nix::sys::signal::Signal::SIGHUP);
+    h.check(
+        h.wait_log("Reload done: generation 2 serving", Duration::from_secs(60)),
+        "the reload completes",
+    );
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    let code = h.exit_code(Duration::from_secs(30));
+    h.check(code == 0, &format!("exit code {code}"));
+    let log = h.log_text();
+    h.check(
+        !log.contains("WARN") && !log.contains("ERROR"),
+        "no warning or error with the unit's capabilities",
+    );
+}

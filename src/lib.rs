@@ -8,7 +8,7 @@
 //! The modules form layers, each importing only from layers below it (no
 //! import cycles):
 //! `main → startup → master (and master/*) → the parts (classes, zygote,
-//! logging, layers → config → cli) → the edges (policy, workers, spawn,
+//! logging, generate, layers → config → cli) → the edges (policy, workers, spawn,
 //! bind, notify, signals, pid, pidfile) → the leaves (error, identity,
 //! safefs, procfs, cpus)`. A lower module never names a higher one: what it
 //! needs from above is passed in as a value.

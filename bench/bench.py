@@ -38,13 +38,26 @@ from importlib import metadata
 
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SERVERS = ("procman", "gunicorn", "uvicorn")
-SCENARIOS = ("main", "bootfail", "blocked", "spread", "command")
+# The order is the interleaving order within a round. "procman" is procman's default (the
+# reference of every ratio in the tables); procman-nozygote only exists when the binary
+# has --no-zygote (checked at run time from `procman --help`).
+SERVERS = ("gunicorn", "uvicorn", "granian", "procman", "procman-preload", "procman-nozygote")
+PROCMAN_VARIANTS = ("procman", "procman-preload", "procman-nozygote")
+SCENARIOS = ("main", "curve", "bootfail", "blocked", "spread", "command")
 TITLES = {
-    "procman": "procman",
+    "procman": "procman (default)",
+    "procman-preload": "procman --preload",
+    "procman-nozygote": "procman --no-zygote",
     "gunicorn": "gunicorn + UvicornWorker",
     "uvicorn": "uvicorn --workers",
+    "granian": "granian --interface asgi",
 }
+# Servers without a heartbeat timeout for a blocked event loop (scenario 9 shows –).
+NO_TIMEOUT = ("uvicorn", "granian")
+
+
+def is_procman(server: str) -> bool:
+    return server in PROCMAN_VARIANTS
 now = time.monotonic
 LOG_TAG = "bench"  # bench/preload.py, which imports these helpers, sets its own
 
@@ -152,6 +165,20 @@ def smaps_rollup(pid: int) -> tuple[int, int] | None:
     if rss is None or pss is None:
         return None
     return rss, pss
+
+
+def uss_kb(pid: int) -> int | None:
+    """USS of one process (kB): Private_Clean + Private_Dirty from smaps_rollup, the memory
+    that would be freed if it exited."""
+    raw = _read(f"/proc/{pid}/smaps_rollup")
+    if raw is None:
+        return None
+    tot, seen = 0, 0
+    for line in raw.splitlines():
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            tot += int(line.split()[1])
+            seen += 1
+    return tot if seen == 2 else None
 
 
 def cpu_ticks(pid: int) -> int | None:
@@ -313,6 +340,15 @@ class Registry:
 
 
 REG = Registry()
+
+
+def procman_has_flag(binary: str, flag: str) -> bool:
+    """Whether `procman --help` mentions flag (variants exist only in some builds)."""
+    try:
+        cp = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", cp.stdout + cp.stderr) is not None
 
 
 def free_port() -> int:
@@ -535,6 +571,86 @@ def wait_workers(p, port: int, n: int, path: str, cap: float, threads: int = 2, 
     return c, c.first_ok, t_all
 
 
+# Readiness as each server itself reports it, from its own log: (regex, what it means).
+# A match's group 1, when there is one, is a worker id (a pid or a slot) counted once.
+# procman (with --log-format json) says when a worker is ready and when all of the first
+# generation are ("all-ready"); gunicorn's UvicornWorker and uvicorn's workers each log
+# uvicorn's "Application startup complete." once their lifespan startup ran (the socket is
+# already inherited, so that is "ready to accept"); granian logs "Started worker-N" per worker.
+SELF_READY = {
+    "procman": (r'"event":"ready"[^\n]*?"worker":(\d+)', 'procman\'s `"event":"ready"` log lines'),
+    "gunicorn": (r"\[(\d+)\] \[INFO\] Application startup complete", "each worker's \"Application startup complete\""),
+    "uvicorn": (r"Application startup complete", "each worker's \"Application startup complete\""
+                " (uvicorn's lines carry no pid: counted)"),
+    "granian": (r"Started worker-(\d+)", "each \"Started worker-N\" line"),
+}
+PROCMAN_ALL_READY = '"event":"all-ready"'
+
+
+def self_ready_spec(server: str) -> tuple[str, str]:
+    return SELF_READY["procman" if is_procman(server) else server]
+
+
+class LogReadiness:
+    """Follows a server's log file from a thread and notes (monotonic) when its n-th worker
+    said it is ready, and, for procman, when it logged all-ready. Polls every 5 ms: the
+    figures are "when the line appeared in the log", within that resolution."""
+
+    def __init__(self, server: str, logp: str, n: int, cap: float):
+        self.server, self.logp, self.n, self.cap = server, logp, n, cap
+        self.pattern = re.compile(self_ready_spec(server)[0])
+        self.t_first = self.t_nth = self.t_all_ready = None
+        self.ids: set[str] = set()
+        self.count = 0
+        self.stop_ev = threading.Event()
+        self.th = threading.Thread(target=self._run, name="log-readiness", daemon=True)
+
+    def start(self) -> "LogReadiness":
+        self.th.start()
+        return self
+
+    def _done(self) -> bool:
+        if self.t_nth is None:
+            return False
+        return not is_procman(self.server) or self.t_all_ready is not None
+
+    def _run(self) -> None:
+        end = now() + self.cap
+        pos, buf = 0, ""
+        while not self.stop_ev.is_set() and now() < end and not self._done():
+            try:
+                with open(self.logp, "r", errors="replace") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+                    pos = f.tell()
+            except OSError:
+                chunk = ""
+            t = now()
+            if chunk:
+                buf += chunk
+                lines, buf = buf.rsplit("\n", 1) if "\n" in buf else ("", buf)
+                for line in lines.splitlines():
+                    m = self.pattern.search(line)
+                    if m:
+                        key = m.group(1) if m.groups() and m.group(1) else f"#{self.count}"
+                        if key not in self.ids:
+                            self.ids.add(key)
+                            self.count += 1
+                            if self.t_first is None:
+                                self.t_first = t
+                            if self.count >= self.n and self.t_nth is None:
+                                self.t_nth = t
+                    if PROCMAN_ALL_READY in line and self.t_all_ready is None:
+                        self.t_all_ready = t
+            self.stop_ev.wait(0.005)
+
+    def finish(self, grace: float) -> None:
+        """Give the log up to `grace` s more to say it (it may lag the HTTP poll), then stop."""
+        self.th.join(timeout=grace)
+        self.stop_ev.set()
+        self.th.join(timeout=1.0)
+
+
 def in_flight(port: int, cport_box: list, workers: set[int], timeout: float = 5.0) -> int | None:
     """Wait until the request sent from cport_box[0] was accepted and read by a worker;
     return that worker's pid (or -1 if accepted but the holder was not found)."""
@@ -678,7 +794,10 @@ class Bench:
         self.spread_short_n = 5000 if q else 20000
         self.spread_short_s = 3.0 if q else 5.0
         self.spread_wrk_d = 3 if q else 5
-        self.servers = [s for s in SERVERS if s in args.only]
+        self.has_no_zygote = procman_has_flag(self.procman, "--no-zygote")
+        self.servers = [s for s in SERVERS if s in args.only
+                        and (s != "procman-nozygote" or self.has_no_zygote or args.only_explicit)]
+        self.curve_settle = 1.0 if q else 3.0
         self.results: dict[str, dict[str, list]] = {s: {} for s in self.servers}
         self.errors: list[str] = []
         self.cmd_results: dict[int, dict[str, list]] = {}
@@ -693,8 +812,9 @@ class Bench:
         lst = self.results[server].setdefault(key, [None] * self.rounds)
         lst[rnd] = value
 
-    def argv(self, server: str, app: str, port: int, timeout: int | None = None) -> list[str]:
-        n = str(self.n)
+    def argv(self, server: str, app: str, port: int, timeout: int | None = None,
+             workers: int | None = None) -> list[str]:
+        n = str(workers or self.n)
         bind = f"{HOST}:{port}"
         if server == "gunicorn":
             a = [os.path.join(self.vbin, "gunicorn"), app, "-k", "uvicorn_worker.UvicornWorker",
@@ -705,8 +825,18 @@ class Bench:
         if server == "uvicorn":
             return [os.path.join(self.vbin, "uvicorn"), app, "--workers", n, "--host", HOST,
                     "--port", str(port), "--no-access-log"]
+        if server == "granian":
+            # Granian's access log is off by default. It does not replace a crashed worker
+            # unless told to (then after --respawn-interval, 3.5 s by default): without the
+            # flag the respawn scenario would only measure "never".
+            return [os.path.join(self.vbin, "granian"), "--interface", "asgi", "--workers", n,
+                    "--respawn-failed-workers", "--host", HOST, "--port", str(port), app]
         a = [self.procman, app, "-w", n, "-b", bind, "--no-access-log",
-             "--python", os.path.join(self.vbin, "python")]
+             "--python", os.path.join(self.vbin, "python"), "--log-format", "json"]
+        if server == "procman-preload":
+            a.append("--preload")
+        elif server == "procman-nozygote":
+            a.append("--no-zygote")
         if timeout is not None:
             a += ["-t", str(timeout)]
         return a
@@ -717,11 +847,11 @@ class Bench:
         return s.replace(f"{HOST}:0", f"{HOST}:PORT").replace("--port 0", "--port PORT")
 
     def start(self, server: str, tag: str, app: str | None = None, cwd: str | None = None,
-              timeout: int | None = None, argv: list[str] | None = None):
+              timeout: int | None = None, argv: list[str] | None = None, workers: int | None = None):
         self.run_id += 1
         port = free_port()
-        argv = argv or self.argv(server, app or self.app, port, timeout)
-        if server == "procman" and not os.access(argv[0], os.X_OK):
+        argv = argv or self.argv(server, app or self.app, port, timeout, workers)
+        if is_procman(server) and not os.access(argv[0], os.X_OK):
             raise RuntimeError(f"{argv[0]} not found (build failed? see bench/out/cargo-build.log)")
         logp = os.path.join(self.log_dir, f"{self.run_id:03d}-{server}-{tag}.log")
         with open(logp, "w") as f:
@@ -732,9 +862,20 @@ class Bench:
 
     @staticmethod
     def worker_deaths(logp: str) -> list[str]:
-        """procman's log lines about workers that exited before the master was told to stop."""
-        text = (_read(logp) or "").split("] Shutting down", 1)[0]
-        return re.findall(r"\[(?:INFO|WARNING|ERROR)\] (Worker \d+ .*exited: .*)$", text, re.M)
+        """procman's log lines about workers that exited before the master was told to stop
+        (text format, or the "exited" events of --log-format json before "stopping")."""
+        raw = _read(logp) or ""
+        text = raw.split("] Shutting down", 1)[0]
+        out = re.findall(r"\[(?:INFO|WARNING|ERROR)\] (Worker \d+ .*exited: .*)$", text, re.M)
+        for line in raw.splitlines():
+            if '"event":"stopping"' in line or '"event":"shutdown"' in line:
+                break
+            if '"event":"exited"' in line:
+                try:
+                    out.append(json.loads(line).get("message", line))
+                except ValueError:
+                    out.append(line)
+        return out
 
     @staticmethod
     def log_tail(logp: str, n: int = 3) -> str:
@@ -761,8 +902,10 @@ class Bench:
             self.fail(server, rnd, "start-up", str(e), MAIN_KEYS)
             return
         try:
-            # 1. start-up
+            # 1. start-up, as the clients see it and as the server's log says it
+            lr = LogReadiness(server, logp, self.n, self.startup_cap).start()
             c, t_first, t_all = wait_workers(p, port, self.n, "/pid", self.startup_cap)
+            lr.finish(grace=3.0)
             if t_all is None:
                 code = p.poll()
                 why = (f"exited with {code}" if code is not None
@@ -771,8 +914,10 @@ class Bench:
                 return
             rec("startup_first", t_first - t0)
             rec("startup_all", t_all - t0)
+            self.record_self_ready(server, rnd, lr, t0, "")
+            workers = {x for x in c.pids() if alive(x)}
             steps = [
-                ("idle/memory", lambda: self.idle_and_memory(server, rnd, p)),  # 3. and 2.
+                ("idle/memory", lambda: self.idle_and_memory(server, rnd, p, workers)),  # 3. and 2.
                 ("wrk", lambda: self.run_wrk(server, rnd, port)),  # 4.
                 ("respawn", lambda: self.respawn(server, rnd, p, port)),  # 5.
                 ("reload", lambda: self.reload(server, rnd, p, port)),  # 6.
@@ -792,6 +937,14 @@ class Bench:
         finally:
             REG.stop(p, grace=5.0)
 
+    def record_self_ready(self, server: str, rnd: int, lr: "LogReadiness", t0: float, suffix: str) -> None:
+        """The server's own view of its start-up (see SELF_READY), from exec."""
+        since = lambda t: round(t - t0, 3) if t is not None else "–"  # noqa: E731
+        self.record(server, "self_ready_first" + suffix, since(lr.t_first), rnd)
+        self.record(server, "self_ready_all" + suffix, since(lr.t_nth), rnd)
+        if is_procman(server):
+            self.record(server, "self_all_ready_event" + suffix, since(lr.t_all_ready), rnd)
+
     def fail(self, server: str, rnd: int, what: str, msg: str, keys=()) -> None:
         """Log an error and mark the keys of this round that have no value yet as n/a
         (the first one carries the message)."""
@@ -808,7 +961,7 @@ class Bench:
                 self.record(server, k, f"n/a ({msg[:70]})" if first else "n/a", rnd)
                 first = False
 
-    def idle_and_memory(self, server: str, rnd: int, p) -> None:
+    def idle_and_memory(self, server: str, rnd: int, p, workers: set[int]) -> None:
         rec = lambda k, v: self.record(server, k, v, rnd)  # noqa: E731
         m = p.pid
         kids0 = live_descendants(m)
@@ -845,6 +998,18 @@ class Bench:
         rec("mem_total_rss", rss / 1024)
         rec("mem_total_pss", pss / 1024)
         rec("procs", 1 + len(kids))
+        self.record_uss(server, rnd, p.pid, workers, kids, "")
+
+    def record_uss(self, server: str, rnd: int, master: int, workers: set[int], kids: set[int],
+                   suffix: str) -> None:
+        """Per-worker USS (median over the workers that answered /pid and are still alive) and
+        the PSS of the helpers: descendants that are not workers (procman's zygote)."""
+        uss = [u for u in (uss_kb(w) for w in workers if w in kids) if u is not None]
+        self.record(server, "mem_worker_uss" + suffix,
+                    statistics.median(uss) / 1024 if uss else "n/a", rnd)
+        helpers = kids - workers
+        self.record(server, "mem_helpers_pss" + suffix,
+                    sum((smaps_rollup(h) or (0, 0))[1] for h in helpers) / 1024, rnd)
 
     def run_wrk(self, server: str, rnd: int, port: int) -> None:
         rec = lambda k, v: self.record(server, k, v, rnd)  # noqa: E731
@@ -1010,7 +1175,7 @@ class Bench:
 
     def blocked(self, server: str, rnd: int) -> None:
         rec = lambda k, v: self.record(server, k, v, rnd)  # noqa: E731
-        if server == "uvicorn":
+        if server in NO_TIMEOUT:
             for k in ("block_killed", "block_replaced", "block_result"):
                 rec(k, "–")
             return
@@ -1059,6 +1224,55 @@ class Bench:
             self.fail(server, rnd, "blocked loop", f"{type(e).__name__}: {e}", BLOCK_KEYS)
         finally:
             REG.stop(p, grace=5.0)
+
+    def curve(self, rnd: int) -> None:
+        """Worker-count curve: for each N, each server started once, interleaved; start-up
+        (first 200, all N pids, the server's own readiness), then after a settle window
+        master RSS, total PSS and per-worker USS."""
+        for n in self.a.curve_workers:
+            for server in self.servers:
+                sfx = f"@{n}"
+                keys = [k + sfx for k in CURVE_KEYS]
+                try:
+                    p, port, t0, logp = self.start(server, f"curve{n}", workers=n)
+                except Exception as e:
+                    self.fail(server, rnd, f"curve N={n}", str(e), keys)
+                    continue
+                try:
+                    lr = LogReadiness(server, logp, n, self.startup_cap).start()
+                    c, t_first, t_all = wait_workers(p, port, n, "/pid", self.startup_cap,
+                                                     threads=min(4, max(2, n // 4)))
+                    lr.finish(grace=3.0)
+                    if t_all is None:
+                        code = p.poll()
+                        why = (f"exited with {code}" if code is not None
+                               else f"{len(c.pids())} of {n} workers answered within {self.startup_cap:.0f} s")
+                        self.fail(server, rnd, f"curve N={n}", f"{why}: {self.log_tail(logp)}", keys)
+                        continue
+                    self.record(server, "curve_first" + sfx, t_first - t0, rnd)
+                    self.record(server, "curve_all" + sfx, t_all - t0, rnd)
+                    self.record_self_ready(server, rnd, lr, t0, sfx)
+                    workers = {x for x in c.pids() if alive(x)}
+                    try:
+                        p.wait(timeout=self.curve_settle)  # the settle window: a measurement, not a sync
+                        raise RuntimeError(f"master exited during the settle window ({p.returncode})")
+                    except subprocess.TimeoutExpired:
+                        pass
+                    kids = live_descendants(p.pid)
+                    self.record(server, "curve_master_rss" + sfx,
+                                (status_field(p.pid, "VmRSS") or 0) / 1024, rnd)
+                    pss = sum((smaps_rollup(x) or (0, 0))[1] for x in kids | {p.pid})
+                    self.record(server, "curve_total_pss" + sfx, pss / 1024, rnd)
+                    self.record_uss(server, rnd, p.pid, workers, kids, sfx)
+                except Exception as e:
+                    self.fail(server, rnd, f"curve N={n}", f"{type(e).__name__}: {e}", keys)
+                finally:
+                    REG.stop(p, grace=5.0)
+                r = self.results[server]
+                log(f"  curve N={n} {server}: " + ", ".join(
+                    f"{k}={fmt_num(r[k + sfx][rnd])}" for k in ("curve_first", "curve_all", "self_ready_all",
+                                                               "curve_master_rss", "curve_total_pss",
+                                                               "mem_worker_uss") if k + sfx in r))
 
     def command_class(self) -> None:
         """procman only: spawn time and master RSS with K command workers."""
@@ -1230,6 +1444,10 @@ class Bench:
                     for s in self.servers:
                         self.main_instance(s, rnd)
                         self.progress(s, rnd)
+                if "curve" in sc:
+                    log(f"round {rnd + 1}/{self.rounds}: worker-count curve"
+                        f" ({','.join(map(str, self.a.curve_workers))} workers)")
+                    self.curve(rnd)
                 if "bootfail" in sc:
                     log(f"round {rnd + 1}/{self.rounds}: boot failure")
                     for s in self.servers:
@@ -1242,15 +1460,19 @@ class Bench:
                     for s in self.servers:
                         self.progress(s, rnd, keys=("boot_exit_code", "boot_exit_after", "boot_cpu",
                                                     "block_killed", "block_replaced", "block_result"))
-                if "procman" in self.servers and "spread" in sc:
+                if self.procman_bin_users() and "spread" in sc:
                     log(f"round {rnd + 1}/{self.rounds}: load spread (procman, shared socket vs --reuse-port)")
                     self.spread(rnd)
-            if "procman" in self.servers and "command" in sc:
+            if self.procman_bin_users() and "command" in sc:
                 log("command class (procman only)")
                 self.command_class()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.t_end = datetime.datetime.now(datetime.timezone.utc)
+
+    def procman_bin_users(self) -> list[str]:
+        """The procman variants in this run (spread and the command class need the binary)."""
+        return [s for s in self.servers if is_procman(s)]
 
     def progress(self, s: str, rnd: int, keys=None) -> None:
         r = self.results[s]
@@ -1298,12 +1520,17 @@ def median_of(vals):
 ROWS = [
     ("1. start-up", None, None),
     ("startup_first", "start-up: first 200 on /pid (s)", "num"),
-    ("startup_all", "start-up: all N worker pids answered /pid (s)", "num"),
+    ("startup_all", "start-up: all N worker pids answered /pid (s) [client view]", "num"),
+    ("self_ready_first", "start-up: first worker ready, as the server logs it (s) [server view]", "num"),
+    ("self_ready_all", "start-up: N workers ready, as the server logs it (s) [server view]", "num"),
+    ("self_all_ready_event", "start-up: procman's all-ready event (s) [server view]", "num"),
     ("2. memory (after the idle window)", None, None),
     ("mem_master_rss", "master RSS (MiB)", "num"),
     ("mem_total_rss", "total RSS, master + descendants (MiB)", "num"),
     ("mem_total_pss", "total PSS, master + descendants (MiB)", "num"),
     ("procs", "processes (master + workers + helpers)", "num"),
+    ("mem_worker_uss", "per-worker USS, median over the workers (MiB)", "num"),
+    ("mem_helpers_pss", "PSS of helpers: descendants that are not workers, e.g. a zygote (MiB)", "num"),
     ("3. idle cost (over the idle window)", None, None),
     ("idle_master_cpu_sched", "master CPU (s, schedstat, all threads)", "num"),
     ("idle_master_cpu_ticks", "master CPU (s, utime+stime)", "num"),
@@ -1343,8 +1570,9 @@ ROWS = [
 ]
 
 STEP_KEYS = {
-    "startup": ["startup_first", "startup_all"],
-    "idle/memory": ["mem_master_rss", "mem_total_rss", "mem_total_pss", "procs", "idle_master_cpu_sched",
+    "startup": ["startup_first", "startup_all", "self_ready_first", "self_ready_all", "self_all_ready_event"],
+    "idle/memory": ["mem_master_rss", "mem_total_rss", "mem_total_pss", "procs", "mem_worker_uss",
+                    "mem_helpers_pss", "idle_master_cpu_sched",
                     "idle_master_cpu_ticks", "idle_master_wakeups", "idle_workers_cpu",
                     "idle_workers_wakeups"],
     "wrk": ["wrk_rps", "wrk_p50", "wrk_p99", "wrk_non2xx", "wrk_sockerr"],
@@ -1356,6 +1584,8 @@ MAIN_KEYS = ["startup_all", "startup_first"] + [k for n, ks in STEP_KEYS.items()
                                                   for k in ks]
 BOOT_KEYS = ["boot_exit_code", "boot_exit_after", "boot_cpu", "boot_procs"]
 BLOCK_KEYS = ["block_killed", "block_replaced", "block_result"]
+CURVE_KEYS = ["curve_first", "curve_all", "self_ready_first", "self_ready_all", "self_all_ready_event",
+              "curve_master_rss", "curve_total_pss", "mem_worker_uss", "mem_helpers_pss"]
 
 
 def cell(vals, kind: str, ref=None, show_ratio: bool = False) -> str:
@@ -1556,9 +1786,14 @@ def render_spread_section(b: Bench, spread_table: str) -> list[str]:
 
 # (key, label, better) for the final summary
 SUMMARY_ROWS = [
-    ("startup_all", "start-up: all N workers answer /pid (s)", "lower"),
+    ("startup_first", "start-up: first 200 on /pid (s)", "lower"),
+    ("startup_all", "start-up: all N workers answer /pid (s) [client view]", "lower"),
+    ("self_ready_all", "start-up: N workers ready as the server logs it (s) [server view]", "lower"),
     ("mem_master_rss", "master RSS (MiB)", "lower"),
     ("mem_total_pss", "total PSS, master + workers (MiB)", "lower"),
+    ("mem_worker_uss", "per-worker USS (MiB)", "lower"),
+    ("respawn_answered", "respawn: kill -9 until the new pid answers (s)", "lower"),
+    ("hup_all_new", "reload: SIGHUP until all pids are new (s)", "lower"),
     ("idle_master_wakeups", "master idle wake-ups (per IDLE s)", "lower"),
     ("wrk_rps", "throughput, wrk req/s", "higher"),
     ("wrk_p99", "p99 latency under wrk (ms)", "lower"),
@@ -1592,12 +1827,155 @@ def compare(p_vals, o_vals, better: str) -> str:
     return f"{r:.2f}× {word} ({verdict}{noise})"
 
 
+# Issue 15's targets: (label, metric, op, limit), ratio = procman default ÷ gunicorn, same
+# run, medians. metric: a results key, or (key, workers) for "this figure at that worker
+# count" (the main scenario's figure when the count is --workers, else the curve's).
+TARGETS = [
+    ("respawn: kill -9 until the new pid answers", "respawn_answered", "<=", 0.7),
+    ("first 200 on /pid, 4 workers", ("first", 4), "<=", 1.0),
+    ("first 200 on /pid, 8 workers", ("first", 8), "<=", 1.0),
+    ("all 4 workers answered /pid [client view]", ("all", 4), "<=", 0.9),
+    ("total PSS, master + descendants", "mem_total_pss", "<=", 0.95),
+    ("wrk req/s", "wrk_rps", ">=", 0.98),
+    ("wrk p99 latency", "wrk_p99", "<=", 1.05),
+    ("reload: SIGHUP until all new pids answer (and 0 failed requests)", "hup_all_new", "<=", 1.5),
+]
+
+
+def target_values(b: Bench, server: str, metric) -> tuple[list | None, str]:
+    """The per-round values of a target's metric for a server, and where they come from."""
+    r = b.results.get(server, {})
+    if isinstance(metric, str):
+        return r.get(metric), f"main scenario, {b.n} workers"
+    what, n = metric
+    if n == b.n and r.get(f"startup_{what}"):
+        return r.get(f"startup_{what}"), "main scenario"
+    return r.get(f"curve_{what}@{n}"), "worker-count curve"
+
+
+def render_targets(b: Bench) -> list[str]:
+    if "procman" not in b.servers or "gunicorn" not in b.servers:
+        return ["Targets (issue 15): not evaluated, this run lacks procman (default) or gunicorn.", ""]
+    variants = [s for s in b.servers if is_procman(s) and s != "procman"]
+    out = [
+        "### Targets (issue 15): procman (default) ÷ gunicorn + UvicornWorker",
+        "",
+        f"Ratio = procman default's median ÷ gunicorn's median over the {b.rounds} round"
+        f"{'s' if b.rounds != 1 else ''} of this run. The other procman variants' ratios are shown"
+        " for information; pass/fail is the default's.",
+        "",
+        "| target | source | procman (default) | gunicorn | ratio | target | result | "
+        + " | ".join(f"{TITLES[v]} ratio" for v in variants) + (" |" if variants else ""),
+        "|---|---|---|---|---|---|---|" + "---|" * len(variants),
+    ]
+    for label, metric, op, limit in TARGETS:
+        pv, src = target_values(b, "procman", metric)
+        gv, _ = target_values(b, "gunicorn", metric)
+        pm, gm = median_of(pv), median_of(gv)
+        ratio = pm / gm if pm is not None and gm not in (None, 0) else None
+        if ratio is None:
+            result = "not measured"
+        else:
+            ok = ratio <= limit if op == "<=" else ratio >= limit
+            result = "**pass**" if ok else "**FAIL**"
+            if metric == "hup_all_new":
+                failed = b.results["procman"].get("hup_failed") or []
+                bad = [x for x in failed if x != 0]
+                if bad or not numbers(failed):
+                    result = f"**FAIL** (failed requests: {', '.join(map(fmt_num, failed)) or 'n/a'})"
+            if _overlap(pv, gv):
+                result += " (ranges overlap)"
+        vr = []
+        for v in variants:
+            vv, _ = target_values(b, v, metric)
+            vm = median_of(vv)
+            vr.append(f"{vm / gm:.2f}" if vm is not None and gm not in (None, 0) else "–")
+        out.append(f"| {label} | {src} | {med_range(pv, fmt_num)} | {med_range(gv, fmt_num)} | "
+                   f"{'–' if ratio is None else f'{ratio:.2f}'} | {op} {limit:g} | {result} |"
+                   + "".join(f" {x} |" for x in vr))
+    out.append("")
+    return out
+
+
+def render_vs_granian(b: Bench) -> list[str]:
+    if "procman" not in b.servers or "granian" not in b.servers:
+        return []
+    rows = list(SUMMARY_ROWS) + [(f"curve_{w}@{n}", f"{lab}, {n} workers (curve)", "lower")
+                                 for n in b.a.curve_workers if "curve" in b.a.scenarios
+                                 for w, lab in (("first", "first 200 on /pid (s)"),
+                                                ("total_pss", "total PSS (MiB)"))]
+    better, worse, same = [], [], []
+    lines = ["| metric | procman (default) | granian | procman relative to granian |", "|---|---|---|---|"]
+    for key, label, good in rows:
+        label = label.replace("N workers", f"{b.n} workers").replace("IDLE", f"{b.idle:g}")
+        pv, gv = b.results["procman"].get(key), b.results["granian"].get(key)
+        pm, gm = median_of(pv), median_of(gv)
+        if pm is None or gm is None:
+            continue
+        c = compare(pv, gv, good)
+        lines.append(f"| {label} | {med_range(pv, fmt_num)} | {med_range(gv, fmt_num)} | {c} |")
+        if "overlap" in c or pm == gm:
+            same.append(label)
+        elif "(better" in c:
+            better.append(label)
+        else:
+            worse.append(label)
+    out = ["### procman (default) against granian", "",
+           "granian is a Rust server (its own HTTP stack and event loop integration), a different design"
+           " from the three uvicorn-based servers, so where it is faster that is the HTTP path, not process"
+           " management. Its workers are not replaced after a crash unless `--respawn-failed-workers` is"
+           " given (used here), and then only after `--respawn-interval` (3.5 s by default).", ""]
+    out += lines + [""]
+    out.append(f"- granian better: {', '.join(worse) or 'nothing measured'}")
+    out.append(f"- procman better: {', '.join(better) or 'nothing measured'}")
+    out.append(f"- within noise (ranges overlap) or equal: {', '.join(same) or 'none'}")
+    out.append("")
+    return out
+
+
+def render_curve(b: Bench) -> str:
+    """Worker-count curve: one table per metric, rows = worker counts, columns = servers."""
+    ns = [n for n in b.a.curve_workers
+          if any(f"curve_first@{n}" in b.results[s] or f"curve_all@{n}" in b.results[s] for s in b.servers)]
+    if not ns:
+        return ""
+    metrics = [
+        ("curve_first", "first 200 on /pid (s)"),
+        ("curve_all", "all N pids answered /pid (s) [client view]"),
+        ("self_ready_all", "N workers ready as the server logs it (s) [server view]"),
+        ("self_all_ready_event", "procman's all-ready event (s) [server view]"),
+        ("curve_master_rss", "master RSS (MiB)"),
+        ("curve_total_pss", "total PSS, master + descendants (MiB)"),
+        ("mem_worker_uss", "per-worker USS, median (MiB)"),
+    ]
+    out = []
+    for key, label in metrics:
+        cols = [s for s in b.servers if any(f"{key}@{n}" in b.results[s] for n in ns)]
+        if not cols:
+            continue
+        out += [f"**{label}**", "", "| workers | " + " | ".join(TITLES[s] for s in cols) + " |",
+                "|---|" + "---|" * len(cols)]
+        for n in ns:
+            k = f"{key}@{n}"
+            ref = median_of(b.results.get("procman", {}).get(k))
+            out.append(f"| {n} | " + " | ".join(cell(b.results[s].get(k), "num", ref, show_ratio=(s != "procman"))
+                                               for s in cols) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def render_summary(b: Bench) -> list[str]:
     if "procman" not in b.servers or not any(b.results["procman"].get(k) for k, _, _ in SUMMARY_ROWS):
         return []
-    others = [s for s in b.servers if s != "procman"]
+    others = [s for s in b.servers if not is_procman(s)]
     out = [
         "## Summary",
+        "",
+    ]
+    out += render_targets(b)
+    out += render_vs_granian(b)
+    out += [
+        "### Every server, procman (default) against each",
         "",
         f"procman compared with each other server: medians over {b.rounds} round"
         f"{'s' if b.rounds != 1 else ''}, and procman's figure relative to theirs (\"2.00× lower\""
@@ -1623,7 +2001,8 @@ def render_summary(b: Bench) -> list[str]:
     return out
 
 
-COLORS = {"procman": "#d9480f", "gunicorn": "#1c7ed6", "uvicorn": "#2b8a3e"}
+COLORS = {"procman": "#d9480f", "procman-preload": "#f08c00", "procman-nozygote": "#a61e4d",
+          "gunicorn": "#1c7ed6", "uvicorn": "#2b8a3e", "granian": "#7048e8"}
 
 
 def _esc(s: str) -> str:
@@ -1647,13 +2026,13 @@ def render_svg(b: Bench) -> str:
         ("Memory (MiB, median)", [("master RSS", "mem_master_rss"), ("total RSS", "mem_total_rss"),
                                   ("total PSS", "mem_total_pss")]),
     ]
-    W, PH, top, left, gap = 760, 260, 60, 60, 30
+    W, PH, top, left, gap = 1080, 260, 60, 60, 30
     H = top + len(panels) * (PH + gap)
     o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
          'font-family="sans-serif" font-size="12">',
          f'<rect width="{W}" height="{H}" fill="white"/>',
          f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="16" font-weight="bold">'
-         f'FastAPI app, {b.n} workers: procman vs gunicorn vs uvicorn'
+         f'FastAPI app, {b.n} workers: procman vs gunicorn vs uvicorn vs granian'
          f'{" (quick mode)" if b.a.quick else ""}</text>']
     # legend
     lx = left
@@ -1780,7 +2159,7 @@ def package_versions(pkgs) -> dict:
 
 def versions(b: Bench) -> dict:
     v = package_versions(("fastapi", "uvicorn", "uvloop", "httptools", "gunicorn", "uvicorn-worker",
-                          "starlette"))
+                          "starlette", "granian"))
     v["python"] = platform.python_version()
     v["procman"] = sh([b.procman, "--version"]) if os.access(b.procman, os.X_OK) else "not built"
     try:
@@ -1823,12 +2202,13 @@ def command_line(prog: str = "bench/run") -> str:
     return " ".join([prog] + args)
 
 
-def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str, spread_table: str = "") -> str:
+def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str, spread_table: str = "",
+                  curve_table: str = "") -> str:
     mi, ver = machine_info(), versions(b)
     q = " (quick mode: smoke figures, not for comparison)" if b.a.quick else ""
     dur = int((b.t_end - b.t_begin).total_seconds())
     out = [
-        "# Benchmarks: procman vs gunicorn vs uvicorn" + q,
+        "# Benchmarks: procman vs gunicorn vs uvicorn vs granian" + q,
         "",
         f"Generated by `{command_line()}` on {b.t_begin:%Y-%m-%d %H:%M} UTC (run took {dur // 60} min"
         f" {dur % 60} s).",
@@ -1851,6 +2231,7 @@ def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str, spread_t
         f"- procman: {ver['procman']} ({ver['rustc']}, `cargo build --release --bins --examples`;"
         f" {ver['procman_build']}); source at the start of the run: {b.revision}",
         f"- gunicorn {ver['gunicorn']} + uvicorn-worker {ver['uvicorn-worker']}; uvicorn {ver['uvicorn']};"
+        f" granian {ver['granian']};"
         f" fastapi {ver['fastapi']} (starlette {ver['starlette']}); uvloop {ver['uvloop']};"
         f" httptools {ver['httptools']}; Python {ver['python']}",
         f"- load generator: {ver['wrk']}; plus the driver's own short-connection loops (Python threads)",
@@ -1870,7 +2251,7 @@ def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str, spread_t
     out += ["```", "", "Blocked event loop (9), with a 10 s heartbeat timeout (uvicorn has no equivalent: –):",
             "", "```"]
     for s in b.servers:
-        if s != "uvicorn":
+        if s not in NO_TIMEOUT:
             out.append(b.display_cmd(s, timeout=10))
     out += [
         "```",
@@ -1898,6 +2279,18 @@ def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str, spread_t
             f"![start-up and memory]({chart_rel})",
             "",
         ]
+    if curve_table:
+        out += [
+            "## Worker-count curve",
+            "",
+            f"Each server started with N = {', '.join(map(str, b.a.curve_workers))} workers (the same"
+            f" command lines with `-w N` / `--workers N`), interleaved server by server for each N in"
+            f" every round; memory read after a {b.curve_settle:g} s settle window (not the main"
+            f" scenario's idle window). `(×r)` = that server's median ÷ procman default's.",
+            "",
+            curve_table,
+            "",
+        ]
     if cmd_table:
         out += [
             "## procman command class",
@@ -1916,7 +2309,17 @@ def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str, spread_t
         "## Method",
         "",
         "- Start-up: from `exec` until N distinct worker pids answered `GET /pid` (2 polling threads,"
-        " short connections every 5 ms).",
+        " short connections every 5 ms). This is the **client view**: through one shared socket the"
+        " kernel picks which waiting worker gets each connection, so \"all N answered\" also measures"
+        " how soon the poller happens to reach the last worker, not only when it was ready.",
+        "- Readiness, **server view**: the time (from `exec`, polled every 5 ms) at which the server's own"
+        " log said N workers were ready: "
+        + "; ".join(f"{TITLES[s]}: {self_ready_spec(s)[1]}" for s in b.servers)
+        + ". procman runs with `--log-format json` for this; its `all-ready` event is shown too."
+        " gunicorn's \"Booting worker\" lines are forks, not readiness, so they are not used.",
+        "- Per-worker USS: Private_Clean + Private_Dirty from `/proc/PID/smaps_rollup` of each worker"
+        " that answered `/pid` (median over the workers); helpers = descendants that are not workers"
+        " (procman's zygote, multiprocessing's helpers), their PSS summed.",
         "- Memory: `/proc/PID/status` VmRSS of the master; RSS and PSS from `/proc/PID/smaps_rollup`"
         " summed over the master and all its descendants, read at the end of the idle window.",
         "- Idle cost: deltas over the idle window of the master's `/proc/PID/stat` utime+stime,"
@@ -1964,8 +2367,11 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; 1 with --quick)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke mode: 1 round, 5 s idle window, 3 s wrk, shorter caps")
-    ap.add_argument("--only", default="gunicorn,uvicorn,procman",
-                    help="comma-separated subset of procman,gunicorn,uvicorn")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated subset of " + ",".join(SERVERS) + " (default: all of them;"
+                    " procman-nozygote only when `procman --help` lists --no-zygote)")
+    ap.add_argument("--curve-workers", default="1,2,4,8,16",
+                    help="worker counts of the worker-count curve (default 1,2,4,8,16)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
                     help="comma-separated subset of " + ",".join(SCENARIOS) + " (default: all). main ="
                     " start-up, memory, idle, wrk, respawn, reload, shutdown; command = procman's command"
@@ -1981,11 +2387,15 @@ def parse_args(argv):
     ap.add_argument("--out", default=None, help="markdown report (default BENCHMARKS.md at the repo root)")
     ap.add_argument("--chart", default=None, help="SVG chart (default bench/chart.svg)")
     a = ap.parse_args(argv)
-    a.only = [s.strip() for s in a.only.split(",") if s.strip()]
+    a.only_explicit = a.only is not None
+    a.only = [s.strip() for s in (a.only or ",".join(SERVERS)).split(",") if s.strip()]
     bad = [s for s in a.only if s not in SERVERS]
     if bad or not a.only:
         ap.error(f"--only: unknown server(s) {bad}; choose from {', '.join(SERVERS)}")
     a.command_workers = [int(x) for x in a.command_workers.split(",") if x.strip()]
+    a.curve_workers = [int(x) for x in a.curve_workers.split(",") if x.strip()]
+    if any(x < 1 for x in a.curve_workers + a.command_workers):
+        ap.error("--curve-workers / --command-workers: counts must be >= 1")
     a.scenarios = [s.strip() for s in a.scenarios.split(",") if s.strip()]
     bad = [s for s in a.scenarios if s not in SCENARIOS]
     if bad or not a.scenarios:
@@ -2004,9 +2414,9 @@ def main(argv=None) -> int:
     if not shutil.which("wrk"):
         log("wrk not found (bench/run installs it)")
         return 1
-    if "procman" in b.servers and os.path.exists(os.path.join(b.out_dir, "cargo-build.failed")):
+    if b.procman_bin_users() and os.path.exists(os.path.join(b.out_dir, "cargo-build.failed")):
         log("note: the last cargo build failed (bench/out/cargo-build.log)")
-    if "procman" in b.servers:
+    if b.procman_bin_users():
         stale = stale_sources(b.root, b.procman)
         if stale:  # the same check is recorded at the start of b.run() for the report
             log(f"WARNING: target/release/procman is older than {stale}: the figures are for an old"
@@ -2020,12 +2430,13 @@ def main(argv=None) -> int:
     finally:
         REG.cleanup_all()
     table, cmd_table, spread_table = render_table(b), render_cmd_table(b), render_spread(b)
+    curve_table = render_curve(b)
     out_md = os.path.abspath(a.out or os.path.join(b.root, "BENCHMARKS.md"))
     chart = os.path.abspath(a.chart or os.path.join(b.bench_dir, "chart.svg"))
     with open(chart, "w") as f:
         f.write(render_svg(b))
     report = render_report(b, table, cmd_table, os.path.relpath(chart, os.path.dirname(out_md)),
-                           spread_table)
+                           spread_table, curve_table)
     with open(out_md, "w") as f:
         f.write(report)
     with open(os.path.join(b.out_dir, "results.json"), "w") as f:
@@ -2033,6 +2444,9 @@ def main(argv=None) -> int:
                    "tcp_migrate_req": b.migrate_req, "errors": b.errors,
                    "workers": b.n, "rounds": b.rounds, "quick": a.quick}, f, indent=1, default=str)
     print(table)
+    if curve_table:
+        print()
+        print(curve_table)
     if cmd_table:
         print()
         print(cmd_table)

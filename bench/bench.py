@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """procman benchmark driver (stdlib only, Python 3.11).
 
-Runs one FastAPI app under procman, gunicorn + UvicornWorker and uvicorn --workers,
-interleaved round by round, and measures start-up, memory, idle cost, throughput,
-respawn, reload, shutdown, boot failure and a blocked event loop; plus, procman only,
-the spread of requests over the workers with one shared socket vs --reuse-port, and the
-command worker class (spawn time and master RSS for 1..256 workers).
+Runs one FastAPI app under gunicorn + UvicornWorker, uvicorn --workers, granian --interface
+asgi, procman (default), procman --preload and (when the binary has it) procman --no-zygote,
+interleaved round by round, and measures start-up (as the clients see it and as each server
+logs it), memory (master RSS, total PSS, per-worker USS), idle cost, throughput, respawn,
+reload, shutdown; a worker-count curve (1..16 workers: start-up and memory); optionally
+boot failure and a blocked event loop; plus, procman only, the spread of requests over the
+workers with one shared socket vs --reuse-port, and the command worker class (spawn time
+and master RSS for 1..256 workers). The Summary checks issue 15's targets (procman default
+÷ gunicorn) and compares procman with granian.
 
 Start it through bench/run, which installs wrk, the pinned venv and builds procman.
 
@@ -44,6 +48,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVERS = ("gunicorn", "uvicorn", "granian", "procman", "procman-preload", "procman-nozygote")
 PROCMAN_VARIANTS = ("procman", "procman-preload", "procman-nozygote")
 SCENARIOS = ("main", "curve", "bootfail", "blocked", "spread", "command")
+# What a plain `bench/run` runs (the full report must stay well under 25 min on 2 cores);
+# the others are asked for with --scenarios.
+DEFAULT_SCENARIOS = ("main", "curve", "command")
 TITLES = {
     "procman": "procman (default)",
     "procman-preload": "procman --preload",
@@ -782,7 +789,7 @@ class Bench:
         self.n = args.workers
         q = args.quick
         self.rounds = 1 if q and args.rounds is None else (args.rounds or 3)
-        self.idle = args.idle if args.idle is not None else (5.0 if q else 30.0)
+        self.idle = args.idle if args.idle is not None else (3.0 if q else 10.0)
         self.wrk_d = args.wrk_duration if args.wrk_duration is not None else (3 if q else 10)
         self.startup_cap = 30.0 if q else 60.0
         self.respawn_cap = 15.0 if q else 20.0
@@ -795,9 +802,13 @@ class Bench:
         self.spread_short_s = 3.0 if q else 5.0
         self.spread_wrk_d = 3 if q else 5
         self.has_no_zygote = procman_has_flag(self.procman, "--no-zygote")
+        if "procman-nozygote" in args.only and not self.has_no_zygote and args.only_explicit:
+            log(f"procman-nozygote left out: `{self.procman} --help` does not list --no-zygote")
         self.servers = [s for s in SERVERS if s in args.only
-                        and (s != "procman-nozygote" or self.has_no_zygote or args.only_explicit)]
-        self.curve_settle = 1.0 if q else 3.0
+                        and (s != "procman-nozygote" or self.has_no_zygote)]
+        if not self.servers:
+            raise SystemExit("no server left to run (see --only)")
+        self.curve_settle = 1.0 if q else 2.0
         self.results: dict[str, dict[str, list]] = {s: {} for s in self.servers}
         self.errors: list[str] = []
         self.cmd_results: dict[int, dict[str, list]] = {}
@@ -827,8 +838,7 @@ class Bench:
                     "--port", str(port), "--no-access-log"]
         if server == "granian":
             # Granian's access log is off by default. It does not replace a crashed worker
-            # unless told to (then after --respawn-interval, 3.5 s by default): without the
-            # flag the respawn scenario would only measure "never".
+            # unless told to: without the flag the respawn scenario would only measure "never".
             return [os.path.join(self.vbin, "granian"), "--interface", "asgi", "--workers", n,
                     "--respawn-failed-workers", "--host", HOST, "--port", str(port), app]
         a = [self.procman, app, "-w", n, "-b", bind, "--no-access-log",
@@ -1924,7 +1934,7 @@ def render_vs_granian(b: Bench) -> list[str]:
            "granian is a Rust server (its own HTTP stack and event loop integration), a different design"
            " from the three uvicorn-based servers, so where it is faster that is the HTTP path, not process"
            " management. Its workers are not replaced after a crash unless `--respawn-failed-workers` is"
-           " given (used here), and then only after `--respawn-interval` (3.5 s by default).", ""]
+           " given (used here).", ""]
     out += lines + [""]
     out.append(f"- granian better: {', '.join(worse) or 'nothing measured'}")
     out.append(f"- procman better: {', '.join(better) or 'nothing measured'}")
@@ -2248,13 +2258,18 @@ def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str, spread_t
     ]
     for s in b.servers:
         out.append(b.display_cmd(s))
-    out += ["```", "", "Blocked event loop (9), with a 10 s heartbeat timeout (uvicorn has no equivalent: –):",
-            "", "```"]
-    for s in b.servers:
-        if s not in NO_TIMEOUT:
-            out.append(b.display_cmd(s, timeout=10))
+    out.append("```")
+    if "granian" in b.servers:
+        out += ["", "granian gets `--respawn-failed-workers`: without it, it does not replace a crashed worker"
+                " (the respawn scenario would measure \"never\")."]
+    if "blocked" in b.a.scenarios:
+        out += ["", "Blocked event loop (9), with a 10 s heartbeat timeout (uvicorn and granian have no"
+                " equivalent: –):", "", "```"]
+        for s in b.servers:
+            if s not in NO_TIMEOUT:
+                out.append(b.display_cmd(s, timeout=10))
+        out.append("```")
     out += [
-        "```",
         "",
         f"Throughput (4): `wrk -t2 -c64 -d{b.wrk_d}s --latency http://127.0.0.1:PORT/pid`."
         " Boot failure (8): the same commands with `broken:main` (cwd a temp dir), a module that raises"
@@ -2286,7 +2301,9 @@ def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str, spread_t
             f"Each server started with N = {', '.join(map(str, b.a.curve_workers))} workers (the same"
             f" command lines with `-w N` / `--workers N`), interleaved server by server for each N in"
             f" every round; memory read after a {b.curve_settle:g} s settle window (not the main"
-            f" scenario's idle window). `(×r)` = that server's median ÷ procman default's.",
+            f" scenario's idle window). `(×r)` = that server's median ÷ procman default's."
+            " `uvicorn --workers 1` runs the app in its main process (no child), so its master RSS"
+            " is a worker's and it has no per-worker USS.",
             "",
             curve_table,
             "",
@@ -2314,7 +2331,8 @@ def render_report(b: Bench, table: str, cmd_table: str, chart_rel: str, spread_t
         " how soon the poller happens to reach the last worker, not only when it was ready.",
         "- Readiness, **server view**: the time (from `exec`, polled every 5 ms) at which the server's own"
         " log said N workers were ready: "
-        + "; ".join(f"{TITLES[s]}: {self_ready_spec(s)[1]}" for s in b.servers)
+        + "; ".join(f"{TITLES[s] if not is_procman(s) else 'procman (every variant)'}: {self_ready_spec(s)[1]}"
+                    for s in b.servers if not is_procman(s) or s == min(b.procman_bin_users()))
         + ". procman runs with `--log-format json` for this; its `all-ready` event is shown too."
         " gunicorn's \"Booting worker\" lines are forks, not readiness, so they are not used.",
         "- Per-worker USS: Private_Clean + Private_Dirty from `/proc/PID/smaps_rollup` of each worker"
@@ -2366,26 +2384,30 @@ def parse_args(argv):
     ap.add_argument("--workers", "-w", type=int, default=4, help="workers per server (default 4)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; 1 with --quick)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke mode: 1 round, 5 s idle window, 3 s wrk, shorter caps")
+                    help="smoke mode: 1 round, 3 s idle window, 3 s wrk, shorter caps; report in bench/out/BENCHMARKS.quick.md")
     ap.add_argument("--only", default=None,
                     help="comma-separated subset of " + ",".join(SERVERS) + " (default: all of them;"
                     " procman-nozygote only when `procman --help` lists --no-zygote)")
     ap.add_argument("--curve-workers", default="1,2,4,8,16",
                     help="worker counts of the worker-count curve (default 1,2,4,8,16)")
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
-                    help="comma-separated subset of " + ",".join(SCENARIOS) + " (default: all). main ="
-                    " start-up, memory, idle, wrk, respawn, reload, shutdown; command = procman's command"
-                    " class for 1..256 workers; spread = requests per worker with and without --reuse-port")
+    ap.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
+                    help="comma-separated subset of " + ",".join(SCENARIOS) + " (default: "
+                    + ",".join(DEFAULT_SCENARIOS) + "). main = start-up, memory, idle, wrk, respawn, reload,"
+                    " shutdown; curve = start-up and memory for --curve-workers; command = procman's command"
+                    " class for 1..256 workers; bootfail = the app raises at import; blocked = a blocked"
+                    " event loop with a 10 s timeout; spread = requests per worker with and without"
+                    " --reuse-port")
     ap.add_argument("--skip-command-class", action="store_true",
                     help="skip procman's command-class spawn/RSS measurements (= --scenarios without command)")
     ap.add_argument("--command-workers", default="1,16,64,256",
                     help="worker counts for the command class (default 1,16,64,256)")
-    ap.add_argument("--idle", type=float, default=None, help="idle window in s (default 30; 5 with --quick)")
+    ap.add_argument("--idle", type=float, default=None, help="idle window in s (default 10; 3 with --quick)")
     ap.add_argument("--wrk-duration", type=int, default=None, help="wrk -d in s (default 10; 3 with --quick)")
     ap.add_argument("--app-dir", default=None, help="directory of the app (default examples/fastapi)")
     ap.add_argument("--app", default="app:main", help="module:attribute (default app:main)")
-    ap.add_argument("--out", default=None, help="markdown report (default BENCHMARKS.md at the repo root)")
-    ap.add_argument("--chart", default=None, help="SVG chart (default bench/chart.svg)")
+    ap.add_argument("--out", default=None, help="markdown report (default BENCHMARKS.md at the repo root;"
+                    " bench/out/BENCHMARKS.quick.md with --quick)")
+    ap.add_argument("--chart", default=None, help="SVG chart (default bench/chart.svg; bench/out/chart.quick.svg with --quick)")
     a = ap.parse_args(argv)
     a.only_explicit = a.only is not None
     a.only = [s.strip() for s in (a.only or ",".join(SERVERS)).split(",") if s.strip()]
@@ -2431,8 +2453,11 @@ def main(argv=None) -> int:
         REG.cleanup_all()
     table, cmd_table, spread_table = render_table(b), render_cmd_table(b), render_spread(b)
     curve_table = render_curve(b)
-    out_md = os.path.abspath(a.out or os.path.join(b.root, "BENCHMARKS.md"))
-    chart = os.path.abspath(a.chart or os.path.join(b.bench_dir, "chart.svg"))
+    # a smoke run never overwrites the committed report
+    out_md = os.path.abspath(a.out or (os.path.join(b.out_dir, "BENCHMARKS.quick.md") if a.quick
+                                       else os.path.join(b.root, "BENCHMARKS.md")))
+    chart = os.path.abspath(a.chart or (os.path.join(b.out_dir, "chart.quick.svg") if a.quick
+                                        else os.path.join(b.bench_dir, "chart.svg")))
     with open(chart, "w") as f:
         f.write(render_svg(b))
     report = render_report(b, table, cmd_table, os.path.relpath(chart, os.path.dirname(out_md)),

@@ -100,6 +100,7 @@ class Bench:
         self.tmp = tempfile.mkdtemp(prefix="procman-preload-bench-")
         self.procman = self.procman_src
         self.procman_sha = "?"
+        self.no_zygote = common.procman_has_flag(self.procman_src, "--no-zygote")
 
     def pin_procman(self) -> None:
         """Run a private copy of target/release/procman: a concurrent rebuild (another
@@ -126,6 +127,10 @@ class Bench:
             a.append("--preload")
         if server.startswith("procman"):
             a += ["--no-access-log", "--python", os.path.join(self.vbin, "python")]
+        if server == "procman" and self.no_zygote:
+            # "cold" means every worker imports the app itself: where procman's default forks
+            # workers from a base zygote, that takes --no-zygote
+            a.append("--no-zygote")
         return a
 
     def display_cmd(self, server: str) -> str:

@@ -44,6 +44,13 @@ pub mod spawn;
 pub mod classes;
 pub mod zygote;
 
+// What the master reports and how it is asked: the status snapshot, the
+// non-blocking server of the metrics endpoint and the control socket.
+pub mod control;
+pub mod metrics;
+pub mod serve;
+pub mod status;
+
 // The supervision: the table, the pure policy, the loop.
 pub mod workers;
 // (policy decides; master only carries decisions out)

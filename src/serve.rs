@@ -1,0 +1,447 @@
+//! A small non-blocking server for the master's own loop: the metrics
+//! endpoint (`--metrics`) and the control socket (`--control-socket`).
+//!
+//! The master is single-threaded, so nothing here may ever block it: the
+//! listener and every connection are non-blocking, each pass of
+//! [`Server::service`] does a bounded amount of work (a bounded number of
+//! accepts, one read and one write per connection), a connection holds at
+//! most [`MAX_REQUEST`] bytes of request, and each has a deadline after
+//! which it is closed whatever it is doing. At most [`MAX_CONNS`]
+//! connections are open; a new one beyond that evicts the oldest, so a
+//! flood of idle connections cannot lock out an honest probe (which sends
+//! its request at once and is answered in the pass that accepts it).
+//!
+//! Framing is the caller's: [`Server::service`] hands each connection's
+//! bytes to a function that says whether a whole request is there and, if
+//! so, what to answer — now, or later (a control request that waits for a
+//! reload), by [`Server::reply`].
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Open connections at most.
+pub const MAX_CONNS: usize = 64;
+/// Bytes of one request at most (HTTP request line and headers, or one
+/// control line).
+pub const MAX_REQUEST: usize = 8192;
+/// Accepts per pass at most, so a connection flood cannot hold the loop.
+const ACCEPTS_PER_PASS: usize = 128;
+
+/// A listening socket, TCP or unix.
+pub enum Listen {
+    /// `HOST:PORT`.
+    Tcp(TcpListener),
+    /// `unix:PATH`; the file is removed when the server is dropped.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listen {
+    fn accept(&self) -> std::io::Result<Stream> {
+        match self {
+            Listen::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+            Listen::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listen::Tcp(l) => l.as_fd(),
+            Listen::Unix(l, _) => l.as_fd(),
+        }
+    }
+}
+
+/// A connected socket.
+pub enum Stream {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix.
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
+
+    fn set_nonblocking(&self) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(true),
+            Stream::Unix(s) => s.set_nonblocking(true),
+        }
+    }
+
+    /// The uid of the peer of a unix connection.
+    pub fn peer_uid(&self) -> Option<u32> {
+        match self {
+            Stream::Tcp(_) => None,
+            Stream::Unix(s) => {
+                nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::PeerCredentials)
+                    .ok()
+                    .map(|c| c.uid())
+            }
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the framing function says about the bytes received so far.
+pub enum Framed {
+    /// Not a whole request yet.
+    Incomplete,
+    /// Answer this and close.
+    Reply(Vec<u8>),
+    /// The answer comes later, by [`Server::reply`] with this connection's
+    /// id; the read deadline no longer applies.
+    Later,
+}
+
+struct Conn {
+    id: u64,
+    stream: Stream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    written: usize,
+    /// Closed when this passes (unless waiting for a later answer).
+    deadline: Instant,
+    waiting: bool,
+    opened: Instant,
+}
+
+/// A listener and its bounded set of connections.
+pub struct Server {
+    listen: Listen,
+    conns: Vec<Conn>,
+    next_id: u64,
+    timeout: Duration,
+}
+
+impl Server {
+    /// Serves on an already-bound, non-blocking listener; each connection
+    /// gets `timeout` to send its request and read the answer.
+    pub fn new(listen: Listen, timeout: Duration) -> Server {
+        Server {
+            listen,
+            conns: Vec::new(),
+            next_id: 1,
+            timeout,
+        }
+    }
+
+    /// Binds `HOST:PORT` or `unix:PATH` (mode `mode`), non-blocking.
+    pub fn bind(addr: &str, mode: u32, timeout: Duration) -> std::io::Result<Server> {
+        let listen = match addr.strip_prefix("unix:") {
+            Some(path) => {
+                let path = PathBuf::from(path);
+                Listen::Unix(bind_unix(&path, mode)?, path)
+            }
+            None => {
+                let l = TcpListener::bind(addr)?;
+                l.set_nonblocking(true)?;
+                Listen::Tcp(l)
+            }
+        };
+        Ok(Server::new(listen, timeout))
+    }
+
+    /// The TCP address it listens on (tests bind port 0).
+    pub fn local_port(&self) -> Option<u16> {
+        match &self.listen {
+            Listen::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
+            Listen::Unix(..) => None,
+        }
+    }
+
+    /// The file descriptors to poll and for what: the listener for input,
+    /// each connection for input or (with an answer pending) output.
+    pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, bool)> {
+        let mut out = vec![(self.listen.fd(), false)];
+        out.extend(
+            self.conns
+                .iter()
+                .filter(|c| !c.waiting || !c.output.is_empty())
+                .map(|c| (c.stream.fd(), !c.output.is_empty())),
+        );
+        out
+    }
+
+    /// When the earliest connection is due to be closed.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.conns
+            .iter()
+            .filter(|c| !c.waiting)
+            .map(|c| c.deadline)
+            .min()
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// One pass: accept what is pending (bounded), read what each
+    /// connection sent, answer whole requests, write pending answers, and
+    /// close finished and overdue connections. `frame` is given the
+    /// connection's id, its bytes so far and the stream (for the peer's
+    /// credentials). Never blocks.
+    pub fn service(
+        &mut self,
+        now: Instant,
+        mut frame: impl FnMut(u64, &[u8], &Stream) -> Framed,
+    ) {
+        for _ in 0..ACCEPTS_PER_PASS {
+            match self.listen.accept() {
+                Ok(stream) => {
+                    if stream.set_nonblocking().is_err() {
+                        continue;
+                    }
+                    if self.conns.len() >= MAX_CONNS {
+                        // Evict the oldest connection that is not waiting for
+                        // a later answer (an idle one, most likely hostile).
+                        if let Some(i) = self
+                            .conns
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, c)| !c.waiting)
+                            .min_by_key(|(_, c)| c.opened)
+                            .map(|(i, _)| i)
+                        {
+                            self.conns.swap_remove(i);
+                        } else {
+                            continue; // drop the new one
+                        }
+                    }
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    self.conns.push(Conn {
+                        id,
+                        stream,
+                        input: Vec::new(),
+                        output: Vec::new(),
+                        written: 0,
+                        deadline: now + self.timeout,
+                        waiting: false,
+                        opened: now,
+                    });
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break, // WouldBlock, or a transient error (EMFILE…)
+            }
+        }
+        let mut buf = [0u8; 4096];
+        for c in &mut self.conns {
+            if c.output.is_empty() && !c.waiting {
+                match c.stream.read(&mut buf) {
+                    Ok(0) => c.deadline = now, // peer closed before asking
+                    Ok(n) => {
+                        let room = MAX_REQUEST.saturating_sub(c.input.len());
+                        c.input.extend_from_slice(&buf[..n.min(room)]);
+                        match frame(c.id, &c.input, &c.stream) {
+                            Framed::Incomplete if c.input.len() >= MAX_REQUEST => {
+                                c.deadline = now; // too long: close
+                            }
+                            Framed::Incomplete => {}
+                            Framed::Reply(bytes) => c.output = bytes,
+                            Framed::Later => c.waiting = true,
+                        }
+                    }
+                    Err(e) if would_block(&e) => {}
+                    Err(_) => c.deadline = now,
+                }
+            }
+            if !c.output.is_empty() {
+                match c.stream.write(&c.output[c.written..]) {
+                    Ok(n) => c.written += n,
+                    Err(e) if would_block(&e) => {}
+                    Err(_) => c.deadline = now,
+                }
+                if c.written >= c.output.len() {
+                    c.deadline = now; // answered: close
+                    c.waiting = false;
+                }
+            }
+        }
+        self.conns
+            .retain(|c| c.waiting && c.output.is_empty() || c.deadline > now);
+    }
+
+    /// Answers a connection that was told [`Framed::Later`]; the answer
+    /// is written by the next passes of [`Server::service`].
+    pub fn reply(&mut self, id: u64, bytes: Vec<u8>, now: Instant) {
+        if let Some(c) = self.conns.iter_mut().find(|c| c.id == id) {
+            c.output = bytes;
+            c.written = 0;
+            c.deadline = now + self.timeout;
+            c.waiting = false;
+        }
+    }
+
+    /// The ids of connections waiting for a later answer.
+    pub fn waiting(&self) -> Vec<u64> {
+        self.conns
+            .iter()
+            .filter(|c| c.waiting)
+            .map(|c| c.id)
+            .collect()
+    }
+
+    /// Raw fd of the listener (for tests and diagnostics).
+    pub fn listener_fd(&self) -> RawFd {
+        self.listen.fd().as_raw_fd()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Listen::Unix(_, path) = &self.listen {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn would_block(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted)
+}
+
+/// Binds a unix socket at `path` with permissions `mode` from the start
+/// (the umask is narrowed around bind(2), so there is no window in which
+/// the file is more open than asked). A stale socket file (nothing
+/// listening) is replaced; a live one or any other file is an error.
+fn bind_unix(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                ErrorKind::AlreadyExists,
+                "exists and is not a socket",
+            ));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                ErrorKind::AddrInUse,
+                "another process is listening on it",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let mask = nix::sys::stat::Mode::from_bits_truncate(!mode & 0o777);
+    // The master is single-threaded: nothing else creates files meanwhile.
+    let old = nix::sys::stat::umask(mask);
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let l = bound?;
+    // Whatever the umask did, the mode is exactly what was asked.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn echo_line(_: u64, bytes: &[u8], _: &Stream) -> Framed {
+        match bytes.iter().position(|&b| b == b'\n') {
+            Some(i) => Framed::Reply(bytes[..=i].to_vec()),
+            None => Framed::Incomplete,
+        }
+    }
+
+    fn pump(server: &mut Server, until: impl Fn(&Server) -> bool) {
+        let end = Instant::now() + Duration::from_secs(5);
+        while !until(server) && Instant::now() < end {
+            server.service(Instant::now(), echo_line);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn answers_a_request_and_closes() {
+        let mut s = Server::bind("127.0.0.1:0", 0o600, Duration::from_secs(2)).expect("bind");
+        let port = s.local_port().expect("port");
+        let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        c.write_all(b"hello\n").expect("write");
+        c.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        let mut got = Vec::new();
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            s.service(Instant::now(), echo_line);
+            let mut b = [0u8; 64];
+            c.set_nonblocking(true).ok();
+            match c.read(&mut b) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&b[..n]),
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        assert_eq!(got, b"hello\n");
+        assert_eq!(s.open_connections(), 0);
+    }
+
+    #[test]
+    fn idle_and_oversized_connections_are_closed_and_bounded() {
+        let mut s = Server::bind("127.0.0.1:0", 0o600, Duration::from_millis(200)).expect("bind");
+        let port = s.local_port().expect("port");
+        let idle: Vec<TcpStream> = (0..MAX_CONNS + 20)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+            .collect();
+        pump(&mut s, |s| s.open_connections() == MAX_CONNS);
+        assert_eq!(s.open_connections(), MAX_CONNS);
+        let mut big = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        big.set_nonblocking(true).ok();
+        let _ = big.write(&vec![b'x'; MAX_REQUEST * 2]);
+        // Everything goes by its deadline.
+        pump(&mut s, |s| s.open_connections() == 0);
+        assert_eq!(s.open_connections(), 0);
+        assert!(s.deadline().is_none());
+        drop(idle);
+    }
+
+    #[test]
+    fn a_unix_socket_has_the_mode_asked_and_replaces_a_stale_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("procman-serve-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("ctl.sock");
+        let addr = format!("unix:{}", path.display());
+        {
+            let _stale = UnixListener::bind(&path).expect("stale");
+        }
+        let s = Server::bind(&addr, 0o600, Duration::from_secs(1)).expect("bind");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(Server::bind(&addr, 0o600, Duration::from_secs(1)).is_err());
+        drop(s);
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

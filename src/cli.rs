@@ -602,6 +602,23 @@ pub static OPTIONS: &[OptionDef] = &[
         help: "Append the master's log to PATH instead of stderr; USR1 reopens it (logrotate).",
         ..BASE
     },
+    // ---- Control ----
+    OptionDef {
+        name: "control-socket",
+        value_name: "PATH",
+        reload: Reload::RestartOnly,
+        heading: "Control",
+        help: "Listen for `procman status|reload|scale|stop` on a unix socket at PATH (mode 0600); off by default.",
+        ..BASE
+    },
+    OptionDef {
+        name: "metrics",
+        value_name: "HOST:PORT|unix:PATH",
+        reload: Reload::RestartOnly,
+        heading: "Control",
+        help: "Serve GET /metrics (Prometheus), /healthz and /readyz on this address; off by default.",
+        ..BASE
+    },
     // ---- Config ----
     OptionDef {
         name: "config",

@@ -138,7 +138,11 @@ pub fn run_client(args: &[String]) -> ExitCode {
         ("stop", []) => json!({"cmd": "stop", "quick": quick}),
         ("scale", [n]) => match n.parse::<u64>() {
             Ok(n) if n >= 1 => json!({"cmd": "scale", "workers": n}),
-            _ => return usage(&format!("scale {n}: expected a whole number of workers, 1 or more")),
+            _ => {
+                return usage(&format!(
+                    "scale {n}: expected a whole number of workers, 1 or more"
+                ))
+            }
         },
         (_, extra) => return usage(&format!("unexpected argument(s): {}", extra.join(" "))),
     };
@@ -201,7 +205,8 @@ pub fn ask(socket: &str, request: &Value, timeout: Duration) -> std::io::Result<
             "closed without an answer",
         ));
     }
-    serde_json::from_str(&reply).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    serde_json::from_str(&reply)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 #[cfg(test)]

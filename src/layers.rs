@@ -665,7 +665,9 @@ mod tests {
                 "pid",
                 "log-level",
                 "log-format",
-                "log-file"
+                "log-file",
+                "control-socket",
+                "metrics"
             ]
         );
     }

@@ -53,6 +53,7 @@ mod groups;
 mod launch;
 mod lifecycle;
 mod messages;
+mod observe;
 mod preload;
 mod recycle;
 mod reload;
@@ -66,6 +67,7 @@ pub use launch::worker_base_env;
 use boot::Boot;
 use exits::signal_group;
 use launch::Settings;
+use observe::Endpoints;
 use recycle::Recycling;
 use reload::{release, Reload};
 use systemd::SystemdLink;
@@ -150,6 +152,8 @@ pub struct Master {
     /// Once a quick stop (or a second TERM) was asked for: no SIGKILL may be
     /// pushed past this, whatever a worker asks with EXTEND_TIMEOUT_USEC.
     kill_limit: Option<Instant>,
+    /// `--metrics` and `--control-socket`, and what they report.
+    endpoints: Endpoints,
 }
 
 impl Master {
@@ -162,6 +166,7 @@ impl Master {
         args: Vec<OsString>,
     ) -> Result<Master> {
         let notify = Receiver::create(cfg.credentials.as_ref())?;
+        let endpoints = Endpoints::bind(&cfg)?;
         let listeners = listeners.into_iter().map(Rc::new).collect();
         Ok(Master {
             settings: Settings::new(cfg, listeners),
@@ -181,6 +186,7 @@ impl Master {
             zygotes: Zygotes::default(),
             lingering: Vec::new(),
             kill_limit: None,
+            endpoints,
         })
     }
 
@@ -206,6 +212,7 @@ impl Master {
         loop {
             let now = Instant::now();
             self.act(now);
+            self.serve_endpoints(now);
             if let MasterState::Stopping { outcome, .. } = &self.state {
                 // Done only when no process of any group we created remains.
                 if self.table.is_empty() && self.zygotes.is_empty() && self.lingering.is_empty() {
@@ -424,7 +431,13 @@ impl Master {
 
     /// The earliest moment something is due.
     fn next_wake(&self) -> Option<Instant> {
-        self.deadlines().into_iter().map(|(at, _)| at).min()
+        // The endpoints' connection deadlines only close connections: they
+        // are not the master's events.
+        self.deadlines()
+            .into_iter()
+            .map(|(at, _)| at)
+            .chain(self.endpoints.deadline())
+            .min()
     }
 
     fn wait(&self, timeout: Option<Duration>) {
@@ -447,6 +460,16 @@ impl Master {
                 .channels()
                 .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
         );
+        fds.extend(self.endpoints.poll_fds().into_iter().map(|(fd, out)| {
+            PollFd::new(
+                fd,
+                if out {
+                    PollFlags::POLLOUT
+                } else {
+                    PollFlags::POLLIN
+                },
+            )
+        }));
         match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => warn!("poll failed: {}", e.desc()),

@@ -123,7 +123,9 @@ pub fn render(s: &Snapshot, observed: &Observed) -> String {
     let workers = Family::<Labels, Gauge>::default();
     for state in ["starting", "ready", "stopping"] {
         let n = s.workers.iter().filter(|w| w.state == state).count();
-        workers.get_or_create(&labels(&[("state", state)])).set(n as i64);
+        workers
+            .get_or_create(&labels(&[("state", state)]))
+            .set(n as i64);
     }
     r.register("procman_workers", "Workers by state", workers);
 
@@ -197,7 +199,11 @@ pub fn render(s: &Snapshot, observed: &Observed) -> String {
 
     let uptime = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
     uptime.set(s.uptime_s);
-    r.register("procman_uptime_seconds", "Time since the master started", uptime);
+    r.register(
+        "procman_uptime_seconds",
+        "Time since the master started",
+        uptime,
+    );
 
     let mut out = String::new();
     // Writing to a String cannot fail.

@@ -212,11 +212,7 @@ impl Server {
     /// close finished and overdue connections. `frame` is given the
     /// connection's id, its bytes so far and the stream (for the peer's
     /// credentials). Never blocks.
-    pub fn service(
-        &mut self,
-        now: Instant,
-        mut frame: impl FnMut(u64, &[u8], &Stream) -> Framed,
-    ) {
+    pub fn service(&mut self, now: Instant, mut frame: impl FnMut(u64, &[u8], &Stream) -> Framed) {
         for _ in 0..ACCEPTS_PER_PASS {
             match self.listen.accept() {
                 Ok(stream) => {

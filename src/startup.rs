@@ -44,6 +44,17 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
         crate::generate::print(request?)?;
         return Ok(ExitCode::SUCCESS);
     }
+    // `procman status|reload|scale|stop`: a client of a running master's
+    // control socket, recognised in first position only.
+    if let Some(sub) = args.get(1).and_then(|a| a.to_str()) {
+        if crate::control::SUBCOMMANDS.contains(&sub) {
+            let rest: Vec<String> = args[1..]
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            return Ok(crate::control::run_client(&rest));
+        }
+    }
     let Some((cfg, layered)) = layers::load_config(&args)? else {
         return Ok(ExitCode::SUCCESS);
     };

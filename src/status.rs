@@ -146,7 +146,16 @@ impl Snapshot {
         );
         out.push_str(&format!(
             "{:>4} {:>8} {:>4} {:<8} {:>8} {:>10} {:>10} {:>9} {:>8}  {}\n",
-            "SLOT", "PID", "GEN", "STATE", "AGE", "RSS", "USS", "HEARTBEAT", "RESTARTS", "LAST EXIT"
+            "SLOT",
+            "PID",
+            "GEN",
+            "STATE",
+            "AGE",
+            "RSS",
+            "USS",
+            "HEARTBEAT",
+            "RESTARTS",
+            "LAST EXIT"
         ));
         for w in &self.workers {
             out.push_str(&format!(
@@ -230,7 +239,7 @@ impl Observed {
     }
 
     /// A worker became ready `after` its fork.
-    pub fn ready(&mut self, after: Duration) {
+    pub fn ready(&self, after: Duration) {
         self.time_to_ready.observe(after.as_secs_f64());
     }
 
@@ -274,9 +283,10 @@ pub fn parse_oom_kill(events: &str) -> Option<u64> {
     })
 }
 
-/// Resident and unique memory of every process group, from one scan of
-/// /proc: RSS from `stat`, USS (private pages) from `smaps_rollup`.
-pub fn memory_by_group() -> BTreeMap<i32, (u64, u64)> {
+/// Resident and unique memory of the process groups `groups`, from one
+/// scan of /proc: RSS and USS (private pages) from `smaps_rollup`, read
+/// only for members of those groups.
+pub fn memory_by_group(groups: &std::collections::BTreeSet<i32>) -> BTreeMap<i32, (u64, u64)> {
     let mut out: BTreeMap<i32, (u64, u64)> = BTreeMap::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
@@ -289,7 +299,7 @@ pub fn memory_by_group() -> BTreeMap<i32, (u64, u64)> {
         else {
             continue;
         };
-        let Some(stat) = crate::procfs::stat(pid) else {
+        let Some(stat) = crate::procfs::stat(pid).filter(|s| groups.contains(&s.pgrp)) else {
             continue;
         };
         let (rss, uss) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))

@@ -16,6 +16,7 @@ use crate::classes::FatalExit;
 use crate::error::Error;
 use crate::pid::ChildPid;
 use crate::policy::{self, Backoff};
+use crate::status::Observed;
 use crate::workers::{StopReason, Worker, WorkerState};
 
 impl Master {
@@ -46,6 +47,7 @@ impl Master {
             );
             return;
         };
+        let reason = self.record_exit(&w, &status).as_str();
         if self.reload_worker_exited(&w, &status, now) {
             return;
         }
@@ -63,6 +65,7 @@ impl Master {
             Some(StopReason::HeartbeatTimeout) => {
                 warn!(
                     event = "exited",
+                    reason,
                     worker = pid.as_raw(),
                     slot = w.slot,
                     generation = w.generation,
@@ -73,6 +76,7 @@ impl Master {
             }
             Some(_) => info!(
                 event = "exited",
+                reason,
                 worker = pid.as_raw(),
                 slot = w.slot,
                 generation = w.generation,
@@ -81,6 +85,7 @@ impl Master {
             ),
             None if stopping_master => info!(
                 event = "exited",
+                reason,
                 worker = pid.as_raw(),
                 slot = w.slot,
                 generation = w.generation,
@@ -105,6 +110,7 @@ impl Master {
                     match b.next_spawn_at {
                         Some(at) => warn!(
                             event = "exited",
+                    reason,
                             worker = pid.as_raw(),
                             slot = w.slot,
                             generation = w.generation,
@@ -112,7 +118,7 @@ impl Master {
                             w.slot,
                             at.saturating_duration_since(now).as_secs_f64()
                         ),
-                        None => warn!(event = "exited", worker = pid.as_raw(), slot = w.slot, generation = w.generation, "Worker {pid} (slot {}) exited: {how}; respawning", w.slot),
+                        None => warn!(event = "exited", reason, worker = pid.as_raw(), slot = w.slot, generation = w.generation, "Worker {pid} (slot {}) exited: {how}; respawning", w.slot),
                     }
                 }
             }
@@ -327,7 +333,7 @@ impl Master {
                 // that exits at once never replaces a working one.
                 if !self.settings.class.notify_ready {
                     if self.settings.cfg.ready_after.is_zero() {
-                        mark_ready(&mut w, now);
+                        mark_ready(&mut w, now, &self.endpoints.observed);
                     } else {
                         if let WorkerState::Starting { stable_at, .. } = &mut w.state {
                             *stable_at = Some(now + self.settings.cfg.ready_after);
@@ -343,7 +349,7 @@ impl Master {
     /// stayed up, so a later crash is not a failed boot.
     pub(super) fn stable(&mut self, pid: Pid, now: Instant) {
         if let Some(w) = self.table.get_mut(pid).filter(|w| w.is_starting()) {
-            mark_ready(w, now);
+            mark_ready(w, now, &self.endpoints.observed);
             self.boot.stayed_up();
         }
     }
@@ -365,11 +371,12 @@ pub(super) fn log_traceback(w: &Worker) {
     }
 }
 
-pub(super) fn mark_ready(w: &mut Worker, now: Instant) {
+pub(super) fn mark_ready(w: &mut Worker, now: Instant, observed: &Observed) {
     if !w.become_ready(now) {
         return;
     }
     let boot = now.saturating_duration_since(w.started_at);
+    observed.ready(boot);
     info!(
         event = "ready",
         worker = w.pid.as_raw(),

@@ -66,7 +66,7 @@ impl Master {
         match message {
             Message::Ready => {
                 if w.is_starting() && notify_ready {
-                    mark_ready(w, now);
+                    mark_ready(w, now, &self.endpoints.observed);
                 }
             }
             Message::Heartbeat => w.last_heartbeat = Some(now),

@@ -83,6 +83,7 @@ impl Master {
     /// to a new generation. A HUP during a reload supersedes it: a failure
     /// still goes back to what was in force before the first.
     pub(super) fn begin_reload(&mut self) {
+        self.reload_began(Instant::now());
         self.systemd.send(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading",
             notify::monotonic_usec()
@@ -105,6 +106,7 @@ impl Master {
                 );
                 self.systemd
                     .send(&format!("READY=1\nSTATUS=reload failed: {e}"));
+                self.reload_ended(Err(e.to_string()));
                 return;
             }
         };
@@ -221,6 +223,7 @@ impl Master {
             "Reload done: generation {} serving",
             r.generation
         );
+        self.reload_ended(Ok(()));
         self.systemd
             .send(&format!("READY=1\nSTATUS={}", self.status_line()));
     }
@@ -245,6 +248,7 @@ impl Master {
             r.generation,
             self.generation
         );
+        self.reload_ended(Err(why.to_string()));
         for addr in release(std::mem::take(&mut r.previous.listeners)) {
             info!("Closed {addr} (bound by the failed reload)");
         }
@@ -333,6 +337,7 @@ impl Master {
         if w.generation > baseline {
             info!(
                 event = "exited",
+                reason = "reload",
                 worker = w.pid.as_raw(),
                 slot = w.slot,
                 generation = w.generation,

@@ -94,6 +94,11 @@ impl Master {
             }
             return;
         }
+        // The recycle reason lives with the active worker: kept for its
+        // exit's reason before the stop replaces that state.
+        if let Some(why) = w.active().and_then(|a| a.recycle.as_deref()) {
+            self.endpoints.note_recycle(pid, why);
+        }
         let (signal, kill_at) = match reason {
             StopReason::StartupTimeout => (Signal::SIGKILL, None),
             // A uvicorn worker still starting may not have its handlers

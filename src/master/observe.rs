@@ -1,0 +1,327 @@
+//! What the master tells about itself, from its own loop: the metrics
+//! endpoint (`--metrics`) and the control socket (`--control-socket`),
+//! both non-blocking [`Server`]s polled with the master's other fds and
+//! serviced once per iteration; the status snapshot they read; the exit
+//! reason of each reaped worker (counted, and logged as `reason`); and the
+//! reload results a `procman reload` waits for.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+use serde_json::json;
+use tracing::info;
+
+use super::{Event, Master, MasterState};
+use crate::config::Config;
+use crate::control::{self, Request};
+use crate::error::{Error, Result};
+use crate::serve::{Framed, Server};
+use crate::signals::MasterSignal;
+use crate::status::{self, ExitReason, Observed, Snapshot, WorkerStatus};
+use crate::workers::{StopReason, Worker, WorkerState};
+
+/// How long a metrics or control client has to send its request and read
+/// the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The endpoints and the record they report from.
+pub(super) struct Endpoints {
+    metrics: Option<Server>,
+    control: Option<Server>,
+    /// Control connections waiting for the current reload's result.
+    reload_waiters: Vec<u64>,
+    reload_started: Option<Instant>,
+    /// Workers stopped for recycling, and why (the reason outlives the
+    /// worker's active state).
+    recycled: BTreeMap<Pid, ExitReason>,
+    /// Answers decided outside a service pass (a reload's end).
+    replies: Vec<(u64, Vec<u8>)>,
+    started: Instant,
+    pub(super) observed: Observed,
+}
+
+impl Endpoints {
+    /// Binds what the configuration asks for (nothing by default).
+    pub(super) fn bind(cfg: &Config) -> Result<Endpoints> {
+        let open = |name: &str, addr: Option<&str>, mode: u32| -> Result<Option<Server>> {
+            let Some(addr) = addr.filter(|a| !a.is_empty()) else {
+                return Ok(None);
+            };
+            Server::bind(addr, mode, CLIENT_TIMEOUT)
+                .map(Some)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::InvalidInput => {
+                        Error::usage(format!("--{name} {addr}: not HOST:PORT or unix:PATH ({e})"))
+                    }
+                    _ => Error::runtime(format!("--{name} {addr}: cannot listen: {e}")),
+                })
+        };
+        let control = match cfg.options.text("control-socket") {
+            Some(p) => open("control-socket", Some(&format!("unix:{p}")), 0o600)?,
+            None => None,
+        };
+        // The metrics endpoint is read-only: a unix socket for it may be
+        // read by the group (a scraper's sidecar).
+        let metrics = open("metrics", cfg.options.text("metrics"), 0o660)?;
+        for (what, s) in [("metrics", &metrics), ("control socket", &control)] {
+            if s.is_some() {
+                info!("Serving the {what} on {}", describe(cfg, what));
+            }
+        }
+        Ok(Endpoints {
+            metrics,
+            control,
+            reload_waiters: Vec::new(),
+            reload_started: None,
+            replies: Vec::new(),
+            recycled: BTreeMap::new(),
+            started: Instant::now(),
+            observed: Observed::default(),
+        })
+    }
+
+    /// A worker is being stopped to be recycled, for `why`.
+    pub(super) fn note_recycle(&mut self, pid: Pid, why: &str) {
+        self.recycled.insert(pid, ExitReason::of_recycle(why));
+    }
+
+    /// The fds to poll: `(fd, wants output)`.
+    pub(super) fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, bool)> {
+        let mut out = Vec::new();
+        for s in [&self.metrics, &self.control].into_iter().flatten() {
+            out.extend(s.poll_fds());
+        }
+        out
+    }
+
+    /// When a connection is due to be closed.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        [&self.metrics, &self.control]
+            .into_iter()
+            .flatten()
+            .filter_map(Server::deadline)
+            .min()
+    }
+}
+
+fn describe(cfg: &Config, what: &str) -> String {
+    match what {
+        "metrics" => cfg.options.text("metrics").unwrap_or("").to_string(),
+        _ => cfg.options.text("control-socket").unwrap_or("").to_string(),
+    }
+}
+
+impl Master {
+    /// One pass over both endpoints: never blocks.
+    pub(super) fn serve_endpoints(&mut self, now: Instant) {
+        if let Some(mut server) = self.endpoints.metrics.take() {
+            let stopping = matches!(self.state, MasterState::Stopping { .. });
+            let mut snap = || self.snapshot(now, false);
+            let observed = &self.endpoints.observed;
+            // The snapshot closure borrows self; `observed` is a field of
+            // it too, read-only.
+            server.service(now, |_, bytes, _| {
+                crate::metrics::answer(bytes, &mut snap, observed, stopping)
+            });
+            self.endpoints.metrics = Some(server);
+        }
+        if let Some(mut server) = self.endpoints.control.take() {
+            let mut asked: Vec<(u64, Request)> = Vec::new();
+            server.service(now, |id, bytes, stream| {
+                match control::frame(bytes, stream) {
+                    Ok(None) => Framed::Incomplete,
+                    Err(reply) => Framed::Reply(reply),
+                    Ok(Some(request)) => {
+                        asked.push((id, request));
+                        Framed::Later
+                    }
+                }
+            });
+            for (id, request) in asked {
+                if let Some(reply) = self.on_control(id, request, now) {
+                    server.reply(id, reply, now);
+                }
+            }
+            // A stop answers reload waiters: their reload will not end.
+            if matches!(self.state, MasterState::Stopping { .. }) {
+                for id in std::mem::take(&mut self.endpoints.reload_waiters) {
+                    server.reply(id, control::error("procman is stopping"), now);
+                }
+            }
+            for (id, reply) in std::mem::take(&mut self.endpoints.replies) {
+                server.reply(id, reply, now);
+            }
+            // Write what was just answered without waiting for a wake-up.
+            server.service(now, |_, _, _| Framed::Incomplete);
+            self.endpoints.control = Some(server);
+        }
+    }
+
+    /// A control request; `None` when the answer comes later (a reload).
+    fn on_control(&mut self, id: u64, request: Request, now: Instant) -> Option<Vec<u8>> {
+        let stopping = matches!(self.state, MasterState::Stopping { .. });
+        match request {
+            Request::Status => {
+                let snap = self.snapshot(now, true);
+                Some(control::line(json!({"ok": true, "status": snap})))
+            }
+            Request::Scale(_) | Request::Reload if stopping => {
+                Some(control::error("procman is stopping"))
+            }
+            Request::Scale(n) => {
+                let delta = n as isize - self.settings.target as isize;
+                if delta != 0 {
+                    self.scale(delta);
+                }
+                Some(control::line(
+                    json!({"ok": true, "workers": self.settings.target}),
+                ))
+            }
+            Request::Stop { quick } => {
+                let sig = if quick {
+                    MasterSignal::Interrupt
+                } else {
+                    MasterSignal::Terminate
+                };
+                self.handle(Event::Signal(sig), now);
+                Some(control::line(json!({"ok": true})))
+            }
+            Request::Reload => {
+                self.endpoints.reload_waiters.push(id);
+                self.handle(Event::Signal(MasterSignal::Reload), now);
+                None
+            }
+        }
+    }
+
+    /// A reload began (HUP or `procman reload`).
+    pub(super) fn reload_began(&mut self, now: Instant) {
+        self.endpoints.reload_started = Some(now);
+        self.endpoints.observed.last_reload = Some("in progress".into());
+    }
+
+    /// A reload ended: counted, timed, and told to whoever waits for it.
+    pub(super) fn reload_ended(&mut self, result: std::result::Result<(), String>) {
+        let took = self
+            .endpoints
+            .reload_started
+            .take()
+            .map_or(Duration::ZERO, |t| t.elapsed());
+        let reply = match &result {
+            Ok(()) => control::line(json!({"ok": true, "generation": self.generation})),
+            Err(why) => control::error(why),
+        };
+        self.endpoints.observed.reload_done(result, took);
+        for id in std::mem::take(&mut self.endpoints.reload_waiters) {
+            self.endpoints.replies.push((id, reply.clone()));
+        }
+    }
+
+    /// Why a reaped worker ended; counted for its slot and reason.
+    pub(super) fn record_exit(&mut self, w: &Worker, status: &WaitStatus) -> ExitReason {
+        let killed_by_procman = w.stop().is_some_and(|s| s.killed.is_some());
+        let reason = match w.stop().map(|s| s.reason) {
+            Some(StopReason::Shutdown) => ExitReason::Shutdown,
+            Some(StopReason::Excess) => ExitReason::Scale,
+            Some(StopReason::HeartbeatTimeout | StopReason::StartupTimeout) => ExitReason::Timeout,
+            Some(StopReason::ReloadAborted) => ExitReason::Reload,
+            Some(StopReason::Replaced) => self
+                .endpoints
+                .recycled
+                .get(&w.pid)
+                .copied()
+                .unwrap_or(ExitReason::Reload),
+            None => ExitReason::Crash,
+        };
+        let sigkill = matches!(status, WaitStatus::Signaled(_, Signal::SIGKILL, _));
+        // Read the cgroup's count at every SIGKILL procman did not send, so
+        // that one OOM kill is attributed once.
+        let reason = if sigkill && !killed_by_procman && self.endpoints.observed.oom_killed_since()
+        {
+            ExitReason::OomKill
+        } else {
+            reason
+        };
+        let how = if reason == ExitReason::OomKill {
+            "killed by the kernel's OOM killer".to_string()
+        } else {
+            super::exits::describe_exit(status, w.stop())
+        };
+        self.endpoints.recycled.remove(&w.pid);
+        self.endpoints.observed.exited(w.slot, reason, &how);
+        reason
+    }
+
+    /// The master and its workers now. `memory` reads each worker's
+    /// RSS and USS (one scan of /proc).
+    pub(super) fn snapshot(&self, now: Instant, _for_control: bool) -> Snapshot {
+        let groups: BTreeSet<i32> = self.table.iter().map(|w| w.pid.as_raw()).collect();
+        let memory = status::memory_by_group(&groups);
+        let observed = &self.endpoints.observed;
+        let workers = self
+            .table
+            .iter()
+            .map(|w| {
+                let mem = memory.get(&w.pid.as_raw());
+                let slot = observed.slots.get(&w.slot);
+                WorkerStatus {
+                    slot: w.slot,
+                    pid: w.pid.as_raw(),
+                    generation: w.generation,
+                    state: match w.state {
+                        WorkerState::Starting { .. } => "starting",
+                        WorkerState::Ready(_) => "ready",
+                        WorkerState::Stopping(_) => "stopping",
+                    }
+                    .to_string(),
+                    age_s: now.saturating_duration_since(w.started_at).as_secs_f64(),
+                    rss_bytes: mem.map(|m| m.0),
+                    uss_bytes: mem.map(|m| m.1),
+                    heartbeat_age_s: w
+                        .last_heartbeat
+                        .map(|t| now.saturating_duration_since(t).as_secs_f64()),
+                    restarts: slot.map_or(0, |s| s.0),
+                    last_exit: slot.map(|s| s.1.clone()),
+                }
+            })
+            .collect();
+        let listen_queue = self
+            .settings
+            .listeners
+            .iter()
+            .filter_map(|l| Some((l.display.clone(), status::listen_queue(l.fd.as_raw_fd())?)))
+            .collect();
+        Snapshot {
+            pid: std::process::id() as i32,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_s: now
+                .saturating_duration_since(self.endpoints.started)
+                .as_secs_f64(),
+            generation: self.generation,
+            state: match self.state {
+                MasterState::Booting => "booting",
+                MasterState::Running => "running",
+                MasterState::Stopping { .. } => "stopping",
+            }
+            .to_string(),
+            target: self.settings.target,
+            reload: observed.last_reload.clone(),
+            workers,
+            restarts: observed
+                .restarts
+                .iter()
+                .map(|(r, n)| (r.as_str().to_string(), *n))
+                .collect(),
+            reloads: observed
+                .reloads
+                .iter()
+                .map(|(r, n)| (r.to_string(), *n))
+                .collect(),
+            listen_queue,
+        }
+    }
+}

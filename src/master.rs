@@ -212,7 +212,7 @@ impl Master {
         loop {
             let now = Instant::now();
             self.act(now);
-            self.serve_endpoints(now);
+            self.flush_endpoints(now);
             if let MasterState::Stopping { outcome, .. } = &self.state {
                 // Done only when no process of any group we created remains.
                 if self.table.is_empty() && self.zygotes.is_empty() && self.lingering.is_empty() {
@@ -238,6 +238,9 @@ impl Master {
             while let Some((pid, status)) = reap_one() {
                 self.handle(Event::Exited { pid, status }, now);
             }
+            // Requests (a stop, a scale, a reload) are events too: the
+            // next round's `act` carries them out.
+            self.serve_endpoints(now);
         }
     }
 

@@ -172,7 +172,19 @@ impl Server {
         Ok(Server::new(listen, timeout))
     }
 
-    /// The TCP address it listens on (tests bind port 0).
+    /// Where it listens: `HOST:PORT` (the real port when 0 was asked) or
+    /// `unix:PATH`.
+    pub fn address(&self) -> String {
+        match &self.listen {
+            Listen::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into()),
+            Listen::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+
+    /// The TCP port it listens on (tests bind port 0).
     pub fn local_port(&self) -> Option<u16> {
         match &self.listen {
             Listen::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
@@ -283,6 +295,24 @@ impl Server {
                     c.deadline = now; // answered: close
                     c.waiting = false;
                 }
+            }
+        }
+        self.conns
+            .retain(|c| c.waiting && c.output.is_empty() || c.deadline > now);
+    }
+
+    /// Writes pending answers only (reads and accepts nothing), and
+    /// closes what is finished.
+    pub fn flush(&mut self, now: Instant) {
+        for c in self.conns.iter_mut().filter(|c| !c.output.is_empty()) {
+            match c.stream.write(&c.output[c.written..]) {
+                Ok(n) => c.written += n,
+                Err(e) if would_block(&e) => {}
+                Err(_) => c.deadline = now,
+            }
+            if c.written >= c.output.len() {
+                c.deadline = now;
+                c.waiting = false;
             }
         }
         self.conns

@@ -217,10 +217,10 @@ impl Default for Observed {
             reloads: [("ok", 0), ("failed", 0)].into_iter().collect(),
             last_reload: None,
             reload_duration: Histogram::new(
-                [0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0].into_iter(),
+                [0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0],
             ),
             time_to_ready: Histogram::new(
-                [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0].into_iter(),
+                [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
             ),
             oom_kills: oom_kill_count(),
         }

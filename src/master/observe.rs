@@ -67,10 +67,11 @@ impl Endpoints {
         // The metrics endpoint is read-only: a unix socket for it may be
         // read by the group (a scraper's sidecar).
         let metrics = open("metrics", cfg.options.text("metrics"), 0o660)?;
-        for (what, s) in [("metrics", &metrics), ("control socket", &control)] {
-            if s.is_some() {
-                info!("Serving the {what} on {}", describe(cfg, what));
-            }
+        if let Some(s) = &metrics {
+            info!("Serving metrics at: http://{}/metrics", s.address());
+        }
+        if let Some(s) = &control {
+            info!("Control socket at: {}", s.address());
         }
         Ok(Endpoints {
             metrics,
@@ -108,13 +109,6 @@ impl Endpoints {
     }
 }
 
-fn describe(cfg: &Config, what: &str) -> String {
-    match what {
-        "metrics" => cfg.options.text("metrics").unwrap_or("").to_string(),
-        _ => cfg.options.text("control-socket").unwrap_or("").to_string(),
-    }
-}
-
 impl Master {
     /// One pass over both endpoints: never blocks.
     pub(super) fn serve_endpoints(&mut self, now: Instant) {
@@ -146,18 +140,31 @@ impl Master {
                     server.reply(id, reply, now);
                 }
             }
-            // A stop answers reload waiters: their reload will not end.
-            if matches!(self.state, MasterState::Stopping { .. }) {
-                for id in std::mem::take(&mut self.endpoints.reload_waiters) {
-                    server.reply(id, control::error("procman is stopping"), now);
-                }
-            }
-            for (id, reply) in std::mem::take(&mut self.endpoints.replies) {
-                server.reply(id, reply, now);
-            }
-            // Write what was just answered without waiting for a wake-up.
-            server.service(now, |_, _, _| Framed::Incomplete);
+            self.deliver_replies(&mut server, now);
+            server.flush(now);
             self.endpoints.control = Some(server);
+        }
+    }
+
+    /// Answers decided since the last pass (a reload's end; a stop ends
+    /// every wait for a reload), written at once: called after each round
+    /// of the loop's work as well, so an answer never waits for a wake-up.
+    pub(super) fn flush_endpoints(&mut self, now: Instant) {
+        if let Some(mut server) = self.endpoints.control.take() {
+            self.deliver_replies(&mut server, now);
+            server.flush(now);
+            self.endpoints.control = Some(server);
+        }
+    }
+
+    fn deliver_replies(&mut self, server: &mut Server, now: Instant) {
+        if matches!(self.state, MasterState::Stopping { .. }) {
+            for id in std::mem::take(&mut self.endpoints.reload_waiters) {
+                server.reply(id, control::error("procman is stopping"), now);
+            }
+        }
+        for (id, reply) in std::mem::take(&mut self.endpoints.replies) {
+            server.reply(id, reply, now);
         }
     }
 

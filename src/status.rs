@@ -216,12 +216,8 @@ impl Default for Observed {
             restarts: ExitReason::ALL.iter().map(|r| (*r, 0)).collect(),
             reloads: [("ok", 0), ("failed", 0)].into_iter().collect(),
             last_reload: None,
-            reload_duration: Histogram::new(
-                [0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0],
-            ),
-            time_to_ready: Histogram::new(
-                [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
-            ),
+            reload_duration: Histogram::new([0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
+            time_to_ready: Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
             oom_kills: oom_kill_count(),
         }
     }
@@ -264,18 +260,32 @@ impl Observed {
     }
 }
 
-/// The `oom_kill` count of procman's own cgroup (v2), if readable. Its
-/// workers are in the same cgroup (or below it: `memory.events` counts
-/// the subtree).
+/// The `oom_kill` count of procman's own memory cgroup, if readable: cgroup
+/// v2's `memory.events` or, on a v1 (or hybrid) hierarchy, the memory
+/// controller's `memory.oom_control`; both count the subtree, where the
+/// workers are.
 pub fn oom_kill_count() -> Option<u64> {
     let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let events =
-        std::fs::read_to_string(format!("/sys/fs/cgroup{}/memory.events", path.trim_end())).ok()?;
-    parse_oom_kill(&events)
+    let v1 = cgroup.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "memory")
+            .then(|| format!("/sys/fs/cgroup/memory{path}/memory.oom_control"))
+    });
+    let v2 = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|path| format!("/sys/fs/cgroup{}/memory.events", path.trim_end()));
+    [v1, v2]
+        .into_iter()
+        .flatten()
+        .find_map(|file| parse_oom_kill(&std::fs::read_to_string(file).ok()?))
 }
 
-/// The `oom_kill` line of a `memory.events` file.
+/// The `oom_kill` line of a `memory.events` (or v1 `memory.oom_control`)
+/// file.
 pub fn parse_oom_kill(events: &str) -> Option<u64> {
     events.lines().find_map(|l| {
         let mut it = l.split_whitespace();

@@ -421,3 +421,79 @@ fn reload_reports_a_broken_config_with_a_failing_exit_status() {
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
 }
+
+/// procman's memory cgroup (v1 or v2) with a child cgroup limited to
+/// `limit` bytes for one test, or None where none can be made.
+fn limited_cgroup(name: &str, limit: u64) -> Option<std::path::PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let (base, limit_file) = own.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controllers.split(',').any(|c| c == "memory") {
+            Some((
+                format!("/sys/fs/cgroup/memory{path}"),
+                "memory.limit_in_bytes",
+            ))
+        } else if controllers.is_empty() && Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+        {
+            Some((format!("/sys/fs/cgroup{path}"), "memory.max"))
+        } else {
+            None
+        }
+    })?;
+    let dir = Path::new(&base).join(format!("procman-test-{}-{name}", std::process::id()));
+    std::fs::create_dir(&dir).ok()?;
+    if std::fs::write(dir.join(limit_file), limit.to_string()).is_err() {
+        let _ = std::fs::remove_dir(&dir);
+        return None;
+    }
+    // No swap to escape to (v1 only; absent elsewhere).
+    let _ = std::fs::write(dir.join("memory.swappiness"), "0");
+    Some(dir)
+}
+
+#[test]
+fn a_worker_killed_by_the_oom_killer_is_reported_as_such() {
+    let Some(cg) = limited_cgroup("oom", 96 << 20) else {
+        eprintln!("SKIP: cannot create a memory cgroup here");
+        return;
+    };
+    // procman moves itself into the limited cgroup, then runs; its worker
+    // becomes ready, then allocates past the limit.
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"",
+        cg.display()
+    );
+    let worker = "import time; time.sleep(1.5); x = b'x' * (400 << 20); time.sleep(100)";
+    let mut h = Start::new(
+        "oom",
+        &[
+            "-w",
+            "1",
+            "--log-format",
+            "json",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    )
+    .args(["--", python3().to_str().expect("utf8"), "-c", worker])
+    .spawn_with("sh", &["-c", &script, PROCMAN]);
+    let exited = h.wait_event("exited", BOOT, |_| true);
+    let addr = metrics_addr(&h);
+    let m = scrape(addr);
+    h.signal(Signal::SIGINT);
+    h.exit_code(BOOT);
+    let _ = wait_for(Duration::from_secs(5), || std::fs::remove_dir(&cg).ok());
+    let exited = exited.expect("an exited event");
+    assert_eq!(exited["reason"], "oom_kill", "{exited}");
+    assert!(
+        exited["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("killed by the kernel's OOM killer")),
+        "{exited}"
+    );
+    assert!(
+        m["procman_worker_restarts_total{reason=oom_kill}"] >= 1.0,
+        "{m:?}"
+    );
+}

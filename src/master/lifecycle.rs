@@ -51,7 +51,11 @@ impl Master {
         if self.reload_worker_exited(&w, &status, now) {
             return;
         }
-        let how = describe_exit(&status, w.stop());
+        let how = if reason == "oom_kill" {
+            "killed by the kernel's OOM killer (SIGKILL)".to_string()
+        } else {
+            describe_exit(&status, w.stop())
+        };
         let stopping_master = matches!(self.state, MasterState::Stopping { .. });
         match w.stop().map(|s| s.reason) {
             Some(reason) if reason.is_boot_failure() => {

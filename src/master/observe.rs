@@ -254,7 +254,7 @@ impl Master {
             reason
         };
         let how = if reason == ExitReason::OomKill {
-            "killed by the kernel's OOM killer".to_string()
+            "killed by the kernel's OOM killer (SIGKILL)".to_string()
         } else {
             super::exits::describe_exit(status, w.stop())
         };

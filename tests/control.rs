@@ -497,3 +497,37 @@ fn a_worker_killed_by_the_oom_killer_is_reported_as_such() {
         "{m:?}"
     );
 }
+
+#[test]
+fn heartbeat_timeouts_still_fire_while_metrics_clients_hang_on() {
+    let mut h = Start::new(
+        "metrics-heartbeat",
+        &["--metrics", "127.0.0.1:0", "-w", "1", "-t", "2", "--"],
+    )
+    .args(notify_worker())
+    .args(["--heartbeat", "0.3", "--silent-after", "0.5"])
+    .spawn();
+    let addr = metrics_addr(&h);
+    // Idle connections and one sending headers without end, held open
+    // through the worker's silence.
+    let idle: Vec<TcpStream> = (0..200)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok())
+        .collect();
+    let mut slow = TcpStream::connect(addr).expect("connect");
+    slow.write_all(b"GET /metrics HTTP/1.1\r\n").expect("write");
+    h.check(
+        h.wait_log("without a heartbeat; aborting", BOOT),
+        "the silent worker was aborted meanwhile",
+    );
+    h.check(h.wait_log("exited after its timeout", BOOT), "and reaped");
+    drop(idle);
+    drop(slow);
+    let m = scrape(addr);
+    h.check(
+        m.get("procman_worker_restarts_total{reason=timeout}")
+            .is_some_and(|v| *v >= 1.0),
+        &format!("the timeout counted: {m:?}"),
+    );
+    h.signal(Signal::SIGINT);
+    h.exit_code(BOOT);
+}

@@ -78,7 +78,6 @@ use zygotes::Zygotes;
 pub enum MasterState {
     /// The first workers are starting; systemd has not been told READY.
     Booting,
-    /// Serving.
     Running,
     /// Stopping every worker; exits with `outcome` once all are reaped.
     Stopping {
@@ -89,10 +88,8 @@ pub enum MasterState {
     },
 }
 
-/// Something that happened.
 #[derive(Debug)]
 pub enum Event {
-    /// A signal to the master.
     Signal(MasterSignal),
     /// A notification from a worker (already attributed).
     Notified {
@@ -100,24 +97,17 @@ pub enum Event {
         worker: Pid,
         /// The sender (the worker or one of its descendants).
         sender: i32,
-        /// What it said.
         message: Message,
     },
     /// A message from a zygote (`--preload`).
     Zygote {
-        /// The zygote.
         pid: Pid,
-        /// What it said.
         message: FromZygote,
     },
-    /// A child was reaped.
     Exited {
-        /// Its pid.
         pid: Pid,
-        /// How it ended.
         status: WaitStatus,
     },
-    /// A deadline passed.
     Due(Due),
 }
 
@@ -406,7 +396,6 @@ impl Master {
         out
     }
 
-    /// A deadline passed.
     fn on_due(&mut self, due: Due, now: Instant) {
         match due {
             Due::Stable(pid) => self.stable(pid, now),
@@ -432,7 +421,6 @@ impl Master {
         }
     }
 
-    /// The earliest moment something is due.
     fn next_wake(&self) -> Option<Instant> {
         // The endpoints' connection deadlines only close connections: they
         // are not the master's events.

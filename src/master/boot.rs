@@ -65,7 +65,6 @@ impl Boot {
         policy::backoff_deadlines(&self.backoff)
     }
 
-    /// `slot`'s backoff is over.
     pub(super) fn backoff_over(&mut self, slot: usize) {
         if let Some(b) = self.backoff.get_mut(&slot) {
             b.next_spawn_at = None;

@@ -14,7 +14,6 @@ use crate::procfs;
 use crate::workers::{Stop, WorkerState};
 
 impl Master {
-    /// Receives and handles every queued notification.
     pub(super) fn drain_notifications(&mut self, now: Instant) {
         for datagram in self.notify.drain() {
             self.dispatch_datagram(datagram, now);

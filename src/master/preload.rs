@@ -22,7 +22,6 @@ use crate::workers::Worker;
 use crate::zygote::{self, FromZygote, Pending, Zygote, ZygoteState};
 
 impl Master {
-    /// Whether workers are forked from a zygote.
     pub(super) fn preloading(&self) -> bool {
         self.settings.cfg.uvicorn().is_some_and(|u| u.preload) && !self.zygotes.cold()
     }

@@ -42,7 +42,6 @@ impl Recycling {
         true
     }
 
-    /// Whether `pid` waits in the queue.
     pub(super) fn is_queued(&self, pid: Pid) -> bool {
         self.queue.iter().any(|(p, _)| *p == pid)
     }
@@ -67,7 +66,6 @@ impl Recycling {
         }
     }
 
-    /// The next memory sample.
     pub(super) fn deadline(&self) -> Option<(Instant, Due)> {
         self.next_sample.map(|at| (at, Due::SampleMemory))
     }

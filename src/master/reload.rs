@@ -36,7 +36,6 @@ use crate::workers::{StopReason, Worker};
 
 /// A rolling reload in progress.
 pub(super) struct Reload {
-    /// The generation being rolled out.
     pub(super) generation: u64,
     previous_generation: u64,
     previous_required: u64,
@@ -205,7 +204,6 @@ impl Master {
         Ok(Settings::new(cfg, listeners))
     }
 
-    /// Exchanges the settings in force with `s`.
     fn swap_settings(&mut self, s: &mut Settings) {
         std::mem::swap(&mut self.settings, s);
     }

@@ -11,7 +11,6 @@ use crate::policy::Due;
 /// procman's side of sd_notify.
 pub(super) struct SystemdLink {
     notifier: Option<SystemdNotifier>,
-    /// The ping interval and the next ping.
     watchdog: Option<(Duration, Instant)>,
 }
 

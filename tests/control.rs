@@ -531,3 +531,46 @@ fn heartbeat_timeouts_still_fire_while_metrics_clients_hang_on() {
     h.signal(Signal::SIGINT);
     h.exit_code(BOOT);
 }
+
+#[test]
+fn a_rejected_reload_during_another_answers_only_who_asked() {
+    let start = Start::new("control-reload-overlap", &[]);
+    let file = start.dir().join("procman.toml");
+    let sock = start.dir().join("ctl.sock");
+    let good = format!(
+        "workers = 1\nready-after = 2\ncommand = [\"{}\"]\n",
+        hello()
+    );
+    std::fs::write(&file, &good).expect("write");
+    let mut h = start
+        .args([
+            "-c",
+            file.to_str().expect("utf8"),
+            "--control-socket",
+            sock.to_str().expect("utf8"),
+        ])
+        .spawn();
+    h.wait_workers(1, BOOT);
+    h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
+    let s = sock.to_str().expect("utf8").to_string();
+    let first = Command::new(PROCMAN)
+        .args(["reload", "--control-socket", &s])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("first reload");
+    h.check(h.wait_log("Reloading:", BOOT), "the first reload began");
+    std::fs::write(&file, "workers = [nope\n").expect("write");
+    let out = client(&["reload", "--control-socket", &s]);
+    h.check(
+        out.status.code() == Some(1),
+        &format!("the broken reload fails: {out:?}"),
+    );
+    let first = first.wait_with_output().expect("first reload ends");
+    h.check(
+        first.status.success(),
+        &format!("the first reload still succeeds: {first:?}"),
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}

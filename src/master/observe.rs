@@ -38,6 +38,9 @@ pub(super) struct Endpoints {
     /// Workers stopped for recycling, and why (the reason outlives the
     /// worker's active state).
     recycled: BTreeMap<Pid, ExitReason>,
+    /// The control connection whose request is being handled (a reload
+    /// rejected at once answers it alone when another reload goes on).
+    asking: Option<u64>,
     /// Answers decided outside a service pass (a reload's end).
     replies: Vec<(u64, Vec<u8>)>,
     started: Instant,
@@ -79,6 +82,7 @@ impl Endpoints {
             reload_waiters: Vec::new(),
             reload_started: None,
             replies: Vec::new(),
+            asking: None,
             recycled: BTreeMap::new(),
             started: Instant::now(),
             observed: Observed::default(),
@@ -199,7 +203,9 @@ impl Master {
             }
             Request::Reload => {
                 self.endpoints.reload_waiters.push(id);
+                self.endpoints.asking = Some(id);
                 self.handle(Event::Signal(MasterSignal::Reload), now);
+                self.endpoints.asking = None;
                 None
             }
         }
@@ -213,6 +219,17 @@ impl Master {
 
     /// A reload ended: counted, timed, and told to whoever waits for it.
     pub(super) fn reload_ended(&mut self, result: std::result::Result<(), String>) {
+        if let (Err(why), Some(_)) = (&result, &self.reload) {
+            // A new configuration was rejected while an earlier reload
+            // goes on: only who asked for this one hears of it; those
+            // waiting for the earlier one keep waiting.
+            *self.endpoints.observed.reloads.entry("failed").or_default() += 1;
+            if let Some(id) = self.endpoints.asking {
+                self.endpoints.reload_waiters.retain(|w| *w != id);
+                self.endpoints.replies.push((id, control::error(why)));
+            }
+            return;
+        }
         let took = self
             .endpoints
             .reload_started

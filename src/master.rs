@@ -418,6 +418,7 @@ impl Master {
         Goal {
             target: self.settings.target,
             required_generation: self.required_generation,
+            max_booting: self.settings.max_booting,
         }
     }
 

@@ -80,6 +80,11 @@ pub struct Goal {
     pub target: usize,
     /// Workers older than this are outdated.
     pub required_generation: u64,
+    /// At most this many fresh workers starting at once (the CPUs procman
+    /// may use): with more, N boots would share the CPUs and every worker
+    /// would be ready only after all of them, instead of the first ones
+    /// after one boot.
+    pub max_booting: usize,
 }
 
 /// A change to the set of workers.
@@ -148,16 +153,23 @@ pub fn reconcile(
     let mut fresh: Vec<&Worker> = table.iter().filter(|w| is_fresh(w, goal)).collect();
     fresh.sort_by_key(|w| w.started_at);
 
-    // Too few: fill the lowest free slots, unless a slot is backing off.
+    // Too few: fill the lowest free slots, unless a slot is backing off,
+    // and no more at once than may boot together (the rest are started
+    // as the booting ones become ready or die).
+    let booting = fresh.iter().filter(|w| w.is_starting()).count();
+    let mut may_boot = goal.max_booting.max(1).saturating_sub(booting);
     let mut used: BTreeSet<usize> = fresh.iter().map(|w| w.slot).collect();
     let mut missing = goal.target.saturating_sub(fresh.len());
     let mut slot = 0;
-    while missing > 0 {
+    while missing > 0 && may_boot > 0 {
         if used.insert(slot) {
             missing -= 1;
             match backoff.get(&slot).and_then(|b| b.next_spawn_at) {
                 Some(t) if t > now => {}
-                _ => decisions.push(Decision::Spawn { slot }),
+                _ => {
+                    may_boot -= 1;
+                    decisions.push(Decision::Spawn { slot });
+                }
             }
         }
         slot += 1;
@@ -264,6 +276,7 @@ mod tests {
         Goal {
             target,
             required_generation: gen,
+            max_booting: usize::MAX,
         }
     }
 
@@ -465,6 +478,45 @@ mod tests {
             let got = reconcile(&table(c.rows), &c.goal, &no_backoff, now);
             assert_eq!(got, c.want, "{}", c.name);
         }
+    }
+
+    #[test]
+    fn no_more_workers_boot_at_once_than_allowed() {
+        let now = t0();
+        let limited = |target, max_booting| Goal {
+            max_booting,
+            ..goal(target, 1)
+        };
+        let none = BTreeMap::new();
+        let got = reconcile(&Table::default(), &limited(8, 2), &none, now);
+        assert_eq!(got, vec![spawn(0), spawn(1)], "two of eight at first");
+        let rows = || {
+            vec![
+                worker(10, 0, 1, Ready, 50, now),
+                worker(11, 1, 1, Starting, 50, now),
+            ]
+        };
+        let got = reconcile(&table(rows()), &limited(8, 2), &none, now);
+        assert_eq!(got, vec![spawn(2)], "one booting: one more");
+        let mut full = rows();
+        full.push(worker(12, 2, 1, Starting, 10, now));
+        let got = reconcile(&table(full), &limited(8, 2), &none, now);
+        assert!(got.is_empty(), "two booting: wait");
+        // A backed-off slot does not use up the allowance.
+        let mut backoff = BTreeMap::new();
+        backoff.insert(
+            0,
+            Backoff {
+                failures: 3,
+                next_spawn_at: Some(now + Duration::from_secs(1)),
+            },
+        );
+        let got = reconcile(&Table::default(), &limited(4, 1), &backoff, now);
+        assert_eq!(got, vec![spawn(1)]);
+        // An outdated worker still starting does not count.
+        let old = vec![worker(20, 0, 0, Starting, 50, now)];
+        let got = reconcile(&table(old), &limited(1, 1), &none, now);
+        assert_eq!(got, vec![spawn(0), stop(20, StopReason::Replaced)]);
     }
 
     #[test]

@@ -37,14 +37,24 @@ pub(super) struct Settings {
     pub(super) listeners: Vec<Rc<Listener>>,
     /// How many workers (TTIN/TTOU change it).
     pub(super) target: usize,
+    /// How many workers may boot at once: the CPUs procman may use (as
+    /// `--workers auto` counts them). Only for workers that say when they
+    /// are ready: a `--ready exec` worker's boot has no known end.
+    pub(super) max_booting: usize,
 }
 
 impl Settings {
     /// The settings for a configuration and its listeners.
     pub(super) fn new(cfg: Config, listeners: Vec<Rc<Listener>>) -> Settings {
+        let class = classes::behaviour(&cfg);
         Settings {
             launch: classes::launch(&cfg),
-            class: classes::behaviour(&cfg),
+            max_booting: if class.notify_ready {
+                crate::cpus::available().0
+            } else {
+                usize::MAX
+            },
+            class,
             base_env: worker_base_env(&cfg),
             target: cfg.workers,
             listeners,

@@ -313,6 +313,14 @@ pub static OPTIONS: &[OptionDef] = &[
         help: "Uvicorn workers are forked from a zygote that imported the app once (shared memory, fast respawns).",
         ..BASE
     },
+    OptionDef {
+        name: "no-zygote",
+        kind: Kind::Flag,
+        applies_to: Class::Uvicorn,
+        heading: "Workers",
+        help: "Start every uvicorn worker as a new interpreter, without the base zygote that has Python and uvicorn already imported (each worker imports the app itself either way).",
+        ..BASE
+    },
     // ---- Timeouts ----
     OptionDef {
         name: "timeout",

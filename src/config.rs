@@ -83,6 +83,9 @@ pub struct UvicornOptions {
     pub max_requests_jitter: u64,
     /// Fork workers from a zygote that imported the app once.
     pub preload: bool,
+    /// Without --preload: fork workers from a base zygote that imported
+    /// Python and uvicorn but not the app (`--no-zygote` turns it off).
+    pub zygote: bool,
 }
 
 /// When a command worker counts as ready.
@@ -654,6 +657,7 @@ fn uvicorn_options(
         )?
         .unwrap_or(0),
         preload: cli.flag("preload"),
+        zygote: !cli.flag("no-zygote"),
     })
 }
 

@@ -78,3 +78,213 @@ fn with_two_cpus_no_more_than_two_of_eight_workers_boot_at_once() {
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
 }
+
+fn apps_dir() -> PathBuf {
+    repo().join("tests/apps")
+}
+
+/// The zygotes procman said it started, in order.
+fn zygote_pids(h: &Harness) -> Vec<i32> {
+    h.log_text()
+        .lines()
+        .filter_map(|l| {
+            l.split("Starting zygote ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// The pids of the workers of `generation` that said they were ready.
+fn ready_pids(h: &Harness, generation: u64) -> Vec<i32> {
+    h.events_named("ready")
+        .iter()
+        .filter(|e| e["generation"] == generation)
+        .filter_map(|e| Some(e["worker"].as_i64()? as i32))
+        .collect()
+}
+
+/// The `booting` events' messages of `generation`.
+fn booting_messages(h: &Harness, generation: u64) -> Vec<String> {
+    h.events_named("booting")
+        .iter()
+        .filter(|e| e["generation"] == generation)
+        .filter_map(|e| Some(e["message"].as_str()?.to_string()))
+        .collect()
+}
+
+/// Asks `/imported` until every pid of `pids` answered; checks that each
+/// imported the app itself.
+fn check_imported_by_each(h: &Harness, pids: &[i32]) {
+    let addr = h.addr();
+    let mut seen = std::collections::BTreeMap::new();
+    let all = wait_for(BOOT, || {
+        let (_, body) = http_get(addr, "/imported").ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        seen.insert(v["pid"].as_i64()? as i32, v["imported_in"].as_i64()? as i32);
+        pids.iter().all(|p| seen.contains_key(p)).then_some(())
+    });
+    h.check(all.is_some(), &format!("every worker answered: {seen:?}"));
+    for (pid, imported_in) in &seen {
+        h.check(
+            pid == imported_in,
+            &format!("worker {pid} imported the app itself, not {imported_in}"),
+        );
+    }
+}
+
+#[test]
+fn default_workers_are_forked_from_a_base_zygote_and_import_the_app_themselves() {
+    let mut h = uvicorn("base-zygote", &apps_dir(), "import_pid:main", &["-w", "2"]).spawn();
+    h.check(
+        h.wait_event("all-ready", BOOT, |_| true).is_some(),
+        "all ready",
+    );
+    let zygotes = zygote_pids(&h);
+    h.check(zygotes.len() == 1, "one base zygote");
+    let zygote = zygotes[0];
+    h.check(
+        cmdline(zygote).starts_with("procman: zygote"),
+        &format!("the zygote's title: {:?}", cmdline(zygote)),
+    );
+    h.check(
+        stat(zygote).is_some_and(|s| s.ppid == h.pid),
+        "the zygote is the master's child",
+    );
+    let workers = ready_pids(&h, 1);
+    h.check(workers.len() == 2, "two workers ready");
+    let zygote_exe = std::fs::read_link(format!("/proc/{zygote}/exe")).expect("zygote exe");
+    for w in &workers {
+        h.check(
+            stat(*w).is_some_and(|s| s.ppid == h.pid),
+            "a worker is the master's child",
+        );
+        let exe = std::fs::read_link(format!("/proc/{w}/exe")).expect("worker exe");
+        h.check(exe == zygote_exe, "the worker runs the zygote's python");
+    }
+    let forked = format!("forked from zygote {zygote}");
+    h.check(
+        booting_messages(&h, 1).iter().all(|m| m.contains(&forked)),
+        "both forked from the base zygote",
+    );
+    check_imported_by_each(&h, &workers);
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+    h.check(!alive(zygote), "the zygote is gone");
+}
+
+#[test]
+fn no_zygote_gives_cold_workers() {
+    let args = ["-w", "2", "--no-zygote"];
+    let mut h = uvicorn("no-zygote", &apps_dir(), "import_pid:main", &args).spawn();
+    h.check(
+        h.wait_event("all-ready", BOOT, |_| true).is_some(),
+        "all ready",
+    );
+    h.check(zygote_pids(&h).is_empty(), "no zygote");
+    let titles: Vec<String> = h.children().into_iter().map(cmdline).collect();
+    h.check(
+        !titles.iter().any(|t| t.starts_with("procman: zygote")),
+        &format!("no zygote among the children: {titles:?}"),
+    );
+    h.check(
+        !booting_messages(&h, 1).iter().any(|m| m.contains("forked")),
+        "cold starts",
+    );
+    check_imported_by_each(&h, &ready_pids(&h, 1));
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
+fn hup_starts_a_new_base_zygote_for_the_new_generation() {
+    let mut h = uvicorn("base-hup", &apps_dir(), "import_pid:main", &["-w", "2"]).spawn();
+    h.check(
+        h.wait_event("all-ready", BOOT, |_| true).is_some(),
+        "all ready",
+    );
+    let first = zygote_pids(&h);
+    h.check(first.len() == 1, "one zygote");
+    h.signal(Signal::SIGHUP);
+    let done = h.wait_event("reload-done", BOOT, |e| e["generation"] == 2);
+    h.check(done.is_some(), "reload done");
+    let zygotes = zygote_pids(&h);
+    h.check(
+        zygotes.len() == 2 && zygotes[1] != zygotes[0],
+        &format!("a new zygote: {zygotes:?}"),
+    );
+    let forked = format!("forked from zygote {}", zygotes[1]);
+    let second = booting_messages(&h, 2);
+    h.check(
+        second.len() == 2 && second.iter().all(|m| m.contains(&forked)),
+        "generation 2 comes from the new zygote",
+    );
+    // The old one exits once its last worker is gone.
+    let old = zygotes[0];
+    h.check(
+        wait_for(BOOT, || (!alive(old)).then_some(())).is_some(),
+        "the old zygote exited",
+    );
+    check_imported_by_each(&h, &ready_pids(&h, 2));
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
+fn a_base_zygote_that_cannot_start_means_cold_workers_and_is_logged() {
+    let dir = temp_dir("base-broken");
+    // An interpreter that refuses zygote mode and runs anything else.
+    let wrapper = dir.join("python");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$PROCMAN_APP_CONFIG\" in *'\"mode\":\"zygote\"'*) echo no zygote here >&2; exit 3;; esac\nexec {} \"$@\"\n",
+            venv_python().display()
+        ),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let mut h = Start::new(
+        "base-broken",
+        &[
+            "import_pid:main",
+            "--python",
+            wrapper.to_str().expect("utf8"),
+            "--no-access-log",
+            "--log-format",
+            "json",
+            "-w",
+            "2",
+        ],
+    )
+    .args(["--chdir", apps_dir().to_str().expect("utf8")])
+    .spawn();
+    h.check(
+        h.wait_event("all-ready", BOOT, |_| true).is_some(),
+        "all ready, cold",
+    );
+    h.check(
+        h.log_text().contains("could not start") && h.log_text().contains("workers start cold"),
+        "the fallback is logged",
+    );
+    h.check(
+        !booting_messages(&h, 1).iter().any(|m| m.contains("forked")),
+        "cold starts",
+    );
+    check_imported_by_each(&h, &ready_pids(&h, 1));
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}

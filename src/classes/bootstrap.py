@@ -52,8 +52,13 @@ Observability:
   log shows where the event loop was blocked, then ends the process as before.
 
 Modes (PROCMAN_APP_CONFIG "mode"): "worker" imports and serves; "check" only
-imports (--check-config); "zygote" (--preload) imports once and forks workers
-on request:
+imports (--check-config); "zygote" forks workers on request. With
+"import_app" true (--preload) the zygote imports the app once and its workers
+share it; without (the base zygote, the default) it imports only Python's
+runtime and uvicorn (protocols, lifespan, event loop, TLS) and each forked
+worker imports the app itself, after taking its identity, exactly where a
+cold worker would: nothing of the app is shared across fork, and an import
+error is the worker's (exit 4, its traceback sent to the master).
 
 * Started like a worker, plus PROCMAN_ZYGOTE_FD (an AF_UNIX SOCK_SEQPACKET
   socket to the master, one UTF-8 JSON object per message) and
@@ -844,11 +849,22 @@ class Zygote:
         self.master = int(master)
         self.sockets = listen_sockets()
         self.notify = take_notify_env()  # (address, interval) for the workers' Notifier
-        self.app = load_app(config["app"], config["factory"])
-        resolve_interface(self.app, config)  # its workers inherit the answer
-        # What each worker's serve() would import anyway (protocols, lifespan,
-        # event loop): imported here, it is shared too.
-        uvicorn_config(self.app, config).get_loop_factory()
+        self.import_app = bool(config.get("import_app", True))
+        if self.import_app:
+            self.app = load_app(config["app"], config["factory"])
+            resolve_interface(self.app, config)  # its workers inherit the answer
+            # What each worker's serve() would import anyway (protocols,
+            # lifespan, event loop): imported here, it is shared too.
+            uvicorn_config(self.app, config).get_loop_factory()
+        else:
+            # The base zygote: the same modules, loaded for a stand-in app
+            # (an ASGI 3 coroutine), so the app is first imported by a worker.
+            self.app = None
+
+            async def stand_in(scope, receive, send):
+                pass
+
+            uvicorn_config(stand_in, {**config, "interface": "asgi3"}).get_loop_factory()
         import ctypes  # noqa: PLC0415 (only the zygote needs it)
 
         self.libc = ctypes.CDLL(None, use_errno=True)
@@ -1025,9 +1041,15 @@ class Zygote:
             random.seed()  # CPython re-seeds at fork too; be explicit (--max-requests jitter)
             os.environ.update(env)  # PROCMAN_WORKER_ID, PROCMAN_GENERATION, the user's variables
             worker_title(self.config["app"])  # its argv area is still the zygote's title
+            app = self.app
+            if not self.import_app:
+                # As a cold worker: identity and environment first, then
+                # the app's import-time code, in this process only.
+                app = load_app(self.config["app"], self.config["factory"], report_to_master=True)
+                resolve_interface(app, self.config)
             # LISTEN_PID and WATCHDOG_PID named the zygote and mean "this
             # process" now: the listeners are ours, and so is the watchdog.
-            code = serve(self.app, self.config, self.sockets, Notifier(*self.notify))
+            code = serve(app, self.config, self.sockets, Notifier(*self.notify))
         except SystemExit as exc:
             code = exit_status(exc)
         except BaseException:

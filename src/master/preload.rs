@@ -22,8 +22,30 @@ use crate::workers::Worker;
 use crate::zygote::{self, FromZygote, Pending, Zygote, ZygoteState};
 
 impl Master {
+    /// Whether workers are forked from a zygote: `--preload`'s, or the
+    /// base zygote (the default; not with `--no-zygote`, nor with
+    /// `--reuse-port`, whose workers each get their own sockets).
     pub(super) fn preloading(&self) -> bool {
-        self.settings.cfg.uvicorn().is_some_and(|u| u.preload) && !self.zygotes.cold()
+        let cfg = &self.settings.cfg;
+        cfg.uvicorn()
+            .is_some_and(|u| u.preload || (u.zygote && !cfg.reuse_port))
+            && !self.zygotes.cold()
+    }
+
+    /// Whether the zygote is the base one: uvicorn imported, not the app
+    /// (each worker imports it after the fork).
+    pub(super) fn base_zygote(&self) -> bool {
+        self.settings.cfg.uvicorn().is_some_and(|u| !u.preload)
+    }
+
+    /// The base zygote could not start: this generation's workers start
+    /// cold (the next HUP tries a new one), and this is logged.
+    fn base_zygote_failed(&mut self, pid: Pid, detail: &str) {
+        if self.zygotes.go_cold() {
+            warn!(
+                "The base zygote {pid} could not start ({detail}); workers start cold (each a new interpreter)"
+            );
+        }
     }
 
     /// The zygotes' pending deadlines: each one starting must be ready by
@@ -47,9 +69,13 @@ impl Master {
             return;
         };
         let timeout = self.settings.cfg.startup_timeout;
-        warn!("Zygote {pid} did not import the app within {timeout:?}; killing it");
+        warn!("Zygote {pid} was not ready within {timeout:?}; killing it");
         signal_group(pid, Signal::SIGKILL);
         z.state = ZygoteState::Stopping;
+        if self.base_zygote() {
+            self.base_zygote_failed(pid, &format!("not ready within {timeout:?}"));
+            return;
+        }
         self.zygote_failed(now);
     }
 
@@ -93,6 +119,7 @@ impl Master {
         };
         let mut json = classes::uvicorn::app_config(opts, &self.settings.cfg);
         json["mode"] = "zygote".into();
+        json["import_app"] = opts.preload.into();
         let (env, pid_vars) = self.settings.child_env(
             self.notify.path(),
             &[
@@ -118,10 +145,17 @@ impl Master {
         drop(zygote_end);
         match spawned {
             Ok(s) if s.exec_error.is_none() => {
-                info!(
-                    "Starting zygote {} for generation {} (imports {} once)",
-                    s.pid, self.generation, opts.app
-                );
+                if opts.preload {
+                    info!(
+                        "Starting zygote {} for generation {} (imports {} once)",
+                        s.pid, self.generation, opts.app
+                    );
+                } else {
+                    info!(
+                        "Starting zygote {} for generation {} (base: Python and uvicorn; each worker imports {})",
+                        s.pid, self.generation, opts.app
+                    );
+                }
                 self.zygotes
                     .add(Zygote::new(s.pid, self.generation, master_end, now));
             }
@@ -320,6 +354,12 @@ impl Master {
                     .reported_error
                     .clone()
                     .unwrap_or_else(|| format!("zygote {} {how}", z.pid));
+                // No app was imported: nothing the reload or the boot
+                // depends on; cold workers show what is wrong, if anything.
+                if self.base_zygote() {
+                    self.base_zygote_failed(z.pid, &detail);
+                    return;
+                }
                 if let Some(generation) = self.reload.as_ref().map(|r| r.generation) {
                     if generation == z.generation {
                         self.abort_reload(
@@ -361,7 +401,7 @@ impl Master {
     pub(super) fn zygote_failed(&mut self, now: Instant) {
         if let Some(failures) = self.zygotes.failed(now) {
             warn!(
-                "The zygote failed {failures} times in a row; new workers start cold (without --preload)"
+                "The zygote failed {failures} times in a row; new workers start cold (each a new interpreter)"
             );
         }
     }

@@ -138,6 +138,11 @@ impl Master {
         }
         self.generation = generation;
         self.required_generation = generation;
+        // A new base zygote per generation (a changed virtualenv or uvicorn
+        // is picked up), even if the last one fell back to cold starts.
+        if self.base_zygote() {
+            self.zygotes.warm_again();
+        }
         info!(
             event = "reloading",
             generation,

@@ -1,4 +1,4 @@
-//! The zygotes the master owns (`--preload`): the current generation's
+//! The zygotes the master owns (`--preload`'s, or the base zygote): the current generation's
 //! and older ones until their workers are gone, the backoff of restarts,
 //! and the fall-back to cold starts after repeated failures. Their
 //! deadlines are listed here; what the master does with their messages and
@@ -111,6 +111,19 @@ impl Zygotes {
             .next_spawn_at
             .map(|at| (at, Due::ZygoteBackoffOver));
         starting.chain(pending).chain(restart).collect()
+    }
+
+    /// Gives zygotes a new chance (a new generation of the base zygote):
+    /// no backoff, no cold starts.
+    pub(super) fn warm_again(&mut self) {
+        self.backoff = Backoff::default();
+        self.cold = false;
+    }
+
+    /// Workers start cold from now on (a base zygote that could not
+    /// start); true if they did not already.
+    pub(super) fn go_cold(&mut self) -> bool {
+        !std::mem::replace(&mut self.cold, true)
     }
 
     /// The restart backoff is over.

@@ -355,7 +355,14 @@ impl Master {
                         // (often 10): empty it between spawns. At the time of
                         // receipt: `now` is from before this spawn, and a
                         // READY=1 stamped with it would read "ready in 0.000s".
-                        self.drain_notifications(Instant::now());
+                        // Zygote replies first: a forked worker may send
+                        // READY=1 as soon as its zygote reported it, and it
+                        // is only attributed once that report was read.
+                        let now = Instant::now();
+                        for (pid, message) in self.zygotes.drain() {
+                            self.handle(Event::Zygote { pid, message }, now);
+                        }
+                        self.drain_notifications(now);
                     }
                     Decision::Stop { pid, reason } => {
                         let grace = self.settings.cfg.graceful_timeout;

@@ -436,7 +436,15 @@ fn hup_replaces_every_worker_with_zero_failed_requests() {
     wait_for(BOOT, || (load.done() > 50).then_some(()));
     h.signal(Signal::SIGHUP);
     let renewed = wait_for(BOOT, || {
-        let kids: BTreeSet<i32> = h.children().into_iter().collect();
+        // The workers, not the base zygotes (also the master's children).
+        let kids: BTreeSet<i32> = h
+            .children()
+            .into_iter()
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.starts_with(b"procman: worker"))
+            })
+            .collect();
         (h.log_text().contains("Reload done") && kids.len() == 2 && kids.is_disjoint(&old))
             .then_some(kids)
     });

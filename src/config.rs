@@ -7,86 +7,28 @@
 //! command, the user database for `--user`, the CPU mask for `auto`), so a
 //! bad value is reported before anything starts. Every error names the
 //! option, the value and the problem, and is a usage error (exit 2).
+//! The value parsers are in `config/values.rs`, what the workers run in
+//! `config/workers.rs`, who they run as in `config/credentials.rs`.
 
-use std::ffi::{CString, OsStr, OsString};
-use std::os::unix::ffi::OsStrExt;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use nix::unistd::{Gid, Group, Uid, User};
 
 use crate::bind::BindSpec;
 use crate::cli::{Class, Cli, OPTIONS};
 use crate::error::{Error, Result};
 use crate::identity::Credentials;
 
+mod credentials;
 mod values;
+mod workers;
 
-use values::{parse_duration, parse_env_pair, parse_signal, parse_size, parse_umask, validate_app};
-
-/// The worker class names gunicorn command lines use for uvicorn workers.
-pub const UVICORN_CLASSES: &[&str] = &[
-    "uvicorn.workers.UvicornWorker",
-    "uvicorn_worker.UvicornWorker",
-    "uvicorn",
-];
-
-/// What kind of worker procman runs.
-#[derive(Debug, Clone, PartialEq)]
-pub enum WorkerKind {
-    /// `-- COMMAND [ARG]...`: any program taking its sockets at fd 3...
-    Command {
-        /// The resolved executable (absolute, or relative to `--chdir`).
-        program: PathBuf,
-        /// argv as given, argv[0] included.
-        argv: Vec<String>,
-    },
-    /// `APP`: a Python app served by uvicorn through the embedded bootstrap.
-    Uvicorn(Box<UvicornOptions>),
-}
-
-/// Options of the uvicorn worker class.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UvicornOptions {
-    /// `module:attribute`.
-    pub app: String,
-    /// The interpreter that runs the bootstrap.
-    pub python: PathBuf,
-    /// APP is a factory to call.
-    pub factory: bool,
-    pub keyfile: Option<PathBuf>,
-    pub certfile: Option<PathBuf>,
-    /// uvicorn's timeout_keep_alive.
-    pub keep_alive: u64,
-    /// uvicorn's limit_concurrency.
-    pub limit_concurrency: Option<u64>,
-    /// uvicorn's proxy_headers.
-    pub proxy_headers: bool,
-    /// uvicorn's forwarded_allow_ips.
-    pub forwarded_allow_ips: Option<String>,
-    /// ASGI root_path.
-    pub root_path: String,
-    /// auto|on|off.
-    pub lifespan: String,
-    /// auto|asgi3|asgi2|wsgi.
-    pub interface: String,
-    /// auto|h11|httptools.
-    pub http: String,
-    /// auto|asyncio|uvloop.
-    pub event_loop: String,
-    /// uvicorn's access log.
-    pub access_log: bool,
-    /// Recycle after this many requests (0 = off).
-    pub max_requests: u64,
-    /// Random extra 0..jitter requests per worker.
-    pub max_requests_jitter: u64,
-    /// Fork workers from a zygote that imported the app once.
-    pub preload: bool,
-    /// Without --preload: fork workers from a base zygote that imported
-    /// Python and uvicorn but not the app (`--no-zygote` turns it off).
-    pub zygote: bool,
-}
+use credentials::credentials;
+use values::{parse_duration, parse_env_pair, parse_signal, parse_size, parse_umask};
+use workers::worker_kind;
+pub use workers::{find_program, UvicornOptions, WorkerKind, UVICORN_CLASSES};
 
 /// When a command worker counts as ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -514,222 +456,6 @@ fn command_only(cli: &Cli) -> Option<Error> {
     })
 }
 
-fn worker_kind(cli: &Cli, env: &Environment, chdir: Option<&Path>) -> Result<WorkerKind> {
-    if let Some(class) = cli.text("worker-class") {
-        if !UVICORN_CLASSES.contains(&class) {
-            return Err(invalid(
-                "worker-class",
-                class,
-                "procman runs uvicorn workers for an APP (uvicorn.workers.UvicornWorker or uvicorn_worker.UvicornWorker) or any command after --",
-            ));
-        }
-    }
-    match (cli.text("app"), cli.list("command").is_empty()) {
-        (Some(app), false) => Err(Error::usage(format!(
-            "both an APP ('{app}') and a COMMAND ('{}') were given; use one: APP for uvicorn workers, or -- COMMAND",
-            cli.list("command").join(" ")
-        ))),
-        (None, true) => Err(Error::usage(
-            "nothing to run: give an APP (module:attribute, e.g. app:main) or a command after --, e.g. procman -- ./server",
-        )),
-        (None, false) => {
-            let uvicorn_only = OPTIONS
-                .iter()
-                .find(|o| o.applies_to == Class::Uvicorn && cli.is_set(o.name));
-            if let Some(o) = uvicorn_only {
-                return Err(Error::usage(format!(
-                    "'--{}' applies to uvicorn workers (an APP), not to a COMMAND",
-                    o.name
-                )));
-            }
-            let argv = cli.list("command").to_vec();
-            let program = find_program(&argv[0], env.path.as_deref(), chdir).map_err(|why| {
-                Error::usage(format!("cannot find COMMAND '{}': {why}", argv[0]))
-            })?;
-            Ok(WorkerKind::Command { program, argv })
-        }
-        (Some(app), true) => uvicorn_options(cli, env, chdir, app).map(|u| WorkerKind::Uvicorn(Box::new(u))),
-    }
-}
-
-fn uvicorn_options(
-    cli: &Cli,
-    env: &Environment,
-    chdir: Option<&Path>,
-    app: &str,
-) -> Result<UvicornOptions> {
-    validate_app(app).map_err(|why| Error::Invalid {
-        option: "app",
-        msg: format!("invalid APP '{app}': {why}"),
-    })?;
-    let python = match cli.text("python") {
-        Some(p) => {
-            find_program(p, env.path.as_deref(), None).map_err(|why| invalid("python", p, why))?
-        }
-        None => default_python(env).map_err(|why| {
-            Error::usage(format!(
-                "cannot find a Python interpreter for APP '{app}': python3 {why} (use --python PATH or activate a virtualenv)"
-            ))
-        })?,
-    };
-    // Workers exec the interpreter after changing to --chdir: a path given
-    // relative to where procman started must not change meaning there.
-    let python = std::path::absolute(&python).unwrap_or(python);
-    let file = |flag: &'static str| -> Result<Option<PathBuf>> {
-        match cli.text(flag) {
-            None => Ok(None),
-            Some(f) => {
-                let p = match chdir {
-                    Some(d) if Path::new(f).is_relative() => d.join(f),
-                    _ => PathBuf::from(f),
-                };
-                if p.is_file() {
-                    Ok(Some(p))
-                } else {
-                    Err(invalid(flag, f, "no such file"))
-                }
-            }
-        }
-    };
-    let keyfile = file("keyfile")?;
-    let certfile = file("certfile")?;
-    if keyfile.is_some() != certfile.is_some() {
-        return Err(Error::usage(
-            "HTTPS needs both '--keyfile' and '--certfile'; only one was given",
-        ));
-    }
-    let choice = |flag: &'static str, allowed: &[&str]| -> Result<String> {
-        match cli.value(flag) {
-            x if allowed.contains(&x) => Ok(x.to_string()),
-            x => Err(invalid(
-                flag,
-                x,
-                format!("expected one of {}", allowed.join(", ")),
-            )),
-        }
-    };
-    let count = |flag: &'static str, v: Option<&str>| -> Result<Option<u64>> {
-        match v {
-            None => Ok(None),
-            Some(x) => x
-                .parse::<u64>()
-                .map(Some)
-                .map_err(|_| invalid(flag, x, "expected a whole number, 0 or more")),
-        }
-    };
-    let limit_concurrency = match count("limit-concurrency", cli.text("limit-concurrency"))? {
-        Some(0) => {
-            return Err(invalid(
-                "limit-concurrency",
-                "0",
-                "must be above 0 (leave it out for no limit)",
-            ))
-        }
-        other => other,
-    };
-    let keep_alive = {
-        let v = cli.value("keep-alive");
-        parse_duration(v)
-            .map_err(|why| invalid("keep-alive", v, why))?
-            .as_secs()
-            .max(1)
-    };
-    Ok(UvicornOptions {
-        app: app.to_string(),
-        python,
-        factory: cli.flag("factory"),
-        keyfile,
-        certfile,
-        keep_alive,
-        limit_concurrency,
-        proxy_headers: cli.flag("proxy-headers"),
-        forwarded_allow_ips: cli.text("forwarded-allow-ips").map(str::to_string),
-        root_path: cli.value("root-path").to_string(),
-        lifespan: choice("lifespan", &["auto", "on", "off"])?,
-        interface: choice("interface", &["auto", "asgi3", "asgi2", "wsgi"])?,
-        http: choice("http", &["auto", "h11", "httptools"])?,
-        event_loop: choice("loop", &["auto", "asyncio", "uvloop"])?,
-        access_log: !cli.flag("no-access-log"),
-        max_requests: count("max-requests", Some(cli.value("max-requests")))?.unwrap_or(0),
-        max_requests_jitter: count(
-            "max-requests-jitter",
-            Some(cli.value("max-requests-jitter")),
-        )?
-        .unwrap_or(0),
-        preload: cli.flag("preload"),
-        zygote: !cli.flag("no-zygote"),
-    })
-}
-
-/// Resolves a program like execvp would, but up front. A name with a `/`
-/// is taken as a path (relative to the workers' `--chdir`, where it will be
-/// executed); a bare name is searched on PATH.
-pub fn find_program(
-    name: &str,
-    path_var: Option<&OsStr>,
-    chdir: Option<&Path>,
-) -> std::result::Result<PathBuf, String> {
-    if name.is_empty() {
-        return Err("empty program name".into());
-    }
-    if name.contains('/') {
-        let p = PathBuf::from(name);
-        let on_disk = match chdir {
-            Some(d) if p.is_relative() => d.join(&p),
-            _ => p.clone(),
-        };
-        if !on_disk.exists() {
-            return Err("no such file".into());
-        }
-        if !is_executable(&on_disk) {
-            return Err("not an executable file".into());
-        }
-        return Ok(p);
-    }
-    let path_var = path_var.unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
-    path_var
-        .as_bytes()
-        .split(|&b| b == b':')
-        .filter(|d| !d.is_empty())
-        .map(|d| Path::new(OsStr::from_bytes(d)).join(name))
-        .find(|p| is_executable(p))
-        .ok_or_else(|| "not found on PATH".to_string())
-}
-
-/// The interpreter for uvicorn workers when `--python` is not given, in
-/// this order: `$VIRTUAL_ENV/bin/python` (an activated virtualenv), the
-/// `python3` or `python` beside procman's own executable (the environment
-/// pip installed procman into: a virtualenv's bin/, or /usr/local/bin of a
-/// Python image), else `python3` from `PATH`.
-///
-/// The path beside procman is used as it is, not resolved: a virtualenv's
-/// `bin/python` is a symlink to the base interpreter, and only when run
-/// through the link does Python find the virtualenv's `pyvenv.cfg` and its
-/// packages. `python3` is tried first because a `python` in a system bin/
-/// may still be Python 2.
-fn default_python(env: &Environment) -> std::result::Result<PathBuf, String> {
-    let from_venv = env
-        .virtual_env
-        .as_ref()
-        .map(|v| Path::new(v).join("bin/python"));
-    let beside_procman = env
-        .own_dir
-        .iter()
-        .flat_map(|d| [d.join("python3"), d.join("python")]);
-    match from_venv
-        .into_iter()
-        .chain(beside_procman)
-        .find(|p| is_executable(p))
-    {
-        Some(p) => Ok(p),
-        None => find_program("python3", env.path.as_deref(), None),
-    }
-}
-
-fn is_executable(p: &Path) -> bool {
-    p.is_file() && nix::unistd::access(p, nix::unistd::AccessFlags::X_OK).is_ok()
-}
-
 fn parse_workers(flag: &'static str, v: &str) -> Result<(usize, String)> {
     if v == "auto" {
         let (n, why) = crate::cpus::available();
@@ -757,70 +483,11 @@ fn parse_log_level(v: &str) -> Option<LogLevel> {
     })
 }
 
-fn credentials(cli: &Cli, env: &Environment) -> Result<Option<Credentials>> {
-    if !cli.is_set("user") && !cli.is_set("group") {
-        return Ok(None);
-    }
-    let egid = nix::unistd::getegid().as_raw();
-    // (uid, the user's primary gid, name for messages, name for getgrouplist)
-    let (uid, user_gid, name, account) = match cli.text("user") {
-        None => (env.euid, egid, "(unchanged)".to_string(), None),
-        Some(u) => {
-            let number = u.parse::<u32>().ok();
-            let entry = match number {
-                Some(n) => User::from_uid(Uid::from_raw(n)).ok().flatten(),
-                None => User::from_name(u).ok().flatten(),
-            };
-            match (entry, number) {
-                (Some(user), _) => (
-                    user.uid.as_raw(),
-                    user.gid.as_raw(),
-                    user.name.clone(),
-                    Some(user.name),
-                ),
-                // A bare uid without a passwd entry is fine (containers).
-                (None, Some(n)) => (n, n, u.to_string(), None),
-                (None, None) => return Err(invalid("user", u, "no such user")),
-            }
-        }
-    };
-    let gid = match cli.text("group") {
-        None => user_gid,
-        Some(g) => match g.parse::<u32>() {
-            Ok(n) => n,
-            Err(_) => Group::from_name(g)
-                .ok()
-                .flatten()
-                .map(|gr| gr.gid.as_raw())
-                .ok_or_else(|| invalid("group", g, "no such group"))?,
-        },
-    };
-    if env.euid != 0 && (uid != env.euid || gid != egid) {
-        return Err(Error::usage(format!(
-            "'--user'/'--group' need procman to start as root (it runs as uid {}); drop them or start as root",
-            env.euid
-        )));
-    }
-    // Supplementary groups are looked up now: getgrouplist reads files and
-    // allocates, which a forked child must not do.
-    let groups = account
-        .and_then(|n| CString::new(n).ok())
-        .and_then(|n| nix::unistd::getgrouplist(&n, Gid::from_raw(gid)).ok())
-        .map(|gs| gs.into_iter().map(|g| g.as_raw()).collect())
-        .unwrap_or_else(|| vec![gid]);
-    Ok(Some(Credentials {
-        uid,
-        gid,
-        groups,
-        user_name: name,
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn env() -> Environment {
+    pub(super) fn env() -> Environment {
         Environment {
             path: std::env::var_os("PATH"),
             euid: 1000,
@@ -828,7 +495,7 @@ mod tests {
         }
     }
 
-    fn config(args: &[&str]) -> Result<Config> {
+    pub(super) fn config(args: &[&str]) -> Result<Config> {
         let mut argv = vec!["procman"];
         argv.extend_from_slice(args);
         let cli = Cli::try_parse_from(argv).map_err(|e| Error::usage(e.to_string()))?;
@@ -902,97 +569,6 @@ mod tests {
             assert_eq!(err.exit_code(), 2, "{args:?}");
             assert!(err.to_string().contains(want), "{args:?}: {err}");
         }
-    }
-
-    #[test]
-    fn dropping_privileges_needs_root() {
-        let cli = Cli::try_parse_from(["procman", "-u", "nobody", "--", "true"]).expect("parses");
-        let err = Config::from_cli(&cli, &env()).expect_err("not root");
-        assert!(
-            err.to_string().contains("need procman to start as root"),
-            "{err}"
-        );
-        let mut root = env();
-        root.euid = 0;
-        let c = Config::from_cli(&cli, &root).expect("root may");
-        let cred = c.credentials.expect("credentials");
-        assert_eq!(cred.user_name, "nobody");
-        assert!(cred.groups.contains(&cred.gid));
-    }
-
-    #[test]
-    fn uvicorn_class_is_selected_by_app_and_accepts_gunicorn_spelling() {
-        let c = config(&[
-            "-k",
-            "uvicorn.workers.UvicornWorker",
-            "app:main",
-            "--python",
-            "sh",
-        ])
-        .expect("valid");
-        let u = c.uvicorn().expect("uvicorn class");
-        assert_eq!(u.app, "app:main");
-    }
-
-    /// A scratch directory, removed when dropped (also when a test fails).
-    struct Scratch(PathBuf);
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// `dir/name` as an executable file.
-    fn executable(dir: &Path, name: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(dir).expect("mkdir");
-        let p = dir.join(name);
-        std::fs::write(&p, "#!/bin/sh\n").expect("write");
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        p
-    }
-
-    #[test]
-    fn python_is_the_flag_then_virtual_env_then_beside_procman_then_python3() {
-        let scratch = Scratch(
-            std::env::temp_dir().join(format!("procman-config-python-{}", std::process::id())),
-        );
-        let root = &scratch.0;
-        let flag = executable(&root.join("flag"), "python");
-        let venv = root.join("activated");
-        let activated = executable(&venv.join("bin"), "python");
-        let installed = root.join("installed/bin");
-        let beside = executable(&installed, "python");
-        let on_path = executable(&root.join("path"), "python3");
-        let python = |cli_python: Option<&Path>, env: &Environment| -> PathBuf {
-            let mut argv = vec!["procman".to_string(), "app:main".to_string()];
-            if let Some(p) = cli_python {
-                argv.extend(["--python".to_string(), p.display().to_string()]);
-            }
-            let cli = Cli::try_parse_from(argv).expect("parses");
-            let cfg = Config::from_cli(&cli, env).expect("valid");
-            cfg.uvicorn().expect("uvicorn class").python.clone()
-        };
-        let mut env = Environment {
-            path: Some(on_path.parent().expect("dir").as_os_str().to_owned()),
-            virtual_env: Some(venv.clone().into_os_string()),
-            own_dir: Some(installed.clone()),
-            ..Environment::default()
-        };
-        assert_eq!(python(Some(&flag), &env), flag, "--python wins");
-        assert_eq!(python(None, &env), activated, "then $VIRTUAL_ENV");
-        env.virtual_env = None;
-        assert_eq!(python(None, &env), beside, "then the python beside procman");
-        // python3 is preferred beside procman: `python` may be Python 2.
-        let beside3 = executable(&installed, "python3");
-        assert_eq!(python(None, &env), beside3);
-        env.own_dir = Some(root.join("cargo/bin"));
-        assert_eq!(python(None, &env), on_path, "then python3 from PATH");
-        // A VIRTUAL_ENV without an interpreter is passed over.
-        env.virtual_env = Some(root.join("gone").into_os_string());
-        env.own_dir = Some(installed);
-        assert_eq!(python(None, &env), beside3);
     }
 
     proptest::proptest! {

@@ -23,7 +23,9 @@ What this file owns, between the Rust master and uvicorn:
   function taking (environ, start_response) is served as WSGI, and this is
   logged (uvicorn's own guess would be ASGI 2 and every request a 500).
 * Logging: uvicorn's loggers (and Python's last-resort handler) write the
-  master's text format, `[time] [pid] [LEVEL] message`, to stderr. With
+  master's format (--log-format: text `[time] [pid] [LEVEL] message`, or
+  one JSON object a line with slot and generation) to stderr; so do the
+  app's root handlers on stderr (basicConfig's) and warnings. With
   --log-file, stderr is that file (the master hands it over as fd 2) and USR1
   reopens it by path, after the master did. Tracebacks in these lines leave
   out the bootstrap's own frames (named <procman-bootstrap>).
@@ -129,12 +131,12 @@ MAX_TRACEBACK = 60000
 REPARENT_TIMEOUT = 10.0
 
 
-def fail(message, code):
+def fail(message, code, exc=None):
     # The master names the cause in its own last line (X_PROCMAN_ERROR is
     # procman's private key; systemd ignores X_ keys). Printed here only when
     # no master heard it.
     if not tell_master("X_PROCMAN_ERROR=" + message.replace("\n", " ")[:3000]):
-        print(f"procman: {message}", file=sys.stderr, flush=True)
+        say(message, exc=exc)
     sys.exit(code)
 
 
@@ -307,9 +309,8 @@ class MasterFormat(logging.Formatter):
     LEVELS = {"CRITICAL": "ERROR", "WARN": "WARNING"}
 
     def format(self, record):
-        when = datetime.fromtimestamp(record.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         level = self.LEVELS.get(record.levelname, record.levelname)
-        text = f"[{when}] [{record.process}] [{level}] {record.getMessage()}"
+        text = f"[{timestamp(record.created)}] [{record.process}] [{level}] {record.getMessage()}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         if record.stack_info:
@@ -320,18 +321,85 @@ class MasterFormat(logging.Formatter):
         return format_exception(ei).rstrip("\n")
 
 
+def timestamp(created):
+    """The master's time format (UTC, microseconds, `Z`)."""
+    return datetime.fromtimestamp(created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def worker_fields():
+    """slot and generation, read at each line: a zygote-forked worker learns
+    them after the fork (os.environ.update), a cold one at exec."""
+    fields = {}
+    for key, var in (("slot", "PROCMAN_WORKER_ID"), ("generation", "PROCMAN_GENERATION")):
+        value = os.environ.get(var)
+        if value is not None:
+            fields[key] = int(value) if value.isdigit() else value
+    return fields
+
+
+def json_line(level, message, created=None, pid=None, **extra):
+    """One line in the master's JSON format (the keys of src/logging.rs:
+    timestamp, level, pid, message), plus slot and generation, plus extra."""
+    obj = {
+        "timestamp": timestamp(time.time() if created is None else created),
+        "level": level,
+        "pid": os.getpid() if pid is None else pid,
+        "message": message,
+    }
+    obj.update(worker_fields())
+    obj.update({k: v for k, v in extra.items() if v is not None})
+    # ensure_ascii (the default) keeps the line one line whatever the text.
+    return json.dumps(obj)
+
+
+class MasterJson(MasterFormat):
+    """The master's JSON line; a traceback is one field, `exc`, not more lines."""
+
+    def format(self, record):
+        level = self.LEVELS.get(record.levelname, record.levelname)
+        exc = None
+        if record.exc_info:
+            exc = self.formatException(record.exc_info)
+        elif record.exc_text:
+            exc = record.exc_text
+        stack = self.formatStack(record.stack_info) if record.stack_info else None
+        return json_line(level, record.getMessage().rstrip("\n"), created=record.created, pid=record.process,
+                         logger=record.name, exc=exc, stack=stack)
+
+
+# "text" or "json": the master's --log-format, from PROCMAN_APP_CONFIG.
+LOG_FORMAT = "text"
+
+
+def formatter():
+    return MasterJson() if LOG_FORMAT == "json" else MasterFormat()
+
+
+def say(message, level="ERROR", exc=None):
+    """A line the bootstrap writes to stderr itself (no master to tell):
+    `procman: message` in text mode, a JSON object in JSON mode."""
+    if LOG_FORMAT == "json":
+        print(json_line(level, message, exc=exc), file=sys.stderr, flush=True)
+    else:
+        if exc:
+            print(exc, end="" if exc.endswith("\n") else "\n", file=sys.stderr)
+        if message:
+            print(f"procman: {message}", file=sys.stderr, flush=True)
+
+
 def configure_logging(level):
     """uvicorn's loggers and ours in the master's format on stderr (fd 2).
-    The root logger is left to the app (its basicConfig() must still work);
-    only Python's last-resort handler, used when the app configured nothing,
-    gets the format too."""
+    The root logger is left to the app (its basicConfig() must still work):
+    Python's last-resort handler, used when the app configured nothing, gets
+    the format, and so do the app's own root handlers that write to stderr
+    (adopt_root_handlers, once the app is imported and once it started)."""
     logging.addLevelName(5, "TRACE")  # uvicorn's level below DEBUG
     level = str(level or "info").upper()
     handler = {"class": "logging.StreamHandler", "formatter": "procman", "stream": "ext://sys.stderr"}
     logging.config.dictConfig({
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"procman": {"()": MasterFormat}},
+        "formatters": {"procman": {"()": MasterJson if LOG_FORMAT == "json" else MasterFormat}},
         "handlers": {"procman": handler},
         "loggers": {
             "uvicorn": {"handlers": ["procman"], "level": "INFO", "propagate": False},
@@ -341,9 +409,34 @@ def configure_logging(level):
         },
     })
     last_resort = logging.StreamHandler(sys.stderr)
-    last_resort.setFormatter(MasterFormat())
+    last_resort.setFormatter(formatter())
     last_resort.setLevel(logging.WARNING)
     logging.lastResort = last_resort
+    # warnings.warn() through logging (py.warnings, then the last-resort
+    # handler or the app's root handlers), not as bare lines on stderr.
+    logging.captureWarnings(True)
+    adopt_basic_config()
+
+
+def adopt_basic_config():
+    """The app's logging.basicConfig() at import time adopts the format at
+    once, so that lines logged during the import have it too."""
+    original = logging.basicConfig
+
+    def basic_config(**kwargs):
+        original(**kwargs)
+        adopt_root_handlers()
+
+    logging.basicConfig = basic_config
+
+
+def adopt_root_handlers():
+    """The app's root handlers that write to stderr (basicConfig's) take the
+    master's format; their level and filters stay the app's. Handlers to
+    other streams or files keep the app's format."""
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.__stderr__):
+            handler.setFormatter(formatter())
 
 
 install_boot_signals()
@@ -465,7 +558,7 @@ def read_config():
         "ssl_keyfile": None, "ssl_certfile": None, "access_log": True,
         "log_level": "info", "graceful_timeout": 30.0, "max_requests": 0,
         "max_requests_jitter": 0, "mode": "worker", "backlog": 2048,
-        "log_file": None,
+        "log_file": None, "log_format": "text",
     }
     if "PROCMAN_APP_CONFIG" not in os.environ:
         fail("PROCMAN_APP_CONFIG is not set (this program is started by procman)", EXIT_CANNOT_START)
@@ -496,12 +589,12 @@ def load_app(spec, factory, report_to_master=False):
         text = format_exception((type(exc), exc, exc.__traceback__))
         # A worker hands it to the master, which shows the first failing
         # worker's only; the tail is what matters if it is huge.
-        if not (report_to_master and tell_master(
-                "X_PROCMAN_TRACEBACK=" + json.dumps(text[-MAX_TRACEBACK:]))):
-            print(text, end="", file=sys.stderr)
+        told = report_to_master and tell_master(
+            "X_PROCMAN_TRACEBACK=" + json.dumps(text[-MAX_TRACEBACK:]))
         message = " ".join(str(exc).split())  # the last line stays one line
         fail(f"Failed to load application '{spec}': {type(exc).__name__}"
-             + (f": {message}" if message else ""), EXIT_IMPORT_FAILED)
+             + (f": {message}" if message else ""), EXIT_IMPORT_FAILED,
+             exc=None if told else text)
     return obj
 
 
@@ -616,6 +709,7 @@ class ProcmanServer(uvicorn.Server):
             # Beats start with the boot: a long lifespan startup is not a hang.
             self.heartbeat = self.loop.create_task(self.beat())
         await super().startup(sockets=sockets)  # a failed lifespan startup exits 3 from here
+        adopt_root_handlers()  # a lifespan startup may have configured logging
         if self.started and not self.should_exit:
             # The master forwards USR1 to ready workers only: a rotation
             # while we were starting is caught up with here.
@@ -709,8 +803,9 @@ def uvicorn_config(app, config, limit_max_requests=None):
     try:
         uv_config.load()  # protocol classes, TLS context, interface wrappers
     except Exception as exc:
-        traceback.print_exc()
-        fail(f"cannot start uvicorn: {type(exc).__name__}: {exc}", EXIT_CANNOT_START)
+        message = f"cannot start uvicorn: {type(exc).__name__}: {exc}"
+        say(message if LOG_FORMAT == "json" else "", exc=format_exception(sys.exc_info()))
+        fail(message, EXIT_CANNOT_START)
     return uv_config
 
 
@@ -725,6 +820,7 @@ def serve(app, config, sockets, notifier):
             recycle_after = limit
         else:
             limit_max_requests = limit  # nobody to ask: recycle the uvicorn way (exit)
+    adopt_root_handlers()  # the import may have configured logging
     uv_config = uvicorn_config(app, config, limit_max_requests)
     server = ProcmanServer(uv_config, notifier, recycle_after, config["app"])
     uv_config.loaded_app = close_when_stopping(uv_config.loaded_app, server)
@@ -991,7 +1087,7 @@ class Zygote:
 
         def give_up(message=None):
             if message:
-                print(f"procman: {message}", file=sys.stderr)
+                say(message)
             flush_stdio()
             os._exit(1)
 
@@ -1053,7 +1149,7 @@ class Zygote:
         except SystemExit as exc:
             code = exit_status(exc)
         except BaseException:
-            traceback.print_exc()
+            say("a worker forked by the zygote failed", exc=format_exception(sys.exc_info()))
             code = 1
         finally:
             # The interpreter's exit, minus the zygote's stack (never unwound
@@ -1065,9 +1161,10 @@ class Zygote:
 
 
 def main():
-    global LOG_PATH
+    global LOG_PATH, LOG_FORMAT
     config = read_config()
     LOG_PATH = config["log_file"]
+    LOG_FORMAT = "json" if config["log_format"] == "json" else "text"
     configure_logging(config["log_level"])
     dump_tracebacks_on_abort()
     mode = config["mode"]

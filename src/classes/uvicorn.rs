@@ -99,6 +99,12 @@ pub fn app_config(opts: &UvicornOptions, cfg: &Config) -> serde_json::Value {
         "log_file": cfg.log_file.as_ref().map(|p| {
             std::path::absolute(p).unwrap_or_else(|_| p.clone()).display().to_string()
         }),
+        // Worker lines in the master's format (slot and generation come
+        // from PROCMAN_WORKER_ID and PROCMAN_GENERATION).
+        "log_format": match cfg.log_format {
+            crate::config::LogFormat::Text => "text",
+            crate::config::LogFormat::Json => "json",
+        },
         "max_requests": opts.max_requests,
         "max_requests_jitter": opts.max_requests_jitter,
         // asyncio calls listen() again on the shared socket when it starts

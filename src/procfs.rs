@@ -90,22 +90,20 @@ pub fn rss_by_group() -> HashMap<i32, u64> {
         .flatten()
         .unwrap_or(4096) as u64;
     let mut out: HashMap<i32, u64> = HashMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if let Some(s) = stat(pid) {
-            *out.entry(s.pgrp).or_default() += s.rss_pages * page;
-        }
+    for s in pids().filter_map(stat) {
+        *out.entry(s.pgrp).or_default() += s.rss_pages * page;
     }
     out
+}
+
+/// The pids of every process visible in /proc (its numeric entries);
+/// empty when /proc cannot be read.
+pub fn pids() -> impl Iterator<Item = i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
 }
 
 #[cfg(test)]

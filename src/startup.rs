@@ -116,27 +116,7 @@ fn check(cfg: &Config) -> Result<()> {
     argv.extend(crate::classes::uvicorn::bootstrap_args(&opts.app));
     let cannot =
         |why: String| Error::runtime(format!("cannot run {}: {why}", opts.python.display()));
-    let plan = Plan::new(
-        &opts.python,
-        &argv,
-        &env,
-        &[],
-        &[],
-        cfg.credentials.as_ref(),
-        cfg.chdir.as_deref(),
-        cfg.umask,
-        &signals::changed_dispositions(),
-    )
-    .map_err(|e| cannot(format!("'{}' contains a NUL byte", e.0)))?;
-    let child = plan.spawn().map_err(|e| cannot(e.desc().to_string()))?;
-    if let Some((stage, errno)) = child.exec_error {
-        let _ = waitpid(child.pid, None);
-        return Err(cannot(format!(
-            "cannot {}: {}",
-            stage.describe(),
-            errno.desc()
-        )));
-    }
+    let child = spawn_helper(cfg, &opts.python, &argv, &env, cannot)?;
     let status = loop {
         match waitpid(child.pid, None) {
             Err(nix::errno::Errno::EINTR) => continue,
@@ -161,6 +141,41 @@ fn check(cfg: &Config) -> Result<()> {
 /// Orphans of workers (double-forked helpers) are re-parented to procman
 /// instead of init, so they are reaped here and never linger; as PID 1
 /// this is automatic.
+/// Start a one-off helper (`--check`'s import, a pre-start command) as the
+/// workers would run: same credentials, directory, umask and signal
+/// dispositions, no sockets. `fail` words an error; a child that could not
+/// exec is reaped here, so a returned child did exec.
+fn spawn_helper(
+    cfg: &Config,
+    program: &std::path::Path,
+    argv: &[String],
+    env: &[(OsString, OsString)],
+    fail: impl Fn(String) -> Error,
+) -> Result<crate::spawn::Spawned> {
+    let plan = Plan::new(
+        program,
+        argv,
+        env,
+        &[],
+        &[],
+        cfg.credentials.as_ref(),
+        cfg.chdir.as_deref(),
+        cfg.umask,
+        &signals::changed_dispositions(),
+    )
+    .map_err(|e| fail(format!("'{}' contains a NUL byte", e.0)))?;
+    let child = plan.spawn().map_err(|e| fail(e.desc().to_string()))?;
+    if let Some((stage, errno)) = child.exec_error {
+        let _ = waitpid(child.pid, None);
+        return Err(fail(format!(
+            "cannot {}: {}",
+            stage.describe(),
+            errno.desc()
+        )));
+    }
+    Ok(child)
+}
+
 fn become_subreaper() {
     if std::process::id() != 1 {
         if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
@@ -300,27 +315,7 @@ fn run_pre_start(cfg: &Config, signals: &mut Signals) -> Result<PreStart> {
         let argv = ["sh".to_string(), "-c".to_string(), cmd.clone()];
         let fail =
             |why: String| Error::runtime(format!("cannot run pre-start command '{cmd}': {why}"));
-        let plan = Plan::new(
-            &sh,
-            &argv,
-            &env,
-            &[],
-            &[],
-            cfg.credentials.as_ref(),
-            cfg.chdir.as_deref(),
-            cfg.umask,
-            &signals::changed_dispositions(),
-        )
-        .map_err(|e| fail(format!("'{}' contains a NUL byte", e.0)))?;
-        let child = plan.spawn().map_err(|e| fail(e.desc().to_string()))?;
-        if let Some((stage, errno)) = child.exec_error {
-            let _ = waitpid(child.pid, None);
-            return Err(fail(format!(
-                "cannot {}: {}",
-                stage.describe(),
-                errno.desc()
-            )));
-        }
+        let child = spawn_helper(cfg, &sh, &argv, &env, fail)?;
         match wait_pre_start(child.pid, cmd, cfg.graceful_timeout, signals) {
             PreStartEnd::Exited(WaitStatus::Exited(_, 0)) => {}
             PreStartEnd::Exited(other) => {

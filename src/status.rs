@@ -298,17 +298,7 @@ pub fn parse_oom_kill(events: &str) -> Option<u64> {
 /// only for members of those groups.
 pub fn memory_by_group(groups: &std::collections::BTreeSet<i32>) -> BTreeMap<i32, (u64, u64)> {
     let mut out: BTreeMap<i32, (u64, u64)> = BTreeMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for pid in crate::procfs::pids() {
         let Some(stat) = crate::procfs::stat(pid).filter(|s| groups.contains(&s.pgrp)) else {
             continue;
         };

@@ -312,24 +312,38 @@ impl Start {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        if !self.inherit.is_empty() {
-            let inherit = self.inherit.clone();
-            // SAFETY: between fork and exec only dup2 and fcntl run
-            // (async-signal-safe); nothing is allocated.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                    for &(fd, at) in &inherit {
-                        if libc::dup2(fd, at) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        // dup2 onto the same number keeps FD_CLOEXEC.
-                        if fd == at {
-                            libc::fcntl(at, libc::F_SETFD, 0);
-                        }
+        // procman sees exactly the descriptors a test hands it: what the
+        // test process itself has open without CLOEXEC (a `flock` lock at
+        // fd 3 when the suite runs under it, say) would otherwise look
+        // like an inherited descriptor to procman and its fd:// checks.
+        let inherit = self.inherit.clone();
+        let mut keep: Vec<libc::c_uint> =
+            inherit.iter().map(|&(_, at)| at as libc::c_uint).collect();
+        keep.sort_unstable();
+        // SAFETY: between fork and exec only dup2, fcntl and close_range
+        // run (async-signal-safe); nothing is allocated (both vectors were
+        // built before the fork).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                for &(fd, at) in &inherit {
+                    if libc::dup2(fd, at) < 0 {
+                        return Err(std::io::Error::last_os_error());
                     }
-                    Ok(())
-                });
-            }
+                    // dup2 onto the same number keeps FD_CLOEXEC.
+                    if fd == at {
+                        libc::fcntl(at, libc::F_SETFD, 0);
+                    }
+                }
+                let mut first: libc::c_uint = 3;
+                for &at in &keep {
+                    if at > first {
+                        libc::close_range(first, at - 1, 0);
+                    }
+                    first = first.max(at + 1);
+                }
+                libc::close_range(first, libc::c_uint::MAX, 0);
+                Ok(())
+            });
         }
         let child = cmd.spawn().expect("start procman");
         let pid = child.id() as i32;

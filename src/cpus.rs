@@ -123,11 +123,7 @@ mod properties {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig {
-            cases: 512,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        })]
+        #![proptest_config(crate::testing::proptest_cases(512))]
 
         #[test]
         fn any_cpu_max_gives_at_least_one_worker(

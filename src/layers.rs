@@ -373,16 +373,8 @@ mod properties {
     use super::*;
     use proptest::prelude::*;
 
-    fn cases() -> ProptestConfig {
-        ProptestConfig {
-            cases: 256,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        }
-    }
-
     proptest! {
-        #![proptest_config(cases())]
+        #![proptest_config(crate::testing::proptest_cases(256))]
 
         #[test]
         fn list_variables_split_back_into_their_items(

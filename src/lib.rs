@@ -57,3 +57,20 @@ pub mod workers;
 pub mod policy;
 // The loop itself.
 pub mod master;
+
+/// Test-only helpers shared by the modules' property tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use proptest::test_runner::Config;
+
+    /// A property test's configuration: `cases` runs, and no persisted failure files (a failing
+    /// seed is printed; writing `proptest-regressions/` into the source tree from a test run would
+    /// dirty the checkout).
+    pub(crate) fn proptest_cases(cases: u32) -> Config {
+        Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        }
+    }
+}

@@ -9,6 +9,8 @@
 //! encoded by `prometheus-client` from a [`Snapshot`] and the
 //! histograms the master keeps.
 
+use std::collections::BTreeMap;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -116,6 +118,15 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
+/// A counter family with one label, one series per entry of `counts`.
+fn counters(label: &str, counts: &BTreeMap<String, u64>) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    for (value, n) in counts {
+        family.get_or_create(&labels(&[(label, value)])).inc_by(*n);
+    }
+    family
+}
+
 /// The exposition text of a snapshot.
 pub fn render(s: &Snapshot, observed: &Observed) -> String {
     let mut r = Registry::default();
@@ -137,25 +148,16 @@ pub fn render(s: &Snapshot, observed: &Observed) -> String {
     generation.set(s.generation as i64);
     r.register("procman_generation", "Current generation", generation);
 
-    let restarts = Family::<Labels, Counter>::default();
-    for (reason, n) in &s.restarts {
-        restarts
-            .get_or_create(&labels(&[("reason", reason)]))
-            .inc_by(*n);
-    }
     r.register(
         "procman_worker_restarts",
         "Worker exits by reason",
-        restarts,
+        counters("reason", &s.restarts),
     );
-
-    let reloads = Family::<Labels, Counter>::default();
-    for (result, n) in &s.reloads {
-        reloads
-            .get_or_create(&labels(&[("result", result)]))
-            .inc_by(*n);
-    }
-    r.register("procman_reloads", "Reloads by result", reloads);
+    r.register(
+        "procman_reloads",
+        "Reloads by result",
+        counters("result", &s.reloads),
+    );
 
     r.register(
         "procman_reload_duration_seconds",

@@ -525,14 +525,6 @@ mod properties {
     use super::*;
     use proptest::prelude::*;
 
-    fn cases() -> ProptestConfig {
-        ProptestConfig {
-            cases: 512,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        }
-    }
-
     /// One line's value: anything but a newline (which ends the line).
     fn value() -> impl Strategy<Value = String> {
         "[^\n\x00]{0,40}"
@@ -579,7 +571,7 @@ mod properties {
     }
 
     proptest! {
-        #![proptest_config(cases())]
+        #![proptest_config(crate::testing::proptest_cases(512))]
 
         #[test]
         fn any_payload_is_parsed_or_dropped_without_panic(

@@ -183,14 +183,6 @@ mod properties {
     use super::*;
     use proptest::prelude::*;
 
-    fn cases() -> ProptestConfig {
-        ProptestConfig {
-            cases: 512,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        }
-    }
-
     /// A stat line as the kernel writes it (52 fields), for a process
     /// with this name (up to 15 bytes, any but NUL).
     fn stat_line(pid: i32, comm: &[u8], s: Stat) -> Vec<u8> {
@@ -210,7 +202,7 @@ mod properties {
     }
 
     proptest! {
-        #![proptest_config(cases())]
+        #![proptest_config(crate::testing::proptest_cases(512))]
 
         #[test]
         fn any_bytes_are_parsed_or_refused_without_panic(

@@ -258,14 +258,6 @@ mod properties {
     use super::*;
     use proptest::prelude::*;
 
-    fn cases() -> ProptestConfig {
-        ProptestConfig {
-            cases: 512,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        }
-    }
-
     /// A message as the bootstrap writes it.
     fn to_json(m: &FromZygote) -> serde_json::Value {
         match m {
@@ -306,7 +298,7 @@ mod properties {
     }
 
     proptest! {
-        #![proptest_config(cases())]
+        #![proptest_config(crate::testing::proptest_cases(512))]
 
         #[test]
         fn any_bytes_are_parsed_or_ignored_without_panic(

@@ -220,14 +220,6 @@ mod properties {
     use super::*;
     use proptest::prelude::*;
 
-    fn cases() -> ProptestConfig {
-        ProptestConfig {
-            cases: 512,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        }
-    }
-
     /// Text shaped like a bind spec, so that many cases parse.
     fn spec_like() -> impl Strategy<Value = String> {
         let host = prop_oneof![
@@ -253,7 +245,7 @@ mod properties {
     }
 
     proptest! {
-        #![proptest_config(cases())]
+        #![proptest_config(crate::testing::proptest_cases(512))]
 
         #[test]
         fn parse_never_panics(text in any::<String>()) {

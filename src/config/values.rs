@@ -262,14 +262,6 @@ mod properties {
         bytes.to_string()
     }
 
-    fn cases() -> ProptestConfig {
-        ProptestConfig {
-            cases: 512,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        }
-    }
-
     /// Text shaped like a number with a unit, so that many cases parse.
     fn number_like() -> impl Strategy<Value = String> {
         let unit = prop_oneof![
@@ -284,7 +276,7 @@ mod properties {
     }
 
     proptest! {
-        #![proptest_config(cases())]
+        #![proptest_config(crate::testing::proptest_cases(512))]
 
         #[test]
         fn value_parsers_never_panic(text in prop_oneof![any::<String>(), number_like()]) {

@@ -176,7 +176,8 @@ fn canonical_value(
         (Kind::Umask, V::Integer(n)) if raw.trim_start().starts_with("0o") => {
             Ok(V::String(format!("{n:#o}")))
         }
-        (Kind::List, V::Array(items)) => items
+        // A list of strings, for a list or for an environment's NAME=VALUE entries.
+        (Kind::List | Kind::Env, V::Array(items)) => items
             .into_iter()
             .map(|item| match item {
                 V::String(s) => Ok(V::String(s)),
@@ -198,18 +199,6 @@ fn canonical_value(
                 V::Boolean(b) => Ok(V::String(format!("{name}={b}"))),
                 other => Err(format!(
                     "'{key}' must be {}; '{name}' is {}",
-                    expected(key, ty),
-                    kind(&other)
-                )),
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map(V::Array),
-        (Kind::Env, V::Array(items)) => items
-            .into_iter()
-            .map(|item| match item {
-                V::String(s) => Ok(V::String(s)),
-                other => Err(format!(
-                    "'{key}' must be {}, not a list holding {}",
                     expected(key, ty),
                     kind(&other)
                 )),
@@ -378,14 +367,6 @@ mod properties {
     use crate::cli::Cli;
     use proptest::prelude::*;
 
-    fn cases() -> ProptestConfig {
-        ProptestConfig {
-            cases: 256,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        }
-    }
-
     fn fresh() -> Layered {
         Layered {
             cli: Cli::default(),
@@ -424,7 +405,7 @@ mod properties {
     }
 
     proptest! {
-        #![proptest_config(cases())]
+        #![proptest_config(crate::testing::proptest_cases(256))]
 
         #[test]
         fn any_file_text_is_applied_or_refused_without_panic(

@@ -5,41 +5,12 @@ mod util;
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use util::*;
 
 const BOOT: Duration = Duration::from_secs(60);
-
-/// Runs procman to completion (it must exit on its own) with a clean
-/// environment plus `env`; returns (exit code, stdout, stderr).
-fn run(args: &[&str], env: &[(&str, &str)], cwd: &std::path::Path) -> (i32, String, String) {
-    let mut cmd = Command::new(PROCMAN);
-    cmd.args(args)
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .env_remove("PORT")
-        .env_remove("WEB_CONCURRENCY")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDS");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PROCMAN_") {
-            cmd.env_remove(k);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run procman");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
 
 #[test]
 fn bad_input_gets_one_clear_line_and_the_documented_exit_code() {
@@ -335,7 +306,7 @@ fn bad_input_gets_one_clear_line_and_the_documented_exit_code() {
     ];
     assert!(table.len() >= 30);
     for (args, env, code, want) in &table {
-        let (got, _stdout, stderr) = run(args, env, &dir);
+        let (got, _stdout, stderr) = run_procman(args, env, &dir);
         assert_eq!(got, *code, "{args:?} {env:?}: {stderr}");
         let lines: Vec<&str> = stderr.lines().collect();
         assert_eq!(lines.len(), 1, "{args:?}: one line, got: {stderr}");
@@ -356,7 +327,7 @@ fn bad_input_gets_one_clear_line_and_the_documented_exit_code() {
 fn printed(args: &[&str], env: &[(&str, &str)], cwd: &std::path::Path) -> String {
     let mut all = vec!["--print-config"];
     all.extend_from_slice(args);
-    let (code, out, err) = run(&all, env, cwd);
+    let (code, out, err) = run_procman(&all, env, cwd);
     assert_eq!(code, 0, "{err}");
     out
 }
@@ -432,7 +403,7 @@ fn printed_config_is_a_config_that_gives_the_same_result() {
             .collect()
     };
     assert_eq!(values(&first), values(&second), "{first}\n---\n{second}");
-    let (code, _, err) = run(
+    let (code, _, err) = run_procman(
         &["--check-config", "-c", again.to_str().expect("utf8")],
         &[],
         &dir,
@@ -548,7 +519,7 @@ fn check_config_imports_the_app_once() {
     let python = venv_python();
     let py = python.to_str().expect("utf8");
     let apps = repo().join("tests/apps");
-    let (code, out, err) = run(
+    let (code, out, err) = run_procman(
         &[
             "--check-config",
             "--python",
@@ -561,7 +532,7 @@ fn check_config_imports_the_app_once() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("configuration OK"), "{out}");
-    let (code, _, err) = run(
+    let (code, _, err) = run_procman(
         &["--check-config", "--python", py, "raises_on_import:main"],
         &[],
         &apps,
@@ -573,7 +544,7 @@ fn check_config_imports_the_app_once() {
         "{err}"
     );
     // Nothing was bound or started: the default port is free to check.
-    let (code, _, err) = run(
+    let (code, _, err) = run_procman(
         &["--check-config", "-b", "127.0.0.1:1", "--", "true"],
         &[],
         &apps,
@@ -691,7 +662,7 @@ fn usr1_reopens_a_moved_log_file() {
 #[test]
 fn help_groups_options_and_shows_examples_and_version() {
     let dir = temp_dir("help");
-    let (code, out, _) = run(&["--help"], &[], &dir);
+    let (code, out, _) = run_procman(&["--help"], &[], &dir);
     assert_eq!(code, 0);
     for heading in [
         "Binding:",
@@ -708,7 +679,7 @@ fn help_groups_options_and_shows_examples_and_version() {
     }
     assert!(out.contains("[env: PROCMAN_WORKERS=]"), "env var shown");
     assert!(out.contains("procman app:main --workers 4 --bind 0.0.0.0:80"));
-    let (code, out, _) = run(&["--version"], &[], &dir);
+    let (code, out, _) = run_procman(&["--version"], &[], &dir);
     assert_eq!(code, 0);
     assert!(out.starts_with("procman "), "{out}");
     let _ = std::fs::remove_dir_all(dir);

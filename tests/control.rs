@@ -156,6 +156,18 @@ fn kill_one(h: &mut Harness, n: usize) {
     h.check(ok.is_some(), "the killed worker was replaced");
 }
 
+/// Spawns `start` on config file `file` with its control socket at `sock`.
+fn spawn_on(start: Start, file: &Path, sock: &Path) -> Harness {
+    start
+        .args([
+            "-c",
+            file.to_str().expect("utf8"),
+            "--control-socket",
+            sock.to_str().expect("utf8"),
+        ])
+        .spawn()
+}
+
 #[test]
 fn metrics_and_probes_answer_while_hostile_clients_hang_on() {
     let mut h = Start::new("metrics-hostile", &["--metrics", "127.0.0.1:0"])
@@ -390,14 +402,7 @@ fn reload_reports_a_broken_config_with_a_failing_exit_status() {
     let file = start.dir().join("procman.toml");
     let sock = start.dir().join("ctl.sock");
     std::fs::write(&file, format!("workers = 1\ncommand = [\"{}\"]\n", hello())).expect("write");
-    let mut h = start
-        .args([
-            "-c",
-            file.to_str().expect("utf8"),
-            "--control-socket",
-            sock.to_str().expect("utf8"),
-        ])
-        .spawn();
+    let mut h = spawn_on(start, &file, &sock);
     h.wait_workers(1, BOOT);
     let s = sock.to_str().expect("utf8");
     let out = client(&["reload", "--control-socket", s]);
@@ -542,14 +547,7 @@ fn a_rejected_reload_during_another_answers_only_who_asked() {
         hello()
     );
     std::fs::write(&file, &good).expect("write");
-    let mut h = start
-        .args([
-            "-c",
-            file.to_str().expect("utf8"),
-            "--control-socket",
-            sock.to_str().expect("utf8"),
-        ])
-        .spawn();
+    let mut h = spawn_on(start, &file, &sock);
     h.wait_workers(1, BOOT);
     h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
     let s = sock.to_str().expect("utf8").to_string();

@@ -12,36 +12,6 @@ use util::*;
 
 const BOOT: Duration = Duration::from_secs(30);
 
-/// Runs procman to completion with a clean environment plus `env`;
-/// returns (exit code, stdout, stderr).
-fn run(args: &[&str], env: &[(&str, &str)], cwd: &std::path::Path) -> (i32, String, String) {
-    let mut cmd = Command::new(PROCMAN);
-    cmd.args(args).current_dir(cwd).stdin(Stdio::null());
-    for k in [
-        "PORT",
-        "WEB_CONCURRENCY",
-        "NOTIFY_SOCKET",
-        "LISTEN_PID",
-        "LISTEN_FDS",
-    ] {
-        cmd.env_remove(k);
-    }
-    for (k, _) in std::env::vars_os() {
-        if k.as_encoded_bytes().starts_with(b"PROCMAN_") {
-            cmd.env_remove(k);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run procman");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -97,7 +67,7 @@ fn only_list_variables_are_split_on_commas_with_an_escape() {
         let mut all = vec!["--print-config"];
         all.extend_from_slice(args);
         all.extend_from_slice(&["--", "true"]);
-        let (code, out, err) = run(&all, env, &dir);
+        let (code, out, err) = run_procman(&all, env, &dir);
         assert_eq!(code, 0, "{args:?} {env:?}: {err}");
         out
     };
@@ -125,7 +95,7 @@ fn only_list_variables_are_split_on_commas_with_an_escape() {
         "{out}"
     );
     // A backslash before anything else is a mistake, not a character.
-    let (code, _, err) = run(&["--", "true"], &[("PROCMAN_ENV", r"A=\x")], &dir);
+    let (code, _, err) = run_procman(&["--", "true"], &[("PROCMAN_ENV", r"A=\x")], &dir);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("PROCMAN_ENV"), "{err}");
 }
@@ -151,7 +121,7 @@ fn a_config_value_of_the_wrong_type_names_the_key_the_line_and_the_type() {
         let file = dir.join(format!("t{i}.toml"));
         std::fs::write(&file, text).expect("write");
         let f = file.to_str().expect("utf8");
-        let (code, _, err) = run(&["-c", f, "--", "true"], &[], &dir);
+        let (code, _, err) = run_procman(&["-c", f, "--", "true"], &[], &dir);
         assert_eq!(code, 2, "{text:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{text:?}: {err}");
         assert!(
@@ -166,7 +136,7 @@ fn a_config_value_of_the_wrong_type_names_the_key_the_line_and_the_type() {
         "workers = 2\ntimeout = 1.5\numask = 0o027\nstop-signal = 15\nenv = { N = 2 }\n",
     )
     .expect("write");
-    let (code, out, err) = run(
+    let (code, out, err) = run_procman(
         &[
             "--print-config",
             "-c",

@@ -4,37 +4,12 @@
 
 mod util;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use util::*;
 
 const BOOT: Duration = Duration::from_secs(60);
-
-fn fastapi_dir() -> PathBuf {
-    repo().join("examples/fastapi")
-}
-
-fn apps_dir() -> PathBuf {
-    repo().join("tests/apps")
-}
-
-/// procman serving `app` from `dir` with the test venv's Python.
-fn uvicorn(name: &str, dir: &Path, app: &str, extra: &[&str]) -> Start {
-    let python = venv_python();
-    Start::new(
-        name,
-        &[
-            app,
-            "--python",
-            python.to_str().expect("utf8"),
-            "--no-access-log",
-        ],
-    )
-    .args(["--chdir", dir.to_str().expect("utf8")])
-    .args(extra.iter().copied())
-}
 
 /// The 1-based line of the example app's blocking call in /block.
 fn blocking_line() -> usize {

@@ -5,7 +5,6 @@ mod util;
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,60 +21,6 @@ fn hello_args(workers: &str) -> Vec<String> {
 fn monotonic_usec() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
     t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
-}
-
-/// A fake systemd: a datagram socket that collects what procman sends.
-struct FakeSystemd {
-    sock: UnixDatagram,
-    got: Vec<String>,
-}
-
-impl FakeSystemd {
-    fn at_path(path: &Path) -> FakeSystemd {
-        let sock = UnixDatagram::bind(path).expect("bind fake systemd");
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("timeout");
-        FakeSystemd {
-            sock,
-            got: Vec::new(),
-        }
-    }
-
-    fn abstract_name(name: &str) -> FakeSystemd {
-        use std::os::linux::net::SocketAddrExt;
-        let addr =
-            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
-        let sock = UnixDatagram::bind_addr(&addr).expect("bind abstract");
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("timeout");
-        FakeSystemd {
-            sock,
-            got: Vec::new(),
-        }
-    }
-
-    fn pump(&mut self) {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = self.sock.recv(&mut buf) {
-            self.got
-                .push(String::from_utf8_lossy(&buf[..n]).to_string());
-        }
-    }
-
-    /// Waits for a datagram containing `needle` at or after index `from`;
-    /// returns its index.
-    fn wait(&mut self, needle: &str, from: usize) -> Option<usize> {
-        let deadline = Instant::now() + BOOT;
-        loop {
-            self.pump();
-            if let Some(i) = self.got.iter().skip(from).position(|m| m.contains(needle)) {
-                return Some(from + i);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-        }
-    }
 }
 
 fn systemd_sequence(mut fake: FakeSystemd, notify_socket: &str) {
@@ -125,7 +70,7 @@ fn systemd_sequence(mut fake: FakeSystemd, notify_socket: &str) {
 fn tells_systemd_ready_reloading_ready_stopping_over_a_path() {
     let dir = temp_dir("fake-systemd");
     let path = dir.join("notify");
-    let fake = FakeSystemd::at_path(&path);
+    let fake = FakeSystemd::at(&path);
     systemd_sequence(fake, path.to_str().expect("utf8"));
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -141,7 +86,7 @@ fn tells_systemd_over_an_abstract_socket() {
 fn sends_watchdog_pings_to_systemd_when_asked() {
     let dir = temp_dir("fake-watchdog");
     let path = dir.join("notify");
-    let mut fake = FakeSystemd::at_path(&path);
+    let mut fake = FakeSystemd::at(&path);
     let _h = Start::new("watchdog", &[])
         .args(hello_args("1"))
         .env("NOTIFY_SOCKET", path.to_str().expect("utf8"))
@@ -628,18 +573,8 @@ fn the_example_systemd_units_are_valid() {
         )
         .expect("write");
     }
-    let out = Command::new("systemd-analyze")
-        .args([
-            "verify",
-            "--man=no",
-            "./procman.socket",
-            "./procman.service",
-        ])
-        .current_dir(&dir)
-        .output()
-        .expect("systemd-analyze (apt-get install systemd)");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+    let (ok, stderr) = systemd_verify(&dir);
+    assert!(ok && stderr.trim().is_empty(), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -695,6 +630,18 @@ fn start_with_stubborn_helper(name: &str, args: &[&str], worker_args: &str) -> (
     (h, worker, helper)
 }
 
+/// Checks that nothing of `worker`'s process group outlived procman (and
+/// kills what did, so the test leaves nothing behind).
+fn check_no_leftovers(h: &Harness, worker: i32, helper: i32) {
+    let left = kill_leftovers(worker);
+    h.check(
+        left.is_empty(),
+        &format!(
+            "processes of worker {worker}'s group outlived procman: {left:?} (helper {helper})"
+        ),
+    );
+}
+
 #[test]
 fn a_graceful_stop_kills_a_helper_that_ignores_term_and_waits_for_it() {
     let (mut h, worker, helper) =
@@ -703,13 +650,7 @@ fn a_graceful_stop_kills_a_helper_that_ignores_term_and_waits_for_it() {
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
     // Checked at once: procman itself waited until the group was empty.
-    let left = kill_leftovers(worker);
-    h.check(
-        left.is_empty(),
-        &format!(
-            "processes of worker {worker}'s group outlived procman: {left:?} (helper {helper})"
-        ),
-    );
+    check_no_leftovers(&h, worker, helper);
     let took = t0.elapsed();
     h.check(
         took >= Duration::from_millis(900),
@@ -723,13 +664,7 @@ fn a_quick_stop_kills_a_helper_that_ignores_term() {
         start_with_stubborn_helper("linger-int", &["-w", "1", "--graceful-timeout", "60"], "");
     h.signal(Signal::SIGINT);
     assert_eq!(h.exit_code(BOOT), 0);
-    let left = kill_leftovers(worker);
-    h.check(
-        left.is_empty(),
-        &format!(
-            "processes of worker {worker}'s group outlived procman: {left:?} (helper {helper})"
-        ),
-    );
+    check_no_leftovers(&h, worker, helper);
 }
 
 #[test]

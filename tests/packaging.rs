@@ -340,19 +340,9 @@ fn systemd_version() -> u32 {
 fn the_notify_reload_drop_in_verifies_where_systemd_has_the_type() {
     let dir = temp_dir("notify-reload");
     example_units(&dir);
-    let out = Command::new("systemd-analyze")
-        .args([
-            "verify",
-            "--man=no",
-            "./procman.socket",
-            "./procman.service",
-        ])
-        .current_dir(&dir)
-        .output()
-        .expect("systemd-analyze (apt-get install systemd)");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (ok, stderr) = systemd_verify(&dir);
     if systemd_version() >= 253 {
-        assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+        assert!(ok && stderr.trim().is_empty(), "{stderr}");
     } else {
         // Type=notify-reload is systemd 253's: older ones reject exactly
         // the drop-in's settings, which is why it is separate from the unit.

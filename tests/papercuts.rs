@@ -7,8 +7,7 @@ mod util;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -16,8 +15,12 @@ use util::*;
 
 const BOOT: Duration = Duration::from_secs(60);
 
-fn apps_dir() -> PathBuf {
-    repo().join("tests/apps")
+/// `procman --check-config ...` from tests/apps: (code, stdout, stderr).
+fn check_config(args: &[&str]) -> (i32, String, String) {
+    let args: Vec<&str> = std::iter::once("--check-config")
+        .chain(args.iter().copied())
+        .collect();
+    run_procman(&args, &[], &apps_dir())
 }
 
 /// procman serving `app` from tests/apps with the test venv's Python.
@@ -26,30 +29,6 @@ fn uvicorn(name: &str, app: &str, extra: &[&str]) -> Start {
     Start::new(name, &[app, "--python", python.to_str().expect("utf8")])
         .args(["--chdir", apps_dir().to_str().expect("utf8")])
         .args(extra.iter().copied())
-}
-
-/// `procman --check-config ...` from tests/apps: (code, stdout, stderr).
-fn check_config(args: &[&str]) -> (i32, String, String) {
-    let mut cmd = Command::new(PROCMAN);
-    cmd.arg("--check-config")
-        .args(args)
-        .current_dir(apps_dir())
-        .stdin(Stdio::null());
-    for k in [
-        "PORT",
-        "WEB_CONCURRENCY",
-        "NOTIFY_SOCKET",
-        "LISTEN_PID",
-        "LISTEN_FDS",
-    ] {
-        cmd.env_remove(k);
-    }
-    let out = cmd.output().expect("run procman");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
 }
 
 // ---- item 1: WSGI detection ----

@@ -35,20 +35,6 @@ fn preload(name: &str, dir: &Path, extra: &[&str]) -> Start {
     .args(extra.iter().copied())
 }
 
-fn zygote_pids(h: &Harness) -> Vec<i32> {
-    h.log_text()
-        .lines()
-        .filter_map(|l| {
-            l.split("Starting zygote ")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
 fn version(h: &Harness) -> Option<String> {
     let (status, body) = http_get(h.addr(), "/version").ok()?;
     let v: serde_json::Value = serde_json::from_str(&body).ok()?;

@@ -11,9 +11,8 @@ mod util;
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -65,45 +64,16 @@ fn workers(h: &Harness) -> BTreeSet<i32> {
     h.children().into_iter().filter(|p| alive(*p)).collect()
 }
 
-/// A fake systemd: collects what procman sends to NOTIFY_SOCKET.
-struct FakeSystemd {
-    sock: UnixDatagram,
-    got: Vec<String>,
+/// A port free at the time of asking (procman binds it later by number).
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
 }
 
-impl FakeSystemd {
-    fn at(path: &Path) -> FakeSystemd {
-        let sock = UnixDatagram::bind(path).expect("bind fake systemd");
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("timeout");
-        FakeSystemd {
-            sock,
-            got: Vec::new(),
-        }
-    }
-
-    /// Waits for a datagram containing every needle, at or after `from`.
-    fn wait(&mut self, needles: &[&str], from: usize) -> Option<usize> {
-        let deadline = Instant::now() + BOOT;
-        let mut buf = [0u8; 4096];
-        loop {
-            while let Ok(n) = self.sock.recv(&mut buf) {
-                self.got
-                    .push(String::from_utf8_lossy(&buf[..n]).to_string());
-            }
-            let found = self
-                .got
-                .iter()
-                .skip(from)
-                .position(|m| needles.iter().all(|n| m.contains(n)));
-            if let Some(i) = found {
-                return Some(from + i);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-        }
-    }
+/// Config lines for `workers` workers bound to `ports` on 127.0.0.1.
+fn bind_config(workers: u32, ports: &[u16]) -> String {
+    let list: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    format!("workers = {workers}\nbind = {}", toml_list(&list))
 }
 
 /// procman on a config file in its test dir, with `RELEASE=old`.
@@ -142,9 +112,9 @@ fn a_reload_to_a_command_that_exits_at_once_keeps_the_old_workers_serving() {
         h.wait_log("Reload to generation 2 failed", BOOT),
         "reload reported failed",
     );
-    let reloading = systemd.wait(&["RELOADING=1"], 0);
+    let reloading = systemd.wait("RELOADING=1", 0);
     h.check(reloading.is_some(), "RELOADING=1 sent");
-    let status = systemd.wait(
+    let status = systemd.wait_all(
         &["READY=1", "STATUS=", "failed", "exited with status 1"],
         reloading.unwrap_or(0),
     );
@@ -231,15 +201,8 @@ fn after_a_failed_reload_a_respawn_runs_the_previous_command() {
 
 #[test]
 fn a_failed_reload_closes_the_addresses_it_bound() {
-    let free = || {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let (pa, pb) = (free(), free());
-    let binds = |ports: &[u16]| {
-        let list: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("workers = 1\nbind = {}", toml_list(&list))
-    };
+    let (pa, pb) = (free_port(), free_port());
+    let binds = |ports: &[u16]| bind_config(1, ports);
     let start = Start::new("reload-binds", &["--ready", "notify"]).no_default_bind();
     let file = start.dir().join("procman.toml");
     write_config(&file, "old", &notify_worker(), &binds(&[pa]));
@@ -379,15 +342,8 @@ fn a_new_worker_that_dies_before_the_reload_completes_fails_it() {
 
 #[test]
 fn a_hup_during_a_reload_supersedes_it() {
-    let free = || {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let (pa, pb) = (free(), free());
-    let binds = |ports: &[u16]| {
-        let list: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("workers = 2\nbind = {}", toml_list(&list))
-    };
+    let (pa, pb) = (free_port(), free_port());
+    let binds = |ports: &[u16]| bind_config(2, ports);
     let start = Start::new(
         "reload-supersede",
         &["--ready", "notify", "--log-format", "json"],

@@ -51,6 +51,14 @@ fn chown(path: &Path, uid: u32) {
     std::os::unix::fs::chown(path, Some(uid), Some(uid)).expect("chown");
 }
 
+/// `start`'s test dir, made 0755 so that nobody can reach what the test
+/// puts in it.
+fn traversable_dir(start: &Start) -> PathBuf {
+    let dir = start.dir().to_path_buf();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
 fn mkdir(path: &Path, mode: u32) {
     std::fs::create_dir(path).expect("mkdir");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
@@ -111,8 +119,7 @@ fn pidfile_is_never_written_through_a_symlink_planted_by_nobody() {
         return;
     }
     let start = Start::new("pid-symlink", &["-w", "1"]);
-    let dir = start.dir().to_path_buf();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let dir = traversable_dir(&start);
     // The pidfile's directory belongs to the app user (as /run/app often
     // does); a root-only file lies elsewhere.
     let run = dir.join("run");
@@ -197,8 +204,7 @@ fn a_live_root_socket_is_not_taken_over_by_a_non_root_procman() {
         return;
     }
     let start = Start::new("live-socket", &["-w", "1"]).no_default_bind();
-    let dir = start.dir().to_path_buf();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let dir = traversable_dir(&start);
     // A directory nobody may write in (so nobody could unlink the socket),
     // holding a live socket of root's that nobody cannot connect to.
     let shared = dir.join("shared");
@@ -283,8 +289,7 @@ fn workers_of_user_reach_the_notify_socket_when_the_runtime_dir_is_private() {
         return;
     }
     let start = Start::new("notify-private", &["-u", "nobody", "--ready", "notify"]);
-    let dir = start.dir().to_path_buf();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let dir = traversable_dir(&start);
     // Like root's /run/user/0: 0700, so nobody cannot traverse it.
     let private = dir.join("private");
     mkdir(&private, 0o700);

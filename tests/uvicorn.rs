@@ -5,7 +5,6 @@ mod util;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -13,30 +12,6 @@ use nix::sys::signal::Signal;
 use util::*;
 
 const BOOT: Duration = Duration::from_secs(60);
-
-fn fastapi_dir() -> PathBuf {
-    repo().join("examples/fastapi")
-}
-
-fn apps_dir() -> PathBuf {
-    repo().join("tests/apps")
-}
-
-/// procman serving `app` from `dir` with the test venv's Python.
-fn uvicorn(name: &str, dir: &Path, app: &str, extra: &[&str]) -> Start {
-    let python = venv_python();
-    Start::new(
-        name,
-        &[
-            app,
-            "--python",
-            python.to_str().expect("utf8"),
-            "--no-access-log",
-        ],
-    )
-    .args(["--chdir", dir.to_str().expect("utf8")])
-    .args(extra.iter().copied())
-}
 
 fn pid_of(reply: &(u16, String)) -> i32 {
     reply.1.trim().parse().expect("pid body")

@@ -4,7 +4,7 @@
 
 mod util;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -12,26 +12,9 @@ use util::*;
 
 const BOOT: Duration = Duration::from_secs(60);
 
-fn fastapi_dir() -> PathBuf {
-    repo().join("examples/fastapi")
-}
-
 /// procman serving `app` from `dir` with the test venv's Python, JSON logs.
-fn uvicorn(name: &str, dir: &Path, app: &str, extra: &[&str]) -> Start {
-    let python = venv_python();
-    Start::new(
-        name,
-        &[
-            app,
-            "--python",
-            python.to_str().expect("utf8"),
-            "--no-access-log",
-            "--log-format",
-            "json",
-        ],
-    )
-    .args(["--chdir", dir.to_str().expect("utf8")])
-    .args(extra.iter().copied())
+fn uvicorn_json(name: &str, dir: &Path, app: &str, extra: &[&str]) -> Start {
+    uvicorn(name, dir, app, extra).args(["--log-format", "json"])
 }
 
 /// The most workers the master had booting at once, from its own events in
@@ -57,9 +40,19 @@ fn most_booting_at_once(h: &Harness) -> usize {
     most
 }
 
+/// procman running tests/apps/import_pid.py with 2 workers, all ready.
+fn two_import_pid_workers(name: &str) -> Harness {
+    let h = uvicorn_json(name, &apps_dir(), "import_pid:main", &["-w", "2"]).spawn();
+    h.check(
+        h.wait_event("all-ready", BOOT, |_| true).is_some(),
+        "all ready",
+    );
+    h
+}
+
 #[test]
 fn with_two_cpus_no_more_than_two_of_eight_workers_boot_at_once() {
-    let h = uvicorn("boot-limit", &fastapi_dir(), "app:main", &["-w", "8"]);
+    let h = uvicorn_json("boot-limit", &fastapi_dir(), "app:main", &["-w", "8"]);
     let mut h = h.spawn_with("taskset", &["-c", "0,1", PROCMAN]);
     let all = h.wait_event("all-ready", BOOT, |_| true);
     h.check(all.is_some(), "all 8 ready");
@@ -77,25 +70,6 @@ fn with_two_cpus_no_more_than_two_of_eight_workers_boot_at_once() {
     h.check(most == 2, &format!("{most} booting at once in the reload"));
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
-}
-
-fn apps_dir() -> PathBuf {
-    repo().join("tests/apps")
-}
-
-/// The zygotes procman said it started, in order.
-fn zygote_pids(h: &Harness) -> Vec<i32> {
-    h.log_text()
-        .lines()
-        .filter_map(|l| {
-            l.split("Starting zygote ")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
 }
 
 fn cmdline(pid: i32) -> String {
@@ -144,11 +118,7 @@ fn check_imported_by_each(h: &Harness, pids: &[i32]) {
 
 #[test]
 fn default_workers_are_forked_from_a_base_zygote_and_import_the_app_themselves() {
-    let mut h = uvicorn("base-zygote", &apps_dir(), "import_pid:main", &["-w", "2"]).spawn();
-    h.check(
-        h.wait_event("all-ready", BOOT, |_| true).is_some(),
-        "all ready",
-    );
+    let mut h = two_import_pid_workers("base-zygote");
     let zygotes = zygote_pids(&h);
     h.check(zygotes.len() == 1, "one base zygote");
     let zygote = zygotes[0];
@@ -185,7 +155,7 @@ fn default_workers_are_forked_from_a_base_zygote_and_import_the_app_themselves()
 #[test]
 fn no_zygote_gives_cold_workers() {
     let args = ["-w", "2", "--no-zygote"];
-    let mut h = uvicorn("no-zygote", &apps_dir(), "import_pid:main", &args).spawn();
+    let mut h = uvicorn_json("no-zygote", &apps_dir(), "import_pid:main", &args).spawn();
     h.check(
         h.wait_event("all-ready", BOOT, |_| true).is_some(),
         "all ready",
@@ -207,11 +177,7 @@ fn no_zygote_gives_cold_workers() {
 
 #[test]
 fn hup_starts_a_new_base_zygote_for_the_new_generation() {
-    let mut h = uvicorn("base-hup", &apps_dir(), "import_pid:main", &["-w", "2"]).spawn();
-    h.check(
-        h.wait_event("all-ready", BOOT, |_| true).is_some(),
-        "all ready",
-    );
+    let mut h = two_import_pid_workers("base-hup");
     let first = zygote_pids(&h);
     h.check(first.len() == 1, "one zygote");
     h.signal(Signal::SIGHUP);

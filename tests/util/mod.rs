@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -288,23 +289,7 @@ impl Start {
             .stdout(stdout)
             .stderr(stderr)
             .current_dir(self.cwd.as_deref().unwrap_or(&self.dir));
-        for k in [
-            "NOTIFY_SOCKET",
-            "WATCHDOG_USEC",
-            "WATCHDOG_PID",
-            "LISTEN_FDS",
-            "LISTEN_PID",
-            "LISTEN_FDNAMES",
-            "WEB_CONCURRENCY",
-            "PORT",
-        ] {
-            cmd.env_remove(k);
-        }
-        for (k, _) in std::env::vars_os() {
-            if k.as_encoded_bytes().starts_with(b"PROCMAN_") {
-                cmd.env_remove(k);
-            }
-        }
+        clean_env(&mut cmd);
         for k in &self.env_remove {
             cmd.env_remove(k);
         }
@@ -840,4 +825,174 @@ pub fn listen_backlog(port: u16) -> Vec<String> {
         .lines()
         .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
         .collect()
+}
+
+/// The FastAPI example app's directory.
+pub fn fastapi_dir() -> PathBuf {
+    repo().join("examples/fastapi")
+}
+
+/// The test apps' directory (tests/apps).
+pub fn apps_dir() -> PathBuf {
+    repo().join("tests/apps")
+}
+
+/// procman serving `app` from `dir` with the test venv's Python, no access
+/// log (it would drown the log the tests read).
+pub fn uvicorn(name: &str, dir: &Path, app: &str, extra: &[&str]) -> Start {
+    let python = venv_python();
+    Start::new(
+        name,
+        &[
+            app,
+            "--python",
+            python.to_str().expect("utf8"),
+            "--no-access-log",
+        ],
+    )
+    .args(["--chdir", dir.to_str().expect("utf8")])
+    .args(extra.iter().copied())
+}
+
+/// Removes from `cmd`'s environment everything of the test process that
+/// procman would read: the systemd and PaaS variables and every
+/// `PROCMAN_*` (matched on bytes, so a non-UTF-8 name is removed too).
+pub fn clean_env(cmd: &mut Command) {
+    for k in [
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+        "WEB_CONCURRENCY",
+        "PORT",
+    ] {
+        cmd.env_remove(k);
+    }
+    for (k, _) in std::env::vars_os() {
+        if k.as_encoded_bytes().starts_with(b"PROCMAN_") {
+            cmd.env_remove(k);
+        }
+    }
+}
+
+/// Runs procman to completion (it must exit on its own) in `cwd` with a
+/// clean environment plus `env`; returns (exit code, stdout, stderr).
+pub fn run_procman(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (i32, String, String) {
+    let mut cmd = Command::new(PROCMAN);
+    cmd.args(args).current_dir(cwd).stdin(Stdio::null());
+    clean_env(&mut cmd);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run procman");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// The zygotes procman said it started, in order.
+pub fn zygote_pids(h: &Harness) -> Vec<i32> {
+    h.log_text()
+        .lines()
+        .filter_map(|l| {
+            l.split("Starting zygote ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// `systemd-analyze verify` of procman.socket and procman.service in
+/// `dir`: (success, stderr).
+pub fn systemd_verify(dir: &Path) -> (bool, String) {
+    let out = Command::new("systemd-analyze")
+        .args([
+            "verify",
+            "--man=no",
+            "./procman.socket",
+            "./procman.service",
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("systemd-analyze (apt-get install systemd)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// A fake systemd: a datagram socket that collects what procman sends to
+/// NOTIFY_SOCKET.
+pub struct FakeSystemd {
+    pub sock: UnixDatagram,
+    pub got: Vec<String>,
+}
+
+impl FakeSystemd {
+    /// How long `wait` waits for a message.
+    const WAIT: Duration = Duration::from_secs(30);
+
+    pub fn at(path: &Path) -> FakeSystemd {
+        let sock = UnixDatagram::bind(path).expect("bind fake systemd");
+        FakeSystemd::on(sock)
+    }
+
+    pub fn abstract_name(name: &str) -> FakeSystemd {
+        use std::os::linux::net::SocketAddrExt;
+        let addr =
+            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
+        FakeSystemd::on(UnixDatagram::bind_addr(&addr).expect("bind abstract"))
+    }
+
+    fn on(sock: UnixDatagram) -> FakeSystemd {
+        // A short timeout so `wait` re-checks its deadline.
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        FakeSystemd {
+            sock,
+            got: Vec::new(),
+        }
+    }
+
+    /// Collects every datagram already queued.
+    pub fn pump(&mut self) {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.sock.recv(&mut buf) {
+            self.got
+                .push(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+    }
+
+    /// Waits for a datagram containing `needle` at or after index `from`;
+    /// returns its index.
+    pub fn wait(&mut self, needle: &str, from: usize) -> Option<usize> {
+        self.wait_all(&[needle], from)
+    }
+
+    /// Waits for a datagram containing every needle at or after index
+    /// `from`; returns its index.
+    pub fn wait_all(&mut self, needles: &[&str], from: usize) -> Option<usize> {
+        let deadline = Instant::now() + Self::WAIT;
+        loop {
+            self.pump();
+            let found = self
+                .got
+                .iter()
+                .skip(from)
+                .position(|m| needles.iter().all(|n| m.contains(n)));
+            if let Some(i) = found {
+                return Some(from + i);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+        }
+    }
 }

@@ -101,8 +101,7 @@ fn check(cfg: &Config) -> Result<()> {
     let Some(opts) = cfg.uvicorn() else {
         return Ok(());
     };
-    let mut json = crate::classes::uvicorn::app_config(opts, cfg);
-    json["mode"] = "check".into();
+    let json = crate::classes::uvicorn::app_config(opts, cfg, crate::classes::uvicorn::Mode::Check);
     let mut env = master::worker_base_env(cfg);
     env.retain(|(k, _)| k != crate::classes::uvicorn::CONFIG_VAR);
     env.push((

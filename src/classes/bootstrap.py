@@ -53,6 +53,9 @@ Observability:
   first writes every thread's Python traceback to fd 2 (faulthandler), so the
   log shows where the event loop was blocked, then ends the process as before.
 
+PROCMAN_APP_CONFIG carries every key of CONFIG_KEYS, always (no defaults
+here: the values, defaults included, come from procman's option table).
+
 Modes (PROCMAN_APP_CONFIG "mode"): "worker" imports and serves; "check" only
 imports (--check-config); "zygote" forks workers on request. With
 "import_app" true (--preload) the zygote imports the app once and its workers
@@ -394,7 +397,7 @@ def configure_logging(level):
     the format, and so do the app's own root handlers that write to stderr
     (adopt_root_handlers, once the app is imported and once it started)."""
     logging.addLevelName(5, "TRACE")  # uvicorn's level below DEBUG
-    level = str(level or "info").upper()
+    level = str(level).upper()
     handler = {"class": "logging.StreamHandler", "formatter": "procman", "stream": "ext://sys.stderr"}
     logging.config.dictConfig({
         "version": 1,
@@ -550,16 +553,21 @@ def listen_sockets():
     return sockets
 
 
+# Every key of PROCMAN_APP_CONFIG. The master always sends all of them
+# (src/classes/uvicorn.rs builds the object from procman's option table,
+# with each option's resolved value or null for "unset"): the bootstrap keeps
+# no defaults of its own, which could silently disagree with the table, and
+# an object that lacks a key is refused. A unit test there checks that this
+# list, the keys this file reads and the keys sent agree.
+CONFIG_KEYS = (
+    "mode", "import_app", "app", "factory", "interface", "lifespan", "http", "loop",
+    "keep_alive", "limit_concurrency", "proxy_headers", "forwarded_allow_ips", "root_path",
+    "ssl_keyfile", "ssl_certfile", "access_log", "log_level", "log_format", "log_file",
+    "graceful_timeout", "max_requests", "max_requests_jitter", "backlog",
+)
+
+
 def read_config():
-    defaults = {
-        "app": None, "factory": False, "interface": "auto", "lifespan": "auto",
-        "http": "auto", "loop": "auto", "keep_alive": 5, "limit_concurrency": None,
-        "proxy_headers": True, "forwarded_allow_ips": None, "root_path": "",
-        "ssl_keyfile": None, "ssl_certfile": None, "access_log": True,
-        "log_level": "info", "graceful_timeout": 30.0, "max_requests": 0,
-        "max_requests_jitter": 0, "mode": "worker", "backlog": 2048,
-        "log_file": None, "log_format": "text",
-    }
     if "PROCMAN_APP_CONFIG" not in os.environ:
         fail("PROCMAN_APP_CONFIG is not set (this program is started by procman)", EXIT_CANNOT_START)
     try:
@@ -568,8 +576,11 @@ def read_config():
             raise ValueError("not a JSON object")
     except ValueError as exc:
         fail(f"PROCMAN_APP_CONFIG is not a valid JSON object: {exc}", EXIT_CANNOT_START)
-    # null means "unset": keep the default then.
-    return {**defaults, **{k: v for k, v in given.items() if v is not None}}
+    missing = [key for key in CONFIG_KEYS if key not in given]
+    if missing:
+        fail(f"PROCMAN_APP_CONFIG lacks {', '.join(missing)} (the bootstrap has no defaults: "
+             "procman sends every key)", EXIT_CANNOT_START)
+    return given
 
 
 def load_app(spec, factory, report_to_master=False):
@@ -811,11 +822,11 @@ def uvicorn_config(app, config, limit_max_requests=None):
 
 def serve(app, config, sockets, notifier):
     """Serve an already imported app on the given listeners until stopped. Returns the exit status."""
-    max_requests = int(config["max_requests"] or 0)
+    max_requests = int(config["max_requests"])
     recycle_after = None
     limit_max_requests = None
     if max_requests > 0:
-        limit = max_requests + random.randint(0, max(0, int(config["max_requests_jitter"] or 0)))
+        limit = max_requests + random.randint(0, max(0, int(config["max_requests_jitter"])))
         if notifier.sock is not None:
             recycle_after = limit
         else:
@@ -945,7 +956,7 @@ class Zygote:
         self.master = int(master)
         self.sockets = listen_sockets()
         self.notify = take_notify_env()  # (address, interval) for the workers' Notifier
-        self.import_app = bool(config.get("import_app", True))
+        self.import_app = bool(config["import_app"])
         if self.import_app:
             self.app = load_app(config["app"], config["factory"])
             resolve_interface(self.app, config)  # its workers inherit the answer

@@ -4,7 +4,11 @@
 //! speaks sd_notify back (READY=1 after startup, WATCHDOG=1 from the event
 //! loop).
 //!
-//! The options reach it as one JSON object in `PROCMAN_APP_CONFIG`, and the
+//! The options reach it as one JSON object in `PROCMAN_APP_CONFIG`
+//! ([`app_config`]: a key for each option the table in `cli/options.rs`
+//! marks for the bootstrap, with its resolved value, plus the few values
+//! the master computes, [`COMPUTED_KEYS`]; the bootstrap keeps no defaults
+//! and refuses an object that lacks a key), and the
 //! source itself in `PROCMAN_BOOTSTRAP`, so no file is needed at run time and
 //! the command line (`ps`, `top`, `/proc/PID/cmdline`) stays short: the
 //! loader takes the variable out of the environment before the bootstrap
@@ -13,8 +17,11 @@
 //! name `<procman-bootstrap>` (not `-c`'s `<string>`), so that a traceback
 //! says where a frame comes from.
 
+use std::path::{Path, PathBuf};
+
 use super::Launch;
-use crate::config::{Config, UvicornOptions};
+use crate::cli::OPTIONS;
+use crate::config::{Config, LogFormat, UvicornOptions};
 
 /// The bootstrap's source, embedded at build time.
 pub const BOOTSTRAP: &str = include_str!("bootstrap.py");
@@ -53,7 +60,10 @@ pub fn launch(opts: &UvicornOptions, cfg: &Config) -> Launch {
         program: opts.python.clone(),
         argv,
         env: vec![
-            (CONFIG_VAR.into(), app_config(opts, cfg).to_string()),
+            (
+                CONFIG_VAR.into(),
+                app_config(opts, cfg, Mode::Worker).to_string(),
+            ),
             bootstrap_env(),
         ],
     }
@@ -75,48 +85,376 @@ pub fn uvicorn_drain(graceful: std::time::Duration) -> std::time::Duration {
     graceful.saturating_sub((graceful / 2).min(STOP_RESERVE))
 }
 
-/// The JSON object the bootstrap reads.
-pub fn app_config(opts: &UvicornOptions, cfg: &Config) -> serde_json::Value {
-    serde_json::json!({
-        "mode": "worker",
-        "app": opts.app,
-        "factory": opts.factory,
-        "interface": opts.interface,
-        "lifespan": opts.lifespan,
-        "http": opts.http,
-        "loop": opts.event_loop,
-        "keep_alive": opts.keep_alive,
-        "limit_concurrency": opts.limit_concurrency,
-        "proxy_headers": opts.proxy_headers,
-        "forwarded_allow_ips": opts.forwarded_allow_ips,
-        "root_path": opts.root_path,
-        "ssl_keyfile": opts.keyfile.as_ref().map(|p| p.display().to_string()),
-        "ssl_certfile": opts.certfile.as_ref().map(|p| p.display().to_string()),
-        "access_log": opts.access_log,
-        "log_level": cfg.log_level.uvicorn_name(),
-        "graceful_timeout": uvicorn_drain(cfg.graceful_timeout).as_secs_f64(),
+/// What the bootstrap is started as; the master decides it, no option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Imports the app and serves it.
+    Worker,
+    /// `--check-config`: imports the app once and exits.
+    Check,
+    /// Forks workers on request: `import_app` (`--preload`) imports the app
+    /// once for all of them; the base zygote only imports Python's runtime
+    /// and uvicorn, and each worker imports the app itself.
+    Zygote { import_app: bool },
+}
+
+/// The keys of the values the master computes itself rather than taking an
+/// option's value as it is: the bootstrap's mode, whether it imports the
+/// app, uvicorn's drain time (less than `--graceful-timeout`, see
+/// [`uvicorn_drain`]) and the log file as an absolute path. Every other key
+/// comes from the option table ([`crate::cli::OptionDef::bootstrap`]).
+pub const COMPUTED_KEYS: [&str; 4] = ["mode", "import_app", "graceful_timeout", "log_file"];
+
+/// The JSON object the bootstrap reads: one key per option the table marks
+/// for the bootstrap, holding its resolved value, plus [`COMPUTED_KEYS`].
+/// Every key is always present (an unset option is `null`): the bootstrap
+/// has no defaults and refuses an object that lacks one.
+pub fn app_config(opts: &UvicornOptions, cfg: &Config, mode: Mode) -> serde_json::Value {
+    let mut object = serde_json::Map::new();
+    for o in OPTIONS {
+        if let Some(key) = o.bootstrap {
+            let value = resolved(o.name, opts, cfg);
+            debug_assert!(value.is_some(), "--{} has no resolved value", o.name);
+            object.insert(key.into(), value.unwrap_or_default());
+        }
+    }
+    let (mode, import_app) = match mode {
+        Mode::Worker => ("worker", true),
+        Mode::Check => ("check", true),
+        Mode::Zygote { import_app } => ("zygote", import_app),
+    };
+    let computed = [
+        ("mode", mode.into()),
+        ("import_app", import_app.into()),
+        (
+            "graceful_timeout",
+            uvicorn_drain(cfg.graceful_timeout).as_secs_f64().into(),
+        ),
         // Absolute: workers run in --chdir; they reopen it by path on USR1.
-        "log_file": cfg.log_file.as_ref().map(|p| {
-            std::path::absolute(p).unwrap_or_else(|_| p.clone()).display().to_string()
-        }),
+        (
+            "log_file",
+            cfg.log_file
+                .as_ref()
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+                .as_deref()
+                .map(path_text)
+                .into(),
+        ),
+    ];
+    debug_assert!(computed.iter().map(|(k, _)| *k).eq(COMPUTED_KEYS));
+    for (key, value) in computed {
+        object.insert(key.into(), value);
+    }
+    serde_json::Value::Object(object)
+}
+
+/// The resolved value of option `name`, as the bootstrap reads it under the
+/// option's key; `None` for an option the table does not mark for the
+/// bootstrap. The values are the validated ones of `config.rs`, never the
+/// raw text.
+fn resolved(name: &str, opts: &UvicornOptions, cfg: &Config) -> Option<serde_json::Value> {
+    let file = |p: &Option<PathBuf>| p.as_deref().map(path_text).into();
+    Some(match name {
+        "app" => opts.app.clone().into(),
+        "factory" => opts.factory.into(),
+        "keyfile" => file(&opts.keyfile),
+        "certfile" => file(&opts.certfile),
+        "keep-alive" => opts.keep_alive.into(),
+        "limit-concurrency" => opts.limit_concurrency.into(),
+        "proxy-headers" => opts.proxy_headers.into(),
+        "forwarded-allow-ips" => opts.forwarded_allow_ips.clone().into(),
+        "root-path" => opts.root_path.clone().into(),
+        "lifespan" => opts.lifespan.clone().into(),
+        "interface" => opts.interface.clone().into(),
+        "http" => opts.http.clone().into(),
+        "loop" => opts.event_loop.clone().into(),
+        "no-access-log" => opts.access_log.into(),
+        "max-requests" => opts.max_requests.into(),
+        "max-requests-jitter" => opts.max_requests_jitter.into(),
+        "backlog" => cfg.backlog.into(),
+        "log-level" => cfg.log_level.uvicorn_name().into(),
         // Worker lines in the master's format (slot and generation come
         // from PROCMAN_WORKER_ID and PROCMAN_GENERATION).
-        "log_format": match cfg.log_format {
-            crate::config::LogFormat::Text => "text",
-            crate::config::LogFormat::Json => "json",
-        },
-        "max_requests": opts.max_requests,
-        "max_requests_jitter": opts.max_requests_jitter,
-        // asyncio calls listen() again on the shared socket when it starts
-        // serving, which would reset --backlog to its own default.
-        "backlog": cfg.backlog,
+        "log-format" => match cfg.log_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+        .into(),
+        _ => return None,
     })
+}
+
+fn path_text(p: &Path) -> String {
+    p.display().to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::Cli;
+    use crate::config::Environment;
+    use serde_json::{json, Value};
+    use std::collections::BTreeSet;
     use std::time::Duration;
+
+    /// The resolved configuration of `procman [args] APP` (the interpreter
+    /// is `sh`: it is only looked up, never run).
+    fn config(app: &str, args: &[&str]) -> Config {
+        let mut argv = vec!["procman", "--python", "sh"];
+        argv.extend_from_slice(args);
+        argv.push(app);
+        let cli = Cli::try_parse_from(argv.iter().copied()).expect("parses");
+        let env = Environment {
+            path: std::env::var_os("PATH"),
+            ..Environment::default()
+        };
+        Config::from_cli(&cli, &env).unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+    }
+
+    fn object(cfg: &Config, mode: Mode) -> serde_json::Map<String, Value> {
+        let opts = cfg.uvicorn().expect("uvicorn class");
+        match app_config(opts, cfg, mode) {
+            Value::Object(m) => m,
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    fn marked() -> BTreeSet<&'static str> {
+        OPTIONS.iter().filter_map(|o| o.bootstrap).collect()
+    }
+
+    #[test]
+    fn every_marked_option_reaches_the_bootstrap_with_its_resolved_value() {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let (key, cert) = (format!("{dir}/Cargo.toml"), format!("{dir}/README.md"));
+        let tls = ["--keyfile", key.as_str(), "--certfile", cert.as_str()];
+        // (option, APP, its arguments, the value the bootstrap receives)
+        let table: &[(&str, &str, &[&str], Value)] = &[
+            ("app", "pkg.mod:make", &[], json!("pkg.mod:make")),
+            ("factory", "app:main", &["--factory"], json!(true)),
+            ("keyfile", "app:main", &tls, json!(&key)),
+            ("certfile", "app:main", &tls, json!(&cert)),
+            ("keep-alive", "app:main", &["--keep-alive", "7s"], json!(7)),
+            (
+                "limit-concurrency",
+                "app:main",
+                &["--limit-concurrency", "9"],
+                json!(9),
+            ),
+            (
+                "proxy-headers",
+                "app:main",
+                &["--proxy-headers"],
+                json!(true),
+            ),
+            (
+                "forwarded-allow-ips",
+                "app:main",
+                &["--forwarded-allow-ips", "10.0.0.1"],
+                json!("10.0.0.1"),
+            ),
+            (
+                "root-path",
+                "app:main",
+                &["--root-path", "/api"],
+                json!("/api"),
+            ),
+            ("lifespan", "app:main", &["--lifespan", "off"], json!("off")),
+            (
+                "interface",
+                "app:main",
+                &["--interface", "wsgi"],
+                json!("wsgi"),
+            ),
+            ("http", "app:main", &["--http", "h11"], json!("h11")),
+            ("loop", "app:main", &["--loop", "asyncio"], json!("asyncio")),
+            (
+                "no-access-log",
+                "app:main",
+                &["--no-access-log"],
+                json!(false),
+            ),
+            (
+                "max-requests",
+                "app:main",
+                &["--max-requests", "100"],
+                json!(100),
+            ),
+            (
+                "max-requests-jitter",
+                "app:main",
+                &["--max-requests-jitter", "10"],
+                json!(10),
+            ),
+            ("backlog", "app:main", &["--backlog", "64"], json!(64)),
+            (
+                "log-level",
+                "app:main",
+                &["--log-level", "warn"],
+                json!("warning"),
+            ),
+            (
+                "log-format",
+                "app:main",
+                &["--log-format", "json"],
+                json!("json"),
+            ),
+        ];
+        let covered: BTreeSet<&str> = table.iter().map(|row| row.0).collect();
+        let marked_names: BTreeSet<&str> = OPTIONS
+            .iter()
+            .filter(|o| o.bootstrap.is_some())
+            .map(|o| o.name)
+            .collect();
+        assert_eq!(
+            covered, marked_names,
+            "one row per option marked for the bootstrap"
+        );
+        let default = object(&config("app:main", &[]), Mode::Worker);
+        for (name, app, args, want) in table {
+            let key = crate::cli::def(name)
+                .and_then(|o| o.bootstrap)
+                .expect("marked");
+            let got = object(&config(app, args), Mode::Worker);
+            assert_eq!(got[key], *want, "--{name} under {key:?}");
+            assert_ne!(
+                default[key], *want,
+                "--{name}: the row must change the value"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unset_option_reaches_the_bootstrap_as_its_default_in_the_table() {
+        let default = object(&config("app:main", &[]), Mode::Worker);
+        let mut with_defaults = 0;
+        for o in OPTIONS.iter().filter(|o| o.bootstrap.is_some()) {
+            let Some(text) = o.default else { continue };
+            let given = object(
+                &config("app:main", &[&format!("--{}", o.name), text]),
+                Mode::Worker,
+            );
+            assert_eq!(given, default, "--{} {text}", o.name);
+            with_defaults += 1;
+        }
+        assert!(
+            with_defaults >= 7,
+            "backlog, keep-alive, lifespan, ... have defaults"
+        );
+        // Unset options without a default are null (uvicorn's own default).
+        for key in [
+            "limit_concurrency",
+            "forwarded_allow_ips",
+            "ssl_keyfile",
+            "log_file",
+        ] {
+            assert_eq!(default[key], Value::Null, "{key}");
+        }
+    }
+
+    #[test]
+    fn the_object_holds_the_marked_and_the_computed_keys_and_nothing_else() {
+        let marked = marked();
+        let computed: BTreeSet<&str> = COMPUTED_KEYS.into_iter().collect();
+        assert!(
+            marked.is_disjoint(&computed),
+            "a computed key is also an option's"
+        );
+        let want: BTreeSet<&str> = marked.union(&computed).copied().collect();
+        let cfg = config(
+            "app:main",
+            &["--graceful-timeout", "10", "--log-file", "w.log"],
+        );
+        let modes = [
+            (Mode::Worker, "worker", true),
+            (Mode::Check, "check", true),
+            (Mode::Zygote { import_app: true }, "zygote", true),
+            (Mode::Zygote { import_app: false }, "zygote", false),
+        ];
+        for (mode, name, import_app) in modes {
+            let got = object(&cfg, mode);
+            let keys: BTreeSet<&str> = got.keys().map(String::as_str).collect();
+            assert_eq!(keys, want, "{mode:?}");
+            assert_eq!(got["mode"], json!(name));
+            assert_eq!(got["import_app"], json!(import_app));
+            // Computed by the master: the drain is 2 s less than the timeout,
+            // and the log file absolute (workers run in --chdir).
+            assert_eq!(got["graceful_timeout"], json!(8.0));
+            let log = std::path::absolute("w.log").expect("absolute");
+            assert_eq!(got["log_file"], json!(log.display().to_string()));
+        }
+    }
+
+    /// The quoted words after `marker` in `text` (`config["x"]`: marker
+    /// `config[`).
+    fn subscripts(text: &str, marker: &str) -> BTreeSet<String> {
+        text.split(marker)
+            .skip(1)
+            .filter_map(|rest| {
+                let quote = rest.chars().next().filter(|c| *c == '"' || *c == '\'')?;
+                rest[1..].split(quote).next().map(str::to_string)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_bootstrap_requires_exactly_the_keys_it_is_sent_and_has_no_defaults() {
+        let sent: BTreeSet<String> = object(&config("app:main", &[]), Mode::Worker)
+            .keys()
+            .cloned()
+            .collect();
+        // CONFIG_KEYS = ("a", "b", ...): what the bootstrap requires.
+        let required = BOOTSTRAP
+            .split_once("CONFIG_KEYS = (")
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .map(|(list, _)| {
+                list.split(',')
+                    .map(|k| k.trim().trim_matches('"').to_string())
+                    .filter(|k| !k.is_empty())
+                    .collect::<BTreeSet<String>>()
+            })
+            .expect("bootstrap.py defines CONFIG_KEYS = (...)");
+        assert_eq!(
+            required, sent,
+            "CONFIG_KEYS in bootstrap.py and the keys sent"
+        );
+        let read = subscripts(BOOTSTRAP, "config[");
+        assert_eq!(
+            read, required,
+            "the keys bootstrap.py reads and CONFIG_KEYS"
+        );
+        for default in ["config.get(", "defaults = {"] {
+            assert!(!BOOTSTRAP.contains(default), "bootstrap.py: {default}");
+        }
+    }
+
+    #[test]
+    fn a_config_without_a_key_is_refused_in_one_line() {
+        let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+        assert!(
+            python.exists(),
+            "the test virtualenv is missing: run scripts/test (it creates .venv)"
+        );
+        let app = "procman_no_such_module:app";
+        let mut sent = object(&config(app, &[]), Mode::Check);
+        sent.remove("keep_alive");
+        let out = std::process::Command::new(&python)
+            .args(bootstrap_args(app))
+            .env_clear()
+            .env(CONFIG_VAR, Value::Object(sent).to_string())
+            .env(SOURCE_VAR, BOOTSTRAP)
+            .current_dir(std::env::temp_dir())
+            .output()
+            .expect("runs python");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(
+            lines[0].starts_with("procman: PROCMAN_APP_CONFIG") && lines[0].contains("keep_alive"),
+            "{stderr}"
+        );
+    }
 
     #[test]
     fn uvicorn_drains_a_little_less_than_the_master_waits() {

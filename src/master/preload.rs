@@ -117,9 +117,13 @@ impl Master {
                 return;
             }
         };
-        let mut json = classes::uvicorn::app_config(opts, &self.settings.cfg);
-        json["mode"] = "zygote".into();
-        json["import_app"] = opts.preload.into();
+        let json = classes::uvicorn::app_config(
+            opts,
+            &self.settings.cfg,
+            classes::uvicorn::Mode::Zygote {
+                import_app: opts.preload,
+            },
+        );
         let (env, pid_vars) = self.settings.child_env(
             self.notify.path(),
             &[

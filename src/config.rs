@@ -182,9 +182,19 @@ impl Environment {
 /// A bad value of option `flag`; the error carries the option, so that
 /// `layers.rs` can say where the value came from.
 fn invalid(flag: &'static str, value: &str, why: impl std::fmt::Display) -> Error {
+    belongs(
+        flag,
+        format!("invalid value '{value}' for '--{flag}': {why}"),
+    )
+}
+
+/// A usage error that belongs to option `flag` (it does not apply, or
+/// needs another): carried with it, like a bad value, never found again by
+/// reading the message.
+fn belongs(flag: &'static str, msg: impl Into<String>) -> Error {
     Error::Invalid {
         option: flag,
-        msg: format!("invalid value '{value}' for '--{flag}': {why}"),
+        msg: msg.into(),
     }
 }
 
@@ -271,9 +281,10 @@ impl Config {
         let ready_after = duration("ready-after")?;
         if let Some(v) = cli.text("ready-after") {
             if uvicorn || ready == ReadyMode::Notify {
-                return Err(Error::usage(format!(
-                    "'--ready-after {v}' applies to command workers with '--ready exec'; workers that send READY=1 say themselves when they are ready"
-                )));
+                return Err(belongs(
+                    "ready-after",
+                    format!("'--ready-after {v}' applies to command workers with '--ready exec'; workers that send READY=1 say themselves when they are ready"),
+                ));
             }
             if ready_after >= startup_timeout {
                 return Err(invalid(
@@ -350,12 +361,14 @@ impl Config {
             }
         };
         if cli.is_set("max-worker-lifetime-jitter") && max_worker_lifetime.is_none() {
-            return Err(Error::usage(
+            return Err(belongs(
+                "max-worker-lifetime-jitter",
                 "'--max-worker-lifetime-jitter' needs '--max-worker-lifetime'",
             ));
         }
         if cli.is_set("memory-check-interval") && max_worker_memory.is_none() {
-            return Err(Error::usage(
+            return Err(belongs(
+                "memory-check-interval",
                 "'--memory-check-interval' needs '--max-worker-memory'",
             ));
         }
@@ -448,10 +461,10 @@ impl Config {
 /// for uvicorn workers.
 fn command_only(cli: &Cli) -> Option<Error> {
     OPTIONS.iter().find_map(|o| match o.applies_to {
-        Class::Command(why) if cli.is_set(o.name) => Some(Error::usage(format!(
-            "'--{}' applies to command workers; {why}",
-            o.name
-        ))),
+        Class::Command(why) if cli.is_set(o.name) => Some(belongs(
+            o.name,
+            format!("'--{}' applies to command workers; {why}", o.name),
+        )),
         _ => None,
     })
 }

@@ -12,8 +12,10 @@ use std::fmt;
 pub enum Error {
     /// Bad command line, environment or config file: exit 2.
     Usage(String),
-    /// A bad value of one option: exit 2. It names the option (its long
-    /// name), so that `layers.rs` can add where the value came from.
+    /// A usage error that belongs to one option (a bad value, an option
+    /// that does not apply or needs another): exit 2. It names the option
+    /// (its long name), so that `layers.rs` can add where the value came
+    /// from without reading the message.
     Invalid {
         /// The option's long name.
         option: &'static str,

@@ -353,6 +353,46 @@ mod tests {
     }
 
     #[test]
+    fn an_option_that_does_not_apply_is_traced_to_its_source() {
+        // Each error belongs to one option, which came from the file: the
+        // message names the file and the line, as for a bad value.
+        let command: &[&str] = &["--", "true"];
+        let app: &[&str] = &["--python", "sh", "app:main"];
+        let table = [
+            (
+                "max-requests = 5",
+                command,
+                "'--max-requests' applies to uvicorn",
+            ),
+            ("ready = \"exec\"", app, "'--ready' applies to command"),
+            (
+                "max-worker-lifetime-jitter = \"5s\"",
+                command,
+                "'--max-worker-lifetime-jitter' needs",
+            ),
+            (
+                "memory-check-interval = \"5s\"",
+                command,
+                "'--memory-check-interval' needs",
+            ),
+            ("ready-after = \"2s\"", app, "'--ready-after 2s' applies"),
+            ("keyfile = \"Cargo.toml\"", app, "HTTPS needs both"),
+        ];
+        for (i, (line, run, want)) in table.into_iter().enumerate() {
+            let p = write(&format!("applies-{i}.toml"), &format!("\n{line}\n"));
+            let mut args = vec!["-c", p.to_str().expect("utf8")];
+            args.extend_from_slice(run);
+            let l = load_args(&args).expect("loads");
+            let err = crate::config::Config::from_cli(&l.cli, &env()).expect_err(line);
+            let msg = l.annotate(err).to_string();
+            assert!(
+                msg.starts_with(&format!("{}, line 2: {want}", p.display())),
+                "{line}: {msg}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_values_are_traced_to_their_source() {
         let p = write("src.toml", "\n\nworkers = \"many\"\n");
         let l = load_args(&["-c", p.to_str().expect("utf8"), "--", "true"]).expect("loads");

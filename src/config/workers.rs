@@ -11,7 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::values::{parse_duration, validate_app};
-use super::{invalid, Environment};
+use super::{belongs, invalid, Environment};
 use crate::cli::{Class, Cli, OPTIONS};
 use crate::error::{Error, Result};
 
@@ -105,10 +105,13 @@ pub(super) fn worker_kind(
                 .iter()
                 .find(|o| o.applies_to == Class::Uvicorn && cli.is_set(o.name));
             if let Some(o) = uvicorn_only {
-                return Err(Error::usage(format!(
-                    "'--{}' applies to uvicorn workers (an APP), not to a COMMAND",
-                    o.name
-                )));
+                return Err(belongs(
+                    o.name,
+                    format!(
+                        "'--{}' applies to uvicorn workers (an APP), not to a COMMAND",
+                        o.name
+                    ),
+                ));
             }
             let argv = cli.list("command").to_vec();
             let program = find_program(&argv[0], env.path.as_deref(), chdir).map_err(|why| {
@@ -162,7 +165,14 @@ fn uvicorn_options(
     let keyfile = file("keyfile")?;
     let certfile = file("certfile")?;
     if keyfile.is_some() != certfile.is_some() {
-        return Err(Error::usage(
+        // The error belongs to the one that was given.
+        let given = if keyfile.is_some() {
+            "keyfile"
+        } else {
+            "certfile"
+        };
+        return Err(belongs(
+            given,
             "HTTPS needs both '--keyfile' and '--certfile'; only one was given",
         ));
     }

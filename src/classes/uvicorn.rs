@@ -438,16 +438,34 @@ mod tests {
         let app = "procman_no_such_module:app";
         let mut sent = object(&config(app, &[]), Mode::Check);
         sent.remove("keep_alive");
-        let out = std::process::Command::new(&python)
+        let mut child = std::process::Command::new(&python)
             .args(bootstrap_args(app))
             .env_clear()
             .env(CONFIG_VAR, Value::Object(sent).to_string())
             .env(SOURCE_VAR, BOOTSTRAP)
             .current_dir(std::env::temp_dir())
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .expect("runs python");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(3), "{stderr}");
+        // It exits at once; a bootstrap that went on would be killed, not
+        // waited for (its stderr is a line or two: the pipe cannot fill).
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the bootstrap did not exit within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().expect("piped"), &mut stderr)
+            .expect("read stderr");
+        assert_eq!(status.code(), Some(3), "{stderr}");
         let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
         assert_eq!(lines.len(), 1, "{stderr}");
         assert!(

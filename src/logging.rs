@@ -13,10 +13,12 @@
 //! Text: `[2026-11-27T09:40:00.123456Z] [4242] [INFO] Booting worker 2 with pid 4243`
 //! JSON: `{"timestamp":"…","level":"INFO","pid":4242,"message":"…","event":"booting","worker":4243,"slot":2,"generation":1}`
 //!
-//! Lifecycle lines carry a stable `event` (booting, ready, exited,
-//! boot-failed, stopping, all-ready, reloading, reload-done, reload-failed,
-//! shutdown) with the worker's pid, slot and generation where there is
-//! one: JSON readers (and the tests) match on those, not on the wording.
+//! Lifecycle lines carry a stable `event` (listed in the README's JSON log
+//! section: booting, ready, exited, boot-failed, stopping, killing,
+//! recycling, all-ready, reloading, reload-done, reload-failed, shutdown,
+//! the zygote's and a few more) with the worker's pid, slot and generation
+//! where there is one: JSON readers (and the tests) match on those, not on
+//! the wording.
 
 use std::fmt::{self, Write as _};
 use std::fs::{File, OpenOptions};
@@ -103,6 +105,25 @@ impl Visit for Fields {
     }
 }
 
+/// The fields of lifecycle events that the text of their message already
+/// says: only JSON lines carry them as fields.
+const STRUCTURED: &[&str] = &[
+    "event",
+    "reason",
+    "worker",
+    "slot",
+    "generation",
+    "zygote",
+    "quick",
+    "workers",
+    "address",
+    "superseded",
+    "process",
+    "name",
+    "inherited",
+    "reuse_port",
+];
+
 /// The line format.
 struct Line {
     pid: u32,
@@ -148,11 +169,10 @@ where
             writeln!(writer, "{line}")
         } else {
             let mut line = format!("[{time}] [{}] [{level}] {}", self.pid, fields.message);
-            // Fields that the message does not already say (`event` and
-            // `reason` name what the message says, for JSON readers).
-            for (k, v) in fields.rest.iter().filter(|(k, _)| {
-                !matches!(*k, "worker" | "slot" | "generation" | "event" | "reason")
-            }) {
+            // Fields that the message does not already say (`event`,
+            // `reason` and the rest name what the message says, for JSON
+            // readers).
+            for (k, v) in fields.rest.iter().filter(|(k, _)| !STRUCTURED.contains(k)) {
                 let _ = write!(line, " {k}={v}");
             }
             writeln!(writer, "{line}")

@@ -278,10 +278,19 @@ impl Master {
         let before = self.settings.target;
         self.settings.target = (self.settings.target as isize + delta).max(1) as usize;
         if self.settings.target == before {
-            info!("Keeping {before} worker: never fewer than 1");
+            info!(
+                event = "scaled",
+                workers = before,
+                "Keeping {before} worker: never fewer than 1"
+            );
             return;
         }
-        info!("Workers: {before} -> {}", self.settings.target);
+        info!(
+            event = "scaled",
+            workers = self.settings.target,
+            "Workers: {before} -> {}",
+            self.settings.target
+        );
         self.report_status();
     }
 
@@ -301,9 +310,10 @@ impl Master {
             Vec::new()
         };
         if pids.is_empty() {
-            info!("Reopened the log");
+            info!(event = "log-reopened", "Reopened the log");
         } else {
             info!(
+                event = "log-reopened",
                 "Reopened the log; forwarding USR1 to {} ready worker{}",
                 pids.len(),
                 plural(pids.len())
@@ -523,6 +533,7 @@ impl Master {
     /// received meanwhile are not held against the workers.
     fn forgive_suspension(&mut self, late: Duration, now: Instant) {
         warn!(
+            event = "suspended",
             "The master was suspended for {:.1}s; giving workers a fresh timeout",
             late.as_secs_f64()
         );

@@ -269,7 +269,16 @@ fn bind_all(cfg: &Config) -> Result<Vec<Listener>> {
             (false, true) => "bound, one SO_REUSEPORT listener per worker",
             (false, false) => "bound",
         };
-        info!("Listening at: {} ({}, {how})", l.display, l.name);
+        info!(
+            event = "listening",
+            address = %l.display,
+            name = %l.name,
+            inherited = l.inherited,
+            reuse_port = l.reuse_port,
+            "Listening at: {} ({}, {how})",
+            l.display,
+            l.name
+        );
     }
     Ok(listeners)
 }
@@ -310,7 +319,7 @@ fn run_pre_start(cfg: &Config, signals: &mut Signals) -> Result<PreStart> {
             );
             return Ok(PreStart::Stopped);
         }
-        info!("Running pre-start command: {cmd}");
+        info!(event = "pre-start", "Running pre-start command: {cmd}");
         let argv = ["sh".to_string(), "-c".to_string(), cmd.clone()];
         let fail =
             |why: String| Error::runtime(format!("cannot run pre-start command '{cmd}': {why}"));
@@ -384,6 +393,8 @@ fn wait_pre_start(
         for sig in stops {
             if stopping.is_none() {
                 info!(
+                    event = "shutdown",
+                    reason = "pre-start",
                     "Shutting down: {} during pre-start command '{cmd}' (pid {leader}); not starting any worker",
                     signal_name(sig)
                 );
@@ -414,6 +425,9 @@ fn wait_pre_start(
             }
             (_, Some((deadline, false))) if now >= deadline => {
                 warn!(
+                    event = "killing",
+                    reason = "pre-start",
+                    process = leader.as_raw(),
                     "Pre-start command '{cmd}' (pid {leader}) did not stop in {}s; killing it",
                     graceful.as_secs_f64()
                 );

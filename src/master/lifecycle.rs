@@ -42,6 +42,8 @@ impl Master {
         }
         let Some(w) = self.table.remove(pid) else {
             debug!(
+                event = "orphan-reaped",
+                process = pid.as_raw(),
                 "Reaped process {pid} ({}) that is not a worker",
                 describe(&status)
             );

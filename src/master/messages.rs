@@ -39,6 +39,8 @@ impl Master {
         };
         let Some(worker) = worker else {
             debug!(
+                event = "notify-dropped",
+                process = d.pid,
                 "Dropped a notification from pid {}, which is not a worker",
                 d.pid
             );
@@ -72,8 +74,11 @@ impl Master {
             Message::WatchdogTrigger => {
                 if w.is_active() {
                     warn!(
+                        event = "stopping",
+                        reason = "watchdog-trigger",
                         worker = pid.as_raw(),
                         slot = w.slot,
+                        generation = w.generation,
                         "Worker {pid} (slot {}) sent WATCHDOG=trigger; aborting",
                         w.slot
                     );
@@ -123,7 +128,14 @@ impl Master {
                 // Asked to stop already: it was never counted.
                 if let Some(a) = w.active_mut() {
                     a.draining = true;
-                    debug!("Worker {pid} (slot {}) is draining", w.slot);
+                    debug!(
+                        event = "draining",
+                        worker = pid.as_raw(),
+                        slot = w.slot,
+                        generation = w.generation,
+                        "Worker {pid} (slot {}) is draining",
+                        w.slot
+                    );
                 }
             }
             Message::Reloading => debug!("Worker {pid} sent RELOADING=1 (ignored)"),
@@ -131,8 +143,10 @@ impl Master {
                 if w.active().is_some_and(|a| a.recycle.is_none()) && !self.recycling.is_queued(pid)
                 {
                     info!(
+                        event = "recycle-asked",
                         worker = pid.as_raw(),
                         slot = w.slot,
+                        generation = w.generation,
                         "Worker {pid} (slot {}) asks to be recycled: {why}",
                         w.slot
                     );

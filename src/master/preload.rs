@@ -43,6 +43,9 @@ impl Master {
     fn base_zygote_failed(&mut self, pid: Pid, detail: &str) {
         if self.zygotes.go_cold() {
             warn!(
+                event = "zygote-cold",
+                reason = "base-failed",
+                zygote = pid.as_raw(),
                 "The base zygote {pid} could not start ({detail}); workers start cold (each a new interpreter)"
             );
         }
@@ -151,11 +154,19 @@ impl Master {
             Ok(s) if s.exec_error.is_none() => {
                 if opts.preload {
                     info!(
+                        event = "zygote-starting",
+                        zygote = s.pid.as_raw(),
+                        generation = self.generation,
                         "Starting zygote {} for generation {} (imports {} once)",
-                        s.pid, self.generation, opts.app
+                        s.pid,
+                        self.generation,
+                        opts.app
                     );
                 } else {
                     info!(
+                        event = "zygote-starting",
+                        zygote = s.pid.as_raw(),
+                        generation = self.generation,
                         "Starting zygote {} for generation {} (base: Python and uvicorn; each worker imports {})",
                         s.pid, self.generation, opts.app
                     );
@@ -191,6 +202,9 @@ impl Master {
                     // still be backed off and given up on.
                     z.state = ZygoteState::Ready;
                     info!(
+                        event = "zygote-ready",
+                        zygote = pid.as_raw(),
+                        generation = z.generation,
                         "Zygote {pid} ready in {:.3}s (generation {})",
                         now.saturating_duration_since(z.started_at).as_secs_f64(),
                         z.generation
@@ -301,6 +315,7 @@ impl Master {
         info!(
             event = "booting",
             worker = w.as_raw(),
+            zygote = zpid.as_raw(),
             slot,
             generation,
             "Booting worker {slot} with pid {w} (generation {generation}, forked from zygote {zpid})"
@@ -320,7 +335,12 @@ impl Master {
     /// is signalled: only the zygote (our own child) is killed, and
     /// restarted with backoff.
     fn zygote_spawn_failed(&mut self, zpid: Pid, slot: usize, why: &str, now: Instant) {
-        error!("Zygote {zpid} could not fork a worker for slot {slot}: {why}; restarting it");
+        error!(
+            event = "zygote-spawn-failed",
+            zygote = zpid.as_raw(),
+            slot,
+            "Zygote {zpid} could not fork a worker for slot {slot}: {why}; restarting it"
+        );
         if let Some(z) = self.zygotes.get_mut(zpid) {
             z.pending = None;
             if z.state != ZygoteState::Stopping {
@@ -349,8 +369,13 @@ impl Master {
             // Asked to stop (retired, or found broken and counted then).
             ZygoteState::Stopping => {
                 info!(
+                    event = "zygote-exited",
+                    reason = "stopped",
+                    zygote = z.pid.as_raw(),
+                    generation = z.generation,
                     "Zygote {} (generation {}) exited: {how}",
-                    z.pid, z.generation
+                    z.pid,
+                    z.generation
                 )
             }
             ZygoteState::Starting => {
@@ -382,13 +407,25 @@ impl Master {
                     self.begin_stop(true, Err(err), now);
                     return;
                 }
-                warn!("Zygote {} failed to start: {detail}", z.pid);
+                warn!(
+                    event = "zygote-exited",
+                    reason = "failed",
+                    zygote = z.pid.as_raw(),
+                    generation = z.generation,
+                    "Zygote {} failed to start: {detail}",
+                    z.pid
+                );
                 self.zygote_failed(now);
             }
             ZygoteState::Ready => {
                 warn!(
+                    event = "zygote-exited",
+                    reason = "died",
+                    zygote = z.pid.as_raw(),
+                    generation = z.generation,
                     "Zygote {} (generation {}) exited: {how}; its workers keep serving, restarting it",
-                    z.pid, z.generation
+                    z.pid,
+                    z.generation
                 );
                 self.zygote_failed(now);
             }
@@ -405,6 +442,8 @@ impl Master {
     pub(super) fn zygote_failed(&mut self, now: Instant) {
         if let Some(failures) = self.zygotes.failed(now) {
             warn!(
+                event = "zygote-cold",
+                reason = "failures",
                 "The zygote failed {failures} times in a row; new workers start cold (each a new interpreter)"
             );
         }

@@ -96,11 +96,15 @@ impl Master {
             let Some(w) = self.table.get_mut(pid) else {
                 continue;
             };
-            let slot = w.slot;
+            let (slot, generation) = (w.slot, w.generation);
             if let Some(a) = w.active_mut() {
                 info!(
+                    event = "recycling",
+                    reason = crate::status::ExitReason::of_recycle(&why).as_str(),
                     worker = pid.as_raw(),
-                    slot, "Recycling worker {pid} (slot {slot}): {why}"
+                    slot,
+                    generation,
+                    "Recycling worker {pid} (slot {slot}): {why}"
                 );
                 a.recycle = Some(why);
                 return;

@@ -121,6 +121,9 @@ impl Master {
         match &mut self.reload {
             Some(r) => {
                 info!(
+                    event = "reload-superseded",
+                    superseded = r.generation,
+                    generation,
                     "Reload to generation {} superseded by generation {generation}",
                     r.generation
                 );
@@ -184,7 +187,14 @@ impl Master {
                 };
                 match Listener::bind(spec, &opts) {
                     Ok(l) => {
-                        info!("Listening at: {} ({}, bound on reload)", l.display, l.name);
+                        info!(
+                            event = "listening",
+                            address = %l.display,
+                            name = %l.name,
+                            "Listening at: {} ({}, bound on reload)",
+                            l.display,
+                            l.name
+                        );
                         out.push(Rc::new(l));
                     }
                     Err(e) => {

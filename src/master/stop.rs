@@ -27,6 +27,7 @@ impl Master {
         let active = self.table.iter().filter(|w| w.is_active()).count();
         info!(
             event = "shutdown",
+            quick,
             "Shutting down: {how}, {active} worker{}",
             plural(active)
         );
@@ -55,7 +56,12 @@ impl Master {
 
     /// A second TERM/INT/QUIT during a stop: everyone gets at most 2 s more.
     pub(super) fn hurry_stop(&mut self, now: Instant) {
-        info!("Shutting down: quick (second signal)");
+        info!(
+            event = "shutdown",
+            quick = true,
+            reason = "second-signal",
+            "Shutting down: quick (second signal)"
+        );
         if let MasterState::Stopping { quick, .. } = &mut self.state {
             *quick = true;
         }
@@ -144,8 +150,11 @@ impl Master {
     pub(super) fn startup_timed_out(&mut self, pid: Pid, now: Instant) {
         if let Some(w) = self.table.get(pid) {
             warn!(
+                event = "stopping",
+                reason = "startup-timeout",
                 worker = pid.as_raw(),
                 slot = w.slot,
+                generation = w.generation,
                 "Worker {pid} (slot {}) was not ready within {:?}; killing it",
                 w.slot,
                 self.settings.cfg.startup_timeout
@@ -203,8 +212,11 @@ impl Master {
                 .last_heartbeat
                 .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
             warn!(
+                event = "stopping",
+                reason = "timeout",
                 worker = pid.as_raw(),
                 slot = w.slot,
+                generation = w.generation,
                 "Worker {pid} (slot {}) timed out after {:.0}s without a heartbeat; aborting",
                 w.slot,
                 silent.as_secs_f64()
@@ -228,8 +240,10 @@ impl Master {
                 stop.killed = Some(kill_cause(stop.reason, quick));
             }
             warn!(
+                event = "killing",
                 worker = pid.as_raw(),
                 slot = w.slot,
+                generation = w.generation,
                 "Worker {pid} (slot {}) did not stop in time; killing it",
                 w.slot
             );

@@ -18,13 +18,18 @@ fn hello_args(workers: &str) -> Vec<String> {
 
 #[test]
 fn distinct_worker_pids_answer() {
-    let mut h = Start::new("distinct", &[]).args(hello_args("3")).spawn();
+    let mut h = Start::new("distinct", &[])
+        .json()
+        .args(hello_args("3"))
+        .spawn();
     let pids = h.wait_workers(3, BOOT);
     assert_eq!(pids.len(), 3);
-    h.check(h.wait_log("All 3 workers ready", BOOT), "ready log");
+    h.expect_event("all-ready", BOOT, "all 3 ready", |_| true);
     h.check(
-        h.log_text().contains("Booting worker 2 with pid"),
-        "boot log names slot 2",
+        h.has_event("booting", |e| {
+            e["slot"] == 2 && pids.contains(&worker_of(e))
+        }),
+        "slot 2 booted one of the workers that answered",
     );
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
@@ -35,8 +40,14 @@ fn distinct_worker_pids_answer() {
 
 #[test]
 fn killed_worker_is_replaced_and_no_connection_is_refused() {
-    let mut h = Start::new("kill9", &[]).args(hello_args("2")).spawn();
+    let mut h = Start::new("kill9", &[])
+        .json()
+        .args(hello_args("2"))
+        .spawn();
     let before = h.wait_workers(2, BOOT);
+    // Ready (past the stability window): its death is a crash, not a
+    // failed boot.
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
     let load = Load::start(h.addr(), 4, 5000, Duration::from_secs(20));
     wait_for(BOOT, || (load.done() > 50).then_some(()));
     let victim = *before.iter().next().expect("a worker");
@@ -61,10 +72,11 @@ fn killed_worker_is_replaced_and_no_connection_is_refused() {
         refused.is_empty() && report.failures.len() <= 4,
         &format!("failed requests: {:?} of {}", report.failures, report.ok),
     );
-    h.check(
-        h.log_text()
-            .contains("killed by SIGKILL (perhaps out of memory?)"),
-        "death logged, as a kill procman did not make",
+    h.expect_event(
+        "exited",
+        BOOT,
+        "death logged as a crash (a kill procman did not make)",
+        |e| worker_of(e) == victim && e["reason"] == "crash",
     );
     assert!(h.zombies().is_empty());
 }
@@ -72,6 +84,7 @@ fn killed_worker_is_replaced_and_no_connection_is_refused() {
 #[test]
 fn term_lets_an_in_flight_request_complete() {
     let mut h = Start::new("term-inflight", &["-w", "1", "--"])
+        .json()
         .args(notify_worker())
         .spawn();
     let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
@@ -96,14 +109,15 @@ fn term_lets_an_in_flight_request_complete() {
         "procman waited for the drain"
     );
     h.check(
-        h.log_text().contains("Shutting down: graceful, 1 worker"),
-        "stop log",
+        h.has_event("shutdown", |e| e["quick"] == false),
+        "a graceful stop",
     );
 }
 
 #[test]
 fn worker_ignoring_term_is_killed_at_the_graceful_timeout() {
     let mut h = Start::new("ignore-term", &["-w", "1", "--graceful-timeout", "1", "--"])
+        .json()
         .args(notify_worker())
         .args(["--ignore-term"])
         .spawn();
@@ -117,18 +131,24 @@ fn worker_ignoring_term_is_killed_at_the_graceful_timeout() {
         "killed too early: {took:?}"
     );
     h.check(
-        h.log_text().contains("did not stop in time; killing it"),
+        h.has_event("killing", |e| worker_of(e) == pid),
         "kill logged",
     );
-    // procman says it killed the worker itself; the OOM killer is suspected
-    // only for a SIGKILL procman did not send.
     h.check(
-        h.log_text()
-            .contains("exited: killed by procman after the graceful timeout"),
+        h.has_event("exited", |e| {
+            worker_of(e) == pid && e["reason"] == "shutdown"
+        }),
+        "the exit is the shutdown's",
+    );
+    // What the operator reads: procman says it killed the worker itself;
+    // the OOM killer is suspected only for a SIGKILL procman did not send.
+    let messages = h.messages().join("\n");
+    h.check(
+        messages.contains("exited: killed by procman after the graceful timeout"),
         "the kill is named as procman's",
     );
     h.check(
-        !h.log_text().contains("perhaps out of memory"),
+        !messages.contains("perhaps out of memory"),
         "no OOM suspicion for procman's own kill",
     );
     assert!(!alive(pid));
@@ -139,9 +159,10 @@ fn ready_workers_killed_from_outside_right_after_start_are_respawned() {
     // Ready at exec, all within milliseconds (a worker that survived a
     // stability window would already have stayed up).
     let mut h = Start::new("outside-kill", &["--ready-after", "0"])
+        .json()
         .args(hello_args("5"))
         .spawn();
-    h.check(h.wait_log("All 5 workers ready", BOOT), "ready");
+    h.expect_event("all-ready", BOOT, "all 5 ready", |_| true);
     let first: Vec<i32> = h.children().into_iter().filter(|p| alive(*p)).collect();
     h.check(first.len() == 5, &format!("5 workers: {first:?}"));
     // An operator (or the OOM killer) kills them one after another, well
@@ -150,8 +171,7 @@ fn ready_workers_killed_from_outside_right_after_start_are_respawned() {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), Signal::SIGKILL).expect("kill -9");
     }
     let verdict = wait_for(BOOT, || {
-        let log = h.log_text();
-        if log.contains("failed to boot") {
+        if h.has_event("boot-failed", |_| true) {
             return Some(false);
         }
         let fresh: Vec<i32> = h
@@ -168,7 +188,9 @@ fn ready_workers_killed_from_outside_right_after_start_are_respawned() {
     let running = h.wait_exit(Duration::ZERO).is_none();
     h.check(running, "procman keeps running");
     h.check(
-        h.count_log("killed by SIGKILL (perhaps out of memory?); respawning") == 5,
+        h.count_events("exited", |e| {
+            first.contains(&worker_of(e)) && e["reason"] == "crash"
+        }) == 5,
         "each death is logged as a crash",
     );
     h.signal(Signal::SIGTERM);
@@ -180,19 +202,20 @@ fn usr1_leaves_command_workers_alone() {
     // hello keeps USR1's default action (terminate): forwarding it would
     // restart every worker at each log rotation.
     let mut h = Start::new("usr1-command", &[])
+        .json()
         .args(hello_args("2"))
         .spawn();
-    h.check(h.wait_log("All 2 workers ready", BOOT), "ready");
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
     let before = h.children();
     h.signal(Signal::SIGUSR1);
-    h.check(h.wait_log("Reopened the log", BOOT), "USR1 handled");
+    h.expect_event("log-reopened", BOOT, "USR1 handled", |_| true);
     // A worker that got USR1 would be gone within milliseconds.
     let died = wait_for(Duration::from_secs(1), || {
         before.iter().find(|p| !alive(**p)).copied()
     });
     h.check(died.is_none(), &format!("worker {died:?} died of USR1"));
     h.check(h.children() == before, "the same workers serve");
-    h.check(!h.log_text().contains("exited"), "no worker exited");
+    h.check(!h.has_event("exited", |_| true), "no worker exited");
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
 }
@@ -200,6 +223,7 @@ fn usr1_leaves_command_workers_alone() {
 #[test]
 fn int_is_a_quick_stop() {
     let mut h = Start::new("int", &["-w", "2", "--graceful-timeout", "60", "--"])
+        .json()
         .args(notify_worker())
         .args(["--ignore-term"])
         .spawn();
@@ -210,34 +234,34 @@ fn int_is_a_quick_stop() {
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(10), "quick stop took {took:?}");
     h.check(
-        h.log_text().contains("Shutting down: quick"),
-        "quick stop log",
+        h.has_event("shutdown", |e| e["quick"] == true),
+        "a quick stop",
     );
 }
 
 #[test]
 fn a_second_term_turns_a_graceful_stop_quick() {
     let mut h = Start::new("term-term", &["-w", "1", "--graceful-timeout", "60", "--"])
+        .json()
         .args(notify_worker())
         .args(["--ignore-term"])
         .spawn();
     h.wait_workers(1, BOOT);
     h.signal(Signal::SIGTERM);
-    h.check(
-        h.wait_log("Shutting down: graceful", BOOT),
-        "graceful first",
-    );
+    h.expect_event("shutdown", BOOT, "graceful first", |e| e["quick"] == false);
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(Duration::from_secs(15)), 0);
     h.check(
-        h.log_text().contains("quick (second signal)"),
+        h.has_event("shutdown", |e| {
+            e["quick"] == true && e["reason"] == "second-signal"
+        }),
         "escalation logged",
     );
 }
 
 #[test]
 fn ttin_and_ttou_change_the_worker_count() {
-    let mut h = Start::new("ttin", &[]).args(hello_args("2")).spawn();
+    let mut h = Start::new("ttin", &[]).json().args(hello_args("2")).spawn();
     let first = h.wait_workers(2, BOOT);
     h.signal(Signal::SIGTTIN);
     let three = wait_for(BOOT, || (h.children().len() == 3).then_some(()));
@@ -257,13 +281,15 @@ fn ttin_and_ttou_change_the_worker_count() {
     let one = wait_for(BOOT, || (h.children().len() == 1).then_some(()));
     h.check(one.is_some(), "down to 1");
     h.signal(Signal::SIGTTOU);
-    h.check(h.wait_log("never fewer than 1", BOOT), "floor of one");
+    // The first 1 is the TTOU from 2; the second, the one kept at the floor.
+    h.expect_events("scaled", 2, BOOT, "floor of one", |e| e["workers"] == 1);
     assert_eq!(h.children().len(), 1);
 }
 
 #[test]
 fn hup_replaces_every_worker_without_failed_requests() {
     let mut h = Start::new("hup", &["-w", "3", "--"])
+        .json()
         .args(notify_worker())
         .spawn();
     let old = h.wait_workers(3, BOOT);
@@ -272,8 +298,10 @@ fn hup_replaces_every_worker_without_failed_requests() {
     h.signal(Signal::SIGHUP);
     let renewed = wait_for(BOOT, || {
         let kids: BTreeSet<i32> = h.children().into_iter().collect();
-        (kids.len() == 3 && kids.is_disjoint(&old) && h.log_text().contains("Reload done"))
-            .then_some(kids)
+        (kids.len() == 3
+            && kids.is_disjoint(&old)
+            && h.has_event("reload-done", |e| e["generation"] == 2))
+        .then_some(kids)
     });
     // Keep the load going a little past the switch.
     let target = load.done() + 100;
@@ -292,13 +320,18 @@ fn hup_replaces_every_worker_without_failed_requests() {
         report.pids.iter().any(|p| new.contains(p)),
         "the new generation answered",
     );
-    h.check(h.log_text().contains("generation 2"), "generation 2 logged");
+    h.check(
+        h.count_events("ready", |e| {
+            e["generation"] == 2 && new.contains(&worker_of(e))
+        }) == 3,
+        "the new workers are generation 2",
+    );
 }
 
 #[test]
 fn false_exits_3_quickly_with_a_clear_message() {
     let t0 = Instant::now();
-    let mut h = Harness::start("false", &["--", "false"]);
+    let mut h = Start::new("false", &["--", "false"]).json().spawn();
     let code = h.exit_code(Duration::from_secs(20));
     assert_eq!(code, 3, "{}", h.log_text());
     assert!(
@@ -306,18 +339,25 @@ fn false_exits_3_quickly_with_a_clear_message() {
         "took {:?}",
         t0.elapsed()
     );
+    // The last line and the reason are what the operator reads.
     let log = h.log_text();
     h.check(
         log.contains("procman: error: workers failed to boot"),
         "final message",
     );
     h.check(
-        log.contains("exited with status 1"),
+        h.messages()
+            .iter()
+            .any(|m| m.contains("exited with status 1")),
         "the worker's exit status",
     );
     h.check(
-        log.lines().filter(|l| l.contains("Booting worker")).count() == 5,
+        h.count_events("booting", |_| true) == 5,
         "exactly 5 attempts",
+    );
+    h.check(
+        h.count_events("boot-failed", |_| true) == 5,
+        "each a failed boot",
     );
 }
 
@@ -406,15 +446,12 @@ fn ipv6_bind_serves() {
         return;
     }
     let mut h = Start::new("v6", &["-b", "[::1]:0"])
+        .json()
         .args(hello_args("1"))
         .spawn();
     let port = wait_for(BOOT, || {
-        h.log_text().lines().find_map(|l| {
-            let a = l
-                .split("Listening at: http://")
-                .nth(1)?
-                .split_whitespace()
-                .next()?;
+        h.events_named("listening").iter().find_map(|e| {
+            let a = e["address"].as_str()?.strip_prefix("http://")?;
             a.parse::<SocketAddr>().ok().map(|a| a.port())
         })
     })
@@ -461,6 +498,7 @@ fn busy_port_exits_1_and_starts_no_worker() {
     let port = taken.local_addr().expect("addr").port();
     let addr = format!("127.0.0.1:{port}");
     let mut h = Start::new("busy", &["-b", &addr])
+        .json()
         .args(hello_args("2"))
         .spawn();
     assert_eq!(h.exit_code(BOOT), 1);
@@ -471,7 +509,7 @@ fn busy_port_exits_1_and_starts_no_worker() {
         )),
         "{log}"
     );
-    assert!(!log.contains("Booting worker"), "{log}");
+    assert!(!h.has_event("booting", |_| true), "{log}");
 }
 
 #[test]
@@ -493,11 +531,15 @@ fn exec_failure_is_logged_with_its_reason() {
     std::fs::write(&script, "#!/nonexistent/interpreter\n").expect("write");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let mut h = Harness::start("badexec", &["--", script.to_str().expect("utf8")]);
+    let mut h = Start::new("badexec", &["--", script.to_str().expect("utf8")])
+        .json()
+        .spawn();
     assert_eq!(h.exit_code(Duration::from_secs(20)), 3);
+    h.check(h.has_event("boot-failed", |_| true), "a failed boot");
+    // The reason, as the operator reads it.
+    let messages = h.messages().join("\n");
     h.check(
-        h.log_text().contains("cannot execute")
-            && h.log_text().contains("No such file or directory"),
+        messages.contains("cannot execute") && messages.contains("No such file or directory"),
         "exec errno logged",
     );
     let _ = std::fs::remove_dir_all(dir);
@@ -510,14 +552,18 @@ fn crash_loop_after_being_up_backs_off() {
     // counted from the interpreter's start, is well past the 1 s stability
     // window counted from the spawn, also when the master is slow to wake.
     let mut h = Start::new("crashloop", &["-w", "1", "--"])
+        .json()
         .args(notify_worker())
         .args(["--exit-after", "2.5", "--exit-code", "1"])
         .spawn();
-    h.wait_workers(1, BOOT);
-    h.check(
-        h.wait_log("exited with status 1; respawning", BOOT),
-        "respawned",
-    );
+    let first = h.wait_workers(1, BOOT);
+    h.expect_event("exited", BOOT, "the crash", |e| {
+        first.contains(&worker_of(e)) && e["reason"] == "crash"
+    });
+    h.expect_event("booting", BOOT, "respawned", |e| {
+        e["slot"] == 0 && !first.contains(&worker_of(e))
+    });
+    h.check(!h.has_event("boot-failed", |_| true), "not a failed boot");
     h.wait_workers(1, BOOT);
     assert!(
         h.wait_exit(Duration::from_millis(200)).is_none(),
@@ -531,10 +577,11 @@ fn an_idle_master_does_not_wake_up() {
     // No timeout, nothing due: the master should sleep in poll(2) until a
     // signal or a notification arrives.
     let mut h = Start::new("idle", &["-t", "0"])
+        .json()
         .args(hello_args("2"))
         .spawn();
     h.wait_workers(2, BOOT);
-    h.check(h.wait_log("All 2 workers ready", BOOT), "ready");
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
     // The master wakes once, a second after the first worker is ready, to
     // learn that the service has been up; after that nothing is due: it
     // sleeps in poll(2) without a timeout. Measure from then on.

@@ -414,7 +414,7 @@ fn printed_config_is_a_config_that_gives_the_same_result() {
 
 #[test]
 fn hup_applies_a_changed_worker_count_and_timeout_without_failed_requests() {
-    let start = Start::new("hup-config", &[]);
+    let start = Start::new("hup-config", &[]).json();
     let file = start.dir().join("procman.toml");
     let command: Vec<String> = notify_worker();
     let write = |workers: u32, timeout: u32| {
@@ -438,8 +438,10 @@ fn hup_applies_a_changed_worker_count_and_timeout_without_failed_requests() {
     h.signal(Signal::SIGHUP);
     let renewed = wait_for(BOOT, || {
         let kids: BTreeSet<i32> = h.children().into_iter().collect();
-        (h.log_text().contains("Reload done") && kids.len() == 3 && kids.is_disjoint(&old))
-            .then_some(kids)
+        (h.has_event("reload-done", |e| e["generation"] == 2)
+            && kids.len() == 3
+            && kids.is_disjoint(&old))
+        .then_some(kids)
     });
     let target = load.done() + 100;
     wait_for(BOOT, || (load.done() > target).then_some(()));
@@ -460,7 +462,7 @@ fn hup_applies_a_changed_worker_count_and_timeout_without_failed_requests() {
 
 #[test]
 fn hup_with_a_broken_config_keeps_serving_on_the_old_one() {
-    let start = Start::new("hup-broken", &[]);
+    let start = Start::new("hup-broken", &[]).json();
     let file = start.dir().join("procman.toml");
     std::fs::write(&file, format!("workers = 2\ncommand = [\"{}\"]\n", hello())).expect("write");
     let mut h = start.args(["-c", file.to_str().expect("utf8")]).spawn();
@@ -471,22 +473,29 @@ fn hup_with_a_broken_config_keeps_serving_on_the_old_one() {
     {
         std::fs::write(&file, format!("{broken}command = [\"{}\"]\n", hello())).expect("write");
         h.signal(Signal::SIGHUP);
-        let failures = wait_for(BOOT, || (h.count_log("Reload failed") > i).then_some(()));
-        h.check(failures.is_some(), "reload failure logged");
+        h.expect_events(
+            "reload-failed",
+            i + 1,
+            BOOT,
+            "reload failure logged",
+            |_| true,
+        );
         let after = h.wait_workers(2, BOOT);
         assert_eq!(before, after, "workers untouched");
     }
-    let log = h.log_text();
+    // What the operator reads: the file and the line of the mistake.
     h.check(
-        log.contains(&format!("{}, line 1", file.display())),
+        h.messages()
+            .iter()
+            .any(|m| m.contains(&format!("{}, line 1", file.display()))),
         "error names file and line",
     );
-    h.check(!log.contains("Reloading: replacing"), "no rollout started");
+    h.check(!h.has_event("reloading", |_| true), "no rollout started");
 }
 
 #[test]
 fn hup_binds_new_addresses_and_drops_removed_ones() {
-    let start = Start::new("hup-bind", &[]).no_default_bind();
+    let start = Start::new("hup-bind", &[]).no_default_bind().json();
     let file = start.dir().join("procman.toml");
     let a = TcpListener::bind("127.0.0.1:0").expect("bind");
     let b = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -508,7 +517,13 @@ fn hup_binds_new_addresses_and_drops_removed_ones() {
     h.wait_workers_on(pa, 1, BOOT);
     std::fs::write(&file, cfg(&[pb])).expect("write");
     h.signal(Signal::SIGHUP);
-    h.check(h.wait_log("Reload done", BOOT), "reloaded");
+    h.expect_event("reload-done", BOOT, "reloaded", |_| true);
+    h.check(
+        h.has_event("listening", |e| {
+            e["address"] == format!("http://127.0.0.1:{pb}")
+        }),
+        "the new address is listened on",
+    );
     h.wait_workers_on(pb, 1, BOOT);
     let closed = wait_for(BOOT, || TcpListener::bind(("127.0.0.1", pa)).ok());
     h.check(closed.is_some(), "the removed address was released");
@@ -572,15 +587,9 @@ fn json_logs_parse_line_by_line() {
         ])
         .spawn();
     let port = wait_for(BOOT, || {
-        std::fs::read_to_string(&log).ok()?.lines().find_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            let m = v["message"].as_str()?;
-            m.split("Listening at: http://127.0.0.1:")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<u16>()
-                .ok()
+        events_in(&log).iter().find_map(|v| {
+            let a = v["address"].as_str()?;
+            a.strip_prefix("http://127.0.0.1:")?.parse::<u16>().ok()
         })
     })
     .expect("port in the json log");
@@ -596,10 +605,7 @@ fn json_logs_parse_line_by_line() {
             assert!(v.get(key).is_some(), "{key} missing: {line}");
         }
         assert_eq!(v["pid"], h.pid);
-        if v["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("Booting worker"))
-        {
+        if v["event"] == "booting" {
             assert!(v["worker"].is_i64() && v["slot"].is_u64(), "{line}");
             booted += 1;
         }
@@ -609,7 +615,7 @@ fn json_logs_parse_line_by_line() {
 
 #[test]
 fn usr1_reopens_a_moved_log_file() {
-    let start = Start::new("usr1", &[]);
+    let start = Start::new("usr1", &[]).json();
     let log = start.dir().join("master.log");
     let rotated = start.dir().join("master.log.1");
     let events = start.dir().join("worker-events");
@@ -618,11 +624,12 @@ fn usr1_reopens_a_moved_log_file() {
         .args(notify_worker())
         .args(["--log", events.to_str().expect("utf8")])
         .spawn();
-    let ready = wait_for(BOOT, || {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|t| t.contains("All 1 worker ready"))
-    });
+    let has = |path: &std::path::Path, name: &str, workers: Option<u64>| {
+        events_in(path)
+            .iter()
+            .any(|e| e["event"] == name && workers.is_none_or(|n| e["workers"] == n))
+    };
+    let ready = wait_for(BOOT, || has(&log, "all-ready", None).then_some(()));
     assert!(ready.is_some());
     // The worker logs `start` once its signal handlers are in place.
     let started = wait_for(BOOT, || {
@@ -633,26 +640,17 @@ fn usr1_reopens_a_moved_log_file() {
     assert!(started.is_some(), "the worker started");
     std::fs::rename(&log, &rotated).expect("rotate");
     h.signal(Signal::SIGUSR1);
-    let reopened = wait_for(BOOT, || {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|t| t.contains("Reopened the log"))
-    });
+    let reopened = wait_for(BOOT, || has(&log, "log-reopened", None).then_some(()));
     assert!(reopened.is_some(), "a new log file was written");
     h.signal(Signal::SIGTTIN);
-    let more = wait_for(BOOT, || {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|t| t.contains("Workers: 1 -> 2"))
-    });
+    let more = wait_for(BOOT, || has(&log, "scaled", Some(2)).then_some(()));
     assert!(more.is_some());
     // USR1 is not forwarded to command workers (its default action would
     // end them); this one would have logged it.
     let worker_log = std::fs::read_to_string(&events).unwrap_or_default();
     assert!(!worker_log.contains(" usr1"), "{worker_log}");
-    let old = std::fs::read_to_string(&rotated).expect("rotated");
     assert!(
-        !old.contains("Workers: 1 -> 2"),
+        has(&rotated, "all-ready", None) && !has(&rotated, "scaled", None),
         "new lines went to the new file"
     );
     h.signal(Signal::SIGTERM);

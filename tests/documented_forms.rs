@@ -63,6 +63,7 @@ fn the_client_finds_the_socket_in_procman_control_socket_and_stops_quickly() {
         "control-env",
         &["-w", "2", "--control-socket", sock_s, "--"],
     )
+    .json()
     .args([hello()])
     .spawn();
     let pids = h.wait_workers(2, BOOT);
@@ -96,7 +97,7 @@ fn the_client_finds_the_socket_in_procman_control_socket_and_stops_quickly() {
     );
     assert_eq!(h.exit_code(BOOT), 0);
     h.check(
-        h.log_text().contains("Shutting down: quick"),
+        h.has_event("shutdown", |e| e["quick"] == true),
         "the client's --quick made it a quick stop",
     );
 }

@@ -49,9 +49,9 @@ fn notify_socket(h: &Harness) -> PathBuf {
     found.unwrap_or_else(|| panic!("no notify socket in {}", h.dir.display()))
 }
 
-/// Seconds from a log line's `[timestamp]` (RFC 3339, UTC) within the day.
-fn log_time(line: &str) -> Option<f64> {
-    let ts = line.strip_prefix('[')?.split(']').next()?;
+/// Seconds from an event's `timestamp` (RFC 3339, UTC) within the day.
+fn event_time(e: &serde_json::Value) -> Option<f64> {
+    let ts = e["timestamp"].as_str()?;
     let time = ts.split('T').nth(1)?.trim_end_matches('Z');
     let mut parts = time.split(':');
     let h: f64 = parts.next()?.parse().ok()?;
@@ -60,24 +60,20 @@ fn log_time(line: &str) -> Option<f64> {
     Some(h * 3600.0 + m * 60.0 + s)
 }
 
-fn line_with<'a>(log: &'a str, needle: &str) -> Option<&'a str> {
-    log.lines().find(|l| l.contains(needle))
-}
-
 #[test]
 fn readiness_gates_the_ready_log() {
     let h = Start::new("ready-gate", &["--ready", "notify", "--"])
+        .json()
         .args(notify_worker())
         .args(["--ready-after", "1.5"])
         .spawn();
-    h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
-    let log = h.log_text();
-    let boot = line_with(&log, "Booting worker 0")
-        .and_then(log_time)
-        .expect("boot line");
-    let ready = line_with(&log, "ready in")
-        .and_then(log_time)
-        .expect("ready line");
+    let ready = h.expect_event("ready", BOOT, "ready", |_| true);
+    let ready = event_time(&ready).expect("ready time");
+    let boot = h
+        .events_named("booting")
+        .first()
+        .and_then(event_time)
+        .expect("boot time");
     h.check(
         ready - boot >= 1.4,
         &format!("ready {:.2}s after boot, before READY=1", ready - boot),
@@ -87,24 +83,25 @@ fn readiness_gates_the_ready_log() {
 #[test]
 fn hup_stops_an_old_worker_only_once_its_replacement_is_ready() {
     let mut h = Start::new("hup-gated", &["--ready", "notify", "-w", "1", "--"])
+        .json()
         .args(notify_worker())
         .args(["--ready-after", "1"])
         .spawn();
     let old = *h.wait_workers(1, BOOT).iter().next().expect("worker");
     h.signal(Signal::SIGHUP);
-    h.check(h.wait_log("Reload done", BOOT), "reload finished");
-    let log = h.log_text();
-    let stop_line = format!("Stopping worker {old} (slot 0): replaced");
-    let stopped = line_with(&log, &stop_line)
-        .and_then(log_time)
+    h.expect_event("reload-done", BOOT, "reload finished", |_| true);
+    // The master logs in the order it decides: the replacement's ready
+    // comes before the old worker's stop.
+    let stopped = h
+        .event_index("stopping", |e| {
+            worker_of(e) == old && e["reason"] == "replaced"
+        })
         .expect("old stopped");
-    let new_ready = log
-        .lines()
-        .filter(|l| l.contains("ready in") && !l.contains(&format!("Worker {old} ")))
-        .find_map(log_time)
+    let new_ready = h
+        .event_index("ready", |e| e["generation"] == 2 && worker_of(e) != old)
         .expect("new ready");
     h.check(
-        new_ready <= stopped,
+        new_ready < stopped,
         "old worker stopped before its replacement was ready",
     );
 }
@@ -116,14 +113,16 @@ fn never_ready_worker_is_killed_at_the_startup_timeout_and_procman_exits_3() {
         "never-ready",
         &["--ready", "notify", "--startup-timeout", "1", "--"],
     )
+    .json()
     .args(notify_worker())
     .args(["--never-ready"])
     .spawn();
     assert_eq!(h.exit_code(Duration::from_secs(30)), 3, "{}", h.log_text());
     h.check(
-        h.log_text().contains("was not ready within 1s; killing it"),
+        h.has_event("stopping", |e| e["reason"] == "startup-timeout"),
         "startup timeout logged",
     );
+    h.check(!h.has_event("ready", |_| true), "never counted as ready");
     h.check(
         t0.elapsed() < Duration::from_secs(25),
         "gave up in bounded time",
@@ -135,7 +134,7 @@ fn a_replacement_that_never_becomes_ready_leaves_the_old_worker_serving() {
     // The first worker gets all the time an interpreter may need to start
     // on a loaded machine; only the replacement, which never becomes ready
     // anyway, gets the short timeout (HUP re-reads the config file).
-    let start = Start::new("reload-fails", &[]);
+    let start = Start::new("reload-fails", &[]).json();
     let file = start.dir().join("procman.toml");
     std::fs::write(&file, "startup-timeout = '60s'\n").expect("config");
     let mut h = start
@@ -146,9 +145,14 @@ fn a_replacement_that_never_becomes_ready_leaves_the_old_worker_serving() {
     let old = h.wait_workers(1, BOOT);
     std::fs::write(&file, "startup-timeout = '1s'\n").expect("config");
     h.signal(Signal::SIGHUP);
+    h.expect_event("reload-failed", BOOT, "reload failure reported", |e| {
+        e["generation"] == 2
+    });
     h.check(
-        h.wait_log("Reload to generation 2 failed", BOOT),
-        "reload failure reported",
+        h.has_event("stopping", |e| {
+            e["generation"] == 2 && e["reason"] == "startup-timeout"
+        }),
+        "the replacement was killed at its startup timeout",
     );
     let still = h.wait_workers(1, BOOT);
     assert_eq!(old, still, "the old worker keeps serving");
@@ -161,27 +165,33 @@ fn a_replacement_that_never_becomes_ready_leaves_the_old_worker_serving() {
 #[test]
 fn silent_worker_is_aborted_and_replaced_while_the_others_are_untouched() {
     let mut h = Start::new("silent", &["-w", "2", "-t", "2", "--"])
+        .json()
         .args(per_slot(
             "--heartbeat 0.3 --silent-after 0.5",
             "--heartbeat 0.3",
         ))
         .spawn();
     let first = h.wait_workers(2, BOOT);
+    let stop = h.expect_event("stopping", BOOT, "timeout logged", |e| {
+        e["reason"] == "timeout"
+    });
+    h.check(stop["slot"] == 0, &format!("slot 0 timed out: {stop}"));
+    let victim = worker_of(&stop);
+    // How long it was silent is said only in the message, for the operator.
+    let line = stop["message"].as_str().unwrap_or_default().to_string();
     h.check(
-        h.wait_log("without a heartbeat; aborting", BOOT),
-        "timeout logged",
+        line.contains("timed out after 2s"),
+        &format!("timed out after 2 s of silence: {line}"),
     );
-    let log = h.log_text();
-    let line = line_with(&log, "without a heartbeat; aborting")
-        .expect("line")
-        .to_string();
+    let exit = h.expect_event("exited", BOOT, "aborted", |e| {
+        worker_of(e) == victim && e["reason"] == "timeout"
+    });
+    // SIGABRT ended it (not the SIGKILL that follows a second later).
     h.check(
-        line.contains("(slot 0) timed out after 2s"),
-        &format!("slot 0 timed out: {line}"),
-    );
-    h.check(
-        h.wait_log("exited after its timeout: killed by SIGABRT", BOOT),
-        "aborted",
+        exit["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("killed by SIGABRT")),
+        &format!("ended by SIGABRT: {exit}"),
     );
     let now: BTreeSet<i32> = h.wait_workers(2, BOOT);
     let survivors: Vec<_> = first.intersection(&now).collect();
@@ -202,13 +212,16 @@ fn silent_worker_is_aborted_and_replaced_while_the_others_are_untouched() {
 #[test]
 fn watchdog_trigger_counts_as_a_timeout() {
     let mut h = Start::new("trigger", &["-w", "1", "--"])
+        .json()
         .args(per_slot("--watchdog-trigger-after 0.5", ""))
         .spawn();
-    h.wait_workers(1, BOOT);
-    h.check(
-        h.wait_log("sent WATCHDOG=trigger; aborting", BOOT),
-        "trigger handled",
-    );
+    let first = h.wait_workers(1, BOOT);
+    h.expect_event("stopping", BOOT, "trigger handled", |e| {
+        first.contains(&worker_of(e)) && e["reason"] == "watchdog-trigger"
+    });
+    h.expect_event("exited", BOOT, "counted as a timeout", |e| {
+        first.contains(&worker_of(e)) && e["reason"] == "timeout"
+    });
 }
 
 /// `systemd-notify` (a C program: it starts in milliseconds, where a
@@ -251,13 +264,11 @@ fn extend_timeout_pushes_the_startup_deadline_back() {
             &script,
         ],
     )
+    .json()
     .spawn();
+    h.expect_event("all-ready", BOOT, "became ready after 2s", |_| true);
     h.check(
-        h.wait_log("All 1 worker ready", BOOT),
-        "became ready after 2s",
-    );
-    h.check(
-        !h.log_text().contains("was not ready within"),
+        !h.has_event("stopping", |e| e["reason"] == "startup-timeout"),
         "not killed at 1s",
     );
 }
@@ -265,28 +276,38 @@ fn extend_timeout_pushes_the_startup_deadline_back() {
 #[test]
 fn notifications_from_a_process_that_is_not_a_worker_are_ignored() {
     let mut h = Start::new("stray", &["--log-level", "debug", "-w", "1", "--"])
+        .json()
         .args(notify_worker())
         .spawn();
     let before = h.wait_workers(1, BOOT);
     let sock = notify_socket(&h);
+    let mut senders = Vec::new();
     for msg in ["WATCHDOG=trigger", "READY=1", "X_PROCMAN_RECYCLE=stray"] {
-        let st = Command::new(python3())
+        let mut child = Command::new(python3())
             .arg(repo().join("tests/workers/send_notify.py"))
             .arg(&sock)
             .arg(msg)
-            .status()
+            .spawn()
             .expect("send_notify");
-        assert!(st.success());
+        senders.push(child.id() as i64);
+        assert!(child.wait().expect("wait").success());
     }
-    h.check(
-        h.wait_log("which is not a worker", BOOT),
-        "stray message dropped at debug",
+    // Each of the three was handled (and dropped) before looking for what
+    // it must not have done.
+    h.expect_events(
+        "notify-dropped",
+        3,
+        BOOT,
+        "stray messages dropped at debug",
+        |e| e["process"].as_i64().is_some_and(|p| senders.contains(&p)),
     );
     let after = h.wait_workers(1, BOOT);
     assert_eq!(before, after);
-    let log = h.log_text();
-    h.check(!log.contains("WATCHDOG=trigger; aborting"), "no abort");
-    h.check(!log.contains("Recycling"), "no recycle");
+    h.check(!h.has_event("stopping", |_| true), "no abort");
+    h.check(
+        !h.has_event("recycle-asked", |_| true) && !h.has_event("recycling", |_| true),
+        "no recycle",
+    );
 }
 
 #[test]
@@ -318,22 +339,17 @@ fn file_descriptors_passed_with_a_notification_are_closed() {
 #[test]
 fn ready_sent_just_before_an_exit_is_still_attributed() {
     let mut h = Start::new("ready-exit", &["--ready", "notify", "--"])
+        .json()
         .args(notify_worker())
         .args(["--exit-after-ready"])
         .spawn();
     assert_eq!(h.exit_code(Duration::from_secs(30)), 3);
-    let log = h.log_text();
-    for line in log
-        .lines()
-        .filter(|l| l.contains("Booting worker 0 with pid"))
-    {
-        let pid = line
-            .split("with pid ")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .expect("pid");
+    let booted = h.events_named("booting");
+    h.check(!booted.is_empty(), "workers booted");
+    for b in booted {
+        let pid = worker_of(&b);
         h.check(
-            log.contains(&format!("Worker {pid} (slot 0) ready in")),
+            h.has_event("ready", |e| worker_of(e) == pid && e["slot"] == 0),
             &format!("READY=1 of {pid} was attributed before its exit"),
         );
     }
@@ -342,6 +358,7 @@ fn ready_sent_just_before_an_exit_is_still_attributed() {
 #[test]
 fn a_suspended_master_does_not_kill_healthy_workers_when_it_resumes() {
     let mut h = Start::new("sigstop", &["-w", "2", "-t", "2", "--"])
+        .json()
         .args(notify_worker())
         .args(["--heartbeat", "0.5"])
         .spawn();
@@ -350,13 +367,14 @@ fn a_suspended_master_does_not_kill_healthy_workers_when_it_resumes() {
     // The scenario itself: the master is frozen past the timeout.
     std::thread::sleep(Duration::from_secs(4));
     h.signal(Signal::SIGCONT);
-    h.check(h.wait_log("was suspended for", BOOT), "suspension noticed");
-    // Well past another timeout period, nobody was killed.
+    h.expect_event("suspended", BOOT, "suspension noticed", |_| true);
+    // Nothing happens to wait for: the test is that nobody is killed in
+    // the window of another timeout period.
     std::thread::sleep(Duration::from_secs(3));
     let after = h.wait_workers(2, BOOT);
     assert_eq!(before, after, "{}", h.log_text());
     h.check(
-        !h.log_text().contains("without a heartbeat"),
+        !h.has_event("stopping", |e| e["reason"] == "timeout"),
         "no timeout kill",
     );
 }
@@ -364,17 +382,18 @@ fn a_suspended_master_does_not_kill_healthy_workers_when_it_resumes() {
 #[test]
 fn exec_readiness_tolerates_workers_that_notify_anyway() {
     let mut h = Start::new("exec-notify", &["-w", "2", "--"])
+        .json()
         .args(notify_worker())
         .spawn();
     h.wait_workers(2, BOOT);
-    h.check(h.wait_log("All 2 workers ready", BOOT), "ready");
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
     // Each worker is marked ready once, at exec, and its READY=1 changes nothing.
-    assert_eq!(h.count_log("ready in"), 2, "{}", h.log_text());
+    assert_eq!(h.count_events("ready", |_| true), 2, "{}", h.log_text());
 }
 
 #[test]
 fn a_worker_that_says_it_is_stopping_gets_a_replacement() {
-    let start = Start::new("draining", &[]);
+    let start = Start::new("draining", &[]).json();
     let marker = start.dir().join("said-stopping");
     let sender = format!(
         "{} {}",
@@ -389,26 +408,20 @@ fn a_worker_that_says_it_is_stopping_gets_a_replacement() {
     let mut h = start
         .args(["--log-level", "debug", "-w", "1", "--", "sh", "-c", &script])
         .spawn();
-    h.check(
-        h.wait_log("is draining", BOOT),
+    let draining = h.expect_event(
+        "draining",
+        BOOT,
         "STOPPING=1 attributed (sent by a child of the worker)",
+        |_| true,
     );
-    let first: i32 = h
-        .log_text()
-        .lines()
-        .find_map(|l| {
-            l.split("Booting worker 0 with pid ")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .expect("first pid");
+    let first = worker_of(&draining);
     h.check(
-        h.wait_log(&format!("Stopping worker {first} (slot 0): replaced"), BOOT),
-        "the draining worker was replaced",
+        h.events_named("booting").first().map(worker_of) == Some(first),
+        "the first worker drains",
     );
+    h.expect_event("stopping", BOOT, "the draining worker was replaced", |e| {
+        worker_of(e) == first && e["reason"] == "replaced"
+    });
     let now = h.wait_workers(1, BOOT);
     assert!(!now.contains(&first));
 }
@@ -436,7 +449,7 @@ while True:
 fn extend_timeout_during_a_stop_pushes_the_kill_back() {
     // On TERM a helper of the worker asks for more time and takes 2 s:
     // past --graceful-timeout 1. The worker (the shell) waits for it.
-    let start = Start::new("extend-stop", &[]);
+    let start = Start::new("extend-stop", &[]).json();
     let ready = start.dir().join("helper-ready");
     let script = format!(
         "trap 'wait; exit 0' TERM; {} -c \"$0\" {} & while :; do sleep 0.05; done",
@@ -454,20 +467,23 @@ fn extend_timeout_during_a_stop_pushes_the_kill_back() {
             SLOW_STOPPER,
         ])
         .spawn();
-    h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
     h.check(
         wait_for(BOOT, || ready.exists().then_some(())).is_some(),
         "the helper is ready to be stopped",
     );
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
-    let log = h.log_text();
+    // How it ended is said in the exit's message (status 0, no signal).
+    let exit = h.expect_event("exited", BOOT, "the worker exited", |_| true);
     h.check(
-        log.contains("exited: exited cleanly"),
-        "the worker finished its stop",
+        exit["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("exited cleanly")),
+        &format!("the worker finished its stop: {exit}"),
     );
     h.check(
-        !log.contains("did not stop in time"),
+        !h.has_event("killing", |_| true),
         "no SIGKILL at the original deadline",
     );
 }
@@ -482,8 +498,8 @@ fn extend_timeout_during_a_quick_stop_does_not_delay_the_kill() {
     worker.extend(["--extend-on-term".to_string(), "60000000".into()]);
     let mut args = vec!["--graceful-timeout", "60", "--"];
     args.extend(worker.iter().map(String::as_str));
-    let mut h = Start::new("extend-quick", &args).spawn();
-    h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
+    let mut h = Start::new("extend-quick", &args).json().spawn();
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
     h.signal(Signal::SIGINT);
     let status = h.wait_exit(Duration::from_secs(15));
     h.check(
@@ -491,13 +507,15 @@ fn extend_timeout_during_a_quick_stop_does_not_delay_the_kill() {
         "the extension delayed the quick stop's kill",
     );
     assert_eq!(status.and_then(|s| s.code()), Some(0));
-    let log = h.log_text();
+    // Not a lifecycle event: the notice that the request was capped.
     h.check(
-        log.contains("more time to stop; a quick stop allows"),
+        h.messages()
+            .iter()
+            .any(|m| m.contains("more time to stop; a quick stop allows")),
         "the extension was received and capped",
     );
     h.check(
-        log.contains("did not stop in time; killing it"),
+        h.has_event("killing", |_| true),
         "killed at the quick stop's deadline",
     );
 }
@@ -514,18 +532,28 @@ fn a_worker_killed_after_its_heartbeat_timeout_is_said_to_be_killed_by_procman()
         "hb-kill",
         &["-w", "1", "-t", "1", "--", "sh", "-c", &worker],
     )
+    .json()
     .spawn();
-    h.check(
-        h.wait_log("exited after its timeout:", BOOT),
+    let exit = h.expect_event(
+        "exited",
+        BOOT,
         "the worker was killed after its timeout",
+        |e| e["reason"] == "timeout",
     );
-    let log = h.log_text();
     h.check(
-        log.contains("exited after its timeout: killed by procman after a heartbeat timeout"),
+        h.has_event("killing", |e| worker_of(e) == worker_of(&exit)),
+        "procman sent the SIGKILL",
+    );
+    // What the operator reads: the kill is procman's, not the OOM killer's.
+    let message = exit["message"].as_str().unwrap_or_default();
+    h.check(
+        message.contains("exited after its timeout: killed by procman after a heartbeat timeout"),
         "the kill is named as procman's",
     );
     h.check(
-        !log.contains("perhaps out of memory"),
+        !h.messages()
+            .iter()
+            .any(|m| m.contains("perhaps out of memory")),
         "no OOM suspicion for procman's own kill",
     );
 }

@@ -26,43 +26,58 @@ fn blocking_line() -> usize {
             .expect("time.sleep(s) in block()")
 }
 
+/// The line numbers of the log's `event` lines for which `pred` holds.
+fn event_lines(log: &str, pred: impl Fn(&serde_json::Value) -> bool) -> Vec<usize> {
+    log.lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .is_ok_and(|v| v.get("event").is_some() && pred(&v))
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// One procman with one worker and `-t 3`, blocked `tries` times in a row:
-/// each time, the log between the master's "aborting" line and its
-/// "exited after its timeout" line (the worker is replaced only after that)
-/// holds the worker's traceback naming app.py and the blocking line.
+/// each time, the log between the master's `stopping` (timeout) event and
+/// the `exited` one (the worker is replaced only after that) holds the
+/// worker's traceback naming app.py and the blocking line (faulthandler's
+/// plain text, also with `--log-format json`).
 fn traceback_before_each_kill(name: &str, tries: usize) {
-    let mut h = uvicorn(name, &fastapi_dir(), "app:main", &["-w", "1", "-t", "3"]).spawn();
+    let mut h = uvicorn(name, &fastapi_dir(), "app:main", &["-w", "1", "-t", "3"])
+        .json()
+        .spawn();
     let addr = h.addr();
     let want = format!("app.py\", line {} in block", blocking_line());
     for i in 1..=tries {
         // A fresh worker is ready (and heartbeating) before each try.
         h.wait_workers(1, BOOT);
-        h.check(
-            wait_for(BOOT, || (h.count_log("ready in") >= i).then_some(())).is_some(),
-            &format!("try {i}: worker ready"),
-        );
+        h.expect_events("ready", i, BOOT, &format!("try {i}: worker ready"), |_| {
+            true
+        });
         let blocked = std::thread::spawn(move || {
             http_request(addr, "GET", "/block?s=30", None, Duration::from_secs(40))
         });
-        h.check(
-            wait_for(Duration::from_secs(30), || {
-                (h.count_log("exited after its timeout") >= i).then_some(())
-            })
-            .is_some(),
+        h.expect_events(
+            "exited",
+            i,
+            Duration::from_secs(30),
             &format!("try {i}: the blocked worker was aborted and reaped"),
+            |e| e["reason"] == "timeout",
         );
         let log = h.log_text();
-        let start = log
-            .match_indices("without a heartbeat; aborting")
-            .nth(i - 1)
-            .map(|(at, _)| at);
-        let end = log
-            .match_indices("exited after its timeout")
-            .nth(i - 1)
-            .map(|(at, _)| at);
+        let lines: Vec<&str> = log.lines().collect();
+        let start = event_lines(&log, |e| {
+            e["event"] == "stopping" && e["reason"] == "timeout"
+        })
+        .get(i - 1)
+        .copied();
+        let end = event_lines(&log, |e| e["event"] == "exited" && e["reason"] == "timeout")
+            .get(i - 1)
+            .copied();
         let between = match (start, end) {
-            (Some(s), Some(e)) if s < e => &log[s..e],
-            _ => "",
+            (Some(s), Some(e)) if s < e => lines[s..e].join("\n"),
+            _ => String::new(),
         };
         h.check(
             between.contains(&want),

@@ -25,6 +25,7 @@ fn monotonic_usec() -> u64 {
 
 fn systemd_sequence(mut fake: FakeSystemd, notify_socket: &str) {
     let mut h = Start::new("systemd", &["--ready", "notify", "-w", "2", "--"])
+        .json()
         .args(notify_worker())
         .args(["--ready-after", "0.5"])
         .env("NOTIFY_SOCKET", notify_socket)
@@ -33,7 +34,7 @@ fn systemd_sequence(mut fake: FakeSystemd, notify_socket: &str) {
     h.check(ready.is_some(), "READY=1 sent");
     // READY came only once both workers were ready.
     h.check(
-        h.log_text().contains("All 2 workers ready"),
+        h.has_event("all-ready", |e| e["generation"] == 1),
         "workers ready before READY=1",
     );
     let first = &fake.got[ready.expect("ready")];
@@ -119,6 +120,7 @@ fn activated(name: &str, listen_pid: &str, extra: &[String]) -> (Harness, u16) {
     );
     drop(listener);
     let mut args = vec!["-c".to_string(), script, PROCMAN.to_string()];
+    args.extend(["--log-format".to_string(), "json".to_string()]);
     args.extend(extra.iter().cloned());
     let dir = temp_dir(name).keep();
     let log = dir.join("procman.log");
@@ -132,7 +134,7 @@ fn activated(name: &str, listen_pid: &str, extra: &[String]) -> (Harness, u16) {
         .spawn()
         .expect("wrapper");
     let pid = child.id() as i32;
-    (Harness::adopt(dir, log, child, pid), port)
+    (Harness::adopt_json(dir, log, child, pid), port)
 }
 
 #[test]
@@ -148,13 +150,14 @@ fn socket_activation_serves_on_the_inherited_socket_and_binds_nothing() {
     let (mut h, port) = activated("activation", "self", &extra);
     let pids = h.wait_workers_on(port, 2, BOOT);
     assert_eq!(pids.len(), 2);
-    let log = h.log_text();
     h.check(
-        log.contains("(web, inherited)"),
+        h.has_event("listening", |e| {
+            e["name"] == "web" && e["inherited"] == true
+        }),
         "the inherited socket is used",
     );
     h.check(
-        !log.contains(", bound)"),
+        h.count_events("listening", |_| true) == 1,
         "nothing else bound (no default 127.0.0.1:8000)",
     );
     h.signal(Signal::SIGTERM);
@@ -170,9 +173,14 @@ fn a_listen_pid_that_is_not_ours_is_ignored() {
     extra.extend(["--dump-env".to_string(), dump.display().to_string()]);
     let (mut h, _port) = activated("wrong-pid", "1", &extra);
     h.wait_workers(1, BOOT);
-    let log = h.log_text();
-    h.check(!log.contains("inherited"), "fd 3 not adopted");
-    h.check(log.contains(", bound)"), "bound its own socket");
+    h.check(
+        !h.has_event("listening", |e| e["inherited"] == true),
+        "fd 3 not adopted",
+    );
+    h.check(
+        h.has_event("listening", |e| e["inherited"] == false),
+        "bound its own socket",
+    );
     // The worker got only its own listener: the wrapper's fd 3 and the
     // foreign LISTEN_PID were not passed on.
     let v: serde_json::Value =
@@ -199,6 +207,8 @@ fn as_pid_1_reaps_orphans_and_stops_cleanly() {
             "--fork",
             "--mount-proc",
             PROCMAN,
+            "--log-format",
+            "json",
             "--log-level",
             "debug",
             "-b",
@@ -209,11 +219,21 @@ fn as_pid_1_reaps_orphans_and_stops_cleanly() {
             &worker,
         ],
     );
-    h.check(
-        h.wait_log("that is not a worker", BOOT),
+    let orphan: i64 = wait_for(BOOT, || {
+        std::fs::read_to_string(&marker).ok()?.trim().parse().ok()
+    })
+    .expect("the orphan wrote its pid");
+    let reaped = h.expect_event(
+        "orphan-reaped",
+        BOOT,
         "the orphan was reaped quietly",
+        |e| e["process"] == orphan,
     );
-    h.check(h.log_text().contains("[1] [INFO]"), "procman runs as PID 1");
+    h.check(reaped["level"] == "DEBUG", "quietly: at debug level");
+    h.check(
+        h.events().iter().all(|e| e["pid"] == 1),
+        "procman runs as PID 1",
+    );
     // No zombie anywhere below unshare.
     for pid in h.descendants() {
         assert!(stat(pid).is_some_and(|s| s.state != 'Z'), "zombie {pid}");
@@ -391,6 +411,7 @@ fn pidfile_is_written_refused_while_live_and_replaced_when_stale() {
     assert_eq!(written, first.pid);
     // A second procman with the same pidfile refuses to start.
     let mut second = Start::new("pid-b", &["-p", p])
+        .json()
         .args(hello_args("1"))
         .spawn();
     assert_eq!(second.exit_code(BOOT), 1);
@@ -400,10 +421,7 @@ fn pidfile_is_written_refused_while_live_and_replaced_when_stale() {
             .contains(&format!("already running as pid {}", first.pid)),
         "names the live owner",
     );
-    second.check(
-        !second.log_text().contains("Booting worker"),
-        "no worker started",
-    );
+    second.check(!second.has_event("booting", |_| true), "no worker started");
     first.signal(Signal::SIGTERM);
     assert_eq!(first.exit_code(BOOT), 0);
     assert!(!pidfile.exists(), "removed at exit");
@@ -425,7 +443,7 @@ fn pidfile_is_written_refused_while_live_and_replaced_when_stale() {
 
 #[test]
 fn pre_start_commands_run_in_order_with_the_workers_environment() {
-    let start = Start::new("prestart", &[]);
+    let start = Start::new("prestart", &[]).json();
     let out = start.dir().join("pre.txt");
     let workdir = start.dir().join("work");
     std::fs::create_dir_all(&workdir).expect("mkdir");
@@ -447,16 +465,27 @@ fn pre_start_commands_run_in_order_with_the_workers_environment() {
     let text = std::fs::read_to_string(&out).expect("pre-start output");
     assert_eq!(text, format!("first prod {}\nsecond\n", workdir.display()));
     // A worker can answer before the master has logged its spawn.
-    h.check(h.wait_log("Booting worker", BOOT), "boot logged");
-    let log = h.log_text();
-    let pre = log
-        .find("Running pre-start command: echo second")
-        .expect("logged");
-    let boot = log.find("Booting worker").expect("boot");
+    h.expect_event("booting", BOOT, "boot logged", |_| true);
+    h.check(
+        h.count_events("pre-start", |_| true) == 2,
+        "two pre-start commands",
+    );
+    let pre = h
+        .event_index("pre-start", |e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("echo second"))
+        })
+        .expect("the second logged");
+    let boot = h.event_index("booting", |_| true).expect("boot");
     assert!(pre < boot, "pre-start ran before the first worker");
     // Not re-run on HUP.
     h.signal(Signal::SIGHUP);
-    h.check(h.wait_log("Reload done", BOOT), "reloaded");
+    h.expect_event("reload-done", BOOT, "reloaded", |_| true);
+    h.check(
+        h.count_events("pre-start", |_| true) == 2,
+        "no pre-start command on HUP",
+    );
     assert_eq!(
         std::fs::read_to_string(&out).expect("out").lines().count(),
         2
@@ -466,15 +495,18 @@ fn pre_start_commands_run_in_order_with_the_workers_environment() {
 #[test]
 fn a_failing_pre_start_command_stops_procman_before_any_worker() {
     let mut h = Start::new("prestart-fail", &["--pre-start", "exit 7"])
+        .json()
         .args(hello_args("2"))
         .spawn();
     assert_eq!(h.exit_code(BOOT), 1);
-    let log = h.log_text();
+    // The last line, for the operator: which command, how it ended.
     h.check(
-        log.contains("pre-start command 'exit 7' exited with status 7"),
+        h.log_text()
+            .contains("pre-start command 'exit 7' exited with status 7"),
         "names command and status",
     );
-    h.check(!log.contains("Booting worker"), "no worker started");
+    h.check(h.has_event("pre-start", |_| true), "the command ran");
+    h.check(!h.has_event("booting", |_| true), "no worker started");
 }
 
 #[test]
@@ -523,7 +555,7 @@ fn a_missing_chdir_or_a_malformed_env_is_a_usage_error() {
 
 #[test]
 fn stop_signal_is_what_command_workers_get_on_a_graceful_stop() {
-    let start = Start::new("stop-signal", &[]);
+    let start = Start::new("stop-signal", &[]).json();
     let got = start.dir().join("got");
     let trapped = start.dir().join("trapped");
     let script = format!(
@@ -543,7 +575,7 @@ fn stop_signal_is_what_command_workers_get_on_a_graceful_stop() {
             &script,
         ])
         .spawn();
-    h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
     // Stop only once the worker's traps are set.
     h.check(
         wait_for(BOOT, || trapped.exists().then_some(())).is_some(),
@@ -614,7 +646,7 @@ fn kill_leftovers(pgid: i32) -> Vec<i32> {
 /// Starts procman with one such worker; returns the worker's pid (its
 /// group) and the helper's pid.
 fn start_with_stubborn_helper(name: &str, args: &[&str], worker_args: &str) -> (Harness, i32, i32) {
-    let start = Start::new(name, args);
+    let start = Start::new(name, args).json();
     let pid_file = start.dir().join("helper.pid");
     let script = worker_with_stubborn_helper(&pid_file, worker_args);
     let mut h = start.args(["--", "sh", "-c", &script]).spawn();
@@ -692,10 +724,9 @@ fn a_timed_out_workers_helper_is_cleaned_up() {
         &["-w", "1", "-t", "1", "--graceful-timeout", "1"],
         "--heartbeat 0.2 --silent-after 0.5",
     );
-    h.check(
-        h.wait_log("without a heartbeat; aborting", BOOT),
-        "timeout logged",
-    );
+    h.expect_event("stopping", BOOT, "timeout logged", |e| {
+        worker_of(e) == worker && e["reason"] == "timeout"
+    });
     let gone = wait_for(Duration::from_secs(10), || {
         group_members(worker).is_empty().then_some(())
     });

@@ -124,7 +124,8 @@ fn a_half_second_lifespan_shutdown_completes_within_a_4s_graceful_timeout_5_time
             "lifespan-budget",
             "lifespan_stream:app",
             &["-w", "1", "--graceful-timeout", "4", "--no-access-log"],
-        );
+        )
+        .json();
         // The app writes its marker into this test's own directory.
         let dir = start.dir().to_str().expect("utf8").to_string();
         let mut h = start.env("MARKER_DIR", &dir).spawn();
@@ -146,12 +147,15 @@ fn a_half_second_lifespan_shutdown_completes_within_a_4s_graceful_timeout_5_time
         }
         h.signal(Signal::SIGTERM);
         assert_eq!(h.exit_code(BOOT), 0, "round {round}: {}", h.log_text());
-        let log = h.log_text();
+        let exit = h.expect_event("exited", BOOT, "the worker exited", |e| worker_of(e) == pid);
+        // How it ended (status 0, no signal) is said in the message.
         h.check(
-            log.contains(&format!("Worker {pid} (slot 0) exited: exited cleanly")),
-            &format!("round {round}: the worker ended on its own, not by SIGKILL"),
+            exit["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("exited cleanly")),
+            &format!("round {round}: the worker ended on its own, not by SIGKILL: {exit}"),
         );
-        h.check(!log.contains("did not stop in time"), "no SIGKILL");
+        h.check(!h.has_event("killing", |_| true), "no SIGKILL");
         h.check(
             h.dir.join(format!("shutdown-{pid}")).exists(),
             &format!("round {round}: the lifespan shutdown completed"),
@@ -304,19 +308,30 @@ fn a_failed_reload_does_not_promise_a_retry() {
         "wording-reload",
         &["--ready", "notify", "--", "sh", "-c", &script],
     )
+    .json()
     .spawn();
     let old = h.wait_workers(1, BOOT);
     h.signal(Signal::SIGHUP);
-    h.check(
-        h.wait_log("Reload to generation 2 failed", BOOT),
-        "reload failure reported",
-    );
+    let failed = h.expect_event("reload-failed", BOOT, "reload failure reported", |e| {
+        e["generation"] == 2
+    });
     assert_eq!(h.wait_workers(1, BOOT), old, "the old worker keeps serving");
+    // The reload's failure says why: the new worker's failed boot.
     h.check(
-        h.wait_log("of the new generation failed to boot", BOOT),
-        "the failed boot is reported",
+        failed["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("of the new generation failed to boot")),
+        &format!("the failed boot is reported: {failed}"),
     );
-    h.check(!h.log_text().contains("retrying"), "nothing retries");
+    // The wording under test: no message promises a retry.
+    h.check(
+        !h.messages().iter().any(|m| m.contains("retrying")),
+        "nothing retries",
+    );
+    h.check(
+        h.count_events("booting", |e| e["generation"] == 2) == 1,
+        "nothing was retried",
+    );
 }
 
 #[test]
@@ -326,18 +341,22 @@ fn preloaded_workers_report_their_real_boot_time() {
         "lifespan_stream:app",
         &["-w", "4", "--preload", "--no-access-log"],
     )
+    .json()
     .spawn();
     h.wait_workers(4, BOOT);
-    h.check(h.wait_log("All 4 workers ready", BOOT), "ready");
-    let log = h.log_text();
-    let times: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("Worker ") && l.contains(" ready in "))
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
+    // The boot time is said in the ready event's message.
+    let times: Vec<String> = h
+        .events_named("ready")
+        .iter()
+        .filter_map(|e| e["message"].as_str().map(str::to_string))
         .collect();
-    h.check(times.len() == 4, "four ready lines");
+    h.check(times.len() == 4, "four ready events");
     h.check(
-        times.iter().all(|l| !l.ends_with("ready in 0.000s")),
-        "measured from the spawn request, not 0.000s",
+        times
+            .iter()
+            .all(|m| m.contains(" ready in ") && !m.ends_with("ready in 0.000s")),
+        &format!("measured from the spawn request, not 0.000s: {times:?}"),
     );
 }
 

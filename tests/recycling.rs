@@ -25,6 +25,22 @@ fn fastapi(name: &str, extra: &[&str]) -> Start {
     )
     .args(["--chdir", dir.to_str().expect("utf8")])
     .args(extra.iter().copied())
+    .json()
+}
+
+/// Seconds from an event's `timestamp` (RFC 3339, UTC) within the day.
+fn event_time(e: &serde_json::Value) -> Option<f64> {
+    let t = e["timestamp"]
+        .as_str()?
+        .split('T')
+        .nth(1)?
+        .split('Z')
+        .next()?;
+    let mut p = t.split(':');
+    let h: f64 = p.next()?.parse().ok()?;
+    let m: f64 = p.next()?.parse().ok()?;
+    let s: f64 = p.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
 }
 
 #[test]
@@ -46,8 +62,9 @@ fn a_worker_above_the_memory_limit_is_recycled_without_losing_capacity() {
     let (status, body) = http_get(h.addr(), "/alloc?mb=200").expect("alloc");
     assert_eq!(status, 200, "{body}");
     let hog = json_pid(&body).expect("pid");
-    let recycled = format!("Recycling worker {hog}");
-    h.check(h.wait_log(&recycled, BOOT), "the hog is recycled");
+    h.expect_event("recycling", BOOT, "the hog is recycled", |e| {
+        worker_of(e) == hog && e["reason"] == "memory"
+    });
     let gone = wait_for(BOOT, || (!alive(hog)).then_some(()));
     h.check(gone.is_some(), "the hog exited");
     let target = load.done() + 50;
@@ -57,11 +74,11 @@ fn a_worker_above_the_memory_limit_is_recycled_without_losing_capacity() {
         report.failures.is_empty(),
         &format!("failed requests: {:?} of {}", report.failures, report.ok),
     );
+    // The warning the operator reads names the worker and the limit.
     let line = h
-        .log_text()
-        .lines()
+        .messages()
+        .into_iter()
         .find(|l| l.contains("above --max-worker-memory"))
-        .map(str::to_string)
         .expect("memory line");
     h.check(
         line.contains(&format!("Worker {hog} ")) && line.contains("150.0 MiB"),
@@ -69,7 +86,7 @@ fn a_worker_above_the_memory_limit_is_recycled_without_losing_capacity() {
     );
     let other = before.iter().find(|p| **p != hog).expect("other worker");
     assert!(alive(*other), "the other worker was untouched");
-    assert_eq!(h.count_log("Recycling worker"), 1, "{}", h.log_text());
+    assert_eq!(h.count_events("recycling", |_| true), 1, "{}", h.log_text());
 }
 
 #[test]
@@ -91,11 +108,12 @@ fn a_short_memory_spike_is_not_punished() {
     assert_eq!(status, 200);
     let (status, _) = http_get(h.addr(), "/free").expect("free");
     assert_eq!(status, 200);
-    // Several sampling periods later, the worker is still the same.
+    // Nothing happens to wait for: the test is that the worker is still
+    // the same several sampling periods later.
     std::thread::sleep(Duration::from_secs(5));
     assert!(alive(pid));
     h.check(
-        !h.log_text().contains("Recycling"),
+        !h.has_event("recycling", |_| true),
         "no recycle for a spike",
     );
 }
@@ -114,6 +132,7 @@ fn workers_past_their_lifetime_recycle_one_at_a_time_spread_by_jitter() {
             "--",
         ],
     )
+    .json()
     .args(notify_worker())
     .spawn();
     let first = h.wait_workers(3, BOOT);
@@ -127,64 +146,60 @@ fn workers_past_their_lifetime_recycle_one_at_a_time_spread_by_jitter() {
     );
     // One at a time: each recycle's old worker is stopped before the next
     // recycle begins.
-    let log = h.log_text();
-    let mut in_progress: Option<String> = None;
+    let events = h.events();
+    let mut in_progress: Option<i32> = None;
     let mut recycled = Vec::new();
-    for line in log.lines() {
-        if let Some(rest) = line.split("Recycling worker ").nth(1) {
-            let pid = rest.split_whitespace().next().expect("pid").to_string();
+    for e in &events {
+        if e["event"] == "recycling" {
+            let pid = worker_of(e);
             h.check(
                 in_progress.is_none(),
-                &format!("overlapping recycles at: {line}"),
+                &format!("overlapping recycles at: {e}"),
             );
-            if first.contains(&pid.parse::<i32>().expect("pid")) {
-                recycled.push(pid.clone());
+            if first.contains(&pid) {
+                recycled.push(pid);
             }
             in_progress = Some(pid);
-        } else if let Some(pid) = &in_progress {
-            if line.contains(&format!("Stopping worker {pid} ")) {
-                in_progress = None;
-            }
+        } else if e["event"] == "stopping" && in_progress == Some(worker_of(e)) {
+            in_progress = None;
         }
     }
-    assert_eq!(recycled.len(), 3, "{log}");
+    assert_eq!(recycled.len(), 3, "{}", h.log_text());
     // Spread by the jitter: the three recycles did not all happen together.
-    let times: Vec<f64> = log
-        .lines()
-        .filter(|l| l.contains("Recycling worker"))
-        .filter_map(|l| {
-            let t = l.split('T').nth(1)?.split('Z').next()?;
-            let mut p = t.split(':');
-            let h: f64 = p.next()?.parse().ok()?;
-            let m: f64 = p.next()?.parse().ok()?;
-            let s: f64 = p.next()?.parse().ok()?;
-            Some(h * 3600.0 + m * 60.0 + s)
-        })
-        .collect();
+    let recycles = h.events_named("recycling");
+    let times: Vec<f64> = recycles.iter().filter_map(event_time).collect();
     let spread = times.iter().cloned().fold(f64::MIN, f64::max)
         - times.iter().cloned().fold(f64::MAX, f64::min);
     h.check(
         spread > 0.05,
         &format!("recycles spread over the jitter window ({spread:.3}s)"),
     );
-    h.check(log.contains("lifetime reached"), "reason logged");
+    h.check(
+        recycles.iter().all(|e| e["reason"] == "lifetime"),
+        "reason: lifetime",
+    );
 }
 
 #[test]
 fn workers_auto_follows_the_affinity_mask() {
     let mut h = Start::new("auto", &["-w", "auto"])
+        .json()
         .args(["--".to_string(), hello()])
         .spawn_with("taskset", &["-c", "0", PROCMAN]);
     h.wait_workers(1, BOOT);
+    // Once the whole generation is ready, every worker it has was started.
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
     h.check(
-        h.wait_log(
-            "Starting 1 worker (auto: 1 (CPUs in the affinity mask)):",
-            BOOT,
-        ),
+        h.count_events("booting", |_| true) == 1,
         "one worker for one CPU",
     );
-    // Nothing more shows up.
-    std::thread::sleep(Duration::from_millis(300));
+    // What the operator reads: where the count came from.
+    h.check(
+        h.messages()
+            .iter()
+            .any(|m| m.contains("Starting 1 worker (auto: 1 (CPUs in the affinity mask)):")),
+        "the count is explained",
+    );
     // taskset execs procman (same pid): one worker below it.
     let inner = descendants_of(h.pid);
     assert_eq!(inner.len(), 1, "one worker: {inner:?}");
@@ -192,7 +207,9 @@ fn workers_auto_follows_the_affinity_mask() {
 
 #[test]
 fn reuse_port_gives_each_worker_its_own_listener_and_spreads_connections() {
-    let mut h = Start::new("reuseport", &["-w", "4", "--reuse-port", "--", &hello()]).spawn();
+    let mut h = Start::new("reuseport", &["-w", "4", "--reuse-port", "--", &hello()])
+        .json()
+        .spawn();
     let pids = h.wait_workers(4, BOOT);
     let sockets: BTreeSet<String> = pids
         .iter()
@@ -218,8 +235,7 @@ fn reuse_port_gives_each_worker_its_own_listener_and_spreads_connections() {
     }
     assert_eq!(seen.len(), 4, "a burst reached every worker: {seen:?}");
     h.check(
-        h.log_text()
-            .contains("one SO_REUSEPORT listener per worker"),
+        h.has_event("listening", |e| e["reuse_port"] == true),
         "logged",
     );
 }

@@ -78,7 +78,7 @@ fn bind_config(workers: u32, ports: &[u16]) -> String {
 
 /// procman on a config file in its test dir, with `RELEASE=old`.
 fn start_on(name: &str, command: &[String], extra: &str) -> (Start, PathBuf) {
-    let start = Start::new(name, &[]);
+    let start = Start::new(name, &[]).json();
     let file = start.dir().join("procman.toml");
     write_config(&file, "old", command, extra);
     let start = start.args(["-c", file.to_str().expect("utf8")]);
@@ -95,7 +95,7 @@ fn a_reload_to_a_command_that_exits_at_once_keeps_the_old_workers_serving() {
     let mut h = start
         .env("NOTIFY_SOCKET", notify.to_str().expect("utf8"))
         .spawn();
-    h.check(h.wait_log("All 2 workers ready", BOOT), "booted");
+    h.expect_event("all-ready", BOOT, "booted", |_| true);
     let old = h.wait_workers(2, BOOT);
     let load = Load::start(h.addr(), 2, 1_000_000, Duration::from_secs(60));
     wait_for(BOOT, || (load.done() > 20).then_some(()));
@@ -108,10 +108,9 @@ fn a_reload_to_a_command_that_exits_at_once_keeps_the_old_workers_serving() {
         "workers = 2\nready-after = '10s'",
     );
     h.signal(Signal::SIGHUP);
-    h.check(
-        h.wait_log("Reload to generation 2 failed", BOOT),
-        "reload reported failed",
-    );
+    h.expect_event("reload-failed", BOOT, "reload reported failed", |e| {
+        e["generation"] == 2
+    });
     let reloading = systemd.wait("RELOADING=1", 0);
     h.check(reloading.is_some(), "RELOADING=1 sent");
     let status = systemd.wait_all(
@@ -141,36 +140,35 @@ fn a_reload_to_a_command_that_exits_at_once_keeps_the_old_workers_serving() {
             report.ok, report.failures, report.pids
         ),
     );
-    for pid in &old {
-        h.check(
-            h.count_log(&format!("Stopping worker {pid} ")) == 0,
-            "no old worker was stopped",
-        );
-    }
+    h.check(
+        !h.has_event("stopping", |e| old.contains(&worker_of(e))),
+        "no old worker was stopped",
+    );
 }
 
 #[test]
 fn a_command_that_dies_within_the_stability_window_is_a_boot_failure() {
     // A window far longer than the command lives, even on a loaded machine.
     let mut h = Start::new("ready-after", &["--ready-after", "20s", "--"])
+        .json()
         .args(["sh", "-c", "sleep 0.1; exit 1"])
         .spawn();
     assert_eq!(h.exit_code(BOOT), 3, "{}", h.log_text());
-    h.check(!h.log_text().contains("ready in"), "never counted as ready");
+    h.check(!h.has_event("ready", |_| true), "never counted as ready");
+    h.check(h.has_event("boot-failed", |_| true), "a failed boot");
 }
 
 #[test]
 fn after_a_failed_reload_a_respawn_runs_the_previous_command() {
     let (start, file) = start_on("reload-respawn", &notify_worker(), "workers = 2");
     let mut h = start.args(["--ready", "notify"]).spawn();
-    h.check(h.wait_log("All 2 workers ready", BOOT), "booted");
+    h.expect_event("all-ready", BOOT, "booted", |_| true);
     let old = h.wait_workers(2, BOOT);
     write_config(&file, "new", &exits_at_once(), "workers = 2");
     h.signal(Signal::SIGHUP);
-    h.check(
-        h.wait_log("Reload to generation 2 failed", BOOT),
-        "reload reported failed",
-    );
+    h.expect_event("reload-failed", BOOT, "reload reported failed", |e| {
+        e["generation"] == 2
+    });
     let settled = wait_for(BOOT, || (workers(&h) == old).then_some(()));
     h.check(settled.is_some(), "only the old workers remain");
     let victim = *old.iter().next().expect("a worker");
@@ -203,22 +201,22 @@ fn after_a_failed_reload_a_respawn_runs_the_previous_command() {
 fn a_failed_reload_closes_the_addresses_it_bound() {
     let (pa, pb) = (free_port(), free_port());
     let binds = |ports: &[u16]| bind_config(1, ports);
-    let start = Start::new("reload-binds", &["--ready", "notify"]).no_default_bind();
+    let start = Start::new("reload-binds", &["--ready", "notify"])
+        .no_default_bind()
+        .json();
     let file = start.dir().join("procman.toml");
     write_config(&file, "old", &notify_worker(), &binds(&[pa]));
     let mut h = start.args(["-c", file.to_str().expect("utf8")]).spawn();
-    h.check(h.wait_log("All 1 worker ready", BOOT), "booted");
+    h.expect_event("all-ready", BOOT, "booted", |_| true);
     let old = h.wait_workers_on(pa, 1, BOOT);
     write_config(&file, "new", &exits_at_once(), &binds(&[pa, pb]));
     h.signal(Signal::SIGHUP);
-    h.check(
-        h.wait_log(&format!("127.0.0.1:{pb}"), BOOT),
-        "the new address was bound",
-    );
-    h.check(
-        h.wait_log("Reload to generation 2 failed", BOOT),
-        "reload reported failed",
-    );
+    h.expect_event("listening", BOOT, "the new address was bound", |e| {
+        e["address"] == format!("http://127.0.0.1:{pb}")
+    });
+    h.expect_event("reload-failed", BOOT, "reload reported failed", |e| {
+        e["generation"] == 2
+    });
     let released = wait_for(BOOT, || TcpListener::bind(("127.0.0.1", pb)).ok());
     h.check(
         released.is_some(),
@@ -247,9 +245,7 @@ fn slot0_works_others_fail_on(go: &Path) -> Vec<String> {
 fn a_failed_reload_stops_the_new_workers_that_were_ready() {
     let (start, file) = start_on("reload-mixed", &notify_worker(), "workers = 2");
     let go = start.dir().join("go");
-    let mut h = start
-        .args(["--ready", "notify", "--log-format", "json"])
-        .spawn();
+    let mut h = start.args(["--ready", "notify"]).spawn();
     h.check(
         h.wait_event("all-ready", BOOT, |_| true).is_some(),
         "booted",
@@ -294,9 +290,7 @@ fn a_failed_reload_stops_the_new_workers_that_were_ready() {
 #[test]
 fn a_new_worker_that_dies_before_the_reload_completes_fails_it() {
     let (start, file) = start_on("reload-dies", &notify_worker(), "workers = 2");
-    let mut h = start
-        .args(["--ready", "notify", "--log-format", "json"])
-        .spawn();
+    let mut h = start.args(["--ready", "notify"]).spawn();
     h.check(
         h.wait_event("all-ready", BOOT, |_| true).is_some(),
         "booted",
@@ -318,14 +312,18 @@ fn a_new_worker_that_dies_before_the_reload_completes_fails_it() {
     h.check(new0.is_some(), "slot 0 of generation 2 became ready");
     let new0 = new0.and_then(|e| e["worker"].as_i64()).expect("checked") as i32;
     kill(Pid::from_raw(new0), Signal::SIGKILL).expect("kill -9");
-    h.check(
-        h.wait_event("reload-failed", BOOT, |e| e["generation"] == 2)
-            .is_some(),
+    let failed = h.expect_event(
+        "reload-failed",
+        BOOT,
         "the death of a new worker failed the reload",
+        |e| e["generation"] == 2,
     );
+    // What the operator reads: which worker's death failed it.
     h.check(
-        h.log_text().contains(&format!("worker {new0} (slot 0)")),
-        "the failure names the worker that died",
+        failed["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("worker {new0} (slot 0)"))),
+        &format!("the failure names the worker that died: {failed}"),
     );
     let settled = wait_for(BOOT, || {
         let now = workers(&h);
@@ -372,9 +370,11 @@ fn a_hup_during_a_reload_supersedes_it() {
             .is_some(),
         "the second HUP started generation 3",
     );
-    h.check(
-        h.wait_log("Reload to generation 2 superseded by generation 3", BOOT),
+    h.expect_event(
+        "reload-superseded",
+        BOOT,
         "the second HUP superseded the first",
+        |e| e["superseded"] == 2 && e["generation"] == 3,
     );
     let done = h.wait_event("reload-done", BOOT, |_| true);
     h.check(

@@ -163,7 +163,7 @@ fn pidfile_is_never_written_through_a_symlink_planted_by_nobody() {
 #[test]
 fn notify_dir_of_another_procman_with_our_pid_is_left_alone() {
     // Another PID namespace's procman had our pid and uses the same /tmp.
-    let start = Start::new("notify-shared", &["-w", "1", "--", &hello()]);
+    let start = Start::new("notify-shared", &["-w", "1", "--", &hello()]).json();
     let base = start.dir().join("shared");
     mkdir(&base, 0o755);
     let start = start.env("RUNTIME_DIRECTORY", base.to_str().expect("utf8"));
@@ -172,10 +172,7 @@ fn notify_dir_of_another_procman_with_our_pid_is_left_alone() {
     std::fs::create_dir(&theirs).expect("mkdir");
     std::fs::write(theirs.join("notify.sock"), "theirs").expect("write");
     gate.open();
-    h.check(
-        h.wait_log("All 1 worker ready", BOOT),
-        "the worker became ready",
-    );
+    h.expect_event("all-ready", BOOT, "the worker became ready", |_| true);
     // Ours is elsewhere in the same base, with a name nobody can predict.
     let ours: Vec<PathBuf> = std::fs::read_dir(&base)
         .expect("read base")
@@ -203,7 +200,9 @@ fn a_live_root_socket_is_not_taken_over_by_a_non_root_procman() {
     if !is_root() {
         return;
     }
-    let start = Start::new("live-socket", &["-w", "1"]).no_default_bind();
+    let start = Start::new("live-socket", &["-w", "1"])
+        .no_default_bind()
+        .json();
     let dir = traversable_dir(&start);
     // A directory nobody may write in (so nobody could unlink the socket),
     // holding a live socket of root's that nobody cannot connect to.
@@ -231,7 +230,7 @@ fn a_live_root_socket_is_not_taken_over_by_a_non_root_procman() {
         );
     // Either it gives up (right) or it takes the path over and serves.
     let outcome = wait_for(BOOT, || {
-        if h.log_text().contains("Listening at") {
+        if h.has_event("listening", |_| true) {
             return Some(None);
         }
         h.wait_exit(Duration::ZERO).map(Some)
@@ -241,6 +240,7 @@ fn a_live_root_socket_is_not_taken_over_by_a_non_root_procman() {
         code == Some(1),
         "procman exits 1 instead of taking over the path",
     );
+    // The error the operator reads.
     let log = h.log_text();
     h.check(
         log.contains(&path.display().to_string()) && log.contains("Permission denied"),
@@ -259,14 +259,13 @@ fn a_live_root_socket_is_not_taken_over_by_a_non_root_procman() {
 
 #[test]
 fn a_socket_file_replaced_by_another_server_is_not_unlinked_at_exit() {
-    let start = Start::new("sock-replaced", &["-w", "1"]).no_default_bind();
+    let start = Start::new("sock-replaced", &["-w", "1"])
+        .no_default_bind()
+        .json();
     let path = start.dir().join("app.sock");
     let unix = format!("unix:{}", path.display());
     let mut h = start.args(["-b", &unix, "--", &hello()]).spawn();
-    h.check(
-        h.wait_log("All 1 worker ready", BOOT),
-        "the worker became ready",
-    );
+    h.expect_event("all-ready", BOOT, "the worker became ready", |_| true);
     // An operator moved procman's socket away and started another server
     // at the path; procman's exit must not unlink it. (Moved, not
     // deleted: a deleted inode's number may be reused at once.)
@@ -288,7 +287,7 @@ fn workers_of_user_reach_the_notify_socket_when_the_runtime_dir_is_private() {
     if !is_root() {
         return;
     }
-    let start = Start::new("notify-private", &["-u", "nobody", "--ready", "notify"]);
+    let start = Start::new("notify-private", &["-u", "nobody", "--ready", "notify"]).json();
     let dir = traversable_dir(&start);
     // Like root's /run/user/0: 0700, so nobody cannot traverse it.
     let private = dir.join("private");
@@ -310,9 +309,11 @@ fn workers_of_user_reach_the_notify_socket_when_the_runtime_dir_is_private() {
         .spawn();
     // procman itself heard READY=1 (the test worker serves even when its
     // notification cannot be delivered).
-    h.check(
-        h.wait_log("All 1 worker ready", BOOT),
+    h.expect_event(
+        "all-ready",
+        BOOT,
         "the worker's READY=1 reached procman",
+        |_| true,
     );
     let pids = h.wait_workers(1, BOOT);
     let pid = *pids.iter().next().expect("a worker");
@@ -338,7 +339,7 @@ fn no_notify_base_reachable_by_the_user_is_a_clear_error() {
     if !is_root() {
         return;
     }
-    let start = Start::new("notify-none", &["-u", "nobody", "-w", "1"]);
+    let start = Start::new("notify-none", &["-u", "nobody", "-w", "1"]).json();
     let dir = start.dir().to_path_buf();
     let private = dir.join("private");
     mkdir(&private, 0o700);
@@ -351,11 +352,13 @@ fn no_notify_base_reachable_by_the_user_is_a_clear_error() {
         .spawn();
     let code = h.wait_exit(BOOT).and_then(|s| s.code());
     h.check(code == Some(1), "procman exits 1 at start");
+    // The error the operator reads names the directory and the user.
     let log = h.log_text();
     h.check(
-        log.contains(p) && log.contains("nobody") && !log.contains("Listening at"),
-        "one line names the directory and the user; nothing was bound",
+        log.contains(p) && log.contains("nobody"),
+        "one line names the directory and the user",
     );
+    h.check(!h.has_event("listening", |_| true), "nothing was bound");
 }
 
 // ---- item 6: fd://N never names a descriptor procman owns ----
@@ -401,7 +404,7 @@ fn listener_fd(pid: i32, port: u16) -> Option<i32> {
 /// HUP with `fd://N` added must fail, change nothing, and leave procman
 /// working (its signal pipe included: TTIN and TERM still act).
 fn reload_rejects_fd(name: &str, pick: impl Fn(&Harness, u16) -> i32) {
-    let start = Start::new(name, &[]).no_default_bind();
+    let start = Start::new(name, &[]).no_default_bind().json();
     let file = start.dir().join("procman.toml");
     let port = free_port();
     let bind = format!("127.0.0.1:{port}");
@@ -414,7 +417,7 @@ fn reload_rejects_fd(name: &str, pick: impl Fn(&Harness, u16) -> i32) {
     assert!(before_fd.is_some(), "procman holds fd {n}");
     config(&file, &[bind, format!("fd://{n}")]);
     h.signal(Signal::SIGHUP);
-    h.check(h.wait_log("Reload failed", BOOT), "the reload is rejected");
+    let failed = h.expect_event("reload-failed", BOOT, "the reload is rejected", |_| true);
     // procman's descriptor is untouched: still open, still the same object
     // (closing the signal pipe made the master's poll loop spin).
     h.check(held() == before_fd, &format!("fd {n} is still procman's"));
@@ -424,17 +427,18 @@ fn reload_rejects_fd(name: &str, pick: impl Fn(&Harness, u16) -> i32) {
         &format!("the idle master used {busy} ticks in 1 s"),
     );
     h.signal(Signal::SIGTTIN);
+    h.expect_event("scaled", BOOT, "signals still reach the master", |e| {
+        e["workers"] == 2
+    });
+    // The error the operator reads.
     h.check(
-        h.wait_log("Workers: 1 -> 2", BOOT),
-        "signals still reach the master",
+        failed["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("fd {n} belongs to procman"))),
+        &format!("the error says the fd is procman's: {failed}"),
     );
-    let log = h.log_text();
     h.check(
-        log.contains(&format!("fd {n} belongs to procman")),
-        "the error says the fd is procman's",
-    );
-    h.check(
-        !log.contains("Reloading: replacing") && !log.contains("bound on reload"),
+        !h.has_event("reloading", |_| true) && h.count_events("listening", |_| true) == 1,
         "nothing changed",
     );
     let served = h.wait_workers_on(port, 2, BOOT);
@@ -503,6 +507,7 @@ fn a_failed_reload_leaves_an_inherited_fd_free_for_the_next() {
     let busy_port = busy.local_addr().expect("addr").port();
     let start = Start::new("reload-fd-back", &[])
         .no_default_bind()
+        .json()
         .inherit_fd(inherited.as_raw_fd(), 7);
     let file = start.dir().join("procman.toml");
     let port = free_port();
@@ -516,15 +521,12 @@ fn a_failed_reload_leaves_an_inherited_fd_free_for_the_next() {
     let busy_bind = format!("127.0.0.1:{busy_port}");
     config(&file, &["fd://7".into(), bind.clone(), busy_bind]);
     h.signal(Signal::SIGHUP);
-    h.check(h.wait_log("Reload failed", BOOT), "the reload is rejected");
+    h.expect_event("reload-failed", BOOT, "the reload is rejected", |_| true);
     drop(busy);
     // (First, so that hello, which serves only fd 3, serves it.)
     config(&file, &["fd://7".into(), bind]);
     h.signal(Signal::SIGHUP);
-    h.check(
-        h.wait_log("Reload done", BOOT),
-        "the next reload takes fd 7",
-    );
+    h.expect_event("reload-done", BOOT, "the next reload takes fd 7", |_| true);
     h.wait_workers_on(fd_port, 1, BOOT);
     stop(&mut h);
 }

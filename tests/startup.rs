@@ -23,10 +23,12 @@ os.execv(sys.argv[1], sys.argv[1:])
 
 fn careless_parent(name: &str, workers: &str) -> Harness {
     let python = python3();
-    Start::new(name, &["-w", workers, "--", &hello()]).spawn_with(
-        python.to_str().expect("utf-8 path"),
-        &["-c", CARELESS_PARENT, PROCMAN],
-    )
+    Start::new(name, &["-w", workers, "--", &hello()])
+        .json()
+        .spawn_with(
+            python.to_str().expect("utf-8 path"),
+            &["-c", CARELESS_PARENT, PROCMAN],
+        )
 }
 
 #[test]
@@ -46,7 +48,7 @@ fn term_stops_procman_even_if_its_parent_blocked_and_ignored_it() {
 fn a_killed_worker_is_respawned_even_if_the_parent_blocked_chld() {
     let mut h = careless_parent("blocked-chld", "1");
     let before = h.wait_workers(1, BOOT);
-    h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
     // Kill only once the master sleeps with nothing due, so that only
     // SIGCHLD can tell it (a wake-up for a deadline would reap anyway).
     h.check(
@@ -55,21 +57,19 @@ fn a_killed_worker_is_respawned_even_if_the_parent_blocked_chld() {
     );
     let victim = *before.iter().next().expect("a worker");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL).expect("kill -9");
-    let reaped = wait_for(BOOT, || {
-        h.log_text()
-            .lines()
-            .any(|l| l.contains(&format!("Worker {victim} (slot 0)")) && l.contains("SIGKILL"))
-            .then_some(())
+    h.expect_event("exited", BOOT, "the killed worker was reaped", |e| {
+        worker_of(e) == victim && e["reason"] == "crash"
     });
-    h.check(reaped.is_some(), "the killed worker was reaped");
     let after = h.wait_workers(1, BOOT);
     h.check(!after.contains(&victim), "a new worker answers");
     h.check(h.zombies().is_empty(), "no zombie");
     // HUP, ignored by the parent, is procman's again: a reload.
     h.signal(Signal::SIGHUP);
-    h.check(
-        h.wait_log("with generation 2", BOOT),
+    h.expect_event(
+        "reloading",
+        BOOT,
         "HUP reloads although the parent ignored it",
+        |e| e["generation"] == 2,
     );
 }
 
@@ -96,7 +96,7 @@ fn with_pre_start(
     script_for: impl Fn(&Path) -> String,
     extra: &[&str],
 ) -> (Harness, i32, i32) {
-    let start = Start::new(name, &[]);
+    let start = Start::new(name, &[]).json();
     let script = script_for(start.dir());
     let h = start
         .args(["--pre-start", &script])
@@ -110,10 +110,7 @@ fn with_pre_start(
     let Some((lead, helper)) = pids else {
         panic!("the pre-start command did not start\n{}", h.log_text());
     };
-    h.check(
-        h.log_text().contains("Running pre-start command"),
-        "running",
-    );
+    h.check(h.has_event("pre-start", |_| true), "running");
     (h, lead, helper)
 }
 
@@ -129,10 +126,9 @@ fn check_stopped_during_pre_start(h: &mut Harness, lead: i32, helper: i32, withi
             t0.elapsed()
         ),
     );
-    let log = h.log_text();
-    h.check(!log.contains("Booting worker"), "no worker started");
+    h.check(!h.has_event("booting", |_| true), "no worker started");
     h.check(
-        log.contains("during pre-start command"),
+        h.has_event("shutdown", |e| e["reason"] == "pre-start"),
         "the stop is logged",
     );
     for p in [lead, helper] {
@@ -150,7 +146,7 @@ fn term_during_a_pre_start_command_stops_it_and_starts_no_worker() {
     h.signal(Signal::SIGTERM);
     // Well before the graceful timeout: the command was told, not killed.
     check_stopped_during_pre_start(&mut h, lead, helper, Duration::from_secs(20));
-    h.check(!h.log_text().contains("killing it"), "no SIGKILL needed");
+    h.check(!h.has_event("killing", |_| true), "no SIGKILL needed");
 }
 
 #[test]
@@ -170,7 +166,7 @@ fn int_during_a_pre_start_command_is_passed_on_to_it() {
     );
     h.signal(Signal::SIGINT);
     check_stopped_during_pre_start(&mut h, lead, lead, Duration::from_secs(20));
-    h.check(!h.log_text().contains("killing it"), "no SIGKILL needed");
+    h.check(!h.has_event("killing", |_| true), "no SIGKILL needed");
 }
 
 #[test]
@@ -191,7 +187,9 @@ fn a_pre_start_command_ignoring_term_is_killed_at_the_graceful_timeout() {
         &format!("killed before the graceful timeout: {took:?}"),
     );
     h.check(
-        h.log_text().contains("did not stop in 1s; killing it"),
+        h.has_event("killing", |e| {
+            e["reason"] == "pre-start" && e["process"] == lead
+        }),
         "the SIGKILL is logged",
     );
 }

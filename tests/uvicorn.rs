@@ -19,10 +19,12 @@ fn pid_of(reply: &(u16, String)) -> i32 {
 
 #[test]
 fn four_workers_answer_with_distinct_pids() {
-    let mut h = uvicorn("four", &fastapi_dir(), "app:main", &["-w", "4"]).spawn();
+    let mut h = uvicorn("four", &fastapi_dir(), "app:main", &["-w", "4"])
+        .json()
+        .spawn();
     let pids = h.wait_workers(4, BOOT);
     assert_eq!(pids.len(), 4);
-    h.check(h.wait_log("All 4 workers ready", BOOT), "ready");
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
     let (status, body) = http_get(h.addr(), "/").expect("GET /");
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
@@ -52,7 +54,7 @@ fn get_and_post_with_a_json_body_work() {
 
 #[test]
 fn unix_socket_and_ipv6_binds_serve() {
-    let start = uvicorn("uv-binds", &fastapi_dir(), "app:main", &["-w", "1"]);
+    let start = uvicorn("uv-binds", &fastapi_dir(), "app:main", &["-w", "1"]).json();
     let sock = start.dir().join("app.sock");
     let v6 = std::net::TcpListener::bind("[::1]:0").is_ok();
     let mut binds = vec!["-b".to_string(), format!("unix:{}", sock.display())];
@@ -72,14 +74,9 @@ fn unix_socket_and_ipv6_binds_serve() {
     h.check(reply.is_some(), "GET over the unix socket");
     if v6 {
         let port = wait_for(BOOT, || {
-            h.log_text().lines().find_map(|l| {
-                let a = l.split("Listening at: http://[").nth(1)?;
-                a.split("]:")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse::<u16>()
-                    .ok()
+            h.events_named("listening").iter().find_map(|e| {
+                let a = e["address"].as_str()?.strip_prefix("http://[::1]:")?;
+                a.parse::<u16>().ok()
             })
         })
         .expect("v6 port");
@@ -93,25 +90,19 @@ fn unix_socket_and_ipv6_binds_serve() {
 
 #[test]
 fn a_blocked_event_loop_is_aborted_and_replaced_while_others_answer() {
-    let mut h = uvicorn("block", &fastapi_dir(), "app:main", &["-w", "2", "-t", "5"]).spawn();
+    let mut h = uvicorn("block", &fastapi_dir(), "app:main", &["-w", "2", "-t", "5"])
+        .json()
+        .spawn();
     let pids = h.wait_workers(2, BOOT);
     let addr = h.addr();
     let blocked = std::thread::spawn(move || {
         http_request(addr, "GET", "/block?s=60", None, Duration::from_secs(30))
     });
-    h.check(
-        h.wait_log("without a heartbeat; aborting", Duration::from_secs(30)),
-        "abort",
-    );
+    let abort = h.expect_event("stopping", Duration::from_secs(30), "abort", |e| {
+        e["reason"] == "timeout"
+    });
     let t_abort = Instant::now();
-    let log = h.log_text();
-    let victim: i32 = log
-        .lines()
-        .find(|l| l.contains("without a heartbeat"))
-        .and_then(|l| l.split("Worker ").nth(1))
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .expect("victim pid");
+    let victim = worker_of(&abort);
     assert!(pids.contains(&victim));
     // The other worker answers meanwhile.
     let other = *pids.iter().find(|p| **p != victim).expect("other");
@@ -126,11 +117,14 @@ fn a_blocked_event_loop_is_aborted_and_replaced_while_others_answer() {
 }
 
 fn import_error(name: &str, app: &str, want: &[&str]) {
-    let mut h = uvicorn(name, &apps_dir(), app, &["-w", "2"]).spawn();
+    let mut h = uvicorn(name, &apps_dir(), app, &["-w", "2"]).json().spawn();
     assert_eq!(h.exit_code(BOOT), 4, "{}", h.log_text());
+    // The Python error is what the operator reads (the last line is plain
+    // text also with --log-format json).
     let log = h.log_text();
+    let messages = h.messages().join("\n");
     for w in want {
-        h.check(log.contains(w), &format!("log mentions {w:?}"));
+        h.check(messages.contains(w), &format!("log mentions {w:?}"));
     }
     h.check(
         log.contains(&format!(
@@ -140,7 +134,7 @@ fn import_error(name: &str, app: &str, want: &[&str]) {
         "final error line names the Python error",
     );
     // Not a loop: one boot per worker at most.
-    h.check(h.count_log("Booting worker") <= 2, "no retry loop");
+    h.check(h.count_events("booting", |_| true) <= 2, "no retry loop");
 }
 
 #[test]
@@ -184,15 +178,17 @@ fn missing_uvicorn_exits_3_with_a_hint() {
         &["app:main", "--python", python.to_str().expect("utf8")],
     )
     .args(["--chdir", fastapi_dir().to_str().expect("utf8")])
+    .json()
     .spawn();
     assert_eq!(h.exit_code(BOOT), 3, "{}", h.log_text());
-    let log = h.log_text();
+    // The hint is what the operator reads.
+    let log = h.messages().join("\n");
     h.check(
         log.contains("uvicorn is not installed"),
         "names the problem",
     );
     h.check(log.contains("pip install uvicorn"), "says how to fix it");
-    h.check(h.count_log("Booting worker") == 1, "no retry loop");
+    h.check(h.count_events("booting", |_| true) == 1, "no retry loop");
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -227,41 +223,39 @@ fn usr1_reaches_uvicorn_workers_only_once_they_are_ready() {
         ],
     )
     .args(["--chdir", fastapi_dir().to_str().expect("utf8")])
+    .json()
     .spawn();
     h.check(
         wait_for(BOOT, || started.exists().then_some(())).is_some(),
         "the worker started",
     );
     h.signal(Signal::SIGUSR1);
-    h.check(h.wait_log("Reopened the log", BOOT), "USR1 handled");
+    h.expect_event("log-reopened", BOOT, "USR1 handled", |_| true);
     std::fs::write(&go, "").expect("go");
     let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
     h.check(
-        h.count_log("Booting worker") == 1,
+        h.count_events("booting", |_| true) == 1,
         "the first worker serves",
     );
-    h.check(!h.log_text().contains("failed to boot"), "no failed boot");
+    h.check(!h.has_event("boot-failed", |_| true), "no failed boot");
     // Ready, it has the bootstrap's handler: USR1 reaches it and is harmless.
     h.signal(Signal::SIGUSR1);
-    h.check(
-        wait_for(BOOT, || {
-            (h.count_log("Reopened the log") == 2).then_some(())
-        })
-        .is_some(),
-        "second USR1 handled",
-    );
+    h.expect_events("log-reopened", 2, BOOT, "second USR1 handled", |_| true);
     let reply = http_get(h.addr(), "/pid").expect("GET /pid");
     assert_eq!(pid_of(&reply), pid);
-    h.check(!h.log_text().contains("exited"), "no worker exited");
+    h.check(!h.has_event("exited", |_| true), "no worker exited");
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
 }
 
 #[test]
 fn lifespan_startup_failure_exits_3() {
-    let mut h = uvicorn("lifespan", &apps_dir(), "lifespan_fail:main", &["-w", "1"]).spawn();
+    let mut h = uvicorn("lifespan", &apps_dir(), "lifespan_fail:main", &["-w", "1"])
+        .json()
+        .spawn();
     assert_eq!(h.exit_code(BOOT), 3, "{}", h.log_text());
-    h.check(h.count_log("Booting worker") == 1, "no retry loop");
+    h.check(h.count_events("booting", |_| true) == 1, "no retry loop");
+    h.check(h.has_event("boot-failed", |_| true), "a failed boot");
 }
 
 #[test]
@@ -324,6 +318,7 @@ fn max_requests_recycles_a_worker_without_failed_requests() {
         "app:main",
         &["-w", "1", "--max-requests", "50"],
     )
+    .json()
     .spawn();
     let first = h.wait_workers(1, BOOT);
     let load = Load::start(h.addr(), 2, 20_000, Duration::from_secs(60));
@@ -340,8 +335,14 @@ fn max_requests_recycles_a_worker_without_failed_requests() {
         &format!("failed: {:?} of {}", report.failures, report.ok),
     );
     h.check(
-        h.log_text().contains("asks to be recycled"),
+        h.has_event("recycle-asked", |e| first.contains(&worker_of(e))),
         "recycle requested over notify",
+    );
+    h.check(
+        h.has_event("recycling", |e| {
+            first.contains(&worker_of(e)) && e["reason"] == "max_requests"
+        }),
+        "recycled for its request count",
     );
 }
 
@@ -383,9 +384,10 @@ fn https_with_a_self_signed_certificate() {
             cert.to_str().expect("utf8"),
         ],
     )
+    .json()
     .spawn();
     let port = h.port();
-    h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
     let script = format!(
         "import ssl,urllib.request;c=ssl.create_default_context(cafile='{}');c.check_hostname=False;print(urllib.request.urlopen('https://127.0.0.1:{port}/pid',context=c,timeout=10).read().decode())",
         cert.display()
@@ -405,7 +407,9 @@ fn https_with_a_self_signed_certificate() {
 
 #[test]
 fn hup_replaces_every_worker_with_zero_failed_requests() {
-    let mut h = uvicorn("uv-hup", &fastapi_dir(), "app:main", &["-w", "2"]).spawn();
+    let mut h = uvicorn("uv-hup", &fastapi_dir(), "app:main", &["-w", "2"])
+        .json()
+        .spawn();
     let old = h.wait_workers(2, BOOT);
     let load = Load::start(h.addr(), 4, 20_000, Duration::from_secs(60));
     wait_for(BOOT, || (load.done() > 50).then_some(()));
@@ -420,8 +424,10 @@ fn hup_replaces_every_worker_with_zero_failed_requests() {
                     .is_ok_and(|c| c.starts_with(b"procman: worker"))
             })
             .collect();
-        (h.log_text().contains("Reload done") && kids.len() == 2 && kids.is_disjoint(&old))
-            .then_some(kids)
+        (h.has_event("reload-done", |e| e["generation"] == 2)
+            && kids.len() == 2
+            && kids.is_disjoint(&old))
+        .then_some(kids)
     });
     let target = load.done() + 100;
     wait_for(BOOT, || (load.done() > target).then_some(()));
@@ -603,10 +609,13 @@ fn lifespan_off_skips_a_failing_startup() {
         "lifespan_fail:main",
         &["-w", "1", "--lifespan", "off"],
     )
+    .json()
     .spawn();
-    h.check(
-        h.wait_log("All 1 worker ready", BOOT),
+    h.expect_event(
+        "all-ready",
+        BOOT,
         "serves without running the lifespan",
+        |_| true,
     );
 }
 
@@ -654,6 +663,7 @@ fn log_level_and_access_log_reach_uvicorn() {
         "scope_app:main",
         &["-w", "1", "--log-level", "warning", "-b", &bind],
     )
+    .json()
     .spawn();
     quiet.wait_workers_on(port, 1, BOOT);
     quiet.signal(Signal::SIGTERM);
@@ -664,7 +674,7 @@ fn log_level_and_access_log_reach_uvicorn() {
         "uvicorn info silenced: {log}"
     );
     assert!(
-        !log.contains("Booting worker"),
+        !quiet.has_event("booting", |_| true),
         "master info silenced too: {log}"
     );
     // Access log: on by default (without --no-access-log), off with it.
@@ -711,19 +721,22 @@ fn max_requests_jitter_spreads_the_recycle_point() {
             "20",
         ],
     )
+    .json()
     .spawn();
     h.wait_workers(2, BOOT);
     let load = Load::start(h.addr(), 2, 2000, Duration::from_secs(60));
     let counts = wait_for(BOOT, || {
         let counts: Vec<u64> = h
-            .log_text()
-            .lines()
-            // One line per request to be recycled: "Recycling worker …"
-            // repeats the same limit, and two lines of one draw made the
-            // "all the same" check fail one run in twenty.
-            .filter(|l| l.contains("asks to be recycled"))
-            .filter_map(|l| {
-                l.split("max-requests (limit ")
+            // One event per request to be recycled: `recycling` repeats
+            // the same limit, and two lines of one draw made the "all the
+            // same" check fail one run in twenty. The limit drawn is said
+            // only in the message (what the worker sent).
+            .events_named("recycle-asked")
+            .iter()
+            .filter_map(|e| {
+                e["message"]
+                    .as_str()?
+                    .split("max-requests (limit ")
                     .nth(1)?
                     .split(',')
                     .next()?
@@ -798,6 +811,7 @@ fn graceful_timeout_also_bounds_uvicorns_drain_so_it_exits_cleanly() {
         "app:main",
         &["-w", "1", "--graceful-timeout", "5"],
     )
+    .json()
     .spawn();
     let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
     let idle = idle_fd_count(pid);
@@ -812,10 +826,13 @@ fn graceful_timeout_also_bounds_uvicorns_drain_so_it_exits_cleanly() {
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
     let _ = slow.join();
-    let log = h.log_text();
+    let exit = h.expect_event("exited", BOOT, "the worker exited", |e| worker_of(e) == pid);
+    // How it ended (status 0, no signal) is said in the message.
     h.check(
-        log.contains(&format!("Worker {pid} (slot 0) exited: exited cleanly")),
-        "uvicorn ended the drain itself",
+        exit["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("exited cleanly")),
+        &format!("uvicorn ended the drain itself: {exit}"),
     );
-    h.check(!log.contains("did not stop in time"), "no SIGKILL needed");
+    h.check(!h.has_event("killing", |_| true), "no SIGKILL needed");
 }

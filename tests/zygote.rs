@@ -87,12 +87,13 @@ fn ready_pids(h: &Harness, generation: u64) -> Vec<i32> {
         .collect()
 }
 
-/// The `booting` events' messages of `generation`.
-fn booting_messages(h: &Harness, generation: u64) -> Vec<String> {
+/// The zygote each worker of `generation` was forked from (`None`: a cold
+/// start), from the `booting` events.
+fn forked_from(h: &Harness, generation: u64) -> Vec<Option<i32>> {
     h.events_named("booting")
         .iter()
         .filter(|e| e["generation"] == generation)
-        .filter_map(|e| Some(e["message"].as_str()?.to_string()))
+        .map(|e| e["zygote"].as_i64().map(|z| z as i32))
         .collect()
 }
 
@@ -141,10 +142,10 @@ fn default_workers_are_forked_from_a_base_zygote_and_import_the_app_themselves()
         let exe = std::fs::read_link(format!("/proc/{w}/exe")).expect("worker exe");
         h.check(exe == zygote_exe, "the worker runs the zygote's python");
     }
-    let forked = format!("forked from zygote {zygote}");
+    let from = forked_from(&h, 1);
     h.check(
-        booting_messages(&h, 1).iter().all(|m| m.contains(&forked)),
-        "both forked from the base zygote",
+        from.len() == 2 && from.iter().all(|z| *z == Some(zygote)),
+        &format!("both forked from the base zygote: {from:?}"),
     );
     check_imported_by_each(&h, &workers);
     h.signal(Signal::SIGTERM);
@@ -167,7 +168,7 @@ fn no_zygote_gives_cold_workers() {
         &format!("no zygote among the children: {titles:?}"),
     );
     h.check(
-        !booting_messages(&h, 1).iter().any(|m| m.contains("forked")),
+        forked_from(&h, 1).iter().all(Option::is_none),
         "cold starts",
     );
     check_imported_by_each(&h, &ready_pids(&h, 1));
@@ -188,18 +189,16 @@ fn hup_starts_a_new_base_zygote_for_the_new_generation() {
         zygotes.len() == 2 && zygotes[1] != zygotes[0],
         &format!("a new zygote: {zygotes:?}"),
     );
-    let forked = format!("forked from zygote {}", zygotes[1]);
-    let second = booting_messages(&h, 2);
+    let second = forked_from(&h, 2);
     h.check(
-        second.len() == 2 && second.iter().all(|m| m.contains(&forked)),
-        "generation 2 comes from the new zygote",
+        second.len() == 2 && second.iter().all(|z| *z == Some(zygotes[1])),
+        &format!("generation 2 comes from the new zygote: {second:?}"),
     );
     // The old one exits once its last worker is gone.
     let old = zygotes[0];
-    h.check(
-        wait_for(BOOT, || (!alive(old)).then_some(())).is_some(),
-        "the old zygote exited",
-    );
+    h.expect_event("zygote-exited", BOOT, "the old zygote exited", |e| {
+        e["zygote"] == old && e["reason"] == "stopped"
+    });
     check_imported_by_each(&h, &ready_pids(&h, 2));
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
@@ -243,11 +242,11 @@ fn a_base_zygote_that_cannot_start_means_cold_workers_and_is_logged() {
         "all ready, cold",
     );
     h.check(
-        h.log_text().contains("could not start") && h.log_text().contains("workers start cold"),
+        h.has_event("zygote-cold", |e| e["reason"] == "base-failed"),
         "the fallback is logged",
     );
     h.check(
-        !booting_messages(&h, 1).iter().any(|m| m.contains("forked")),
+        forked_from(&h, 1).iter().all(Option::is_none),
         "cold starts",
     );
     check_imported_by_each(&h, &ready_pids(&h, 1));

@@ -179,6 +179,8 @@ pub struct Harness {
     pub pid: i32,
     args: Vec<String>,
     exit: Option<ExitStatus>,
+    /// Whether procman logs JSON (its lifecycle events can be read).
+    json: bool,
 }
 
 /// How to start procman.
@@ -189,6 +191,7 @@ pub struct Start {
     dir: PathBuf,
     cwd: Option<PathBuf>,
     default_bind: bool,
+    json: bool,
     inherit: Vec<(std::os::fd::RawFd, std::os::fd::RawFd)>,
 }
 
@@ -203,8 +206,17 @@ impl Start {
             dir: temp_dir(name).keep(),
             cwd: None,
             default_bind: true,
+            json: false,
             inherit: Vec::new(),
         }
+    }
+
+    /// `--log-format json` (put before the test's own arguments, so also
+    /// before a `--` and its command): the lifecycle events the test waits
+    /// for with [`Harness::wait_event`].
+    pub fn json(mut self) -> Start {
+        self.json = true;
+        self
     }
 
     /// Adds arguments.
@@ -281,7 +293,18 @@ impl Start {
         if self.default_bind && !has_bind {
             args.extend(["-b".to_string(), "127.0.0.1:0".to_string()]);
         }
+        if self.json {
+            args.extend(["--log-format".to_string(), "json".to_string()]);
+        }
         args.extend(self.args.iter().cloned());
+        let all: Vec<&str> = pre_args
+            .iter()
+            .copied()
+            .chain(args.iter().map(String::as_str))
+            .collect();
+        let json = self.json
+            || all.windows(2).any(|a| a == ["--log-format", "json"])
+            || all.contains(&"--log-format=json");
         let mut cmd = Command::new(program);
         cmd.args(pre_args)
             .args(&args)
@@ -339,6 +362,7 @@ impl Start {
             pid,
             args,
             exit: None,
+            json,
         }
     }
 }
@@ -355,7 +379,15 @@ impl Harness {
             pid,
             args: Vec::new(),
             exit: None,
+            json: false,
         }
+    }
+
+    /// The same, for a procman started with `--log-format json`.
+    pub fn adopt_json(dir: PathBuf, log: PathBuf, child: Child, pid: i32) -> Harness {
+        let mut h = Harness::adopt(dir, log, child, pid);
+        h.json = true;
+        h
     }
 
     /// Starts procman with `args` (plus `-b 127.0.0.1:0`).
@@ -381,9 +413,15 @@ impl Harness {
             .count()
     }
 
-    /// The lifecycle events logged so far (needs `--log-format json`): the
-    /// JSON lines that carry an `event` field, in order.
+    /// The lifecycle events logged so far: the JSON lines that carry an
+    /// `event` field, in order. Needs `--log-format json` ([`Start::json`]):
+    /// without it no event could ever be seen, and a test waiting for none
+    /// could not fail, so this panics instead.
     pub fn events(&self) -> Vec<serde_json::Value> {
+        assert!(
+            self.json,
+            "events need procman started with --log-format json (Start::json)"
+        );
         self.log_text()
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -391,13 +429,37 @@ impl Harness {
             .collect()
     }
 
-    /// The events named `name` (booting, ready, exited, boot-failed,
-    /// stopping, all-ready, reloading, reload-done, reload-failed, shutdown).
+    /// The events named `name` (the README's table under *Lifecycle
+    /// events*: booting, ready, exited, boot-failed, stopping, killing,
+    /// recycling, all-ready, reloading, reload-done, reload-failed,
+    /// shutdown, zygote-starting, ...).
     pub fn events_named(&self, name: &str) -> Vec<serde_json::Value> {
         self.events()
             .into_iter()
             .filter(|v| v["event"] == name)
             .collect()
+    }
+
+    /// How many events named `name` satisfy `pred`.
+    pub fn count_events(&self, name: &str, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
+        self.events_named(name).iter().filter(|v| pred(v)).count()
+    }
+
+    /// Whether an event named `name` satisfying `pred` was logged.
+    pub fn has_event(&self, name: &str, pred: impl Fn(&serde_json::Value) -> bool) -> bool {
+        self.count_events(name, pred) > 0
+    }
+
+    /// The position among all events of the first one named `name` that
+    /// satisfies `pred` (to check the order of two events).
+    pub fn event_index(
+        &self,
+        name: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<usize> {
+        self.events()
+            .iter()
+            .position(|v| v["event"] == name && pred(v))
     }
 
     /// Waits for an event named `name` for which `pred` holds; returns it.
@@ -412,6 +474,75 @@ impl Harness {
         })
     }
 
+    /// Waits for an event named `name` for which `pred` holds; fails the
+    /// test with the log (saying `what`) when none comes in time.
+    #[track_caller]
+    pub fn expect_event(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        match self.wait_event(name, timeout, pred) {
+            Some(v) => v,
+            None => panic!(
+                "{what}: no '{name}' event within {timeout:?}\n--- procman {:?} log ---\n{}",
+                self.args,
+                self.log_text()
+            ),
+        }
+    }
+
+    /// Waits until `n` events named `name` satisfy `pred`; fails the test
+    /// with the log (saying `what`) otherwise. Returns them.
+    #[track_caller]
+    pub fn expect_events(
+        &self,
+        name: &str,
+        n: usize,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let got = wait_for(timeout, || {
+            let found: Vec<_> = self
+                .events_named(name)
+                .into_iter()
+                .filter(|v| pred(v))
+                .collect();
+            (found.len() >= n).then_some(found)
+        });
+        match got {
+            Some(v) => v,
+            None => panic!(
+                "{what}: fewer than {n} '{name}' events within {timeout:?}\n--- procman {:?} log ---\n{}",
+                self.args,
+                self.log_text()
+            ),
+        }
+    }
+
+    /// The text of each log line: a JSON line's `message` (its `exc` after
+    /// it, for a traceback), any other line as it is. For the tests whose
+    /// subject is the wording an operator reads.
+    pub fn messages(&self) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .map(|l| match serde_json::from_str::<serde_json::Value>(l) {
+                Ok(v) if v["message"].is_string() => {
+                    let mut m = v["message"].as_str().unwrap_or_default().to_string();
+                    if let Some(exc) = v["exc"].as_str() {
+                        m.push('\n');
+                        m.push_str(exc);
+                    }
+                    m
+                }
+                _ => l.to_string(),
+            })
+            .collect()
+    }
+
     /// Panics with the log when `cond` is false.
     #[track_caller]
     pub fn check(&self, cond: bool, what: &str) {
@@ -424,9 +555,16 @@ impl Harness {
         }
     }
 
-    /// The TCP port of the first listener, from the log.
+    /// The TCP port of the first listener, from the log (its `listening`
+    /// event with `--log-format json`).
     pub fn port(&self) -> u16 {
         let found = wait_for(Duration::from_secs(10), || {
+            if self.json {
+                return self.events_named("listening").iter().find_map(|e| {
+                    let addr = e["address"].as_str()?.strip_prefix("http://")?;
+                    addr.parse::<SocketAddr>().ok().map(|a| a.port())
+                });
+            }
             self.log_text().lines().find_map(|l| {
                 let rest = l.split("Listening at: http://").nth(1)?;
                 let addr = rest.split_whitespace().next()?;
@@ -894,19 +1032,29 @@ pub fn run_procman(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (i32, Str
     )
 }
 
-/// The zygotes procman said it started, in order.
+/// The zygotes procman said it started, in order (their
+/// `zygote-starting` events).
 pub fn zygote_pids(h: &Harness) -> Vec<i32> {
-    h.log_text()
-        .lines()
-        .filter_map(|l| {
-            l.split("Starting zygote ")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
+    h.events_named("zygote-starting")
+        .iter()
+        .filter_map(|e| e["zygote"].as_i64().map(|p| p as i32))
         .collect()
+}
+
+/// The lifecycle events in a JSON log file (`--log-file` with
+/// `--log-format json`), in order.
+pub fn events_in(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("event").is_some())
+        .collect()
+}
+
+/// An event's worker pid.
+pub fn worker_of(e: &serde_json::Value) -> i32 {
+    e["worker"].as_i64().unwrap_or(-1) as i32
 }
 
 /// `systemd-analyze verify` of procman.socket and procman.service in

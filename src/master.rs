@@ -18,14 +18,19 @@
 //!
 //! The parts, each in its own file under `master/`. Owned values with their
 //! own tests: `boot` (slot backoff, ever up, failed boots), `zygotes` (the
-//! zygotes, their restart backoff, cold fallback), `recycle` (the queue,
-//! memory sampling, lifetime jitter), `launch` (the settings workers start
-//! from, and their environment and fork plan), `systemd` (procman's own
-//! supervisor), `exits` (exit statuses as sentences). What the master does
-//! with them: `lifecycle` (spawn, ready, exit), `stop` (procman's stop and
-//! a worker's), `messages` (sd_notify from workers), `groups` (process
-//! groups outliving their leader), `preload` (zygote messages and exits,
-//! spawn requests), `reload` (a reload as a value).
+//! zygotes, which one serves a slot, the spawn request in flight and what
+//! its reply is verified against, restart backoff, cold fallback),
+//! `groups` (process groups outliving their leader, until empty),
+//! `recycle` (the queue, memory sampling, lifetime jitter), `launch` (the
+//! settings workers and zygotes start from, and their environment and fork
+//! plan), `systemd` (procman's own supervisor), `exits` (exit statuses as
+//! sentences). What the master does with them, as `impl Master`:
+//! `lifecycle` (spawn, ready, exit), `stop` (procman's stop and a
+//! worker's), `messages` (sd_notify from workers), `preload` (starting
+//! zygotes, adopting the workers they fork, their failures), `reload` (a
+//! reload as a value), `observe` (the metrics and control endpoints).
+//! Lifecycle events are logged with `worker_event!`, so their JSON fields
+//! are the same at every site.
 
 use std::ffi::OsString;
 use std::rc::Rc;
@@ -44,8 +49,45 @@ use crate::error::{Error, Result};
 use crate::notify::{Message, Receiver};
 use crate::policy::{self, Decision, Due, Goal};
 use crate::signals::{MasterSignal, Signals};
-use crate::workers::{Lingering, Table, WorkerState};
+use crate::workers::{Table, WorkerState};
 use crate::zygote::FromZygote;
+
+/// Logs a lifecycle event of worker `$w` (a [`crate::workers::Worker`])
+/// at `$level`: the text, and with `--log-format json` the stable fields
+/// `event`, `reason` (when given), `worker`, `zygote` (a worker it forked,
+/// when given), `slot` and `generation` that tests and tools wait for.
+/// Field names and order are part of the format.
+macro_rules! worker_event {
+    ($level:ident, $event:literal, reason = $reason:expr, $w:expr, $($text:tt)+) => {
+        tracing::$level!(
+            event = $event,
+            reason = $reason,
+            worker = $w.pid.as_raw(),
+            slot = $w.slot,
+            generation = $w.generation,
+            $($text)+
+        )
+    };
+    ($level:ident, $event:literal, $w:expr, zygote = $zygote:expr, $($text:tt)+) => {
+        tracing::$level!(
+            event = $event,
+            worker = $w.pid.as_raw(),
+            zygote = $zygote,
+            slot = $w.slot,
+            generation = $w.generation,
+            $($text)+
+        )
+    };
+    ($level:ident, $event:literal, $w:expr, $($text:tt)+) => {
+        tracing::$level!(
+            event = $event,
+            worker = $w.pid.as_raw(),
+            slot = $w.slot,
+            generation = $w.generation,
+            $($text)+
+        )
+    };
+}
 
 mod boot;
 mod exits;
@@ -66,10 +108,10 @@ pub use launch::worker_base_env;
 
 use boot::Boot;
 use exits::signal_group;
-use launch::Settings;
+use groups::{Groups, Kernel};
+use launch::{release, Reload, Settings};
 use observe::Endpoints;
 use recycle::Recycling;
-use reload::{release, Reload};
 use systemd::SystemdLink;
 use zygotes::Zygotes;
 
@@ -138,7 +180,7 @@ pub struct Master {
     /// cold starts.
     zygotes: Zygotes,
     /// Process groups whose leader was reaped but which still have members.
-    lingering: Vec<Lingering>,
+    groups: Groups,
     /// Once a quick stop (or a second TERM) was asked for: no SIGKILL may be
     /// pushed past this, whatever a worker asks with EXTEND_TIMEOUT_USEC.
     kill_limit: Option<Instant>,
@@ -174,7 +216,7 @@ impl Master {
             expected_wake: None,
             args,
             zygotes: Zygotes::default(),
-            lingering: Vec::new(),
+            groups: Groups::default(),
             kill_limit: None,
             endpoints,
         })
@@ -205,7 +247,7 @@ impl Master {
             self.flush_endpoints(now);
             if let MasterState::Stopping { outcome, .. } = &self.state {
                 // Done only when no process of any group we created remains.
-                if self.table.is_empty() && self.zygotes.is_empty() && self.lingering.is_empty() {
+                if self.table.is_empty() && self.zygotes.is_empty() && self.groups.is_empty() {
                     let outcome = outcome.clone();
                     self.finish();
                     return outcome;
@@ -335,7 +377,7 @@ impl Master {
         for due in passed {
             self.handle(Event::Due(due), now);
         }
-        self.tend_groups(now);
+        self.groups.forget_empty(&Kernel);
         if matches!(self.state, MasterState::Stopping { .. }) {
             // Zygotes have nothing to drain: once the workers are gone, any
             // zygote still around is not waited for.
@@ -347,12 +389,12 @@ impl Master {
             return;
         }
         self.tend_zygotes(now);
-        self.start_next_recycle();
+        self.recycling.start_next(&mut self.table);
         // A spawn can make a worker ready at once (`--ready-after 0`), which
         // lets an outdated one go: settle in a few passes, not a wake-up.
         for _ in 0..4 {
             let goal = self.goal();
-            let decisions = policy::reconcile(&self.table, &goal, self.boot.backoff(), now);
+            let decisions = policy::reconcile(&self.table, &goal, self.boot.backoff());
             if decisions.is_empty() {
                 break;
             }
@@ -393,22 +435,13 @@ impl Master {
     /// moves it on.
     fn deadlines(&self) -> Vec<(Instant, Due)> {
         let mut out = policy::worker_deadlines(&self.table, self.settings.cfg.timeout);
-        out.extend(self.lingering.iter().map(Lingering::deadline));
+        out.extend(self.groups.deadlines());
         out.extend(self.systemd.deadline());
         if matches!(self.state, MasterState::Stopping { .. }) {
             return out;
         }
-        // ever_up is learnt when the first ready worker has been up long
-        // enough, so a later failure is judged correctly.
-        if !self.boot.ever_up() {
-            out.extend(
-                self.table.iter().filter(|w| w.is_active()).filter_map(|w| {
-                    Some((w.ready_at? + policy::QUICK_DEATH, Due::StayedUp(w.pid)))
-                }),
-            );
-        }
-        out.extend(self.recycle_deadlines());
-        out.extend(self.boot.deadlines());
+        out.extend(self.recycling.deadlines(&self.table));
+        out.extend(self.boot.deadlines(&self.table));
         out.extend(self.zygote_deadlines());
         out
     }
@@ -419,11 +452,17 @@ impl Master {
             Due::StartupTimeout(pid) => self.startup_timed_out(pid, now),
             Due::HeartbeatTimeout(pid) => self.heartbeat_timed_out(pid, now),
             Due::Kill(pid) => self.kill_overdue(pid, now),
-            Due::Group(_) => self.tend_groups(now),
+            Due::Group(pgid) => self.groups.on_due(&Kernel, pgid, now),
             Due::SystemdWatchdog => self.systemd.ping(now),
             Due::StayedUp(_) => self.boot.stayed_up(),
-            Due::Retire(pid) => self.retire(pid, now),
-            Due::SampleMemory => self.sample_memory(now),
+            Due::Retire(pid) => self.recycling.retire(&mut self.table, pid, now),
+            Due::SampleMemory => self.recycling.sample_memory(
+                &mut self.table,
+                self.settings.cfg.max_worker_memory,
+                self.settings.cfg.memory_check_interval,
+                crate::procfs::rss_by_group,
+                now,
+            ),
             Due::BackoffOver(slot) => self.boot.backoff_over(slot),
             Due::ZygoteStartTimeout(pid) => self.zygote_start_timed_out(pid, now),
             Due::ZygoteBackoffOver => self.zygotes.backoff_over(),

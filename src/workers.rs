@@ -4,13 +4,11 @@
 //! Invariant: a row leaves the table only when its process is reaped by the
 //! master loop, so a pid in the table can always be signalled safely (it
 //! cannot have been reused by another process). A reaped worker's process
-//! group that still has members lives on as a [`Lingering`] group.
+//! group that still has members is the master's to track (master/groups.rs).
 
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
-
-use crate::pid::ChildPid;
 
 /// What passing a deadline means. Each part of the master lists its
 /// pending deadlines as `(Instant, Due)`; the loop sleeps until the
@@ -261,52 +259,6 @@ impl Worker {
         self.ready_at.map(|r| now.saturating_duration_since(r))
     }
 }
-
-/// The process group of a reaped worker (or zygote) that still has
-/// members: helpers that ignored the stop signal, or outlived a crashed
-/// leader. Orphaned members are re-parented to the master (a child
-/// subreaper) and reaped by its loop; the group is tracked until it is
-/// empty, and the number stays allocated (cannot name another group) while
-/// any member, zombie or not, remains.
-#[derive(Debug, Clone)]
-pub struct Lingering {
-    /// The group (the reaped leader's pid).
-    pub pgid: ChildPid,
-    /// "worker 123 (slot 0)", for the log.
-    pub label: String,
-    /// Where its SIGKILL stands.
-    pub kill: GroupKill,
-}
-
-/// The SIGKILL of a lingering group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupKill {
-    /// Due then.
-    At(Instant),
-    /// Sent `at`; the group was last looked at `looked`.
-    Sent {
-        /// When SIGKILL was sent.
-        at: Instant,
-        /// When the master last checked whether it is empty.
-        looked: Instant,
-    },
-}
-
-impl Lingering {
-    /// When the master must look at it next: its SIGKILL, or (once sent)
-    /// another look, because a member that is not our child empties the
-    /// group without a SIGCHLD.
-    pub fn deadline(&self) -> (Instant, Due) {
-        let pgid = self.pgid.pid();
-        match self.kill {
-            GroupKill::At(at) => (at, Due::Group(pgid)),
-            GroupKill::Sent { looked, .. } => (looked + GROUP_LOOK_AGAIN, Due::Group(pgid)),
-        }
-    }
-}
-
-/// How often a killed group that is not empty yet is looked at again.
-const GROUP_LOOK_AGAIN: Duration = Duration::from_millis(100);
 
 /// All workers not yet reaped.
 #[derive(Debug, Default)]

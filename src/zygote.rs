@@ -25,7 +25,6 @@ use nix::errno::Errno;
 use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use nix::unistd::Pid;
 
-use crate::pid;
 use crate::procfs;
 
 /// How long the master waits for the zygote to report a forked worker.
@@ -180,7 +179,7 @@ impl Zygote {
     /// Asks for a worker; the reply (its pid, or an error) comes later as
     /// a message on the channel, and `pending` holds the request until then.
     /// The reported pid must then be a process with the workers' uids that
-    /// the master can vouch for (see [`pid::verify_reported`]).
+    /// the master can vouch for (see [`crate::pid::verify_reported`]).
     pub fn request(
         &mut self,
         slot: usize,
@@ -205,15 +204,6 @@ impl Zygote {
             not_before,
         });
         Ok(())
-    }
-
-    /// What a verified worker of `pending` must look like.
-    pub fn expected(pending: &Pending, uids: [u32; 4]) -> pid::Expected {
-        pid::Expected {
-            parent: nix::unistd::getpid().as_raw(),
-            uids,
-            not_before: pending.not_before,
-        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::policy::{self, Backoff, Due};
+use crate::workers::Table;
 
 /// The boot state of the worker slots.
 #[derive(Debug, Default)]
@@ -42,10 +43,13 @@ impl Boot {
         ready_for: Option<Duration>,
         now: Instant,
     ) -> Backoff {
-        if ready_for.is_some_and(|d| d >= policy::QUICK_DEATH) {
+        // The same rule as the `StayedUp` deadline, for a worker reaped
+        // before that deadline was handled.
+        let failed_start = policy::is_failed_start(ready_for);
+        if !failed_start {
             self.ever_up = true;
         }
-        self.back_off(slot, policy::is_failed_start(ready_for), now)
+        self.back_off(slot, failed_start, now)
     }
 
     /// A spawn into `slot` failed before there was a process (fork, a
@@ -60,9 +64,19 @@ impl Boot {
         self.failures
     }
 
-    /// When each backed-off slot may be filled again.
-    pub(super) fn deadlines(&self) -> Vec<(Instant, Due)> {
-        policy::backoff_deadlines(&self.backoff)
+    /// When each backed-off slot may be filled again, and, until procman
+    /// has been up, when each ready worker of `table` will have stayed up
+    /// (learnt then, so that a later failure is judged correctly).
+    pub(super) fn deadlines(&self, table: &Table) -> Vec<(Instant, Due)> {
+        let mut out = policy::backoff_deadlines(&self.backoff);
+        if !self.ever_up {
+            out.extend(
+                table.iter().filter(|w| w.is_active()).filter_map(|w| {
+                    Some((w.ready_at? + policy::QUICK_DEATH, Due::StayedUp(w.pid)))
+                }),
+            );
+        }
+        out
     }
 
     pub(super) fn backoff_over(&mut self, slot: usize) {
@@ -96,11 +110,14 @@ mod tests {
         assert_eq!(b.next_spawn_at, Some(now + Duration::from_secs(1)));
         assert!(!boot.ever_up());
         assert_eq!(
-            boot.deadlines(),
+            boot.deadlines(&Table::default()),
             vec![(now + Duration::from_secs(1), Due::BackoffOver(0))]
         );
         boot.backoff_over(0);
-        assert!(boot.deadlines().is_empty(), "handled: no longer pending");
+        assert!(
+            boot.deadlines(&Table::default()).is_empty(),
+            "handled: no longer pending"
+        );
         // Other slots are not affected.
         assert_eq!(boot.backoff().get(&1), None);
         // A worker that served long enough: up, and its slot starts over.
@@ -124,5 +141,26 @@ mod tests {
         boot.stayed_up();
         assert!(boot.ever_up());
         assert_eq!(boot.count_failure(), 1, "the count started over");
+    }
+
+    #[test]
+    fn a_ready_worker_is_due_to_have_stayed_up_until_procman_was_up() {
+        use crate::workers::Worker;
+        use nix::unistd::Pid;
+        let now = Instant::now();
+        let mut boot = Boot::default();
+        let mut table = Table::default();
+        let pid = Pid::from_raw(7);
+        table.insert(Worker::new(pid, 0, 1, now, Duration::from_secs(60)));
+        assert!(boot.deadlines(&table).is_empty(), "not ready: nothing due");
+        if let Some(w) = table.get_mut(pid) {
+            w.become_ready(now);
+        }
+        assert_eq!(
+            boot.deadlines(&table),
+            vec![(now + policy::QUICK_DEATH, Due::StayedUp(pid))]
+        );
+        boot.stayed_up();
+        assert!(boot.deadlines(&table).is_empty(), "up: no longer asked");
     }
 }

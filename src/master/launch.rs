@@ -2,9 +2,11 @@
 //! ([`Settings`]: the configuration, the class's launch recipe, the base
 //! environment and the listeners), and how it becomes the environment and
 //! the fork plan of a child. A reload prepares the next `Settings` whole
-//! and swaps it in or drops it (see reload.rs).
+//! and swaps it in or drops it (see reload.rs); while it goes on, the
+//! settings it may go back to are kept in a [`Reload`].
 
 use std::ffi::OsString;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::rc::Rc;
 
@@ -118,6 +120,61 @@ impl Settings {
         // With --log-file, the workers' stderr is the log file too.
         .map(|plan| plan.with_stderr(crate::logging::file_fd()))
     }
+
+    /// What to fork for a zygote (uvicorn only): the class's program with
+    /// the bootstrap in zygote mode (importing the app only with
+    /// `--preload`), the listeners at 3.. and its end of the channel after
+    /// them. `None` for a class without zygotes.
+    pub(super) fn zygote_plan(
+        &self,
+        notify_socket: &Path,
+        channel: std::os::fd::RawFd,
+    ) -> Option<std::result::Result<Plan, crate::spawn::NulError>> {
+        let opts = self.cfg.uvicorn()?;
+        let json = classes::uvicorn::app_config(
+            opts,
+            &self.cfg,
+            classes::uvicorn::Mode::Zygote {
+                import_app: opts.preload,
+            },
+        );
+        let (env, pid_vars) = self.child_env(
+            notify_socket,
+            &[
+                (classes::uvicorn::CONFIG_VAR, json.to_string()),
+                ("PROCMAN_ZYGOTE_FD", (3 + self.listeners.len()).to_string()),
+                ("PROCMAN_MASTER_PID", std::process::id().to_string()),
+            ],
+        );
+        let mut fds: Vec<_> = self.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
+        fds.push(channel);
+        Some(self.child_plan(&env, &pid_vars, &fds))
+    }
+}
+
+/// A rolling reload in progress.
+pub(super) struct Reload {
+    /// The generation being rolled out.
+    pub(super) generation: u64,
+    /// The generation in force before, and the one the policy required
+    /// then: both put back if the reload fails.
+    pub(super) previous_generation: u64,
+    pub(super) previous_required: u64,
+    /// The settings in force before the reload, put back if it fails.
+    pub(super) previous: Settings,
+}
+
+/// Drops listeners; those no other settings hold are closed (unix socket
+/// files removed). Returns how the closed ones are shown in logs.
+pub(super) fn release(listeners: Vec<Rc<Listener>>) -> Vec<String> {
+    let mut closed = Vec::new();
+    for l in listeners {
+        if let Ok(mut l) = Rc::try_unwrap(l) {
+            l.remove_file();
+            closed.push(l.display.clone());
+        }
+    }
+    closed
 }
 
 /// The environment every worker (and pre-start command) starts from:

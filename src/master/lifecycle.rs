@@ -8,16 +8,17 @@ use std::time::Instant;
 
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error};
 
 use super::exits::{describe, describe_exit, exit_code};
+use super::groups::Kernel;
 use super::{Master, MasterState};
 use crate::classes::FatalExit;
 use crate::error::Error;
 use crate::pid::ChildPid;
 use crate::policy::{self, Backoff};
 use crate::status::Observed;
-use crate::workers::{StopReason, Worker, WorkerState};
+use crate::workers::{Stop, StopReason, Worker, WorkerState};
 
 impl Master {
     pub(super) fn on_exit(&mut self, pid: Pid, status: WaitStatus, now: Instant) {
@@ -35,7 +36,8 @@ impl Master {
             // A zygote has nothing to drain: whatever is left in its group
             // (an intermediate of a spawn) goes at once.
             if let Some(group) = ChildPid::new(pid.as_raw()) {
-                self.linger(group, format!("zygote {pid}"), now, now);
+                let label = format!("zygote {pid}");
+                self.groups.add(&Kernel, group, label, now, now);
             }
             self.on_zygote_exit(z, status, now);
             return;
@@ -69,32 +71,29 @@ impl Master {
                 );
             }
             Some(StopReason::HeartbeatTimeout) => {
-                warn!(
-                    event = "exited",
-                    reason,
-                    worker = pid.as_raw(),
-                    slot = w.slot,
-                    generation = w.generation,
+                worker_event!(
+                    warn,
+                    "exited",
+                    reason = reason,
+                    w,
                     "Worker {pid} (slot {}) exited after its timeout: {how}; respawning",
                     w.slot
                 );
                 self.note_death(&w, now);
             }
-            Some(_) => info!(
-                event = "exited",
-                reason,
-                worker = pid.as_raw(),
-                slot = w.slot,
-                generation = w.generation,
+            Some(_) => worker_event!(
+                info,
+                "exited",
+                reason = reason,
+                w,
                 "Worker {pid} (slot {}) exited: {how}",
                 w.slot
             ),
-            None if stopping_master => info!(
-                event = "exited",
-                reason,
-                worker = pid.as_raw(),
-                slot = w.slot,
-                generation = w.generation,
+            None if stopping_master => worker_event!(
+                info,
+                "exited",
+                reason = reason,
+                w,
                 "Worker {pid} (slot {}) exited: {how}",
                 w.slot
             ),
@@ -114,22 +113,53 @@ impl Master {
                 } else {
                     let b = self.note_death(&w, now);
                     match b.next_spawn_at {
-                        Some(at) => warn!(
-                            event = "exited",
-                    reason,
-                            worker = pid.as_raw(),
-                            slot = w.slot,
-                            generation = w.generation,
+                        Some(at) => worker_event!(
+                            warn,
+                            "exited",
+                            reason = reason,
+                            w,
                             "Worker {pid} (slot {}) exited: {how}; respawning in {:.1}s (it keeps dying right after start)",
                             w.slot,
                             at.saturating_duration_since(now).as_secs_f64()
                         ),
-                        None => warn!(event = "exited", reason, worker = pid.as_raw(), slot = w.slot, generation = w.generation, "Worker {pid} (slot {}) exited: {how}; respawning", w.slot),
+                        None => worker_event!(
+                            warn,
+                            "exited",
+                            reason = reason,
+                            w,
+                            "Worker {pid} (slot {}) exited: {how}; respawning",
+                            w.slot
+                        ),
                     }
                 }
             }
         }
         self.linger_after(&w, now);
+    }
+
+    /// A worker's leader was reaped: if its process group still has
+    /// members, they are SIGKILLed at the worker's stop deadline (at once on
+    /// a quick stop, or if procman already sent SIGKILL); the group of a
+    /// worker that died on its own gets the stop signal now and SIGKILL
+    /// after the graceful timeout.
+    fn linger_after(&mut self, w: &Worker, now: Instant) {
+        let Some(group) = ChildPid::new(w.pid.as_raw()).filter(|g| g.group_has_members()) else {
+            return;
+        };
+        let quick = matches!(self.state, MasterState::Stopping { quick: true, .. });
+        let kill_at = match w.stop() {
+            _ if quick => now,
+            Some(Stop {
+                kill_at: Some(at), ..
+            }) => *at,
+            Some(Stop { kill_at: None, .. }) => now,
+            None => {
+                group.signal_group_only(self.stop_signal());
+                now + self.settings.cfg.graceful_timeout
+            }
+        };
+        let label = format!("worker {} (slot {})", w.pid, w.slot);
+        self.groups.add(&Kernel, group, label, kill_at, now);
     }
 
     /// Records a death in the slot's backoff; returns the new backoff.
@@ -166,11 +196,10 @@ impl Master {
             _ => "retrying now".to_string(),
         };
         if self.boot.ever_up() {
-            warn!(
-                event = "boot-failed",
-                worker = w.pid.as_raw(),
-                slot = w.slot,
-                generation = w.generation,
+            worker_event!(
+                warn,
+                "boot-failed",
+                w,
                 "Worker {} (slot {}) failed to boot: {how}{why}; still serving with the others, {retry}",
                 w.pid, w.slot
             );
@@ -199,21 +228,14 @@ impl Master {
         };
         match fatal {
             Some(err) => {
-                error!(
-                    event = "boot-failed",
-                    worker = w.pid.as_raw(),
-                    slot = w.slot,
-                    generation = w.generation,
-                    "{err}"
-                );
+                worker_event!(error, "boot-failed", w, "{err}");
                 self.begin_stop(true, Err(err), now);
             }
             None => {
-                warn!(
-                    event = "boot-failed",
-                    worker = w.pid.as_raw(),
-                    slot = w.slot,
-                    generation = w.generation,
+                worker_event!(
+                    warn,
+                    "boot-failed",
+                    w,
                     "Worker {} (slot {}) failed to boot: {how}{why} (attempt {} of {}); {retry}",
                     w.pid,
                     w.slot,
@@ -325,14 +347,13 @@ impl Master {
                 ));
             }
             None => {
-                info!(
-                    event = "booting",
-                    worker = spawned.pid.as_raw(),
-                    slot,
-                    generation = self.generation,
+                worker_event!(
+                    info,
+                    "booting",
+                    w,
                     "Booting worker {slot} with pid {} (generation {})",
-                    spawned.pid,
-                    self.generation
+                    w.pid,
+                    w.generation
                 );
                 // --ready exec: ready once it has stayed alive for
                 // --ready-after; dying sooner is a failed boot, so a command
@@ -383,11 +404,10 @@ pub(super) fn mark_ready(w: &mut Worker, now: Instant, observed: &Observed) {
     }
     let boot = now.saturating_duration_since(w.started_at);
     observed.ready(boot);
-    info!(
-        event = "ready",
-        worker = w.pid.as_raw(),
-        slot = w.slot,
-        generation = w.generation,
+    worker_event!(
+        info,
+        "ready",
+        w,
         "Worker {} (slot {}) ready in {:.3}s",
         w.pid,
         w.slot,

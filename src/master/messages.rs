@@ -73,12 +73,11 @@ impl Master {
             Message::Heartbeat => w.last_heartbeat = Some(now),
             Message::WatchdogTrigger => {
                 if w.is_active() {
-                    warn!(
-                        event = "stopping",
+                    worker_event!(
+                        warn,
+                        "stopping",
                         reason = "watchdog-trigger",
-                        worker = pid.as_raw(),
-                        slot = w.slot,
-                        generation = w.generation,
+                        w,
                         "Worker {pid} (slot {}) sent WATCHDOG=trigger; aborting",
                         w.slot
                     );
@@ -128,11 +127,10 @@ impl Master {
                 // Asked to stop already: it was never counted.
                 if let Some(a) = w.active_mut() {
                     a.draining = true;
-                    debug!(
-                        event = "draining",
-                        worker = pid.as_raw(),
-                        slot = w.slot,
-                        generation = w.generation,
+                    worker_event!(
+                        debug,
+                        "draining",
+                        w,
                         "Worker {pid} (slot {}) is draining",
                         w.slot
                     );
@@ -142,11 +140,10 @@ impl Master {
             Message::Recycle(why) => {
                 if w.active().is_some_and(|a| a.recycle.is_none()) && !self.recycling.is_queued(pid)
                 {
-                    info!(
-                        event = "recycle-asked",
-                        worker = pid.as_raw(),
-                        slot = w.slot,
-                        generation = w.generation,
+                    worker_event!(
+                        info,
+                        "recycle-asked",
+                        w,
                         "Worker {pid} (slot {}) asks to be recycled: {why}",
                         w.slot
                     );

@@ -1,7 +1,10 @@
-//! `--preload` in the master: one zygote per generation, started when
-//! needed, asked for each worker over its channel, restarted with backoff
-//! when it dies (the workers keep serving), retired when its generation has
-//! no worker left, and given up for cold starts after repeated failures.
+//! `--preload` in the master: what it does with its zygotes (see
+//! zygotes.rs for their bookkeeping): starts one per generation when
+//! needed, asks it for each worker and adopts the worker it reports,
+//! restarts it with backoff when it dies (the workers keep serving), retires
+//! it when its generation has no worker left, and gives up for cold starts
+//! after repeated failures; a zygote that cannot start fails the reload or
+//! the boot that needed it.
 
 use std::os::fd::AsRawFd;
 use std::time::Instant;
@@ -10,11 +13,11 @@ use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
-use super::exits::{describe, exit_code, signal_group};
+use super::exits::{describe, exit_code};
+use super::zygotes::{self, Heard};
 use super::{Master, MasterState};
-use crate::classes;
 use crate::error::Error;
 use crate::pid::ChildPid;
 use crate::policy::Due;
@@ -22,20 +25,15 @@ use crate::workers::Worker;
 use crate::zygote::{self, FromZygote, Pending, Zygote, ZygoteState};
 
 impl Master {
-    /// Whether workers are forked from a zygote: `--preload`'s, or the
-    /// base zygote (the default; not with `--no-zygote`, nor with
-    /// `--reuse-port`, whose workers each get their own sockets).
+    /// Whether workers are forked from a zygote (unless they start cold
+    /// after repeated zygote failures).
     pub(super) fn preloading(&self) -> bool {
-        let cfg = &self.settings.cfg;
-        cfg.uvicorn()
-            .is_some_and(|u| u.preload || (u.zygote && !cfg.reuse_port))
-            && !self.zygotes.cold()
+        zygotes::wanted(&self.settings.cfg) && !self.zygotes.cold()
     }
 
-    /// Whether the zygote is the base one: uvicorn imported, not the app
-    /// (each worker imports it after the fork).
+    /// Whether the zygote is the base one (see [`zygotes::is_base`]).
     pub(super) fn base_zygote(&self) -> bool {
-        self.settings.cfg.uvicorn().is_some_and(|u| !u.preload)
+        zygotes::is_base(&self.settings.cfg)
     }
 
     /// The base zygote could not start: this generation's workers start
@@ -51,9 +49,7 @@ impl Master {
         }
     }
 
-    /// The zygotes' pending deadlines: each one starting must be ready by
-    /// --startup-timeout, a spawn request must be answered within
-    /// [`zygote::SPAWN_REPLY`]; a restart waits for its backoff.
+    /// The zygotes' pending deadlines, while workers come from them.
     pub(super) fn zygote_deadlines(&self) -> Vec<(Instant, Due)> {
         if !self.preloading() {
             return Vec::new();
@@ -64,17 +60,12 @@ impl Master {
     /// A zygote did not become ready in time: killed and restarted with
     /// backoff.
     pub(super) fn zygote_start_timed_out(&mut self, pid: Pid, now: Instant) {
-        let Some(z) = self
-            .zygotes
-            .get_mut(pid)
-            .filter(|z| z.state == ZygoteState::Starting)
-        else {
+        if !self.zygotes.is_starting(pid) {
             return;
-        };
+        }
         let timeout = self.settings.cfg.startup_timeout;
         warn!("Zygote {pid} was not ready within {timeout:?}; killing it");
-        signal_group(pid, Signal::SIGKILL);
-        z.state = ZygoteState::Stopping;
+        self.zygotes.kill(pid);
         if self.base_zygote() {
             self.base_zygote_failed(pid, &format!("not ready within {timeout:?}"));
             return;
@@ -90,20 +81,13 @@ impl Master {
             return;
         }
         let current = self.generation;
-        for z in self.zygotes.iter_mut() {
-            let in_use = self
-                .table
-                .iter()
-                .any(|w| w.is_active() && w.generation == z.generation);
-            if z.generation != current && !in_use && z.state != ZygoteState::Stopping {
-                info!(
-                    "Zygote {} (generation {}) has no worker left; stopping it",
-                    z.pid, z.generation
-                );
-                stop_zygote(z);
-            }
+        let table = &self.table;
+        let in_use = |g| table.iter().any(|w| w.is_active() && w.generation == g);
+        for (pid, generation) in self.zygotes.unused(current, in_use) {
+            info!("Zygote {pid} (generation {generation}) has no worker left; stopping it");
+            self.zygotes.stop(pid);
         }
-        if !self.zygotes.has(current) && self.zygotes.may_start(now) {
+        if !self.zygotes.has(current) && self.zygotes.may_start() {
             self.start_zygote(now);
         }
     }
@@ -120,32 +104,12 @@ impl Master {
                 return;
             }
         };
-        let json = classes::uvicorn::app_config(
-            opts,
-            &self.settings.cfg,
-            classes::uvicorn::Mode::Zygote {
-                import_app: opts.preload,
-            },
-        );
-        let (env, pid_vars) = self.settings.child_env(
-            self.notify.path(),
-            &[
-                (classes::uvicorn::CONFIG_VAR, json.to_string()),
-                (
-                    "PROCMAN_ZYGOTE_FD",
-                    (3 + self.settings.listeners.len()).to_string(),
-                ),
-                ("PROCMAN_MASTER_PID", std::process::id().to_string()),
-            ],
-        );
-        let mut fds: Vec<_> = self
+        let Some(plan) = self
             .settings
-            .listeners
-            .iter()
-            .map(|l| l.fd.as_raw_fd())
-            .collect();
-        fds.push(zygote_end.as_raw_fd());
-        let plan = self.settings.child_plan(&env, &pid_vars, &fds);
+            .zygote_plan(self.notify.path(), zygote_end.as_raw_fd())
+        else {
+            return;
+        };
         let spawned = plan
             .map_err(|e| format!("'{}' contains a NUL byte", e.0))
             .and_then(|p| p.spawn().map_err(|e| e.desc().to_string()));
@@ -191,112 +155,44 @@ impl Master {
 
     pub(super) fn on_zygote_message(&mut self, pid: Pid, message: FromZygote, now: Instant) {
         let uids = self.workers_uids();
-        let Some(z) = self.zygotes.get_mut(pid) else {
-            return;
-        };
-        match message {
-            FromZygote::Ready => {
-                if z.state == ZygoteState::Starting {
-                    // The backoff is reset by a worker it forked, not here:
-                    // a zygote that imports fine but reports nonsense must
-                    // still be backed off and given up on.
-                    z.state = ZygoteState::Ready;
-                    info!(
-                        event = "zygote-ready",
-                        zygote = pid.as_raw(),
-                        generation = z.generation,
-                        "Zygote {pid} ready in {:.3}s (generation {})",
-                        now.saturating_duration_since(z.started_at).as_secs_f64(),
-                        z.generation
-                    );
-                }
+        match self
+            .zygotes
+            .hear(pid, message, uids, crate::pid::verify_reported)
+        {
+            Heard::Nothing => {}
+            Heard::Ready {
+                generation,
+                started_at,
+            } => info!(
+                event = "zygote-ready",
+                zygote = pid.as_raw(),
+                generation,
+                "Zygote {pid} ready in {:.3}s (generation {generation})",
+                now.saturating_duration_since(started_at).as_secs_f64(),
+            ),
+            Heard::Warning(w) => warn!("Zygote {pid}: {w}"),
+            Heard::Error(e) => warn!("Zygote {pid} reported an error: {e}"),
+            Heard::SpawnFailed { slot, why } => self.zygote_spawn_failed(pid, slot, &why, now),
+            Heard::Adopt { worker, pending } => self.adopt_forked(pid, worker, &pending),
+            Heard::Late { worker, slot } => {
+                warn!("Zygote {pid} reported worker {worker} (slot {slot}) too late; killing it");
+                worker.signal_group(Signal::SIGKILL);
             }
-            FromZygote::Warning(w) => warn!("Zygote {pid}: {w}"),
-            // Its answer to the request in flight.
-            FromZygote::Error(e) if z.pending.is_some() => {
-                let slot = z.pending.take().map_or(0, |p| p.slot);
-                self.zygote_spawn_failed(pid, slot, &e, now);
-            }
-            FromZygote::Error(e) => warn!("Zygote {pid} reported an error: {e}"),
-            // The reply to the request in flight: the worker is supervised
-            // from now on, if it is a process the zygote just forked.
-            FromZygote::Spawned { slot, pid: worker }
-                if z.pending.is_some_and(|p| p.slot == slot) =>
-            {
-                let Some(pending) = z.pending.take() else {
-                    return;
-                };
-                let expected = Zygote::expected(&pending, uids);
-                match crate::pid::verify_reported(worker, &expected) {
-                    Ok(w) => self.adopt_forked(pid, w, &pending),
-                    Err(e) => self.zygote_spawn_failed(
-                        pid,
-                        slot,
-                        &format!("it reported a worker it did not fork: {e}"),
-                        now,
-                    ),
-                }
-            }
-            // A reply that came after the master gave up on the request:
-            // that worker is not supervised, so it must not serve. Killed
-            // only if it is a process the zygote forked since it started;
-            // a zygote that reports anything else is broken.
-            FromZygote::Spawned { slot, pid: worker } => {
-                let expected = crate::pid::Expected {
-                    parent: std::process::id() as i32,
-                    uids,
-                    not_before: z.started_ticks,
-                };
-                match crate::pid::verify_reported(worker, &expected) {
-                    Ok(w) => {
-                        warn!(
-                            "Zygote {pid} reported worker {w} (slot {slot}) too late; killing it"
-                        );
-                        w.signal_group(Signal::SIGKILL);
-                    }
-                    Err(e) => {
-                        error!(
-                            "Zygote {pid} reported a worker it did not fork: {e}; signalling nothing, restarting the zygote"
-                        );
-                        if z.state != ZygoteState::Stopping {
-                            z.state = ZygoteState::Stopping;
-                            signal_group(pid, Signal::SIGKILL);
-                            self.zygote_failed(now);
-                        }
-                    }
-                }
-            }
-            // Its exit status (reaped soon) says what happened.
-            FromZygote::Closed => {
-                debug!("Zygote {pid} closed its channel");
-                z.closed = true;
-                if let Some(p) = z.pending.take() {
-                    self.zygote_spawn_failed(pid, p.slot, "the zygote closed its channel", now);
+            Heard::Untrusted { why } => {
+                error!(
+                    "Zygote {pid} reported a worker it did not fork: {why}; signalling nothing, restarting the zygote"
+                );
+                if self.zygotes.kill(pid) {
+                    self.zygote_failed(now);
                 }
             }
         }
     }
 
-    /// Asks the current generation's zygote for a worker in `slot`. The
-    /// worker joins the table when the zygote's reply arrives (an event
-    /// like any other); one request at a time per zygote.
+    /// Asks the current generation's zygote for a worker in `slot` (see
+    /// [`zygotes::Zygotes::ask`]).
     pub(super) fn spawn_from_zygote(&mut self, slot: usize, now: Instant) {
-        let current = self.generation;
-        let Some(z) = self.zygotes.ready(current) else {
-            // The zygote is still importing: the slot is filled once it is
-            // ready (its channel wakes the loop).
-            return;
-        };
-        if z.pending.is_some() {
-            // Asked again once the reply in flight arrived.
-            return;
-        }
-        let zpid = z.pid;
-        let env = vec![
-            ("PROCMAN_WORKER_ID".to_string(), slot.to_string()),
-            ("PROCMAN_GENERATION".to_string(), current.to_string()),
-        ];
-        if let Err(e) = z.request(slot, current, &env, now) {
+        if let Err((zpid, e)) = self.zygotes.ask(slot, self.generation, now) {
             self.zygote_spawn_failed(zpid, slot, &e, now);
         }
     }
@@ -305,27 +201,26 @@ impl Master {
     /// supervised from now on (killed at once if procman is stopping).
     fn adopt_forked(&mut self, zpid: Pid, w: ChildPid, pending: &Pending) {
         let slot = pending.slot;
-        let generation = pending.generation;
         if matches!(self.state, MasterState::Stopping { .. }) {
             warn!("Zygote {zpid} reported worker {w} (slot {slot}) during shutdown; killing it");
             w.signal_group(Signal::SIGKILL);
             return;
         }
         self.zygotes.worked();
-        info!(
-            event = "booting",
-            worker = w.as_raw(),
-            zygote = zpid.as_raw(),
-            slot,
-            generation,
-            "Booting worker {slot} with pid {w} (generation {generation}, forked from zygote {zpid})"
-        );
         let worker = Worker::new(
             w.pid(),
             slot,
-            generation,
+            pending.generation,
             pending.requested_at,
             self.settings.cfg.startup_timeout,
+        );
+        worker_event!(
+            info,
+            "booting",
+            worker,
+            zygote = zpid.as_raw(),
+            "Booting worker {slot} with pid {w} (generation {}, forked from zygote {zpid})",
+            worker.generation
         );
         self.table.insert(worker);
     }
@@ -341,26 +236,20 @@ impl Master {
             slot,
             "Zygote {zpid} could not fork a worker for slot {slot}: {why}; restarting it"
         );
-        if let Some(z) = self.zygotes.get_mut(zpid) {
-            z.pending = None;
-            if z.state != ZygoteState::Stopping {
-                signal_group(zpid, Signal::SIGKILL);
-                z.state = ZygoteState::Stopping;
-            }
-        }
+        self.zygotes.kill(zpid);
         self.zygote_failed(now);
     }
 
     /// A spawn request was not answered in time.
     pub(super) fn zygote_spawn_timed_out(&mut self, zpid: Pid, now: Instant) {
-        let Some(p) = self.zygotes.get_mut(zpid).and_then(|z| z.pending) else {
+        let Some(slot) = self.zygotes.take_request(zpid) else {
             return;
         };
         let why = format!(
             "the zygote did not answer a spawn request in {}s",
             zygote::SPAWN_REPLY.as_secs()
         );
-        self.zygote_spawn_failed(zpid, p.slot, &why, now);
+        self.zygote_spawn_failed(zpid, slot, &why, now);
     }
 
     pub(super) fn on_zygote_exit(&mut self, z: Zygote, status: WaitStatus, now: Instant) {
@@ -447,13 +336,5 @@ impl Master {
                 "The zygote failed {failures} times in a row; new workers start cold (each a new interpreter)"
             );
         }
-    }
-}
-
-/// Asks a zygote to exit (it has nothing to drain).
-pub(super) fn stop_zygote(z: &mut Zygote) {
-    if z.state != ZygoteState::Stopping {
-        z.state = ZygoteState::Stopping;
-        signal_group(z.pid, Signal::SIGTERM);
     }
 }

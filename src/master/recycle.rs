@@ -1,19 +1,17 @@
 //! Recycling: which workers are due (lifetime, memory, or their own
 //! request over the notify socket), queued and replaced one at a time so
 //! capacity never drops. [`Recycling`] owns the queue, the memory sampling
-//! schedule and the lifetime jitter; the master marks the workers.
+//! schedule and the lifetime jitter, and marks the workers of the table it
+//! is given; the memory readings come from the caller.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
+use tracing::{debug, warn};
 
-use tracing::{debug, info, warn};
-
-use super::Master;
 use crate::policy::{self, Due};
-use crate::procfs;
-use crate::workers::WorkerState;
+use crate::workers::{Table, WorkerState};
 
 /// The recycling queue and schedule.
 pub(super) struct Recycling {
@@ -66,77 +64,81 @@ impl Recycling {
         }
     }
 
-    pub(super) fn deadline(&self) -> Option<(Instant, Due)> {
+    fn deadline(&self) -> Option<(Instant, Due)> {
         self.next_sample.map(|at| (at, Due::SampleMemory))
     }
 }
 
-impl Master {
+impl Recycling {
     /// Recycling's deadlines: each worker's lifetime, the next memory
     /// sample.
-    pub(super) fn recycle_deadlines(&self) -> Vec<(Instant, Due)> {
-        let lifetimes = self
-            .table
+    pub(super) fn deadlines(&self, table: &Table) -> Vec<(Instant, Due)> {
+        let lifetimes = table
             .iter()
             .filter_map(|w| Some((w.active()?.retire_at?, Due::Retire(w.pid))));
-        lifetimes.chain(self.recycling.deadline()).collect()
+        lifetimes.chain(self.deadline()).collect()
     }
 
-    /// At most one recycle at a time: mark the next worker only when no
-    /// marked worker is still serving.
-    pub(super) fn start_next_recycle(&mut self) {
-        let busy = self
-            .table
+    /// At most one recycle at a time: marks the next queued worker of
+    /// `table` only when no marked worker is still serving.
+    pub(super) fn start_next(&mut self, table: &mut Table) {
+        let busy = table
             .iter()
             .any(|w| w.active().is_some_and(|a| a.recycle.is_some()));
         if busy {
             return;
         }
-        while let Some((pid, why)) = self.recycling.next() {
-            let Some(w) = self.table.get_mut(pid) else {
+        while let Some((pid, why)) = self.next() {
+            let Some(w) = table.get_mut(pid).filter(|w| w.is_active()) else {
                 continue;
             };
-            let (slot, generation) = (w.slot, w.generation);
+            worker_event!(
+                info,
+                "recycling",
+                reason = crate::status::ExitReason::of_recycle(&why).as_str(),
+                w,
+                "Recycling worker {pid} (slot {}): {why}",
+                w.slot
+            );
             if let Some(a) = w.active_mut() {
-                info!(
-                    event = "recycling",
-                    reason = crate::status::ExitReason::of_recycle(&why).as_str(),
-                    worker = pid.as_raw(),
-                    slot,
-                    generation,
-                    "Recycling worker {pid} (slot {slot}): {why}"
-                );
                 a.recycle = Some(why);
-                return;
             }
+            return;
         }
     }
 
-    /// A worker reached its lifetime: it is queued for recycling (one at
-    /// a time, by the queue).
-    pub(super) fn retire(&mut self, pid: Pid, now: Instant) {
-        let Some(w) = self.table.get_mut(pid) else {
+    /// Worker `pid` reached its lifetime: it is queued for recycling (one
+    /// at a time, by the queue).
+    pub(super) fn retire(&mut self, table: &mut Table, pid: Pid, now: Instant) {
+        let Some(w) = table.get_mut(pid) else {
             return;
         };
         let age = now.saturating_duration_since(w.started_at).as_secs_f64();
         if w.active_mut().is_some_and(|a| a.retire_at.take().is_some()) {
-            self.recycling
-                .ask(pid, format!("lifetime reached ({age:.0}s old)"));
+            self.ask(pid, format!("lifetime reached ({age:.0}s old)"));
         }
     }
 
-    /// Every --memory-check-interval (when it is due): a worker whose process group stays
-    /// above --max-worker-memory for 3 samples in a row is recycled; a
-    /// short spike is forgiven.
-    pub(super) fn sample_memory(&mut self, now: Instant) {
-        self.recycling.next_sample = None;
-        let Some(limit) = self.settings.cfg.max_worker_memory else {
+    /// The sample is due (every --memory-check-interval): a ready worker
+    /// whose process group stays above `limit` (--max-worker-memory) for
+    /// [`policy::MEMORY_SAMPLES`] samples in a row is queued; a short spike
+    /// is forgiven. `read` gives each group's resident memory; it is not
+    /// called once a reload turned the limit off.
+    pub(super) fn sample_memory(
+        &mut self,
+        table: &mut Table,
+        limit: Option<u64>,
+        interval: Duration,
+        read: impl FnOnce() -> HashMap<i32, u64>,
+        now: Instant,
+    ) {
+        self.next_sample = None;
+        let Some(limit) = limit else {
             return; // a reload turned it off
         };
-        let interval = self.settings.cfg.memory_check_interval;
-        self.recycling.sample_every(Some(interval), now);
-        let rss = procfs::rss_by_group();
-        for w in self.table.iter_mut() {
+        self.sample_every(Some(interval), now);
+        let rss = read();
+        for w in table.iter_mut() {
             let (pid, slot) = (w.pid, w.slot);
             let WorkerState::Ready(a) = &mut w.state else {
                 continue;
@@ -160,8 +162,7 @@ impl Master {
                     policy::MEMORY_SAMPLES
                 );
                 if a.recycle.is_none() {
-                    self.recycling
-                        .ask(pid, format!("memory {} above {}", mib(used), mib(limit)));
+                    self.ask(pid, format!("memory {} above {}", mib(used), mib(limit)));
                 }
             }
         }
@@ -225,5 +226,84 @@ mod tests {
         assert!(got.iter().all(|d| *d >= life && *d < life + jitter));
         assert!(got.windows(2).any(|w| w[0] != w[1]), "not all the same");
         assert_eq!(r.lifetime(life, Duration::ZERO), life);
+    }
+
+    fn ready_worker(table: &mut Table, pid: i32, slot: usize, now: Instant) -> Pid {
+        let pid = Pid::from_raw(pid);
+        let mut w = crate::workers::Worker::new(pid, slot, 1, now, Duration::from_secs(60));
+        w.become_ready(now);
+        table.insert(w);
+        pid
+    }
+
+    fn marked(table: &Table) -> Vec<(Pid, String)> {
+        table
+            .iter()
+            .filter_map(|w| Some((w.pid, w.active()?.recycle.clone()?)))
+            .collect()
+    }
+
+    #[test]
+    fn memory_above_the_limit_for_three_samples_in_a_row_recycles_a_spike_does_not() {
+        let now = Instant::now();
+        let every = Duration::from_secs(5);
+        let mut r = Recycling::new();
+        let mut table = Table::default();
+        let big = ready_worker(&mut table, 10, 0, now);
+        let spiky = ready_worker(&mut table, 11, 1, now);
+        let mib = 1024 * 1024;
+        let limit = Some(100 * mib);
+        let readings = [
+            [(10, 200 * mib), (11, 200 * mib)],
+            [(10, 200 * mib), (11, 50 * mib)],
+            [(10, 200 * mib), (11, 200 * mib)],
+        ];
+        for (i, reading) in readings.iter().enumerate() {
+            let at = now + every * i as u32;
+            r.sample_memory(
+                &mut table,
+                limit,
+                every,
+                || reading.iter().copied().collect(),
+                at,
+            );
+            assert_eq!(
+                r.deadline(),
+                Some((at + every, Due::SampleMemory)),
+                "rescheduled"
+            );
+        }
+        assert!(r.is_queued(big), "three samples in a row");
+        assert!(!r.is_queued(spiky), "the spike was forgiven");
+        // Turned off by a reload: no reading, no next sample.
+        r.sample_memory(&mut table, None, every, || panic!("read"), now);
+        assert_eq!(r.deadline(), None);
+    }
+
+    #[test]
+    fn one_worker_is_recycled_at_a_time_and_a_lifetime_is_a_deadline() {
+        let now = Instant::now();
+        let mut r = Recycling::new();
+        let mut table = Table::default();
+        let a = ready_worker(&mut table, 20, 0, now);
+        let b = ready_worker(&mut table, 21, 1, now);
+        let life = now + Duration::from_secs(60);
+        if let Some(w) = table.get_mut(a).and_then(|w| w.active_mut()) {
+            w.retire_at = Some(life);
+        }
+        assert_eq!(r.deadlines(&table), vec![(life, Due::Retire(a))]);
+        r.retire(&mut table, a, life);
+        assert!(r.deadlines(&table).is_empty(), "handled: no longer pending");
+        r.ask(b, "asked".into());
+        r.start_next(&mut table);
+        assert_eq!(
+            marked(&table),
+            vec![(a, "lifetime reached (60s old)".to_string())]
+        );
+        r.start_next(&mut table);
+        assert_eq!(marked(&table).len(), 1, "one at a time");
+        table.remove(a);
+        r.start_next(&mut table);
+        assert_eq!(marked(&table), vec![(b, "asked".to_string())]);
     }
 }

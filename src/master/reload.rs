@@ -26,35 +26,13 @@ use nix::unistd::Pid;
 use tracing::{error, info, warn};
 
 use super::exits::describe_exit;
-use super::launch::Settings;
+use super::launch::{release, Reload, Settings};
 use super::{Master, MasterState};
 use crate::bind::{BindSpec, Listener};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::notify;
 use crate::workers::{StopReason, Worker};
-
-/// A rolling reload in progress.
-pub(super) struct Reload {
-    pub(super) generation: u64,
-    previous_generation: u64,
-    previous_required: u64,
-    /// The settings in force before the reload, put back if it fails.
-    pub(super) previous: Settings,
-}
-
-/// Drops listeners; those no other settings hold are closed (unix socket
-/// files removed). Returns how the closed ones are shown in logs.
-pub(super) fn release(listeners: Vec<Rc<Listener>>) -> Vec<String> {
-    let mut closed = Vec::new();
-    for l in listeners {
-        if let Ok(mut l) = Rc::try_unwrap(l) {
-            l.remove_file();
-            closed.push(l.display.clone());
-        }
-    }
-    closed
-}
 
 /// `fd://N` in a new configuration must not name a descriptor a listener
 /// already holds under another spec (`pool`: the listeners in force and
@@ -348,12 +326,11 @@ impl Master {
             return true;
         }
         if w.generation > baseline {
-            info!(
-                event = "exited",
+            worker_event!(
+                info,
+                "exited",
                 reason = "reload",
-                worker = w.pid.as_raw(),
-                slot = w.slot,
-                generation = w.generation,
+                w,
                 "Worker {} (slot {}) of the abandoned generation {} exited: {how}",
                 w.pid,
                 w.slot,

@@ -7,14 +7,13 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::exits::{kill_cause, signal_group};
-use super::preload::stop_zygote;
 use super::{plural, Master, MasterState};
 use crate::error::Error;
 use crate::policy;
-use crate::workers::{GroupKill, Stop, StopReason, WorkerState};
+use crate::workers::{Stop, StopReason, WorkerState};
 
 impl Master {
     pub(super) fn begin_stop(
@@ -41,17 +40,10 @@ impl Master {
         for pid in pids {
             self.stop_worker(pid, StopReason::Shutdown, grace, now);
         }
-        for z in self.zygotes.iter_mut() {
-            stop_zygote(z);
-        }
+        self.zygotes.stop_all();
         // Leftovers of workers that are already gone: the stop deadline
         // applies to them too, and a quick stop does not wait for them.
-        let limit = if quick { now } else { now + grace };
-        for g in &mut self.lingering {
-            if let GroupKill::At(at) = &mut g.kill {
-                *at = (*at).min(limit);
-            }
-        }
+        self.groups.kill_by(if quick { now } else { now + grace });
     }
 
     /// A second TERM/INT/QUIT during a stop: everyone gets at most 2 s more.
@@ -75,11 +67,7 @@ impl Master {
                 *at = (*at).min(limit);
             }
         }
-        for g in &mut self.lingering {
-            if let GroupKill::At(at) = &mut g.kill {
-                *at = (*at).min(now);
-            }
-        }
+        self.groups.kill_by(now);
     }
 
     pub(super) fn stop_worker(
@@ -116,22 +104,20 @@ impl Master {
         };
         match reason {
             StopReason::Shutdown => {}
-            StopReason::Replaced => info!(
-                event = "stopping",
+            StopReason::Replaced => worker_event!(
+                info,
+                "stopping",
                 reason = "replaced",
-                worker = pid.as_raw(),
-                slot = w.slot,
-                generation = w.generation,
+                w,
                 "Stopping worker {pid} (slot {}): replaced",
                 w.slot
             ),
             StopReason::Excess => {
-                info!(
-                    event = "stopping",
+                worker_event!(
+                    info,
+                    "stopping",
                     reason = "excess",
-                    worker = pid.as_raw(),
-                    slot = w.slot,
-                    generation = w.generation,
+                    w,
                     "Stopping worker {pid} (slot {}): one worker fewer",
                     w.slot
                 )
@@ -149,12 +135,11 @@ impl Master {
 
     pub(super) fn startup_timed_out(&mut self, pid: Pid, now: Instant) {
         if let Some(w) = self.table.get(pid) {
-            warn!(
-                event = "stopping",
+            worker_event!(
+                warn,
+                "stopping",
                 reason = "startup-timeout",
-                worker = pid.as_raw(),
-                slot = w.slot,
-                generation = w.generation,
+                w,
                 "Worker {pid} (slot {}) was not ready within {:?}; killing it",
                 w.slot,
                 self.settings.cfg.startup_timeout
@@ -211,12 +196,11 @@ impl Master {
             let silent = w
                 .last_heartbeat
                 .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-            warn!(
-                event = "stopping",
+            worker_event!(
+                warn,
+                "stopping",
                 reason = "timeout",
-                worker = pid.as_raw(),
-                slot = w.slot,
-                generation = w.generation,
+                w,
                 "Worker {pid} (slot {}) timed out after {:.0}s without a heartbeat; aborting",
                 w.slot,
                 silent.as_secs_f64()
@@ -239,11 +223,10 @@ impl Master {
                 stop.kill_at = None;
                 stop.killed = Some(kill_cause(stop.reason, quick));
             }
-            warn!(
-                event = "killing",
-                worker = pid.as_raw(),
-                slot = w.slot,
-                generation = w.generation,
+            worker_event!(
+                warn,
+                "killing",
+                w,
                 "Worker {pid} (slot {}) did not stop in time; killing it",
                 w.slot
             );

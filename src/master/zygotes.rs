@@ -1,16 +1,24 @@
-//! The zygotes the master owns (`--preload`'s, or the base zygote): the current generation's
-//! and older ones until their workers are gone, the backoff of restarts,
-//! and the fall-back to cold starts after repeated failures. Their
-//! deadlines are listed here; what the master does with their messages and
-//! exits is in preload.rs.
+//! The zygotes the master owns (`--preload`'s, or the base zygote) and
+//! their bookkeeping: the current generation's zygote and older ones until
+//! their workers are gone, which zygote serves a slot, the spawn request in
+//! flight (one per zygote, with its deadline) and what its reply must be
+//! verified against, the backoff of restarts, and the fall-back to cold
+//! starts after repeated failures. What the master does with it (spawning
+//! zygotes, adopting workers, logging, a failed reload or boot) is in
+//! preload.rs.
 
 use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
+use tracing::debug;
 
+use super::exits::signal_group;
+use crate::config::Config;
+use crate::pid::{ChildPid, Expected};
 use crate::policy::{self, Backoff, Due};
-use crate::zygote::{FromZygote, Zygote, ZygoteState};
+use crate::zygote::{FromZygote, Pending, Zygote, ZygoteState};
 
 /// After this many zygote failures in a row, workers start cold.
 const FAILURES_BEFORE_COLD: u32 = 3;
@@ -21,6 +29,58 @@ pub(super) struct Zygotes {
     list: Vec<Zygote>,
     backoff: Backoff,
     cold: bool,
+}
+
+/// What a zygote's message means to the master, once the bookkeeping is
+/// done.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Heard {
+    /// Nothing to do (a duplicate, or the zygote is not known).
+    Nothing,
+    /// It finished starting: it takes spawn requests from now on.
+    Ready {
+        generation: u64,
+        started_at: Instant,
+    },
+    Warning(String),
+    /// An error while no request was in flight.
+    Error(String),
+    /// The request in flight failed (an error reply, a reported process it
+    /// did not fork, its channel closed): the zygote is to be restarted.
+    SpawnFailed {
+        slot: usize,
+        why: String,
+    },
+    /// The reply to the request in flight, verified: a worker to supervise.
+    Adopt {
+        worker: ChildPid,
+        pending: Pending,
+    },
+    /// A reply after the master gave up on the request, verified as a
+    /// process the zygote forked: it is not supervised, so it must not serve.
+    Late {
+        worker: ChildPid,
+        slot: usize,
+    },
+    /// A late reply naming a process the zygote did not fork: the zygote is
+    /// broken, and nothing it named may be signalled.
+    Untrusted {
+        why: String,
+    },
+}
+
+/// Whether the workers of `cfg` are forked from a zygote: `--preload`'s,
+/// or the base zygote (the default; not with `--no-zygote`, nor with
+/// `--reuse-port`, whose workers each get their own sockets).
+pub(super) fn wanted(cfg: &Config) -> bool {
+    cfg.uvicorn()
+        .is_some_and(|u| u.preload || (u.zygote && !cfg.reuse_port))
+}
+
+/// Whether the zygote of `cfg` is the base one: uvicorn imported, not the
+/// app (each worker imports it after the fork).
+pub(super) fn is_base(cfg: &Config) -> bool {
+    cfg.uvicorn().is_some_and(|u| !u.preload)
 }
 
 impl Zygotes {
@@ -41,12 +101,168 @@ impl Zygotes {
         self.list.iter()
     }
 
-    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Zygote> {
-        self.list.iter_mut()
-    }
-
     pub(super) fn get_mut(&mut self, pid: Pid) -> Option<&mut Zygote> {
         self.list.iter_mut().find(|z| z.pid == pid)
+    }
+
+    /// Asks the zygote of `generation` for a worker in `slot`. Nothing is
+    /// sent while it is still starting (it is asked once it is ready: its
+    /// channel wakes the loop) or while a request is in flight (asked again
+    /// once the reply arrived). The worker joins the table when the reply
+    /// arrives, an event like any other. `Err` names the zygote the request
+    /// could not reach, and why.
+    pub(super) fn ask(
+        &mut self,
+        slot: usize,
+        generation: u64,
+        now: Instant,
+    ) -> Result<(), (Pid, String)> {
+        let Some(z) = self.ready(generation).filter(|z| z.pending.is_none()) else {
+            return Ok(());
+        };
+        let env = [
+            ("PROCMAN_WORKER_ID".to_string(), slot.to_string()),
+            ("PROCMAN_GENERATION".to_string(), generation.to_string()),
+        ];
+        z.request(slot, generation, &env, now)
+            .map_err(|e| (z.pid, e))
+    }
+
+    /// Takes in message `m` of zygote `pid`: its state, the request in
+    /// flight, and what a reported worker must be (`uids`, checked by
+    /// `verify`: [`crate::pid::verify_reported`] but in tests).
+    pub(super) fn hear(
+        &mut self,
+        pid: Pid,
+        m: FromZygote,
+        uids: [u32; 4],
+        verify: impl Fn(i64, &Expected) -> Result<ChildPid, String>,
+    ) -> Heard {
+        let Some(z) = self.get_mut(pid) else {
+            return Heard::Nothing;
+        };
+        let parent = std::process::id() as i32;
+        match m {
+            // The backoff is reset by a worker it forked, not here: a
+            // zygote that imports fine but reports nonsense must still be
+            // backed off and given up on.
+            FromZygote::Ready if z.state == ZygoteState::Starting => {
+                z.state = ZygoteState::Ready;
+                Heard::Ready {
+                    generation: z.generation,
+                    started_at: z.started_at,
+                }
+            }
+            FromZygote::Ready => Heard::Nothing,
+            FromZygote::Warning(w) => Heard::Warning(w),
+            FromZygote::Error(why) => match z.pending.take() {
+                Some(p) => Heard::SpawnFailed { slot: p.slot, why },
+                None => Heard::Error(why),
+            },
+            // The reply to the request in flight: a worker only if it is a
+            // process the zygote forked since the request.
+            FromZygote::Spawned { slot, pid: worker }
+                if z.pending.is_some_and(|p| p.slot == slot) =>
+            {
+                let Some(pending) = z.pending.take() else {
+                    return Heard::Nothing;
+                };
+                let expected = Expected {
+                    parent,
+                    uids,
+                    not_before: pending.not_before,
+                };
+                match verify(worker, &expected) {
+                    Ok(worker) => Heard::Adopt { worker, pending },
+                    Err(e) => Heard::SpawnFailed {
+                        slot,
+                        why: format!("it reported a worker it did not fork: {e}"),
+                    },
+                }
+            }
+            // Killed only if it is a process the zygote forked since it
+            // started; a zygote that reports anything else is broken.
+            FromZygote::Spawned { slot, pid: worker } => {
+                let expected = Expected {
+                    parent,
+                    uids,
+                    not_before: z.started_ticks,
+                };
+                match verify(worker, &expected) {
+                    Ok(worker) => Heard::Late { worker, slot },
+                    Err(why) => Heard::Untrusted { why },
+                }
+            }
+            // Its exit status (reaped soon) says what happened.
+            FromZygote::Closed => {
+                debug!("Zygote {pid} closed its channel");
+                z.closed = true;
+                match z.pending.take() {
+                    Some(p) => Heard::SpawnFailed {
+                        slot: p.slot,
+                        why: "the zygote closed its channel".into(),
+                    },
+                    None => Heard::Nothing,
+                }
+            }
+        }
+    }
+
+    /// Gives up on zygote `pid`'s request in flight; returns its slot.
+    pub(super) fn take_request(&mut self, pid: Pid) -> Option<usize> {
+        self.get_mut(pid)?.pending.take().map(|p| p.slot)
+    }
+
+    /// Whether zygote `pid` is still starting.
+    pub(super) fn is_starting(&self, pid: Pid) -> bool {
+        self.list
+            .iter()
+            .any(|z| z.pid == pid && z.state == ZygoteState::Starting)
+    }
+
+    /// The zygotes of generations other than `current` that are not
+    /// stopping and whose generation has no worker left (`in_use`), as
+    /// (pid, generation).
+    pub(super) fn unused(&self, current: u64, in_use: impl Fn(u64) -> bool) -> Vec<(Pid, u64)> {
+        self.list
+            .iter()
+            .filter(|z| z.generation != current && z.state != ZygoteState::Stopping)
+            .filter(|z| !in_use(z.generation))
+            .map(|z| (z.pid, z.generation))
+            .collect()
+    }
+
+    /// Asks zygote `pid` to exit (SIGTERM: it has nothing to drain).
+    pub(super) fn stop(&mut self, pid: Pid) {
+        if let Some(z) = self
+            .get_mut(pid)
+            .filter(|z| z.state != ZygoteState::Stopping)
+        {
+            z.state = ZygoteState::Stopping;
+            signal_group(z.pid, Signal::SIGTERM);
+        }
+    }
+
+    /// Asks every zygote to exit.
+    pub(super) fn stop_all(&mut self) {
+        let pids: Vec<Pid> = self.list.iter().map(|z| z.pid).collect();
+        for pid in pids {
+            self.stop(pid);
+        }
+    }
+
+    /// Kills zygote `pid`, found broken or out of time; true unless it was
+    /// already stopping (then its failure was counted already).
+    pub(super) fn kill(&mut self, pid: Pid) -> bool {
+        let Some(z) = self
+            .get_mut(pid)
+            .filter(|z| z.state != ZygoteState::Stopping)
+        else {
+            return false;
+        };
+        z.state = ZygoteState::Stopping;
+        signal_group(pid, Signal::SIGKILL);
+        true
     }
 
     /// Takes a reaped zygote out.
@@ -56,7 +272,7 @@ impl Zygotes {
     }
 
     /// The zygote of `generation` that takes spawn requests, if any.
-    pub(super) fn ready(&mut self, generation: u64) -> Option<&mut Zygote> {
+    fn ready(&mut self, generation: u64) -> Option<&mut Zygote> {
         self.list
             .iter_mut()
             .find(|z| z.generation == generation && z.state == ZygoteState::Ready && !z.closed)
@@ -69,9 +285,10 @@ impl Zygotes {
             .any(|z| z.generation == generation && z.state != ZygoteState::Stopping)
     }
 
-    /// Whether a new zygote may start (its restart backoff is over).
-    pub(super) fn may_start(&self, now: Instant) -> bool {
-        self.backoff.next_spawn_at.is_none_or(|t| t <= now)
+    /// Whether a new zygote may start: no restart backoff pending (its
+    /// end is a deadline, `Due::ZygoteBackoffOver`, which clears it).
+    pub(super) fn may_start(&self) -> bool {
+        self.backoff.next_spawn_at.is_none()
     }
 
     /// The channels still open, to poll.
@@ -157,16 +374,16 @@ mod tests {
         let now = Instant::now();
         let mut z = Zygotes::default();
         assert_eq!(z.failed(now), None);
-        assert!(z.may_start(now), "the first restart is at once");
+        assert!(z.may_start(), "the first restart is at once");
         assert_eq!(z.failed(now), None);
-        assert!(!z.may_start(now), "the second waits");
+        assert!(!z.may_start(), "the second waits");
         let at = now + Duration::from_secs(1);
         assert_eq!(
             z.deadlines(Duration::from_secs(60)),
             vec![(at, Due::ZygoteBackoffOver)]
         );
         z.backoff_over();
-        assert!(z.may_start(now));
+        assert!(z.may_start());
         assert!(z.deadlines(Duration::from_secs(60)).is_empty());
         assert_eq!(z.failed(now), Some(3));
         assert!(z.cold());
@@ -180,9 +397,188 @@ mod tests {
         z.failed(now);
         z.failed(now);
         z.worked();
-        assert!(z.may_start(now));
+        assert!(z.may_start());
         assert_eq!(z.failed(now), None);
         assert_eq!(z.failed(now), None);
         assert!(!z.cold(), "the count started over");
+    }
+
+    /// A zygote of `generation` (a made-up pid; nothing is signalled) and
+    /// the zygote's end of its channel, to read what the master sent.
+    fn zygote(pid: i32, generation: u64, now: Instant) -> (Zygote, std::os::fd::OwnedFd) {
+        let (master_end, zygote_end) = crate::zygote::channel().expect("socketpair");
+        let z = Zygote::new(Pid::from_raw(pid), generation, master_end, now);
+        (z, zygote_end)
+    }
+
+    /// What the master sent on a channel, one message per datagram.
+    fn sent(fd: &std::os::fd::OwnedFd) -> Vec<serde_json::Value> {
+        use std::os::fd::AsRawFd;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = nix::sys::socket::recv(
+            fd.as_raw_fd(),
+            &mut buf,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ) {
+            out.push(serde_json::from_slice(&buf[..n]).expect("json"));
+        }
+        out
+    }
+
+    /// A verifier that accepts every pid, recording what it was asked.
+    fn trusting(
+        seen: &std::cell::RefCell<Vec<(i64, u64)>>,
+    ) -> impl Fn(i64, &Expected) -> Result<ChildPid, String> + '_ {
+        move |pid, expected| {
+            seen.borrow_mut().push((pid, expected.not_before));
+            ChildPid::new(pid as i32).ok_or_else(|| "not a child".to_string())
+        }
+    }
+
+    fn refusing(_: i64, _: &Expected) -> Result<ChildPid, String> {
+        Err("pid 5 is not the master's child".into())
+    }
+
+    const UIDS: [u32; 4] = [0; 4];
+
+    #[test]
+    fn a_ready_zygote_of_the_generation_serves_one_request_at_a_time() {
+        let now = Instant::now();
+        let mut zs = Zygotes::default();
+        let (z, theirs) = zygote(100, 2, now);
+        let started_ticks = z.started_ticks;
+        zs.add(z);
+        let zpid = Pid::from_raw(100);
+        assert_eq!(zs.ask(0, 2, now), Ok(()));
+        assert!(sent(&theirs).is_empty(), "still starting: not asked");
+        assert_eq!(
+            zs.hear(zpid, FromZygote::Ready, UIDS, refusing),
+            Heard::Ready {
+                generation: 2,
+                started_at: now
+            }
+        );
+        assert_eq!(
+            zs.hear(zpid, FromZygote::Ready, UIDS, refusing),
+            Heard::Nothing
+        );
+        assert_eq!(zs.ask(0, 1, now), Ok(()));
+        assert!(sent(&theirs).is_empty(), "not the generation's zygote");
+        assert_eq!(zs.ask(3, 2, now), Ok(()));
+        let got = sent(&theirs);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0]["spawn"]["slot"], 3);
+        assert_eq!(got[0]["spawn"]["env"]["PROCMAN_WORKER_ID"], "3");
+        assert_eq!(got[0]["spawn"]["env"]["PROCMAN_GENERATION"], "2");
+        let reply_by = now + crate::zygote::SPAWN_REPLY;
+        assert!(zs
+            .deadlines(Duration::from_secs(60))
+            .contains(&(reply_by, Due::ZygoteSpawnTimeout(zpid))));
+        assert_eq!(zs.ask(4, 2, now), Ok(()));
+        assert!(sent(&theirs).is_empty(), "one request in flight at a time");
+
+        // A reply for another slot is not the one awaited: a late one,
+        // checked against the zygote's start, not the request's.
+        let seen = std::cell::RefCell::new(Vec::new());
+        let other = FromZygote::Spawned { slot: 9, pid: 501 };
+        let got = zs.hear(zpid, other, UIDS, trusting(&seen));
+        assert!(matches!(got, Heard::Late { slot: 9, .. }), "{got:?}");
+        assert_eq!(seen.borrow().last(), Some(&(501, started_ticks)));
+
+        // The awaited reply: verified against the request, then adopted.
+        let reply = FromZygote::Spawned { slot: 3, pid: 500 };
+        let Heard::Adopt { worker, pending } = zs.hear(zpid, reply, UIDS, trusting(&seen)) else {
+            panic!("not adopted");
+        };
+        assert_eq!(worker.as_raw(), 500);
+        assert_eq!((pending.slot, pending.generation), (3, 2));
+        assert_eq!(seen.borrow().last(), Some(&(500, pending.not_before)));
+        assert!(zs.deadlines(Duration::from_secs(60)).is_empty(), "answered");
+        assert_eq!(zs.ask(4, 2, now), Ok(()));
+        assert_eq!(sent(&theirs).len(), 1, "the next request goes out");
+    }
+
+    #[test]
+    fn a_request_fails_on_an_error_an_untrusted_reply_or_a_closed_channel() {
+        let now = Instant::now();
+        let mut zs = Zygotes::default();
+        let (z, _theirs) = zygote(200, 1, now);
+        zs.add(z);
+        let zpid = Pid::from_raw(200);
+        zs.hear(zpid, FromZygote::Ready, UIDS, refusing);
+
+        assert_eq!(
+            zs.hear(zpid, FromZygote::Error("boom".into()), UIDS, refusing),
+            Heard::Error("boom".into()),
+            "no request in flight"
+        );
+        zs.ask(0, 1, now).expect("sent");
+        assert_eq!(
+            zs.hear(zpid, FromZygote::Error("boom".into()), UIDS, refusing),
+            Heard::SpawnFailed {
+                slot: 0,
+                why: "boom".into()
+            }
+        );
+        zs.ask(1, 1, now).expect("sent");
+        let reply = FromZygote::Spawned { slot: 1, pid: 5 };
+        assert_eq!(
+            zs.hear(zpid, reply.clone(), UIDS, refusing),
+            Heard::SpawnFailed {
+                slot: 1,
+                why: "it reported a worker it did not fork: pid 5 is not the master's child".into()
+            }
+        );
+        assert_eq!(
+            zs.hear(zpid, reply, UIDS, refusing),
+            Heard::Untrusted {
+                why: "pid 5 is not the master's child".into()
+            },
+            "a late reply naming a stranger"
+        );
+        zs.ask(2, 1, now).expect("sent");
+        assert_eq!(zs.take_request(zpid), Some(2), "given up on (timed out)");
+        assert_eq!(zs.take_request(zpid), None);
+        zs.ask(2, 1, now).expect("sent");
+        assert_eq!(
+            zs.hear(zpid, FromZygote::Closed, UIDS, refusing),
+            Heard::SpawnFailed {
+                slot: 2,
+                why: "the zygote closed its channel".into()
+            }
+        );
+        assert_eq!(zs.channels().count(), 0, "a closed channel is not polled");
+        assert_eq!(zs.ask(3, 1, now), Ok(()), "nobody to ask");
+        assert!(zs.deadlines(Duration::from_secs(60)).is_empty());
+    }
+
+    #[test]
+    fn a_starting_zygote_is_due_by_the_startup_timeout_and_old_ones_retire_when_unused() {
+        let now = Instant::now();
+        let mut zs = Zygotes::default();
+        let (old, _a) = zygote(300, 1, now);
+        let (new, _b) = zygote(301, 2, now);
+        zs.add(old);
+        zs.add(new);
+        let timeout = Duration::from_secs(30);
+        let mut got = zs.deadlines(timeout);
+        got.sort_by_key(|(_, d)| format!("{d:?}"));
+        assert_eq!(
+            got,
+            vec![
+                (now + timeout, Due::ZygoteStartTimeout(Pid::from_raw(300))),
+                (now + timeout, Due::ZygoteStartTimeout(Pid::from_raw(301))),
+            ]
+        );
+        assert!(zs.is_starting(Pid::from_raw(301)));
+        assert!(zs.has(1) && zs.has(2) && !zs.has(3));
+        assert_eq!(zs.unused(2, |_| true), vec![]);
+        assert_eq!(zs.unused(2, |g| g != 1), vec![(Pid::from_raw(300), 1)]);
+        assert_eq!(
+            zs.unused(2, |_| false),
+            vec![(Pid::from_raw(300), 1)],
+            "never the current one"
+        );
     }
 }

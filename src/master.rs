@@ -29,8 +29,8 @@
 //! worker's), `messages` (sd_notify from workers), `preload` (starting
 //! zygotes, adopting the workers they fork, their failures), `reload` (a
 //! reload as a value), `observe` (the metrics and control endpoints).
-//! Lifecycle events are logged with `worker_event!`, so their JSON fields
-//! are the same at every site.
+//! A worker's lifecycle events are logged with `worker_event!` (`events`),
+//! so their JSON fields are the same at every site.
 
 use std::ffi::OsString;
 use std::rc::Rc;
@@ -52,42 +52,8 @@ use crate::signals::{MasterSignal, Signals};
 use crate::workers::{Table, WorkerState};
 use crate::zygote::FromZygote;
 
-/// Logs a lifecycle event of worker `$w` (a [`crate::workers::Worker`])
-/// at `$level`: the text, and with `--log-format json` the stable fields
-/// `event`, `reason` (when given), `worker`, `zygote` (a worker it forked,
-/// when given), `slot` and `generation` that tests and tools wait for.
-/// Field names and order are part of the format.
-macro_rules! worker_event {
-    ($level:ident, $event:literal, reason = $reason:expr, $w:expr, $($text:tt)+) => {
-        tracing::$level!(
-            event = $event,
-            reason = $reason,
-            worker = $w.pid.as_raw(),
-            slot = $w.slot,
-            generation = $w.generation,
-            $($text)+
-        )
-    };
-    ($level:ident, $event:literal, $w:expr, zygote = $zygote:expr, $($text:tt)+) => {
-        tracing::$level!(
-            event = $event,
-            worker = $w.pid.as_raw(),
-            zygote = $zygote,
-            slot = $w.slot,
-            generation = $w.generation,
-            $($text)+
-        )
-    };
-    ($level:ident, $event:literal, $w:expr, $($text:tt)+) => {
-        tracing::$level!(
-            event = $event,
-            worker = $w.pid.as_raw(),
-            slot = $w.slot,
-            generation = $w.generation,
-            $($text)+
-        )
-    };
-}
+#[macro_use]
+mod events;
 
 mod boot;
 mod exits;

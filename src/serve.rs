@@ -4,12 +4,31 @@
 //! The master is single-threaded, so nothing here may ever block it: the
 //! listener and every connection are non-blocking, each pass of
 //! [`Server::service`] does a bounded amount of work (a bounded number of
-//! accepts, one read and one write per connection), a connection holds at
-//! most [`MAX_REQUEST`] bytes of request, and each has a deadline after
-//! which it is closed whatever it is doing. At most [`MAX_CONNS`]
-//! connections are open; a new one beyond that evicts the oldest, so a
-//! flood of idle connections cannot lock out an honest probe (which sends
-//! its request at once and is answered in the pass that accepts it).
+//! accepts, reads of at most [`MAX_REQUEST`] bytes and one write per
+//! connection), a connection holds at most [`MAX_REQUEST`] bytes of
+//! request, and each has a deadline after which it is closed whatever it
+//! is doing. At most [`MAX_CONNS`] connections are open; a new one beyond
+//! that evicts the oldest, so a flood of idle connections cannot lock out
+//! an honest probe.
+//!
+//! An honest probe costs the master one wake-up. A TCP listener has
+//! `TCP_DEFER_ACCEPT`: the kernel completes the handshake but reports the
+//! listener readable only once the client's first bytes have arrived, so
+//! the pass that accepts a connection also reads its whole request (the
+//! read goes on until the socket is empty), answers it, and closes the
+//! connection once the answer is written (`Connection: close`, no
+//! keep-alive). The price: a TCP client that connects and sends nothing is
+//! invisible to the master until the kernel's defer period ends (about
+//! [`DEFER_ACCEPT_SECS`] seconds, rounded up by the kernel to its SYN-ACK
+//! retransmission schedule, 7 s for 5); only then is it accepted and given
+//! its read deadline. That costs the master nothing meanwhile and takes no
+//! slot from an honest probe; a flood of them fills the kernel's SYN queue,
+//! beyond which SYN cookies complete connections without the deferral
+//! (they are accepted at once and dealt with by the bound and the
+//! deadline). A unix socket has no such option: a connection is accepted
+//! as soon as it is made and read in the same pass, so a client that wrote
+//! its request before the master ran costs one wake-up, one that had not
+//! yet written costs a second when its bytes arrive.
 //!
 //! Framing is the caller's: [`Server::service`] hands each connection's
 //! bytes to a function that says whether a whole request is there and, if
@@ -30,6 +49,9 @@ pub const MAX_CONNS: usize = 64;
 pub const MAX_REQUEST: usize = 8192;
 /// Accepts per pass at most, so a connection flood cannot hold the loop.
 const ACCEPTS_PER_PASS: usize = 128;
+/// `TCP_DEFER_ACCEPT` of a TCP listener: how long the kernel keeps a
+/// connection that has sent nothing from `accept(2)`.
+pub const DEFER_ACCEPT_SECS: u32 = 5;
 
 /// A listening socket, TCP or unix.
 pub enum Listen {
@@ -166,6 +188,7 @@ impl Server {
             None => {
                 let l = TcpListener::bind(addr)?;
                 l.set_nonblocking(true)?;
+                defer_accept(&l, DEFER_ACCEPT_SECS)?;
                 Listen::Tcp(l)
             }
         };
@@ -267,23 +290,7 @@ impl Server {
         let mut buf = [0u8; 4096];
         for c in &mut self.conns {
             if c.output.is_empty() && !c.waiting {
-                match c.stream.read(&mut buf) {
-                    Ok(0) => c.deadline = now, // peer closed before asking
-                    Ok(n) => {
-                        let room = MAX_REQUEST.saturating_sub(c.input.len());
-                        c.input.extend_from_slice(&buf[..n.min(room)]);
-                        match frame(c.id, &c.input, &c.stream) {
-                            Framed::Incomplete if c.input.len() >= MAX_REQUEST => {
-                                c.deadline = now; // too long: close
-                            }
-                            Framed::Incomplete => {}
-                            Framed::Reply(bytes) => c.output = bytes,
-                            Framed::Later => c.waiting = true,
-                        }
-                    }
-                    Err(e) if would_block(&e) => {}
-                    Err(_) => c.deadline = now,
-                }
+                read_request(c, &mut buf, now, &mut frame);
             }
             if !c.output.is_empty() {
                 match c.stream.write(&c.output[c.written..]) {
@@ -350,6 +357,62 @@ impl Drop for Server {
         if let Listen::Unix(_, path) = &self.listen {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+/// Reads what `c` has sent, until the socket is empty, the request is
+/// whole, or it is too long (each read adds at least one byte, so this
+/// ends within [`MAX_REQUEST`] bytes): a request that arrived with its
+/// connection is answered in the pass that accepts it, whatever its size.
+fn read_request(
+    c: &mut Conn,
+    buf: &mut [u8],
+    now: Instant,
+    frame: &mut impl FnMut(u64, &[u8], &Stream) -> Framed,
+) {
+    loop {
+        match c.stream.read(buf) {
+            Ok(0) => c.deadline = now, // peer closed before asking
+            Ok(n) => {
+                let room = MAX_REQUEST.saturating_sub(c.input.len());
+                c.input.extend_from_slice(&buf[..n.min(room)]);
+                match frame(c.id, &c.input, &c.stream) {
+                    Framed::Incomplete if c.input.len() >= MAX_REQUEST => {
+                        c.deadline = now; // too long: close
+                    }
+                    Framed::Incomplete => continue,
+                    Framed::Reply(bytes) => c.output = bytes,
+                    Framed::Later => c.waiting = true,
+                }
+            }
+            Err(e) if would_block(&e) => {}
+            Err(_) => c.deadline = now,
+        }
+        return;
+    }
+}
+
+/// Sets `TCP_DEFER_ACCEPT` on a listening TCP socket: the kernel reports
+/// it readable only once a connection's first bytes have arrived (or,
+/// for one that sends nothing, after about `secs` seconds).
+fn defer_accept(l: &TcpListener, secs: u32) -> std::io::Result<()> {
+    let value = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live
+    // c_int on our stack; the descriptor is the listener's, open for the
+    // duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            std::ptr::addr_of!(value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -433,16 +496,36 @@ mod tests {
         assert_eq!(s.open_connections(), 0);
     }
 
+    /// A temporary directory of this test process.
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("procman-serve-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        dir
+    }
+
+    /// Whether `fd` becomes readable within `within`.
+    fn readable(fd: BorrowedFd<'_>, within: Duration) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let ms = PollTimeout::try_from(within.as_millis() as i32).expect("timeout");
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        matches!(poll(&mut fds, ms), Ok(n) if n > 0)
+    }
+
     #[test]
     fn idle_and_oversized_connections_are_closed_and_bounded() {
-        let mut s = Server::bind("127.0.0.1:0", 0o600, Duration::from_millis(200)).expect("bind");
-        let port = s.local_port().expect("port");
-        let idle: Vec<TcpStream> = (0..MAX_CONNS + 20)
-            .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        // Over a unix socket a silent connection is accepted at once (over
+        // TCP the kernel holds it back: TCP_DEFER_ACCEPT), so the bound
+        // and the read deadline are what deal with it.
+        let dir = temp_dir("bounded");
+        let path = dir.join("m.sock");
+        let addr = format!("unix:{}", path.display());
+        let mut s = Server::bind(&addr, 0o600, Duration::from_millis(200)).expect("bind");
+        let idle: Vec<UnixStream> = (0..MAX_CONNS + 20)
+            .map(|_| UnixStream::connect(&path).expect("connect"))
             .collect();
         pump(&mut s, |s| s.open_connections() == MAX_CONNS);
         assert_eq!(s.open_connections(), MAX_CONNS);
-        let mut big = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let mut big = UnixStream::connect(&path).expect("connect");
         big.set_nonblocking(true).ok();
         let _ = big.write(&vec![b'x'; MAX_REQUEST * 2]);
         // Everything goes by its deadline.
@@ -450,13 +533,63 @@ mod tests {
         assert_eq!(s.open_connections(), 0);
         assert!(s.deadline().is_none());
         drop(idle);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_tcp_request_costs_one_pass_its_silent_connection_none() {
+        let mut s = Server::bind("127.0.0.1:0", 0o600, Duration::from_secs(2)).expect("bind");
+        let port = s.local_port().expect("port");
+        let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        // Connected, nothing sent: the listener is not readable, so the
+        // master is not woken (TCP_DEFER_ACCEPT).
+        assert!(
+            !readable(s.listen.fd(), Duration::from_millis(300)),
+            "a connection that sent nothing made the listener readable"
+        );
+        // A request longer than one read, sent at once: readable with its
+        // bytes, accepted, read, answered and closed in one pass.
+        let request = format!("{}\n", "x".repeat(6000));
+        c.write_all(request.as_bytes()).expect("write");
+        assert!(
+            readable(s.listen.fd(), Duration::from_secs(5)),
+            "the request never made the listener readable"
+        );
+        s.service(Instant::now(), echo_line);
+        assert_eq!(s.open_connections(), 0, "not answered in one pass");
+        c.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).expect("read the answer to its end");
+        assert_eq!(got, request.as_bytes());
+    }
+
+    #[test]
+    fn a_unix_request_already_sent_is_answered_in_the_pass_that_accepts_it() {
+        let dir = temp_dir("unix-one-pass");
+        let path = dir.join("m.sock");
+        let mut s = Server::bind(
+            &format!("unix:{}", path.display()),
+            0o600,
+            Duration::from_secs(2),
+        )
+        .expect("bind");
+        let mut c = UnixStream::connect(&path).expect("connect");
+        c.write_all(b"hello\n").expect("write");
+        s.service(Instant::now(), echo_line);
+        assert_eq!(s.open_connections(), 0, "not answered in one pass");
+        c.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).expect("read the answer to its end");
+        assert_eq!(got, b"hello\n");
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_unix_socket_has_the_mode_asked_and_replaces_a_stale_file() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("procman-serve-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
+        let dir = temp_dir("mode");
         let path = dir.join("ctl.sock");
         let addr = format!("unix:{}", path.display());
         {

@@ -123,11 +123,6 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// `/readyz`: at least one worker ready, and no stop begun.
-    pub fn is_ready(&self) -> bool {
-        self.state != "stopping" && self.workers.iter().any(|w| w.state == "ready")
-    }
-
     /// The table `procman status` prints.
     pub fn table(&self) -> String {
         let mut out = format!(

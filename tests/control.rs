@@ -90,24 +90,64 @@ fn wait_status_matches(h: &Harness, sock: &Path, n: usize) -> serde_json::Value 
     }
 }
 
-/// The samples of /metrics as parsed by Python's prometheus_client text
-/// parser: `name{labels}` → value, labels sorted.
+/// The samples of /metrics (asked for as a plain GET, as Prometheus's
+/// classic text format) as parsed by Python's prometheus_client text
+/// parser: `name{labels}` → value, labels sorted. Every sample must parse
+/// with its family's type: a counter whose `# TYPE` line does not name its
+/// `_total` sample comes out of that parser as an untyped singleton.
 fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {
     let (code, body) = http_get(addr, "/metrics").expect("GET /metrics");
     assert_eq!(code, 200, "{body}");
     let script = r#"
 import sys
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as om
 text = sys.stdin.read()
-types = {f.name: f.type for f in om(text)}
-assert types["procman_worker_restarts"] == "counter", types
-assert types["procman_reload_duration_seconds"] == "histogram", types
-for f in text_string_to_metric_families(text):
+families = list(text_string_to_metric_families(text))
+types = {s.name: f.type for f in families for s in f.samples}
+assert types.get("procman_worker_restarts_total") == "counter", types
+assert types.get("procman_reloads_total") == "counter", types
+assert types.get("procman_reload_duration_seconds_bucket") == "histogram", types
+assert types.get("procman_worker_time_to_ready_seconds_count") == "histogram", types
+untyped = sorted(n for n, t in types.items() if t in ("untyped", "unknown"))
+assert not untyped, untyped
+for f in families:
     for s in f.samples:
         labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
         print(f"{s.name}{{{labels}}} {s.value}")
 "#;
+    python_check(script, &body)
+}
+
+/// GET /metrics asking for OpenMetrics (as Prometheus does): the answer's
+/// content type and body, which Python's OpenMetrics parser must accept
+/// with the counter and histogram types.
+fn scrape_openmetrics(addr: SocketAddr) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    s.write_all(
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n\r\n",
+    )
+    .expect("write");
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut s, &mut answer).expect("read");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
+    assert!(
+        head.contains("Content-Type: application/openmetrics-text"),
+        "{head}"
+    );
+    let script = r#"
+import sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+types = {f.name: f.type for f in text_string_to_metric_families(sys.stdin.read())}
+assert types["procman_worker_restarts"] == "counter", types
+assert types["procman_reload_duration_seconds"] == "histogram", types
+"#;
+    python_check(script, body);
+}
+
+/// Runs a Python `script` of the test virtualenv on `body`; its stdout
+/// parsed as `key value` lines.
+fn python_check(script: &str, body: &str) -> BTreeMap<String, f64> {
     let mut child = Command::new(venv_python())
         .args(["-c", script])
         .stdin(std::process::Stdio::piped())
@@ -218,6 +258,7 @@ fn metrics_and_probes_answer_while_hostile_clients_hang_on() {
     let _ = flood.join();
     drop(idle);
 
+    scrape_openmetrics(addr);
     let m = scrape(addr);
     let get = |k: &str| m.get(k).copied().unwrap_or(-1.0);
     h.check(

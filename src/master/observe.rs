@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::serve::{Framed, Server};
 use crate::signals::MasterSignal;
 use crate::status::{self, ExitReason, Observed, Snapshot, WorkerStatus};
-use crate::workers::{StopReason, Worker, WorkerState};
+use crate::workers::{StopReason, Table, Worker, WorkerState};
 
 /// How long a metrics or control client has to send its request and read
 /// the answer.
@@ -117,13 +117,13 @@ impl Master {
     /// One pass over both endpoints: never blocks.
     pub(super) fn serve_endpoints(&mut self, now: Instant) {
         if let Some(mut server) = self.endpoints.metrics.take() {
-            let stopping = matches!(self.state, MasterState::Stopping { .. });
-            let mut snap = || self.snapshot(now, false);
+            let mut ready = || is_ready(&self.table, &self.state);
+            let mut snap = || self.snapshot(now);
             let observed = &self.endpoints.observed;
-            // The snapshot closure borrows self; `observed` is a field of
-            // it too, read-only.
+            // The closures borrow self; `observed` is a field of it too,
+            // all read-only.
             server.service(now, |_, bytes, _| {
-                crate::metrics::answer(bytes, &mut snap, observed, stopping)
+                crate::metrics::answer(bytes, &mut ready, &mut snap, observed)
             });
             self.endpoints.metrics = Some(server);
         }
@@ -177,7 +177,7 @@ impl Master {
         let stopping = matches!(self.state, MasterState::Stopping { .. });
         match request {
             Request::Status => {
-                let snap = self.snapshot(now, true);
+                let snap = self.snapshot(now);
                 Some(control::line(json!({"ok": true, "status": snap})))
             }
             Request::Scale(_) | Request::Reload if stopping => {
@@ -280,9 +280,10 @@ impl Master {
         reason
     }
 
-    /// The master and its workers now. `memory` reads each worker's
-    /// RSS and USS (one scan of /proc).
-    pub(super) fn snapshot(&self, now: Instant, _for_control: bool) -> Snapshot {
+    /// The master and its workers now, with each worker's RSS and USS
+    /// (one scan of /proc) and each listener's queue: for `/metrics` and
+    /// `procman status`, never for a probe.
+    pub(super) fn snapshot(&self, now: Instant) -> Snapshot {
         let groups: BTreeSet<i32> = self.table.iter().map(|w| w.pid.as_raw()).collect();
         let memory = status::memory_by_group(&groups);
         let observed = &self.endpoints.observed;
@@ -347,5 +348,42 @@ impl Master {
                 .collect(),
             listen_queue,
         }
+    }
+}
+
+/// `/readyz`: at least one worker ready and no stop begun, read from the
+/// worker table alone, so a probe every second costs nothing but its
+/// answer.
+fn is_ready(table: &Table, state: &MasterState) -> bool {
+    !matches!(state, MasterState::Stopping { .. }) && table.ready_count() > 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(pid: i32, ready: bool) -> Worker {
+        let now = Instant::now();
+        let mut w = Worker::new(Pid::from_raw(pid), 0, 1, now, Duration::from_secs(30));
+        if ready {
+            w.become_ready(now);
+        }
+        w
+    }
+
+    #[test]
+    fn ready_means_a_ready_worker_and_no_stop() {
+        let mut table = Table::default();
+        assert!(!is_ready(&table, &MasterState::Running), "no worker");
+        table.insert(worker(100, false));
+        assert!(!is_ready(&table, &MasterState::Booting), "only starting");
+        table.insert(worker(101, true));
+        assert!(is_ready(&table, &MasterState::Booting));
+        assert!(is_ready(&table, &MasterState::Running));
+        let stopping = MasterState::Stopping {
+            quick: false,
+            outcome: Ok(()),
+        };
+        assert!(!is_ready(&table, &stopping), "a stop began");
     }
 }

@@ -116,27 +116,21 @@ impl Master {
         drop(zygote_end);
         match spawned {
             Ok(s) if s.exec_error.is_none() => {
-                if opts.preload {
-                    info!(
-                        event = "zygote-starting",
-                        zygote = s.pid.as_raw(),
-                        generation = self.generation,
-                        "Starting zygote {} for generation {} (imports {} once)",
-                        s.pid,
-                        self.generation,
-                        opts.app
-                    );
+                let z = Zygote::new(s.pid, self.generation, master_end, now);
+                let imports = if opts.preload {
+                    format!("imports {} once", opts.app)
                 } else {
-                    info!(
-                        event = "zygote-starting",
-                        zygote = s.pid.as_raw(),
-                        generation = self.generation,
-                        "Starting zygote {} for generation {} (base: Python and uvicorn; each worker imports {})",
-                        s.pid, self.generation, opts.app
-                    );
-                }
-                self.zygotes
-                    .add(Zygote::new(s.pid, self.generation, master_end, now));
+                    format!("base: Python and uvicorn; each worker imports {}", opts.app)
+                };
+                zygote_event!(
+                    info,
+                    "zygote-starting",
+                    z,
+                    "Starting zygote {} for generation {} ({imports})",
+                    z.pid,
+                    z.generation
+                );
+                self.zygotes.add(z);
             }
             Ok(s) => {
                 let (stage, errno) = s
@@ -257,11 +251,11 @@ impl Master {
         match z.state {
             // Asked to stop (retired, or found broken and counted then).
             ZygoteState::Stopping => {
-                info!(
-                    event = "zygote-exited",
+                zygote_event!(
+                    info,
+                    "zygote-exited",
                     reason = "stopped",
-                    zygote = z.pid.as_raw(),
-                    generation = z.generation,
+                    z,
                     "Zygote {} (generation {}) exited: {how}",
                     z.pid,
                     z.generation
@@ -296,22 +290,22 @@ impl Master {
                     self.begin_stop(true, Err(err), now);
                     return;
                 }
-                warn!(
-                    event = "zygote-exited",
+                zygote_event!(
+                    warn,
+                    "zygote-exited",
                     reason = "failed",
-                    zygote = z.pid.as_raw(),
-                    generation = z.generation,
+                    z,
                     "Zygote {} failed to start: {detail}",
                     z.pid
                 );
                 self.zygote_failed(now);
             }
             ZygoteState::Ready => {
-                warn!(
-                    event = "zygote-exited",
+                zygote_event!(
+                    warn,
+                    "zygote-exited",
                     reason = "died",
-                    zygote = z.pid.as_raw(),
-                    generation = z.generation,
+                    z,
                     "Zygote {} (generation {}) exited: {how}; its workers keep serving, restarting it",
                     z.pid,
                     z.generation

@@ -550,6 +550,7 @@ fn heartbeat_timeouts_still_fire_while_metrics_clients_hang_on() {
         "metrics-heartbeat",
         &["--metrics", "127.0.0.1:0", "-w", "1", "-t", "2", "--"],
     )
+    .json()
     .args(notify_worker())
     .args(["--heartbeat", "0.3", "--silent-after", "0.5"])
     .spawn();
@@ -561,11 +562,15 @@ fn heartbeat_timeouts_still_fire_while_metrics_clients_hang_on() {
         .collect();
     let mut slow = TcpStream::connect(addr).expect("connect");
     slow.write_all(b"GET /metrics HTTP/1.1\r\n").expect("write");
-    h.check(
-        h.wait_log("without a heartbeat; aborting", BOOT),
+    let abort = h.expect_event(
+        "stopping",
+        BOOT,
         "the silent worker was aborted meanwhile",
+        |e| e["reason"] == "timeout",
     );
-    h.check(h.wait_log("exited after its timeout", BOOT), "and reaped");
+    h.expect_event("exited", BOOT, "and reaped", |e| {
+        worker_of(e) == worker_of(&abort) && e["reason"] == "timeout"
+    });
     drop(idle);
     drop(slow);
     let m = scrape(addr);
@@ -580,7 +585,7 @@ fn heartbeat_timeouts_still_fire_while_metrics_clients_hang_on() {
 
 #[test]
 fn a_rejected_reload_during_another_answers_only_who_asked() {
-    let start = Start::new("control-reload-overlap", &[]);
+    let start = Start::new("control-reload-overlap", &[]).json();
     let file = start.dir().join("procman.toml");
     let sock = start.dir().join("ctl.sock");
     let good = format!(
@@ -590,7 +595,7 @@ fn a_rejected_reload_during_another_answers_only_who_asked() {
     std::fs::write(&file, &good).expect("write");
     let mut h = spawn_on(start, &file, &sock);
     h.wait_workers(1, BOOT);
-    h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
     let s = sock.to_str().expect("utf8").to_string();
     let first = Command::new(PROCMAN)
         .args(["reload", "--control-socket", &s])
@@ -598,7 +603,7 @@ fn a_rejected_reload_during_another_answers_only_who_asked() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("first reload");
-    h.check(h.wait_log("Reloading:", BOOT), "the first reload began");
+    h.expect_event("reloading", BOOT, "the first reload began", |_| true);
     std::fs::write(&file, "workers = [nope\n").expect("write");
     let out = client(&["reload", "--control-socket", &s]);
     h.check(

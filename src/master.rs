@@ -288,6 +288,7 @@ impl Master {
         if self.settings.target == before {
             info!(
                 event = "scaled",
+                reason = "floor",
                 workers = before,
                 "Keeping {before} worker: never fewer than 1"
             );

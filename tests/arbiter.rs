@@ -280,9 +280,12 @@ fn ttin_and_ttou_change_the_worker_count() {
     h.signal(Signal::SIGTTOU);
     let one = wait_for(BOOT, || (h.children().len() == 1).then_some(()));
     h.check(one.is_some(), "down to 1");
+    // The two TTOUs above may have been one signal by the time procman
+    // read them (a pending signal is not queued twice): count from here.
+    let floor = |e: &serde_json::Value| e["reason"] == "floor" && e["workers"] == 1;
+    let before = h.count_events("scaled", floor);
     h.signal(Signal::SIGTTOU);
-    // The first 1 is the TTOU from 2; the second, the one kept at the floor.
-    h.expect_events("scaled", 2, BOOT, "floor of one", |e| e["workers"] == 1);
+    h.expect_events("scaled", before + 1, BOOT, "floor of one", floor);
     assert_eq!(h.children().len(), 1);
 }
 

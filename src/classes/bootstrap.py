@@ -583,6 +583,28 @@ def read_config():
     return given
 
 
+@contextlib.contextmanager
+def collector_paused():
+    """No automatic cyclic collection while the app is imported.
+
+    An import creates objects by the hundred thousand and almost none of them
+    is garbage, so the young-generation collections the allocations trigger
+    are wasted work: pausing them takes about a tenth off the CPU time of
+    importing a FastAPI app (bench/gc-import.py). Only the automatic trigger
+    is paused (threshold 0, not gc.disable()), so an app that calls
+    gc.disable() or gc.set_threshold() at import keeps its choice: the saved
+    thresholds come back only if the first one is still 0. Nothing is
+    collected when the pause ends; the next allocations trigger a collection
+    as usual."""
+    saved = gc.get_threshold()
+    gc.set_threshold(0)
+    try:
+        yield
+    finally:
+        if gc.get_threshold()[0] == 0:
+            gc.set_threshold(*saved)
+
+
 def load_app(spec, factory, report_to_master=False):
     """Import `module:attr.sub` (and call it if a factory). Exits 4 on any failure."""
     module_name, _, attrs = (spec or "").partition(":")
@@ -590,11 +612,12 @@ def load_app(spec, factory, report_to_master=False):
         fail(f"Failed to load application '{spec}': ValueError: expected 'module:attribute'",
              EXIT_IMPORT_FAILED)
     try:
-        obj = importlib.import_module(module_name)
-        for attr in attrs.split("."):
-            obj = getattr(obj, attr)
-        if factory:
-            obj = obj()
+        with collector_paused():
+            obj = importlib.import_module(module_name)
+            for attr in attrs.split("."):
+                obj = getattr(obj, attr)
+            if factory:
+                obj = obj()
     except (Exception, SystemExit) as exc:  # SystemExit: an app calling sys.exit() at import
         # The user's traceback, without the importlib/bootstrap frames in front of it.
         text = format_exception((type(exc), exc, exc.__traceback__))

@@ -17,7 +17,10 @@ const BOOT: Duration = Duration::from_secs(60);
 /// The test venv's default thresholds (700, 10, 10 on CPython 3.11).
 fn default_threshold() -> Value {
     let out = Command::new(venv_python())
-        .args(["-c", "import gc, json; print(json.dumps(gc.get_threshold()))"])
+        .args([
+            "-c",
+            "import gc, json; print(json.dumps(gc.get_threshold()))",
+        ])
         .output()
         .expect("run the venv's python");
     serde_json::from_slice(&out.stdout).expect("thresholds as JSON")
@@ -43,7 +46,10 @@ fn reports(h: &Harness) -> Vec<(Value, Value)> {
         let (status, body) = http_get(h.addr(), "/").ok()?;
         if status == 200 {
             let v: Value = serde_json::from_str(&body).ok()?;
-            seen.insert(v["pid"].as_i64()?, (v["at_import"].clone(), v["now"].clone()));
+            seen.insert(
+                v["pid"].as_i64()?,
+                (v["at_import"].clone(), v["now"].clone()),
+            );
         }
         (seen.len() == 2).then_some(())
     });

@@ -22,7 +22,14 @@
 //! * truncated datagrams and payloads with NUL bytes are dropped whole.
 //!
 //! The master drains this socket before reaping children, so a `READY=1`
-//! sent just before a worker exits is still attributed to it.
+//! sent just before a worker exits is still attributed to it. It does not
+//! always read a datagram as it arrives (an idle master reads heartbeats in
+//! batches, see master/messages.rs), so each datagram carries the kernel's
+//! time of sending (`SO_TIMESTAMPNS`, stamped when the datagram is queued):
+//! a heartbeat counts from when it was sent, not from when it was read.
+//! The queue holds at most `net.unix.max_dgram_qlen` datagrams (read when
+//! the socket is made: the kernel copies the value into each new socket),
+//! after which a worker's non-blocking send fails with `EAGAIN`.
 
 use std::ffi::OsStr;
 use std::io::IoSliceMut;
@@ -150,6 +157,19 @@ pub struct Datagram {
     /// The sender's pid, from SCM_CREDENTIALS.
     pub pid: i32,
     pub messages: Vec<Message>,
+    /// How long ago it was sent, by the kernel's timestamp (zero if it had
+    /// none, or if the wall clock was stepped back meanwhile).
+    pub age: Duration,
+}
+
+/// What one drain read.
+#[derive(Debug, Default)]
+pub struct Drained {
+    /// The well-formed datagrams, in the order they were sent.
+    pub datagrams: Vec<Datagram>,
+    /// Every datagram taken off the queue, malformed ones included: how
+    /// full the queue was.
+    pub received: usize,
 }
 
 /// The receiving socket workers send to.
@@ -162,6 +182,24 @@ pub struct Receiver {
     dir_fd: OwnedFd,
     dir_id: FileId,
     path: PathBuf,
+    /// `net.unix.max_dgram_qlen` when the socket was made.
+    queue_limit: usize,
+}
+
+/// The queue limit of a unix datagram socket when `/proc` does not say:
+/// the kernel's own default.
+pub const DEFAULT_QUEUE_LIMIT: usize = 10;
+
+/// `net.unix.max_dgram_qlen` of this network namespace, as new sockets
+/// get it. The kernel refuses a datagram only when more than this many
+/// are queued, so the socket holds one more; the master counts on this
+/// many.
+fn queue_limit() -> usize {
+    std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(DEFAULT_QUEUE_LIMIT)
 }
 
 /// Name of the socket inside the notify directory.
@@ -275,6 +313,8 @@ impl Receiver {
         };
         let dir_fd = OwnedFd::from(dir_file);
         let path = dir.join(SOCKET_NAME);
+        // Read before the socket is made, which copies the value.
+        let queue_limit = queue_limit();
         match bind_socket(&path, &dir_fd, owner) {
             Ok(fd) => Ok(Receiver {
                 fd,
@@ -282,6 +322,7 @@ impl Receiver {
                 dir_fd,
                 dir_id,
                 path,
+                queue_limit,
             }),
             Err(e) => {
                 remove_made_dir(&dir, &dir_fd, dir_id);
@@ -299,13 +340,20 @@ impl Receiver {
         self.fd.as_fd()
     }
 
+    /// How many datagrams the socket queues before a send to it fails.
+    pub fn queue_limit(&self) -> usize {
+        self.queue_limit
+    }
+
     /// Receives every queued datagram; drops the malformed ones.
-    pub fn drain(&self) -> Vec<Datagram> {
-        let mut out = Vec::new();
+    pub fn drain(&self) -> Drained {
+        let mut out = Drained::default();
         // Room for a traceback (the bootstrap sends at most 60000 bytes).
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let mut cmsg = nix::cmsg_space!(libc::ucred, [std::os::fd::RawFd; 16]);
+            // Credentials, the send time and up to 16 passed fds: a control
+            // message that does not fit truncates (MSG_CTRUNC) the datagram.
+            let mut cmsg = nix::cmsg_space!(libc::ucred, libc::timespec, [std::os::fd::RawFd; 16]);
             let mut iov = [IoSliceMut::new(&mut buf)];
             let received = recvmsg::<()>(
                 self.fd.as_raw_fd(),
@@ -313,12 +361,14 @@ impl Receiver {
                 Some(&mut cmsg),
                 MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
             );
-            let (len, flags, pid) = match received {
+            let (len, flags, pid, sent) = match received {
                 Ok(msg) => {
                     let mut pid = None;
+                    let mut sent = None;
                     for c in msg.cmsgs().into_iter().flatten() {
                         match c {
                             ControlMessageOwned::ScmCredentials(cred) => pid = Some(cred.pid()),
+                            ControlMessageOwned::ScmTimestampns(ts) => sent = Some(ts),
                             ControlMessageOwned::ScmRights(fds) => {
                                 // Unrequested fds would pile up in the
                                 // master's table (a leak anyone could cause).
@@ -329,7 +379,7 @@ impl Receiver {
                             _ => {}
                         }
                     }
-                    (msg.bytes, msg.flags, pid)
+                    (msg.bytes, msg.flags, pid, sent)
                 }
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EAGAIN) => break,
@@ -338,6 +388,7 @@ impl Receiver {
                     break;
                 }
             };
+            out.received += 1;
             if flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
                 tracing::debug!("dropped a truncated notification");
                 continue;
@@ -350,7 +401,11 @@ impl Receiver {
                 continue; // the kernel never reports more than the buffer
             };
             match parse_datagram(payload) {
-                Ok(messages) => out.push(Datagram { pid, messages }),
+                Ok(messages) => out.datagrams.push(Datagram {
+                    pid,
+                    messages,
+                    age: sent.map_or(Duration::ZERO, age_of),
+                }),
                 Err(Dropped::Nul) => {
                     tracing::debug!(sender = pid, "dropped a notification with a NUL byte")
                 }
@@ -361,6 +416,19 @@ impl Receiver {
         }
         out
     }
+}
+
+/// How long ago a kernel timestamp was taken. The stamp is wall-clock time
+/// (`CLOCK_REALTIME`, the only clock `SO_TIMESTAMPNS` offers), so a step of
+/// the clock between the send and now skews it; the master bounds the
+/// result by its previous read of the queue.
+fn age_of(sent: nix::sys::time::TimeSpec) -> Duration {
+    let Ok(now) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME) else {
+        return Duration::ZERO;
+    };
+    let sent = Duration::new(sent.tv_sec().max(0) as u64, sent.tv_nsec().max(0) as u32);
+    let now = Duration::new(now.tv_sec().max(0) as u64, now.tv_nsec().max(0) as u32);
+    now.saturating_sub(sent)
 }
 
 impl Drop for Receiver {
@@ -386,6 +454,10 @@ fn bind_socket(path: &Path, dir_fd: &OwnedFd, owner: Option<&Credentials>) -> Re
         .map_err(|e| fail(&format!("bind the notify socket {}", path.display()), &e))?;
     setsockopt(&fd, sockopt::PassCred, &true)
         .map_err(|e| fail("enable SO_PASSCRED on the notify socket", &e))?;
+    // The kernel stamps each datagram as it is queued, so a heartbeat read
+    // late still counts from when it was sent.
+    setsockopt(&fd, sockopt::ReceiveTimestampns, &true)
+        .map_err(|e| fail("enable SO_TIMESTAMPNS on the notify socket", &e))?;
     // The queue is bounded by net.unix.max_dgram_qlen datagrams (often
     // 10) whatever the buffer size, so the master drains it promptly
     // (also between spawns) and workers retry what must arrive
@@ -468,6 +540,7 @@ pub fn monotonic_usec() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     #[test]
     fn parses_the_keys_procman_acts_on() {
@@ -513,10 +586,54 @@ mod tests {
         tx.send_to(b"READY=1\nSTATUS=hi", rx.path()).expect("send");
         tx.send_to(b"WATCH\0DOG=1", rx.path()).expect("send");
         let got = rx.drain();
+        assert_eq!(got.received, 2, "both datagrams left the queue");
+        let got = got.datagrams;
         assert_eq!(got.len(), 1, "the NUL datagram is dropped");
         assert_eq!(got[0].pid, std::process::id() as i32);
         assert_eq!(got[0].messages[0], Message::Ready);
-        assert!(rx.drain().is_empty());
+        assert_eq!(rx.drain().received, 0);
+    }
+
+    #[test]
+    fn a_datagram_read_late_carries_its_send_time() {
+        let rx = Receiver::create(None).expect("receiver");
+        let tx = UnixDatagram::unbound().expect("socket");
+        tx.send_to(b"WATCHDOG=1", rx.path()).expect("send");
+        // The scenario: the datagram waits in the queue (load only makes
+        // the wait longer, and only a lower bound is checked).
+        let waited = Instant::now();
+        std::thread::sleep(Duration::from_millis(200));
+        let got = rx.drain().datagrams;
+        assert_eq!(got.len(), 1);
+        assert!(
+            got[0].age >= Duration::from_millis(190),
+            "aged {:?} while queued for at least {:?}",
+            got[0].age,
+            waited.elapsed()
+        );
+    }
+
+    #[test]
+    fn the_queue_limit_is_the_kernels() {
+        let rx = Receiver::create(None).expect("receiver");
+        let tx = UnixDatagram::unbound().expect("socket");
+        tx.set_nonblocking(true).expect("nonblocking");
+        // The kernel refuses a datagram once more than the limit are queued.
+        let mut sent = 0;
+        while tx.send_to(b"WATCHDOG=1", rx.path()).is_ok() {
+            sent += 1;
+            assert!(sent <= rx.queue_limit() + 1, "more queued than the limit");
+        }
+        // With a large limit the sender's own buffer (net.core.wmem_default,
+        // which queued datagrams are charged to) may run out first.
+        if rx.queue_limit() <= 64 {
+            assert_eq!(
+                sent,
+                rx.queue_limit() + 1,
+                "the socket holds the limit and one"
+            );
+        }
+        assert_eq!(rx.drain().received, sent);
     }
 }
 

@@ -203,6 +203,87 @@ pub fn reconcile(table: &Table, goal: &Goal, backoff: &BTreeMap<usize, Backoff>)
     decisions
 }
 
+/// Heartbeats a worker is assumed to send per `--timeout`: the uvicorn
+/// bootstrap sends 3 (a lost one still leaves one in time); systemd's
+/// advice for `WATCHDOG_USEC` is every half, i.e. 2. A worker that sends
+/// more shows as a crowded queue ([`crowded`]).
+pub const BEATS_PER_TIMEOUT: u32 = 3;
+
+/// How the master reads the notify socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// In the poll set: each datagram is read as it arrives.
+    Poll,
+    /// Out of the poll set: read at every wake-up for any reason, and at
+    /// the latest this long after the previous read.
+    Drain(Duration),
+}
+
+/// How many datagrams an idle master lets pile up between two reads: half
+/// the queue. The other half is for what is not a heartbeat (STATUS=, a
+/// recycle request) and for a read that comes late on a loaded machine.
+pub fn notify_budget(queue_limit: usize) -> usize {
+    queue_limit / 2
+}
+
+/// How often an idle master must read the notify socket so that its queue
+/// (`queue_limit` datagrams, `net.unix.max_dgram_qlen`) never fills with
+/// the heartbeats of `workers` workers (`timeout`: `--timeout`); `None`
+/// when it must read each datagram as it comes.
+///
+/// A worker beats every `timeout / BEATS_PER_TIMEOUT` (an interval) or
+/// less often, so in a period of k intervals it sends at most k
+/// heartbeats, and `workers * k` must stay within [`notify_budget`]. k is
+/// at most 2: a healthy worker's last heartbeat read is at most one
+/// interval old, so its own heartbeat deadline (a read too) comes about 2
+/// intervals after a read, and a longer period would save nothing. Too
+/// many workers for even k = 1 (more than 5 with the kernel's default of
+/// 10; 256 with systemd's 512): poll. No `--timeout`: no heartbeats, so
+/// nothing to save, poll.
+pub fn drain_period(
+    workers: usize,
+    timeout: Option<Duration>,
+    queue_limit: usize,
+) -> Option<Duration> {
+    let interval = timeout? / BEATS_PER_TIMEOUT;
+    let k = (notify_budget(queue_limit) / workers.max(1)).min(2);
+    (k > 0 && !interval.is_zero()).then(|| interval * k as u32)
+}
+
+/// Whether a notification may need an answer at once, so that each is read
+/// as it arrives: while a worker starts (READY=1 ends its boot,
+/// EXTEND_TIMEOUT_USEC moves its startup deadline) or stops
+/// (EXTEND_TIMEOUT_USEC moves its SIGKILL), and while a reload goes on.
+/// Ready workers send heartbeats, which carry their send time, and
+/// messages a delay of one period does not harm (master/messages.rs).
+pub fn notify_urgent(table: &Table, reloading: bool) -> bool {
+    reloading || table.iter().any(|w| !w.is_ready())
+}
+
+/// Whether a read after a period without polling found the queue fuller
+/// than [`drain_period`] allows: the workers notify faster than assumed
+/// (a command worker beating more often than 3 times a timeout).
+pub fn crowded(received: usize, queue_limit: usize) -> bool {
+    received > notify_budget(queue_limit)
+}
+
+/// The pace of the notify socket now: [`Pace::Poll`] when a notification
+/// may need an answer at once ([`notify_urgent`]), when the workers are
+/// too many for the queue ([`drain_period`]), or once the queue was found
+/// crowded; otherwise drained every period.
+pub fn notify_pace(
+    table: &Table,
+    reloading: bool,
+    timeout: Option<Duration>,
+    queue_limit: usize,
+    was_crowded: bool,
+) -> Pace {
+    if was_crowded || notify_urgent(table, reloading) {
+        return Pace::Poll;
+    }
+    drain_period(table.len(), timeout, queue_limit).map_or(Pace::Poll, Pace::Drain)
+}
+
 /// Whether the loop woke so late that the master must have been stopped
 /// (SIGSTOP, a frozen VM): then deadlines measured meanwhile are not the
 /// workers' fault.

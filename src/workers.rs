@@ -41,6 +41,8 @@ pub enum Due {
     ZygoteBackoffOver,
     /// A zygote did not answer a spawn request in time.
     ZygoteSpawnTimeout(Pid),
+    /// Time to read the notify socket, which an idle master does not poll.
+    DrainNotifications,
 }
 
 impl Due {

@@ -418,3 +418,95 @@ fn suspension_is_a_late_wake_up_of_more_than_a_second() {
         Some(Duration::from_secs(5))
     );
 }
+
+#[test]
+fn drain_period_table() {
+    let s = Duration::from_secs;
+    // (workers, --timeout, queue limit) -> period, or None: poll.
+    let table: &[(usize, Option<Duration>, usize, Option<Duration>)] = &[
+        // The kernel's default queue of 10: a budget of 5 heartbeats.
+        (0, Some(s(30)), 10, Some(s(20))),
+        (1, Some(s(30)), 10, Some(s(20))),
+        (2, Some(s(30)), 10, Some(s(20))),
+        (3, Some(s(30)), 10, Some(s(10))),
+        (4, Some(s(30)), 10, Some(s(10))),
+        (5, Some(s(30)), 10, Some(s(10))),
+        (6, Some(s(30)), 10, None),
+        (16, Some(s(30)), 10, None),
+        (4, Some(s(2)), 10, Some(Duration::from_nanos(666_666_666))),
+        // systemd's 512: a budget of 256.
+        (16, Some(s(30)), 512, Some(s(20))),
+        (128, Some(s(30)), 512, Some(s(20))),
+        (129, Some(s(30)), 512, Some(s(10))),
+        (256, Some(s(30)), 512, Some(s(10))),
+        (257, Some(s(30)), 512, None),
+        (4, Some(s(300)), 512, Some(s(200))),
+        // No heartbeats: nothing to save.
+        (4, None, 512, None),
+        // A queue too small for any batch.
+        (1, Some(s(30)), 1, None),
+    ];
+    for (workers, timeout, limit, want) in table {
+        assert_eq!(
+            drain_period(*workers, *timeout, *limit),
+            *want,
+            "{workers} workers, --timeout {timeout:?}, queue {limit}"
+        );
+    }
+}
+
+#[test]
+fn the_notify_socket_is_polled_while_an_answer_may_be_due() {
+    let now = t0();
+    let t = Some(Duration::from_secs(30));
+    let lazy = Pace::Drain(Duration::from_secs(20));
+    let ready = || worker(10, 0, 1, Ready, 5000, now);
+    // (name, workers, reloading, crowded) -> pace.
+    let cases: Vec<(&str, Vec<Worker>, bool, bool, Pace)> = vec![
+        ("all ready: lazy", vec![ready()], false, false, lazy),
+        ("no workers: lazy", vec![], false, false, lazy),
+        (
+            "one starting (READY=1, EXTEND_TIMEOUT_USEC)",
+            vec![ready(), worker(11, 1, 1, Starting, 10, now)],
+            false,
+            false,
+            Pace::Poll,
+        ),
+        (
+            "one stopping (EXTEND_TIMEOUT_USEC)",
+            vec![ready(), worker(12, 1, 1, Stopping, 10, now)],
+            false,
+            false,
+            Pace::Poll,
+        ),
+        ("a reload", vec![ready()], true, false, Pace::Poll),
+        (
+            "the queue was found crowded",
+            vec![ready()],
+            false,
+            true,
+            Pace::Poll,
+        ),
+    ];
+    for (name, rows, reloading, crowded, want) in cases {
+        let got = notify_pace(&table(rows), reloading, t, 10, crowded);
+        assert_eq!(got, want, "{name}");
+    }
+    // Too many workers for the queue: polled even when all are ready.
+    let many: Vec<Worker> = (0..6)
+        .map(|i| worker(10 + i, i as usize, 1, Ready, 5000, now))
+        .collect();
+    assert_eq!(notify_pace(&table(many), false, t, 10, false), Pace::Poll);
+    assert_eq!(
+        notify_pace(&table(vec![ready()]), false, None, 10, false),
+        Pace::Poll
+    );
+}
+
+#[test]
+fn a_queue_fuller_than_the_budget_is_crowded() {
+    assert!(!crowded(5, 10));
+    assert!(crowded(6, 10));
+    assert!(!crowded(256, 512));
+    assert!(crowded(257, 512));
+}

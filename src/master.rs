@@ -2,10 +2,15 @@
 //!
 //! One thread, one `poll(2)` over the signal self-pipe and the notify
 //! socket, with the earliest deadline as its timeout; nothing wakes the
-//! master when nothing is due. Each iteration: drain signals, drain
-//! notifications (before reaping, so a READY=1 sent just before an exit is
-//! still attributed), reap with `waitpid(-1, WNOHANG)` until empty, handle
-//! passed deadlines, then reconcile the workers with the goal.
+//! master when nothing is due. The notify socket is in the poll set only
+//! while a notification may need an answer at once; an idle master reads
+//! heartbeats in batches (`messages` says when and why). Each iteration:
+//! drain signals, drain notifications (at every wake-up, whether the
+//! socket was polled or not; before reaping, so a READY=1 sent just before
+//! an exit is still attributed; before deadlines are acted on and before
+//! the endpoints answer, so a heartbeat deadline or a status sees every
+//! heartbeat sent so far), reap with `waitpid(-1, WNOHANG)` until empty,
+//! handle passed deadlines, then reconcile the workers with the goal.
 //!
 //! Every event goes through [`Master::handle`], one `match` over (master
 //! state, event) whose arms call small named methods: signals,
@@ -51,6 +56,7 @@ use crate::policy::{self, Decision, Due, Goal};
 use crate::signals::{MasterSignal, Signals};
 use crate::workers::{Table, WorkerState};
 use crate::zygote::FromZygote;
+use messages::Inbox;
 
 #[macro_use]
 mod events;
@@ -105,6 +111,8 @@ pub enum Event {
         worker: Pid,
         /// The sender (the worker or one of its descendants).
         sender: i32,
+        /// When it was sent (it may be read later).
+        sent: Instant,
         message: Message,
     },
     /// A message from a zygote (`--preload`).
@@ -125,7 +133,8 @@ pub struct Master {
     /// environment, listeners, target): one value a reload replaces whole.
     settings: Settings,
     signals: Signals,
-    notify: Receiver,
+    /// The notify socket and when it was last read.
+    notify: Inbox,
     systemd: SystemdLink,
     table: Table,
     /// Backoff of each slot, and whether procman was ever up.
@@ -169,7 +178,7 @@ impl Master {
         Ok(Master {
             settings: Settings::new(cfg, listeners),
             signals,
-            notify,
+            notify: Inbox::new(notify, Instant::now()),
             systemd: SystemdLink::from_env(Instant::now()),
             table: Table::default(),
             boot: Boot::default(),
@@ -219,9 +228,10 @@ impl Master {
                     return outcome;
                 }
             }
+            let listen = self.pace_notifications();
             let wake = self.next_wake();
             self.expected_wake = wake;
-            self.wait(wake.map(|w| w.saturating_duration_since(now)));
+            self.wait(wake.map(|w| w.saturating_duration_since(now)), listen);
             let now = Instant::now();
             if let Some(late) = policy::was_suspended(self.expected_wake, now) {
                 self.forgive_suspension(late, now);
@@ -267,9 +277,10 @@ impl Master {
                 Event::Notified {
                     worker,
                     sender,
+                    sent,
                     message,
                 },
-            ) => self.on_message(worker, sender, message, now),
+            ) => self.on_message(worker, sender, sent, message, now),
             (_, Event::Zygote { pid, message }) => self.on_zygote_message(pid, message, now),
             (_, Event::Exited { pid, status }) => self.on_exit(pid, status, now),
             // Deadlines of what is not pursued during a stop are not even
@@ -402,6 +413,11 @@ impl Master {
     /// moves it on.
     fn deadlines(&self) -> Vec<(Instant, Due)> {
         let mut out = policy::worker_deadlines(&self.table, self.settings.cfg.timeout);
+        out.extend(
+            self.notify
+                .deadline(self.notify_pace())
+                .map(|at| (at, Due::DrainNotifications)),
+        );
         out.extend(self.groups.deadlines());
         out.extend(self.systemd.deadline());
         if matches!(self.state, MasterState::Stopping { .. }) {
@@ -434,6 +450,7 @@ impl Master {
             Due::ZygoteStartTimeout(pid) => self.zygote_start_timed_out(pid, now),
             Due::ZygoteBackoffOver => self.zygotes.backoff_over(),
             Due::ZygoteSpawnTimeout(pid) => self.zygote_spawn_timed_out(pid, now),
+            Due::DrainNotifications => self.drain_notifications(now),
         }
     }
 
@@ -455,7 +472,9 @@ impl Master {
             .min()
     }
 
-    fn wait(&self, timeout: Option<Duration>) {
+    /// Sleeps in `poll` until an fd is ready or `timeout` passes; the
+    /// notify socket is polled only if `listen`.
+    fn wait(&self, timeout: Option<Duration>, listen: bool) {
         let timeout = match timeout {
             None => PollTimeout::NONE,
             // Round up, so the loop never wakes just before a deadline and
@@ -465,10 +484,10 @@ impl Master {
                 PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
             }
         };
-        let mut fds = vec![
-            PollFd::new(self.signals.fd(), PollFlags::POLLIN),
-            PollFd::new(self.notify.fd(), PollFlags::POLLIN),
-        ];
+        let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
+        if listen {
+            fds.push(PollFd::new(self.notify.receiver().fd(), PollFlags::POLLIN));
+        }
         fds.extend(
             // Not a closed channel: its end-of-file would wake us forever.
             self.zygotes

@@ -211,7 +211,9 @@ fn silent_worker_is_aborted_and_replaced_while_the_others_are_untouched() {
 
 #[test]
 fn watchdog_trigger_counts_as_a_timeout() {
-    let mut h = Start::new("trigger", &["-w", "1", "--"])
+    // A ready worker's notifications are read at least every 2 × timeout/3
+    // (here 2 s): WATCHDOG=trigger is acted on by then.
+    let mut h = Start::new("trigger", &["-w", "1", "-t", "3", "--"])
         .json()
         .args(per_slot("--watchdog-trigger-after 0.5", ""))
         .spawn();
@@ -376,6 +378,34 @@ fn a_suspended_master_does_not_kill_healthy_workers_when_it_resumes() {
     h.check(
         !h.has_event("stopping", |e| e["reason"] == "timeout"),
         "no timeout kill",
+    );
+}
+
+#[test]
+fn healthy_idle_workers_are_never_timed_out_while_the_master_reads_heartbeats_lazily() {
+    // Heartbeats every second (the test worker's WATCHDOG_USEC/2), a 2 s
+    // timeout: the master reads them in batches once all are ready.
+    let mut h = Start::new(
+        "lazy",
+        &["-w", "3", "-t", "2", "--log-level", "debug", "--"],
+    )
+    .json()
+    .args(notify_worker())
+    .spawn();
+    let before = h.wait_workers(3, BOOT);
+    h.expect_event(
+        "notify-pace",
+        BOOT,
+        "all ready: the notify socket leaves the poll set",
+        |e| e["pace"] == "lazy",
+    );
+    // The scenario: idle for three timeouts; nothing happens to wait for.
+    std::thread::sleep(Duration::from_secs(6));
+    let after = h.wait_workers(3, BOOT);
+    assert_eq!(before, after, "{}", h.log_text());
+    h.check(
+        !h.has_event("stopping", |e| e["reason"] == "timeout"),
+        "no healthy worker timed out",
     );
 }
 

@@ -254,7 +254,7 @@ impl Master {
             return;
         }
         let (env, pid_vars) = self.settings.child_env(
-            self.notify.path(),
+            self.notify.receiver().path(),
             &[
                 ("PROCMAN_WORKER_ID", slot.to_string()),
                 ("PROCMAN_GENERATION", self.generation.to_string()),

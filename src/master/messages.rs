@@ -1,6 +1,44 @@
 //! Notifications from workers (sd_notify datagrams on the master's
 //! socket): attributed to a worker by the sender's credentials (the
-//! worker itself or one of its descendants), then handled as events.
+//! worker itself or one of its descendants), then handled as events; and
+//! when the master reads them ([`Inbox`]).
+//!
+//! Lazy heartbeats. Every ready worker sends `WATCHDOG=1` 3 times per
+//! `--timeout`; an idle master that woke for each would wake 3 times per
+//! worker per timeout for nothing. So the socket is in the poll set only
+//! while a notification may need an answer at once
+//! ([`crate::policy::notify_pace`]): while a worker is starting or
+//! stopping, during a reload, when the workers are too many for the
+//! socket's queue, or once the queue was found crowded. Otherwise the
+//! master reads it (non-blocking, until empty) at every wake-up for any
+//! reason (before reaping, before a deadline is acted on, before a status
+//! or metrics answer is built: the loop reads it right after `poll`), and
+//! at the latest one drain period after the previous read (the deadline
+//! `Due::DrainNotifications`, e.g. every 2 × timeout/3; see
+//! [`crate::policy::drain_period`] for how the queue limit sizes it).
+//!
+//! Each kind of message, and what reading it up to one period late does:
+//! * `WATCHDOG=1`: nothing. It counts from its send time (the kernel's
+//!   timestamp), so a worker's heartbeat deadline is still its last
+//!   heartbeat + `--timeout`; when that deadline passes, the loop has just
+//!   read the socket, so a worker is only timed out after a read showed no
+//!   fresh heartbeat.
+//! * `READY=1`, `EXTEND_TIMEOUT_USEC`: only acted on while the worker is
+//!   starting or stopping, when the socket is polled.
+//! * `X_PROCMAN_ERROR`, `X_PROCMAN_TRACEBACK`: sent before a worker (or a
+//!   zygote) fails; its exit wakes the master, which reads the socket
+//!   before reaping, so they are still attributed.
+//! * `STOPPING=1` from a ready worker leaving on its own: its replacement
+//!   starts up to one period later, or at its exit if that comes first.
+//!   A worker that was told to stop is already stopping (polled).
+//! * `WATCHDOG=trigger`: the abort comes up to one period late. It is the
+//!   worker's "count me as timed out": a worker that fell silent instead
+//!   would be aborted a whole `--timeout` later, which the period is
+//!   shorter than.
+//! * `X_PROCMAN_RECYCLE`: the replacement starts up to one period later;
+//!   the worker keeps serving meanwhile, as it does until it is replaced.
+//! * `STATUS=`, `ERRNO=`: logged up to one period late.
+//! * `RELOADING=1`, `MAINPID=` and anything else: ignored anyway.
 
 use std::time::Instant;
 
@@ -9,20 +47,137 @@ use tracing::{debug, info, warn};
 
 use super::lifecycle::mark_ready;
 use super::{Event, Master};
-use crate::notify::{Datagram, Message};
+use crate::notify::{Datagram, Message, Receiver};
+use crate::policy::{self, Pace};
 use crate::procfs;
 use crate::workers::{Stop, WorkerState};
 
-impl Master {
-    pub(super) fn drain_notifications(&mut self, now: Instant) {
-        for datagram in self.notify.drain() {
-            self.dispatch_datagram(datagram, now);
+/// The notify socket and when it was read.
+pub(super) struct Inbox {
+    receiver: Receiver,
+    /// The end of the previous read: nothing queued then is still queued,
+    /// so every datagram read since was sent after it.
+    last_read: Instant,
+    /// The pace of the last wait.
+    pace: Pace,
+    /// The socket was out of the poll set since the previous read: this
+    /// read shows how full the queue grew unwatched.
+    unwatched: bool,
+    /// A read after an unwatched period found the queue fuller than the
+    /// period allows: polled from then on.
+    crowded: bool,
+}
+
+impl Inbox {
+    pub(super) fn new(receiver: Receiver, now: Instant) -> Inbox {
+        Inbox {
+            receiver,
+            last_read: now,
+            pace: Pace::Poll,
+            unwatched: false,
+            crowded: false,
         }
+    }
+
+    pub(super) fn receiver(&self) -> &Receiver {
+        &self.receiver
+    }
+
+    pub(super) fn crowded(&self) -> bool {
+        self.crowded
+    }
+
+    /// When the socket is due for a read while it is not polled.
+    pub(super) fn deadline(&self, pace: Pace) -> Option<Instant> {
+        match pace {
+            Pace::Poll => None,
+            Pace::Drain(period) => Some(self.last_read + period),
+        }
+    }
+
+    /// The pace the coming wait uses; returns whether it changed.
+    pub(super) fn set_pace(&mut self, pace: Pace) -> bool {
+        let changed = std::mem::discriminant(&pace) != std::mem::discriminant(&self.pace);
+        self.pace = pace;
+        self.unwatched |= pace != Pace::Poll;
+        changed
+    }
+
+    /// Reads every queued datagram, each with when it was sent: `now` less
+    /// its age, but not before the previous read (a wall clock stepped
+    /// forward meanwhile would age it too much).
+    fn read(&mut self, now: Instant) -> Vec<(Datagram, Instant)> {
+        let drained = self.receiver.drain();
+        let limit = self.receiver.queue_limit();
+        let unwatched = std::mem::take(&mut self.unwatched);
+        if unwatched && !self.crowded && policy::crowded(drained.received, limit) {
+            self.crowded = true;
+            info!(
+                event = "notify-pace",
+                pace = "poll",
+                "{} notifications were queued after an idle period (the queue holds {limit}): reading each as it arrives from now on",
+                drained.received
+            );
+        }
+        let since = self.last_read;
+        self.last_read = now;
+        drained
+            .datagrams
+            .into_iter()
+            .map(|d| {
+                let sent = now.checked_sub(d.age).unwrap_or(since).max(since);
+                (d, sent.min(now))
+            })
+            .collect()
+    }
+}
+
+impl Master {
+    /// Reads the notify socket until it is empty and handles what it held.
+    pub(super) fn drain_notifications(&mut self, now: Instant) {
+        for (datagram, sent) in self.notify.read(now) {
+            self.dispatch_datagram(datagram, sent, now);
+        }
+    }
+
+    /// How the notify socket is read now (see the module's comment).
+    pub(super) fn notify_pace(&self) -> Pace {
+        policy::notify_pace(
+            &self.table,
+            self.reload.is_some(),
+            self.settings.cfg.timeout,
+            self.notify.receiver().queue_limit(),
+            self.notify.crowded(),
+        )
+    }
+
+    /// Fixes the pace of the coming wait; returns whether to poll the
+    /// socket.
+    pub(super) fn pace_notifications(&mut self) -> bool {
+        let pace = self.notify_pace();
+        if self.notify.set_pace(pace) {
+            match pace {
+                Pace::Poll => debug!(
+                    event = "notify-pace",
+                    pace = "poll",
+                    "Reading notifications as they arrive"
+                ),
+                Pace::Drain(period) => debug!(
+                    event = "notify-pace",
+                    pace = "lazy",
+                    period_s = period.as_secs_f64(),
+                    "All workers ready: reading notifications every {:.1}s or at any wake-up",
+                    period.as_secs_f64()
+                ),
+            }
+        }
+        pace == Pace::Poll
     }
 
     /// Attributes a datagram to a worker by the sender's credentials:
     /// the worker itself or one of its descendants. Others are dropped.
-    pub(super) fn dispatch_datagram(&mut self, d: Datagram, now: Instant) {
+    /// `sent`: when it was sent (a heartbeat counts from then).
+    pub(super) fn dispatch_datagram(&mut self, d: Datagram, sent: Instant, now: Instant) {
         let sender = Pid::from_raw(d.pid);
         if let Some(z) = self.zygotes.get_mut(sender) {
             for m in d.messages {
@@ -51,6 +206,7 @@ impl Master {
                 Event::Notified {
                     worker,
                     sender: d.pid,
+                    sent,
                     message,
                 },
                 now,
@@ -58,7 +214,14 @@ impl Master {
         }
     }
 
-    pub(super) fn on_message(&mut self, pid: Pid, sender: i32, message: Message, now: Instant) {
+    pub(super) fn on_message(
+        &mut self,
+        pid: Pid,
+        sender: i32,
+        sent: Instant,
+        message: Message,
+        now: Instant,
+    ) {
         let notify_ready = self.settings.class.notify_ready;
         let kill_limit = self.kill_limit;
         let Some(w) = self.table.get_mut(pid) else {
@@ -70,7 +233,10 @@ impl Master {
                     mark_ready(w, now, &self.endpoints.observed);
                 }
             }
-            Message::Heartbeat => w.last_heartbeat = Some(now),
+            // Its send time: read late, it still counts from then.
+            Message::Heartbeat => {
+                w.last_heartbeat = Some(w.last_heartbeat.map_or(sent, |t| t.max(sent)))
+            }
             Message::WatchdogTrigger => {
                 if w.is_active() {
                     worker_event!(

@@ -106,7 +106,7 @@ impl Master {
         };
         let Some(plan) = self
             .settings
-            .zygote_plan(self.notify.path(), zygote_end.as_raw_fd())
+            .zygote_plan(self.notify.receiver().path(), zygote_end.as_raw_fd())
         else {
             return;
         };

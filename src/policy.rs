@@ -268,9 +268,11 @@ pub fn crowded(received: usize, queue_limit: usize) -> bool {
 }
 
 /// The pace of the notify socket now: [`Pace::Poll`] when a notification
-/// may need an answer at once ([`notify_urgent`]), when the workers are
-/// too many for the queue ([`drain_period`]), or once the queue was found
-/// crowded; otherwise drained every period.
+/// may need an answer at once ([`notify_urgent`]), when no worker sends
+/// heartbeats (workers that do not speak sd_notify: no wake-up to save,
+/// and a master with nothing due keeps sleeping without a timeout), when
+/// the workers are too many for the queue ([`drain_period`]), or once the
+/// queue was found crowded; otherwise drained every period.
 pub fn notify_pace(
     table: &Table,
     reloading: bool,
@@ -278,7 +280,8 @@ pub fn notify_pace(
     queue_limit: usize,
     was_crowded: bool,
 ) -> Pace {
-    if was_crowded || notify_urgent(table, reloading) {
+    let beating = table.iter().any(|w| w.last_heartbeat.is_some());
+    if was_crowded || !beating || notify_urgent(table, reloading) {
         return Pace::Poll;
     }
     drain_period(table.len(), timeout, queue_limit).map_or(Pace::Poll, Pace::Drain)

@@ -8,8 +8,9 @@
 //! worker per timeout for nothing. So the socket is in the poll set only
 //! while a notification may need an answer at once
 //! ([`crate::policy::notify_pace`]): while a worker is starting or
-//! stopping, during a reload, when the workers are too many for the
-//! socket's queue, or once the queue was found crowded. Otherwise the
+//! stopping, during a reload, when no worker sends heartbeats (nothing to
+//! batch), when the workers are too many for the socket's queue, or once
+//! the queue was found crowded. Otherwise the
 //! master reads it (non-blocking, until empty) at every wake-up for any
 //! reason (before reaping, before a deadline is acted on, before a status
 //! or metrics answer is built: the loop reads it right after `poll`), and

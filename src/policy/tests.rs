@@ -460,11 +460,36 @@ fn the_notify_socket_is_polled_while_an_answer_may_be_due() {
     let now = t0();
     let t = Some(Duration::from_secs(30));
     let lazy = Pace::Drain(Duration::from_secs(20));
-    let ready = || worker(10, 0, 1, Ready, 5000, now);
+    let ready = || {
+        let mut w = worker(10, 0, 1, Ready, 5000, now);
+        w.last_heartbeat = Some(now);
+        w
+    };
+    let silent = worker(13, 2, 1, Ready, 5000, now);
     // (name, workers, reloading, crowded) -> pace.
     let cases: Vec<(&str, Vec<Worker>, bool, bool, Pace)> = vec![
         ("all ready: lazy", vec![ready()], false, false, lazy),
-        ("no workers: lazy", vec![], false, false, lazy),
+        (
+            "all ready, one never beat: lazy",
+            vec![ready(), silent.clone()],
+            false,
+            false,
+            Pace::Drain(Duration::from_secs(20)),
+        ),
+        (
+            "no heartbeats at all: nothing to batch",
+            vec![silent.clone()],
+            false,
+            false,
+            Pace::Poll,
+        ),
+        (
+            "no workers: nothing to batch",
+            vec![],
+            false,
+            false,
+            Pace::Poll,
+        ),
         (
             "one starting (READY=1, EXTEND_TIMEOUT_USEC)",
             vec![ready(), worker(11, 1, 1, Starting, 10, now)],
@@ -494,7 +519,11 @@ fn the_notify_socket_is_polled_while_an_answer_may_be_due() {
     }
     // Too many workers for the queue: polled even when all are ready.
     let many: Vec<Worker> = (0..6)
-        .map(|i| worker(10 + i, i as usize, 1, Ready, 5000, now))
+        .map(|i| {
+            let mut w = worker(10 + i, i as usize, 1, Ready, 5000, now);
+            w.last_heartbeat = Some(now);
+            w
+        })
         .collect();
     assert_eq!(notify_pace(&table(many), false, t, 10, false), Pace::Poll);
     assert_eq!(

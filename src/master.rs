@@ -244,6 +244,10 @@ impl Master {
             }
             self.drain_notifications(now);
             while let Some((pid, status)) = reap_one() {
+                // A worker can send its last words (X_PROCMAN_ERROR) and
+                // exit between the read above and `waitpid`; once it is a
+                // zombie, everything it sent is queued: read it first.
+                self.drain_notifications(now);
                 self.handle(Event::Exited { pid, status }, now);
             }
             // Requests (a stop, a scale, a reload) are events too: the

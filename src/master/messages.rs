@@ -345,3 +345,82 @@ fn owning_worker(pid: i32, is_worker: impl Fn(i32) -> bool) -> Option<i32> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Sends each datagram from a socket of its own, as workers do: queued
+    /// datagrams are charged to their sender's buffer, which one socket
+    /// sending hundreds could fill before the queue limit (512 with
+    /// systemd's setting).
+    struct Sender(std::path::PathBuf);
+
+    impl Sender {
+        fn send(&self, payload: &[u8]) -> std::io::Result<usize> {
+            UnixDatagram::unbound()?.send_to(payload, &self.0)
+        }
+    }
+
+    fn inbox(now: Instant) -> (Inbox, Sender) {
+        let rx = Receiver::create(None).expect("receiver");
+        let tx = Sender(rx.path().to_path_buf());
+        (Inbox::new(rx, now), tx)
+    }
+
+    #[test]
+    fn a_datagram_is_dated_between_the_previous_read_and_this_one() {
+        let start = Instant::now();
+        let (mut inbox, tx) = inbox(start);
+        tx.send(b"WATCHDOG=1").expect("send");
+        let now = Instant::now();
+        let read = inbox.read(now);
+        assert_eq!(read.len(), 1);
+        let sent = read[0].1;
+        assert!(
+            start <= sent && sent <= now,
+            "{sent:?} not in [{start:?}, {now:?}]"
+        );
+        // The next read's datagrams are dated after this read.
+        tx.send(b"WATCHDOG=1").expect("send");
+        let later = Instant::now();
+        let read = inbox.read(later);
+        assert!(read[0].1 >= now && read[0].1 <= later);
+    }
+
+    #[test]
+    fn a_crowded_queue_after_an_unwatched_period_means_polling_for_good() {
+        let now = Instant::now();
+        let (mut inbox, tx) = inbox(now);
+        let limit = inbox.receiver().queue_limit();
+        let budget = policy::notify_budget(limit);
+        // Watched (polled): a full read says nothing about the pace.
+        for _ in 0..=budget {
+            tx.send(b"WATCHDOG=1").expect("send");
+        }
+        inbox.set_pace(Pace::Poll);
+        inbox.read(now);
+        assert!(!inbox.crowded(), "a polled socket is not judged");
+        // Unwatched, within the budget: still lazy.
+        inbox.set_pace(Pace::Drain(Duration::from_secs(20)));
+        for _ in 0..budget {
+            tx.send(b"WATCHDOG=1").expect("send");
+        }
+        inbox.read(now);
+        assert!(!inbox.crowded(), "{budget} datagrams fit the budget");
+        // Unwatched, beyond it: polled from then on.
+        inbox.set_pace(Pace::Drain(Duration::from_secs(20)));
+        for _ in 0..=budget {
+            tx.send(b"WATCHDOG=1").expect("send");
+        }
+        inbox.read(now);
+        assert!(
+            inbox.crowded(),
+            "{} datagrams exceed the budget",
+            budget + 1
+        );
+    }
+}

@@ -419,7 +419,7 @@ impl Master {
         let mut out = policy::worker_deadlines(&self.table, self.settings.cfg.timeout);
         out.extend(
             self.notify
-                .deadline(self.notify_pace())
+                .deadline()
                 .map(|at| (at, Due::DrainNotifications)),
         );
         out.extend(self.groups.deadlines());

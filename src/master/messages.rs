@@ -88,9 +88,11 @@ impl Inbox {
         self.crowded
     }
 
-    /// When the socket is due for a read while it is not polled.
-    pub(super) fn deadline(&self, pace: Pace) -> Option<Instant> {
-        match pace {
+    /// When the socket is due for a read while it is not polled: by the
+    /// pace of the last wait ([`Inbox::set_pace`]), which is what left it
+    /// unwatched, so the pace is decided once per wait.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        match self.pace {
             Pace::Poll => None,
             Pace::Drain(period) => Some(self.last_read + period),
         }

@@ -73,6 +73,16 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// Its name, as `--log-format` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 /// The validated, resolved configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -373,10 +383,12 @@ impl Config {
             ));
         }
 
-        let log_format = match cli.value("log-format") {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            v => return Err(invalid("log-format", v, "expected 'text' or 'json'")),
+        let v = cli.value("log-format");
+        let Some(log_format) = [LogFormat::Text, LogFormat::Json]
+            .into_iter()
+            .find(|f| f.name() == v)
+        else {
+            return Err(invalid("log-format", v, "expected 'text' or 'json'"));
         };
         let log_file = cli.text("log-file").map(PathBuf::from);
         if let Some(f) = &log_file {

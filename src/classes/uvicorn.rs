@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use super::Launch;
 use crate::cli::OPTIONS;
-use crate::config::{Config, LogFormat, UvicornOptions};
+use crate::config::{Config, UvicornOptions};
 
 /// The bootstrap's source, embedded at build time.
 pub const BOOTSTRAP: &str = include_str!("bootstrap.py");
@@ -175,11 +175,7 @@ fn resolved(name: &str, opts: &UvicornOptions, cfg: &Config) -> Option<serde_jso
         "log-level" => cfg.log_level.uvicorn_name().into(),
         // Worker lines in the master's format (slot and generation come
         // from PROCMAN_WORKER_ID and PROCMAN_GENERATION).
-        "log-format" => match cfg.log_format {
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
-        }
-        .into(),
+        "log-format" => cfg.log_format.name().into(),
         _ => return None,
     })
 }

@@ -117,6 +117,18 @@ fn check_imported_by_each(h: &Harness, pids: &[i32]) {
     }
 }
 
+/// Every worker of generation 1 started cold and imported the app itself;
+/// then a clean stop.
+fn check_cold_generation_then_stop(mut h: Harness) {
+    h.check(
+        forked_from(&h, 1).iter().all(Option::is_none),
+        "cold starts",
+    );
+    check_imported_by_each(&h, &ready_pids(&h, 1));
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
 #[test]
 fn default_workers_are_forked_from_a_base_zygote_and_import_the_app_themselves() {
     let mut h = two_import_pid_workers("base-zygote");
@@ -156,7 +168,7 @@ fn default_workers_are_forked_from_a_base_zygote_and_import_the_app_themselves()
 #[test]
 fn no_zygote_gives_cold_workers() {
     let args = ["-w", "2", "--no-zygote"];
-    let mut h = uvicorn_json("no-zygote", &apps_dir(), "import_pid:main", &args).spawn();
+    let h = uvicorn_json("no-zygote", &apps_dir(), "import_pid:main", &args).spawn();
     h.check(
         h.wait_event("all-ready", BOOT, |_| true).is_some(),
         "all ready",
@@ -167,13 +179,7 @@ fn no_zygote_gives_cold_workers() {
         !titles.iter().any(|t| t.starts_with("procman: zygote")),
         &format!("no zygote among the children: {titles:?}"),
     );
-    h.check(
-        forked_from(&h, 1).iter().all(Option::is_none),
-        "cold starts",
-    );
-    check_imported_by_each(&h, &ready_pids(&h, 1));
-    h.signal(Signal::SIGTERM);
-    assert_eq!(h.exit_code(BOOT), 0);
+    check_cold_generation_then_stop(h);
 }
 
 #[test]
@@ -222,7 +228,7 @@ fn a_base_zygote_that_cannot_start_means_cold_workers_and_is_logged() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .expect("chmod");
-    let mut h = Start::new(
+    let h = Start::new(
         "base-broken",
         &[
             "import_pid:main",
@@ -245,11 +251,5 @@ fn a_base_zygote_that_cannot_start_means_cold_workers_and_is_logged() {
         h.has_event("zygote-cold", |e| e["reason"] == "base-failed"),
         "the fallback is logged",
     );
-    h.check(
-        forked_from(&h, 1).iter().all(Option::is_none),
-        "cold starts",
-    );
-    check_imported_by_each(&h, &ready_pids(&h, 1));
-    h.signal(Signal::SIGTERM);
-    assert_eq!(h.exit_code(BOOT), 0);
+    check_cold_generation_then_stop(h);
 }

@@ -1003,6 +1003,7 @@ pub fn clean_env(cmd: &mut Command) {
         "LISTEN_FDS",
         "LISTEN_PID",
         "LISTEN_FDNAMES",
+        "LISTEN_PIDFDID",
         "WEB_CONCURRENCY",
         "PORT",
     ] {

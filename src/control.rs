@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::serve::{Framed, Stream};
+use crate::serve::Stream;
 
 /// A request to the master.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,16 +82,6 @@ pub fn frame(bytes: &[u8], stream: &Stream) -> Result<Option<Request>, Vec<u8>> 
         _ => return Err(error("permission denied")),
     }
     parse(&bytes[..end]).map(Some).map_err(|e| error(&e))
-}
-
-/// Turns a framing result into what [`crate::serve`] wants, given how the
-/// master handled a request.
-pub fn framed(result: Result<Option<Vec<u8>>, Vec<u8>>) -> Framed {
-    match result {
-        Ok(Some(reply)) => Framed::Reply(reply),
-        Ok(None) => Framed::Later,
-        Err(reply) => Framed::Reply(reply),
-    }
 }
 
 // ---- the client ----

@@ -75,11 +75,6 @@ pub fn os_reason(err: &std::io::Error) -> String {
     }
 }
 
-/// Same as [`os_reason`] for an errno value.
-pub fn errno_reason(errno: nix::errno::Errno) -> String {
-    errno.desc().to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

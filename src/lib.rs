@@ -9,7 +9,7 @@
 //! import cycles):
 //! `main → startup → master (and master/*) → the parts (classes, zygote,
 //! logging, generate, layers → config → cli) → the edges (policy, workers, spawn,
-//! bind, notify, signals, pid, pidfile) → the leaves (error, identity,
+//! bind, notify, signals, pid, pidfile, priority) → the leaves (error, identity,
 //! safefs, procfs, cpus)`. A lower module never names a higher one: what it
 //! needs from above is passed in as a value.
 
@@ -36,6 +36,7 @@ pub mod startup;
 pub mod bind;
 pub mod notify;
 pub mod pid;
+pub mod priority;
 pub mod procfs;
 pub mod signals;
 pub mod spawn;

@@ -34,6 +34,44 @@ pub const MEMORY_SAMPLES: u32 = 3;
 /// How long a quick stop lets workers drain.
 pub const QUICK_STOP_GRACE: Duration = Duration::from_secs(2);
 
+/// How much a reload lowers the CPU priority of the workers it replaces
+/// (added to their nice value). At 10 a booting worker gets about nine
+/// times the CPU of an outgoing one (kernel weights 1024 and 110) while
+/// both want it; the outgoing ones still serve whenever a CPU is free.
+pub const RELOAD_NICE_STEP: i32 = 10;
+
+/// The lowest priority there is: nice 19.
+pub const NICEST: i32 = 19;
+
+/// The nice value an outgoing worker at `nice` is lowered to; `None` if it
+/// cannot go lower.
+pub fn lowered_nice(nice: i32) -> Option<i32> {
+    let to = nice.saturating_add(RELOAD_NICE_STEP).min(NICEST);
+    (to > nice).then_some(to)
+}
+
+/// The workers a reload to `generation` should lower: active, older, and
+/// not lowered already (a reload superseding another lowers only the
+/// workers the first one did not).
+pub fn to_lower(table: &Table, generation: u64) -> Vec<Pid> {
+    table
+        .iter()
+        .filter(|w| w.generation < generation)
+        .filter(|w| w.active().is_some_and(|a| a.lowered_from.is_none()))
+        .map(|w| w.pid)
+        .collect()
+}
+
+/// After a failed reload, the workers that keep serving (of `generation`
+/// or older) and whose priority it lowered, with their nice value before.
+pub fn to_restore(table: &Table, generation: u64) -> Vec<(Pid, i32)> {
+    table
+        .iter()
+        .filter(|w| w.generation <= generation)
+        .filter_map(|w| Some((w.pid, w.active()?.lowered_from?)))
+        .collect()
+}
+
 /// Backoff state of one slot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Backoff {

@@ -69,13 +69,16 @@ impl ExitReason {
     }
 
     /// The reason of a recycle, from the text the master logged for it
-    /// ("lifetime reached…", "memory … above …", or what the worker said
+    /// ("lifetime reached…", "memory … above …", "reload failed: …" for a
+    /// worker whose priority a failed reload cannot give back, or what the worker said
     /// when it asked: its request limit).
     pub fn of_recycle(why: &str) -> ExitReason {
         if why.starts_with("lifetime") {
             ExitReason::Lifetime
         } else if why.starts_with("memory") {
             ExitReason::Memory
+        } else if why.starts_with("reload") {
+            ExitReason::Reload
         } else {
             ExitReason::MaxRequests
         }

@@ -97,6 +97,9 @@ pub struct Active {
     pub retire_at: Option<Instant>,
     /// Consecutive memory samples above --max-worker-memory.
     pub samples_over_memory: u32,
+    /// A reload lowered its CPU priority: its nice value before, to go back
+    /// to if the reload fails.
+    pub lowered_from: Option<i32>,
 }
 
 /// Why the master stopped a worker.

@@ -417,3 +417,169 @@ fn a_hup_during_a_reload_supersedes_it() {
         "the new workers serve the address generation 2 bound",
     );
 }
+
+/// A process's nice value (field 19 of /proc/PID/stat).
+fn nice_of(pid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    rest.split_whitespace().nth(16)?.parse().ok()
+}
+
+/// What a reload lowers an outgoing worker at `base` to (policy's step of
+/// 10, down to nice 19).
+fn lowered(base: i32) -> i32 {
+    (base + 10).min(19)
+}
+
+/// A new generation that stays booting until `go` exists, then serves.
+fn hello_after(go: &Path) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "while [ ! -e {} ]; do sleep 0.05; done; exec {}",
+            go.display(),
+            hello()
+        ),
+    ]
+}
+
+#[test]
+fn a_reload_lowers_the_priority_of_the_workers_it_replaces_not_of_their_replacements() {
+    let (start, file) = start_on("reload-nice", &[hello()], "workers = 2");
+    let go = start.dir().join("go");
+    let mut h = start.spawn();
+    h.expect_event("all-ready", BOOT, "booted", |_| true);
+    let old = h.wait_workers(2, BOOT);
+    let base = nice_of(h.pid).expect("procman's nice value");
+    h.check(
+        old.iter().all(|p| nice_of(*p) == Some(base)),
+        "the workers start at procman's priority",
+    );
+    write_config(&file, "new", &hello_after(&go), "workers = 2");
+    h.signal(Signal::SIGHUP);
+    h.expect_event(
+        "priority-lowered",
+        BOOT,
+        "the outgoing workers lowered",
+        |e| e["workers"] == 2 && e["from"] == base && e["to"] == lowered(base),
+    );
+    let niced: Vec<Option<i32>> = old.iter().map(|p| nice_of(*p)).collect();
+    h.check(
+        niced.iter().all(|n| *n == Some(lowered(base))),
+        &format!("both outgoing workers at nice {}: {niced:?}", lowered(base)),
+    );
+    let booting = h.expect_events("booting", 2, BOOT, "generation 2 booting", |e| {
+        e["generation"] == 2
+    });
+    for e in &booting {
+        let pid = worker_of(e);
+        h.check(
+            nice_of(pid) == Some(base),
+            &format!("the new worker {pid} boots at nice {base}"),
+        );
+    }
+    std::fs::write(&go, "").expect("go");
+    h.expect_event("reload-done", BOOT, "reload done", |e| e["generation"] == 2);
+    let settled = wait_for(BOOT, || {
+        let now = workers(&h);
+        (now.len() == 2 && now.is_disjoint(&old)).then_some(now)
+    });
+    h.check(settled.is_some(), "only the new workers remain");
+    for pid in settled.unwrap_or_default() {
+        h.check(
+            nice_of(pid) == Some(base),
+            &format!("the new worker {pid} serves at nice {base}"),
+        );
+    }
+}
+
+/// Starts on hello, reloads to a command that exits at once (the reload
+/// fails) and returns the harness, the old workers and the base nice.
+fn fail_a_reload(name: &str, wrap: Option<(&str, &[&str])>) -> (Harness, BTreeSet<i32>, i32) {
+    let (start, file) = start_on(name, &[hello()], "workers = 2");
+    let mut h = match wrap {
+        Some((program, pre)) => start.spawn_with(program, pre),
+        None => start.spawn(),
+    };
+    h.expect_event("all-ready", BOOT, "booted", |_| true);
+    let old = h.wait_workers(2, BOOT);
+    let base = nice_of(h.pid).expect("procman's nice value");
+    write_config(
+        &file,
+        "new",
+        &exits_at_once(),
+        "workers = 2\nready-after = '10s'",
+    );
+    h.signal(Signal::SIGHUP);
+    h.expect_event(
+        "priority-lowered",
+        BOOT,
+        "the outgoing workers lowered",
+        |e| e["workers"] == 2,
+    );
+    h.expect_event("reload-failed", BOOT, "reload failed", |e| {
+        e["generation"] == 2
+    });
+    (h, old, base)
+}
+
+#[test]
+fn a_failed_reload_gives_the_workers_it_lowered_their_priority_back() {
+    // The test runs as root: procman has CAP_SYS_NICE and raises them back.
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "skipped: needs root (CAP_SYS_NICE); the test below covers the unprivileged case"
+        );
+        return;
+    }
+    let (h, old, base) = fail_a_reload("reload-nice-back", None);
+    h.expect_events("priority-restored", 2, BOOT, "both workers back", |e| {
+        old.contains(&worker_of(e))
+    });
+    let niced: Vec<Option<i32>> = old.iter().map(|p| nice_of(*p)).collect();
+    h.check(
+        niced.iter().all(|n| *n == Some(base)),
+        &format!("the same workers, back at nice {base}: {niced:?}"),
+    );
+    h.check(
+        workers(&h) == old,
+        "the old workers keep serving, none replaced",
+    );
+}
+
+#[test]
+fn without_cap_sys_nice_a_failed_reload_replaces_the_workers_it_lowered() {
+    // Without CAP_SYS_NICE (dropped from the bounding set before procman
+    // starts, so root's exec does not get it) a priority cannot be raised.
+    let (h, old, base) = fail_a_reload(
+        "reload-nice-recycle",
+        Some(("setpriv", &["--bounding-set=-sys_nice", "--", PROCMAN])),
+    );
+    h.expect_events("recycling", 2, BOOT, "both lowered workers recycled", |e| {
+        old.contains(&worker_of(e)) && e["reason"] == "reload"
+    });
+    let settled = wait_for(BOOT, || {
+        let now = workers(&h);
+        let fresh = now.iter().all(|p| {
+            nice_of(*p) == Some(base)
+                && env_of(*p, "RELEASE").as_deref() == Some("old")
+                && env_of(*p, "PROCMAN_GENERATION").as_deref() == Some("1")
+        });
+        (now.len() == 2 && now.is_disjoint(&old) && fresh).then_some(now)
+    });
+    h.check(
+        settled.is_some(),
+        &format!(
+            "2 new workers of the previous release at nice {base}: {:?}",
+            workers(&h)
+                .iter()
+                .map(|p| (*p, nice_of(*p)))
+                .collect::<Vec<_>>()
+        ),
+    );
+    h.check(
+        !h.has_event("priority-restored", |_| true),
+        "nothing was raised back without the capability",
+    );
+}

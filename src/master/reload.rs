@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::exits::describe_exit;
 use super::launch::{release, Reload, Settings};
@@ -32,6 +32,8 @@ use crate::bind::{BindSpec, Listener};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::notify;
+use crate::policy;
+use crate::priority;
 use crate::workers::{StopReason, Worker};
 
 /// `fd://N` in a new configuration must not name a descriptor a listener
@@ -119,6 +121,7 @@ impl Master {
         }
         self.generation = generation;
         self.required_generation = generation;
+        self.lower_outgoing(generation);
         // A new base zygote per generation (a changed virtualenv or uvicorn
         // is picked up), even if the last one fell back to cold starts.
         if self.base_zygote() {
@@ -265,11 +268,85 @@ impl Master {
         for pid in starting {
             self.stop_worker(pid, StopReason::ReloadAborted, grace, now);
         }
+        self.raise_back(current);
         self.systemd.send(&format!(
             "READY=1\nSTATUS=reload to generation {} failed: {why}; {}",
             r.generation,
             self.status_line()
         ));
+    }
+
+    /// The workers a reload replaces keep serving until their replacements
+    /// are ready, at a lower CPU priority: on a busy machine the new
+    /// generation's boots (CPU-bound imports) then get the CPUs first,
+    /// instead of a share among every serving worker, and the outgoing
+    /// ones serve with what is left. On an idle machine nothing changes.
+    fn lower_outgoing(&mut self, generation: u64) {
+        let mut lowered: Vec<(i32, i32)> = Vec::new();
+        for pid in policy::to_lower(&self.table, generation) {
+            let from = match priority::of_group(pid) {
+                Ok(n) => n,
+                Err(e) => {
+                    debug!("Cannot read the priority of worker {pid}: {e}");
+                    continue;
+                }
+            };
+            let Some(to) = policy::lowered_nice(from) else {
+                continue;
+            };
+            if let Err(e) = priority::set_group(pid, to) {
+                debug!("Cannot lower the priority of worker {pid}: {e}");
+                continue;
+            }
+            if let Some(a) = self.table.get_mut(pid).and_then(|w| w.active_mut()) {
+                a.lowered_from = Some(from);
+            }
+            lowered.push((from, to));
+        }
+        let Some((from, to)) = lowered.first().copied() else {
+            return;
+        };
+        let n = lowered.len();
+        info!(
+            event = "priority-lowered",
+            workers = n,
+            from,
+            to,
+            "Lowered the CPU priority of {n} outgoing worker{} (nice {from} to {to}) so that their replacements boot first",
+            if n == 1 { "" } else { "s" }
+        );
+    }
+
+    /// After a failed reload, the workers that keep serving get their
+    /// priority back. Raising a priority needs CAP_SYS_NICE: without it a
+    /// lowered worker is recycled instead (one at a time, its replacement
+    /// ready first), so the previous generation ends up serving at its
+    /// old priority either way.
+    fn raise_back(&mut self, generation: u64) {
+        for (pid, nice) in policy::to_restore(&self.table, generation) {
+            match priority::set_group(pid, nice) {
+                Ok(()) => {
+                    if let Some(a) = self.table.get_mut(pid).and_then(|w| w.active_mut()) {
+                        a.lowered_from = None;
+                    }
+                    if let Some(w) = self.table.get(pid) {
+                        worker_event!(
+                            info,
+                            "priority-restored",
+                            w,
+                            "Worker {pid} (slot {}) is back at nice {nice}",
+                            w.slot
+                        );
+                    }
+                }
+                Err(e) => {
+                    self.recycling.ask(
+                        pid,
+                        format!("reload failed: its priority, lowered for the reload, cannot be raised back to nice {nice} ({e})"),
+                    );
+                }
+            }
+        }
     }
 
     /// Called for every reaped worker before anything else. A worker of

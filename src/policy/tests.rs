@@ -539,3 +539,52 @@ fn a_queue_fuller_than_the_budget_is_crowded() {
     assert!(!crowded(256, 512));
     assert!(crowded(257, 512));
 }
+
+#[test]
+fn an_outgoing_worker_is_lowered_by_the_step_up_to_the_lowest_priority() {
+    for (nice, want) in [
+        (0, Some(10)),
+        (-5, Some(5)),
+        (5, Some(15)),
+        (12, Some(19)),
+        (18, Some(19)),
+        (19, None),
+    ] {
+        assert_eq!(lowered_nice(nice), want, "nice {nice}");
+    }
+}
+
+#[test]
+fn a_reload_lowers_the_older_active_workers_not_yet_lowered() {
+    let now = t0();
+    let lowered = |mut w: Worker| {
+        if let Some(a) = w.active_mut() {
+            a.lowered_from = Some(0);
+        }
+        w
+    };
+    let rows = vec![
+        worker(10, 0, 1, Ready, 5000, now),    // older, serving: lowered
+        worker(11, 1, 1, Starting, 100, now),  // older, starting: lowered
+        worker(12, 2, 1, Stopping, 5000, now), // stopping: left alone
+        lowered(worker(13, 3, 1, Ready, 5000, now)), // lowered already
+        worker(20, 0, 2, Ready, 100, now),     // the new generation
+        lowered(worker(30, 1, 3, Ready, 100, now)), // newer (a failed reload's)
+    ];
+    let t = table(rows);
+    let pids = |v: Vec<Pid>| v.into_iter().map(Pid::as_raw).collect::<Vec<_>>();
+    let mut got = pids(to_lower(&t, 2));
+    got.sort();
+    assert_eq!(got, vec![10, 11]);
+    // Superseded by generation 3: generation 2's serving worker too.
+    let mut got = pids(to_lower(&t, 3));
+    got.sort();
+    assert_eq!(got, vec![10, 11, 20]);
+    // A failed reload back to generation 1: the lowered workers of 1 and
+    // older go back; a newer generation's are being replaced anyway.
+    let back: Vec<(i32, i32)> = to_restore(&t, 1)
+        .into_iter()
+        .map(|(p, n)| (p.as_raw(), n))
+        .collect();
+    assert_eq!(back, vec![(13, 0)]);
+}

@@ -1,7 +1,8 @@
 //! The bootstrap pauses the cyclic garbage collector's automatic trigger
 //! while a worker (or the `--preload` zygote) imports the app, and gives
 //! back afterwards whatever the app chose: the saved thresholds if the app
-//! left them alone, its own thresholds or `gc.disable()` if it set them.
+//! left them alone, its own thresholds or `gc.disable()` if it set them. Its
+//! own imports and a zygote's warm-up run paused too.
 
 mod util;
 
@@ -116,4 +117,58 @@ fn an_app_that_turns_the_collector_off_or_tunes_it_at_import_keeps_its_choice() 
         );
     }
     stop(h);
+}
+
+/// The young-generation collections a bare interpreter of the test venv has
+/// run by the time its first line of code runs (its own start-up).
+fn collections_at_start() -> i64 {
+    let out = Command::new(venv_python())
+        .args(["-c", "import gc; print(gc.get_stats()[0]['collections'])"])
+        .output()
+        .expect("run the venv's python");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
+/// What tests/apps/runtime_app.py saw at import in the one worker of a
+/// procman started with `extra`.
+fn runtime_report(name: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["-w", "1", "--log-format", "json"];
+    args.extend_from_slice(extra);
+    let h = uvicorn(name, &apps_dir(), "runtime_app:main", &args).spawn();
+    h.check(
+        h.wait_event("all-ready", BOOT, |_| true).is_some(),
+        "all ready",
+    );
+    let (status, body) = http_get(h.addr(), "/").unwrap_or_default();
+    h.check(status == 200, &format!("the app answered: {status} {body}"));
+    let report: Value = serde_json::from_str(&body).expect("JSON");
+    stop(h);
+    report
+}
+
+#[test]
+fn the_bootstrap_and_the_zygotes_import_uvicorn_with_the_collector_paused() {
+    // What ran before the app's first line, in a worker forked from the base
+    // zygote (it inherits the zygote's count), in the --preload zygote and
+    // in a cold worker: the bootstrap's imports and the zygote's warm-up
+    // (uvicorn, its protocols, its event loop) allocate far past the
+    // threshold, so with the collector running they trigger dozens of young
+    // collections; paused, none beyond the interpreter's own start-up.
+    let bare = collections_at_start();
+    for (name, extra) in [
+        ("paused-base", &[][..]),
+        ("paused-preload", &["--preload"][..]),
+        ("paused-cold", &["--no-zygote"][..]),
+    ] {
+        let report = runtime_report(name, extra);
+        let young = report["young_collections"].as_i64().expect("a count");
+        assert!(
+            young <= bare + 10,
+            "{name}: {young} young collections before the app's import; \
+             a bare interpreter has run {bare} by its first line"
+        );
+    }
 }

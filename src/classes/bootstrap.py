@@ -94,25 +94,34 @@ error is the worker's (exit 4, its traceback sent to the master).
   intermediate between creating a worker and reporting it.
 """
 
-import asyncio
-import atexit
-import contextlib
-import faulthandler
 import gc
-import importlib
-import inspect
-import json
-import logging
-import logging.config
-import os
-import random
-import signal
-import socket
-import sys
-import threading
-import time
-import traceback
-from datetime import datetime, timezone
+
+# The bootstrap's own imports (uvicorn's included) and a zygote's whole
+# warm-up run with the cyclic collector's automatic trigger paused, as an app
+# import does (collector_paused, which says why): they create objects by the
+# hundred thousand, almost none of them garbage. resume_collector() gives the
+# trigger back before anything is served or forked.
+BOOT_THRESHOLD = gc.get_threshold()
+gc.set_threshold(0)
+
+import asyncio  # noqa: E402 (after the pause, on purpose)
+import atexit  # noqa: E402
+import contextlib  # noqa: E402
+import faulthandler  # noqa: E402
+import importlib  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import logging.config  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
 
 EXIT_CANNOT_START = 3  # also what uvicorn itself uses for a lifespan startup failure
 EXIT_IMPORT_FAILED = 4
@@ -601,8 +610,15 @@ def collector_paused():
     try:
         yield
     finally:
-        if gc.get_threshold()[0] == 0:
-            gc.set_threshold(*saved)
+        resume_collector(saved)
+
+
+def resume_collector(saved=BOOT_THRESHOLD):
+    """Ends a pause: `saved` comes back unless the first threshold is no
+    longer 0 (the app chose its own). Pauses nest: the boot pause around an
+    app import saves 0 and gives back 0, the boot's end the defaults."""
+    if gc.get_threshold()[0] == 0:
+        gc.set_threshold(*saved)
 
 
 def load_app(spec, factory, report_to_master=False):
@@ -1001,6 +1017,7 @@ class Zygote:
         self.get_errno = ctypes.get_errno
 
     def run(self):
+        resume_collector()  # the warm-up is over; the workers inherit the thresholds
         gc.collect()
         gc.freeze()  # imported objects: never scanned again, so their pages stay shared
         threads = threading.active_count() - 1
@@ -1209,6 +1226,7 @@ def main():
         notifier = Notifier.from_env()
         app = load_app(config["app"], config["factory"], report_to_master=True)
         resolve_interface(app, config)
+        resume_collector()
         sys.exit(serve(app, config, sockets, notifier))
     if mode == "zygote":  # --preload: import once, fork workers on request
         set_title(f"procman: zygote [{name}]", "procman: zygote")

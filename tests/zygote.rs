@@ -253,3 +253,76 @@ fn a_base_zygote_that_cannot_start_means_cold_workers_and_is_logged() {
     );
     check_cold_generation_then_stop(h);
 }
+
+/// The standard-library modules tests/apps/runtime_app.py found already
+/// imported when its import began, in the one worker of a procman started
+/// with `extra`; also asks that worker to be the base zygote's or a cold one.
+fn preloaded(name: &str, extra: &[&str]) -> serde_json::Value {
+    preloaded_in(name, &apps_dir(), extra)
+}
+
+/// `preloaded`, serving runtime_app.py from `dir`.
+fn preloaded_in(name: &str, dir: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["-w", "1"];
+    args.extend_from_slice(extra);
+    let mut h = uvicorn_json(name, dir, "runtime_app:main", &args).spawn();
+    h.check(
+        h.wait_event("all-ready", BOOT, |_| true).is_some(),
+        "all ready",
+    );
+    let forked = forked_from(&h, 1);
+    let want_forked = !extra.contains(&"--no-zygote");
+    h.check(
+        forked.len() == 1 && forked[0].is_some() == want_forked,
+        &format!("forked from a zygote: {forked:?}, want {want_forked}"),
+    );
+    let (status, body) = http_get(h.addr(), "/").unwrap_or_default();
+    h.check(status == 200, &format!("the app answered: {status} {body}"));
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+    v["preloaded"].clone()
+}
+
+#[test]
+fn a_forked_worker_finds_pythons_runtime_imported_and_a_cold_worker_does_not() {
+    // The base zygote imports the standard library's common modules
+    // (RUNTIME_MODULES in the bootstrap) before forking: its workers only
+    // import the app and its packages. A cold worker imports them itself,
+    // so the probe can tell the two apart.
+    let forked = preloaded("runtime-forked", &[]);
+    for module in ["decimal", "email.parser", "zoneinfo", "hashlib"] {
+        assert_eq!(
+            forked[module], true,
+            "{module} imported by the base zygote: {forked}"
+        );
+    }
+    let cold = preloaded("runtime-cold", &["--no-zygote"]);
+    for module in ["decimal", "email.parser", "zoneinfo", "hashlib"] {
+        assert_eq!(
+            cold[module], false,
+            "{module} not imported before a cold worker's app: {cold}"
+        );
+    }
+}
+
+#[test]
+fn a_module_of_the_app_directory_that_shadows_the_standard_library_is_not_preloaded() {
+    // The app's directory comes first on sys.path: its decimal.py is what
+    // `import decimal` means for this app. The base zygote must neither run
+    // it (app code) nor import the standard one in its place.
+    let dir = temp_dir("runtime-shadow");
+    std::fs::copy(
+        apps_dir().join("runtime_app.py"),
+        dir.join("runtime_app.py"),
+    )
+    .expect("copy");
+    std::fs::write(
+        dir.join("decimal.py"),
+        "raise SystemExit('the app directory\\'s decimal.py was imported')\n",
+    )
+    .expect("decimal.py");
+    let seen = preloaded_in("runtime-shadow", &dir, &[]);
+    assert_eq!(seen["decimal"], false, "decimal left to the worker: {seen}");
+    assert_eq!(seen["email.parser"], true, "the rest preloaded: {seen}");
+}

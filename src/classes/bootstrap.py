@@ -60,7 +60,7 @@ Modes (PROCMAN_APP_CONFIG "mode"): "worker" imports and serves; "check" only
 imports (--check-config); "zygote" forks workers on request. With
 "import_app" true (--preload) the zygote imports the app once and its workers
 share it; without (the base zygote, the default) it imports only Python's
-runtime and uvicorn (protocols, lifespan, event loop, TLS) and each forked
+runtime (RUNTIME_MODULES) and uvicorn (protocols, lifespan, event loop, TLS) and each forked
 worker imports the app itself, after taking its identity, exactly where a
 cold worker would: nothing of the app is shared across fork, and an import
 error is the worker's (exit 4, its traceback sent to the master).
@@ -592,6 +592,101 @@ def read_config():
     return given
 
 
+# Python's runtime: the standard-library modules web apps (FastAPI,
+# Starlette, pydantic, Django, Flask and what they depend on) commonly import.
+# The base zygote imports them before it forks, so each worker imports only
+# the app and its third-party packages. Each was checked (bench/runtime-
+# modules.py) to start no thread and to leave no file descriptor open when
+# imported; why each group has no fork hazard:
+RUNTIME_MODULES = (
+    # Data formats: pure functions and C codecs, no state (json, base64,
+    # struct, pickle, copy are imported by the bootstrap or uvicorn already).
+    "base64", "binascii", "csv", "json", "pickle", "struct", "zlib", "gzip", "copy",
+    # Text: tables and functions only.
+    "string", "textwrap", "unicodedata", "html", "shlex", "fnmatch",
+    # Dates and time zones: zoneinfo reads its search path (PYTHONTZPATH,
+    # which the zygote has from the same environment as its workers) at
+    # import; its cache of zones starts empty and fills in each worker.
+    "datetime", "calendar", "zoneinfo",
+    # Numbers: decimal's context is per thread (and per task), created on
+    # first use in each worker.
+    "decimal", "fractions", "numbers",
+    # Hashing and secrets: OpenSSL is initialised by the ssl module already
+    # (uvicorn's TLS) and reseeds its generator in a forked child; secrets
+    # reads os.urandom() at each call; random reseeds at fork
+    # (os.register_at_fork), and the worker reseeds too.
+    "hashlib", "hmac", "secrets", "uuid",
+    # Email, MIME and HTTP parsing: classes and tables; mimetypes reads the
+    # system's type files only on its first guess (in the worker), not at
+    # import; http.client opens no connection.
+    "email.message", "email.parser", "email.utils", "mimetypes",
+    "http", "http.cookies", "http.client", "urllib.parse", "ipaddress",
+    # Typing, classes and introspection: no state.
+    "typing", "dataclasses", "enum", "inspect", "abc", "types", "weakref",
+    "contextvars", "functools", "collections", "operator", "itertools", "warnings", "traceback",
+    # Files and package metadata: importlib.metadata's caches and tempfile's
+    # random names are filled on use (tempfile's also checks the pid).
+    "pathlib", "tempfile", "shutil", "importlib.metadata", "importlib.resources",
+    # Concurrency primitives: concurrent.futures re-creates its locks in a
+    # forked child (os.register_at_fork); no executor exists at import.
+    "concurrent.futures", "queue", "heapq", "bisect",
+)
+
+
+class StandardLibraryOnly:
+    """A meta path finder, first in sys.meta_path while the base zygote
+    imports RUNTIME_MODULES: it finds each module as the import system would
+    (the finders after it), and refuses (ImportError) one that would not be
+    the standard library's own: built in, frozen, or a file of the standard
+    library's directory outside any site-packages.
+
+    The app's directory is first on sys.path, so a decimal.py next to the app
+    is what `import decimal` means for this app, in a cold worker as in a
+    forked one. The zygote must not run it (app code), nor import the
+    standard one in its place (the worker would then find the wrong one in
+    sys.modules): refusing it makes the import that needed it fail, and that
+    module (fractions imports decimal) is left to the worker too. The same for
+    a module of PYTHONPATH or site-packages that a standard one imports
+    optionally."""
+
+    STDLIB = os.path.dirname(os.__file__) + os.sep  # lib-dynload is inside
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is cls or find is None:
+                continue
+            spec = find(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None  # not found: the import system says so
+        origin = spec.origin or ""
+        parts = origin.split(os.sep)
+        if origin in ("built-in", "frozen") or (
+                origin.startswith(cls.STDLIB) and "site-packages" not in parts
+                and "dist-packages" not in parts):
+            return spec
+        raise ImportError(f"{name} would come from {origin or 'a namespace package'}, "
+                          "not the standard library: left to the worker")
+
+
+def import_runtime():
+    """The base zygote's import of RUNTIME_MODULES (see there). A module this
+    Python lacks (a trimmed build), one that the app's directory shadows (or
+    that imports one it shadows: StandardLibraryOnly), or one that fails to
+    import is skipped silently: the worker imports it itself if the app needs
+    it, exactly as a cold worker would."""
+    sys.meta_path.insert(0, StandardLibraryOnly)
+    try:
+        for name in RUNTIME_MODULES:
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+    finally:
+        sys.meta_path.remove(StandardLibraryOnly)
+
+
 @contextlib.contextmanager
 def collector_paused():
     """No automatic cyclic collection while the app is imported.
@@ -1011,6 +1106,7 @@ class Zygote:
                 pass
 
             uvicorn_config(stand_in, {**config, "interface": "asgi3"}).get_loop_factory()
+            import_runtime()  # never the app: only the standard library's own modules
         import ctypes  # noqa: PLC0415 (only the zygote needs it)
 
         self.libc = ctypes.CDLL(None, use_errno=True)

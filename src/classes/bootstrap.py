@@ -129,9 +129,20 @@ EXIT_IMPORT_FAILED = 4
 # stopped accepting. Long enough for a request already on the wire, short
 # enough not to matter next to --graceful-timeout.
 REQUEST_GRACE = 0.5
-# uvicorn's shutdown sleeps this long after asking connections to close and
-# before its drain starts (uvicorn/server.py); the drain budget counts it.
-UVICORN_SHUTDOWN_SLEEP = 0.1
+# uvicorn's main loop ticks this often (on_tick: the Date header, the
+# max-requests check); a stop signal wakes it at once instead.
+TICK = 0.1
+# Loop iterations to yield before trusting server_state.connections: a
+# connection whose accept() returned before the listener closed reaches
+# connection_made within two (asyncio: the accept task, then the
+# transport's call_soon; uvloop: one call_soon). Twice that, for margin.
+SETTLE_ITERATIONS = 4
+# While waiting for connections or tasks to finish: the first look after
+# FIRST_POLL, then twice as long each time, up to TICK (uvicorn looks every
+# 0.1 s): a short request is noticed within about its own duration, a long
+# drain costs no more wake-ups than uvicorn's.
+FIRST_POLL = 0.001
+REQUEST_POLL = 0.02
 # How tracebacks name this file (procman runs it with this filename).
 BOOTSTRAP_FILE = "<procman-bootstrap>"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
@@ -799,6 +810,9 @@ class ProcmanServer(uvicorn.Server):
         self.label = label
         self.loop = None
         self.heartbeat = None
+        # What the main loop awaits between ticks (a future the timer or a
+        # stop signal completes), None outside that wait.
+        self.next_tick = None
         # When the first stop signal arrived (time.monotonic()): the drain
         # budget (--graceful-timeout less the master's reserve) counts from it.
         self.stop_requested_at = None
@@ -807,6 +821,19 @@ class ProcmanServer(uvicorn.Server):
         if self.stop_requested_at is None:
             self.stop_requested_at = time.monotonic()
         super().handle_exit(sig, frame)
+        self.wake_main_loop()
+
+    def wake_main_loop(self):
+        """From a signal handler: end the main loop's wait for its next tick
+        now (call_soon_threadsafe: the handler may interrupt a callback of
+        the loop itself, so the loop does the work)."""
+        if self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to wake
+                self.loop.call_soon_threadsafe(self.tick_now)
+
+    def tick_now(self):
+        if self.next_tick is not None and not self.next_tick.done():
+            self.next_tick.set_result(None)
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -834,6 +861,7 @@ class ProcmanServer(uvicorn.Server):
         # A signal handler may run in the middle of a loop callback: do the
         # work from the loop itself.
         self.loop.call_soon_threadsafe(self.abort_connections)
+        self.wake_main_loop()
 
     def abort_connections(self):
         for conn in list(self.server_state.connections):
@@ -861,6 +889,24 @@ class ProcmanServer(uvicorn.Server):
             reopen_log()
             await self.notifier.send_surely("READY=1", f"STATUS=serving {self.label}")
 
+    async def main_loop(self):
+        # uvicorn 0.54.0's Server.main_loop (a tick every 0.1 s until
+        # on_tick says stop), except that the wait between ticks ends at once
+        # when a stop signal arrives: the stop is noticed now, not up to a
+        # tick later (a tick later, on a loaded machine, can be much more).
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 1) % 864000
+            self.next_tick = self.loop.create_future()
+            timer = self.loop.call_later(TICK, self.tick_now)
+            try:
+                await self.next_tick
+            finally:
+                timer.cancel()
+                self.next_tick = None
+            should_exit = await self.on_tick(counter)
+
     async def on_tick(self, counter):
         if (self.recycle_after is not None and not self.recycle_requested
                 and self.server_state.total_requests >= self.recycle_after):
@@ -873,47 +919,110 @@ class ProcmanServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets=None):
+        # uvicorn 0.54.0's Server.shutdown (stop accepting, ask connections
+        # to shut down, wait for connections then tasks within the graceful
+        # timeout, cancel what is left, lifespan shutdown), with two changes:
+        # accepted connections first get to deliver their request
+        # (let_requests_arrive), and no fixed sleep: uvicorn sleeps 0.1 s
+        # after asking connections to shut down and looks every 0.1 s
+        # whether they are gone, so an idle worker took 0.1 s to stop and a
+        # busy one up to 0.1 s more than its last request.
         self.notifier.send("STOPPING=1", f"STATUS=stopping {self.label}")
+        logger = logging.getLogger("uvicorn.error")
+        logger.info("Shutting down")
+        for server in self.servers:
+            server.close()  # stop accepting; closes only our fd of the shared listener
+        for sock in sockets or []:
+            sock.close()
         if not self.force_exit:
-            # The drain budget counts from the stop signal, so the time uvicorn
-            # took to notice it (its main loop ticks every 0.1 s, longer on a
-            # busy machine), our own wait below and uvicorn's sleep before its
-            # drain all come out of it; what follows the drain (cancelling,
-            # the lifespan shutdown, interpreter exit) has the master's reserve.
+            # The drain budget counts from the stop signal: our wait below
+            # comes out of it; what follows the drain (cancelling, the
+            # lifespan shutdown, interpreter exit) has the master's reserve.
             began = self.stop_requested_at or time.monotonic()
             budget = self.config.timeout_graceful_shutdown
-            drain_ends = None if budget is None else began + budget - UVICORN_SHUTDOWN_SLEEP
-            for server in self.servers:
-                server.close()  # stop accepting; closes only our fd of the shared listener
+            drain_ends = None if budget is None else began + budget
             await self.let_requests_arrive(drain_ends)
             if drain_ends is not None:
                 self.config.timeout_graceful_shutdown = max(0.0, drain_ends - time.monotonic())
         if self.force_exit:
             self.abort_connections()
-        await super().shutdown(sockets=sockets)
+        for connection in list(self.server_state.connections):
+            connection.shutdown()  # closes an idle one, ends keep-alive for a busy one
+        try:
+            await asyncio.wait_for(self.wait_drained(logger), timeout=self.config.timeout_graceful_shutdown)
+        except asyncio.TimeoutError:
+            logger.error("Cancel %s running task(s), timeout graceful shutdown exceeded",
+                         len(self.server_state.tasks))
+            for task in self.server_state.tasks:
+                task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+    async def wait_drained(self, logger):
+        # uvicorn 0.54.0's Server._wait_tasks_to_complete, polling as
+        # FIRST_POLL says instead of every 0.1 s. Idle connections that
+        # shutdown() just closed are gone after an iteration or two: only
+        # then is anything left worth a log line.
+        await self.settle()
+        state = self.server_state
+        if state.connections and not self.force_exit:
+            logger.info("Waiting for connections to close. (CTRL+C to force quit)")
+            await self.until(lambda: not state.connections or self.force_exit)
+        if state.tasks and not self.force_exit:
+            logger.info("Waiting for background tasks to complete. (CTRL+C to force quit)")
+            await self.until(lambda: not state.tasks or self.force_exit)
+        for server in self.servers:
+            await server.wait_closed()
+
+    @staticmethod
+    async def settle():
+        """Lets the loop run what is already scheduled (SETTLE_ITERATIONS)."""
+        for _ in range(SETTLE_ITERATIONS):
+            await asyncio.sleep(0)
+
+    async def until(self, done, deadline=None, longest=TICK):
+        """Returns once done() is true (or the loop's clock reaches
+        deadline), looking after FIRST_POLL, then twice as long each time up
+        to `longest`."""
+        delay = FIRST_POLL
+        while not done():
+            if deadline is not None:
+                left = deadline - self.loop.time()
+                if left <= 0:
+                    return
+                delay = min(delay, left)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, longest)
 
     async def let_requests_arrive(self, drain_ends=None):
-        # uvicorn's shutdown closes every connection with no request in
-        # progress. One that was just accepted, or whose request is still on the
-        # wire, would see a reset. So wait (at most REQUEST_GRACE) until no
-        # connection is idle; meanwhile a connection that is mid-request is told
-        # to close after its response instead of keeping alive.
+        # uvicorn's drain closes every connection with no request in
+        # progress. One that was just accepted, or whose request is still on
+        # the wire, would see a reset. So wait (at most REQUEST_GRACE) until
+        # no connection is idle; meanwhile a connection that is mid-request
+        # is told to close after its response instead of keeping alive. With
+        # no connection at all (an idle worker) there is nothing to wait for.
         deadline = self.loop.time() + REQUEST_GRACE
         if drain_ends is not None:
             deadline = min(deadline, self.loop.time() + (drain_ends - time.monotonic()))
-        while not self.force_exit:
-            await asyncio.sleep(0.02)  # first: lets just-accepted connections register
-            waiting = False
+        await self.settle()  # just-accepted connections register first
+
+        def all_busy():
+            if self.force_exit:
+                return True
+            idle = False
             for conn in list(self.server_state.connections):
                 cycle = getattr(conn, "cycle", conn)
                 if cycle is conn:
-                    continue  # no HTTP cycle (websocket, other protocol): uvicorn's drain handles it
+                    continue  # no HTTP cycle (websocket, other protocol): the drain handles it
                 if cycle is None or cycle.response_complete:
-                    waiting = True
+                    idle = True
                 else:
                     conn.shutdown()  # only sets keep_alive = False while a request is in progress
-            if not waiting or self.loop.time() >= deadline:
-                return
+            return not idle
+
+        # Looked at every REQUEST_POLL at most (as before): the drain, and so
+        # the exit, begins only when this wait ends.
+        await self.until(all_busy, deadline, longest=REQUEST_POLL)
 
 
 def uvicorn_config(app, config, limit_max_requests=None):

@@ -79,8 +79,8 @@ const STOP_RESERVE: std::time::Duration = std::time::Duration::from_secs(2);
 /// the drain before the master's SIGKILL at the full timeout: cancelling
 /// what is left, the lifespan shutdown (closing a database pool: 0.5 s
 /// fits with a wide margin from 4 s on), and the interpreter's exit. The
-/// bootstrap counts the time uvicorn takes to notice the stop and its own
-/// sleeps into the drain, not into the reserve.
+/// bootstrap counts its wait for accepted requests to arrive into the
+/// drain, not into the reserve.
 pub fn uvicorn_drain(graceful: std::time::Duration) -> std::time::Duration {
     graceful.saturating_sub((graceful / 2).min(STOP_RESERVE))
 }

@@ -121,6 +121,7 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+import weakref  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 
 EXIT_CANNOT_START = 3  # also what uvicorn itself uses for a lifespan startup failure
@@ -813,6 +814,7 @@ class ProcmanServer(uvicorn.Server):
         # What the main loop awaits between ticks (a future the timer or a
         # stop signal completes), None outside that wait.
         self.next_tick = None
+        self.accepted = weakref.WeakSet()  # see track_accepted
         # When the first stop signal arrived (time.monotonic()): the drain
         # budget (--graceful-timeout less the master's reserve) counts from it.
         self.stop_requested_at = None
@@ -871,6 +873,30 @@ class ProcmanServer(uvicorn.Server):
         for task in list(self.server_state.tasks):
             task.cancel()
 
+    def track_accepted(self):
+        """Keeps (weakly) every HTTP protocol the listeners create.
+
+        A connection joins server_state.connections only in connection_made,
+        which for TLS runs after the handshake: a connection accepted just
+        before a stop, its handshake still under way, would be invisible to
+        let_requests_arrive, and reset when the worker exits. Its protocol
+        exists from the accept on (asyncio and uvloop create it first), with
+        no transport until connection_made; one whose handshake fails is
+        dropped (and leaves the set when collected)."""
+        self.accepted = weakref.WeakSet()
+        make = self.config.http_protocol_class
+
+        def http_protocol(*args, **kwargs):
+            protocol = make(*args, **kwargs)
+            self.accepted.add(protocol)
+            return protocol
+
+        self.config.http_protocol_class = http_protocol
+
+    def handshaking(self):
+        """True while a protocol the listeners created has no transport yet."""
+        return any(getattr(p, "transport", True) is None for p in list(self.accepted))
+
     async def beat(self):
         while True:
             self.notifier.send("WATCHDOG=1")
@@ -878,6 +904,7 @@ class ProcmanServer(uvicorn.Server):
 
     async def startup(self, sockets=None):
         self.loop = asyncio.get_running_loop()
+        self.track_accepted()
         if self.notifier.watchdog_interval:
             # Beats start with the boot: a long lifespan startup is not a hang.
             self.heartbeat = self.loop.create_task(self.beat())
@@ -996,9 +1023,10 @@ class ProcmanServer(uvicorn.Server):
 
     async def let_requests_arrive(self, drain_ends=None):
         # uvicorn's drain closes every connection with no request in
-        # progress. One that was just accepted, or whose request is still on
-        # the wire, would see a reset. So wait (at most REQUEST_GRACE) until
-        # no connection is idle; meanwhile a connection that is mid-request
+        # progress. One that was just accepted (its TLS handshake under way
+        # included: track_accepted), or whose request is still on the wire,
+        # would see a reset. So wait (at most REQUEST_GRACE) until no
+        # connection is idle; meanwhile a connection that is mid-request
         # is told to close after its response instead of keeping alive. With
         # no connection at all (an idle worker) there is nothing to wait for.
         deadline = self.loop.time() + REQUEST_GRACE
@@ -1009,7 +1037,7 @@ class ProcmanServer(uvicorn.Server):
         def all_busy():
             if self.force_exit:
                 return True
-            idle = False
+            idle = self.handshaking()
             for conn in list(self.server_state.connections):
                 cycle = getattr(conn, "cycle", conn)
                 if cycle is conn:

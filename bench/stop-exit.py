@@ -14,38 +14,19 @@ change in the machine's load hits both alike.
     bench/stop-exit.py --a OLD_PROCMAN --b NEW_PROCMAN [--runs 10] [--load 0]
                        [--python .venv/bin/python] [--app-dir examples/fastapi] [--app app:main]
 
-Stdlib only.
+Stdlib only (and bench/ab.py, the A/B both scripts share).
 """
 
-import argparse
-import json
 import os
 import signal
 import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from datetime import datetime
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def events(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                yield json.loads(line)
-            except ValueError:
-                continue
+import ab
 
 
 def when(event):
@@ -63,57 +44,34 @@ def load(port, stop):
             time.sleep(0.001)
 
 
-def sample(procman, python, app_dir, app, threads):
+def sample(procman, args):
     """Seconds from TERM to the worker's exit, as the master logged them."""
-    with tempfile.TemporaryDirectory() as tmp:
-        log = os.path.join(tmp, "log")
-        port = free_port()
-        with open(log, "w") as out:
-            p = subprocess.Popen(
-                [procman, app, "-w", "1", "-b", f"127.0.0.1:{port}", "--python", python,
-                 "--no-access-log", "--log-format", "json"],
-                cwd=app_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        stop = threading.Event()
-        clients = []
+    stop = threading.Event()
+    clients = []
+    with ab.one_worker(procman, args) as (p, log, port):
         try:
-            deadline = time.monotonic() + 60
-            while not any(e.get("event") == "all-ready" for e in events(log)):
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"{procman}: not ready within 60 s (see {log})")
-                time.sleep(0.01)
-            clients = [threading.Thread(target=load, args=(port, stop)) for _ in range(threads)]
+            ab.wait_events(procman, log, lambda found: any(e.get("event") == "all-ready" for e in found))
+            clients = [threading.Thread(target=load, args=(port, stop)) for _ in range(args.load)]
             for c in clients:
                 c.start()
-            time.sleep(0.3 if threads else 0.05)
+            time.sleep(0.3 if args.load else 0.05)
             os.kill(p.pid, signal.SIGTERM)
             p.wait(60)
         finally:
             stop.set()
             for c in clients:
                 c.join()
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        found = list(events(log))
-        term = next(when(e) for e in found if e.get("event") == "shutdown")
-        exited = next(when(e) for e in found if e.get("event") == "exited")
-        return exited - term
+        found = list(ab.events(log))
+    term = next(when(e) for e in found if e.get("event") == "shutdown")
+    exited = next(when(e) for e in found if e.get("event") == "exited")
+    return exited - term
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--a", required=True, help="procman binary A (say, before)")
-    ap.add_argument("--b", required=True, help="procman binary B (say, after)")
-    ap.add_argument("--python", default=os.path.join(REPO, ".venv", "bin", "python"), type=os.path.abspath)
-    ap.add_argument("--app-dir", default=os.path.join(REPO, "examples", "fastapi"))
-    ap.add_argument("--app", default="app:main")
-    ap.add_argument("--runs", type=int, default=10)
+    ap = ab.parser(__doc__)
     ap.add_argument("--load", type=int, default=0, help="client threads during the stop (0: idle)")
     args = ap.parse_args()
-    runs = {"a": [], "b": []}
-    for _ in range(args.runs):
-        for key in ("a", "b"):
-            runs[key].append(sample(getattr(args, key), args.python, args.app_dir, args.app, args.load) * 1000)
+    runs = ab.alternate(args, lambda procman: sample(procman, args) * 1000)
     print(f"TERM -> worker exit, {'idle' if not args.load else f'{args.load} client threads'}, "
           f"ms, median of {args.runs} [min-max]:")
     for key in ("a", "b"):

@@ -14,69 +14,34 @@ alike. CPU time is the steadier figure on a shared machine.
     bench/zygote-start.py --a OLD_PROCMAN --b NEW_PROCMAN [--runs 10]
                           [--python .venv/bin/python] [--app-dir examples/fastapi] [--app app:main]
 
-Stdlib only.
+Stdlib only (and bench/ab.py, the A/B both scripts share).
 """
 
-import argparse
-import json
-import os
 import re
 import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import ab
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def events(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                yield json.loads(line)
-            except ValueError:
-                continue
-
-
-def sample(procman, python, app_dir, app):
+def sample(procman, args):
     """(ready in, s; CPU ms) of the zygote of one fresh procman."""
-    with tempfile.TemporaryDirectory() as tmp:
-        log = os.path.join(tmp, "log")
-        with open(log, "w") as out:
-            p = subprocess.Popen(
-                [procman, app, "-w", "1", "-b", f"127.0.0.1:{free_port()}", "--python", python,
-                 "--no-access-log", "--log-format", "json"],
-                cwd=app_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 60
-            ready_in = zygote = None
-            while time.monotonic() < deadline:
-                found = list(events(log))
-                for e in found:
-                    if e.get("event") == "zygote-ready":
-                        zygote = e["zygote"]
-                        ready_in = float(re.search(r"ready in ([0-9.]+)s", e["message"]).group(1))
-                if zygote and any(e.get("event") == "all-ready" for e in found):
-                    break
-                time.sleep(0.01)
-            else:
-                raise SystemExit(f"{procman}: no zygote-ready and all-ready within 60 s (see {log})")
-            time.sleep(0.2)  # the zygote has replied to its one spawn and waits
-            with open(f"/proc/{zygote}/schedstat") as f:
-                cpu_ms = int(f.read().split()[0]) / 1e6
-            return ready_in, cpu_ms
-        finally:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(30)
+    with ab.one_worker(procman, args) as (p, log, _):
+        def ready(found):
+            return (any(e.get("event") == "zygote-ready" for e in found)
+                    and any(e.get("event") == "all-ready" for e in found))
+
+        found = ab.wait_events(procman, log, ready)
+        zygote_ready = next(e for e in found if e.get("event") == "zygote-ready")
+        ready_in = float(re.search(r"ready in ([0-9.]+)s", zygote_ready["message"]).group(1))
+        time.sleep(0.2)  # the zygote has replied to its one spawn and waits
+        with open(f"/proc/{zygote_ready['zygote']}/schedstat") as f:
+            cpu_ms = int(f.read().split()[0]) / 1e6
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+    return ready_in, cpu_ms
 
 
 def show(label, runs):
@@ -89,18 +54,8 @@ def show(label, runs):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--a", required=True, help="procman binary A (say, before)")
-    ap.add_argument("--b", required=True, help="procman binary B (say, after)")
-    ap.add_argument("--python", default=os.path.join(REPO, ".venv", "bin", "python"))
-    ap.add_argument("--app-dir", default=os.path.join(REPO, "examples", "fastapi"))
-    ap.add_argument("--app", default="app:main")
-    ap.add_argument("--runs", type=int, default=10)
-    args = ap.parse_args()
-    runs = {"a": [], "b": []}
-    for _ in range(args.runs):
-        for key in ("a", "b"):
-            runs[key].append(sample(getattr(args, key), args.python, args.app_dir, args.app))
+    args = ab.parser(__doc__).parse_args()
+    runs = ab.alternate(args, lambda procman: sample(procman, args))
     print(f"base zygote, median of {args.runs} [min-max]:")
     ra, ca = show(f"A {args.a}", runs["a"])
     rb, cb = show(f"B {args.b}", runs["b"])

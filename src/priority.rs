@@ -49,23 +49,84 @@ mod tests {
     use super::*;
     use std::process::Command;
 
+    /// Field `n` after the command name of a /proc `stat` file (0: the state).
+    fn stat_field(path: std::path::PathBuf, n: usize) -> Option<i32> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let rest = &text[text.rfind(')')? + 1..];
+        rest.split_whitespace().nth(n)?.parse().ok()
+    }
+
+    /// The pids of process group `pgid` (field 5 of /proc/PID/stat).
+    fn group_members(pgid: i32) -> Vec<i32> {
+        let proc = std::fs::read_dir("/proc").into_iter().flatten().flatten();
+        proc.filter(|e| stat_field(e.path().join("stat"), 2) == Some(pgid))
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
+    /// The nice value of every thread of every process in group `pgid`
+    /// (field 19 of /proc/PID/task/TID/stat).
+    fn thread_nices(pgid: i32) -> Vec<i32> {
+        let mut out = Vec::new();
+        for pid in group_members(pgid) {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+            for t in tasks.into_iter().flatten().flatten() {
+                out.extend(stat_field(t.path().join("stat"), 16));
+            }
+        }
+        out
+    }
+
     #[test]
-    fn a_group_is_lowered_and_read_back() {
-        // A child in its own process group, so that nothing else is touched.
+    fn every_thread_and_child_of_a_group_is_lowered_and_read_back() {
+        // In its own process group, so that nothing else is touched: a
+        // process with a second thread and a child. Python, because a
+        // thread and a fork are one line each.
         use std::os::unix::process::CommandExt;
-        let mut child = Command::new("sleep")
-            .arg("30")
+        let mut leader = Command::new("python3")
+            .args([
+                "-c",
+                "import os, threading, time\n\
+                 threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n\
+                 pid = os.fork()\n\
+                 pid or (time.sleep(30), os._exit(0))\n\
+                 os.waitpid(pid, 0)",
+            ])
             .process_group(0)
             .spawn()
-            .expect("spawn sleep");
-        let pgid = Pid::from_raw(child.id() as i32);
-        let before = of_group(pgid).expect("read");
-        let lowered = (before + 3).min(19);
-        set_group(pgid, lowered).expect("lower");
+            .expect("spawn python3");
+        let pgid = Pid::from_raw(leader.id() as i32);
+        // Parent: 2 threads; child (forked after the thread started): 1.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while thread_nices(pgid.as_raw()).len() < 3 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let before = of_group(pgid);
+        let lowered = before.as_ref().map(|n| (n + 3).min(19)).unwrap_or(19);
+        let set = set_group(pgid, lowered);
         let after = of_group(pgid);
-        let _ = child.kill();
-        let _ = child.wait();
+        let nices = thread_nices(pgid.as_raw());
+        // The child first: its parent reaps it (no zombie left to init),
+        // then exits; the leader is ours to reap.
+        for pid in group_members(pgid.as_raw()) {
+            if pid != pgid.as_raw() {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            }
+        }
+        let _ = leader.kill();
+        let _ = leader.wait();
+        before.expect("read");
+        set.expect("lower");
         assert_eq!(after.expect("read again"), lowered);
+        assert_eq!(
+            nices.len(),
+            3,
+            "2 threads of the leader, 1 of its child: {nices:?}"
+        );
+        assert!(
+            nices.iter().all(|n| *n == lowered),
+            "all at {lowered}: {nices:?}"
+        );
     }
 
     #[test]

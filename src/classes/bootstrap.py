@@ -143,6 +143,8 @@ SETTLE_ITERATIONS = 4
 # 0.1 s): a short request is noticed within about its own duration, a long
 # drain costs no more wake-ups than uvicorn's.
 FIRST_POLL = 0.001
+# The same wait for requests to arrive (let_requests_arrive) looks at least
+# this often: the drain, and so the exit, begins only when it ends.
 REQUEST_POLL = 0.02
 # How tracebacks name this file (procman runs it with this filename).
 BOOTSTRAP_FILE = "<procman-bootstrap>"
@@ -883,7 +885,6 @@ class ProcmanServer(uvicorn.Server):
         exists from the accept on (asyncio and uvloop create it first), with
         no transport until connection_made; one whose handshake fails is
         dropped (and leaves the set when collected)."""
-        self.accepted = weakref.WeakSet()
         make = self.config.http_protocol_class
 
         def http_protocol(*args, **kwargs):
@@ -1048,8 +1049,6 @@ class ProcmanServer(uvicorn.Server):
                     conn.shutdown()  # only sets keep_alive = False while a request is in progress
             return not idle
 
-        # Looked at every REQUEST_POLL at most (as before): the drain, and so
-        # the exit, begins only when this wait ends.
         await self.until(all_busy, deadline, longest=REQUEST_POLL)
 
 

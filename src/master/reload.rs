@@ -326,18 +326,19 @@ impl Master {
         for (pid, nice) in policy::to_restore(&self.table, generation) {
             match priority::set_group(pid, nice) {
                 Ok(()) => {
-                    if let Some(a) = self.table.get_mut(pid).and_then(|w| w.active_mut()) {
+                    let Some(w) = self.table.get_mut(pid) else {
+                        continue;
+                    };
+                    if let Some(a) = w.active_mut() {
                         a.lowered_from = None;
                     }
-                    if let Some(w) = self.table.get(pid) {
-                        worker_event!(
-                            info,
-                            "priority-restored",
-                            w,
-                            "Worker {pid} (slot {}) is back at nice {nice}",
-                            w.slot
-                        );
-                    }
+                    worker_event!(
+                        info,
+                        "priority-restored",
+                        w,
+                        "Worker {pid} (slot {}) is back at nice {nice}",
+                        w.slot
+                    );
                 }
                 Err(e) => {
                     self.recycling.ask(

@@ -118,11 +118,9 @@ mod tests {
         before.expect("read");
         set.expect("lower");
         assert_eq!(after.expect("read again"), lowered);
-        assert_eq!(
-            nices.len(),
-            3,
-            "2 threads of the leader, 1 of its child: {nices:?}"
-        );
+        // At least: 2 threads of the leader, 1 of its child (an interpreter
+        // may start threads of its own).
+        assert!(nices.len() >= 3, "threads in the group: {nices:?}");
         assert!(
             nices.iter().all(|n| *n == lowered),
             "all at {lowered}: {nices:?}"

@@ -30,7 +30,8 @@
 //! settings workers and zygotes start from, and their environment and fork
 //! plan), `systemd` (procman's own supervisor), `exits` (exit statuses as
 //! sentences). What the master does with them, as `impl Master`:
-//! `lifecycle` (spawn, ready, exit), `stop` (procman's stop and a
+//! `lifecycle` (spawn, ready, exit), `boost` (a booting worker's raised
+//! priority), `stop` (procman's stop and a
 //! worker's), `messages` (sd_notify from workers), `preload` (starting
 //! zygotes, adopting the workers they fork, their failures), `reload` (a
 //! reload as a value), `observe` (the metrics and control endpoints).
@@ -61,6 +62,7 @@ use messages::Inbox;
 #[macro_use]
 mod events;
 
+mod boost;
 mod boot;
 mod exits;
 mod groups;
@@ -78,6 +80,7 @@ mod zygotes;
 pub use exits::describe;
 pub use launch::worker_base_env;
 
+use boost::Boost;
 use boot::Boot;
 use exits::signal_group;
 use groups::{Groups, Kernel};
@@ -161,6 +164,8 @@ pub struct Master {
     kill_limit: Option<Instant>,
     /// `--metrics` and `--control-socket`, and what they report.
     endpoints: Endpoints,
+    /// Whether booting workers may run at a raised priority (`boost`).
+    boost: Boost,
 }
 
 impl Master {
@@ -194,6 +199,7 @@ impl Master {
             groups: Groups::default(),
             kill_limit: None,
             endpoints,
+            boost: Boost::default(),
         })
     }
 

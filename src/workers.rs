@@ -100,6 +100,9 @@ pub struct Active {
     /// A reload lowered its CPU priority: its nice value before, to go back
     /// to if the reload fails.
     pub lowered_from: Option<i32>,
+    /// It boots at a raised CPU priority: its nice value before, to go
+    /// back to once it is ready (or when a reload lowers it).
+    pub boosted_from: Option<i32>,
 }
 
 /// Why the master stopped a worker.

@@ -418,13 +418,6 @@ fn a_hup_during_a_reload_supersedes_it() {
     );
 }
 
-/// A process's nice value (field 19 of /proc/PID/stat).
-fn nice_of(pid: i32) -> Option<i32> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 1..];
-    rest.split_whitespace().nth(16)?.parse().ok()
-}
-
 /// What a reload lowers an outgoing worker at `base` to (policy's step of
 /// 10, down to nice 19).
 fn lowered(base: i32) -> i32 {
@@ -474,9 +467,10 @@ fn a_reload_lowers_the_priority_of_the_workers_it_replaces_not_of_their_replacem
     });
     for e in &booting {
         let pid = worker_of(e);
+        let boot = booting_nice(base);
         h.check(
-            nice_of(pid) == Some(base),
-            &format!("the new worker {pid} boots at nice {base}"),
+            nice_of(pid) == Some(boot),
+            &format!("the new worker {pid} boots at nice {boot}, not lowered"),
         );
     }
     std::fs::write(&go, "").expect("go");

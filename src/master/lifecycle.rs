@@ -10,6 +10,7 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tracing::{debug, error};
 
+use super::boost::end_boost;
 use super::exits::{describe, describe_exit, exit_code};
 use super::groups::Kernel;
 use super::{Master, MasterState};
@@ -369,6 +370,7 @@ impl Master {
                 }
             }
         }
+        self.boost_booting(&mut w);
         self.table.insert(w);
     }
 
@@ -402,6 +404,7 @@ pub(super) fn mark_ready(w: &mut Worker, now: Instant, observed: &Observed) {
     if !w.become_ready(now) {
         return;
     }
+    end_boost(w);
     let boot = now.saturating_duration_since(w.started_at);
     observed.ready(boot);
     worker_event!(

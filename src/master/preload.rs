@@ -201,7 +201,7 @@ impl Master {
             return;
         }
         self.zygotes.worked();
-        let worker = Worker::new(
+        let mut worker = Worker::new(
             w.pid(),
             slot,
             pending.generation,
@@ -216,6 +216,7 @@ impl Master {
             "Booting worker {slot} with pid {w} (generation {}, forked from zygote {zpid})",
             worker.generation
         );
+        self.boost_booting(&mut worker);
         self.table.insert(worker);
     }
 

@@ -284,7 +284,13 @@ impl Master {
     fn lower_outgoing(&mut self, generation: u64) {
         let mut lowered: Vec<(i32, i32)> = Vec::new();
         for pid in policy::to_lower(&self.table, generation) {
-            let from = match priority::of_group(pid) {
+            // A worker still booting at a raised priority is lowered from
+            // the priority it had before (and is then no longer boosted).
+            let boosted = self
+                .table
+                .get_mut(pid)
+                .and_then(|w| w.active_mut()?.boosted_from.take());
+            let from = match boosted.map_or_else(|| priority::of_group(pid), Ok) {
                 Ok(n) => n,
                 Err(e) => {
                     debug!("Cannot read the priority of worker {pid}: {e}");

@@ -718,17 +718,20 @@ pub struct Stat {
     pub ppid: i32,
     /// Process group.
     pub pgrp: i32,
+    /// Nice value (of its main thread).
+    pub nice: i32,
 }
 
 /// Parses /proc/PID/stat.
 pub fn stat(pid: i32) -> Option<Stat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &text[text.rfind(')')? + 1..];
-    let mut f = rest.split_whitespace();
+    let f: Vec<&str> = rest.split_whitespace().collect();
     Some(Stat {
-        state: f.next()?.chars().next()?,
-        ppid: f.next()?.parse().ok()?,
-        pgrp: f.next()?.parse().ok()?,
+        state: f.first()?.chars().next()?,
+        ppid: f.get(1)?.parse().ok()?,
+        pgrp: f.get(2)?.parse().ok()?,
+        nice: f.get(16)?.parse().ok()?,
     })
 }
 
@@ -785,6 +788,33 @@ pub fn idle_in_poll(pid: i32) -> bool {
         (Some(n), Some(t)) if Some(*n) == poll => *t == "0xffffffff",
         (Some(n), Some(t)) if *n == ppoll => *t == "0x0",
         _ => false,
+    }
+}
+
+/// A process's nice value.
+pub fn nice_of(pid: i32) -> Option<i32> {
+    stat(pid).map(|s| s.nice)
+}
+
+/// Whether this process has CAP_SYS_NICE in its effective set (bit 23 of
+/// CapEff in /proc/self/status): then procman, started by it, may raise a
+/// priority.
+pub fn may_raise_priority() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 23) != 0)
+}
+
+/// The nice value a worker boots at when procman runs at `base`: raised by
+/// 5 (up to -20) if procman may raise a priority, else `base`.
+pub fn booting_nice(base: i32) -> i32 {
+    if may_raise_priority() {
+        (base - 5).max(-20)
+    } else {
+        base
     }
 }
 

@@ -1,0 +1,187 @@
+//! A booting worker runs at a raised CPU priority until it is ready: a
+//! crashed worker's replacement (or a reload's new generation) imports its
+//! app ahead of the busy serving workers, then serves at procman's priority
+//! like every other worker. Raising a priority needs CAP_SYS_NICE; without
+//! it workers boot at procman's priority and nothing else changes.
+//!
+//! A worker's nice value is read from /proc/PID/stat while it is held in
+//! its boot (it waits for a file before it reports READY=1), and again
+//! once it is ready.
+
+mod util;
+
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use util::*;
+
+const BOOT: Duration = Duration::from_secs(60);
+
+/// A command worker that stays booting until `go` exists, then serves and
+/// sends READY=1 (`--ready notify`).
+fn held_until(go: &Path) -> Vec<String> {
+    let mut worker = notify_worker();
+    let program = worker.remove(0);
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "while [ ! -e '{}' ]; do sleep 0.05; done; exec '{program}' '{}'",
+            go.display(),
+            worker.join("' '")
+        ),
+    ]
+}
+
+/// procman with one held command worker, JSON logs.
+fn held_start(name: &str) -> (Start, std::path::PathBuf) {
+    let start = Start::new(name, &["-w", "1", "--ready", "notify"]).json();
+    let go = start.dir().join("go");
+    let start = start.args(["--"]).args(held_until(&go));
+    (start, go)
+}
+
+/// The pid of the next worker that logs `booting` after the first `skip`.
+fn next_booting(h: &Harness, skip: usize) -> i32 {
+    let e = h.expect_events("booting", skip + 1, BOOT, "a worker booting", |_| true);
+    worker_of(&e[skip])
+}
+
+/// Waits until `pid` logged `ready`.
+fn wait_ready(h: &Harness, pid: i32) {
+    h.expect_event("ready", BOOT, &format!("worker {pid} ready"), |e| {
+        worker_of(e) == pid
+    });
+}
+
+#[test]
+fn a_booting_worker_runs_at_a_raised_priority_until_it_is_ready() {
+    if !may_raise_priority() {
+        eprintln!("skipped: needs CAP_SYS_NICE; the test below covers the unprivileged case");
+        return;
+    }
+    let (start, go) = held_start("boot-nice");
+    let h = start.spawn();
+    let base = nice_of(h.pid).expect("procman's nice value");
+    let boost = (base - 5).max(-20);
+
+    let first = next_booting(&h, 0);
+    h.check(
+        nice_of(first) == Some(boost),
+        &format!(
+            "the first worker boots at nice {boost}: {:?}",
+            nice_of(first)
+        ),
+    );
+    std::fs::write(&go, "").expect("go");
+    wait_ready(&h, first);
+    h.check(
+        nice_of(first) == Some(base),
+        &format!(
+            "ready, it serves at procman's nice {base}: {:?}",
+            nice_of(first)
+        ),
+    );
+
+    // Its replacement after a crash boots raised too, while nothing else
+    // serves; and is back at procman's priority once ready.
+    std::fs::remove_file(&go).expect("hold the next boot");
+    kill(Pid::from_raw(first), Signal::SIGKILL).expect("kill -9");
+    let second = next_booting(&h, 1);
+    h.check(
+        nice_of(second) == Some(boost),
+        &format!(
+            "the replacement boots at nice {boost}: {:?}",
+            nice_of(second)
+        ),
+    );
+    std::fs::write(&go, "").expect("go");
+    wait_ready(&h, second);
+    h.check(
+        nice_of(second) == Some(base),
+        &format!(
+            "the replacement serves at nice {base}: {:?}",
+            nice_of(second)
+        ),
+    );
+}
+
+#[test]
+fn a_worker_forked_from_the_zygote_boots_at_a_raised_priority_until_it_is_ready() {
+    if !may_raise_priority() {
+        eprintln!("skipped: needs CAP_SYS_NICE");
+        return;
+    }
+    // The app's import waits for `go`: the worker is forked (the zygote has
+    // imported uvicorn) and is still booting.
+    let dir = temp_dir("boot-nice-zygote");
+    let go = dir.join("go");
+    std::fs::write(
+        dir.join("held.py"),
+        format!(
+            "import os, time\n\
+             while not os.path.exists({go:?}):\n    time.sleep(0.05)\n\
+             async def app(scope, receive, send):\n    pass\n",
+            go = go.display().to_string()
+        ),
+    )
+    .expect("app");
+    let h = uvicorn("boot-nice-zygote", &dir, "held:app", &["-w", "1"])
+        .json()
+        .spawn();
+    let base = nice_of(h.pid).expect("procman's nice value");
+    let boost = (base - 5).max(-20);
+    let booting = h.expect_event("booting", BOOT, "a forked worker booting", |e| {
+        e["zygote"].is_i64()
+    });
+    let pid = worker_of(&booting);
+    h.check(
+        nice_of(pid) == Some(boost),
+        &format!(
+            "the forked worker boots at nice {boost}: {:?}",
+            nice_of(pid)
+        ),
+    );
+    let zygote = booting["zygote"].as_i64().unwrap_or(0) as i32;
+    h.check(
+        nice_of(zygote) == Some(base),
+        &format!("its zygote stays at nice {base}: {:?}", nice_of(zygote)),
+    );
+    std::fs::write(&go, "").expect("go");
+    wait_ready(&h, pid);
+    h.check(
+        nice_of(pid) == Some(base),
+        &format!("ready, it serves at nice {base}: {:?}", nice_of(pid)),
+    );
+}
+
+#[test]
+fn without_cap_sys_nice_workers_boot_at_procmans_priority() {
+    // CAP_SYS_NICE dropped from the bounding set before procman starts, so
+    // root's exec does not get it: the first attempt is refused.
+    let (start, go) = held_start("boot-nice-unprivileged");
+    let h = start.spawn_with("setpriv", &["--bounding-set=-sys_nice", "--", PROCMAN]);
+    let base = nice_of(h.pid).expect("procman's nice value");
+    let first = next_booting(&h, 0);
+    h.check(
+        nice_of(first) == Some(base),
+        &format!("it boots at nice {base}: {:?}", nice_of(first)),
+    );
+    std::fs::write(&go, "").expect("go");
+    wait_ready(&h, first);
+    std::fs::remove_file(&go).expect("hold the next boot");
+    kill(Pid::from_raw(first), Signal::SIGKILL).expect("kill -9");
+    let second = next_booting(&h, 1);
+    h.check(
+        nice_of(second) == Some(base),
+        &format!("its replacement too: {:?}", nice_of(second)),
+    );
+    std::fs::write(&go, "").expect("go");
+    wait_ready(&h, second);
+    h.check(
+        nice_of(second) == Some(base),
+        &format!("and serves at nice {base}: {:?}", nice_of(second)),
+    );
+}

@@ -185,3 +185,40 @@ fn without_cap_sys_nice_workers_boot_at_procmans_priority() {
         &format!("and serves at nice {base}: {:?}", nice_of(second)),
     );
 }
+
+#[test]
+fn a_reload_lowers_a_worker_still_booting_from_procmans_priority_not_its_raised_one() {
+    if !may_raise_priority() {
+        eprintln!("skipped: needs CAP_SYS_NICE");
+        return;
+    }
+    let (start, go) = held_start("boot-nice-reload");
+    let h = start.spawn();
+    let base = nice_of(h.pid).expect("procman's nice value");
+    let lowered = (base + 10).min(19);
+    let first = next_booting(&h, 0);
+    h.check(
+        nice_of(first) == Some((base - 5).max(-20)),
+        &format!("it boots raised: {:?}", nice_of(first)),
+    );
+    // A reload while it still boots: it is outgoing now, lowered by the
+    // reload's step from where it was before its boost (the reload then
+    // stops it at once: a worker not ready yet is no capacity to keep).
+    h.signal(Signal::SIGHUP);
+    h.expect_event(
+        "priority-lowered",
+        BOOT,
+        "the booting worker lowered",
+        |e| e["workers"] == 1 && e["from"] == base && e["to"] == lowered,
+    );
+    std::fs::write(&go, "").expect("go");
+    h.expect_event("reload-done", BOOT, "reload done", |e| e["generation"] == 2);
+    let replacement = next_booting(&h, 1);
+    h.check(
+        nice_of(replacement) == Some(base),
+        &format!(
+            "its replacement serves at nice {base}: {:?}",
+            nice_of(replacement)
+        ),
+    );
+}

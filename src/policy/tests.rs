@@ -555,6 +555,20 @@ fn an_outgoing_worker_is_lowered_by_the_step_up_to_the_lowest_priority() {
 }
 
 #[test]
+fn a_booting_worker_is_raised_by_the_boost_up_to_the_highest_priority() {
+    for (nice, want) in [
+        (0, Some(-5)),
+        (10, Some(5)),
+        (-5, Some(-10)),
+        (-17, Some(-20)),
+        (-20, None),
+        (19, Some(14)),
+    ] {
+        assert_eq!(boosted_nice(nice), want, "nice {nice}");
+    }
+}
+
+#[test]
 fn a_reload_lowers_the_older_active_workers_not_yet_lowered() {
     let now = t0();
     let lowered = |mut w: Worker| {

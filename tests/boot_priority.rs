@@ -56,6 +56,32 @@ fn wait_ready(h: &Harness, pid: i32) {
     });
 }
 
+/// Worker `pid`, held in its boot, is at nice `booting`; once `go` exists
+/// and it is ready, at nice `serving`.
+fn boots_then_serves(h: &Harness, pid: i32, go: &Path, booting: i32, serving: i32, who: &str) {
+    h.check(
+        nice_of(pid) == Some(booting),
+        &format!("{who} {pid} boots at nice {booting}: {:?}", nice_of(pid)),
+    );
+    std::fs::write(go, "").expect("go");
+    wait_ready(h, pid);
+    h.check(
+        nice_of(pid) == Some(serving),
+        &format!(
+            "ready, {who} {pid} serves at nice {serving}: {:?}",
+            nice_of(pid)
+        ),
+    );
+}
+
+/// Holds the next boot, kills worker `pid` with SIGKILL and returns its
+/// replacement (the second worker to boot).
+fn crash_and_hold(h: &Harness, pid: i32, go: &Path) -> i32 {
+    std::fs::remove_file(go).expect("hold the next boot");
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill -9");
+    next_booting(h, 1)
+}
+
 #[test]
 fn a_booting_worker_runs_at_a_raised_priority_until_it_is_ready() {
     if !may_raise_priority() {
@@ -65,47 +91,14 @@ fn a_booting_worker_runs_at_a_raised_priority_until_it_is_ready() {
     let (start, go) = held_start("boot-nice");
     let h = start.spawn();
     let base = nice_of(h.pid).expect("procman's nice value");
-    let boost = (base - 5).max(-20);
+    let boost = booting_nice(base);
 
     let first = next_booting(&h, 0);
-    h.check(
-        nice_of(first) == Some(boost),
-        &format!(
-            "the first worker boots at nice {boost}: {:?}",
-            nice_of(first)
-        ),
-    );
-    std::fs::write(&go, "").expect("go");
-    wait_ready(&h, first);
-    h.check(
-        nice_of(first) == Some(base),
-        &format!(
-            "ready, it serves at procman's nice {base}: {:?}",
-            nice_of(first)
-        ),
-    );
-
+    boots_then_serves(&h, first, &go, boost, base, "the first worker");
     // Its replacement after a crash boots raised too, while nothing else
     // serves; and is back at procman's priority once ready.
-    std::fs::remove_file(&go).expect("hold the next boot");
-    kill(Pid::from_raw(first), Signal::SIGKILL).expect("kill -9");
-    let second = next_booting(&h, 1);
-    h.check(
-        nice_of(second) == Some(boost),
-        &format!(
-            "the replacement boots at nice {boost}: {:?}",
-            nice_of(second)
-        ),
-    );
-    std::fs::write(&go, "").expect("go");
-    wait_ready(&h, second);
-    h.check(
-        nice_of(second) == Some(base),
-        &format!(
-            "the replacement serves at nice {base}: {:?}",
-            nice_of(second)
-        ),
-    );
+    let second = crash_and_hold(&h, first, &go);
+    boots_then_serves(&h, second, &go, boost, base, "its replacement");
 }
 
 #[test]
@@ -132,29 +125,17 @@ fn a_worker_forked_from_the_zygote_boots_at_a_raised_priority_until_it_is_ready(
         .json()
         .spawn();
     let base = nice_of(h.pid).expect("procman's nice value");
-    let boost = (base - 5).max(-20);
+    let boost = booting_nice(base);
     let booting = h.expect_event("booting", BOOT, "a forked worker booting", |e| {
         e["zygote"].is_i64()
     });
     let pid = worker_of(&booting);
-    h.check(
-        nice_of(pid) == Some(boost),
-        &format!(
-            "the forked worker boots at nice {boost}: {:?}",
-            nice_of(pid)
-        ),
-    );
     let zygote = booting["zygote"].as_i64().unwrap_or(0) as i32;
     h.check(
         nice_of(zygote) == Some(base),
         &format!("its zygote stays at nice {base}: {:?}", nice_of(zygote)),
     );
-    std::fs::write(&go, "").expect("go");
-    wait_ready(&h, pid);
-    h.check(
-        nice_of(pid) == Some(base),
-        &format!("ready, it serves at nice {base}: {:?}", nice_of(pid)),
-    );
+    boots_then_serves(&h, pid, &go, boost, base, "the forked worker");
 }
 
 #[test]
@@ -165,25 +146,9 @@ fn without_cap_sys_nice_workers_boot_at_procmans_priority() {
     let h = start.spawn_with("setpriv", &["--bounding-set=-sys_nice", "--", PROCMAN]);
     let base = nice_of(h.pid).expect("procman's nice value");
     let first = next_booting(&h, 0);
-    h.check(
-        nice_of(first) == Some(base),
-        &format!("it boots at nice {base}: {:?}", nice_of(first)),
-    );
-    std::fs::write(&go, "").expect("go");
-    wait_ready(&h, first);
-    std::fs::remove_file(&go).expect("hold the next boot");
-    kill(Pid::from_raw(first), Signal::SIGKILL).expect("kill -9");
-    let second = next_booting(&h, 1);
-    h.check(
-        nice_of(second) == Some(base),
-        &format!("its replacement too: {:?}", nice_of(second)),
-    );
-    std::fs::write(&go, "").expect("go");
-    wait_ready(&h, second);
-    h.check(
-        nice_of(second) == Some(base),
-        &format!("and serves at nice {base}: {:?}", nice_of(second)),
-    );
+    boots_then_serves(&h, first, &go, base, base, "the first worker");
+    let second = crash_and_hold(&h, first, &go);
+    boots_then_serves(&h, second, &go, base, base, "its replacement");
 }
 
 #[test]
@@ -198,7 +163,7 @@ fn a_reload_lowers_a_worker_still_booting_from_procmans_priority_not_its_raised_
     let lowered = (base + 10).min(19);
     let first = next_booting(&h, 0);
     h.check(
-        nice_of(first) == Some((base - 5).max(-20)),
+        nice_of(first) == Some(booting_nice(base)),
         &format!("it boots raised: {:?}", nice_of(first)),
     );
     // A reload while it still boots: it is outgoing now, lowered by the

@@ -19,6 +19,7 @@
 //! changes it next (readiness here, a reload's lowering) clears the field.
 
 use nix::errno::Errno;
+use nix::unistd::Pid;
 use tracing::debug;
 
 use super::Master;
@@ -43,12 +44,8 @@ impl Master {
             return;
         }
         let pid = w.pid;
-        let from = match priority::of_group(pid) {
-            Ok(n) => n,
-            Err(e) => {
-                debug!("Cannot read the priority of worker {pid}: {e}");
-                return;
-            }
+        let Some(from) = nice_of_worker(pid) else {
+            return;
         };
         let Some(to) = policy::boosted_nice(from) else {
             return;
@@ -72,6 +69,14 @@ impl Master {
             Err(e) => debug!("Cannot raise the priority of worker {pid}: {e}"),
         }
     }
+}
+
+/// The nice value of worker `pid` (of its process group), or `None`, said
+/// at debug level, if it cannot be read (it is gone already).
+pub(super) fn nice_of_worker(pid: Pid) -> Option<i32> {
+    priority::of_group(pid)
+        .map_err(|e| debug!("Cannot read the priority of worker {pid}: {e}"))
+        .ok()
 }
 
 /// `w` is ready (or is about to be lowered by a reload): if it booted at a

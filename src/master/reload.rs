@@ -25,6 +25,7 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tracing::{debug, error, info, warn};
 
+use super::boost::nice_of_worker;
 use super::exits::describe_exit;
 use super::launch::{release, Reload, Settings};
 use super::{Master, MasterState};
@@ -290,12 +291,8 @@ impl Master {
                 .table
                 .get_mut(pid)
                 .and_then(|w| w.active_mut()?.boosted_from.take());
-            let from = match boosted.map_or_else(|| priority::of_group(pid), Ok) {
-                Ok(n) => n,
-                Err(e) => {
-                    debug!("Cannot read the priority of worker {pid}: {e}");
-                    continue;
-                }
+            let Some(from) = boosted.or_else(|| nice_of_worker(pid)) else {
+                continue;
             };
             let Some(to) = policy::lowered_nice(from) else {
                 continue;

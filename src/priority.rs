@@ -1,7 +1,8 @@
 //! The CPU priority (nice value) of a worker's process group: read it,
 //! lower it, set it back. The two system calls procman makes about
 //! scheduling, kept at the edge; when to call them is the master's
-//! (`master/reload.rs`) and by how much is policy's.
+//! (`master/boost.rs` for a booting worker, `master/reload.rs` for the
+//! workers a reload replaces) and by how much is policy's.
 //!
 //! Why the process *group*: on Linux a nice value belongs to a thread, and
 //! `setpriority(PRIO_PROCESS, pid)` changes only the thread whose id is

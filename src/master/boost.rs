@@ -18,7 +18,8 @@
 //! raised priority and nothing else changed its nice value since; whoever
 //! changes it next (readiness here, a reload's lowering) clears the field.
 
-use nix::errno::Errno;
+use std::io::ErrorKind;
+
 use nix::unistd::Pid;
 use tracing::debug;
 
@@ -57,12 +58,9 @@ impl Master {
                 }
                 debug!("Worker {pid} boots at nice {to} (from {from})");
             }
-            Err(e)
-                if matches!(
-                    Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-                    Errno::EACCES | Errno::EPERM
-                ) =>
-            {
+            // EACCES or EPERM: without CAP_SYS_NICE it would be refused
+            // for every worker alike.
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
                 self.boost = Boost::Denied;
                 debug!("Workers boot at the master's priority: raising one was refused ({e}; it needs CAP_SYS_NICE)");
             }
@@ -79,9 +77,9 @@ pub(super) fn nice_of_worker(pid: Pid) -> Option<i32> {
         .ok()
 }
 
-/// `w` is ready (or is about to be lowered by a reload): if it booted at a
-/// raised priority, it goes back to the one it had before. The nice value
-/// it is lowered to is never above the master's, so no privilege is needed.
+/// `w` is ready: if it booted at a raised priority, it goes back to the one
+/// it had before. That only lowers a priority, so it needs no privilege. (A
+/// reload that lowers a worker still booting takes `boosted_from` itself.)
 pub(super) fn end_boost(w: &mut Worker) {
     let pid = w.pid;
     let Some(from) = w.active_mut().and_then(|a| a.boosted_from.take()) else {

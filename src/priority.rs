@@ -83,6 +83,7 @@ mod tests {
         // In its own process group, so that nothing else is touched: a
         // process with a second thread and a child. Python, because a
         // thread and a fork are one line each.
+        use std::io::BufRead;
         use std::os::unix::process::CommandExt;
         let mut leader = Command::new("python3")
             .args([
@@ -91,16 +92,21 @@ mod tests {
                  threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n\
                  pid = os.fork()\n\
                  pid or (time.sleep(30), os._exit(0))\n\
+                 print('ready', flush=True)\n\
                  os.waitpid(pid, 0)",
             ])
             .process_group(0)
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("spawn python3");
         let pgid = Pid::from_raw(leader.id() as i32);
-        // Parent: 2 threads; child (forked after the thread started): 1.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while thread_nices(pgid.as_raw()).len() < 3 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(10));
+        // It says so once it has its second thread and its child. Counting
+        // threads in the group instead raced: `python3` may be a launcher
+        // (pyenv's shim is a shell script) whose helper processes share the
+        // group before the interpreter runs.
+        let mut line = String::new();
+        if let Some(out) = leader.stdout.take() {
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
         }
         let before = of_group(pgid);
         let lowered = before.as_ref().map(|n| (n + 3).min(19)).unwrap_or(19);
@@ -116,6 +122,11 @@ mod tests {
         }
         let _ = leader.kill();
         let _ = leader.wait();
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "python3 did not start its thread and child"
+        );
         before.expect("read");
         set.expect("lower");
         assert_eq!(after.expect("read again"), lowered);

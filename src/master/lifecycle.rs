@@ -319,6 +319,9 @@ impl Master {
             now,
             self.settings.cfg.startup_timeout,
         );
+        // Before its `booting` event: whoever reads that event finds the
+        // worker at the priority it boots at.
+        self.boost_booting(&mut w);
         if let Some(life) = self.settings.cfg.max_worker_lifetime {
             let jitter = self.settings.cfg.max_worker_lifetime_jitter;
             let lifetime = self.recycling.lifetime(life, jitter);
@@ -370,7 +373,6 @@ impl Master {
                 }
             }
         }
-        self.boost_booting(&mut w);
         self.table.insert(w);
     }
 

@@ -208,6 +208,8 @@ impl Master {
             pending.requested_at,
             self.settings.cfg.startup_timeout,
         );
+        // Before its `booting` event, as for a worker the master forks.
+        self.boost_booting(&mut worker);
         worker_event!(
             info,
             "booting",
@@ -216,7 +218,6 @@ impl Master {
             "Booting worker {slot} with pid {w} (generation {}, forked from zygote {zpid})",
             worker.generation
         );
-        self.boost_booting(&mut worker);
         self.table.insert(worker);
     }
 

@@ -319,9 +319,6 @@ impl Master {
             now,
             self.settings.cfg.startup_timeout,
         );
-        // Before its `booting` event: whoever reads that event finds the
-        // worker at the priority it boots at.
-        self.boost_booting(&mut w);
         if let Some(life) = self.settings.cfg.max_worker_lifetime {
             let jitter = self.settings.cfg.max_worker_lifetime_jitter;
             let lifetime = self.recycling.lifetime(life, jitter);
@@ -351,6 +348,14 @@ impl Master {
                 ));
             }
             None => {
+                let exec_ready = !self.settings.class.notify_ready;
+                let ready_at_once = exec_ready && self.settings.cfg.ready_after.is_zero();
+                // Raised before its `booting` event, so that whoever reads
+                // that event finds it at the priority it boots at; not at
+                // all if it is ready at once (there is no boot to speed up).
+                if !ready_at_once {
+                    self.boost_booting(&mut w);
+                }
                 worker_event!(
                     info,
                     "booting",
@@ -362,13 +367,11 @@ impl Master {
                 // --ready exec: ready once it has stayed alive for
                 // --ready-after; dying sooner is a failed boot, so a command
                 // that exits at once never replaces a working one.
-                if !self.settings.class.notify_ready {
-                    if self.settings.cfg.ready_after.is_zero() {
-                        mark_ready(&mut w, now, &self.endpoints.observed);
-                    } else {
-                        if let WorkerState::Starting { stable_at, .. } = &mut w.state {
-                            *stable_at = Some(now + self.settings.cfg.ready_after);
-                        }
+                if ready_at_once {
+                    mark_ready(&mut w, now, &self.endpoints.observed);
+                } else if exec_ready {
+                    if let WorkerState::Starting { stable_at, .. } = &mut w.state {
+                        *stable_at = Some(now + self.settings.cfg.ready_after);
                     }
                 }
             }

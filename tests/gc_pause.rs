@@ -135,13 +135,7 @@ fn collections_at_start() -> i64 {
 /// What tests/apps/runtime_app.py saw at import in the one worker of a
 /// procman started with `extra`.
 fn runtime_report(name: &str, extra: &[&str]) -> Value {
-    let mut args = vec!["-w", "1", "--log-format", "json"];
-    args.extend_from_slice(extra);
-    let h = uvicorn(name, &apps_dir(), "runtime_app:main", &args).spawn();
-    h.check(
-        h.wait_event("all-ready", BOOT, |_| true).is_some(),
-        "all ready",
-    );
+    let h = one_worker_in(name, &apps_dir(), "runtime_app:main", extra);
     let (status, body) = http_get(h.addr(), "/").unwrap_or_default();
     h.check(status == 200, &format!("the app answered: {status} {body}"));
     let report: Value = serde_json::from_str(&body).expect("JSON");

@@ -49,6 +49,18 @@ fn exits_at_once() -> Vec<String> {
     vec!["sh".into(), "-c".into(), "exit 1".into()]
 }
 
+/// The config of a release whose 2 workers exit at once: its reload fails.
+/// Its stability window is far longer than `sh` can take to start and
+/// exit, even on a loaded machine (the default, 1 s, is unit-tested).
+fn write_failing_release(file: &Path) {
+    write_config(
+        file,
+        "new",
+        &exits_at_once(),
+        "workers = 2\nready-after = '10s'",
+    );
+}
+
 /// `NAME=value` from a process's environment.
 fn env_of(pid: i32, name: &str) -> Option<String> {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
@@ -99,14 +111,7 @@ fn a_reload_to_a_command_that_exits_at_once_keeps_the_old_workers_serving() {
     let old = h.wait_workers(2, BOOT);
     let load = Load::start(h.addr(), 2, 1_000_000, Duration::from_secs(60));
     wait_for(BOOT, || (load.done() > 20).then_some(()));
-    // A stability window far longer than `sh` can take to start and exit,
-    // even on a loaded machine (the default, 1 s, is unit-tested).
-    write_config(
-        &file,
-        "new",
-        &exits_at_once(),
-        "workers = 2\nready-after = '10s'",
-    );
+    write_failing_release(&file);
     h.signal(Signal::SIGHUP);
     h.expect_event("reload-failed", BOOT, "reload reported failed", |e| {
         e["generation"] == 2
@@ -499,12 +504,7 @@ fn fail_a_reload(name: &str, wrap: Option<(&str, &[&str])>) -> (Harness, BTreeSe
     h.expect_event("all-ready", BOOT, "booted", |_| true);
     let old = h.wait_workers(2, BOOT);
     let base = nice_of(h.pid).expect("procman's nice value");
-    write_config(
-        &file,
-        "new",
-        &exits_at_once(),
-        "workers = 2\nready-after = '10s'",
-    );
+    write_failing_release(&file);
     h.signal(Signal::SIGHUP);
     h.expect_event(
         "priority-lowered",

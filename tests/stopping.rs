@@ -14,17 +14,6 @@ use util::*;
 
 const BOOT: Duration = Duration::from_secs(60);
 
-fn stop_app(name: &str, extra: &[&str]) -> Harness {
-    let mut args = vec!["-w", "1", "--log-format", "json"];
-    args.extend_from_slice(extra);
-    let h = uvicorn(name, &apps_dir(), "stop_app:app", &args).spawn();
-    h.check(
-        h.wait_event("all-ready", BOOT, |_| true).is_some(),
-        "all ready",
-    );
-    h
-}
-
 #[test]
 fn a_stop_signal_wakes_the_workers_main_loop_at_once() {
     // The worker signals itself from a request and then yields to the event
@@ -35,7 +24,7 @@ fn a_stop_signal_wakes_the_workers_main_loop_at_once() {
         ("wake-uvloop", &[][..]),
         ("wake-asyncio", &["--loop", "asyncio"][..]),
     ] {
-        let mut h = stop_app(name, extra);
+        let mut h = one_worker_in(name, &apps_dir(), "stop_app:app", extra);
         let (status, body) =
             http_request(h.addr(), "GET", "/stop-self", None, BOOT).unwrap_or_default();
         h.check(
@@ -63,7 +52,7 @@ fn an_idle_worker_drains_without_a_fixed_sleep() {
     ] {
         let mut args = vec!["-e", report_env.as_str()];
         args.extend_from_slice(extra);
-        let mut h = stop_app(name, &args);
+        let mut h = one_worker_in(name, &apps_dir(), "stop_app:app", &args);
         let pid = *h.wait_workers(1, BOOT).iter().next().expect("a worker");
         h.signal(Signal::SIGTERM);
         assert_eq!(h.exit_code(BOOT), 0);

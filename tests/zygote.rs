@@ -12,11 +12,6 @@ use util::*;
 
 const BOOT: Duration = Duration::from_secs(60);
 
-/// procman serving `app` from `dir` with the test venv's Python, JSON logs.
-fn uvicorn_json(name: &str, dir: &Path, app: &str, extra: &[&str]) -> Start {
-    uvicorn(name, dir, app, extra).args(["--log-format", "json"])
-}
-
 /// The most workers the master had booting at once, from its own events in
 /// order: `booting` adds one, `ready` or an exit before ready removes it.
 fn most_booting_at_once(h: &Harness) -> usize {
@@ -42,7 +37,9 @@ fn most_booting_at_once(h: &Harness) -> usize {
 
 /// procman running tests/apps/import_pid.py with 2 workers, all ready.
 fn two_import_pid_workers(name: &str) -> Harness {
-    let h = uvicorn_json(name, &apps_dir(), "import_pid:main", &["-w", "2"]).spawn();
+    let h = uvicorn(name, &apps_dir(), "import_pid:main", &["-w", "2"])
+        .json()
+        .spawn();
     h.check(
         h.wait_event("all-ready", BOOT, |_| true).is_some(),
         "all ready",
@@ -52,7 +49,7 @@ fn two_import_pid_workers(name: &str) -> Harness {
 
 #[test]
 fn with_two_cpus_no_more_than_two_of_eight_workers_boot_at_once() {
-    let h = uvicorn_json("boot-limit", &fastapi_dir(), "app:main", &["-w", "8"]);
+    let h = uvicorn("boot-limit", &fastapi_dir(), "app:main", &["-w", "8"]).json();
     let mut h = h.spawn_with("taskset", &["-c", "0,1", PROCMAN]);
     let all = h.wait_event("all-ready", BOOT, |_| true);
     h.check(all.is_some(), "all 8 ready");
@@ -168,7 +165,9 @@ fn default_workers_are_forked_from_a_base_zygote_and_import_the_app_themselves()
 #[test]
 fn no_zygote_gives_cold_workers() {
     let args = ["-w", "2", "--no-zygote"];
-    let h = uvicorn_json("no-zygote", &apps_dir(), "import_pid:main", &args).spawn();
+    let h = uvicorn("no-zygote", &apps_dir(), "import_pid:main", &args)
+        .json()
+        .spawn();
     h.check(
         h.wait_event("all-ready", BOOT, |_| true).is_some(),
         "all ready",
@@ -263,13 +262,7 @@ fn preloaded(name: &str, extra: &[&str]) -> serde_json::Value {
 
 /// `preloaded`, serving runtime_app.py from `dir`.
 fn preloaded_in(name: &str, dir: &Path, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec!["-w", "1"];
-    args.extend_from_slice(extra);
-    let mut h = uvicorn_json(name, dir, "runtime_app:main", &args).spawn();
-    h.check(
-        h.wait_event("all-ready", BOOT, |_| true).is_some(),
-        "all ready",
-    );
+    let mut h = one_worker_in(name, dir, "runtime_app:main", extra);
     let forked = forked_from(&h, 1);
     let want_forked = !extra.contains(&"--no-zygote");
     h.check(

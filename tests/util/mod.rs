@@ -1022,6 +1022,20 @@ pub fn uvicorn(name: &str, dir: &Path, app: &str, extra: &[&str]) -> Start {
     .args(extra.iter().copied())
 }
 
+/// procman serving one worker of `app` from `dir`, JSON logs, `extra`
+/// arguments; returned once procman logged `all-ready`.
+pub fn one_worker_in(name: &str, dir: &Path, app: &str, extra: &[&str]) -> Harness {
+    let mut args = vec!["-w", "1"];
+    args.extend_from_slice(extra);
+    let h = uvicorn(name, dir, app, &args).json().spawn();
+    h.check(
+        h.wait_event("all-ready", Duration::from_secs(60), |_| true)
+            .is_some(),
+        "all ready",
+    );
+    h
+}
+
 /// Removes from `cmd`'s environment everything of the test process that
 /// procman would read: the systemd and PaaS variables and every
 /// `PROCMAN_*` (matched on bytes, so a non-UTF-8 name is removed too).

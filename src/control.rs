@@ -155,14 +155,19 @@ pub fn run_client(args: &[String]) -> ExitCode {
             .get("error")
             .and_then(Value::as_str)
             .unwrap_or("refused");
-        eprintln!("procman: error: {} failed: {why}", args[0]);
+        // The reason may quote a worker (its X_PROCMAN_ERROR).
+        eprintln!(
+            "procman: error: {} failed: {}",
+            args[0],
+            crate::escape::text(why)
+        );
         return ExitCode::from(1);
     }
     match args[0].as_str() {
         "status" => {
             let status = reply.get("status").cloned().unwrap_or(Value::Null);
             if json_out {
-                println!("{status}");
+                println!("{}", crate::escape::json(status.to_string()));
             } else {
                 match serde_json::from_value::<crate::status::Snapshot>(status) {
                     Ok(t) => print!("{}", t.table()),

@@ -10,7 +10,7 @@
 //! `main → startup → master (and master/*) → the parts (classes, zygote,
 //! logging, generate, layers → config → cli) → the edges (policy, workers, spawn,
 //! bind, notify, signals, pid, pidfile, priority) → the leaves (error, identity,
-//! safefs, procfs, cpus)`. A lower module never names a higher one: what it
+//! safefs, procfs, cpus, escape)`. A lower module never names a higher one: what it
 //! needs from above is passed in as a value.
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
@@ -27,6 +27,7 @@ pub mod layers;
 pub mod generate;
 
 // Start-up: logging, then the steps before the first worker.
+pub mod escape;
 pub mod logging;
 pub mod pidfile;
 pub mod safefs;

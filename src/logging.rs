@@ -13,6 +13,15 @@
 //! Text: `[2026-11-27T09:40:00.123456Z] [4242] [INFO] Booting worker 2 with pid 4243`
 //! JSON: `{"timestamp":"…","level":"INFO","pid":4242,"message":"…","event":"booting","worker":4243,"slot":2,"generation":1}`
 //!
+//! What a worker sends (`STATUS=`, an error, a recycle reason) is part of
+//! some messages: in text lines every control character is escaped
+//! ([`crate::escape::text`]), so a line is always one line and cannot move
+//! the operator's terminal; a traceback (the `traceback` field) follows its
+//! line, each of its lines marked `  worker PID traceback | `, so none can
+//! pass for one of procman's lines. JSON lines are escaped by the encoder
+//! (and [`crate::escape::json`] for what it leaves); there the traceback
+//! stays part of the message, after a newline.
+//!
 //! Lifecycle lines carry a stable `event` (listed in the README's JSON log
 //! section: booting, ready, exited, boot-failed, stopping, killing,
 //! recycling, all-ready, reloading, reload-done, reload-failed, shutdown,
@@ -35,6 +44,7 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::config::{LogFormat, LogLevel};
 use crate::error::{os_reason, Error, Result};
+use crate::escape;
 
 /// Where log lines go: stderr, or a file that USR1 reopens.
 static SINK: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
@@ -66,10 +76,12 @@ impl<'a> MakeWriter<'a> for Sink {
     }
 }
 
-/// Collects an event's fields: the message and the rest.
+/// Collects an event's fields: the message, a worker's traceback and the
+/// rest.
 #[derive(Default)]
 struct Fields {
     message: String,
+    traceback: Option<String>,
     rest: Vec<(&'static str, serde_json::Value)>,
 }
 
@@ -87,6 +99,8 @@ impl Visit for Fields {
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
             self.message = value.to_string();
+        } else if field.name() == TRACEBACK {
+            self.traceback = Some(value.to_string());
         } else {
             self.rest.push((field.name(), value.into()));
         }
@@ -104,6 +118,10 @@ impl Visit for Fields {
         self.rest.push((field.name(), value.into()));
     }
 }
+
+/// The field of a worker's traceback (a `&str`): text lines show it after
+/// the line, each of its lines marked; JSON lines append it to the message.
+pub const TRACEBACK: &str = "traceback";
 
 /// The fields of lifecycle events that the text of their message already
 /// says: only JSON lines carry them as fields.
@@ -161,19 +179,38 @@ where
             obj.insert("timestamp".into(), time.into());
             obj.insert("level".into(), level.into());
             obj.insert("pid".into(), self.pid.into());
-            obj.insert("message".into(), fields.message.into());
+            let message = match fields.traceback {
+                Some(tb) => format!("{}\n{}", fields.message, tb.trim_end()),
+                None => fields.message,
+            };
+            obj.insert("message".into(), message.into());
             for (k, v) in fields.rest {
                 obj.insert(k.into(), v);
             }
-            let line = serde_json::Value::Object(obj).to_string();
+            let line = escape::json(serde_json::Value::Object(obj).to_string());
             writeln!(writer, "{line}")
         } else {
-            let mut line = format!("[{time}] [{}] [{level}] {}", self.pid, fields.message);
+            let mut line = format!(
+                "[{time}] [{}] [{level}] {}",
+                self.pid,
+                escape::text(&fields.message)
+            );
             // Fields that the message does not already say (`event`,
             // `reason` and the rest name what the message says, for JSON
             // readers).
             for (k, v) in fields.rest.iter().filter(|(k, _)| !STRUCTURED.contains(k)) {
-                let _ = write!(line, " {k}={v}");
+                let _ = write!(line, " {k}={}", escape::text(&v.to_string()));
+            }
+            if let Some(tb) = &fields.traceback {
+                let owner = fields
+                    .rest
+                    .iter()
+                    .find(|(k, _)| *k == "worker" || *k == "zygote")
+                    .map_or(String::from("worker"), |(k, v)| format!("{k} {v}"));
+                for tb_line in tb.trim_end().split('\n') {
+                    let tb_line = tb_line.strip_suffix('\r').unwrap_or(tb_line);
+                    let _ = write!(line, "\n  {owner} traceback | {}", escape::text(tb_line));
+                }
             }
             writeln!(writer, "{line}")
         }

@@ -15,7 +15,12 @@ fn main() -> ExitCode {
                 .map(str::trim)
                 .filter(|l| !l.is_empty())
                 .collect();
-            eprintln!("procman: error: {}", line.join("; "));
+            // The cause may quote a worker (an app import error): shown
+            // escaped, it cannot drive the terminal.
+            eprintln!(
+                "procman: error: {}",
+                procman::escape::text(&line.join("; "))
+            );
             ExitCode::from(err.exit_code())
         }
     }

@@ -126,19 +126,23 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The table `procman status` prints.
+    /// The table `procman status` prints. Its text comes from the master's
+    /// answer, and some of it from workers (a failed reload's reason):
+    /// control characters are shown escaped, so that each row stays one
+    /// line and the terminal is not driven ([`crate::escape::text`]).
     pub fn table(&self) -> String {
+        use crate::escape::text;
         let mut out = format!(
             "procman {} pid {} up {} generation {} {} workers {}/{} ready{}\n",
-            self.version,
+            text(&self.version),
             self.pid,
             human(self.uptime_s),
             self.generation,
-            self.state,
+            text(&self.state),
             self.workers.iter().filter(|w| w.state == "ready").count(),
             self.target,
             match &self.reload {
-                Some(r) => format!(", last reload: {r}"),
+                Some(r) => format!(", last reload: {}", text(r)),
                 None => String::new(),
             }
         );
@@ -161,7 +165,7 @@ impl Snapshot {
                 w.slot,
                 w.pid,
                 w.generation,
-                w.state,
+                text(&w.state),
                 human(w.age_s),
                 w.rss_bytes.map(mib).unwrap_or_else(|| "-".into()),
                 w.uss_bytes.map(mib).unwrap_or_else(|| "-".into()),
@@ -169,7 +173,7 @@ impl Snapshot {
                     .map(|s| format!("{s:.1}s"))
                     .unwrap_or_else(|| "-".into()),
                 w.restarts,
-                w.last_exit.as_deref().unwrap_or("-"),
+                text(w.last_exit.as_deref().unwrap_or("-")),
             ));
         }
         out

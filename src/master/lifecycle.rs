@@ -394,13 +394,15 @@ impl Master {
 /// way only the one that decides is shown.
 pub(super) fn log_traceback(w: &Worker) {
     if let Some(tb) = &w.reported_traceback {
+        // The traceback is a field: the text log marks each of its lines
+        // as this worker's (logging.rs), JSON appends it to the message.
         error!(
             worker = w.pid.as_raw(),
             slot = w.slot,
-            "Worker {} (slot {}) could not load the app:\n{}",
+            traceback = tb.as_str(),
+            "Worker {} (slot {}) could not load the app:",
             w.pid,
             w.slot,
-            tb.trim_end()
         );
     }
 }

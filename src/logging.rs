@@ -8,7 +8,17 @@
 //! stdout stays the master's), and a uvicorn worker's bootstrap writes its
 //! lines in this text format. On USR1 the master reopens the path first,
 //! then forwards USR1 (to ready uvicorn workers): the bootstrap reopens the
-//! same path onto its fd 2. A command worker keeps the fd it was given.
+//! same path onto its fd 2, as the workers' own user (the master never
+//! opens it on their behalf). A command worker keeps the fd it was given.
+//!
+//! The master (root, often) opens the file in a directory the workers'
+//! user may be able to write to, so a worker may have put anything at the
+//! path by the next USR1. The file is opened relative to a descriptor of
+//! its directory taken at start, never following a symlink, and kept only
+//! if it is a regular file with one link and, when root runs `--user`
+//! workers, owned by root or by that user ([`crate::safefs::Dir`]). At
+//! start a refused file ends procman (exit 1, a runtime failure like a
+//! held pidfile); at USR1 the old file stays open and one warning says why.
 //!
 //! Text: `[2026-11-27T09:40:00.123456Z] [4242] [INFO] Booting worker 2 with pid 4243`
 //! JSON: `{"timestamp":"…","level":"INFO","pid":4242,"message":"…","event":"booting","worker":4243,"slot":2,"generation":1}`
@@ -29,9 +39,11 @@
 //! where there is one: JSON readers (and the tests) match on those, not on
 //! the wording.
 
+use std::ffi::OsString;
 use std::fmt::{self, Write as _};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -45,9 +57,25 @@ use tracing_subscriber::registry::LookupSpan;
 use crate::config::{LogFormat, LogLevel};
 use crate::error::{os_reason, Error, Result};
 use crate::escape;
+use crate::identity::Credentials;
+use crate::safefs::Dir;
+
+/// `--log-file`: where it is and the open file.
+struct LogFile {
+    /// As given, for messages.
+    path: PathBuf,
+    /// Its directory, opened at start.
+    dir: Dir,
+    /// Its name in `dir`.
+    name: OsString,
+    /// The owners allowed (root and the workers' user, when root runs
+    /// `--user` workers); any owner when `None`.
+    owners: Option<(u32, String)>,
+    file: File,
+}
 
 /// Where log lines go: stderr, or a file that USR1 reopens.
-static SINK: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
+static SINK: Mutex<Option<LogFile>> = Mutex::new(None);
 
 /// Writes to the current sink.
 #[derive(Clone, Copy)]
@@ -57,7 +85,7 @@ impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match SINK.lock() {
             Ok(mut guard) => match guard.as_mut() {
-                Some((_, file)) => file.write_all(buf).map(|_| buf.len()),
+                Some(log) => log.file.write_all(buf).map(|_| buf.len()),
                 None => std::io::stderr().write_all(buf).map(|_| buf.len()),
             },
             Err(_) => std::io::stderr().write_all(buf).map(|_| buf.len()),
@@ -217,12 +245,21 @@ where
     }
 }
 
-/// Installs the global logger: level, format, and destination.
-pub fn init(level: LogLevel, format: LogFormat, file: Option<&Path>) -> Result<()> {
+/// Installs the global logger: level, format, and destination. With a
+/// file, `workers` (the `--user` identity) decides whose files are kept
+/// when procman runs as root.
+pub fn init(
+    level: LogLevel,
+    format: LogFormat,
+    file: Option<&Path>,
+    workers: Option<&Credentials>,
+) -> Result<()> {
     if let Some(path) = file {
-        let f = open(path)?;
+        let log = open_at_start(path, workers).map_err(|why| {
+            Error::runtime(format!("cannot open log file {}: {why}", path.display()))
+        })?;
         if let Ok(mut sink) = SINK.lock() {
-            *sink = Some((path.to_path_buf(), f));
+            *sink = Some(log);
         }
     }
     let filter = match level {
@@ -243,18 +280,50 @@ pub fn init(level: LogLevel, format: LogFormat, file: Option<&Path>) -> Result<(
     Ok(())
 }
 
-fn open(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| {
-            Error::runtime(format!(
-                "cannot open log file {}: {}",
-                path.display(),
-                os_reason(&e)
-            ))
-        })
+/// Takes the directory's descriptor and opens the file in it.
+fn open_at_start(
+    path: &Path,
+    workers: Option<&Credentials>,
+) -> std::result::Result<LogFile, String> {
+    let name = path
+        .file_name()
+        .ok_or("it does not end in a file name")?
+        .to_os_string();
+    let parent = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = Dir::open(parent)
+        .map_err(|e| format!("its directory {}: {}", parent.display(), os_reason(&e)))?;
+    let owners = workers
+        .filter(|_| nix::unistd::geteuid().is_root())
+        .map(|c| (c.uid, c.user_name.clone()));
+    let file = open_in(&dir, &name, owners.as_ref())?;
+    Ok(LogFile {
+        path: path.to_path_buf(),
+        dir,
+        name,
+        owners,
+        file,
+    })
+}
+
+/// Opens the log file `name` in `dir` by the rules of the module notes.
+fn open_in(
+    dir: &Dir,
+    name: &std::ffi::OsStr,
+    owners: Option<&(u32, String)>,
+) -> std::result::Result<File, String> {
+    let (file, meta) = dir.open_append(name).map_err(|e| os_reason(&e))?;
+    if let Some((uid, user)) = owners {
+        if meta.uid() != 0 && meta.uid() != *uid {
+            return Err(format!(
+                "it belongs to uid {}, neither root nor the workers' user {user} (uid {uid})",
+                meta.uid()
+            ));
+        }
+    }
+    Ok(file)
 }
 
 /// The open `--log-file`, which workers get as their stderr (fd 2); `None`
@@ -262,20 +331,28 @@ fn open(path: &Path) -> Result<File> {
 pub fn file_fd() -> Option<std::os::fd::RawFd> {
     use std::os::fd::AsRawFd;
     let sink = SINK.lock().ok()?;
-    sink.as_ref().map(|(_, file)| file.as_raw_fd())
+    sink.as_ref().map(|log| log.file.as_raw_fd())
 }
 
-/// USR1: reopen `--log-file` (after logrotate moved it away). A failure
-/// keeps the old file and is reported in it.
-pub fn reopen() {
-    let Ok(mut sink) = SINK.lock() else { return };
-    let Some((path, file)) = sink.as_mut() else {
-        return;
+/// USR1: reopen `--log-file` (after logrotate moved it away), by the same
+/// rules as at start, in the directory opened then. A refused or failed
+/// open keeps the old file; the error says why, naming the path, for the
+/// caller to log (the lock is not held then: logging takes it).
+pub fn reopen() -> std::result::Result<(), String> {
+    let Ok(mut sink) = SINK.lock() else {
+        return Ok(());
     };
-    match open(path) {
-        Ok(f) => *file = f,
-        Err(e) => {
-            let _ = writeln!(file, "procman: cannot reopen the log: {e}");
+    let Some(log) = sink.as_mut() else {
+        return Ok(());
+    };
+    match open_in(&log.dir, &log.name, log.owners.as_ref()) {
+        Ok(f) => {
+            log.file = f;
+            Ok(())
         }
+        Err(why) => Err(format!(
+            "cannot reopen the log file {}: {why}; still writing to the one open before",
+            log.path.display()
+        )),
     }
 }

@@ -329,7 +329,7 @@ impl Master {
     /// terminate, which is what a command worker (or a uvicorn worker whose
     /// interpreter has not installed its handler yet) would do with it.
     fn reopen_logs(&mut self) {
-        crate::logging::reopen();
+        let reopened = crate::logging::reopen();
         let pids: Vec<Pid> = if self.settings.class.reopens_logs_on_usr1 {
             self.table
                 .iter()
@@ -339,7 +339,11 @@ impl Master {
         } else {
             Vec::new()
         };
-        if pids.is_empty() {
+        if let Err(why) = reopened {
+            // Refused (see logging.rs): the workers still reopen it as
+            // themselves, by their own rights.
+            warn!(event = "log-reopen-failed", "{why}");
+        } else if pids.is_empty() {
             info!(event = "log-reopened", "Reopened the log");
         } else {
             info!(

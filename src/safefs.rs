@@ -8,6 +8,9 @@
 //!   ownership is changed through a descriptor opened `O_PATH|O_NOFOLLOW`
 //!   after checking it is still the kind of file procman made and still
 //!   procman's (`fchownat(fd, "", AT_EMPTY_PATH)`), never by path;
+//! * a file procman appends to (`--log-file`) is opened `O_NOFOLLOW`
+//!   relative to a descriptor of its directory taken at start ([`Dir`]),
+//!   and only a regular file with one link is kept;
 //! * a file procman made is removed at exit only while the path still names
 //!   the same inode (device and inode number recorded when it was made):
 //!   another process may have replaced it meanwhile, and that one is not
@@ -106,6 +109,100 @@ pub fn chown_fd(file: &File, uid: u32, gid: u32) -> io::Result<()> {
     }
 }
 
+/// A directory held open, so that files are later opened in the directory
+/// it named when it was opened, whatever its path names by then.
+#[derive(Debug)]
+pub struct Dir(File);
+
+impl Dir {
+    /// Opens the directory `path` (an `O_PATH` handle: no read access is
+    /// needed, only lookups in it).
+    pub fn open(path: &Path) -> io::Result<Dir> {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(path)
+            .map(Dir)
+    }
+
+    /// Opens `name` (one path component) in this directory for appending,
+    /// created (mode 0666 less the umask) if absent. A symlink at `name`
+    /// is not followed (`O_NOFOLLOW`), a FIFO's open does not wait for a
+    /// reader (`O_NONBLOCK`, cleared again once the file is checked), and
+    /// anything but a regular file with a single link (a hard link to
+    /// another file cannot pass for the log) is refused with a sentence
+    /// saying what it is. Returns the file and its metadata, for checks of
+    /// its owner.
+    pub fn open_append(&self, name: &std::ffi::OsStr) -> io::Result<(File, Metadata)> {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.contains(&b'/') || bytes == b"." || bytes == b".." {
+            return Err(io::Error::other("it is not a file name"));
+        }
+        let cname = std::ffi::CString::new(bytes)
+            .map_err(|_| io::Error::other("its name holds a NUL byte"))?;
+        let flags = libc::O_WRONLY
+            | libc::O_APPEND
+            | libc::O_CREAT
+            | libc::O_NOFOLLOW
+            | libc::O_NONBLOCK
+            | libc::O_NOCTTY
+            | libc::O_CLOEXEC;
+        // SAFETY: the directory fd is open for the duration of the call
+        // (borrowed from `self`) and `cname` is a valid NUL-terminated
+        // string; the mode argument is read because O_CREAT is given.
+        let fd = unsafe { libc::openat(self.0.as_raw_fd(), cname.as_ptr(), flags, 0o666) };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::ELOOP) => io::Error::other("it is a symbolic link (not followed)"),
+                Some(libc::ENXIO) => io::Error::other("it is a FIFO or socket, not a regular file"),
+                Some(libc::EISDIR) => io::Error::other("it is a directory, not a regular file"),
+                _ => e,
+            });
+        }
+        // SAFETY: `fd` was just returned by openat and is owned by nothing
+        // else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let meta = file.metadata()?;
+        let ft = meta.file_type();
+        if !ft.is_file() {
+            let what = if std::os::unix::fs::FileTypeExt::is_fifo(&ft) {
+                "a FIFO"
+            } else if std::os::unix::fs::FileTypeExt::is_char_device(&ft)
+                || std::os::unix::fs::FileTypeExt::is_block_device(&ft)
+            {
+                "a device"
+            } else {
+                "not a regular file"
+            };
+            return Err(io::Error::other(format!(
+                "it is {what}, not a regular file"
+            )));
+        }
+        if meta.nlink() != 1 {
+            return Err(io::Error::other(format!(
+                "it has {} hard links (a link to another file is refused)",
+                meta.nlink()
+            )));
+        }
+        // SAFETY: F_SETFL on an fd we own, with flags derived from F_GETFL.
+        let rc = unsafe {
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            if fl < 0 {
+                fl
+            } else {
+                libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK)
+            }
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((file, meta))
+    }
+}
+
 /// Sixteen unpredictable lowercase letters and digits, for names others
 /// must not be able to plant in advance.
 pub fn random_token() -> String {
@@ -187,6 +284,60 @@ mod tests {
         assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
         drop(listener);
         let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn a_log_is_opened_in_its_directory_and_only_a_plain_file_is_kept() {
+        let d = dir("append");
+        let held = Dir::open(&d).expect("open dir");
+        let name = std::ffi::OsStr::new("app.log");
+        // Absent: made; then appended to.
+        let (mut f, meta) = held.open_append(name).expect("create");
+        assert!(meta.is_file());
+        std::io::Write::write_all(&mut f, b"one\n").expect("write");
+        // The directory's path now names another directory: the file is
+        // still opened in the one held.
+        let moved = d.with_extension("moved");
+        let _ = std::fs::remove_dir_all(&moved);
+        std::fs::rename(&d, &moved).expect("move the dir");
+        std::fs::create_dir(&d).expect("a new dir at the old path");
+        let (mut f, _) = held.open_append(name).expect("reopen");
+        std::io::Write::write_all(&mut f, b"two\n").expect("write");
+        assert_eq!(
+            std::fs::read_to_string(moved.join("app.log")).expect("read"),
+            "one\ntwo\n"
+        );
+        assert!(!d.join("app.log").exists());
+        let path = moved.join("app.log");
+        let victim = moved.join("victim");
+        std::fs::write(&victim, "v").expect("write");
+        let refused = |why: &str| {
+            let err = held.open_append(name).expect_err(why);
+            assert!(err.to_string().contains(why), "{err}");
+        };
+        std::fs::remove_file(&path).expect("unlink");
+        std::os::unix::fs::symlink(&victim, &path).expect("symlink");
+        refused("symbolic link");
+        std::fs::remove_file(&path).expect("unlink");
+        std::fs::hard_link(&victim, &path).expect("link");
+        refused("hard links");
+        std::fs::remove_file(&path).expect("unlink");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        // No reader: the open must not wait for one.
+        refused("FIFO");
+        std::fs::remove_file(&path).expect("unlink");
+        std::fs::create_dir(&path).expect("mkdir");
+        refused("directory");
+        assert_eq!(std::fs::read_to_string(&victim).expect("read"), "v");
+        for bad in ["", ".", "..", "a/b"] {
+            assert!(
+                held.open_append(std::ffi::OsStr::new(bad)).is_err(),
+                "{bad:?}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(d);
+        let _ = std::fs::remove_dir_all(moved);
     }
 
     #[test]

@@ -67,7 +67,12 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
         println!("procman: configuration OK ({})", cfg.describe_workers());
         return Ok(ExitCode::SUCCESS);
     }
-    logging::init(cfg.log_level, cfg.log_format, cfg.log_file.as_deref())?;
+    logging::init(
+        cfg.log_level,
+        cfg.log_format,
+        cfg.log_file.as_deref(),
+        cfg.credentials.as_ref(),
+    )?;
     become_subreaper();
     let mut signals = Signals::install()?;
     // Where `--user` workers will reach the notify socket is part of a valid

@@ -356,3 +356,110 @@ pub fn reopen() -> std::result::Result<(), String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut v) = self.0.lock() {
+                v.extend_from_slice(buf);
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Buffer {
+        type Writer = Buffer;
+        fn make_writer(&'a self) -> Buffer {
+            self.clone()
+        }
+    }
+
+    /// What the lines of `log` become in `json` or text format.
+    fn formatted(json: bool, log: impl FnOnce()) -> String {
+        let buffer = Buffer::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(Level::TRACE)
+            .with_writer(buffer.clone())
+            .event_format(Line { pid: 42, json })
+            .finish();
+        tracing::subscriber::with_default(subscriber, log);
+        let bytes = buffer.0.lock().map(|v| v.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    const HOSTILE: &str = "\u{1b}[2J\r[2026-01-01T00:00:00Z] [1] [INFO] forged\n\u{9b}x";
+
+    fn log_all() {
+        // A zygote's warning, a status, and a traceback as logged.
+        tracing::warn!("Zygote 7: {HOSTILE}");
+        tracing::info!(worker = 9, slot = 0, "Worker 9 (slot 0) status: {HOSTILE}");
+        tracing::error!(
+            worker = 9,
+            slot = 0,
+            traceback = format!("Traceback:\n{HOSTILE}").as_str(),
+            "Worker 9 (slot 0) could not load the app:"
+        );
+    }
+
+    #[test]
+    fn text_lines_escape_what_workers_sent_and_mark_a_traceback() {
+        let text = formatted(false, log_all);
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 6, "{text}");
+        assert!(
+            lines[0].starts_with('[')
+                && lines[0].ends_with(
+                    "Zygote 7: \\x1b[2J\\r[2026-01-01T00:00:00Z] [1] [INFO] forged\\n\\u{9b}x"
+                ),
+            "{}",
+            lines[0]
+        );
+        assert!(lines[1].contains("status: \\x1b[2J"), "{}", lines[1]);
+        assert!(
+            lines[2].ends_with("could not load the app:"),
+            "{}",
+            lines[2]
+        );
+        assert_eq!(lines[3], "  worker 9 traceback | Traceback:");
+        assert!(
+            lines[4].starts_with("  worker 9 traceback | \\x1b[2J\\r[2026"),
+            "{}",
+            lines[4]
+        );
+        assert_eq!(lines[5], "  worker 9 traceback | \\u{9b}x");
+    }
+
+    #[test]
+    fn json_lines_keep_the_text_exactly_and_escape_it() {
+        let json = formatted(true, log_all);
+        assert!(json.is_ascii(), "{json:?}");
+        let messages: Vec<String> = json
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("JSON");
+                v["message"].as_str().unwrap_or_default().to_string()
+            })
+            .collect();
+        assert_eq!(messages.len(), 3);
+        assert_eq!(messages[0], format!("Zygote 7: {HOSTILE}"));
+        assert_eq!(
+            messages[2],
+            format!("Worker 9 (slot 0) could not load the app:\nTraceback:\n{HOSTILE}")
+        );
+    }
+}

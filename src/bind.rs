@@ -256,8 +256,8 @@ fn tcp_socket(
 /// directory may be writable by others, who could swap the path
 /// meanwhile), and handed to `owner` through that descriptor. The answer
 /// carries the file's identity, for [`safefs::remove_if_same`] at exit.
-/// The socket is `CLOEXEC` and blocking; on failure nothing is left at
-/// `path` that procman made.
+/// The socket is `CLOEXEC` and blocking. A file that cannot be handed to
+/// `owner` is removed (while the path still names it) before the error.
 pub fn bind_unix_file(
     path: &Path,
     backlog: i32,

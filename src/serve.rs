@@ -79,7 +79,7 @@ pub enum Listen {
     Tcp(TcpListener),
     /// `unix:PATH`; the file is removed when the server is dropped, if the
     /// path still names the socket file made for it (its identity).
-    Unix(UnixListener, PathBuf, Option<FileId>),
+    Unix(UnixListener, PathBuf, FileId),
 }
 
 impl Listen {
@@ -205,7 +205,7 @@ impl Server {
             Some(path) => {
                 let path = PathBuf::from(path);
                 let (l, id) = bind_unix(&path, mode)?;
-                Listen::Unix(l, path, Some(id))
+                Listen::Unix(l, path, id)
             }
             None => {
                 let l = TcpListener::bind(addr)?;
@@ -381,7 +381,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Listen::Unix(_, path, Some(id)) = &self.listen {
+        if let Listen::Unix(_, path, id) = &self.listen {
             crate::safefs::remove_if_same(path, *id);
         }
     }

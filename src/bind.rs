@@ -108,28 +108,7 @@ impl Listener {
                 (OwnedFd::from(sock), format!("http://{local}"), None)
             }
             BindSpec::Unix(path) => {
-                remove_stale_socket(path).map_err(fail)?;
-                let sock = unix_listener(path, backlog, umask).map_err(|e| fail(os_reason(&e)))?;
-                // The file just bound, opened without following a symlink
-                // and checked to be still our socket: the directory may be
-                // writable by others, who could swap the path meanwhile.
-                let (file, id) = safefs::open_own(path, Kind::Socket).map_err(|e| {
-                    fail(format!(
-                        "the socket file changed under procman: {}",
-                        os_reason(&e)
-                    ))
-                })?;
-                // Workers that run as --user own their socket file, as with
-                // gunicorn (they can then manage or remove it themselves).
-                if let Some((uid, gid)) = owner {
-                    if let Err(e) = safefs::chown_fd(&file, uid, gid) {
-                        safefs::remove_if_same(path, id);
-                        return Err(fail(format!(
-                            "cannot hand it to the worker user: {}",
-                            os_reason(&e)
-                        )));
-                    }
-                }
+                let (sock, id) = bind_unix_file(path, backlog, umask, owner).map_err(fail)?;
                 (
                     OwnedFd::from(sock),
                     format!("unix:{}", path.display()),
@@ -265,6 +244,42 @@ fn tcp_socket(
         sock.listen(backlog)?;
     }
     Ok(sock)
+}
+
+/// Binds a listening unix stream socket at `path`, the one way procman
+/// makes a socket file (`--bind unix:`, `--control-socket`, `--metrics
+/// unix:`): a stale file is replaced only when connecting to it is refused
+/// (see [`remove_stale_socket`]); the file's mode is `0o777 & !umask` from
+/// the moment it exists (the umask is set around bind(2), and nothing
+/// changes the mode by path afterwards); the file is then opened without
+/// following a symlink and checked to be the socket procman made (the
+/// directory may be writable by others, who could swap the path
+/// meanwhile), and handed to `owner` through that descriptor. The answer
+/// carries the file's identity, for [`safefs::remove_if_same`] at exit.
+/// The socket is `CLOEXEC` and blocking. A file that cannot be handed to
+/// `owner` is removed (while the path still names it) before the error.
+pub fn bind_unix_file(
+    path: &Path,
+    backlog: i32,
+    umask: u32,
+    owner: Option<(u32, u32)>,
+) -> std::result::Result<(Socket, FileId), String> {
+    remove_stale_socket(path)?;
+    let sock = unix_listener(path, backlog, umask).map_err(|e| os_reason(&e))?;
+    let (file, id) = safefs::open_own(path, Kind::Socket)
+        .map_err(|e| format!("the socket file changed under procman: {}", os_reason(&e)))?;
+    // Workers that run as --user own their socket file, as with gunicorn
+    // (they can then manage or remove it themselves).
+    if let Some((uid, gid)) = owner {
+        if let Err(e) = safefs::chown_fd(&file, uid, gid) {
+            safefs::remove_if_same(path, id);
+            return Err(format!(
+                "cannot hand it to the worker user: {}",
+                os_reason(&e)
+            ));
+        }
+    }
+    Ok((sock, id))
 }
 
 fn unix_listener(path: &Path, backlog: i32, umask: u32) -> std::io::Result<Socket> {

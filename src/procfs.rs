@@ -3,6 +3,15 @@
 //! `--max-worker-memory`), and a process's owner and start time (to verify a
 //! pid the zygote reports before the master ever signals it).
 //!
+//! What the master reads of its workers' groups costs what procman runs,
+//! not what the host runs: a group's members are found among the master's
+//! own descendants ([`members`]: every worker is its child, every helper a
+//! worker's descendant, and an orphaned helper is re-parented to the
+//! master, a child subreaper), by the kernel's per-thread `children` lists,
+//! never by reading the stat file of every process on the host. Only a
+//! kernel without those lists (`CONFIG_PROC_CHILDREN`) falls back to the
+//! whole of `/proc`.
+//!
 //! Everything here tolerates processes vanishing mid-read: a missing or
 //! half-parsed file means "not there".
 
@@ -82,18 +91,72 @@ pub fn stat(pid: i32) -> Option<Stat> {
     parse_stat(&std::fs::read(format!("/proc/{pid}/stat")).ok()?)
 }
 
-/// Resident memory in bytes of every process group, summed over its
-/// members (a worker and the helpers it started), from one scan of /proc.
+/// Resident memory in bytes of the process groups of the master's
+/// descendants (see [`members`]), summed over each group's members (a
+/// worker and the helpers it started).
 pub fn rss_by_group() -> HashMap<i32, u64> {
     let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
         .ok()
         .flatten()
         .unwrap_or(4096) as u64;
     let mut out: HashMap<i32, u64> = HashMap::new();
-    for s in pids().filter_map(stat) {
+    for s in members().into_iter().filter_map(stat) {
         *out.entry(s.pgrp).or_default() += s.rss_pages * page;
     }
     out
+}
+
+/// At most this many processes are listed by [`descendants`] (a bound on
+/// what a fork bomb among the workers can make the master read).
+pub const MAX_DESCENDANTS: usize = 65_536;
+
+/// The processes that may belong to a worker's group: this process's
+/// descendants, or, on a kernel that does not list a thread's children,
+/// every process in /proc.
+pub fn members() -> Vec<i32> {
+    let me = std::process::id() as i32;
+    match descendants(me) {
+        Some(mut pids) => {
+            pids.retain(|&p| p != me);
+            pids
+        }
+        None => pids().collect(),
+    }
+}
+
+/// `root` and its descendants, from the kernel's lists of each thread's
+/// children (`/proc/PID/task/TID/children`), at most [`MAX_DESCENDANTS`];
+/// `None` when the kernel has no such lists. A process created or
+/// re-parented during the walk may be missed (the kernel does not promise
+/// more), which is fine for what reads it: memory figures.
+pub fn descendants(root: i32) -> Option<Vec<i32>> {
+    let me = std::process::id();
+    if !std::path::Path::new(&format!("/proc/self/task/{me}/children")).exists() {
+        return None; // a kernel without CONFIG_PROC_CHILDREN
+    }
+    if !std::path::Path::new(&format!("/proc/{root}")).exists() {
+        return Some(Vec::new());
+    }
+    let mut out = vec![root];
+    let mut seen = std::collections::HashSet::from([root]);
+    let mut next = 0;
+    while next < out.len() && out.len() < MAX_DESCENDANTS {
+        let pid = out[next];
+        next += 1;
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+        for task in tasks.into_iter().flatten().flatten() {
+            let Ok(list) = std::fs::read(task.path().join("children")) else {
+                continue;
+            };
+            let children = String::from_utf8_lossy(&list);
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                if out.len() < MAX_DESCENDANTS && seen.insert(child) {
+                    out.push(child);
+                }
+            }
+        }
+    }
+    Some(out)
 }
 
 /// The pids of every process visible in /proc (its numeric entries);
@@ -172,9 +235,58 @@ mod tests {
     }
 
     #[test]
-    fn our_own_group_has_memory() {
+    fn descendants_are_children_and_their_children_and_nothing_else() {
+        // A shell that starts a sleep (its child, our grandchild) and says
+        // its pid once it has.
+        use std::io::BufRead;
+        let mut sh = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let mut line = String::new();
+        if let Some(out) = sh.stdout.take() {
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+        }
+        let grandchild: i32 = line.trim().parse().unwrap_or(0);
+        let me = std::process::id() as i32;
+        let found = descendants(me).expect("this kernel lists children");
+        let in_members = members();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(grandchild),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = sh.kill();
+        let _ = sh.wait();
+        assert!(grandchild > 0, "{line:?}");
+        assert_eq!(found.first(), Some(&me));
+        assert!(found.contains(&(sh.id() as i32)), "{found:?}");
+        assert!(found.contains(&grandchild), "{found:?}");
+        assert!(!found.contains(&1), "init is no descendant: {found:?}");
+        assert!(in_members.contains(&grandchild) && !in_members.contains(&me));
+        assert_eq!(descendants(i32::MAX), Some(Vec::new()), "no such process");
+    }
+
+    #[test]
+    fn the_group_of_a_child_has_memory() {
+        // Our own group, as a worker's helper would share its worker's:
+        // counted through the child, not through this process.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
         let me = nix::unistd::getpgrp().as_raw();
-        assert!(rss_by_group().get(&me).copied().unwrap_or(0) > 0);
+        // Polled: right after the spawn the child may not have run yet
+        // (no page of its own).
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut rss = 0;
+        while rss == 0 && std::time::Instant::now() < end {
+            rss = rss_by_group().get(&me).copied().unwrap_or(0);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(rss > 0, "no memory counted for the child's group");
     }
 }
 

@@ -30,6 +30,18 @@
 //! its request before the master ran costs one wake-up, one that had not
 //! yet written costs a second when its bytes arrive.
 //!
+//! A burst costs the loop one bounded pass at a time: each pass handles
+//! at most [`ANSWERS_PER_PASS`] whole requests, and what is left stays in
+//! the kernel (unread bytes, unaccepted connections), which keeps the
+//! descriptors readable, so the loop's next `poll` returns at once, after
+//! the master has handled its signals and reaped its children.
+//!
+//! A unix socket (`--control-socket`, `--metrics unix:PATH`) is made by
+//! the same code as a `--bind unix:` socket ([`crate::bind::bind_unix_file`]):
+//! its mode is set by the umask at bind(2), a stale file is replaced only
+//! when connecting to it is refused, and at exit the file is removed only
+//! while the path still names it.
+//!
 //! Framing is the caller's: [`Server::service`] hands each connection's
 //! bytes to a function that says whether a whole request is there and, if
 //! so, what to answer — now, or later (a control request that waits for a
@@ -42,6 +54,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::safefs::FileId;
+
 /// Open connections at most.
 pub const MAX_CONNS: usize = 64;
 /// Bytes of one request at most (HTTP request line and headers, or one
@@ -49,6 +63,12 @@ pub const MAX_CONNS: usize = 64;
 pub const MAX_REQUEST: usize = 8192;
 /// Accepts per pass at most, so a connection flood cannot hold the loop.
 const ACCEPTS_PER_PASS: usize = 128;
+/// Requests answered (or taken on, for a later answer) per pass at most,
+/// so a burst of scrapes cannot hold the loop: the rest are answered by
+/// the next passes, each after the master's signals and reaping.
+pub const ANSWERS_PER_PASS: usize = 16;
+/// listen(2) backlog of a unix endpoint socket.
+const UNIX_BACKLOG: i32 = 128;
 /// `TCP_DEFER_ACCEPT` of a TCP listener: how long the kernel keeps a
 /// connection that has sent nothing from `accept(2)`.
 pub const DEFER_ACCEPT_SECS: u32 = 5;
@@ -57,22 +77,23 @@ pub const DEFER_ACCEPT_SECS: u32 = 5;
 pub enum Listen {
     /// `HOST:PORT`.
     Tcp(TcpListener),
-    /// `unix:PATH`; the file is removed when the server is dropped.
-    Unix(UnixListener, PathBuf),
+    /// `unix:PATH`; the file is removed when the server is dropped, if the
+    /// path still names the socket file made for it (its identity).
+    Unix(UnixListener, PathBuf, FileId),
 }
 
 impl Listen {
     fn accept(&self) -> std::io::Result<Stream> {
         match self {
             Listen::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
-            Listen::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            Listen::Unix(l, ..) => l.accept().map(|(s, _)| Stream::Unix(s)),
         }
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
         match self {
             Listen::Tcp(l) => l.as_fd(),
-            Listen::Unix(l, _) => l.as_fd(),
+            Listen::Unix(l, ..) => l.as_fd(),
         }
     }
 }
@@ -183,7 +204,8 @@ impl Server {
         let listen = match addr.strip_prefix("unix:") {
             Some(path) => {
                 let path = PathBuf::from(path);
-                Listen::Unix(bind_unix(&path, mode)?, path)
+                let (l, id) = bind_unix(&path, mode)?;
+                Listen::Unix(l, path, id)
             }
             None => {
                 let l = TcpListener::bind(addr)?;
@@ -203,7 +225,7 @@ impl Server {
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "?".into()),
-            Listen::Unix(_, p) => format!("unix:{}", p.display()),
+            Listen::Unix(_, p, _) => format!("unix:{}", p.display()),
         }
     }
 
@@ -248,7 +270,26 @@ impl Server {
     /// connection's id, its bytes so far and the stream (for the peer's
     /// credentials). Never blocks.
     pub fn service(&mut self, now: Instant, mut frame: impl FnMut(u64, &[u8], &Stream) -> Framed) {
+        let mut buf = [0u8; 4096];
+        // Requests handled this pass: at most ANSWERS_PER_PASS. What is
+        // left waits in the kernel (unread bytes, unaccepted connections),
+        // which keeps its descriptor readable: the loop's next poll
+        // returns at once, after signals and reaping.
+        let mut budget = ANSWERS_PER_PASS;
+        // Connections already open first (they have waited longest).
+        for c in &mut self.conns {
+            if budget > 0
+                && c.output.is_empty()
+                && !c.waiting
+                && read_request(c, &mut buf, now, &mut frame)
+            {
+                budget -= 1;
+            }
+        }
         for _ in 0..ACCEPTS_PER_PASS {
+            if budget == 0 {
+                break;
+            }
             match self.listen.accept() {
                 Ok(stream) => {
                     if stream.set_nonblocking().is_err() {
@@ -261,7 +302,7 @@ impl Server {
                             .conns
                             .iter()
                             .enumerate()
-                            .filter(|(_, c)| !c.waiting)
+                            .filter(|(_, c)| !c.waiting && c.output.is_empty())
                             .min_by_key(|(_, c)| c.opened)
                             .map(|(i, _)| i)
                         {
@@ -272,7 +313,7 @@ impl Server {
                     }
                     let id = self.next_id;
                     self.next_id += 1;
-                    self.conns.push(Conn {
+                    let mut c = Conn {
                         id,
                         stream,
                         input: Vec::new(),
@@ -281,31 +322,17 @@ impl Server {
                         deadline: now + self.timeout,
                         waiting: false,
                         opened: now,
-                    });
+                    };
+                    if read_request(&mut c, &mut buf, now, &mut frame) {
+                        budget -= 1;
+                    }
+                    self.conns.push(c);
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => break, // WouldBlock, or a transient error (EMFILE…)
             }
         }
-        let mut buf = [0u8; 4096];
-        for c in &mut self.conns {
-            if c.output.is_empty() && !c.waiting {
-                read_request(c, &mut buf, now, &mut frame);
-            }
-            if !c.output.is_empty() {
-                match c.stream.write(&c.output[c.written..]) {
-                    Ok(n) => c.written += n,
-                    Err(e) if would_block(&e) => {}
-                    Err(_) => c.deadline = now,
-                }
-                if c.written >= c.output.len() {
-                    c.deadline = now; // answered: close
-                    c.waiting = false;
-                }
-            }
-        }
-        self.conns
-            .retain(|c| c.waiting && c.output.is_empty() || c.deadline > now);
+        self.flush(now);
     }
 
     /// Writes pending answers only (reads and accepts nothing), and
@@ -354,8 +381,8 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Listen::Unix(_, path) = &self.listen {
-            let _ = std::fs::remove_file(path);
+        if let Listen::Unix(_, path, id) = &self.listen {
+            crate::safefs::remove_if_same(path, *id);
         }
     }
 }
@@ -364,12 +391,13 @@ impl Drop for Server {
 /// whole, or it is too long (each read adds at least one byte, so this
 /// ends within [`MAX_REQUEST`] bytes): a request that arrived with its
 /// connection is answered in the pass that accepts it, whatever its size.
+/// Whether a whole request was framed (answered, or taken on for later).
 fn read_request(
     c: &mut Conn,
     buf: &mut [u8],
     now: Instant,
     frame: &mut impl FnMut(u64, &[u8], &Stream) -> Framed,
-) {
+) -> bool {
     loop {
         match c.stream.read(buf) {
             Ok(0) => c.deadline = now, // peer closed before asking
@@ -381,14 +409,20 @@ fn read_request(
                         c.deadline = now; // too long: close
                     }
                     Framed::Incomplete => continue,
-                    Framed::Reply(bytes) => c.output = bytes,
-                    Framed::Later => c.waiting = true,
+                    Framed::Reply(bytes) => {
+                        c.output = bytes;
+                        return true;
+                    }
+                    Framed::Later => {
+                        c.waiting = true;
+                        return true;
+                    }
                 }
             }
             Err(e) if would_block(&e) => {}
             Err(_) => c.deadline = now,
         }
-        return;
+        return false;
     }
 }
 
@@ -420,187 +454,21 @@ fn would_block(e: &std::io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted)
 }
 
-/// Binds a unix socket at `path` with permissions `mode` from the start
-/// (the umask is narrowed around bind(2), so there is no window in which
-/// the file is more open than asked). A stale socket file (nothing
-/// listening) is replaced; a live one or any other file is an error.
-fn bind_unix(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(std::io::Error::new(
-                ErrorKind::AlreadyExists,
-                "exists and is not a socket",
-            ));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                ErrorKind::AddrInUse,
-                "another process is listening on it",
-            ));
-        }
-        std::fs::remove_file(path)?;
+/// Binds a unix socket at `path` with permissions `mode` from the start,
+/// non-blocking, by the same steps as a `--bind unix:` socket
+/// ([`crate::bind::bind_unix_file`]): a stale socket file (connecting to
+/// it is refused) is replaced, a live one or any other file is an error,
+/// and the file is removed at exit only while the path still names it.
+fn bind_unix(path: &Path, mode: u32) -> std::io::Result<(UnixListener, FileId)> {
+    let (sock, id) = crate::bind::bind_unix_file(path, UNIX_BACKLOG, !mode & 0o777, None)
+        .map_err(std::io::Error::other)?;
+    let l = UnixListener::from(std::os::fd::OwnedFd::from(sock));
+    if let Err(e) = l.set_nonblocking(true) {
+        crate::safefs::remove_if_same(path, id);
+        return Err(e);
     }
-    let mask = nix::sys::stat::Mode::from_bits_truncate(!mode & 0o777);
-    // The master is single-threaded: nothing else creates files meanwhile.
-    let old = nix::sys::stat::umask(mask);
-    let bound = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let l = bound?;
-    // Whatever the umask did, the mode is exactly what was asked.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    l.set_nonblocking(true)?;
-    Ok(l)
+    Ok((l, id))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn echo_line(_: u64, bytes: &[u8], _: &Stream) -> Framed {
-        match bytes.iter().position(|&b| b == b'\n') {
-            Some(i) => Framed::Reply(bytes[..=i].to_vec()),
-            None => Framed::Incomplete,
-        }
-    }
-
-    fn pump(server: &mut Server, until: impl Fn(&Server) -> bool) {
-        let end = Instant::now() + Duration::from_secs(5);
-        while !until(server) && Instant::now() < end {
-            server.service(Instant::now(), echo_line);
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    #[test]
-    fn answers_a_request_and_closes() {
-        let mut s = Server::bind("127.0.0.1:0", 0o600, Duration::from_secs(2)).expect("bind");
-        let port = s.local_port().expect("port");
-        let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        c.write_all(b"hello\n").expect("write");
-        c.set_read_timeout(Some(Duration::from_secs(5))).ok();
-        let mut got = Vec::new();
-        let end = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < end {
-            s.service(Instant::now(), echo_line);
-            let mut b = [0u8; 64];
-            c.set_nonblocking(true).ok();
-            match c.read(&mut b) {
-                Ok(0) => break,
-                Ok(n) => got.extend_from_slice(&b[..n]),
-                Err(_) => std::thread::sleep(Duration::from_millis(1)),
-            }
-        }
-        assert_eq!(got, b"hello\n");
-        assert_eq!(s.open_connections(), 0);
-    }
-
-    /// A temporary directory of this test process.
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("procman-serve-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        dir
-    }
-
-    /// Whether `fd` becomes readable within `within`.
-    fn readable(fd: BorrowedFd<'_>, within: Duration) -> bool {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        let ms = PollTimeout::try_from(within.as_millis() as i32).expect("timeout");
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-        matches!(poll(&mut fds, ms), Ok(n) if n > 0)
-    }
-
-    #[test]
-    fn idle_and_oversized_connections_are_closed_and_bounded() {
-        // Over a unix socket a silent connection is accepted at once (over
-        // TCP the kernel holds it back: TCP_DEFER_ACCEPT), so the bound
-        // and the read deadline are what deal with it.
-        let dir = temp_dir("bounded");
-        let path = dir.join("m.sock");
-        let addr = format!("unix:{}", path.display());
-        let mut s = Server::bind(&addr, 0o600, Duration::from_millis(200)).expect("bind");
-        let idle: Vec<UnixStream> = (0..MAX_CONNS + 20)
-            .map(|_| UnixStream::connect(&path).expect("connect"))
-            .collect();
-        pump(&mut s, |s| s.open_connections() == MAX_CONNS);
-        assert_eq!(s.open_connections(), MAX_CONNS);
-        let mut big = UnixStream::connect(&path).expect("connect");
-        big.set_nonblocking(true).ok();
-        let _ = big.write(&vec![b'x'; MAX_REQUEST * 2]);
-        // Everything goes by its deadline.
-        pump(&mut s, |s| s.open_connections() == 0);
-        assert_eq!(s.open_connections(), 0);
-        assert!(s.deadline().is_none());
-        drop(idle);
-        drop(s);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_tcp_request_costs_one_pass_its_silent_connection_none() {
-        let mut s = Server::bind("127.0.0.1:0", 0o600, Duration::from_secs(2)).expect("bind");
-        let port = s.local_port().expect("port");
-        let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        // Connected, nothing sent: the listener is not readable, so the
-        // master is not woken (TCP_DEFER_ACCEPT).
-        assert!(
-            !readable(s.listen.fd(), Duration::from_millis(300)),
-            "a connection that sent nothing made the listener readable"
-        );
-        // A request longer than one read, sent at once: readable with its
-        // bytes, accepted, read, answered and closed in one pass.
-        let request = format!("{}\n", "x".repeat(6000));
-        c.write_all(request.as_bytes()).expect("write");
-        assert!(
-            readable(s.listen.fd(), Duration::from_secs(5)),
-            "the request never made the listener readable"
-        );
-        s.service(Instant::now(), echo_line);
-        assert_eq!(s.open_connections(), 0, "not answered in one pass");
-        c.set_read_timeout(Some(Duration::from_secs(5))).ok();
-        let mut got = Vec::new();
-        c.read_to_end(&mut got).expect("read the answer to its end");
-        assert_eq!(got, request.as_bytes());
-    }
-
-    #[test]
-    fn a_unix_request_already_sent_is_answered_in_the_pass_that_accepts_it() {
-        let dir = temp_dir("unix-one-pass");
-        let path = dir.join("m.sock");
-        let mut s = Server::bind(
-            &format!("unix:{}", path.display()),
-            0o600,
-            Duration::from_secs(2),
-        )
-        .expect("bind");
-        let mut c = UnixStream::connect(&path).expect("connect");
-        c.write_all(b"hello\n").expect("write");
-        s.service(Instant::now(), echo_line);
-        assert_eq!(s.open_connections(), 0, "not answered in one pass");
-        c.set_read_timeout(Some(Duration::from_secs(5))).ok();
-        let mut got = Vec::new();
-        c.read_to_end(&mut got).expect("read the answer to its end");
-        assert_eq!(got, b"hello\n");
-        drop(s);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_unix_socket_has_the_mode_asked_and_replaces_a_stale_file() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = temp_dir("mode");
-        let path = dir.join("ctl.sock");
-        let addr = format!("unix:{}", path.display());
-        {
-            let _stale = UnixListener::bind(&path).expect("stale");
-        }
-        let s = Server::bind(&addr, 0o600, Duration::from_secs(1)).expect("bind");
-        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        assert!(Server::bind(&addr, 0o600, Duration::from_secs(1)).is_err());
-        drop(s);
-        assert!(!path.exists());
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-}
+mod tests;

@@ -2,8 +2,9 @@
 //! status` and `/metrics`), the exit reasons it counts, and the counters
 //! and histograms it keeps between snapshots.
 //!
-//! The master fills a [`Snapshot`] when asked (one scan of /proc for the
-//! memory of every process group); [`Observed`] is the running record
+//! The master fills a [`Snapshot`] when asked (the memory of each worker's
+//! process group, read from /proc at most once a second: a
+//! [`MemoryCache`]); [`Observed`] is the running record
 //! (restarts per slot and per reason, reload results, durations) the
 //! master updates as events happen. Nothing here does I/O except the
 //! memory scan and the cgroup OOM counter.
@@ -295,12 +296,27 @@ pub fn parse_oom_kill(events: &str) -> Option<u64> {
     })
 }
 
-/// Resident and unique memory of the process groups `groups`, from one
-/// scan of /proc: RSS and USS (private pages) from `smaps_rollup`, read
-/// only for members of those groups.
+/// Resident and unique memory of the process groups `groups`, summed over
+/// their members among the master's descendants ([`crate::procfs::members`]):
+/// RSS and USS (private pages) from `smaps_rollup`, read only for members
+/// of those groups.
 pub fn memory_by_group(groups: &std::collections::BTreeSet<i32>) -> BTreeMap<i32, (u64, u64)> {
+    memory_among(crate::procfs::members(), groups)
+}
+
+/// The same for one group, whose leader is `pgid`, among the leader's own
+/// descendants: a worker started since the last full read.
+pub fn memory_of_group(pgid: i32) -> Option<(u64, u64)> {
+    let pids = crate::procfs::descendants(pgid).unwrap_or_else(|| vec![pgid]);
+    memory_among(pids, &std::collections::BTreeSet::from([pgid])).remove(&pgid)
+}
+
+fn memory_among(
+    pids: Vec<i32>,
+    groups: &std::collections::BTreeSet<i32>,
+) -> BTreeMap<i32, (u64, u64)> {
     let mut out: BTreeMap<i32, (u64, u64)> = BTreeMap::new();
-    for pid in crate::procfs::pids() {
+    for pid in pids {
         let Some(stat) = crate::procfs::stat(pid).filter(|s| groups.contains(&s.pgrp)) else {
             continue;
         };
@@ -313,6 +329,54 @@ pub fn memory_by_group(groups: &std::collections::BTreeSet<i32>) -> BTreeMap<i32
         e.1 += uss;
     }
     out
+}
+
+/// How old the memory figures of a snapshot may be.
+pub const MEMORY_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// The memory of the workers' groups, read at most once per
+/// [`MEMORY_MAX_AGE`] however many snapshots are asked for (a burst of
+/// scrapes costs one read). A group that was not there at the last read (a
+/// worker started since) is read alone, from its leader, once.
+#[derive(Debug, Default)]
+pub struct MemoryCache {
+    taken: Option<std::time::Instant>,
+    by_group: BTreeMap<i32, Option<(u64, u64)>>,
+}
+
+impl MemoryCache {
+    /// The memory of each of `groups` (absent: none of its processes could
+    /// be read), from the figures read at most [`MEMORY_MAX_AGE`] before
+    /// `now`; otherwise `all` reads every group afresh. A group the last
+    /// read did not cover is read by `one`.
+    pub fn get(
+        &mut self,
+        groups: &std::collections::BTreeSet<i32>,
+        now: std::time::Instant,
+        all: impl FnOnce(&std::collections::BTreeSet<i32>) -> BTreeMap<i32, (u64, u64)>,
+        mut one: impl FnMut(i32) -> Option<(u64, u64)>,
+    ) -> BTreeMap<i32, (u64, u64)> {
+        let fresh = self
+            .taken
+            .is_some_and(|t| now.saturating_duration_since(t) < MEMORY_MAX_AGE);
+        if !fresh {
+            let read = all(groups);
+            self.by_group = groups.iter().map(|g| (*g, read.get(g).copied())).collect();
+            self.taken = Some(now);
+        }
+        // Forget the groups of reaped workers: the table is bounded, and
+        // so is this.
+        self.by_group.retain(|g, _| groups.contains(g));
+        for g in groups {
+            if !self.by_group.contains_key(g) {
+                self.by_group.insert(*g, one(*g));
+            }
+        }
+        self.by_group
+            .iter()
+            .filter_map(|(g, m)| Some((*g, (*m)?)))
+            .collect()
+    }
 }
 
 /// RSS and USS (Private_Clean + Private_Dirty) in bytes from
@@ -368,6 +432,62 @@ mod tests {
         assert_eq!(parse_oom_kill("low 0\n"), None);
         let rollup = "00400000-7ffd [rollup]\nRss:                1000 kB\nPss:  500 kB\nPrivate_Clean:  10 kB\nPrivate_Dirty:  30 kB\n";
         assert_eq!(parse_rollup(rollup), (1000 * 1024, 40 * 1024));
+    }
+
+    #[test]
+    fn a_burst_of_snapshots_reads_proc_once_a_second() {
+        use std::collections::BTreeSet;
+        let mut cache = MemoryCache::default();
+        let (mut alls, mut ones) = (0, 0);
+        let t0 = std::time::Instant::now();
+        let groups = BTreeSet::from([10, 20]);
+        let mem = |groups: &BTreeSet<i32>| groups.iter().map(|g| (*g, (*g as u64, 1))).collect();
+        // 128 scrapes in one pass, and more within the second.
+        for i in 0..128u64 {
+            let at = t0 + Duration::from_millis(i * 7);
+            let got = cache.get(
+                &groups,
+                at,
+                |g| {
+                    alls += 1;
+                    mem(g)
+                },
+                |_| {
+                    ones += 1;
+                    None
+                },
+            );
+            assert_eq!(got, BTreeMap::from([(10, (10, 1)), (20, (20, 1))]));
+        }
+        assert_eq!((alls, ones), (1, 0), "one read of /proc for the burst");
+        // A worker started since: read alone, once; a reaped one is gone.
+        let later = BTreeSet::from([20, 30]);
+        let at = t0 + Duration::from_millis(900);
+        for _ in 0..3 {
+            let got = cache.get(
+                &later,
+                at,
+                |_| unreachable!(),
+                |g| {
+                    ones += 1;
+                    Some((g as u64, 2))
+                },
+            );
+            assert_eq!(got, BTreeMap::from([(20, (20, 1)), (30, (30, 2))]));
+        }
+        assert_eq!((alls, ones), (1, 1));
+        // A second on, everything is read afresh, once.
+        let at = t0 + MEMORY_MAX_AGE;
+        cache.get(
+            &later,
+            at,
+            |g| {
+                alls += 1;
+                mem(g)
+            },
+            |_| None,
+        );
+        assert_eq!(alls, 2);
     }
 
     #[test]

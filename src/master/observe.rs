@@ -45,6 +45,9 @@ pub(super) struct Endpoints {
     replies: Vec<(u64, Vec<u8>)>,
     started: Instant,
     pub(super) observed: Observed,
+    /// The workers' memory, read from /proc at most once a second (a
+    /// snapshot is taken through `&self`, from inside a service pass).
+    memory: std::cell::RefCell<status::MemoryCache>,
 }
 
 impl Endpoints {
@@ -71,7 +74,12 @@ impl Endpoints {
         // read by the group (a scraper's sidecar).
         let metrics = open("metrics", cfg.options.text("metrics"), 0o660)?;
         if let Some(s) = &metrics {
-            info!("Serving metrics at: http://{}/metrics", s.address());
+            match s.address() {
+                unix if unix.starts_with("unix:") => {
+                    info!("Serving metrics at: {unix} (GET /metrics)")
+                }
+                tcp => info!("Serving metrics at: http://{tcp}/metrics"),
+            }
         }
         if let Some(s) = &control {
             info!("Control socket at: {}", s.address());
@@ -86,6 +94,7 @@ impl Endpoints {
             recycled: BTreeMap::new(),
             started: Instant::now(),
             observed: Observed::default(),
+            memory: Default::default(),
         })
     }
 
@@ -281,11 +290,17 @@ impl Master {
     }
 
     /// The master and its workers now, with each worker's RSS and USS
-    /// (one scan of /proc) and each listener's queue: for `/metrics` and
-    /// `procman status`, never for a probe.
+    /// (read from /proc at most once a second, see [`status::MemoryCache`])
+    /// and each listener's queue: for `/metrics` and `procman status`,
+    /// never for a probe.
     pub(super) fn snapshot(&self, now: Instant) -> Snapshot {
         let groups: BTreeSet<i32> = self.table.iter().map(|w| w.pid.as_raw()).collect();
-        let memory = status::memory_by_group(&groups);
+        let memory = self.endpoints.memory.borrow_mut().get(
+            &groups,
+            now,
+            status::memory_by_group,
+            status::memory_of_group,
+        );
         let observed = &self.endpoints.observed;
         let workers = self
             .table

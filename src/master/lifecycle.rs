@@ -389,7 +389,8 @@ impl Master {
     }
 }
 
-/// Logs the traceback a worker reported (X_PROCMAN_TRACEBACK=), if any:
+/// Logs the traceback a worker reported (X_PROCMAN_TRACEBACK=: a failed
+/// import, or a failed lifespan startup), if any:
 /// called where its death is decided, so that of N workers failing the same
 /// way only the one that decides is shown.
 pub(super) fn log_traceback(w: &Worker) {
@@ -397,7 +398,7 @@ pub(super) fn log_traceback(w: &Worker) {
         error!(
             worker = w.pid.as_raw(),
             slot = w.slot,
-            "Worker {} (slot {}) could not load the app:\n{}",
+            "Worker {} (slot {}) failed to boot:\n{}",
             w.pid,
             w.slot,
             tb.trim_end()

@@ -257,7 +257,7 @@ fn an_interpreter_the_user_cannot_execute_is_one_line_naming_it_the_user_and_the
 }
 
 /// Whether pid's environment or command line holds the bootstrap's source
-/// (or the variable that carried it).
+/// (or the variable that carried it), or it still has the memfd open.
 fn holds_bootstrap(pid: i32) -> Option<String> {
     for file in ["environ", "cmdline"] {
         let bytes = std::fs::read(format!("/proc/{pid}/{file}")).unwrap_or_default();
@@ -269,6 +269,14 @@ fn holds_bootstrap(pid: i32) -> Option<String> {
                     bytes.len()
                 ));
             }
+        }
+    }
+    // Nor is the descriptor it came through still open.
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    for fd in fds.flatten() {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        if target.to_string_lossy().contains("procman-bootstrap") {
+            return Some(format!("{} -> {}", fd.path().display(), target.display()));
         }
     }
     None

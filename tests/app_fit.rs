@@ -131,6 +131,7 @@ fn with_json_logs_an_apps_own_logger_prints_warnings_and_tracebacks_are_json_lin
             &["/noise", "/raise"],
             &[
                 "Exception on request GET /noise",
+                "late handler noise",
                 "stderr noise",
                 "partial line",
                 "warning noise",
@@ -168,6 +169,25 @@ fn with_json_logs_an_apps_own_logger_prints_warnings_and_tracebacks_are_json_lin
             bad.is_empty(),
             &format!("{app}: lines that are not JSON: {bad:#?}"),
         );
+        // The app's loggers' tracebacks are records with a level and
+        // `exc`, also through a handler added after the app started.
+        for logger in ["noisy.app", "noisy.late"]
+            .iter()
+            .filter(|_| app.starts_with("json_noise:"))
+        {
+            h.check(
+                log.lines().any(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                        v["logger"] == *logger
+                            && v["level"] == "ERROR"
+                            && v["exc"]
+                                .as_str()
+                                .is_some_and(|e| e.contains("ZeroDivisionError"))
+                    })
+                }),
+                &format!("{logger}: one ERROR line with exc"),
+            );
+        }
     }
 }
 

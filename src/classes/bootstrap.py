@@ -485,8 +485,12 @@ def adopt_root_handlers():
                     if isinstance(logger, logging.Logger)]
     for logger in loggers:
         for handler in logger.handlers:
-            if type(handler) is logging.StreamHandler and handler.stream in streams:
-                handler.setFormatter(formatter())
+            adopt_handler(handler, streams)
+
+
+def adopt_handler(handler, streams):
+    if type(handler) is logging.StreamHandler and handler.stream in streams:
+        handler.setFormatter(formatter())
 
 
 class JsonLines:
@@ -577,6 +581,16 @@ def json_stdio():
     prints itself (an uncaught exception in the main thread or in a thread,
     an exception ignored in __del__) as one JSON line each."""
     sys.stderr = JsonLines(sys.stderr, "stderr")
+    # A handler on stderr added later (Quart adds its default handler when
+    # app.logger is first used, at the first error) is adopted as it is
+    # added: its records are JSON lines with their level and `exc`.
+    add_handler = logging.Logger.addHandler
+
+    def adopting_add_handler(logger, handler):
+        add_handler(logger, handler)
+        adopt_handler(handler, (sys.stderr, sys.__stderr__))
+
+    logging.Logger.addHandler = adopting_add_handler
 
     def excepthook(exc_type, value, tb):
         log_uncaught("Uncaught exception", (exc_type, value, tb), "sys.excepthook")

@@ -1,6 +1,7 @@
 """An ASGI app that writes to stderr every way a framework or an
 app does, for `--log-format json`: its own logger with its own handler on
-stderr (as Quart's app.logger), a traceback through it, print() to
+stderr (as Quart's app.logger), a traceback through it and through a
+handler added at the first request, print() to
 stderr, a warning, an uncaught exception in a thread, and an exception
 uvicorn logs. GET /noise makes the noise; GET /raise raises."""
 
@@ -34,6 +35,14 @@ async def app(scope, receive, send):
             1 / 0
         except ZeroDivisionError:
             log.exception("Exception on request GET /noise")
+            # A handler added at the first error, as Quart's app.logger does.
+            late = logging.getLogger("noisy.late")
+            if not late.handlers:
+                late_handler = logging.StreamHandler(sys.stderr)
+                late_handler.setFormatter(logging.Formatter("%(levelname)s in %(module)s: %(message)s"))
+                late.addHandler(late_handler)
+                late.propagate = False
+            late.exception("late handler noise")
         print("stderr noise\nsecond stderr line", file=sys.stderr)
         sys.stderr.write("partial ")
         sys.stderr.write("line\n")

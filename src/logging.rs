@@ -225,8 +225,12 @@ where
             );
             // Fields that the message does not already say (`event`,
             // `reason` and the rest name what the message says, for JSON
-            // readers).
-            for (k, v) in fields.rest.iter().filter(|(k, _)| !STRUCTURED.contains(k)) {
+            // readers; so does a value the message holds as a word).
+            for (k, v) in fields
+                .rest
+                .iter()
+                .filter(|(k, v)| !STRUCTURED.contains(k) && !says(&fields.message, v))
+            {
                 let _ = write!(line, " {k}={}", escape::text(&v.to_string()));
             }
             if let Some(tb) = &fields.traceback {
@@ -243,6 +247,23 @@ where
             writeln!(writer, "{line}")
         }
     }
+}
+
+/// Whether `message` holds `value` as a whole word (not inside a longer
+/// one): a field whose value the text already says is not repeated after
+/// it in a text line ("… (nice 0 to 10) so that their replacements boot
+/// first", not "… boot first from=0 to=10").
+fn says(message: &str, value: &serde_json::Value) -> bool {
+    let text = match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.');
+    !text.is_empty()
+        && message.match_indices(text.as_str()).any(|(at, _)| {
+            !word(message[..at].chars().next_back())
+                && !word(message[at + text.len()..].chars().next())
+        })
 }
 
 /// Installs the global logger: level, format, and destination. With a
@@ -461,5 +482,24 @@ mod tests {
             messages[2],
             format!("Worker 9 (slot 0) could not load the app:\nTraceback:\n{HOSTILE}")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::says;
+    use serde_json::json;
+
+    #[test]
+    fn a_value_the_message_says_as_a_word_is_not_said_again() {
+        let lowered = "Lowered the CPU priority of 2 outgoing workers (nice 0 to 10) so that their replacements boot first";
+        assert!(says(lowered, &json!(0)), "from=0");
+        assert!(says(lowered, &json!(10)), "to=10");
+        // Not inside a longer word or number.
+        assert!(!says(lowered, &json!(1)));
+        assert!(!says("every 20.0s", &json!(20)));
+        assert!(!says("boot in 0.5s", &json!(5)));
+        assert!(says("cannot reach db.internal", &json!("db.internal")));
+        assert!(!says("anything", &json!("")));
     }
 }

@@ -63,6 +63,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if layered.cli.flag("check-config") {
+        probe_interpreter(&cfg)?;
         check(&cfg)?;
         println!("procman: configuration OK ({})", cfg.describe_workers());
         return Ok(ExitCode::SUCCESS);
@@ -78,6 +79,11 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
     // Where `--user` workers will reach the notify socket is part of a valid
     // start: decided before anything is bound.
     crate::notify::notify_base(cfg.credentials.as_ref())?;
+    probe_interpreter(&cfg)?;
+    if cfg.uvicorn().is_some() {
+        crate::classes::uvicorn::bootstrap_fd()
+            .map_err(|e| Error::runtime(format!("cannot hold the bootstrap's source: {e}")))?;
+    }
     let mut listeners = bind_all(&cfg)?;
     let _pidfile = cfg.pidfile.as_deref().map(Pidfile::create).transpose()?;
     let pre_start = run_pre_start(&cfg, &mut signals);
@@ -113,14 +119,13 @@ fn check(cfg: &Config) -> Result<()> {
         crate::classes::uvicorn::CONFIG_VAR.into(),
         json.to_string().into(),
     ));
-    let (source_var, source) = crate::classes::uvicorn::bootstrap_env();
-    env.retain(|(k, _)| k != source_var.as_str());
-    env.push((source_var.into(), source.into()));
     let mut argv = vec![opts.python.display().to_string()];
     argv.extend(crate::classes::uvicorn::bootstrap_args(&opts.app));
     let cannot =
         |why: String| Error::runtime(format!("cannot run {}: {why}", opts.python.display()));
-    let child = spawn_helper(cfg, &opts.python, &argv, &env, cannot)?;
+    let (env, fds) = crate::classes::uvicorn::with_bootstrap(&env, &[])
+        .map_err(|e| cannot(format!("cannot hand it the bootstrap: {e}")))?;
+    let child = spawn_helper(cfg, &opts.python, &argv, &env, &fds, cannot)?;
     let status = loop {
         match waitpid(child.pid, None) {
             Err(nix::errno::Errno::EINTR) => continue,
@@ -149,11 +154,57 @@ fn check(cfg: &Config) -> Result<()> {
 /// workers would run: same credentials, directory, umask and signal
 /// dispositions, no sockets. `fail` words an error; a child that could not
 /// exec is reaped here, so a returned child did exec.
+/// `--user` with the uvicorn class: the interpreter is run once (`python -I
+/// -S -c ''`, no directory change) as that user before anything is bound,
+/// so that one the user cannot execute (a virtualenv under a 0700 home) is
+/// one line naming the interpreter, the user and the fix. Without it each
+/// zygote and worker failed with "Permission denied" before procman gave up
+/// with exit 3, and no line named the user. Any other outcome is left to
+/// the workers, which say it as before.
+fn probe_interpreter(cfg: &Config) -> Result<()> {
+    let (Some(opts), Some(creds)) = (cfg.uvicorn(), cfg.credentials.as_ref()) else {
+        return Ok(());
+    };
+    let python = opts.python.display().to_string();
+    let argv = [
+        python.clone(),
+        "-I".into(),
+        "-S".into(),
+        "-c".into(),
+        String::new(),
+    ];
+    let Ok(plan) = Plan::new(
+        &opts.python,
+        &argv,
+        &[],
+        &[],
+        &[],
+        Some(creds),
+        None,
+        cfg.umask,
+        &signals::changed_dispositions(),
+    ) else {
+        return Ok(()); // a NUL in the path: config validation says it
+    };
+    let Ok(child) = plan.spawn() else {
+        return Ok(());
+    };
+    while let Err(Errno::EINTR) = waitpid(child.pid, None) {}
+    match child.exec_error {
+        Some((crate::spawn::Stage::Exec, Errno::EACCES)) => Err(Error::usage(format!(
+            "user '{user}' cannot execute the interpreter {python} (permission denied: the file, or a directory on its path, is not executable by '{user}'): point --python at an interpreter '{user}' can run (a virtualenv outside a private home directory, e.g. made with /usr/bin/python3 -m venv), or let '{user}' reach this one",
+            user = creds.user_name
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn spawn_helper(
     cfg: &Config,
     program: &std::path::Path,
     argv: &[String],
     env: &[(OsString, OsString)],
+    fds: &[std::os::fd::RawFd],
     fail: impl Fn(String) -> Error,
 ) -> Result<crate::spawn::Spawned> {
     let plan = Plan::new(
@@ -161,7 +212,7 @@ fn spawn_helper(
         argv,
         env,
         &[],
-        &[],
+        fds,
         cfg.credentials.as_ref(),
         cfg.chdir.as_deref(),
         cfg.umask,
@@ -328,7 +379,7 @@ fn run_pre_start(cfg: &Config, signals: &mut Signals) -> Result<PreStart> {
         let argv = ["sh".to_string(), "-c".to_string(), cmd.clone()];
         let fail =
             |why: String| Error::runtime(format!("cannot run pre-start command '{cmd}': {why}"));
-        let child = spawn_helper(cfg, &sh, &argv, &env, fail)?;
+        let child = spawn_helper(cfg, &sh, &argv, &env, &[], fail)?;
         match wait_pre_start(child.pid, cmd, cfg.graceful_timeout, signals) {
             PreStartEnd::Exited(WaitStatus::Exited(_, 0)) => {}
             PreStartEnd::Exited(other) => {

@@ -143,7 +143,7 @@ fn worker_text_in_the_text_log_is_escaped_and_its_traceback_marked() {
     let command = notifying_worker(start.dir(), &messages, &[], "sys.exit(1)");
     let mut h = start.args(["--"]).args(&command).spawn();
     h.check(
-        h.wait_log("could not load the app", BOOT),
+        h.wait_log("failed to boot", BOOT),
         "the traceback was logged",
     );
     h.signal(Signal::SIGTERM);
@@ -197,7 +197,7 @@ fn json_log_keeps_worker_text_as_one_escaped_value() {
     let command = notifying_worker(start.dir(), &messages, &[], "sys.exit(1)");
     let mut h = start.args(["--"]).args(&command).spawn();
     h.check(
-        h.wait_log("could not load the app", BOOT),
+        h.wait_log("failed to boot", BOOT),
         "the traceback was logged",
     );
     h.signal(Signal::SIGTERM);
@@ -213,7 +213,7 @@ fn json_log_keeps_worker_text_as_one_escaped_value() {
     h.check(
         messages
             .iter()
-            .any(|m| m.ends_with(&format!("could not load the app:\n{traceback}"))),
+            .any(|m| m.ends_with(&format!("failed to boot:\n{traceback}"))),
         "the traceback is the end of its message, as before",
     );
 }
@@ -221,7 +221,7 @@ fn json_log_keeps_worker_text_as_one_escaped_value() {
 /// The pid of the worker whose traceback was logged.
 fn failed_worker(log: &str) -> i32 {
     log.lines()
-        .find(|l| l.contains("could not load the app"))
+        .find(|l| l.contains("failed to boot"))
         .and_then(|l| l.split("Worker ").nth(1))
         .and_then(|rest| rest.split(' ').next())
         .and_then(|pid| pid.parse().ok())

@@ -19,13 +19,21 @@ What this file owns, between the Rust master and uvicorn:
   X_PROCMAN_ERROR=<line>) instead of printing them, so that with N workers
   failing at once the master shows the first one only; without a master to
   tell (--check-config, a full queue) they are printed.
-* The interface: with --interface auto, an app whose call is a plain
-  function taking (environ, start_response) is served as WSGI, and this is
-  logged (uvicorn's own guess would be ASGI 2 and every request a 500).
+* The interface (detect_interface): with --interface auto, an app whose
+  call is a plain function taking (environ, start_response) is served as
+  WSGI, and this is logged; one taking (scope, receive, send) is ASGI 3
+  (uvicorn's own guess for both would be ASGI 2 and every request a 500).
+  An app every request would fail on (not callable, the wrong number of
+  arguments, an --interface its call contradicts) is refused as an import
+  error is, also by --check-config.
+* A failed lifespan startup (ReportingLifespan) is reported as a failed
+  import is: traceback and last line to the master, exit 3.
 * Logging: uvicorn's loggers (and Python's last-resort handler) write the
   master's format (--log-format: text `[time] [pid] [LEVEL] message`, or
   one JSON object a line with slot and generation) to stderr; so do the
   app's root handlers on stderr (basicConfig's) and warnings. With
+  --log-format json, so do every logger's handlers on stderr, and sys.stderr
+  itself turns what is written to it into JSON lines (JsonLines). With
   --log-file, stderr is that file (the master hands it over as fd 2) and USR1
   reopens it by path, after the master did. Tracebacks in these lines leave
   out the bootstrap's own frames (named <procman-bootstrap>).
@@ -438,9 +446,17 @@ def configure_logging(level):
     last_resort.setFormatter(formatter())
     last_resort.setLevel(logging.WARNING)
     logging.lastResort = last_resort
-    # warnings.warn() through logging (py.warnings, then the last-resort
-    # handler or the app's root handlers), not as bare lines on stderr.
+    # warnings.warn() through logging (py.warnings), not as bare lines on
+    # stderr: to the app's root handlers, or to ours while the app has none
+    # (captureWarnings gives py.warnings a NullHandler, so Python's
+    # last-resort handler never sees them).
     logging.captureWarnings(True)
+    warnings_handler = logging.StreamHandler(sys.stderr)
+    warnings_handler.setFormatter(formatter())
+    warnings_handler.addFilter(lambda record: not logging.getLogger().handlers)
+    logging.getLogger("py.warnings").addHandler(warnings_handler)
+    if LOG_FORMAT == "json":
+        json_stdio()
     adopt_basic_config()
 
 
@@ -459,10 +475,141 @@ def adopt_basic_config():
 def adopt_root_handlers():
     """The app's root handlers that write to stderr (basicConfig's) take the
     master's format; their level and filters stay the app's. Handlers to
-    other streams or files keep the app's format."""
-    for handler in logging.getLogger().handlers:
-        if type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.__stderr__):
-            handler.setFormatter(formatter())
+    other streams or files keep the app's format. With --log-format json,
+    so do the handlers of every other logger on stderr (a framework's own,
+    as Quart's app.logger): their lines are JSON too."""
+    streams = (sys.stderr, sys.__stderr__)
+    loggers = [logging.getLogger()]
+    if LOG_FORMAT == "json":
+        loggers += [logger for logger in list(logging.Logger.manager.loggerDict.values())
+                    if isinstance(logger, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            adopt_handler(handler, streams)
+
+
+def adopt_handler(handler, streams):
+    if type(handler) is logging.StreamHandler and handler.stream in streams:
+        handler.setFormatter(formatter())
+
+
+class JsonLines:
+    """sys.stderr with --log-format json: what the app (or a framework)
+    writes there comes out as JSON lines in the master's format (level INFO,
+    `stream` "stderr"), so that a print(file=sys.stderr), a traceback a
+    framework writes itself (Falcon's to wsgi.errors: see
+    errors_to_stderr) or a handler's plain text is one JSON object, not
+    loose lines. stdout is the app's own, and stays untouched. Text is kept until a write ends with a newline, and all of it is
+    one object (a multi-line print() or write() stays together; flush()
+    writes out what is kept); lines that are JSON objects already (a
+    handler with our formatter) pass unchanged. Bounded: kept text is
+    written out at MAX_PENDING.
+
+    What does not pass through here stays raw: writes to fd 1 or 2 by
+    number (C code, os.write, faulthandler's dump on SIGABRT, a crash of
+    the interpreter itself) and to sys.stderr.buffer."""
+
+    MAX_PENDING = 64 * 1024
+
+    def __init__(self, stream, name):
+        self.stream = stream
+        self.stream_name = name
+        self.pending = ""
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name):  # encoding, errors, fileno(), isatty(), buffer, ...
+        return getattr(self.stream, name)
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        with self.lock:
+            self.pending += text
+            if self.pending.endswith("\n"):
+                self.emit(self.pending[:-1])
+                self.pending = ""
+            elif len(self.pending) >= self.MAX_PENDING:
+                self.emit(self.pending)
+                self.pending = ""
+        return len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        with self.lock:
+            if self.pending:
+                self.emit(self.pending)
+                self.pending = ""
+        with contextlib.suppress(Exception):
+            self.stream.flush()
+
+    def emit(self, text):
+        lines = text.split("\n")
+        if all(is_json_object(line) for line in lines):
+            out = text
+        else:
+            out = json_line("INFO", text, stream=self.stream_name)
+        with contextlib.suppress(Exception):
+            self.stream.write(out + "\n")
+            self.stream.flush()
+
+
+def is_json_object(line):
+    if not line.startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def log_uncaught(message, exc_info, logger):
+    """One JSON line for an exception Python would print to stderr itself."""
+    line = json_line("ERROR", message, exc=format_exception(exc_info).rstrip("\n"), logger=logger)
+    with contextlib.suppress(Exception):
+        sys.__stderr__.write(line + "\n")
+        sys.__stderr__.flush()
+
+
+def json_stdio():
+    """--log-format json: stderr as JsonLines, and the tracebacks Python
+    prints itself (an uncaught exception in the main thread or in a thread,
+    an exception ignored in __del__) as one JSON line each."""
+    sys.stderr = JsonLines(sys.stderr, "stderr")
+    # A handler on stderr added later (Quart adds its default handler when
+    # app.logger is first used, at the first error) is adopted as it is
+    # added: its records are JSON lines with their level and `exc`.
+    add_handler = logging.Logger.addHandler
+
+    def adopting_add_handler(logger, handler):
+        add_handler(logger, handler)
+        adopt_handler(handler, (sys.stderr, sys.__stderr__))
+
+    logging.Logger.addHandler = adopting_add_handler
+
+    def excepthook(exc_type, value, tb):
+        log_uncaught("Uncaught exception", (exc_type, value, tb), "sys.excepthook")
+
+    def thread_excepthook(args):
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        log_uncaught(f"Exception in thread {name}", (args.exc_type, args.exc_value, args.exc_traceback),
+                     "threading")
+
+    def unraisablehook(args):
+        where = f" {args.object!r}" if args.object is not None else ""
+        log_uncaught(f"{args.err_msg or 'Exception ignored in'}:{where}",
+                     (args.exc_type, args.exc_value, args.exc_traceback), "sys.unraisablehook")
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
+    sys.unraisablehook = unraisablehook
 
 
 install_boot_signals()
@@ -471,6 +618,7 @@ install_boot_signals()
 sys.path.insert(0, os.getcwd())
 try:
     import uvicorn
+    from uvicorn.lifespan.on import LifespanOn
 except ImportError as exc:
     fail(
         f"uvicorn is not installed for {sys.executable}: {exc} (install it with "
@@ -757,49 +905,104 @@ def load_app(spec, factory, report_to_master=False):
     return obj
 
 
-def wsgi_signature(app):
-    """`name(environ, start_response)` if `app` looks like a WSGI callable, else None.
+def call_shape(app):
+    """(is_async, positional parameter names, display name) of how `app` is
+    called, or None when that cannot be told (a class, a builtin, a call
+    that takes *args, optional positional parameters): then uvicorn decides
+    as it always does.
 
-    uvicorn's `auto` takes any callable whose call is not a coroutine
-    function for ASGI 2, so a Flask or Django app would answer 500 to every
-    request. A WSGI app is a plain (not async) function or object whose call
-    takes exactly two positional arguments; an ASGI 2 app takes one (scope)
-    and an ASGI 3 app three.
-    """
-    if inspect.isclass(app):
-        return None  # an ASGI 2 class, or an ASGI 3 class with __await__
+    A class is left alone (an ASGI 2 class, or one with __await__)."""
+    if inspect.isclass(app) or not callable(app):
+        return None
     call = app if inspect.isroutine(app) else getattr(type(app), "__call__", None)
-    if call is None or inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call):
-        return None
-    if not inspect.isroutine(app) and inspect.iscoroutinefunction(getattr(app, "__call__", None)):
-        return None
+    is_async = (inspect.iscoroutinefunction(app)  # also a functools.partial of one
+                or inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+                or inspect.iscoroutinefunction(getattr(app, "__call__", None)))
     try:
         parameters = list(inspect.signature(app).parameters.values())
-    except (TypeError, ValueError):  # no signature (a builtin): leave it to uvicorn
+    except (TypeError, ValueError):  # no signature (a builtin)
         return None
-    positional = [p for p in parameters
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    required = [p for p in positional if p.default is p.empty]
-    if (len(required) != 2 or len(positional) != 2
-            or any(p.kind == p.VAR_POSITIONAL for p in parameters)):
+    if any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return None
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.default is not p.empty for p in positional):
         return None
     name = getattr(app, "__qualname__", None) or f"{type(app).__qualname__}.__call__"
-    return f"{name}({', '.join(p.name for p in positional)})"
+    return is_async, [p.name for p in positional], name
+
+
+# How many positional arguments each interface calls the app with.
+INTERFACE_ARGUMENTS = {"wsgi": 2, "asgi2": 1, "asgi3": 3}
+
+
+def detect_interface(app, chosen):
+    """(interface, why): the interface to serve `app` with under --interface
+    `chosen`, and a line saying why when procman, not the user, decided WSGI.
+    Exits 4 (as an import error) for an app that every request would fail
+    on and that can be told now: not callable, or called with arguments it
+    does not take.
+
+    uvicorn's `auto` takes any plain callable (not a coroutine function) for
+    ASGI 2, so a Flask or Django app would answer 500 to every request, and
+    so would an ASGI 3 router whose synchronous __call__(scope, receive,
+    send) returns an awaitable. Here: a plain call of two arguments is WSGI,
+    of three ASGI 3, of one ASGI 2; a coroutine function is ASGI 3."""
+    if not callable(app):
+        raise AppUnusable(f"the app is not callable (a {type(app).__name__}): it must be a WSGI or ASGI "
+                          "callable (did you mean an attribute of it, or --factory?)")
+    shape = call_shape(app)
+    if shape is None:
+        return chosen, None
+    is_async, names, name = shape
+    signature = f"{name}({', '.join(names)})"
+    count = len(names)
+    if chosen == "auto":
+        if is_async:
+            if count == 3:
+                return "asgi3", None
+            raise AppUnusable(f"{signature} is a coroutine function, so ASGI 3, which is called with "
+                              "(scope, receive, send)")
+        by_count = {n: interface for interface, n in INTERFACE_ARGUMENTS.items()}
+        if count not in by_count:
+            raise AppUnusable(f"{signature} takes {count} arguments: WSGI calls an app with 2 (environ, "
+                              "start_response), ASGI with 3 (scope, receive, send) or 1 (scope)")
+        interface = by_count[count]
+        if interface == "wsgi":
+            return "wsgi", (f"serving %s as WSGI (detected {signature}, a plain callable with WSGI's "
+                            "arguments); pass --interface wsgi to silence this")
+        return interface, None
+    wanted = INTERFACE_ARGUMENTS.get(chosen)
+    if wanted is not None and (count != wanted or (is_async and chosen != "asgi3")):
+        what = "is a coroutine function" if is_async else f"takes {count} argument{'s' * (count != 1)}"
+        raise AppUnusable(f"{signature} {what}, but --interface {chosen} calls it "
+                          f"{'as a plain function ' if is_async else ''}with {wanted}: "
+                          "drop --interface (procman tells from the call) or fix it")
+    return chosen, None
+
+
+class AppUnusable(Exception):
+    """The app imported, but no request could be served with it."""
 
 
 def resolve_interface(app, config):
-    """--interface auto: a WSGI app is served as WSGI, and this is logged once
-    (by the zygote, slot 0 or --check-config)."""
-    if config["interface"] != "auto":
-        return
-    signature = wsgi_signature(app)
-    if signature is None:
-        return
-    config["interface"] = "wsgi"
-    if os.environ.get("PROCMAN_WORKER_ID", "0") == "0":
-        logging.getLogger("procman").warning(
-            "serving %s as WSGI (detected %s, a plain callable with WSGI's arguments); "
-            "pass --interface wsgi to silence this", config["app"], signature)
+    """The interface to serve `app` with (config["interface"] is set to it),
+    logged once (by the zygote, slot 0 or --check-config) when procman chose
+    WSGI. An app every request would fail on ends the process as an import
+    error does (exit 4, the line to the master). WSGI has no lifespan:
+    --lifespan auto becomes off for it (uvicorn would try and say "ASGI
+    'lifespan' protocol appears unsupported" in every worker)."""
+    try:
+        interface, why = detect_interface(app, config["interface"])
+    except AppUnusable as exc:
+        fail(f"Failed to load application '{config['app']}': {exc}", EXIT_IMPORT_FAILED)
+    config["interface"] = interface
+    if interface == "wsgi":
+        if config["lifespan"] == "on":
+            fail(f"Failed to load application '{config['app']}': --lifespan on needs an ASGI app, and "
+                 "this one is served as WSGI, which has no lifespan: drop --lifespan on", EXIT_IMPORT_FAILED)
+        config["lifespan"] = "off"
+    if why and os.environ.get("PROCMAN_WORKER_ID", "0") == "0":
+        logging.getLogger("procman").warning(why, config["app"])
 
 
 class ProcmanServer(uvicorn.Server):
@@ -993,11 +1196,16 @@ class ProcmanServer(uvicorn.Server):
         # then is anything left worth a log line.
         await self.settle()
         state = self.server_state
+        # uvicorn's lines say "(CTRL+C to force quit)": under procman a
+        # quick stop is QUIT (or a second TERM to procman), and the master
+        # ends the drain at --graceful-timeout anyway.
         if state.connections and not self.force_exit:
-            logger.info("Waiting for connections to close. (CTRL+C to force quit)")
+            count = len(state.connections)
+            logger.info("Waiting for %d connection%s to close", count, "" if count == 1 else "s")
             await self.until(lambda: not state.connections or self.force_exit)
         if state.tasks and not self.force_exit:
-            logger.info("Waiting for background tasks to complete. (CTRL+C to force quit)")
+            count = len(state.tasks)
+            logger.info("Waiting for %d background task%s to complete", count, "" if count == 1 else "s")
             await self.until(lambda: not state.tasks or self.force_exit)
         for server in self.servers:
             await server.wait_closed()
@@ -1087,7 +1295,68 @@ def uvicorn_config(app, config, limit_max_requests=None):
         message = f"cannot start uvicorn: {type(exc).__name__}: {exc}"
         say(message if LOG_FORMAT == "json" else "", exc=format_exception(sys.exc_info()))
         fail(message, EXIT_CANNOT_START)
+    if uv_config.lifespan_class is LifespanOn:
+        uv_config.lifespan_class = ReportingLifespan
     return uv_config
+
+
+class HeldErrors:
+    """uvicorn.error as the lifespan sees it while it starts: error lines
+    (the app's traceback, "Application startup failed. Exiting.") are kept
+    for ReportingLifespan instead of logged; everything else goes through."""
+
+    def __init__(self, lifespan, logger):
+        self.lifespan = lifespan
+        self.logger = logger
+
+    def __getattr__(self, name):
+        return getattr(self.logger, name)
+
+    def error(self, msg, *args, exc_info=None, **kwargs):
+        if not self.lifespan.starting:
+            self.logger.error(msg, *args, exc_info=exc_info, **kwargs)
+        elif isinstance(exc_info, BaseException):
+            self.lifespan.exception = exc_info
+        elif msg != "Application startup failed. Exiting.":
+            self.lifespan.messages.append(str(msg) % args if args else str(msg))
+
+
+class ReportingLifespan(LifespanOn):
+    """uvicorn's lifespan (--lifespan on or auto), except that a failed
+    startup is reported as a failed import is: the traceback and a last line
+    naming the exception go to the master (X_PROCMAN_TRACEBACK,
+    X_PROCMAN_ERROR), which shows them once however many workers fail the
+    same way, and the worker exits 3. uvicorn would log the traceback in
+    every worker and end with "Application startup failed. Exiting."."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.starting = False
+        self.exception = None  # raised by the app's lifespan (uvicorn logged it with exc_info)
+        self.messages = []  # the app's "lifespan.startup.failed" message (Starlette: its traceback)
+        self.logger = HeldErrors(self, self.logger)
+
+    async def startup(self):
+        self.starting = True
+        try:
+            await super().startup()
+        finally:
+            self.starting = False
+        if self.should_exit:
+            self.report_failure()
+
+    def report_failure(self):
+        if self.exception is not None:
+            exc = self.exception
+            text = format_exception((type(exc), exc, exc.__traceback__))
+            message = " ".join(str(exc).split())
+            last = type(exc).__name__ + (f": {message}" if message else "")
+        else:
+            text = "\n".join(self.messages)
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            last = lines[-1] if lines else "the app reported a failed startup and gave no reason"
+        told = bool(text) and tell_master("X_PROCMAN_TRACEBACK=" + json.dumps(text[-MAX_TRACEBACK:]))
+        fail(f"lifespan startup failed: {last}", EXIT_CANNOT_START, exc=None if told or not text else text)
 
 
 def serve(app, config, sockets, notifier):
@@ -1102,11 +1371,26 @@ def serve(app, config, sockets, notifier):
         else:
             limit_max_requests = limit  # nobody to ask: recycle the uvicorn way (exit)
     adopt_root_handlers()  # the import may have configured logging
+    if config["interface"] == "wsgi":
+        app = errors_to_stderr(app)
     uv_config = uvicorn_config(app, config, limit_max_requests)
     server = ProcmanServer(uv_config, notifier, recycle_after, config["app"])
     uv_config.loaded_app = close_when_stopping(uv_config.loaded_app, server)
     server.run(sockets=sockets)
     return 0
+
+
+def errors_to_stderr(app):
+    """A WSGI app's `wsgi.errors` is sys.stderr, the log (uvicorn's is
+    sys.stdout, which is not: it is the app's own output, which neither
+    --log-file nor --log-format json touches). Falcon writes an unhandled
+    exception's traceback there."""
+
+    def wsgi_app(environ, start_response):
+        environ["wsgi.errors"] = sys.stderr
+        return app(environ, start_response)
+
+    return wsgi_app
 
 
 def close_when_stopping(app, server):

@@ -8,16 +8,25 @@
 //! ([`app_config`]: a key for each option the table in `cli/options.rs`
 //! marks for the bootstrap, with its resolved value, plus the few values
 //! the master computes, [`COMPUTED_KEYS`]; the bootstrap keeps no defaults
-//! and refuses an object that lacks a key), and the
-//! source itself in `PROCMAN_BOOTSTRAP`, so no file is needed at run time and
-//! the command line (`ps`, `top`, `/proc/PID/cmdline`) stays short: the
-//! loader takes the variable out of the environment before the bootstrap
-//! runs, and the bootstrap then rewrites its title to name its role, e.g.
+//! and refuses an object that lacks a key). The source itself (70 KB) is in
+//! neither the environment nor the command line, where `ps eww` and
+//! `/proc/PID/environ` would show it for the process's whole life (taking a
+//! variable out of `os.environ` does not change what the kernel shows): the
+//! master writes it once into a sealed memfd ([`bootstrap_fd`]), each
+//! child it execs gets that fd (after its listeners, and after a zygote's
+//! channel) and its number in `PROCMAN_BOOTSTRAP_FD`, and the loader reads
+//! it with `pread` (the fd's offset is shared by every child) and closes it
+//! before the bootstrap runs. An fd, not a file: nothing to clean up, and
+//! a `--user` worker reads it whatever the permissions of any directory.
+//! The command line stays short (`ps`, `top`, `/proc/PID/cmdline`), and the
+//! bootstrap then rewrites its title to name its role, e.g.
 //! `procman: worker 2 gen 1 [app:main]`. The source is compiled under the
 //! name `<procman-bootstrap>` (not `-c`'s `<string>`), so that a traceback
 //! says where a frame comes from.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use super::Launch;
 use crate::cli::OPTIONS;
@@ -29,16 +38,19 @@ pub const BOOTSTRAP: &str = include_str!("bootstrap.py");
 /// The environment variable that carries the options.
 pub const CONFIG_VAR: &str = "PROCMAN_APP_CONFIG";
 
-/// The environment variable that carries the bootstrap's source.
-pub const SOURCE_VAR: &str = "PROCMAN_BOOTSTRAP";
+/// The environment variable that names the fd holding the bootstrap's
+/// source ([`bootstrap_fd`]).
+pub const FD_VAR: &str = "PROCMAN_BOOTSTRAP_FD";
 
 /// `python -c LOADER TITLE`: the loader drops the title from `sys.argv`
-/// (leaving `sys.argv == ["-c"]`, as plain `-c` would), takes the source out
-/// of the environment (so neither the app nor its subprocesses see it) and
-/// runs it in `__main__` under its own file name. `os.environ.pop` also
-/// unsets the C-level variable.
+/// (leaving `sys.argv == ["-c"]`, as plain `-c` would), reads the source
+/// from the fd `PROCMAN_BOOTSTRAP_FD` names (from offset 0, whatever the
+/// shared offset), closes it and takes the variable out of the environment
+/// (so neither the app nor its subprocesses see either), and runs the
+/// source in `__main__` under its own file name.
 const LOADER: &str = "import os, sys; del sys.argv[1:]; \
-                      exec(compile(os.environ.pop('PROCMAN_BOOTSTRAP'), '<procman-bootstrap>', 'exec'))";
+                      exec(compile((lambda fd: (os.pread(fd, os.fstat(fd).st_size, 0), os.close(fd))[0])\
+                      (int(os.environ.pop('PROCMAN_BOOTSTRAP_FD'))), '<procman-bootstrap>', 'exec'))";
 
 /// The bootstrap's argv under `python` (without the program name). The last
 /// argument is only a title for `ps` until the bootstrap writes its own.
@@ -46,9 +58,50 @@ pub fn bootstrap_args(app: &str) -> [String; 3] {
     ["-c".into(), LOADER.into(), format!("procman [{app}]")]
 }
 
-/// The variable that hands the source to the loader.
-pub fn bootstrap_env() -> (String, String) {
-    (SOURCE_VAR.into(), BOOTSTRAP.into())
+/// The sealed memfd holding [`BOOTSTRAP`], made once (by the master, before
+/// any fork) and kept open: CLOEXEC in the master; a child gets it through
+/// its plan's fds ([`with_bootstrap`]).
+pub fn bootstrap_fd() -> std::io::Result<RawFd> {
+    static FD: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = FD.get() {
+        return Ok(fd.as_raw_fd());
+    }
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; it only
+    // creates a descriptor, which is owned right below.
+    let raw = unsafe {
+        libc::memfd_create(
+            c"procman-bootstrap".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut file = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut file, BOOTSTRAP.as_bytes())?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl(F_ADD_SEALS) on a descriptor we own, with flags only.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = FD.get_or_init(|| OwnedFd::from(file));
+    Ok(fd.as_raw_fd())
+}
+
+/// One variable of a child's environment.
+pub type EnvVar = (std::ffi::OsString, std::ffi::OsString);
+
+/// A uvicorn child's environment and fds (at 3.. in the child) plus the
+/// bootstrap's fd after them and the variable naming its number there.
+pub fn with_bootstrap(env: &[EnvVar], fds: &[RawFd]) -> std::io::Result<(Vec<EnvVar>, Vec<RawFd>)> {
+    let fd = bootstrap_fd()?;
+    let mut env: Vec<_> = env.iter().filter(|(k, _)| k != FD_VAR).cloned().collect();
+    env.push((FD_VAR.into(), (3 + fds.len()).to_string().into()));
+    let mut fds = fds.to_vec();
+    fds.push(fd);
+    Ok((env, fds))
 }
 
 /// Runs the bootstrap under the configured interpreter.
@@ -59,13 +112,10 @@ pub fn launch(opts: &UvicornOptions, cfg: &Config) -> Launch {
     Launch {
         program: opts.python.clone(),
         argv,
-        env: vec![
-            (
-                CONFIG_VAR.into(),
-                app_config(opts, cfg, Mode::Worker).to_string(),
-            ),
-            bootstrap_env(),
-        ],
+        env: vec![(
+            CONFIG_VAR.into(),
+            app_config(opts, cfg, Mode::Worker).to_string(),
+        )],
     }
 }
 
@@ -434,16 +484,25 @@ mod tests {
         let app = "procman_no_such_module:app";
         let mut sent = object(&config(app, &[]), Mode::Check);
         sent.remove("keep_alive");
+        // An inheritable copy of the bootstrap's fd (std's Command closes
+        // no descriptor; this one is closed below, after the spawn).
+        // SAFETY: dup of a descriptor this process owns; the copy is owned
+        // right away.
+        let copy = unsafe { libc::dup(bootstrap_fd().expect("memfd")) };
+        assert!(copy >= 0, "dup: {}", std::io::Error::last_os_error());
+        // SAFETY: `copy` is a new descriptor nothing else owns.
+        let copy = unsafe { OwnedFd::from_raw_fd(copy) };
         let mut child = std::process::Command::new(&python)
             .args(bootstrap_args(app))
             .env_clear()
             .env(CONFIG_VAR, Value::Object(sent).to_string())
-            .env(SOURCE_VAR, BOOTSTRAP)
+            .env(FD_VAR, copy.as_raw_fd().to_string())
             .current_dir(std::env::temp_dir())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("runs python");
+        drop(copy);
         // It exits at once; a bootstrap that went on would be killed, not
         // waited for (its stderr is a line or two: the pipe cannot fill).
         let deadline = std::time::Instant::now() + Duration::from_secs(30);

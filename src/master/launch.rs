@@ -106,6 +106,17 @@ impl Settings {
         pid_vars: &[&str],
         fds: &[std::os::fd::RawFd],
     ) -> std::result::Result<Plan, crate::spawn::NulError> {
+        // A uvicorn child also gets the bootstrap's source, as an fd after
+        // these (made at start-up: a failure here cannot happen, and would
+        // leave the loader without its variable, which it says).
+        let with_source = match self.cfg.uvicorn() {
+            Some(_) => classes::uvicorn::with_bootstrap(env, fds).ok(),
+            None => None,
+        };
+        let (env, fds) = match &with_source {
+            Some((env, fds)) => (env.as_slice(), fds.as_slice()),
+            None => (env, fds),
+        };
         Plan::new(
             &self.launch.program,
             &self.launch.argv,

@@ -389,7 +389,8 @@ impl Master {
     }
 }
 
-/// Logs the traceback a worker reported (X_PROCMAN_TRACEBACK=), if any:
+/// Logs the traceback a worker reported (X_PROCMAN_TRACEBACK=: a failed
+/// import, or a failed lifespan startup), if any:
 /// called where its death is decided, so that of N workers failing the same
 /// way only the one that decides is shown.
 pub(super) fn log_traceback(w: &Worker) {
@@ -400,7 +401,7 @@ pub(super) fn log_traceback(w: &Worker) {
             worker = w.pid.as_raw(),
             slot = w.slot,
             traceback = tb.as_str(),
-            "Worker {} (slot {}) could not load the app:",
+            "Worker {} (slot {}) failed to boot:",
             w.pid,
             w.slot,
         );

@@ -20,5 +20,5 @@ async def inside() -> dict:
     return {
         "pid": os.getpid(),
         "argv": sys.argv,
-        "leaked": sorted(k for k in os.environ if k == "PROCMAN_BOOTSTRAP"),
+        "leaked": sorted(k for k in os.environ if k.startswith("PROCMAN_BOOTSTRAP")),
     }

@@ -381,6 +381,7 @@ pub fn reopen() -> std::result::Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use std::sync::Arc;
 
     /// A writer into a shared buffer.
@@ -483,12 +484,6 @@ mod tests {
             format!("Worker 9 (slot 0) could not load the app:\nTraceback:\n{HOSTILE}")
         );
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::says;
-    use serde_json::json;
 
     #[test]
     fn a_value_the_message_says_as_a_word_is_not_said_again() {

@@ -37,6 +37,11 @@ Invariants:
   accepting first, let accepted connections deliver their request, then run
   uvicorn's own drain. Connections still in the kernel's accept queue belong
   to the shared listener and are served by the other workers.
+* Nor does it lose a keep-alive client's next request: every response whose
+  headers are sent after the stop signal says `Connection: close`
+  (close_when_stopping), and a connection is closed only between requests,
+  after its client was told or had REQUEST_GRACE to send one
+  (close_between_requests).
 * A stop the master asked for (TERM, INT, QUIT) ends with exit status 0.
   Other statuses: 3 = could not start (no uvicorn, no sockets, bad config,
   lifespan startup failed), 4 = the app could not be imported.
@@ -817,6 +822,11 @@ class ProcmanServer(uvicorn.Server):
         # stop signal completes), None outside that wait.
         self.next_tick = None
         self.accepted = weakref.WeakSet()  # see track_accepted
+        # While draining: connections left open after a response that
+        # promised keep-alive, each with when it may be closed if it stays
+        # idle (None: its response is not over yet). See close_between_requests.
+        self.kept_open = weakref.WeakKeyDictionary()
+        self.told_to_close = weakref.WeakSet()  # other protocols, told once
         # When the first stop signal arrived (time.monotonic()): the drain
         # budget (--graceful-timeout less the master's reserve) counts from it.
         self.stop_requested_at = None
@@ -974,8 +984,7 @@ class ProcmanServer(uvicorn.Server):
                 self.config.timeout_graceful_shutdown = max(0.0, drain_ends - time.monotonic())
         if self.force_exit:
             self.abort_connections()
-        for connection in list(self.server_state.connections):
-            connection.shutdown()  # closes an idle one, ends keep-alive for a busy one
+        self.close_between_requests()
         try:
             await asyncio.wait_for(self.wait_drained(logger), timeout=self.config.timeout_graceful_shutdown)
         except asyncio.TimeoutError:
@@ -995,7 +1004,7 @@ class ProcmanServer(uvicorn.Server):
         state = self.server_state
         if state.connections and not self.force_exit:
             logger.info("Waiting for connections to close. (CTRL+C to force quit)")
-            await self.until(lambda: not state.connections or self.force_exit)
+            await self.until(lambda: self.close_between_requests() or self.force_exit)
         if state.tasks and not self.force_exit:
             logger.info("Waiting for background tasks to complete. (CTRL+C to force quit)")
             await self.until(lambda: not state.tasks or self.force_exit)
@@ -1045,11 +1054,50 @@ class ProcmanServer(uvicorn.Server):
                     continue  # no HTTP cycle (websocket, other protocol): the drain handles it
                 if cycle is None or cycle.response_complete:
                     idle = True
-                else:
+                elif not cycle.response_started:
                     conn.shutdown()  # only sets keep_alive = False while a request is in progress
             return not idle
 
         await self.until(all_busy, deadline, longest=REQUEST_POLL)
+
+    def close_between_requests(self):
+        """One look at the connections while draining; True once none is left.
+
+        A connection is closed only between requests:
+        * idle: at once (let_requests_arrive already gave it REQUEST_GRACE
+          to send a request);
+        * a request whose response has not started: after that response,
+          which says `Connection: close` (close_when_stopping);
+        * a response whose headers went out before the stop signal: it
+          promised keep-alive, and its client sends the next request as soon
+          as it has read the body, so closing right after it would lose that
+          request. The connection stays open until it has been idle for
+          REQUEST_GRACE; a request that arrives meanwhile is answered, with
+          `Connection: close`.
+        Other protocols (websockets) get uvicorn's shutdown, once."""
+        now = self.loop.time()
+        for conn in list(self.server_state.connections):
+            cycle = getattr(conn, "cycle", conn)
+            if cycle is conn:
+                if conn not in self.told_to_close:
+                    self.told_to_close.add(conn)
+                    conn.shutdown()
+            elif cycle is None or cycle.response_complete:
+                if conn not in self.kept_open:
+                    conn.shutdown()  # idle: closes it
+                    continue
+                until = self.kept_open[conn]
+                if until is None:
+                    self.kept_open[conn] = now + REQUEST_GRACE
+                elif now >= until:
+                    del self.kept_open[conn]
+                    conn.shutdown()
+            elif cycle.response_started:
+                if cycle.keep_alive:
+                    self.kept_open.setdefault(conn, None)
+            else:
+                conn.shutdown()  # only sets keep_alive = False: its response says close
+        return not self.server_state.connections
 
 
 def uvicorn_config(app, config, limit_max_requests=None):
@@ -1110,19 +1158,32 @@ def serve(app, config, sockets, notifier):
 
 
 def close_when_stopping(app, server):
-    """Once a stop has begun, every response says `Connection: close`.
-
-    A keep-alive client then never reuses a connection that we are about to
-    close, which is the other way a request can be lost during a stop.
+    """Every response whose headers are sent once a stop has begun says
+    `Connection: close`: decided when the headers go out, not when the
+    request arrived, so a request in flight when the drain begins is answered
+    with it too. A keep-alive client then never reuses a connection that we
+    are about to close, which is the other way a request can be lost during
+    a stop. (httptools says `close` by itself when uvicorn's shutdown ended
+    keep-alive before the headers; h11 does not, and would just close the
+    connection after a response that promised keep-alive.)
     """
 
     async def wrapped(scope, receive, send):
-        if scope["type"] != "http" or not server.should_exit:
+        if scope["type"] != "http":
             return await app(scope, receive, send)
+        # The protocol's request-response cycle (send is its bound method):
+        # its keep_alive is what the drain reads as "the client was told".
+        cycle = getattr(send, "__self__", None)
 
         async def send_with_close(message):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            if message["type"] == "http.response.start" and server.should_exit:
+                headers = list(message.get("headers", ()))
+                if not any(bytes(k).lower() == b"connection" and b"close" in bytes(v).lower()
+                           for k, v in headers):
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
+                if hasattr(cycle, "keep_alive"):
+                    cycle.keep_alive = False
             await send(message)
 
         return await app(scope, receive, send_with_close)

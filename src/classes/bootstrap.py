@@ -12,7 +12,8 @@ What this file owns, between the Rust master and uvicorn:
   uvicorn's startup (lifespan included) succeeded; WATCHDOG=1 from a task on
   the event loop, so a blocked loop stops the heartbeat and the master's
   --timeout catches it; STOPPING=1 when a stop begins;
-  X_PROCMAN_RECYCLE=max-requests when --max-requests is reached.
+  X_PROCMAN_RECYCLE=max-requests when --max-requests is reached (on
+  PROCMAN_URGENT_SOCKET, which the master always polls, when it is set).
 * The app import, so that a broken app gives one recognisable last line and
   exit status 4 instead of a uvicorn log line and status 3. A worker sends its
   traceback and last line to the master (X_PROCMAN_TRACEBACK=<JSON string>,
@@ -488,9 +489,12 @@ except ImportError as exc:
 class Notifier:
     """sd_notify sender. Never raises, never blocks."""
 
-    def __init__(self, address, watchdog_interval):
+    def __init__(self, address, watchdog_interval, urgent_address=None):
         self.address = address
         self.watchdog_interval = watchdog_interval  # seconds, or None
+        # The master's urgent socket (always polled, unlike NOTIFY_SOCKET
+        # while it reads heartbeats in batches), or None.
+        self.urgent_address = urgent_address if address else None
         self.sock = None
         if address:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # CLOEXEC by default
@@ -500,11 +504,14 @@ class Notifier:
     def from_env(cls):
         return cls(*take_notify_env())
 
-    def send(self, *lines):
+    def send(self, *lines, urgent=False):
+        """urgent: to the socket the master always polls, when there is one
+        (for what the master must act on now: a recycle request)."""
         if self.sock is None:
             return False
+        address = (urgent and self.urgent_address) or self.address
         try:
-            self.sock.sendto("\n".join(lines).encode(), self.address)
+            self.sock.sendto("\n".join(lines).encode(), address)
             return True
         except OSError:  # EAGAIN (queue full), master gone, ...: drop it
             return False
@@ -524,7 +531,8 @@ class Notifier:
 
 
 def take_notify_env():
-    """NOTIFY_SOCKET and WATCHDOG_* as (address, watchdog interval or None).
+    """NOTIFY_SOCKET, WATCHDOG_* and PROCMAN_URGENT_SOCKET as (address,
+    watchdog interval or None, urgent address or None).
 
     The variables are removed from the environment so that processes the app
     starts do not report READY/WATCHDOG in our name (the master accepts
@@ -532,21 +540,25 @@ def take_notify_env():
     WATCHDOG_PID must name this process: a zygote checks it against its own
     pid and hands the result on to the workers it forks.
     """
-    path = os.environ.pop("NOTIFY_SOCKET", "")
+    address = notify_address(os.environ.pop("NOTIFY_SOCKET", ""))
+    urgent = notify_address(os.environ.pop("PROCMAN_URGENT_SOCKET", ""))
     usec = os.environ.pop("WATCHDOG_USEC", "")
     wpid = os.environ.pop("WATCHDOG_PID", "")
-    if path.startswith("@"):
-        address = "\0" + path[1:]  # abstract; CPython then omits the trailing NUL
-    elif path.startswith("/"):
-        address = path
-    else:
-        address = None  # unset, or a kind we do not speak (vsock:)
     interval = None
     if address and usec.isdigit() and int(usec) > 0 and wpid in ("", str(os.getpid())):
         # Three beats per timeout: a lost datagram still leaves one in time,
         # and an idle master wakes only every timeout/3 per worker.
         interval = int(usec) / 3e6
-    return address, interval
+    return address, interval, urgent
+
+
+def notify_address(path):
+    """An sd_notify socket path as a sendto() address, or None."""
+    if path.startswith("@"):
+        return "\0" + path[1:]  # abstract; CPython then omits the trailing NUL
+    if path.startswith("/"):
+        return path
+    return None  # unset, or a kind we do not speak (vsock:)
 
 
 def listen_sockets():
@@ -949,11 +961,12 @@ class ProcmanServer(uvicorn.Server):
         if (self.recycle_after is not None and not self.recycle_requested
                 and self.server_state.total_requests >= self.recycle_after):
             # Ask to be replaced and keep serving: the master starts the
-            # replacement first and sends TERM once it is ready. Retried on
-            # the next tick if the datagram was dropped.
+            # replacement first and sends TERM once it is ready. On the
+            # urgent socket, which the master reads at once. Retried on the
+            # next tick if the datagram was dropped.
             self.recycle_requested = self.notifier.send(
                 f"X_PROCMAN_RECYCLE=max-requests (limit {self.recycle_after}, "
-                f"after {self.server_state.total_requests} requests)")
+                f"after {self.server_state.total_requests} requests)", urgent=True)
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets=None):
@@ -1286,7 +1299,7 @@ class Zygote:
             fail(f"PROCMAN_MASTER_PID={master!r} is not a pid", EXIT_CANNOT_START)
         self.master = int(master)
         self.sockets = listen_sockets()
-        self.notify = take_notify_env()  # (address, interval) for the workers' Notifier
+        self.notify = take_notify_env()  # (address, interval, urgent) for the workers' Notifier
         self.import_app = bool(config["import_app"])
         if self.import_app:
             self.app = load_app(config["app"], config["factory"])

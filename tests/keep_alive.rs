@@ -241,6 +241,47 @@ fn keep_alive_clients_lose_nothing_across_two_hups_with_httptools() {
     keep_alive_clients_across_two_hups("httptools");
 }
 
+/// The same clients while TTOU stops a worker and `--max-requests`
+/// recycles others: the same drain, the same guarantee.
+#[test]
+fn keep_alive_clients_lose_nothing_through_ttou_and_recycling_with_h11() {
+    let mut h = uvicorn(
+        "ka-ttou-recycle",
+        &apps_dir(),
+        "keep_alive_app:main",
+        &["-w", "3", "--http", "h11", "--max-requests", "40"],
+    )
+    .json()
+    .spawn();
+    h.wait_workers(3, BOOT);
+    let clients = Clients::start(h.addr(), 4, "/slow?s=0.2");
+    h.check(
+        wait_for(BOOT, || (clients.done() >= 20).then_some(())).is_some(),
+        "requests served before TTOU",
+    );
+    h.signal(Signal::SIGTTOU);
+    let mut stopped = h.expect_events("stopping", 1, BOOT, "TTOU", |e| e["reason"] == "excess");
+    stopped.extend(h.expect_events("stopping", 2, BOOT, "two recycles", |e| {
+        e["reason"] == "replaced"
+    }));
+    for pid in stopped.iter().map(worker_of) {
+        h.expect_event("exited", BOOT, "the stopped worker drained", |e| {
+            worker_of(e) == pid
+        });
+    }
+    let target = clients.done() + 20;
+    wait_for(BOOT, || (clients.done() >= target).then_some(()));
+    let report = clients.finish();
+    h.check(
+        report.reused_failures.is_empty() && report.fresh_failures.is_empty(),
+        &format!("failed requests ({} ok): {report:?}", report.ok),
+    );
+    h.check(
+        report.closes > 0,
+        &format!("no response said Connection: close: {report:?}"),
+    );
+}
+
 /// Four keep-alive clients through procman's TERM: every request sent on a
 /// reused connection is answered (a connection is closed only after a
 /// response that said so); once the workers are gone, fresh connections

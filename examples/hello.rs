@@ -1,4 +1,5 @@
-//! A minimal worker for procman's command class, using only std.
+//! A minimal worker for procman's command class: std, plus `nix` for the
+//! stop signal.
 //!
 //! It takes its listening socket the systemd way: `LISTEN_FDS` says how
 //! many sockets start at fd 3, and `LISTEN_PID` must be our own pid (a
@@ -10,11 +11,25 @@
 //! procman -w 4 -b 127.0.0.1:8000 -- target/release/examples/hello
 //! curl http://127.0.0.1:8000/
 //! ```
+//!
+//! It drains on its stop signal (TERM, or INT from a terminal), which is
+//! what makes a restart lossless: it stops accepting (closing its own
+//! descriptor of the listener, which the other workers and procman keep
+//! open, so connections still in the kernel's queue go to them), answers
+//! every connection it had accepted, then exits 0. Each response says
+//! `Connection: close`, so no client ever waits on an idle keep-alive
+//! connection of a worker that is going away.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsFd, FromRawFd};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 fn main() {
     let listener = match inherited_listener() {
@@ -24,13 +39,89 @@ fn main() {
             std::process::exit(2);
         }
     };
-    for conn in listener.incoming() {
-        match conn {
-            Ok(stream) => {
-                std::thread::spawn(move || serve(stream));
+    // The stop signals are blocked before any thread exists (threads
+    // inherit the mask) and read from a signalfd: the accept loop waits for
+    // a connection or a stop at once, with no handler.
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGTERM);
+    stop.add(Signal::SIGINT);
+    let signals = stop
+        .thread_block()
+        .and_then(|()| SignalFd::with_flags(&stop, SfdFlags::SFD_CLOEXEC));
+    let signals = match signals {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("hello: cannot watch the stop signals: {e}");
+            std::process::exit(2);
+        }
+    };
+    // Another worker may take a connection between our poll and accept.
+    if let Err(e) = listener.set_nonblocking(true) {
+        eprintln!("hello: cannot make the listener non-blocking: {e}");
+        std::process::exit(2);
+    }
+    let in_flight = Arc::new(InFlight::default());
+    loop {
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => {
+                eprintln!("hello: poll failed: {e}");
+                std::process::exit(1);
             }
+        }
+        if fds[1].any().unwrap_or(false) {
+            break;
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let guard = InFlight::enter(&in_flight);
+                std::thread::spawn(move || {
+                    serve(stream);
+                    drop(guard);
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => eprintln!("hello: accept failed: {e}"),
         }
+    }
+    // Stop accepting: this closes only our descriptor of the shared socket.
+    drop(listener);
+    in_flight.wait_idle();
+}
+
+/// The connections being served, and a way to wait until there are none.
+#[derive(Default)]
+struct InFlight {
+    count: Mutex<usize>,
+    idle: Condvar,
+}
+
+/// One connection being served; dropping it (also on a panic) counts it out.
+struct Serving(Arc<InFlight>);
+
+impl InFlight {
+    fn enter(this: &Arc<InFlight>) -> Serving {
+        *this.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        Serving(this.clone())
+    }
+
+    fn wait_idle(&self) {
+        let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        while *count > 0 {
+            count = self.idle.wait(count).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let mut count = self.0.count.lock().unwrap_or_else(|e| e.into_inner());
+        *count -= 1;
+        self.0.idle.notify_all();
     }
 }
 
@@ -58,6 +149,9 @@ fn inherited_listener() -> Result<TcpListener, String> {
 }
 
 fn serve(stream: TcpStream) {
+    // Accepted from a non-blocking listener: Linux does not pass that on,
+    // but say so rather than rely on it.
+    let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut reader = BufReader::new(&stream);
     let mut request_line = String::new();

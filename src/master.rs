@@ -1,10 +1,11 @@
 //! The master loop: events in, policy decides, effects out.
 //!
 //! One thread, one `poll(2)` over the signal self-pipe and the notify
-//! socket, with the earliest deadline as its timeout; nothing wakes the
+//! sockets, with the earliest deadline as its timeout; nothing wakes the
 //! master when nothing is due. The notify socket is in the poll set only
 //! while a notification may need an answer at once; an idle master reads
-//! heartbeats in batches (`messages` says when and why). Each iteration:
+//! heartbeats in batches (`messages` says when and why); the urgent socket
+//! (`urgent`) is always in it. Each iteration:
 //! drain signals, drain notifications (at every wake-up, whether the
 //! socket was polled or not; before reaping, so a READY=1 sent just before
 //! an exit is still attributed; before deadlines are acted on and before
@@ -32,7 +33,8 @@
 //! sentences). What the master does with them, as `impl Master`:
 //! `lifecycle` (spawn, ready, exit), `boost` (a booting worker's raised
 //! priority), `stop` (procman's stop and a
-//! worker's), `messages` (sd_notify from workers), `preload` (starting
+//! worker's), `messages` (sd_notify from workers), `urgent` (the socket
+//! for what cannot wait for a batched read), `preload` (starting
 //! zygotes, adopting the workers they fork, their failures), `reload` (a
 //! reload as a value), `observe` (the metrics and control endpoints).
 //! A worker's lifecycle events are logged with `worker_event!` (`events`),
@@ -75,6 +77,7 @@ mod recycle;
 mod reload;
 mod stop;
 mod systemd;
+mod urgent;
 mod zygotes;
 
 pub use exits::describe;
@@ -88,6 +91,7 @@ use launch::{release, Reload, Settings};
 use observe::Endpoints;
 use recycle::Recycling;
 use systemd::SystemdLink;
+use urgent::Urgent;
 use zygotes::Zygotes;
 
 /// What the master as a whole is doing.
@@ -138,6 +142,8 @@ pub struct Master {
     signals: Signals,
     /// The notify socket and when it was last read.
     notify: Inbox,
+    /// The notify socket that is always polled (`urgent`).
+    urgent: Urgent,
     systemd: SystemdLink,
     table: Table,
     /// Backoff of each slot, and whether procman was ever up.
@@ -178,12 +184,14 @@ impl Master {
         args: Vec<OsString>,
     ) -> Result<Master> {
         let notify = Receiver::create(cfg.credentials.as_ref())?;
+        let urgent = Urgent::create(cfg.credentials.as_ref())?;
         let endpoints = Endpoints::bind(&cfg)?;
         let listeners = listeners.into_iter().map(Rc::new).collect();
         Ok(Master {
             settings: Settings::new(cfg, listeners),
             signals,
             notify: Inbox::new(notify, Instant::now()),
+            urgent,
             systemd: SystemdLink::from_env(Instant::now()),
             table: Table::default(),
             boot: Boot::default(),
@@ -248,6 +256,7 @@ impl Master {
             for (pid, message) in self.zygotes.drain() {
                 self.handle(Event::Zygote { pid, message }, now);
             }
+            self.read_urgent(now);
             self.drain_notifications(now);
             while let Some((pid, status)) = reap_one() {
                 // A worker can send its last words (X_PROCMAN_ERROR) and
@@ -498,7 +507,10 @@ impl Master {
                 PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
             }
         };
-        let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
+        let mut fds = vec![
+            PollFd::new(self.signals.fd(), PollFlags::POLLIN),
+            PollFd::new(self.urgent.fd(), PollFlags::POLLIN),
+        ];
         if listen {
             fds.push(PollFd::new(self.notify.receiver().fd(), PollFlags::POLLIN));
         }

@@ -173,7 +173,8 @@ fn notify_dir_of_another_procman_with_our_pid_is_left_alone() {
     std::fs::write(theirs.join("notify.sock"), "theirs").expect("write");
     gate.open();
     h.expect_event("all-ready", BOOT, "the worker became ready", |_| true);
-    // Ours is elsewhere in the same base, with a name nobody can predict.
+    // Ours are elsewhere in the same base, with names nobody can predict:
+    // the notify socket's and the urgent socket's (master/urgent.rs).
     let ours: Vec<PathBuf> = std::fs::read_dir(&base)
         .expect("read base")
         .flatten()
@@ -181,8 +182,8 @@ fn notify_dir_of_another_procman_with_our_pid_is_left_alone() {
         .filter(|p| *p != theirs)
         .collect();
     h.check(
-        ours.len() == 1 && ours[0].join("notify.sock").exists(),
-        &format!("one notify dir of our own in the base: {ours:?}"),
+        ours.len() == 2 && ours.iter().all(|d| d.join("notify.sock").exists()),
+        &format!("two notify dirs of our own in the base: {ours:?}"),
     );
     stop(&mut h);
     assert_eq!(
@@ -190,7 +191,12 @@ fn notify_dir_of_another_procman_with_our_pid_is_left_alone() {
         Some("theirs".to_string()),
         "the other procman's directory was removed"
     );
-    assert!(!ours[0].exists(), "our own notify dir is removed at exit");
+    for dir in &ours {
+        assert!(
+            !dir.exists(),
+            "our own notify dir {dir:?} is removed at exit"
+        );
+    }
 }
 
 // ---- item 4: a live socket is never taken over ----

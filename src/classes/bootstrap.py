@@ -12,7 +12,8 @@ What this file owns, between the Rust master and uvicorn:
   uvicorn's startup (lifespan included) succeeded; WATCHDOG=1 from a task on
   the event loop, so a blocked loop stops the heartbeat and the master's
   --timeout catches it; STOPPING=1 when a stop begins;
-  X_PROCMAN_RECYCLE=max-requests when --max-requests is reached.
+  X_PROCMAN_RECYCLE=max-requests when --max-requests is reached (on
+  PROCMAN_URGENT_SOCKET, which the master always polls, when it is set).
 * The app import, so that a broken app gives one recognisable last line and
   exit status 4 instead of a uvicorn log line and status 3. A worker sends its
   traceback and last line to the master (X_PROCMAN_TRACEBACK=<JSON string>,
@@ -45,6 +46,11 @@ Invariants:
   accepting first, let accepted connections deliver their request, then run
   uvicorn's own drain. Connections still in the kernel's accept queue belong
   to the shared listener and are served by the other workers.
+* Nor does it lose a keep-alive client's next request: every response whose
+  headers are sent after the stop signal says `Connection: close`
+  (close_when_stopping), and a connection is closed only between requests,
+  after its client was told or had REQUEST_GRACE to send one
+  (close_between_requests).
 * A stop the master asked for (TERM, INT, QUIT) ends with exit status 0.
   Other statuses: 3 = could not start (no uvicorn, no sockets, bad config,
   lifespan startup failed), 4 = the app could not be imported.
@@ -631,9 +637,12 @@ except ImportError as exc:
 class Notifier:
     """sd_notify sender. Never raises, never blocks."""
 
-    def __init__(self, address, watchdog_interval):
+    def __init__(self, address, watchdog_interval, urgent_address=None):
         self.address = address
         self.watchdog_interval = watchdog_interval  # seconds, or None
+        # The master's urgent socket (always polled, unlike NOTIFY_SOCKET
+        # while it reads heartbeats in batches), or None.
+        self.urgent_address = urgent_address if address else None
         self.sock = None
         if address:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # CLOEXEC by default
@@ -643,11 +652,14 @@ class Notifier:
     def from_env(cls):
         return cls(*take_notify_env())
 
-    def send(self, *lines):
+    def send(self, *lines, urgent=False):
+        """urgent: to the socket the master always polls, when there is one
+        (for what the master must act on now: a recycle request)."""
         if self.sock is None:
             return False
+        address = (urgent and self.urgent_address) or self.address
         try:
-            self.sock.sendto("\n".join(lines).encode(), self.address)
+            self.sock.sendto("\n".join(lines).encode(), address)
             return True
         except OSError:  # EAGAIN (queue full), master gone, ...: drop it
             return False
@@ -667,7 +679,8 @@ class Notifier:
 
 
 def take_notify_env():
-    """NOTIFY_SOCKET and WATCHDOG_* as (address, watchdog interval or None).
+    """NOTIFY_SOCKET, WATCHDOG_* and PROCMAN_URGENT_SOCKET as (address,
+    watchdog interval or None, urgent address or None).
 
     The variables are removed from the environment so that processes the app
     starts do not report READY/WATCHDOG in our name (the master accepts
@@ -675,21 +688,25 @@ def take_notify_env():
     WATCHDOG_PID must name this process: a zygote checks it against its own
     pid and hands the result on to the workers it forks.
     """
-    path = os.environ.pop("NOTIFY_SOCKET", "")
+    address = notify_address(os.environ.pop("NOTIFY_SOCKET", ""))
+    urgent = notify_address(os.environ.pop("PROCMAN_URGENT_SOCKET", ""))
     usec = os.environ.pop("WATCHDOG_USEC", "")
     wpid = os.environ.pop("WATCHDOG_PID", "")
-    if path.startswith("@"):
-        address = "\0" + path[1:]  # abstract; CPython then omits the trailing NUL
-    elif path.startswith("/"):
-        address = path
-    else:
-        address = None  # unset, or a kind we do not speak (vsock:)
     interval = None
     if address and usec.isdigit() and int(usec) > 0 and wpid in ("", str(os.getpid())):
         # Three beats per timeout: a lost datagram still leaves one in time,
         # and an idle master wakes only every timeout/3 per worker.
         interval = int(usec) / 3e6
-    return address, interval
+    return address, interval, urgent
+
+
+def notify_address(path):
+    """An sd_notify socket path as a sendto() address, or None."""
+    if path.startswith("@"):
+        return "\0" + path[1:]  # abstract; CPython then omits the trailing NUL
+    if path.startswith("/"):
+        return path
+    return None  # unset, or a kind we do not speak (vsock:)
 
 
 def listen_sockets():
@@ -1020,6 +1037,11 @@ class ProcmanServer(uvicorn.Server):
         # stop signal completes), None outside that wait.
         self.next_tick = None
         self.accepted = weakref.WeakSet()  # see track_accepted
+        # While draining: connections left open after a response that
+        # promised keep-alive, each with when it may be closed if it stays
+        # idle (None: its response is not over yet). See close_between_requests.
+        self.kept_open = weakref.WeakKeyDictionary()
+        self.told_to_close = weakref.WeakSet()  # other protocols, told once
         # When the first stop signal arrived (time.monotonic()): the drain
         # budget (--graceful-timeout less the master's reserve) counts from it.
         self.stop_requested_at = None
@@ -1142,11 +1164,12 @@ class ProcmanServer(uvicorn.Server):
         if (self.recycle_after is not None and not self.recycle_requested
                 and self.server_state.total_requests >= self.recycle_after):
             # Ask to be replaced and keep serving: the master starts the
-            # replacement first and sends TERM once it is ready. Retried on
-            # the next tick if the datagram was dropped.
+            # replacement first and sends TERM once it is ready. On the
+            # urgent socket, which the master reads at once. Retried on the
+            # next tick if the datagram was dropped.
             self.recycle_requested = self.notifier.send(
                 f"X_PROCMAN_RECYCLE=max-requests (limit {self.recycle_after}, "
-                f"after {self.server_state.total_requests} requests)")
+                f"after {self.server_state.total_requests} requests)", urgent=True)
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets=None):
@@ -1177,8 +1200,7 @@ class ProcmanServer(uvicorn.Server):
                 self.config.timeout_graceful_shutdown = max(0.0, drain_ends - time.monotonic())
         if self.force_exit:
             self.abort_connections()
-        for connection in list(self.server_state.connections):
-            connection.shutdown()  # closes an idle one, ends keep-alive for a busy one
+        self.close_between_requests()
         try:
             await asyncio.wait_for(self.wait_drained(logger), timeout=self.config.timeout_graceful_shutdown)
         except asyncio.TimeoutError:
@@ -1202,7 +1224,7 @@ class ProcmanServer(uvicorn.Server):
         if state.connections and not self.force_exit:
             count = len(state.connections)
             logger.info("Waiting for %d connection%s to close", count, "" if count == 1 else "s")
-            await self.until(lambda: not state.connections or self.force_exit)
+            await self.until(lambda: self.close_between_requests() or self.force_exit)
         if state.tasks and not self.force_exit:
             count = len(state.tasks)
             logger.info("Waiting for %d background task%s to complete", count, "" if count == 1 else "s")
@@ -1253,11 +1275,50 @@ class ProcmanServer(uvicorn.Server):
                     continue  # no HTTP cycle (websocket, other protocol): the drain handles it
                 if cycle is None or cycle.response_complete:
                     idle = True
-                else:
+                elif not cycle.response_started:
                     conn.shutdown()  # only sets keep_alive = False while a request is in progress
             return not idle
 
         await self.until(all_busy, deadline, longest=REQUEST_POLL)
+
+    def close_between_requests(self):
+        """One look at the connections while draining; True once none is left.
+
+        A connection is closed only between requests:
+        * idle: at once (let_requests_arrive already gave it REQUEST_GRACE
+          to send a request);
+        * a request whose response has not started: after that response,
+          which says `Connection: close` (close_when_stopping);
+        * a response whose headers went out before the stop signal: it
+          promised keep-alive, and its client sends the next request as soon
+          as it has read the body, so closing right after it would lose that
+          request. The connection stays open until it has been idle for
+          REQUEST_GRACE; a request that arrives meanwhile is answered, with
+          `Connection: close`.
+        Other protocols (websockets) get uvicorn's shutdown, once."""
+        now = self.loop.time()
+        for conn in list(self.server_state.connections):
+            cycle = getattr(conn, "cycle", conn)
+            if cycle is conn:
+                if conn not in self.told_to_close:
+                    self.told_to_close.add(conn)
+                    conn.shutdown()
+            elif cycle is None or cycle.response_complete:
+                if conn not in self.kept_open:
+                    conn.shutdown()  # idle: closes it
+                    continue
+                until = self.kept_open[conn]
+                if until is None:
+                    self.kept_open[conn] = now + REQUEST_GRACE
+                elif now >= until:
+                    del self.kept_open[conn]
+                    conn.shutdown()
+            elif cycle.response_started:
+                if cycle.keep_alive:
+                    self.kept_open.setdefault(conn, None)
+            else:
+                conn.shutdown()  # only sets keep_alive = False: its response says close
+        return not self.server_state.connections
 
 
 def uvicorn_config(app, config, limit_max_requests=None):
@@ -1394,19 +1455,32 @@ def errors_to_stderr(app):
 
 
 def close_when_stopping(app, server):
-    """Once a stop has begun, every response says `Connection: close`.
-
-    A keep-alive client then never reuses a connection that we are about to
-    close, which is the other way a request can be lost during a stop.
+    """Every response whose headers are sent once a stop has begun says
+    `Connection: close`: decided when the headers go out, not when the
+    request arrived, so a request in flight when the drain begins is answered
+    with it too. A keep-alive client then never reuses a connection that we
+    are about to close, which is the other way a request can be lost during
+    a stop. (httptools says `close` by itself when uvicorn's shutdown ended
+    keep-alive before the headers; h11 does not, and would just close the
+    connection after a response that promised keep-alive.)
     """
 
     async def wrapped(scope, receive, send):
-        if scope["type"] != "http" or not server.should_exit:
+        if scope["type"] != "http":
             return await app(scope, receive, send)
+        # The protocol's request-response cycle (send is its bound method):
+        # its keep_alive is what the drain reads as "the client was told".
+        cycle = getattr(send, "__self__", None)
 
         async def send_with_close(message):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            if message["type"] == "http.response.start" and server.should_exit:
+                headers = list(message.get("headers", ()))
+                if not any(bytes(k).lower() == b"connection" and b"close" in bytes(v).lower()
+                           for k, v in headers):
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
+                if hasattr(cycle, "keep_alive"):
+                    cycle.keep_alive = False
             await send(message)
 
         return await app(scope, receive, send_with_close)
@@ -1509,7 +1583,7 @@ class Zygote:
             fail(f"PROCMAN_MASTER_PID={master!r} is not a pid", EXIT_CANNOT_START)
         self.master = int(master)
         self.sockets = listen_sockets()
-        self.notify = take_notify_env()  # (address, interval) for the workers' Notifier
+        self.notify = take_notify_env()  # (address, interval, urgent) for the workers' Notifier
         self.import_app = bool(config["import_app"])
         if self.import_app:
             self.app = load_app(config["app"], config["factory"])

@@ -66,11 +66,13 @@ impl Settings {
 
     /// The environment of a child (worker or zygote): procman's own (less
     /// what described procman's sockets) with `--env`, the class's
-    /// variables, `extra`, and the protocol variables. Also returns the
-    /// variables whose value the child's own pid fills in after fork.
+    /// variables, `extra`, and the protocol variables (`urgent_socket`:
+    /// see urgent.rs). Also returns the variables whose value the child's
+    /// own pid fills in after fork.
     pub(super) fn child_env(
         &self,
         notify_socket: &Path,
+        urgent_socket: &Path,
         extra: &[(&str, String)],
     ) -> (Vec<(OsString, OsString)>, Vec<&'static str>) {
         let mut env = self.base_env.clone();
@@ -89,6 +91,7 @@ impl Settings {
         set("LISTEN_FDNAMES", names.join(":").into());
         // The path as bytes: a runtime directory need not be UTF-8.
         set("NOTIFY_SOCKET", notify_socket.as_os_str().to_owned());
+        set(super::urgent::ENV, urgent_socket.as_os_str().to_owned());
         let mut pid_vars = vec!["LISTEN_PID"];
         if let Some(t) = self.cfg.timeout {
             set("WATCHDOG_USEC", t.as_micros().to_string().into());
@@ -139,6 +142,7 @@ impl Settings {
     pub(super) fn zygote_plan(
         &self,
         notify_socket: &Path,
+        urgent_socket: &Path,
         channel: std::os::fd::RawFd,
     ) -> Option<std::result::Result<Plan, crate::spawn::NulError>> {
         let opts = self.cfg.uvicorn()?;
@@ -151,6 +155,7 @@ impl Settings {
         );
         let (env, pid_vars) = self.child_env(
             notify_socket,
+            urgent_socket,
             &[
                 (classes::uvicorn::CONFIG_VAR, json.to_string()),
                 ("PROCMAN_ZYGOTE_FD", (3 + self.listeners.len()).to_string()),

@@ -256,6 +256,7 @@ impl Master {
         }
         let (env, pid_vars) = self.settings.child_env(
             self.notify.receiver().path(),
+            self.urgent.path(),
             &[
                 ("PROCMAN_WORKER_ID", slot.to_string()),
                 ("PROCMAN_GENERATION", self.generation.to_string()),

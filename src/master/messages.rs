@@ -38,6 +38,8 @@
 //!   shorter than.
 //! * `X_PROCMAN_RECYCLE`: the replacement starts up to one period later;
 //!   the worker keeps serving meanwhile, as it does until it is replaced.
+//!   procman's bootstrap sends it to the urgent socket instead, which is
+//!   always polled (urgent.rs).
 //! * `STATUS=`, `ERRNO=`: logged up to one period late.
 //! * `RELOADING=1`, `MAINPID=` and anything else: ignored anyway.
 

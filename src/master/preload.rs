@@ -104,10 +104,11 @@ impl Master {
                 return;
             }
         };
-        let Some(plan) = self
-            .settings
-            .zygote_plan(self.notify.receiver().path(), zygote_end.as_raw_fd())
-        else {
+        let Some(plan) = self.settings.zygote_plan(
+            self.notify.receiver().path(),
+            self.urgent.path(),
+            zygote_end.as_raw_fd(),
+        ) else {
             return;
         };
         let spawned = plan

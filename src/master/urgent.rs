@@ -1,0 +1,64 @@
+//! The urgent notify socket: a second sd_notify socket, always in the
+//! master's poll set, for the few messages a worker needs acted on now
+//! while the master reads heartbeats in batches (messages.rs leaves the
+//! main socket out of the poll set then).
+//!
+//! Workers get its path as `PROCMAN_URGENT_SOCKET`, next to
+//! `NOTIFY_SOCKET`. procman's bootstrap sends `X_PROCMAN_RECYCLE` there
+//! (`--max-requests`), which otherwise waited for the next batched read,
+//! up to 2 × `--timeout`/3 (the worker meanwhile served requests far past
+//! its limit). Heartbeats still go to `NOTIFY_SOCKET`, so an idle master
+//! wakes no more often than before: a worker sends here once per recycle.
+//!
+//! The socket is made exactly like the main one ([`Receiver::create`]: a
+//! private 0700 directory, handed to the workers' user, the sender known by
+//! its credentials), and what it carries is the same protocol, attributed
+//! and handled the same way ([`Master::dispatch_datagram`]): a message is
+//! never worth less for arriving here. A worker that sends heartbeats here
+//! only wakes the master for each, as it could by flooding the main socket
+//! while that is polled; reads are bounded by the socket's queue.
+
+use std::os::fd::BorrowedFd;
+use std::path::Path;
+use std::time::Instant;
+
+use super::Master;
+use crate::error::Result;
+use crate::identity::Credentials;
+use crate::notify::Receiver;
+
+/// The environment variable that names the socket to a worker.
+pub(super) const ENV: &str = "PROCMAN_URGENT_SOCKET";
+
+/// The urgent socket.
+pub(super) struct Urgent {
+    receiver: Receiver,
+}
+
+impl Urgent {
+    pub(super) fn create(owner: Option<&Credentials>) -> Result<Urgent> {
+        Ok(Urgent {
+            receiver: Receiver::create(owner)?,
+        })
+    }
+
+    /// Its path, for [`ENV`].
+    pub(super) fn path(&self) -> &Path {
+        self.receiver.path()
+    }
+
+    /// For the poll set: always in it.
+    pub(super) fn fd(&self) -> BorrowedFd<'_> {
+        self.receiver.fd()
+    }
+}
+
+impl Master {
+    /// Reads the urgent socket until it is empty and handles what it held.
+    /// Polled, it is read as datagrams arrive: each counts as sent now.
+    pub(super) fn read_urgent(&mut self, now: Instant) {
+        for datagram in self.urgent.receiver.drain().datagrams {
+            self.dispatch_datagram(datagram, now, now);
+        }
+    }
+}

@@ -1,6 +1,8 @@
 //! The configuration layers: built-in defaults < config file < environment
 //! (`PROCMAN_<LONG_NAME>`, `WEB_CONCURRENCY`, `PORT`) < command line, merged
 //! into one raw [`Cli`], with the source of every value remembered.
+//! `FORWARDED_ALLOW_IPS` is a default of `--forwarded-allow-ips` (as in
+//! uvicorn and gunicorn), below the file.
 //!
 //! clap already merges the command line over `PROCMAN_*` variables; this
 //! module adds `WEB_CONCURRENCY` and `PORT`, then fills whatever is still
@@ -116,6 +118,15 @@ pub fn load(args: impl IntoIterator<Item = OsString>, env: &Environment) -> Resu
             )));
         }
     }
+    // A gunicorn option procman does not have: one line saying what
+    // procman offers instead, before clap's "unexpected argument".
+    let text: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if let Some(line) = crate::cli::gunicorn::refusal(&text) {
+        return Err(Error::usage(line));
+    }
     let matches = match Cli::command().try_get_matches_from(args) {
         Ok(m) => m,
         Err(e) => return clap_outcome(e),
@@ -158,6 +169,21 @@ pub fn load(args: impl IntoIterator<Item = OsString>, env: &Environment) -> Resu
     let mut layered = Layered { cli, sources };
     if let Some(path) = layered.cli.text("config").map(str::to_string) {
         layered.apply_file(Path::new(&path))?;
+    }
+    // uvicorn's and gunicorn's default for --forwarded-allow-ips: below
+    // the file, as it is below their own settings; for an APP only (a
+    // COMMAND has no proxy headers to trust).
+    if layered.cli.is_set("app")
+        && !layered.cli.is_set("forwarded-allow-ips")
+        && !layered.cli.flag("no-proxy-headers")
+    {
+        if let Some(ips) = &env.forwarded_allow_ips {
+            layered.cli.set_text("forwarded-allow-ips", ips.clone());
+            layered.sources.insert(
+                "forwarded-allow-ips".into(),
+                Source::Environment("FORWARDED_ALLOW_IPS".into()),
+            );
+        }
     }
     Ok(Parsed::Run(Box::new(layered)))
 }

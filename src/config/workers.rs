@@ -51,10 +51,12 @@ pub struct UvicornOptions {
     pub keep_alive: u64,
     /// uvicorn's limit_concurrency.
     pub limit_concurrency: Option<u64>,
-    /// uvicorn's proxy_headers.
+    /// Trust X-Forwarded-For/Proto (on unless `--no-proxy-headers`).
     pub proxy_headers: bool,
-    /// uvicorn's forwarded_allow_ips.
-    pub forwarded_allow_ips: Option<String>,
+    /// Who is trusted with them (besides a unix socket's peer).
+    pub forwarded_allow_ips: String,
+    /// `-n/--name`: the name in process titles.
+    pub proc_name: String,
     /// ASGI root_path.
     pub root_path: String,
     /// auto|on|off.
@@ -129,9 +131,20 @@ fn uvicorn_options(
     chdir: Option<&Path>,
     app: &str,
 ) -> Result<UvicornOptions> {
+    // `app:create_app()` names a factory to call, as gunicorn reads it.
+    let (app, called) = match app.strip_suffix("()") {
+        Some(name) => (name, true),
+        None => (app, false),
+    };
     validate_app(app).map_err(|why| Error::Invalid {
         option: "app",
-        msg: format!("invalid APP '{app}': {why}"),
+        msg: if app.contains('(') {
+            format!(
+                "invalid APP '{app}': a factory is called without arguments (module:create_app() or --factory); read settings from the environment (-e) instead"
+            )
+        } else {
+            format!("invalid APP '{app}': {why}")
+        },
     })?;
     let python = match cli.text("python") {
         Some(p) => {
@@ -205,6 +218,20 @@ fn uvicorn_options(
         }
         other => other,
     };
+    // On by default, as in uvicorn and gunicorn; --forwarded-allow-ips alone
+    // means them too (gunicorn's reading).
+    let proxy_headers = !cli.flag("no-proxy-headers");
+    if !proxy_headers {
+        if let Some(o) = ["proxy-headers", "forwarded-allow-ips"]
+            .into_iter()
+            .find(|o| cli.is_set(o))
+        {
+            return Err(belongs(
+                o,
+                format!("'--{o}' and '--no-proxy-headers' contradict each other; give one"),
+            ));
+        }
+    }
     let keep_alive = {
         let v = cli.value("keep-alive");
         parse_duration(v)
@@ -215,13 +242,14 @@ fn uvicorn_options(
     Ok(UvicornOptions {
         app: app.to_string(),
         python,
-        factory: cli.flag("factory"),
+        factory: cli.flag("factory") || called,
         keyfile,
         certfile,
         keep_alive,
         limit_concurrency,
-        proxy_headers: cli.flag("proxy-headers"),
-        forwarded_allow_ips: cli.text("forwarded-allow-ips").map(str::to_string),
+        proxy_headers,
+        forwarded_allow_ips: cli.value("forwarded-allow-ips").to_string(),
+        proc_name: cli.text("name").unwrap_or(app).to_string(),
         root_path: cli.value("root-path").to_string(),
         lifespan: choice("lifespan", &["auto", "on", "off"])?,
         interface: choice("interface", &["auto", "asgi3", "asgi2", "wsgi"])?,
@@ -236,6 +264,27 @@ fn uvicorn_options(
         .unwrap_or(0),
         preload: cli.flag("preload"),
         zygote: !cli.flag("no-zygote"),
+    })
+}
+
+/// `-n/--name`, else the APP, else the command's file name.
+pub(super) fn display_name(cli: &Cli, kind: &WorkerKind) -> Result<String> {
+    Ok(match (cli.text("name"), kind) {
+        (Some(n), _) => {
+            if n.is_empty() || n.chars().any(char::is_control) {
+                return Err(invalid(
+                    "name",
+                    &n.escape_debug().to_string(),
+                    "expected a non-empty name without control characters",
+                ));
+            }
+            n.to_string()
+        }
+        (None, WorkerKind::Uvicorn(u)) => u.app.clone(),
+        (None, WorkerKind::Command { argv, .. }) => argv
+            .first()
+            .map(|a| a.rsplit('/').next().unwrap_or(a).to_string())
+            .unwrap_or_default(),
     })
 }
 

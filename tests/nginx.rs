@@ -105,7 +105,12 @@ fn start_nginx(dir: &Path, conf: &str) -> Nginx {
         .status()
         .expect("openssl");
     assert!(status.success(), "openssl");
-    let child = Command::new("nginx")
+    // Debian puts it in /usr/sbin, which a user's PATH may lack.
+    let program = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("nginx");
+    let child = Command::new(program)
         .arg("-p")
         .arg(dir)
         .arg("-c")

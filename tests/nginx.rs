@@ -59,11 +59,21 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// The README's recipe (the `location /` block), in an nginx.conf whose
-/// every path is in `dir`.
-fn nginx_conf(dir: &Path, socket: &Path, http: u16, https: u16) -> String {
+/// The README's recipe (its `upstream` and `location /` blocks, the
+/// socket's path made this test's), in an nginx.conf whose every path is in
+/// `dir`. `retry`: the README's upstream as it is (the socket listed twice);
+/// without, listed once.
+fn nginx_conf(dir: &Path, socket: &Path, http: u16, https: u16, retry: bool) -> String {
     let d = dir.display();
-    let recipe = readme_recipe();
+    let sock = socket.display().to_string();
+    let mut upstream = readme_block("upstream app {", "\n}").replace("/run/app/app.sock", &sock);
+    if !retry {
+        let line = format!("    server unix:{sock} max_fails=0;\n");
+        let once = upstream.replacen(&line, "", 1);
+        assert_ne!(once, upstream, "README's upstream lists the socket twice");
+        upstream = once;
+    }
+    let location = readme_block("    location / {", "\n    }");
     format!(
         "user www-data;\ndaemon off;\nmaster_process on;\nworker_processes 1;\n\
          pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
@@ -71,22 +81,23 @@ fn nginx_conf(dir: &Path, socket: &Path, http: u16, https: u16) -> String {
          http {{\n  access_log off;\n\
            client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
            fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-           upstream app {{\n    server unix:{sock} max_fails=0;\n    server unix:{sock} max_fails=0;\n  }}\n\
+           {upstream}\n\
            server {{\n    listen 127.0.0.1:{http};\n    listen 127.0.0.1:{https} ssl;\n\
              ssl_certificate {d}/cert.pem;\n    ssl_certificate_key {d}/key.pem;\n\
-             {recipe}\n  }}\n}}\n",
-        sock = socket.display(),
+             {location}\n  }}\n}}\n",
     )
 }
 
-/// The `location / { ... }` block of the README's nginx recipe.
-fn readme_recipe() -> String {
+/// The README's nginx recipe from the line starting with `first` to the
+/// first `end` after it (included).
+fn readme_block(first: &str, end: &str) -> String {
     let readme = std::fs::read_to_string(repo().join("README.md")).expect("README");
     let start = readme
-        .find("    location / {")
-        .expect("README: the nginx recipe's location block");
-    let end = readme[start..].find("\n    }").expect("its end") + start + 6;
-    readme[start..end].to_string()
+        .find(&format!("\n{first}"))
+        .unwrap_or_else(|| panic!("README: the nginx recipe's {first:?}"))
+        + 1;
+    let stop = readme[start..].find(end).expect("its end") + start + end.len();
+    readme[start..stop].to_string()
 }
 
 fn start_nginx(dir: &Path, conf: &str) -> Nginx {
@@ -140,13 +151,21 @@ fn scope_via(url: &str) -> serde_json::Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{url}: {e}: {body:?}"))
 }
 
-#[test]
-fn nginx_as_www_data_reaches_nobody_workers_on_a_unix_socket_with_zero_502() {
+/// procman (`workers` uvicorn workers of scope_app as `nobody`, on a unix
+/// socket) behind nginx (as `www-data`), once nginx answers 200.
+struct Setup {
+    nginx: Nginx,
+    h: Harness,
+    http: u16,
+    https: u16,
+}
+
+fn behind_nginx(name: &str, workers: &str, retry: bool) -> Setup {
     assert!(
         nix::unistd::geteuid().is_root(),
         "this test needs root (CI runs as root)"
     );
-    let start = Start::new("nginx", &[]).no_default_bind().json();
+    let start = Start::new(name, &[]).no_default_bind().json();
     let dir = start.dir().to_path_buf();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let socket = dir.join("app.sock");
@@ -162,19 +181,19 @@ fn nginx_as_www_data_reaches_nobody_workers_on_a_unix_socket_with_zero_502() {
             "-u",
             "nobody",
             "-w",
-            "2",
+            workers,
             "-b",
             &format!("unix:{}", socket.display()),
         ])
         .spawn();
-    h.expect_event("all-ready", BOOT, "two workers ready", |_| true);
+    h.expect_event("all-ready", BOOT, "workers ready", |_| true);
 
     let (http, https) = (free_port(), free_port());
-    let nginx = start_nginx(&dir, &nginx_conf(&dir, &socket, http, https));
-    let base = format!("http://127.0.0.1:{http}");
+    let nginx = start_nginx(&dir, &nginx_conf(&dir, &socket, http, https, retry));
     let ok = wait_for(BOOT, || {
         Command::new("curl")
-            .args(["-sf", "--max-time", "5", &format!("{base}/pid")])
+            .args(["-sf", "--max-time", "5"])
+            .arg(format!("http://127.0.0.1:{http}/pid"))
             .output()
             .ok()
             .filter(|o| o.status.success())
@@ -184,13 +203,29 @@ fn nginx_as_www_data_reaches_nobody_workers_on_a_unix_socket_with_zero_502() {
         "nginx did not answer 200:\n{}",
         std::fs::read_to_string(&nginx.error_log).unwrap_or_default()
     );
-
     let mode = std::fs::metadata(&socket)
         .expect("socket")
         .permissions()
         .mode()
         & 0o777;
     assert_eq!(mode, 0o666, "the socket file's default mode");
+    Setup {
+        nginx,
+        h,
+        http,
+        https,
+    }
+}
+
+#[test]
+fn nginx_as_www_data_reaches_nobody_workers_on_a_unix_socket_with_zero_502() {
+    let Setup {
+        nginx,
+        h,
+        http,
+        https,
+    } = behind_nginx("nginx", "2", true);
+    let base = format!("http://127.0.0.1:{http}");
 
     // The real client and scheme, through nginx and the unix socket.
     let v = scope_via(&format!("https://127.0.0.1:{https}/scope"));
@@ -248,4 +283,59 @@ fn nginx_as_www_data_reaches_nobody_workers_on_a_unix_socket_with_zero_502() {
         &report.failures[..report.failures.len().min(10)]
     );
     drop(nginx);
+}
+
+/// A GET through nginx that a worker was serving when it was killed (kill
+/// -9, the OOM killer): `slow` is in flight, its worker is killed, and the
+/// answer is the status nginx gave (and the pid that answered, if one).
+fn killed_while_serving(s: &Setup) -> (u16, Option<i32>) {
+    // The one worker, and its sockets before the request.
+    let worker: i32 = http_get_pid(s);
+    let idle = idle_fd_count(worker);
+    let url = format!("http://127.0.0.1:{}/slow?s=3", s.http);
+    let client = std::thread::spawn(move || {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "60", "-w", "\n%{http_code}", &url])
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), json_pid(body))
+    });
+    // It holds the request once it has one more socket open.
+    s.h.check(
+        wait_for(BOOT, || (open_fds(worker).len() > idle).then_some(())).is_some(),
+        "the slow request reached the worker",
+    );
+    kill(Pid::from_raw(worker), Signal::SIGKILL).expect("kill -9");
+    let (code, pid) = client.join().expect("client");
+    assert_ne!(pid, Some(worker), "answered by the killed worker");
+    (code, pid)
+}
+
+fn http_get_pid(s: &Setup) -> i32 {
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "10"])
+        .arg(format!("http://127.0.0.1:{}/pid", s.http))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a worker's pid")
+}
+
+#[test]
+fn the_recipes_upstream_retries_a_get_whose_worker_was_killed() {
+    // The README's upstream (the socket twice): nginx retries, the
+    // replacement answers.
+    let s = behind_nginx("nginx-retry", "1", true);
+    let (code, pid) = killed_while_serving(&s);
+    assert_eq!(code, 200, "with the README's upstream");
+    assert!(pid.is_some());
+    drop(s);
+    // Listed once, the same kill is a 502: the line is what saves it.
+    let s = behind_nginx("nginx-once", "1", false);
+    let (code, _) = killed_while_serving(&s);
+    assert_eq!(code, 502, "with the socket listed once");
 }

@@ -478,7 +478,17 @@ impl Config {
     pub fn describe_workers(&self) -> String {
         match &self.kind {
             WorkerKind::Command { argv, .. } => argv.join(" "),
-            WorkerKind::Uvicorn(u) => format!("{} (uvicorn, {})", u.app, u.python.display()),
+            WorkerKind::Uvicorn(u) => format!(
+                "{} (uvicorn, {}), {}",
+                u.app,
+                u.python.display(),
+                match (u.access_log, self.options.is_set("access-logfile")) {
+                    (false, _) => "no access log",
+                    (true, true) => "access log on",
+                    // gunicorn users expect none without --access-logfile.
+                    (true, false) => "access log on (gunicorn's default is off: --no-access-log)",
+                }
+            ),
         }
     }
 }

@@ -145,7 +145,7 @@ fn access_logfile_dash_is_accepted_and_a_path_is_refused_in_one_line() {
     let py = venv_python();
     let py = py.to_str().expect("utf8");
     let dir = apps_dir();
-    let (code, _, err) = run_procman(
+    let (code, out, err) = run_procman(
         &[
             "--check-config",
             "--python",
@@ -160,6 +160,21 @@ fn access_logfile_dash_is_accepted_and_a_path_is_refused_in_one_line() {
         &dir,
     );
     assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("access log on\n") || out.contains("access log on)"),
+        "{out}"
+    );
+    // Without the flag the access log is on too, which the first line says.
+    let (code, out, err) = run_procman(
+        &["--check-config", "--python", py, "scope_app:main"],
+        &[],
+        &dir,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("access log on (gunicorn's default is off: --no-access-log)"),
+        "{out}"
+    );
     let (code, _, err) = run_procman(
         &[
             "--check-config",

@@ -310,6 +310,35 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_allow_ips_variable_is_a_default_below_the_file_for_an_app_only() {
+        let e = Environment {
+            forwarded_allow_ips: Some("10.0.0.0/8".into()),
+            ..Environment::default()
+        };
+        let run = |args: &[&str]| {
+            let mut argv: Vec<OsString> = vec!["procman".into()];
+            argv.extend(args.iter().map(OsString::from));
+            match load(argv, &e).expect("loads") {
+                Parsed::Run(l) => l,
+                Parsed::Printed => panic!("printed"),
+            }
+        };
+        let l = run(&["app:main"]);
+        assert_eq!(l.cli.text("forwarded-allow-ips"), Some("10.0.0.0/8"));
+        assert_eq!(
+            l.sources["forwarded-allow-ips"],
+            Source::Environment("FORWARDED_ALLOW_IPS".into())
+        );
+        let file = write("fwd.toml", "forwarded-allow-ips = \"192.0.2.1\"\n");
+        let l = run(&["app:main", "-c", file.to_str().expect("utf8")]);
+        assert_eq!(l.cli.text("forwarded-allow-ips"), Some("192.0.2.1"));
+        // A command has no proxy headers; --no-proxy-headers wants none.
+        assert!(!run(&["--", "true"]).cli.is_set("forwarded-allow-ips"));
+        let l = run(&["--no-proxy-headers", "app:main"]);
+        assert!(!l.cli.is_set("forwarded-allow-ips"));
+    }
+
+    #[test]
     fn web_concurrency_and_port_fill_workers_and_bind() {
         let e = Environment {
             web_concurrency: Some("3".into()),

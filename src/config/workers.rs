@@ -364,6 +364,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn proxy_headers_factory_calls_and_names_as_gunicorn_spells_them() {
+        let uvicorn = |args: &[&str]| {
+            let mut all = vec!["--python", "sh"];
+            all.extend_from_slice(args);
+            config(&all).map(|c| c.uvicorn().cloned().expect("uvicorn"))
+        };
+        let u = uvicorn(&["app:main"]).expect("valid");
+        assert!(u.proxy_headers && !u.factory);
+        assert_eq!(u.forwarded_allow_ips, "127.0.0.1,::1");
+        assert_eq!(u.proc_name, "app:main");
+        let u = uvicorn(&["pkg.app:create_app()", "-n", "shop"]).expect("valid");
+        assert!(u.factory);
+        assert_eq!(
+            (u.app.as_str(), u.proc_name.as_str()),
+            ("pkg.app:create_app", "shop")
+        );
+        assert!(
+            !uvicorn(&["--no-proxy-headers", "app:main"])
+                .expect("valid")
+                .proxy_headers
+        );
+        for (args, want) in [
+            (
+                &[
+                    "--no-proxy-headers",
+                    "--forwarded-allow-ips",
+                    "*",
+                    "app:main",
+                ][..],
+                "'--forwarded-allow-ips' and '--no-proxy-headers' contradict",
+            ),
+            (&["app:create_app(1)"][..], "called without arguments"),
+            (&["-n", "a\nb", "app:main"][..], "'a\\nb' for '--name'"),
+            (&["-n", "", "app:main"][..], "'' for '--name'"),
+        ] {
+            let err = uvicorn(args).expect_err("refused");
+            assert!(err.to_string().contains(want), "{args:?}: {err}");
+        }
+        let cmd = config(&["--", "/bin/true"]).expect("valid");
+        assert_eq!(cmd.name, "true");
+    }
+
+    #[test]
     fn uvicorn_class_is_selected_by_app_and_accepts_gunicorn_spelling() {
         let c = config(&[
             "-k",

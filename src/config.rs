@@ -159,6 +159,9 @@ pub struct Environment {
     pub web_concurrency: Option<String>,
     /// `$PORT`, for `layers.rs`.
     pub port: Option<String>,
+    /// `$PROCMAN_CMD_ARGS` (options as on the command line), for
+    /// `layers.rs`.
+    pub cmd_args: Option<String>,
     /// `$FORWARDED_ALLOW_IPS` (uvicorn's and gunicorn's default for
     /// `--forwarded-allow-ips`), for `layers.rs`.
     pub forwarded_allow_ips: Option<String>,
@@ -186,6 +189,7 @@ impl Environment {
             web_concurrency: text("WEB_CONCURRENCY"),
             port: text("PORT"),
             forwarded_allow_ips: text("FORWARDED_ALLOW_IPS"),
+            cmd_args: text("PROCMAN_CMD_ARGS"),
             virtual_env: var("VIRTUAL_ENV"),
             path: var("PATH"),
             // current_exe() reads /proc/self/exe: the real file, wherever a

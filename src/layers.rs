@@ -21,6 +21,7 @@ use crate::cli::{Cli, Reload, OPTIONS};
 use crate::config::{Config, Environment};
 use crate::error::{Error, Result};
 
+mod cmd_args;
 mod file;
 
 /// Where a value came from.
@@ -110,7 +111,11 @@ pub fn load(args: impl IntoIterator<Item = OsString>, env: &Environment) -> Resu
             )));
         }
     }
-    for var in OPTIONS.iter().filter_map(|o| o.env_var()) {
+    let variables = OPTIONS
+        .iter()
+        .filter_map(|o| o.env_var())
+        .chain(["PROCMAN_CMD_ARGS".to_string()]);
+    for var in variables {
         if let Some(v) = std::env::var_os(&var).filter(|v| v.to_str().is_none()) {
             return Err(Error::usage(format!(
                 "{var} ('{}') is not valid UTF-8",
@@ -150,6 +155,9 @@ pub fn load(args: impl IntoIterator<Item = OsString>, env: &Environment) -> Resu
             }
             _ => {}
         }
+    }
+    if let Some(text) = &env.cmd_args {
+        cmd_args::apply(text, &matches, &mut cli, &mut sources)?;
     }
     if !cli.is_set("workers") {
         if let Some(n) = &env.web_concurrency {

@@ -333,3 +333,24 @@ fn the_socket_file_gets_the_mode_and_group_asked_for() {
         .expect("www-data (Debian's base system has it)");
     assert_eq!(meta.gid(), www.gid.as_raw());
 }
+
+#[test]
+fn procman_cmd_args_holds_options_as_on_the_command_line() {
+    let mut h = Start::new("cmd-args", &[])
+        .env("PROCMAN_CMD_ARGS", "-w 2 --graceful-timeout '5'")
+        .args(["--", &hello()])
+        .spawn();
+    let pids = h.wait_workers(2, BOOT);
+    assert_eq!(pids.len(), 2, "{}", h.log_text());
+    // A gunicorn option there is named as in argv, with the variable.
+    let (code, _, err) = run_procman(
+        &["--", &hello()],
+        &[("PROCMAN_CMD_ARGS", "--threads 4")],
+        &apps_dir(),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("PROCMAN_CMD_ARGS: '--threads' is a gunicorn option"),
+        "{err}"
+    );
+}

@@ -207,7 +207,7 @@ pub static OPTIONS: &[OptionDef] = &[
         name: "socket-group",
         value_name: "GROUP",
         kind: Kind::NameOrNumber,
-        default_help: Some("--user's group"),
+        default_help: Some("--user's group, else unchanged"),
         heading: "Binding",
         help: "Group of unix socket files (name or number), e.g. www-data with --socket-mode 0o660.",
         ..BASE

@@ -19,6 +19,8 @@ What this file owns, between the Rust master and uvicorn:
   X_PROCMAN_ERROR=<line>) instead of printing them, so that with N workers
   failing at once the master shows the first one only; without a master to
   tell (--check-config, a full queue) they are printed.
+* Proxy headers (on unless --no-proxy-headers): uvicorn's middleware with
+  --forwarded-allow-ips, and a unix socket's peer trusted too (ProxyHeaders).
 * The interface: with --interface auto, an app whose call is a plain
   function taking (environ, start_response) is served as WSGI, and this is
   logged (uvicorn's own guess would be ASGI 2 and every request a 500).
@@ -45,7 +47,8 @@ Invariants:
 
 Observability:
 * The process title: `ps` and /proc/PID/cmdline show `procman: worker S gen G
-  [app]`, `procman: zygote gen G [app]` or `procman: check [app]` (set_title;
+  [name]`, `procman: zygote gen G [name]` or `procman: check [name]`, the name
+  being -n/--name's, else the app (proc_name; set_title;
   a zygote-forked worker sets its own after the fork), and the thread name
   (`comm`, what `top` shows by default) is `procman: worker` or `procman:
   zygote`.

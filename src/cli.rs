@@ -18,6 +18,7 @@ use std::ffi::OsString;
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
 
+pub mod gunicorn;
 mod options;
 
 pub use options::{def, Class, Kind, OptionDef, Place, Reload, OPTIONS};
@@ -60,7 +61,12 @@ impl OptionDef {
                 _ => ArgAction::Set,
             });
         match self.place {
-            Place::Named => arg = arg.long(self.name).help_heading(self.heading),
+            Place::Named => {
+                arg = arg
+                    .long(self.name)
+                    .visible_aliases(self.aliases.iter().copied())
+                    .help_heading(self.heading)
+            }
             Place::Positional => {}
             Place::Trailing => arg = arg.last(true).num_args(1..),
         }

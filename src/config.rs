@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::identity::Credentials;
 
 mod credentials;
+mod outputs;
 mod values;
 mod workers;
 
@@ -114,8 +115,16 @@ pub struct Config {
     pub pre_start: Vec<String>,
     /// Privilege drop for workers.
     pub credentials: Option<Credentials>,
-    /// umask for workers and unix socket files.
+    /// `-n/--name`: in process titles and `procman_info`; the APP or
+    /// the command's name when not given.
+    pub name: String,
+    /// umask for workers.
     pub umask: u32,
+    /// Mode of unix socket files (`--socket-mode`, narrowed by an explicit
+    /// `--umask`).
+    pub socket_mode: u32,
+    /// Group of unix socket files (`--socket-group`).
+    pub socket_group: Option<u32>,
     pub pidfile: Option<PathBuf>,
     /// Workers' working directory.
     pub chdir: Option<PathBuf>,
@@ -150,6 +159,12 @@ pub struct Environment {
     pub web_concurrency: Option<String>,
     /// `$PORT`, for `layers.rs`.
     pub port: Option<String>,
+    /// `$PROCMAN_CMD_ARGS` (options as on the command line), for
+    /// `layers.rs`.
+    pub cmd_args: Option<String>,
+    /// `$FORWARDED_ALLOW_IPS` (uvicorn's and gunicorn's default for
+    /// `--forwarded-allow-ips`), for `layers.rs`.
+    pub forwarded_allow_ips: Option<String>,
     /// `$VIRTUAL_ENV` (a path: any bytes).
     pub virtual_env: Option<OsString>,
     /// `$PATH` (directories: any bytes).
@@ -173,6 +188,8 @@ impl Environment {
         Environment {
             web_concurrency: text("WEB_CONCURRENCY"),
             port: text("PORT"),
+            forwarded_allow_ips: text("FORWARDED_ALLOW_IPS"),
+            cmd_args: text("PROCMAN_CMD_ARGS"),
             virtual_env: var("VIRTUAL_ENV"),
             path: var("PATH"),
             // current_exe() reads /proc/self/exe: the real file, wherever a
@@ -225,6 +242,7 @@ impl Config {
         };
 
         let kind = worker_kind(cli, env, chdir.as_deref())?;
+        let name = workers::display_name(cli, &kind)?;
         let uvicorn = matches!(kind, WorkerKind::Uvicorn(_));
 
         let binds = if cli.is_set("bind") {
@@ -325,6 +343,8 @@ impl Config {
             })?
         };
 
+        let (socket_mode, socket_group) = outputs::socket_file(cli, umask)?;
+
         let env_pairs = cli
             .list("env")
             .iter()
@@ -390,20 +410,7 @@ impl Config {
         else {
             return Err(invalid("log-format", v, "expected 'text' or 'json'"));
         };
-        let log_file = cli.text("log-file").map(PathBuf::from);
-        if let Some(f) = &log_file {
-            let dir = f
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            if !dir.is_dir() {
-                return Err(invalid(
-                    "log-file",
-                    &f.display().to_string(),
-                    "its directory does not exist",
-                ));
-            }
-        }
+        let log_file = outputs::log_file(cli)?;
 
         if cli.flag("reuse-port") && cli.flag("preload") {
             return Err(Error::usage(
@@ -420,6 +427,7 @@ impl Config {
             max_worker_lifetime,
             max_worker_lifetime_jitter,
             kind,
+            name,
             binds_given: cli.is_set("bind"),
             binds,
             backlog,
@@ -434,6 +442,8 @@ impl Config {
             pre_start: cli.list("pre-start").to_vec(),
             credentials,
             umask,
+            socket_mode,
+            socket_group,
             pidfile: cli.text("pid").map(PathBuf::from),
             chdir,
             env: env_pairs,
@@ -446,9 +456,17 @@ impl Config {
     pub fn bind_options(&self) -> crate::bind::BindOptions {
         crate::bind::BindOptions {
             backlog: self.backlog,
-            umask: self.umask,
+            // The socket file's mode is set through the umask at bind(2).
+            umask: 0o777 & !self.socket_mode,
             reuse_port: self.reuse_port,
-            owner: self.credentials.as_ref().map(|c| (c.uid, c.gid)),
+            // u32::MAX (-1): fchownat leaves that id as it is.
+            owner: match (&self.credentials, self.socket_group) {
+                (None, None) => None,
+                (c, g) => Some((
+                    c.as_ref().map_or(u32::MAX, |c| c.uid),
+                    g.or(c.as_ref().map(|c| c.gid)).unwrap_or(u32::MAX),
+                )),
+            },
         }
     }
 
@@ -464,7 +482,17 @@ impl Config {
     pub fn describe_workers(&self) -> String {
         match &self.kind {
             WorkerKind::Command { argv, .. } => argv.join(" "),
-            WorkerKind::Uvicorn(u) => format!("{} (uvicorn, {})", u.app, u.python.display()),
+            WorkerKind::Uvicorn(u) => format!(
+                "{} (uvicorn, {}), {}",
+                u.app,
+                u.python.display(),
+                match (u.access_log, self.options.is_set("access-logfile")) {
+                    (false, _) => "no access log",
+                    (true, true) => "access log on",
+                    // gunicorn users expect none without --access-logfile.
+                    (true, false) => "access log on (gunicorn's default is off: --no-access-log)",
+                }
+            ),
         }
     }
 }

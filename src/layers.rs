@@ -1,6 +1,8 @@
 //! The configuration layers: built-in defaults < config file < environment
 //! (`PROCMAN_<LONG_NAME>`, `WEB_CONCURRENCY`, `PORT`) < command line, merged
 //! into one raw [`Cli`], with the source of every value remembered.
+//! `FORWARDED_ALLOW_IPS` is a default of `--forwarded-allow-ips` (as in
+//! uvicorn and gunicorn), below the file.
 //!
 //! clap already merges the command line over `PROCMAN_*` variables; this
 //! module adds `WEB_CONCURRENCY` and `PORT`, then fills whatever is still
@@ -19,6 +21,7 @@ use crate::cli::{Cli, Reload, OPTIONS};
 use crate::config::{Config, Environment};
 use crate::error::{Error, Result};
 
+mod cmd_args;
 mod file;
 
 /// Where a value came from.
@@ -108,13 +111,26 @@ pub fn load(args: impl IntoIterator<Item = OsString>, env: &Environment) -> Resu
             )));
         }
     }
-    for var in OPTIONS.iter().filter_map(|o| o.env_var()) {
+    let variables = OPTIONS
+        .iter()
+        .filter_map(|o| o.env_var())
+        .chain(["PROCMAN_CMD_ARGS".to_string()]);
+    for var in variables {
         if let Some(v) = std::env::var_os(&var).filter(|v| v.to_str().is_none()) {
             return Err(Error::usage(format!(
                 "{var} ('{}') is not valid UTF-8",
                 v.to_string_lossy()
             )));
         }
+    }
+    // A gunicorn option procman does not have: one line saying what
+    // procman offers instead, before clap's "unexpected argument".
+    let text: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if let Some(line) = crate::cli::gunicorn::refusal(&text) {
+        return Err(Error::usage(line));
     }
     let matches = match Cli::command().try_get_matches_from(args) {
         Ok(m) => m,
@@ -140,6 +156,9 @@ pub fn load(args: impl IntoIterator<Item = OsString>, env: &Environment) -> Resu
             _ => {}
         }
     }
+    if let Some(text) = &env.cmd_args {
+        cmd_args::apply(text, &matches, &mut cli, &mut sources)?;
+    }
     if !cli.is_set("workers") {
         if let Some(n) = &env.web_concurrency {
             cli.set_text("workers", n.clone());
@@ -158,6 +177,21 @@ pub fn load(args: impl IntoIterator<Item = OsString>, env: &Environment) -> Resu
     let mut layered = Layered { cli, sources };
     if let Some(path) = layered.cli.text("config").map(str::to_string) {
         layered.apply_file(Path::new(&path))?;
+    }
+    // uvicorn's and gunicorn's default for --forwarded-allow-ips: below
+    // the file, as it is below their own settings; for an APP only (a
+    // COMMAND has no proxy headers to trust).
+    if layered.cli.is_set("app")
+        && !layered.cli.is_set("forwarded-allow-ips")
+        && !layered.cli.flag("no-proxy-headers")
+    {
+        if let Some(ips) = &env.forwarded_allow_ips {
+            layered.cli.set_text("forwarded-allow-ips", ips.clone());
+            layered.sources.insert(
+                "forwarded-allow-ips".into(),
+                Source::Environment("FORWARDED_ALLOW_IPS".into()),
+            );
+        }
     }
     Ok(Parsed::Run(Box::new(layered)))
 }
@@ -281,6 +315,35 @@ mod tests {
             Parsed::Run(l) => Ok(*l),
             Parsed::Printed => panic!("printed"),
         }
+    }
+
+    #[test]
+    fn forwarded_allow_ips_variable_is_a_default_below_the_file_for_an_app_only() {
+        let e = Environment {
+            forwarded_allow_ips: Some("10.0.0.0/8".into()),
+            ..Environment::default()
+        };
+        let run = |args: &[&str]| {
+            let mut argv: Vec<OsString> = vec!["procman".into()];
+            argv.extend(args.iter().map(OsString::from));
+            match load(argv, &e).expect("loads") {
+                Parsed::Run(l) => l,
+                Parsed::Printed => panic!("printed"),
+            }
+        };
+        let l = run(&["app:main"]);
+        assert_eq!(l.cli.text("forwarded-allow-ips"), Some("10.0.0.0/8"));
+        assert_eq!(
+            l.sources["forwarded-allow-ips"],
+            Source::Environment("FORWARDED_ALLOW_IPS".into())
+        );
+        let file = write("fwd.toml", "forwarded-allow-ips = \"192.0.2.1\"\n");
+        let l = run(&["app:main", "-c", file.to_str().expect("utf8")]);
+        assert_eq!(l.cli.text("forwarded-allow-ips"), Some("192.0.2.1"));
+        // A command has no proxy headers; --no-proxy-headers wants none.
+        assert!(!run(&["--", "true"]).cli.is_set("forwarded-allow-ips"));
+        let l = run(&["--no-proxy-headers", "app:main"]);
+        assert!(!l.cli.is_set("forwarded-allow-ips"));
     }
 
     #[test]

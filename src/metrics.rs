@@ -185,6 +185,12 @@ fn counters(label: &str, counts: &BTreeMap<String, u64>) -> Family<Labels, Count
 pub fn render(s: &Snapshot, observed: &Observed, format: Format) -> String {
     let mut r = Registry::default();
 
+    // A constant 1 whose labels say what this procman serves (-n/--name).
+    let info = Family::<Labels, Gauge>::default();
+    info.get_or_create(&labels(&[("name", &s.name), ("version", &s.version)]))
+        .set(1);
+    r.register("procman_info", "What this procman serves", info);
+
     let workers = Family::<Labels, Gauge>::default();
     for state in ["starting", "ready", "stopping"] {
         let n = s.workers.iter().filter(|w| w.state == state).count();
@@ -310,6 +316,7 @@ mod tests {
     fn snapshot_with_one_ready_worker() -> Snapshot {
         Snapshot {
             pid: 1,
+            name: "shop-api".into(),
             version: "0".into(),
             uptime_s: 1.0,
             generation: 1,

@@ -108,6 +108,9 @@ pub struct WorkerStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Snapshot {
     pub pid: i32,
+    /// `-n/--name`, else the APP or the command's name.
+    #[serde(default)]
+    pub name: String,
     pub version: String,
     pub uptime_s: f64,
     pub generation: u64,

@@ -500,12 +500,19 @@ fn scope_of(addr: SocketAddr, headers: &str) -> serde_json::Value {
 #[test]
 fn root_path_and_proxy_headers_reach_uvicorn() {
     let forwarded = "X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n";
-    let mut plain = uvicorn("scope-plain", &apps_dir(), "scope_app:main", &["-w", "1"]).spawn();
+    // (On by default from 127.0.0.1: tests/migration.rs.)
+    let mut plain = uvicorn(
+        "scope-plain",
+        &apps_dir(),
+        "scope_app:main",
+        &["-w", "1", "--no-proxy-headers"],
+    )
+    .spawn();
     plain.wait_workers(1, BOOT);
     let v = scope_of(plain.addr(), forwarded);
     assert_eq!(
         v["client"], "127.0.0.1",
-        "proxy headers ignored by default: {v}"
+        "proxy headers ignored with --no-proxy-headers: {v}"
     );
     assert_eq!(v["scheme"], "http");
     assert_eq!(v["root_path"], "");

@@ -20,6 +20,8 @@ What this file owns, between the Rust master and uvicorn:
   X_PROCMAN_ERROR=<line>) instead of printing them, so that with N workers
   failing at once the master shows the first one only; without a master to
   tell (--check-config, a full queue) they are printed.
+* Proxy headers (on unless --no-proxy-headers): uvicorn's middleware with
+  --forwarded-allow-ips, and a unix socket's peer trusted too (ProxyHeaders).
 * The interface (detect_interface): with --interface auto, an app whose
   call is a plain function taking (environ, start_response) is served as
   WSGI, and this is logged; one taking (scope, receive, send) is ASGI 3
@@ -59,7 +61,8 @@ Invariants:
 
 Observability:
 * The process title: `ps` and /proc/PID/cmdline show `procman: worker S gen G
-  [app]`, `procman: zygote gen G [app]` or `procman: check [app]` (set_title;
+  [name]`, `procman: zygote gen G [name]` or `procman: check [name]`, the name
+  being -n/--name's, else the app (proc_name; set_title;
   a zygote-forked worker sets its own after the fork), and the thread name
   (`comm`, what `top` shows by default) is `procman: worker` or `procman:
   zygote`.
@@ -751,7 +754,7 @@ CONFIG_KEYS = (
     "mode", "import_app", "app", "factory", "interface", "lifespan", "http", "loop",
     "keep_alive", "limit_concurrency", "proxy_headers", "forwarded_allow_ips", "root_path",
     "ssl_keyfile", "ssl_certfile", "access_log", "log_level", "log_format", "log_file",
-    "graceful_timeout", "max_requests", "max_requests_jitter", "backlog",
+    "graceful_timeout", "max_requests", "max_requests_jitter", "backlog", "proc_name",
 )
 
 
@@ -1338,7 +1341,7 @@ def uvicorn_config(app, config, limit_max_requests=None):
         timeout_keep_alive=int(config["keep_alive"]),
         limit_concurrency=config["limit_concurrency"],
         limit_max_requests=limit_max_requests,
-        proxy_headers=bool(config["proxy_headers"]),
+        proxy_headers=False,  # ProxyHeaders below, which also trusts a unix-socket peer
         forwarded_allow_ips=config["forwarded_allow_ips"],
         root_path=config["root_path"],
         ssl_keyfile=config["ssl_keyfile"],
@@ -1358,6 +1361,8 @@ def uvicorn_config(app, config, limit_max_requests=None):
         fail(message, EXIT_CANNOT_START)
     if uv_config.lifespan_class is LifespanOn:
         uv_config.lifespan_class = ReportingLifespan
+    if config["proxy_headers"]:
+        uv_config.loaded_app = ProxyHeaders(uv_config.loaded_app, config["forwarded_allow_ips"])
     return uv_config
 
 
@@ -1418,6 +1423,40 @@ class ReportingLifespan(LifespanOn):
             last = lines[-1] if lines else "the app reported a failed startup and gave no reason"
         told = bool(text) and tell_master("X_PROCMAN_TRACEBACK=" + json.dumps(text[-MAX_TRACEBACK:]))
         fail(f"lifespan startup failed: {last}", EXIT_CANNOT_START, exc=None if told or not text else text)
+
+
+# What a unix-socket peer is called while uvicorn's middleware decides; no
+# address can be written so (it is not an IP), so only ProxyHeaders sets it.
+UNIX_PEER = ("unix:", 0)
+
+
+class ProxyHeaders:
+    """uvicorn's ProxyHeadersMiddleware (same trust rules: X-Forwarded-For is
+    read right to left and the first untrusted entry is the client), with a
+    peer of a unix socket trusted as gunicorn trusts it: who may connect is
+    decided by the socket file's mode and group. uvicorn gives such a peer
+    no address (client None), which no --forwarded-allow-ips short of '*'
+    matches. The app still sees client None when no header replaced it.
+    """
+
+    def __init__(self, app, trusted):
+        from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+        self.app = app
+        hosts = trusted if trusted.strip() == "*" else f"{trusted},{UNIX_PEER[0]}"
+        self.middleware = ProxyHeadersMiddleware(self.restore, trusted_hosts=hosts)
+
+    async def __call__(self, scope, receive, send):
+        server = scope.get("server")
+        if (scope["type"] in ("http", "websocket") and scope.get("client") is None
+                and server is not None and server[1] is None):  # (path, None): a unix socket
+            scope["client"] = UNIX_PEER
+        return await self.middleware(scope, receive, send)
+
+    async def restore(self, scope, receive, send):
+        if scope.get("client") == UNIX_PEER:
+            scope["client"] = None
+        return await self.app(scope, receive, send)
 
 
 def serve(app, config, sockets, notifier):
@@ -1627,7 +1666,7 @@ class Zygote:
                 continue
             if generation != self.generation:  # the master does not tell it sooner
                 self.generation = generation
-                set_title(f"procman: zygote gen {generation} [{self.config['app']}]", "procman: zygote")
+                set_title(f"procman: zygote gen {generation} [{self.config['proc_name']}]", "procman: zygote")
             self.spawn(slot, env)
 
     def spawn(self, slot, env):
@@ -1777,7 +1816,7 @@ class Zygote:
             signal.pthread_sigmask(signal.SIG_SETMASK, ())
             random.seed()  # CPython re-seeds at fork too; be explicit (--max-requests jitter)
             os.environ.update(env)  # PROCMAN_WORKER_ID, PROCMAN_GENERATION, the user's variables
-            worker_title(self.config["app"])  # its argv area is still the zygote's title
+            worker_title(self.config["proc_name"])  # its argv area is still the zygote's title
             app = self.app
             if not self.import_app:
                 # As a cold worker: identity and environment first, then
@@ -1809,7 +1848,7 @@ def main():
     configure_logging(config["log_level"])
     dump_tracebacks_on_abort()
     mode = config["mode"]
-    name = config["app"]
+    name = config["proc_name"]  # -n/--name, else the app
     if mode == "worker":
         worker_title(name)
         sockets = listen_sockets()  # before the import: the app never sees LISTEN_*

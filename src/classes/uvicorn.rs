@@ -213,6 +213,7 @@ fn resolved(name: &str, opts: &UvicornOptions, cfg: &Config) -> Option<serde_jso
         "limit-concurrency" => opts.limit_concurrency.into(),
         "proxy-headers" => opts.proxy_headers.into(),
         "forwarded-allow-ips" => opts.forwarded_allow_ips.clone().into(),
+        "name" => opts.proc_name.clone().into(),
         "root-path" => opts.root_path.clone().into(),
         "lifespan" => opts.lifespan.clone().into(),
         "interface" => opts.interface.clone().into(),
@@ -278,6 +279,8 @@ mod tests {
         let table: &[(&str, &str, &[&str], Value)] = &[
             ("app", "pkg.mod:make", &[], json!("pkg.mod:make")),
             ("factory", "app:main", &["--factory"], json!(true)),
+            // gunicorn's way to name a factory.
+            ("factory", "app:make()", &[], json!(true)),
             ("keyfile", "app:main", &tls, json!(&key)),
             ("certfile", "app:main", &tls, json!(&cert)),
             ("keep-alive", "app:main", &["--keep-alive", "7s"], json!(7)),
@@ -287,12 +290,14 @@ mod tests {
                 &["--limit-concurrency", "9"],
                 json!(9),
             ),
+            // On by default, as in uvicorn and gunicorn.
             (
                 "proxy-headers",
                 "app:main",
-                &["--proxy-headers"],
-                json!(true),
+                &["--no-proxy-headers"],
+                json!(false),
             ),
+            ("name", "app:main", &["-n", "shop"], json!("shop")),
             (
                 "forwarded-allow-ips",
                 "app:main",
@@ -388,12 +393,7 @@ mod tests {
             "backlog, keep-alive, lifespan, ... have defaults"
         );
         // Unset options without a default are null (uvicorn's own default).
-        for key in [
-            "limit_concurrency",
-            "forwarded_allow_ips",
-            "ssl_keyfile",
-            "log_file",
-        ] {
+        for key in ["limit_concurrency", "ssl_keyfile", "log_file"] {
             assert_eq!(default[key], Value::Null, "{key}");
         }
     }

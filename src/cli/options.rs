@@ -82,6 +82,8 @@ pub struct OptionDef {
     pub name: &'static str,
     /// The short option, if any.
     pub short: Option<char>,
+    /// Other long names the command line accepts (gunicorn's spelling).
+    pub aliases: &'static [&'static str],
     /// Where it sits on the command line.
     pub place: Place,
     /// The value's placeholder in `--help`.
@@ -126,6 +128,7 @@ impl OptionDef {
 const BASE: OptionDef = OptionDef {
     name: "",
     short: None,
+    aliases: &[],
     place: Place::Named,
     value_name: "",
     kind: Kind::Text,
@@ -189,6 +192,24 @@ pub static OPTIONS: &[OptionDef] = &[
         // asyncio calls listen() again on the shared socket when it starts
         // serving, which would reset the backlog to its own default.
         bootstrap: Some("backlog"),
+        ..BASE
+    },
+    OptionDef {
+        name: "socket-mode",
+        value_name: "MODE",
+        kind: Kind::Umask,
+        default: Some("0o666"),
+        heading: "Binding",
+        help: "Mode of unix socket files, octal, as given (an explicit --umask narrows it); 0o666 lets a proxy running as another user (nginx's www-data) connect, as to 127.0.0.1.",
+        ..BASE
+    },
+    OptionDef {
+        name: "socket-group",
+        value_name: "GROUP",
+        kind: Kind::NameOrNumber,
+        default_help: Some("--user's group, else unchanged"),
+        heading: "Binding",
+        help: "Group of unix socket files (name or number), e.g. www-data with --socket-mode 0o660.",
         ..BASE
     },
     // ---- Workers ----
@@ -390,7 +411,7 @@ pub static OPTIONS: &[OptionDef] = &[
         kind: Kind::Umask,
         default: Some("0o022"),
         heading: "Process",
-        help: "Umask for workers and unix socket files, octal.",
+        help: "Umask for workers, octal; when given, it also narrows --socket-mode.",
         ..BASE
     },
     OptionDef {
@@ -417,6 +438,16 @@ pub static OPTIONS: &[OptionDef] = &[
         kind: Kind::Env,
         heading: "Process",
         help: "Extra environment for workers, KEY=VALUE (the value as typed, commas included); repeatable (PROCMAN_ENV: a comma-separated list, \\, for a comma).",
+        ..BASE
+    },
+    OptionDef {
+        name: "name",
+        short: Some('n'),
+        value_name: "NAME",
+        default_help: Some("APP, or the command's name"),
+        heading: "Process",
+        help: "Name shown in uvicorn workers' process titles (procman: worker 0 gen 1 [NAME]) and as the name label of procman_info in /metrics (gunicorn's -n).",
+        bootstrap: Some("proc_name"),
         ..BASE
     },
     // ---- Uvicorn ----
@@ -475,18 +506,27 @@ pub static OPTIONS: &[OptionDef] = &[
         kind: Kind::Flag,
         applies_to: Class::Uvicorn,
         heading: "Uvicorn",
-        help: "Trust X-Forwarded-Proto/For from --forwarded-allow-ips.",
+        help: "Trust X-Forwarded-Proto/For from --forwarded-allow-ips and unix-socket peers: the default, accepted for uvicorn command lines.",
         bootstrap: Some("proxy_headers"),
+        ..BASE
+    },
+    OptionDef {
+        name: "no-proxy-headers",
+        kind: Kind::Flag,
+        applies_to: Class::Uvicorn,
+        heading: "Uvicorn",
+        help: "Ignore X-Forwarded-Proto/For from everyone.",
         ..BASE
     },
     OptionDef {
         name: "forwarded-allow-ips",
         value_name: "IPS",
-        // uvicorn's own default, applied by uvicorn when unset.
-        default_help: Some("127.0.0.1"),
+        // uvicorn's and gunicorn's default ($FORWARDED_ALLOW_IPS: layers.rs).
+        default: Some("127.0.0.1,::1"),
+        default_help: Some("$FORWARDED_ALLOW_IPS, else 127.0.0.1,::1"),
         applies_to: Class::Uvicorn,
         heading: "Uvicorn",
-        help: "Comma-separated IPs trusted for proxy headers.",
+        help: "Comma-separated IPs or networks trusted for proxy headers ('*': everyone); a peer of a unix socket is always trusted.",
         bootstrap: Some("forwarded_allow_ips"),
         ..BASE
     },
@@ -573,10 +613,19 @@ pub static OPTIONS: &[OptionDef] = &[
     },
     OptionDef {
         name: "log-file",
-        value_name: "PATH",
+        aliases: &["error-logfile"],
+        value_name: "PATH|-",
         reload: Reload::RestartOnly,
         heading: "Logging",
-        help: "Append the master's log to PATH instead of stderr; USR1 reopens it (logrotate).",
+        help: "Append the master's log (and the workers' output) to PATH instead of stderr; USR1 reopens it (logrotate); - is stderr.",
+        ..BASE
+    },
+    OptionDef {
+        name: "access-logfile",
+        value_name: "-|PATH",
+        applies_to: Class::Uvicorn,
+        heading: "Logging",
+        help: "gunicorn's access log: - (or the --log-file PATH) is uvicorn's access log in procman's log, which is on without this option too (--no-access-log turns it off).",
         ..BASE
     },
     // ---- Control ----

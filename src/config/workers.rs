@@ -51,10 +51,12 @@ pub struct UvicornOptions {
     pub keep_alive: u64,
     /// uvicorn's limit_concurrency.
     pub limit_concurrency: Option<u64>,
-    /// uvicorn's proxy_headers.
+    /// Trust X-Forwarded-For/Proto (on unless `--no-proxy-headers`).
     pub proxy_headers: bool,
-    /// uvicorn's forwarded_allow_ips.
-    pub forwarded_allow_ips: Option<String>,
+    /// Who is trusted with them (besides a unix socket's peer).
+    pub forwarded_allow_ips: String,
+    /// `-n/--name`: the name in process titles.
+    pub proc_name: String,
     /// ASGI root_path.
     pub root_path: String,
     /// auto|on|off.
@@ -129,9 +131,20 @@ fn uvicorn_options(
     chdir: Option<&Path>,
     app: &str,
 ) -> Result<UvicornOptions> {
+    // `app:create_app()` names a factory to call, as gunicorn reads it.
+    let (app, called) = match app.strip_suffix("()") {
+        Some(name) => (name, true),
+        None => (app, false),
+    };
     validate_app(app).map_err(|why| Error::Invalid {
         option: "app",
-        msg: format!("invalid APP '{app}': {why}"),
+        msg: if app.contains('(') {
+            format!(
+                "invalid APP '{app}': a factory is called without arguments (module:create_app() or --factory); read settings from the environment (-e) instead"
+            )
+        } else {
+            format!("invalid APP '{app}': {why}")
+        },
     })?;
     let python = match cli.text("python") {
         Some(p) => {
@@ -205,6 +218,20 @@ fn uvicorn_options(
         }
         other => other,
     };
+    // On by default, as in uvicorn and gunicorn; --forwarded-allow-ips alone
+    // means them too (gunicorn's reading).
+    let proxy_headers = !cli.flag("no-proxy-headers");
+    if !proxy_headers {
+        if let Some(o) = ["proxy-headers", "forwarded-allow-ips"]
+            .into_iter()
+            .find(|o| cli.is_set(o))
+        {
+            return Err(belongs(
+                o,
+                format!("'--{o}' and '--no-proxy-headers' contradict each other; give one"),
+            ));
+        }
+    }
     let keep_alive = {
         let v = cli.value("keep-alive");
         parse_duration(v)
@@ -215,13 +242,14 @@ fn uvicorn_options(
     Ok(UvicornOptions {
         app: app.to_string(),
         python,
-        factory: cli.flag("factory"),
+        factory: cli.flag("factory") || called,
         keyfile,
         certfile,
         keep_alive,
         limit_concurrency,
-        proxy_headers: cli.flag("proxy-headers"),
-        forwarded_allow_ips: cli.text("forwarded-allow-ips").map(str::to_string),
+        proxy_headers,
+        forwarded_allow_ips: cli.value("forwarded-allow-ips").to_string(),
+        proc_name: cli.text("name").unwrap_or(app).to_string(),
         root_path: cli.value("root-path").to_string(),
         lifespan: choice("lifespan", &["auto", "on", "off"])?,
         interface: choice("interface", &["auto", "asgi3", "asgi2", "wsgi"])?,
@@ -236,6 +264,27 @@ fn uvicorn_options(
         .unwrap_or(0),
         preload: cli.flag("preload"),
         zygote: !cli.flag("no-zygote"),
+    })
+}
+
+/// `-n/--name`, else the APP, else the command's file name.
+pub(super) fn display_name(cli: &Cli, kind: &WorkerKind) -> Result<String> {
+    Ok(match (cli.text("name"), kind) {
+        (Some(n), _) => {
+            if n.is_empty() || n.chars().any(char::is_control) {
+                return Err(invalid(
+                    "name",
+                    &n.escape_debug().to_string(),
+                    "expected a non-empty name without control characters",
+                ));
+            }
+            n.to_string()
+        }
+        (None, WorkerKind::Uvicorn(u)) => u.app.clone(),
+        (None, WorkerKind::Command { argv, .. }) => argv
+            .first()
+            .map(|a| a.rsplit('/').next().unwrap_or(a).to_string())
+            .unwrap_or_default(),
     })
 }
 
@@ -313,6 +362,49 @@ mod tests {
     use super::super::tests::config;
     use super::super::Config;
     use super::*;
+
+    #[test]
+    fn proxy_headers_factory_calls_and_names_as_gunicorn_spells_them() {
+        let uvicorn = |args: &[&str]| {
+            let mut all = vec!["--python", "sh"];
+            all.extend_from_slice(args);
+            config(&all).map(|c| c.uvicorn().cloned().expect("uvicorn"))
+        };
+        let u = uvicorn(&["app:main"]).expect("valid");
+        assert!(u.proxy_headers && !u.factory);
+        assert_eq!(u.forwarded_allow_ips, "127.0.0.1,::1");
+        assert_eq!(u.proc_name, "app:main");
+        let u = uvicorn(&["pkg.app:create_app()", "-n", "shop"]).expect("valid");
+        assert!(u.factory);
+        assert_eq!(
+            (u.app.as_str(), u.proc_name.as_str()),
+            ("pkg.app:create_app", "shop")
+        );
+        assert!(
+            !uvicorn(&["--no-proxy-headers", "app:main"])
+                .expect("valid")
+                .proxy_headers
+        );
+        for (args, want) in [
+            (
+                &[
+                    "--no-proxy-headers",
+                    "--forwarded-allow-ips",
+                    "*",
+                    "app:main",
+                ][..],
+                "'--forwarded-allow-ips' and '--no-proxy-headers' contradict",
+            ),
+            (&["app:create_app(1)"][..], "called without arguments"),
+            (&["-n", "a\nb", "app:main"][..], "'a\\nb' for '--name'"),
+            (&["-n", "", "app:main"][..], "'' for '--name'"),
+        ] {
+            let err = uvicorn(args).expect_err("refused");
+            assert!(err.to_string().contains(want), "{args:?}: {err}");
+        }
+        let cmd = config(&["--", "/bin/true"]).expect("valid");
+        assert_eq!(cmd.name, "true");
+    }
 
     #[test]
     fn uvicorn_class_is_selected_by_app_and_accepts_gunicorn_spelling() {

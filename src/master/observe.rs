@@ -337,6 +337,7 @@ impl Master {
             .collect();
         Snapshot {
             pid: std::process::id() as i32,
+            name: self.settings.cfg.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_s: now
                 .saturating_duration_since(self.endpoints.started)

@@ -43,6 +43,8 @@ pub enum Due {
     ZygoteSpawnTimeout(Pid),
     /// Time to read the notify socket, which an idle master does not poll.
     DrainNotifications,
+    /// A booting worker's raised priority ends (its first startup deadline).
+    BoostOver(Pid),
 }
 
 impl Due {
@@ -100,9 +102,20 @@ pub struct Active {
     /// A reload lowered its CPU priority: its nice value before, to go back
     /// to if the reload fails.
     pub lowered_from: Option<i32>,
-    /// It boots at a raised CPU priority: its nice value before, to go
-    /// back to once it is ready (or when a reload lowers it).
-    pub boosted_from: Option<i32>,
+    /// It boots at a raised CPU priority (`master/boost.rs`).
+    pub boosted: Option<Boosted>,
+}
+
+/// A booting worker's raised CPU priority: what it goes back to, and by
+/// when at the latest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Boosted {
+    /// procman's own nice value when it was raised (never one read from
+    /// the worker's group, whose members the worker chooses).
+    pub back_to: i32,
+    /// Its startup deadline as it was at the fork: the boost ends then even
+    /// if EXTEND_TIMEOUT_USEC keeps the worker starting.
+    pub until: Instant,
 }
 
 /// Why the master stopped a worker.

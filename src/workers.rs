@@ -175,6 +175,10 @@ pub struct Worker {
     pub reported_error: Option<String>,
     /// Its traceback (X_PROCMAN_TRACEBACK=), logged if its death decides.
     pub reported_traceback: Option<String>,
+    /// Its own memory cgroup (not procman's), read when it became ready,
+    /// with its OOM kill count then: a SIGKILL is the OOM killer's for sure
+    /// if that count rose.
+    pub own_cgroup: Option<(crate::procfs::MemoryCgroup, u64)>,
 }
 
 impl Worker {
@@ -194,6 +198,7 @@ impl Worker {
             last_heartbeat: None,
             reported_error: None,
             reported_traceback: None,
+            own_cgroup: None,
         }
     }
 

@@ -156,7 +156,7 @@ pub struct Stop {
 /// One worker process.
 #[derive(Debug, Clone)]
 pub struct Worker {
-    /// Its pid (also its process group id).
+    /// Its pid (also its process group id and its session id).
     pub pid: Pid,
     /// Stable slot index (PROCMAN_WORKER_ID).
     pub slot: usize,

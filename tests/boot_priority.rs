@@ -399,3 +399,38 @@ fn no_boot_boost_keeps_booting_workers_at_procmans_priority() {
         first_and_replacement(&h, &go, base, base);
     }
 }
+
+#[test]
+fn a_booting_worker_asked_to_stop_is_no_longer_raised() {
+    if !may_raise_priority() {
+        eprintln!("skipped: needs CAP_SYS_NICE");
+        return;
+    }
+    // It ignores TERM, so it is still there, stopping, during the grace.
+    let start = Start::new(
+        "boot-nice-stop",
+        &["-w", "1", "--ready", "notify", "--graceful-timeout", "60"],
+    )
+    .json();
+    let go = start.dir().join("go");
+    let h = start
+        .args(["--"])
+        .args(held_after(&go, "trap '' TERM"))
+        .spawn();
+    let base = nice_of(h.pid).expect("procman's nice value");
+    let pid = next_booting(&h, 0);
+    h.check(
+        nice_of(pid) == Some(booting_nice(base)),
+        &format!("it boots raised: {:?}", nice_of(pid)),
+    );
+    h.signal(Signal::SIGTERM);
+    let lowered = wait_for(BOOT, || (nice_of(pid) == Some(base)).then_some(()));
+    h.check(
+        lowered.is_some() && alive(pid),
+        &format!(
+            "asked to stop, worker {pid} (alive: {}) is at nice {:?}, procman at {base}",
+            alive(pid),
+            nice_of(pid)
+        ),
+    );
+}

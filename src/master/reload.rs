@@ -294,17 +294,15 @@ impl Master {
             return;
         };
         for pid in policy::to_lower(&self.table, generation) {
-            // A worker still booting at a raised priority is lowered too
-            // (and is then no longer boosted).
-            if let Some(a) = self.table.get_mut(pid).and_then(|w| w.active_mut()) {
-                a.boosted = None;
-            }
             if let Err(e) = priority::set_group(pid, to) {
                 debug!("Cannot lower the priority of worker {pid}: {e}");
                 continue;
             }
+            // A worker still booting at a raised priority is lowered too,
+            // and is then no longer boosted.
             if let Some(a) = self.table.get_mut(pid).and_then(|w| w.active_mut()) {
                 a.lowered_from = Some(from);
+                a.boosted = None;
             }
             lowered.push((from, to));
         }

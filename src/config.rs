@@ -147,6 +147,9 @@ pub struct Config {
     pub max_worker_lifetime: Option<Duration>,
     /// Random extra lifetime, drawn once per worker.
     pub max_worker_lifetime_jitter: Duration,
+    /// Raise a booting worker's CPU priority where procman may
+    /// (`--no-boot-boost` turns it off).
+    pub boot_boost: bool,
 }
 
 /// The parts of procman's own environment that configuration depends on,
@@ -426,6 +429,7 @@ impl Config {
             memory_check_interval,
             max_worker_lifetime,
             max_worker_lifetime_jitter,
+            boot_boost: !cli.flag("no-boot-boost"),
             kind,
             name,
             binds_given: cli.is_set("bind"),

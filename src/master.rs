@@ -442,6 +442,7 @@ impl Master {
                 .map(|at| (at, Due::DrainNotifications)),
         );
         out.extend(self.groups.deadlines());
+        out.extend(self.boost_deadlines());
         out.extend(self.systemd.deadline());
         if matches!(self.state, MasterState::Stopping { .. }) {
             return out;
@@ -459,6 +460,7 @@ impl Master {
             Due::HeartbeatTimeout(pid) => self.heartbeat_timed_out(pid, now),
             Due::Kill(pid) => self.kill_overdue(pid, now),
             Due::Group(pgid) => self.groups.on_due(&Kernel, pgid, now),
+            Due::BoostOver(pid) => self.boost_over(pid, now),
             Due::SystemdWatchdog => self.systemd.ping(now),
             Due::StayedUp(_) => self.boot.stayed_up(),
             Due::Retire(pid) => self.recycling.retire(&mut self.table, pid, now),

@@ -35,6 +35,19 @@ pub fn of_group(pgid: Pid) -> io::Result<i32> {
     Ok(nice)
 }
 
+/// procman's own nice value (that of the calling thread: the master has
+/// one). What a worker is raised to and lowered to is computed from it,
+/// never read from the worker's group, whose members the worker chooses.
+pub fn own() -> io::Result<i32> {
+    Errno::clear();
+    // SAFETY: as in `of_group`; `who` 0 is the calling thread.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS as _, 0) };
+    if nice == -1 && Errno::last_raw() != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(nice)
+}
+
 /// Sets every thread of process group `pgid` to `nice`.
 pub fn set_group(pgid: Pid, nice: i32) -> io::Result<()> {
     // SAFETY: setpriority takes three integers and touches no memory of ours.

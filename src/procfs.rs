@@ -1,7 +1,8 @@
-//! Reading `/proc`: process parents and groups (to attribute notifications
-//! from a worker's helpers), memory per process group (for
-//! `--max-worker-memory`), and a process's owner and start time (to verify a
-//! pid the zygote reports before the master ever signals it).
+//! Reading `/proc`: process parents, groups and sessions (to attribute
+//! notifications from a worker's helpers), memory per process group (for
+//! `--max-worker-memory`), a process's owner and start time (to verify a
+//! pid the zygote reports before the master ever signals it), and a
+//! process's memory cgroup (to attribute a SIGKILL to the OOM killer).
 //!
 //! What the master reads of its workers' groups costs what procman runs,
 //! not what the host runs: a group's members are found among the master's
@@ -16,12 +17,18 @@
 //! half-parsed file means "not there".
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 /// The fields of `/proc/PID/stat` procman uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stat {
     pub ppid: i32,
     pub pgrp: i32,
+    /// Its session id: a worker leads its own session, which only its
+    /// descendants can be in.
+    pub session: i32,
     /// Resident set size in pages.
     pub rss_pages: u64,
     /// When it was created, in clock ticks since boot (field 22).
@@ -40,6 +47,7 @@ pub fn parse_stat(bytes: &[u8]) -> Option<Stat> {
     Some(Stat {
         ppid: fields.get(1)?.parse().ok()?,
         pgrp: fields.get(2)?.parse().ok()?,
+        session: fields.get(3)?.parse().ok()?,
         rss_pages: fields.get(21)?.parse().ok()?,
         start_ticks: fields.get(19)?.parse().ok()?,
     })
@@ -169,6 +177,60 @@ pub fn pids() -> impl Iterator<Item = i32> {
         .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
 }
 
+/// A process's memory cgroup, as the files that count its OOM kills: cgroup
+/// v1's `memory.oom_control` (memory controller) and v2's `memory.events`,
+/// the first readable one counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryCgroup {
+    counters: Vec<PathBuf>,
+}
+
+/// The memory cgroup named by the content of a `/proc/PID/cgroup` file,
+/// under cgroupfs at `root`. Bytes, not text: a cgroup is a directory, and
+/// its name need not be UTF-8 (read as text, one such name would hide the
+/// whole file).
+pub fn parse_memory_cgroup(bytes: &[u8], root: &Path) -> Option<MemoryCgroup> {
+    let mut v1 = None;
+    let mut v2 = None;
+    for line in bytes.split(|&b| b == b'\n') {
+        let mut parts = line.splitn(3, |&b| b == b':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let relative = OsStr::from_bytes(path.strip_prefix(b"/").unwrap_or(path));
+        if controllers.split(|&b| b == b',').any(|c| c == b"memory") {
+            v1 = Some(
+                root.join("memory")
+                    .join(relative)
+                    .join("memory.oom_control"),
+            );
+        } else if id == b"0" && controllers.is_empty() {
+            v2 = Some(root.join(relative).join("memory.events"));
+        }
+    }
+    let counters: Vec<PathBuf> = v1.into_iter().chain(v2).collect();
+    (!counters.is_empty()).then_some(MemoryCgroup { counters })
+}
+
+/// The memory cgroup of process `pid` (`None`: procman itself).
+pub fn memory_cgroup(pid: Option<i32>) -> Option<MemoryCgroup> {
+    let file = match pid {
+        Some(pid) => format!("/proc/{pid}/cgroup"),
+        None => "/proc/self/cgroup".to_string(),
+    };
+    parse_memory_cgroup(&std::fs::read(file).ok()?, Path::new("/sys/fs/cgroup"))
+}
+
+impl MemoryCgroup {
+    /// Its `oom_kill` count, if a counter file is readable.
+    pub fn oom_kills(&self) -> Option<u64> {
+        self.counters.iter().find_map(|file| {
+            crate::status::parse_oom_kill(&String::from_utf8_lossy(&std::fs::read(file).ok()?))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +243,7 @@ mod tests {
             Some(Stat {
                 ppid: 1,
                 pgrp: 4242,
+                session: 4242,
                 rss_pages: 250,
                 start_ticks: 123,
             })
@@ -211,6 +274,46 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         assert!(comm.starts_with(b"w\xff\xfe(x) y"), "{comm:?}");
         assert_eq!(got.map(|s| s.ppid), Some(std::process::id() as i32));
+    }
+
+    #[test]
+    fn a_cgroup_whose_name_is_not_utf8_is_read() {
+        let root = Path::new("/sys/fs/cgroup");
+        // cgroup v2: the unified line.
+        let got = parse_memory_cgroup(b"0::/app\xff.slice/w\n", root).expect("a v2 cgroup");
+        let want = root.join(OsStr::from_bytes(b"app\xff.slice/w/memory.events"));
+        assert_eq!(got.counters, vec![want]);
+        // cgroup v1 (or hybrid): the memory controller's line first.
+        let got = parse_memory_cgroup(b"9:name=systemd:/\n4:cpu,memory:/x\xfe\n0::/x\xfe\n", root)
+            .expect("a v1 cgroup");
+        assert_eq!(
+            got.counters,
+            vec![
+                root.join(OsStr::from_bytes(b"memory/x\xfe/memory.oom_control")),
+                root.join(OsStr::from_bytes(b"x\xfe/memory.events")),
+            ]
+        );
+        // The root cgroup; and no memory cgroup at all.
+        let got = parse_memory_cgroup(b"0::/\n", root).expect("the root");
+        assert_eq!(got.counters, vec![root.join("memory.events")]);
+        assert_eq!(parse_memory_cgroup(b"3:cpu:/a\n", root), None);
+        assert_eq!(parse_memory_cgroup(b"", root), None);
+    }
+
+    #[test]
+    fn an_oom_kill_count_is_read_from_a_cgroup_named_in_any_bytes() {
+        let base = std::env::temp_dir().join(format!("procman-cgroup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let dir = base.join(OsStr::from_bytes(b"memory/app\xff"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(
+            dir.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+        )
+        .expect("counter");
+        let got = parse_memory_cgroup(b"4:memory:/app\xff\n", &base).and_then(|c| c.oom_kills());
+        let _ = std::fs::remove_dir_all(&base);
+        assert_eq!(got, Some(3));
     }
 
     #[test]
@@ -301,13 +404,14 @@ mod properties {
         let Stat {
             ppid,
             pgrp,
+            session,
             rss_pages,
             start_ticks,
         } = s;
         let mut line = format!("{pid} (").into_bytes();
         line.extend_from_slice(comm);
         line.extend_from_slice(
-            format!(") S {ppid} {pgrp} {pgrp} 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 {start_ticks} 1000000 {rss_pages} 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n")
+            format!(") S {ppid} {pgrp} {session} 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 {start_ticks} 1000000 {rss_pages} 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n")
                 .as_bytes(),
         );
         line
@@ -329,10 +433,11 @@ mod properties {
             comm in prop::collection::vec(1u8..=255, 0..16),
             ppid in 0..=i32::MAX,
             pgrp in 0..=i32::MAX,
+            session in 0..=i32::MAX,
             rss_pages in any::<u64>(),
             start_ticks in any::<u64>(),
         ) {
-            let want = Stat { ppid, pgrp, rss_pages, start_ticks };
+            let want = Stat { ppid, pgrp, session, rss_pages, start_ticks };
             prop_assert_eq!(parse_stat(&stat_line(pid, &comm, want)), Some(want));
         }
 

@@ -35,7 +35,8 @@ const PID_WIDTH: usize = 20;
 pub enum Stage {
     /// Resetting the signal mask and dispositions.
     Signals = 1,
-    ProcessGroup = 2,
+    /// Making it the leader of a new session (and process group).
+    Session = 2,
     /// Setting the parent-death signal.
     ParentDeath = 3,
     /// Moving the listeners to fd 3...
@@ -52,7 +53,7 @@ impl Stage {
     fn from_code(code: u32) -> Option<Stage> {
         Some(match code {
             1 => Stage::Signals,
-            2 => Stage::ProcessGroup,
+            2 => Stage::Session,
             3 => Stage::ParentDeath,
             4 => Stage::Descriptors,
             5 => Stage::Chdir,
@@ -66,7 +67,7 @@ impl Stage {
     pub fn describe(self) -> &'static str {
         match self {
             Stage::Signals => "reset signals",
-            Stage::ProcessGroup => "create a process group",
+            Stage::Session => "create a session",
             Stage::ParentDeath => "set the parent-death signal",
             Stage::Descriptors => "pass the listening sockets",
             Stage::Chdir => "change directory",
@@ -247,9 +248,10 @@ impl Plan {
             return Err(fork_errno);
         }
         let pid = Pid::from_raw(pid);
-        // Also set the group from this side, so a signal to the group sent
-        // right after spawn cannot miss it; EACCES after exec is harmless.
-        let _ = nix::unistd::setpgid(pid, pid);
+        // No setpgid from this side: had it made the child a group leader
+        // first, the child's setsid would fail (EPERM). None is needed
+        // either: by the time `read_exec_result` returns the child has
+        // exec'd, so its setsid is done, or it failed and is exiting.
         Ok(Spawned {
             pid,
             exec_error: read_exec_result(&err_read),

@@ -213,6 +213,8 @@ pub struct Observed {
     pub time_to_ready: Histogram,
     /// The cgroup's `oom_kill` count when last read.
     oom_kills: Option<u64>,
+    /// procman's own memory cgroup.
+    cgroup: Option<crate::procfs::MemoryCgroup>,
 }
 
 impl Default for Observed {
@@ -225,6 +227,7 @@ impl Default for Observed {
             reload_duration: Histogram::new([0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
             time_to_ready: Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
             oom_kills: oom_kill_count(),
+            cgroup: crate::procfs::memory_cgroup(None),
         }
     }
 }
@@ -256,6 +259,27 @@ impl Observed {
         self.last_reload = Some(text);
     }
 
+    /// A worker's own memory cgroup, with its OOM kill count now, if it is
+    /// in one other than procman's.
+    pub fn own_cgroup_of(&self, pid: i32) -> Option<(crate::procfs::MemoryCgroup, u64)> {
+        let cgroup = crate::procfs::memory_cgroup(Some(pid))?;
+        if self.cgroup.as_ref() == Some(&cgroup) {
+            return None;
+        }
+        let count = cgroup.oom_kills()?;
+        Some((cgroup, count))
+    }
+
+    /// Whether a worker's SIGKILL (one procman did not send) was the OOM
+    /// killer's: `own` is its own cgroup, if it has one.
+    pub fn oom_verdict(&mut self, own: Option<&(crate::procfs::MemoryCgroup, u64)>) -> OomVerdict {
+        let procmans_rose = self.oom_killed_since();
+        oom_verdict(
+            own.map(|(c, before)| (*before, c.oom_kills())),
+            procmans_rose,
+        )
+    }
+
     /// Whether the kernel's OOM killer killed something in procman's
     /// cgroup since the last call (cgroup v2 `memory.events`, `oom_kill`).
     /// Called when a worker died of a SIGKILL procman did not send.
@@ -266,28 +290,35 @@ impl Observed {
     }
 }
 
+/// Whether a SIGKILL procman did not send was the OOM killer's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OomVerdict {
+    No,
+    /// The worker's own memory cgroup counted an OOM kill.
+    Yes,
+    /// procman's memory cgroup, which the worker shares with others,
+    /// counted one: perhaps of this worker.
+    Perhaps,
+}
+
+/// The verdict from the worker's own cgroup's counts (`(at ready, now)`;
+/// `None` if it has none) and whether procman's cgroup's count rose. A
+/// worker's own counter, where readable, decides alone.
+pub fn oom_verdict(own: Option<(u64, Option<u64>)>, procmans_rose: bool) -> OomVerdict {
+    match own {
+        Some((before, Some(now))) if now > before => OomVerdict::Yes,
+        Some((_, Some(_))) => OomVerdict::No,
+        _ if procmans_rose => OomVerdict::Perhaps,
+        _ => OomVerdict::No,
+    }
+}
+
 /// The `oom_kill` count of procman's own memory cgroup, if readable: cgroup
-/// v2's `memory.events` or, on a v1 (or hybrid) hierarchy, the memory
-/// controller's `memory.oom_control`; both count the subtree, where the
-/// workers are.
+/// v2's `memory.events` (which counts the subtree, where the workers are)
+/// or, on a v1 (or hybrid) hierarchy, the memory controller's
+/// `memory.oom_control` (which counts that cgroup's own processes).
 pub fn oom_kill_count() -> Option<u64> {
-    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let v1 = cgroup.lines().find_map(|l| {
-        let mut parts = l.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        controllers
-            .split(',')
-            .any(|c| c == "memory")
-            .then(|| format!("/sys/fs/cgroup/memory{path}/memory.oom_control"))
-    });
-    let v2 = cgroup
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(|path| format!("/sys/fs/cgroup{}/memory.events", path.trim_end()));
-    [v1, v2]
-        .into_iter()
-        .flatten()
-        .find_map(|file| parse_oom_kill(&std::fs::read_to_string(file).ok()?))
+    crate::procfs::memory_cgroup(None)?.oom_kills()
 }
 
 /// The `oom_kill` line of a `memory.events` (or v1 `memory.oom_control`)
@@ -427,6 +458,21 @@ pub fn listen_queue(fd: std::os::fd::RawFd) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kill_is_the_oom_killers_for_sure_only_by_the_workers_own_cgroup() {
+        use OomVerdict::*;
+        // Its own cgroup counted one: sure, whatever procman's says.
+        assert_eq!(oom_verdict(Some((1, Some(2))), false), Yes);
+        assert_eq!(oom_verdict(Some((1, Some(2))), true), Yes);
+        // Its own cgroup counted none: another process was the victim.
+        assert_eq!(oom_verdict(Some((1, Some(1))), true), No);
+        // Only procman's cgroup (shared), or its own is gone: perhaps.
+        assert_eq!(oom_verdict(None, true), Perhaps);
+        assert_eq!(oom_verdict(Some((1, None)), true), Perhaps);
+        assert_eq!(oom_verdict(None, false), No);
+        assert_eq!(oom_verdict(Some((1, None)), false), No);
+    }
 
     #[test]
     fn memory_events_and_smaps_rollup_parse() {

@@ -43,6 +43,8 @@ pub enum Due {
     ZygoteSpawnTimeout(Pid),
     /// Time to read the notify socket, which an idle master does not poll.
     DrainNotifications,
+    /// A booting worker's raised priority ends (its first startup deadline).
+    BoostOver(Pid),
 }
 
 impl Due {
@@ -100,9 +102,20 @@ pub struct Active {
     /// A reload lowered its CPU priority: its nice value before, to go back
     /// to if the reload fails.
     pub lowered_from: Option<i32>,
-    /// It boots at a raised CPU priority: its nice value before, to go
-    /// back to once it is ready (or when a reload lowers it).
-    pub boosted_from: Option<i32>,
+    /// It boots at a raised CPU priority (`master/boost.rs`).
+    pub boosted: Option<Boosted>,
+}
+
+/// A booting worker's raised CPU priority: what it goes back to, and by
+/// when at the latest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Boosted {
+    /// procman's own nice value when it was raised (never one read from
+    /// the worker's group, whose members the worker chooses).
+    pub back_to: i32,
+    /// Its startup deadline as it was at the fork: the boost ends then even
+    /// if EXTEND_TIMEOUT_USEC keeps the worker starting.
+    pub until: Instant,
 }
 
 /// Why the master stopped a worker.
@@ -143,7 +156,7 @@ pub struct Stop {
 /// One worker process.
 #[derive(Debug, Clone)]
 pub struct Worker {
-    /// Its pid (also its process group id).
+    /// Its pid (also its process group id and its session id).
     pub pid: Pid,
     /// Stable slot index (PROCMAN_WORKER_ID).
     pub slot: usize,
@@ -162,6 +175,10 @@ pub struct Worker {
     pub reported_error: Option<String>,
     /// Its traceback (X_PROCMAN_TRACEBACK=), logged if its death decides.
     pub reported_traceback: Option<String>,
+    /// Its own memory cgroup (not procman's), read when it became ready,
+    /// with its OOM kill count then: a SIGKILL is the OOM killer's for sure
+    /// if that count rose.
+    pub own_cgroup: Option<(crate::procfs::MemoryCgroup, u64)>,
 }
 
 impl Worker {
@@ -181,6 +198,7 @@ impl Worker {
             last_heartbeat: None,
             reported_error: None,
             reported_traceback: None,
+            own_cgroup: None,
         }
     }
 

@@ -471,6 +471,12 @@ fn reload_reports_a_broken_config_with_a_failing_exit_status() {
 /// procman's memory cgroup (v1 or v2) with a child cgroup limited to
 /// `limit` bytes for one test, or None where none can be made.
 fn limited_cgroup(name: &str, limit: u64) -> Option<std::path::PathBuf> {
+    limited_cgroup_named(name.as_bytes(), limit)
+}
+
+/// The same, named in any bytes.
+fn limited_cgroup_named(name: &[u8], limit: u64) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
     let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let (base, limit_file) = own.lines().find_map(|l| {
         let mut parts = l.splitn(3, ':');
@@ -487,7 +493,9 @@ fn limited_cgroup(name: &str, limit: u64) -> Option<std::path::PathBuf> {
             None
         }
     })?;
-    let dir = Path::new(&base).join(format!("procman-test-{}-{name}", std::process::id()));
+    let mut leaf = format!("procman-test-{}-", std::process::id()).into_bytes();
+    leaf.extend_from_slice(name);
+    let dir = Path::new(&base).join(std::ffi::OsStr::from_bytes(&leaf));
     std::fs::create_dir(&dir).ok()?;
     if std::fs::write(dir.join(limit_file), limit.to_string()).is_err() {
         let _ = std::fs::remove_dir(&dir);
@@ -531,16 +539,101 @@ fn a_worker_killed_by_the_oom_killer_is_reported_as_such() {
     h.exit_code(BOOT);
     let _ = wait_for(Duration::from_secs(5), || std::fs::remove_dir(&cg).ok());
     let exited = exited.expect("an exited event");
+    // The worker shares procman's cgroup: its count rose, but the victim
+    // may have been another process in it.
     assert_eq!(exited["reason"], "oom_kill", "{exited}");
     assert!(
         exited["message"]
             .as_str()
-            .is_some_and(|m| m.contains("killed by the kernel's OOM killer")),
+            .is_some_and(|m| m.contains("perhaps by the kernel's OOM killer")),
         "{exited}"
     );
     assert!(
         m["procman_worker_restarts_total{reason=oom_kill}"] >= 1.0,
         "{m:?}"
+    );
+}
+
+/// Runs procman (one worker running `worker` in python, JSON logs) until
+/// its worker's first exit; `cgroup`: the cgroup procman moves itself into
+/// first, if any; `env`: more environment. Returns the `exited` event.
+fn first_exit(
+    name: &str,
+    cgroup: Option<&Path>,
+    env: &[(&[u8], &[u8])],
+    worker: &str,
+) -> serde_json::Value {
+    use std::os::unix::ffi::OsStrExt;
+    let mut start = Start::new(name, &["-w", "1", "--log-format", "json"]).args([
+        "--",
+        python3().to_str().expect("utf8"),
+        "-c",
+        worker,
+    ]);
+    for (k, v) in env {
+        start = start.env_os(k, v);
+    }
+    let mut h = match cgroup {
+        // The path through the environment: it may not be UTF-8.
+        Some(cg) => start
+            .env_os(b"PROCMAN_CG", cg.as_os_str().as_bytes())
+            .spawn_with(
+                "sh",
+                &[
+                    "-c",
+                    "echo $$ > \"$PROCMAN_CG/cgroup.procs\" && exec \"$0\" \"$@\"",
+                    PROCMAN,
+                ],
+            ),
+        None => start.spawn(),
+    };
+    let exited = h.wait_event("exited", BOOT, |_| true);
+    h.signal(Signal::SIGINT);
+    h.exit_code(BOOT);
+    exited.expect("an exited event")
+}
+
+/// A worker that allocates far more than 96 MiB once ready.
+const GREEDY: &str = "import os, time\n\
+    cg = os.environ.get('WORKER_CG')\n\
+    cg and open(cg + '/cgroup.procs', 'w').write(str(os.getpid()))\n\
+    time.sleep(1.5)\n\
+    x = b'x' * (400 << 20)\n\
+    time.sleep(100)\n";
+
+#[test]
+fn an_oom_kill_is_still_seen_in_a_cgroup_whose_name_is_not_utf8() {
+    let Some(cg) = limited_cgroup_named(b"oom-\xff", 96 << 20) else {
+        eprintln!("SKIP: cannot create a memory cgroup here");
+        return;
+    };
+    let exited = first_exit("oom-bytes", Some(&cg), &[], GREEDY);
+    let _ = wait_for(Duration::from_secs(5), || std::fs::remove_dir(&cg).ok());
+    assert_eq!(exited["reason"], "oom_kill", "{exited}");
+}
+
+#[test]
+fn a_worker_in_a_cgroup_of_its_own_is_known_for_sure_to_be_oom_killed() {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(cg) = limited_cgroup("oom-own", 96 << 20) else {
+        eprintln!("SKIP: cannot create a memory cgroup here");
+        return;
+    };
+    // procman stays where it is; the worker moves itself into the limited
+    // cgroup before it is ready.
+    let exited = first_exit(
+        "oom-own",
+        None,
+        &[(b"WORKER_CG", cg.as_os_str().as_bytes())],
+        GREEDY,
+    );
+    let _ = wait_for(Duration::from_secs(5), || std::fs::remove_dir(&cg).ok());
+    assert_eq!(exited["reason"], "oom_kill", "{exited}");
+    assert!(
+        exited["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("killed by the kernel's OOM killer (SIGKILL)")),
+        "{exited}"
     );
 }
 

@@ -587,3 +587,48 @@ fn a_worker_killed_after_its_heartbeat_timeout_is_said_to_be_killed_by_procman()
         "no OOM suspicion for procman's own kill",
     );
 }
+
+/// Forks a helper in a process group of its own and exits: the helper,
+/// re-parented to procman (a child subreaper), is then neither in its
+/// worker's process group nor below it; it sends a STATUS= and touches
+/// `sent`, then waits (its /proc entry is read when the datagram is
+/// attributed).
+const ORPHANED_HELPER: &str = "import os, socket, time
+parent = os.getpid()
+if os.fork() == 0:
+    os.setpgid(0, 0)
+    while os.getppid() == parent:
+        time.sleep(0.01)
+    addr = os.environ['NOTIFY_SOCKET']
+    addr = '\\0' + addr[1:] if addr.startswith('@') else addr
+    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'STATUS=from an orphaned helper', addr)
+    open('sent', 'w').close()
+    time.sleep(60)
+os._exit(0)
+";
+
+#[test]
+fn a_helper_that_left_its_workers_group_and_ancestry_is_attributed_by_its_session() {
+    let start = Start::new("notify-session", &["-w", "1", "--ready", "notify"]).json();
+    std::fs::write(start.dir().join("orphan.py"), ORPHANED_HELPER).expect("helper");
+    let worker = notify_worker()
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let script = format!(
+        "'{}' orphan.py; while [ ! -e sent ]; do sleep 0.02; done; exec {worker}",
+        python3().display()
+    );
+    let h = start.args(["--", "sh", "-c", &script]).spawn();
+    let booting = h.expect_event("booting", BOOT, "the worker booting", |_| true);
+    let pid = worker_of(&booting);
+    // Sent while the worker still starts: the socket is read at once.
+    h.check(
+        h.wait_log(
+            &format!("Worker {pid} (slot 0) status: from an orphaned helper"),
+            BOOT,
+        ),
+        "the helper's STATUS= attributed to its worker",
+    );
+}

@@ -1746,10 +1746,19 @@ class Zygote:
                 os.close(report_fd)
                 self.worker(env, me, go_fd)  # never returns
             os.close(go_fd)
-            # Its own process group before anyone knows the pid (the worker
-            # does the same: whichever runs first wins, the other is a no-op).
-            with contextlib.suppress(OSError):
-                os.setpgid(pid, pid)
+            # The worker makes itself the leader of a session of its own (and
+            # so of its own process group); its pid is reported only once it
+            # has, so that a signal to its group cannot miss it. Not setpgid
+            # from here: a group leader cannot call setsid.
+            deadline = time.monotonic() + REPARENT_TIMEOUT
+            while os.getsid(pid) != pid:
+                gone = os.waitpid(pid, os.WNOHANG)[0] == pid
+                if gone or time.monotonic() >= deadline:  # nobody knows this worker: it must not serve
+                    if not gone:
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, 0)
+                    return  # code 2: the zygote reports the failure
+                time.sleep(0.0002)
             data = str(pid).encode()
             if os.write(report_fd, data) == len(data):  # a pipe write this small is atomic
                 code = 0
@@ -1774,10 +1783,11 @@ class Zygote:
         code = 1
         try:
             self.control.sock.close()  # only the zygote speaks to the master; and EOF must mean "zygote gone"
-            # Own process group (the intermediate sets it too), at once: a
-            # signal to the zygote's group must not reach a worker.
-            with contextlib.suppress(OSError):
-                os.setpgid(0, 0)
+            # A session of its own (so its own process group), at once: a
+            # signal to the zygote's group must not reach a worker, and no
+            # process outside the session can join its group (the
+            # intermediate waits for this before it reports our pid).
+            os.setsid()
             # The master knows our pid once the intermediate reported it and
             # exited; then the kernel re-parents us to the master (a child
             # subreaper).

@@ -290,6 +290,13 @@ pub static OPTIONS: &[OptionDef] = &[
         help: "Start every uvicorn worker as a new interpreter, without the base zygote that has Python and uvicorn already imported (each worker imports the app itself either way).",
         ..BASE
     },
+    OptionDef {
+        name: "no-boot-boost",
+        kind: Kind::Flag,
+        heading: "Workers",
+        help: "Boot workers at procman's CPU priority: do not raise a booting worker's priority (by 5 nice steps above procman's, until it is ready or its startup deadline) even where procman may (CAP_SYS_NICE).",
+        ..BASE
+    },
     // ---- Timeouts ----
     OptionDef {
         name: "timeout",

@@ -11,7 +11,7 @@ use nix::unistd::Pid;
 use tracing::{debug, error};
 
 use super::boost::end_boost;
-use super::exits::{describe, describe_exit, exit_code};
+use super::exits::{describe, exit_code};
 use super::groups::Kernel;
 use super::{Master, MasterState};
 use crate::classes::FatalExit;
@@ -52,15 +52,11 @@ impl Master {
             );
             return;
         };
-        let reason = self.record_exit(&w, &status).as_str();
+        let (reason, how) = self.record_exit(&w, &status);
+        let reason = reason.as_str();
         if self.reload_worker_exited(&w, &status, now) {
             return;
         }
-        let how = if reason == "oom_kill" {
-            "killed by the kernel's OOM killer (SIGKILL)".to_string()
-        } else {
-            describe_exit(&status, w.stop())
-        };
         let stopping_master = matches!(self.state, MasterState::Stopping { .. });
         match w.stop().map(|s| s.reason) {
             Some(reason) if reason.is_boot_failure() => {
@@ -414,6 +410,9 @@ pub(super) fn mark_ready(w: &mut Worker, now: Instant, observed: &Observed) {
         return;
     }
     end_boost(w);
+    // Read now, once the worker (or a wrapper it runs under) had its boot
+    // to move into a cgroup of its own.
+    w.own_cgroup = observed.own_cgroup_of(w.pid.as_raw());
     let boot = now.saturating_duration_since(w.started_at);
     observed.ready(boot);
     worker_event!(

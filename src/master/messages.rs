@@ -330,14 +330,27 @@ impl Master {
     }
 }
 
-/// The worker a non-worker sender belongs to: the nearest ancestor that is
-/// a worker, or else the worker whose process group it is in.
+/// The worker a non-worker sender belongs to: the worker whose session it
+/// is in (each worker leads one, and only its descendants can be in it: a
+/// process may leave for a session of its own, never join another), or
+/// else its nearest ancestor that is a worker. Not its process group first:
+/// a group can be joined from anywhere in its session, which before each
+/// worker had a session of its own was procman's, shared by every worker.
 fn owning_worker(pid: i32, is_worker: impl Fn(i32) -> bool) -> Option<i32> {
+    owning_worker_by(pid, is_worker, procfs::stat)
+}
+
+/// [`owning_worker`], reading each process's stat with `stat`.
+fn owning_worker_by(
+    pid: i32,
+    is_worker: impl Fn(i32) -> bool,
+    stat: impl Fn(i32) -> Option<procfs::Stat>,
+) -> Option<i32> {
     let mut current = pid;
     for _ in 0..32 {
-        let procfs::Stat { ppid, pgrp, .. } = procfs::stat(current)?;
-        if current == pid && is_worker(pgrp) {
-            return Some(pgrp);
+        let procfs::Stat { ppid, session, .. } = stat(current)?;
+        if current == pid && is_worker(session) {
+            return Some(session);
         }
         if is_worker(ppid) {
             return Some(ppid);
@@ -373,6 +386,45 @@ mod tests {
         let rx = Receiver::create(None).expect("receiver");
         let tx = Sender(rx.path().to_path_buf());
         (Inbox::new(rx, now), tx)
+    }
+
+    /// A /proc of made-up processes: pid → (ppid, pgrp, session).
+    fn fake_stat(procs: &[(i32, i32, i32, i32)]) -> impl Fn(i32) -> Option<procfs::Stat> + '_ {
+        move |pid| {
+            let &(_, ppid, pgrp, session) = procs.iter().find(|p| p.0 == pid)?;
+            Some(procfs::Stat {
+                ppid,
+                pgrp,
+                session,
+                rss_pages: 0,
+                start_ticks: 0,
+            })
+        }
+    }
+
+    #[test]
+    fn a_sender_is_attributed_by_its_session_then_its_ancestry_not_its_group() {
+        // Workers 100 and 200, each leading its session; master 1.
+        let workers = |p: i32| p == 100 || p == 200;
+        let procs = [
+            (100, 1, 100, 100),
+            (200, 1, 200, 200),
+            // A descendant of worker 200 (its parent 250 is not a worker)
+            // that sits in worker 100's process group: it is 200's.
+            (250, 200, 200, 200),
+            (300, 250, 100, 200),
+            // A descendant of 200 that left for a session of its own: by
+            // its ancestry.
+            (400, 250, 400, 400),
+            // Re-parented to the master, in a session of its own: nobody's.
+            (500, 1, 100, 500),
+        ];
+        let owner = |pid| owning_worker_by(pid, workers, fake_stat(&procs));
+        assert_eq!(owner(300), Some(200), "by its session, not its group");
+        assert_eq!(owner(250), Some(200));
+        assert_eq!(owner(400), Some(200), "by its ancestry");
+        assert_eq!(owner(500), None, "its group is no claim");
+        assert_eq!(owner(999), None, "gone");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::control::{self, Request};
 use crate::error::{Error, Result};
 use crate::serve::{Framed, Server};
 use crate::signals::MasterSignal;
-use crate::status::{self, ExitReason, Observed, Snapshot, WorkerStatus};
+use crate::status::{self, ExitReason, Observed, OomVerdict, Snapshot, WorkerStatus};
 use crate::workers::{StopReason, Table, Worker, WorkerState};
 
 /// How long a metrics or control client has to send its request and read
@@ -254,8 +254,9 @@ impl Master {
         }
     }
 
-    /// Why a reaped worker ended; counted for its slot and reason.
-    pub(super) fn record_exit(&mut self, w: &Worker, status: &WaitStatus) -> ExitReason {
+    /// Why a reaped worker ended, and how, for the log; counted for its
+    /// slot and reason.
+    pub(super) fn record_exit(&mut self, w: &Worker, status: &WaitStatus) -> (ExitReason, String) {
         let killed_by_procman = w.stop().is_some_and(|s| s.killed.is_some());
         let reason = match w.stop().map(|s| s.reason) {
             Some(StopReason::Shutdown) => ExitReason::Shutdown,
@@ -271,22 +272,27 @@ impl Master {
             None => ExitReason::Crash,
         };
         let sigkill = matches!(status, WaitStatus::Signaled(_, Signal::SIGKILL, _));
-        // Read the cgroup's count at every SIGKILL procman did not send, so
+        // Read the cgroups' counts at every SIGKILL procman did not send, so
         // that one OOM kill is attributed once.
-        let reason = if sigkill && !killed_by_procman && self.endpoints.observed.oom_killed_since()
-        {
-            ExitReason::OomKill
+        let oom = if sigkill && !killed_by_procman {
+            self.endpoints.observed.oom_verdict(w.own_cgroup.as_ref())
         } else {
-            reason
+            OomVerdict::No
         };
-        let how = if reason == ExitReason::OomKill {
-            "killed by the kernel's OOM killer (SIGKILL)".to_string()
-        } else {
-            super::exits::describe_exit(status, w.stop())
+        let (reason, how) = match oom {
+            OomVerdict::Yes => (
+                ExitReason::OomKill,
+                "killed by the kernel's OOM killer (SIGKILL)".to_string(),
+            ),
+            OomVerdict::Perhaps => (
+                ExitReason::OomKill,
+                "killed by SIGKILL, perhaps by the kernel's OOM killer (it killed a process in procman's memory cgroup meanwhile)".to_string(),
+            ),
+            OomVerdict::No => (reason, super::exits::describe_exit(status, w.stop())),
         };
         self.endpoints.recycled.remove(&w.pid);
         self.endpoints.observed.exited(w.slot, reason, &how);
-        reason
+        (reason, how)
     }
 
     /// The master and its workers now, with each worker's RSS and USS

@@ -25,7 +25,7 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tracing::{debug, error, info, warn};
 
-use super::boost::nice_of_worker;
+use super::boost::procmans_nice;
 use super::exits::describe_exit;
 use super::launch::{release, Reload, Settings};
 use super::{Master, MasterState};
@@ -284,25 +284,25 @@ impl Master {
     /// ones serve with what is left. On an idle machine nothing changes.
     fn lower_outgoing(&mut self, generation: u64) {
         let mut lowered: Vec<(i32, i32)> = Vec::new();
+        // From procman's own priority, never from one read from a worker's
+        // group (whose members the worker chooses): the failed reload's
+        // raise_back goes back to it.
+        let Some(from) = procmans_nice() else {
+            return;
+        };
+        let Some(to) = policy::lowered_nice(from) else {
+            return;
+        };
         for pid in policy::to_lower(&self.table, generation) {
-            // A worker still booting at a raised priority is lowered from
-            // the priority it had before (and is then no longer boosted).
-            let boosted = self
-                .table
-                .get_mut(pid)
-                .and_then(|w| w.active_mut()?.boosted_from.take());
-            let Some(from) = boosted.or_else(|| nice_of_worker(pid)) else {
-                continue;
-            };
-            let Some(to) = policy::lowered_nice(from) else {
-                continue;
-            };
             if let Err(e) = priority::set_group(pid, to) {
                 debug!("Cannot lower the priority of worker {pid}: {e}");
                 continue;
             }
+            // A worker still booting at a raised priority is lowered too,
+            // and is then no longer boosted.
             if let Some(a) = self.table.get_mut(pid).and_then(|w| w.active_mut()) {
                 a.lowered_from = Some(from);
+                a.boosted = None;
             }
             lowered.push((from, to));
         }

@@ -9,6 +9,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tracing::{debug, info};
 
+use super::boost::end_boost;
 use super::exits::{kill_cause, signal_group};
 use super::{plural, Master, MasterState};
 use crate::error::Error;
@@ -125,6 +126,9 @@ impl Master {
             _ => {}
         }
         let killed = kill_at.is_none().then(|| kill_cause(reason, false));
+        // Whatever it and its helpers do while they stop, they do it at
+        // procman's priority.
+        end_boost(w);
         w.state = WorkerState::Stopping(Stop {
             reason,
             kill_at,
@@ -157,6 +161,7 @@ impl Master {
         if w.is_stopping() {
             return;
         }
+        end_boost(w);
         w.state = WorkerState::Stopping(Stop {
             reason: StopReason::HeartbeatTimeout,
             kill_at: Some(now + policy::ABORT_GRACE),

@@ -98,10 +98,15 @@ impl ChildSetup<'_> {
             Stage::Signals,
         )?;
 
-        // Own process group: the master signals the whole group, so
-        // helpers the worker starts are stopped with it.
-        // SAFETY: setpgid is async-signal-safe and takes plain numbers.
-        check(unsafe { libc::setpgid(0, 0) }, Stage::ProcessGroup)?;
+        // A session of its own, which it leads (so also a process group of
+        // its own, whose id is its pid): the master signals the whole
+        // group, so helpers the worker starts are stopped with it; and no
+        // process outside the session (another worker's helper) can join
+        // the group, since setpgid only moves a process within its own
+        // session. It also leaves procman's controlling terminal: ^C there
+        // reaches procman, which stops the workers itself.
+        // SAFETY: setsid is async-signal-safe and takes no argument.
+        check(unsafe { libc::setsid() }, Stage::Session)?;
 
         // Listeners to 3..3+n. First raise every source (and the error
         // pipe) above the target range so no dup2 clobbers a source;

@@ -32,7 +32,8 @@
 //! sentences). What the master does with them, as `impl Master`:
 //! `lifecycle` (spawn, ready, exit), `boost` (a booting worker's raised
 //! priority), `stop` (procman's stop and a
-//! worker's), `messages` (sd_notify from workers), `preload` (starting
+//! worker's), `messages` (sd_notify from workers; `inbox` reads them in
+//! bounded batches and counts what it discards), `preload` (starting
 //! zygotes, adopting the workers they fork, their failures), `reload` (a
 //! reload as a value), `observe` (the metrics and control endpoints).
 //! A worker's lifecycle events are logged with `worker_event!` (`events`),
@@ -57,7 +58,7 @@ use crate::policy::{self, Decision, Due, Goal};
 use crate::signals::{MasterSignal, Signals};
 use crate::workers::{Table, WorkerState};
 use crate::zygote::FromZygote;
-use messages::Inbox;
+use inbox::Inbox;
 
 #[macro_use]
 mod events;
@@ -66,6 +67,7 @@ mod boost;
 mod boot;
 mod exits;
 mod groups;
+mod inbox;
 mod launch;
 mod lifecycle;
 mod messages;

@@ -1,7 +1,8 @@
 //! Notifications from workers (sd_notify datagrams on the master's
 //! socket): attributed to a worker by the sender's credentials (the
 //! worker itself or one of its descendants), then handled as events; and
-//! when the master reads them ([`Inbox`]).
+//! when the master reads them (the pace; how much at a time is in
+//! `inbox.rs`).
 //!
 //! Lazy heartbeats. Every ready worker sends `WATCHDOG=1` 3 times per
 //! `--timeout`; an idle master that woke for each would wake 3 times per

@@ -445,6 +445,43 @@ mod tests {
         assert_eq!(rx.closer(), Some(closer), "one closer serves them all");
     }
 
+    /// Descriptors still queued when procman exits are not released by the
+    /// master either (same deadline reasoning as above: 2 x 20 s of
+    /// lingering against 10 s).
+    #[test]
+    fn descriptors_still_queued_at_exit_go_to_the_closer_too() {
+        let rx = Receiver::create_with(None, false).expect("receiver");
+        let peer = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let passed: Vec<TcpStream> = (0..2).map(|_| lingering(&peer, 20)).collect();
+        let fds: Vec<RawFd> = passed.iter().map(|s| s.as_raw_fd()).collect();
+        let tx = UnixDatagram::unbound().expect("socket");
+        sendmsg(
+            tx.as_raw_fd(),
+            &[std::io::IoSlice::new(b"WATCHDOG=1")],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            Some(&nix::sys::socket::UnixAddr::new(rx.path()).expect("addr")),
+        )
+        .expect("descriptors pass without SO_PASSRIGHTS");
+        drop(passed);
+        let t = Instant::now();
+        drop(rx);
+        let took = t.elapsed();
+        // The closer started meanwhile is this test's child (the only
+        // one): killed and reaped, so it does not linger on.
+        let me = std::process::id() as i32;
+        for kid in crate::procfs::pids() {
+            if crate::procfs::stat(kid).is_some_and(|s| s.ppid == me) {
+                let _ = kill(Pid::from_raw(kid), Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(Pid::from_raw(kid), None);
+            }
+        }
+        assert!(
+            took < Duration::from_secs(10),
+            "the drop was blocked {took:?}"
+        );
+    }
+
     fn is_tcp(fd: RawFd) -> bool {
         std::fs::read_link(format!("/proc/self/fd/{fd}"))
             .is_ok_and(|p| p.to_string_lossy().starts_with("socket:"))

@@ -551,6 +551,17 @@ fn age_of(sent: nix::sys::time::TimeSpec) -> Duration {
 impl Drop for Receiver {
     fn drop(&mut self) {
         remove_made_dir(&self.dir, &self.dir_fd, self.dir_id);
+        // Closing the socket releases what is still queued, descriptors
+        // included, here: where the kernel passes them, they go to the
+        // closer first (the path is gone, so no sender can add more; a
+        // bounded number of reads, whatever is sent meanwhile).
+        if !self.refuses_rights {
+            for _ in 0..=self.queue_limit {
+                if self.receive().is_none() {
+                    break;
+                }
+            }
+        }
     }
 }
 

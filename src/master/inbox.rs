@@ -15,6 +15,10 @@
 //! (`procman_notify_dropped_total`) and said in one warning at most every
 //! [`crate::policy::NOTIFY_DROP_WARNING_EVERY`], naming the latest
 //! sender's pid and uid.
+//!
+//! The price of bounded reads: under a flood, what a worker sent just
+//! before it exited (`X_PROCMAN_ERROR`) may still be queued behind the
+//! flood when it is reaped, and is then no longer attributed to it.
 
 use std::collections::BTreeMap;
 use std::time::Instant;

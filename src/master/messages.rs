@@ -11,8 +11,9 @@
 //! ([`crate::policy::notify_pace`]): while a worker is starting or
 //! stopping, during a reload, when no worker sends heartbeats (nothing to
 //! batch), when the workers are too many for the socket's queue, or once
-//! the queue was found crowded. Otherwise the
-//! master reads it (non-blocking, until empty) at every wake-up for any
+//! the queue was found crowded (and while a read left datagrams in it,
+//! inbox.rs). Otherwise the
+//! master reads it (non-blocking, one bounded batch) at every wake-up for any
 //! reason (before reaping, before a deadline is acted on, before a status
 //! or metrics answer is built: the loop reads it right after `poll`), and
 //! at the latest one drain period after the previous read (the deadline

@@ -77,8 +77,8 @@ pub fn refuse_rights(fd: BorrowedFd<'_>) -> bool {
 #[derive(Debug, Default)]
 pub struct Disposer {
     closer: Option<Closer>,
-    /// Descriptors the master had to close itself (no closer could be had).
-    closed_here: u64,
+    /// The last resort was said (once: it is not said per datagram).
+    warned: bool,
 }
 
 #[derive(Debug)]
@@ -99,11 +99,6 @@ impl Disposer {
     /// The closer's pid, if one runs.
     pub fn closer(&self) -> Option<Pid> {
         self.closer.as_ref().map(|c| c.pid)
-    }
-
-    /// How many descriptors the master closed itself, last resort.
-    pub fn closed_here(&self) -> u64 {
-        self.closed_here
     }
 
     fn dispose_chunk(&mut self, fds: &[RawFd]) {
@@ -145,12 +140,9 @@ impl Disposer {
             defuse_linger(fd);
         }
         close_all(fds);
-        self.closed_here += fds.len() as u64;
-        warn!(
-            "closed {} passed descriptor{} in the master (no closer process): such a close may block",
-            fds.len(),
-            if fds.len() == 1 { "" } else { "s" }
-        );
+        if !std::mem::replace(&mut self.warned, true) {
+            warn!("closing passed descriptors in the master (no closer process could be started): such a close may block; said once");
+        }
     }
 }
 

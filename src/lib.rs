@@ -35,6 +35,7 @@ pub mod startup;
 
 // The edges of the master: sockets, signals, notifications, fork/exec.
 pub mod bind;
+pub mod closer;
 pub mod notify;
 pub mod pid;
 pub mod priority;

@@ -33,8 +33,9 @@
 //! sentences). What the master does with them, as `impl Master`:
 //! `lifecycle` (spawn, ready, exit), `boost` (a booting worker's raised
 //! priority), `stop` (procman's stop and a
-//! worker's), `messages` (sd_notify from workers), `urgent` (the socket
-//! for what cannot wait for a batched read), `preload` (starting
+//! worker's), `messages` (sd_notify from workers; `inbox` reads them in
+//! bounded batches and counts what it discards), `urgent` (the socket for
+//! what cannot wait for a batched read), `preload` (starting
 //! zygotes, adopting the workers they fork, their failures), `reload` (a
 //! reload as a value), `observe` (the metrics and control endpoints).
 //! A worker's lifecycle events are logged with `worker_event!` (`events`),
@@ -59,7 +60,7 @@ use crate::policy::{self, Decision, Due, Goal};
 use crate::signals::{MasterSignal, Signals};
 use crate::workers::{Table, WorkerState};
 use crate::zygote::FromZygote;
-use messages::Inbox;
+use inbox::Inbox;
 
 #[macro_use]
 mod events;
@@ -68,6 +69,7 @@ mod boost;
 mod boot;
 mod exits;
 mod groups;
+mod inbox;
 mod launch;
 mod lifecycle;
 mod messages;
@@ -184,7 +186,7 @@ impl Master {
         args: Vec<OsString>,
     ) -> Result<Master> {
         let notify = Receiver::create(cfg.credentials.as_ref())?;
-        let urgent = Urgent::create(cfg.credentials.as_ref())?;
+        let urgent = Urgent::create(cfg.credentials.as_ref(), Instant::now())?;
         let endpoints = Endpoints::bind(&cfg)?;
         let listeners = listeners.into_iter().map(Rc::new).collect();
         Ok(Master {

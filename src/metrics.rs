@@ -220,6 +220,12 @@ pub fn render(s: &Snapshot, observed: &Observed, format: Format) -> String {
     );
 
     r.register(
+        "procman_notify_dropped",
+        "What the notify socket discarded, by reason (datagrams; lines for excess-lines, descriptors for descriptors)",
+        counters("reason", &s.notify_dropped),
+    );
+
+    r.register(
         "procman_reload_duration_seconds",
         "Time from a reload's start to its end",
         observed.reload_duration.clone(),
@@ -338,6 +344,7 @@ mod tests {
             restarts: BTreeMap::new(),
             reloads: BTreeMap::new(),
             listen_queue: Vec::new(),
+            notify_dropped: BTreeMap::new(),
         }
     }
 

@@ -17,11 +17,15 @@
 //!   directories, e.g. from other PID namespaces;
 //! * the sender is whoever `SCM_CREDENTIALS` says it is (the kernel fills it
 //!   in because `SO_PASSCRED` is on), never what the payload claims;
-//! * file descriptors passed with `SCM_RIGHTS` are closed at once (they are
-//!   received CLOEXEC, and dropping the `OwnedFd` closes them);
-//! * truncated datagrams and payloads with NUL bytes are dropped whole.
+//! * file descriptors passed with `SCM_RIGHTS` are refused by the kernel
+//!   where it can (`SO_PASSRIGHTS`), else never closed last by the master
+//!   (see closer.rs);
+//! * truncated datagrams and payloads with NUL bytes are dropped whole,
+//!   and only the first [`MAX_LINES`] lines of a datagram are read;
+//! * it is read one datagram at a time ([`Receiver::receive`], one reused
+//!   buffer): the master bounds how many it reads per pass of its loop.
 //!
-//! The master drains this socket before reaping children, so a `READY=1`
+//! The master reads this socket before reaping children, so a `READY=1`
 //! sent just before a worker exits is still attributed to it. It does not
 //! always read a datagram as it arrives (an idle master reads heartbeats in
 //! batches, see master/messages.rs), so each datagram carries the kernel's
@@ -79,11 +83,18 @@ pub enum Message {
     Traceback(String),
 }
 
+/// The lines of one datagram that are read; the rest are dropped (and
+/// counted). The bootstrap sends at most 3 per datagram; systemd's
+/// `sd_notify` users a handful.
+pub const MAX_LINES: usize = 16;
+
 /// Parses a datagram's payload into the messages procman understands.
-/// Unknown keys and malformed lines are ignored, as systemd does.
+/// Unknown keys and malformed lines are ignored, as systemd does. Only the
+/// first [`MAX_LINES`] lines are read.
 pub fn parse(payload: &str) -> Vec<Message> {
     payload
         .split('\n')
+        .take(MAX_LINES)
         .filter_map(|line| {
             let (key, value) = line.split_once('=')?;
             Some(match (key, value) {
@@ -127,6 +138,16 @@ pub fn parse_datagram(payload: &[u8]) -> std::result::Result<Vec<Message>, Dropp
     Ok(parse(text))
 }
 
+/// The lines past [`MAX_LINES`] that [`parse`] leaves unread (empty ones,
+/// such as after a final newline, not counted).
+pub fn excess_lines(payload: &[u8]) -> usize {
+    payload
+        .split(|b| *b == b'\n')
+        .skip(MAX_LINES)
+        .filter(|l| !l.is_empty())
+        .count()
+}
+
 impl std::fmt::Display for Message {
     /// The notification line, as a worker sends it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -156,20 +177,67 @@ impl std::fmt::Display for Message {
 pub struct Datagram {
     /// The sender's pid, from SCM_CREDENTIALS.
     pub pid: i32,
+    /// The sender's uid, from SCM_CREDENTIALS.
+    pub uid: u32,
+    /// At most [`MAX_LINES`].
     pub messages: Vec<Message>,
     /// How long ago it was sent, by the kernel's timestamp (zero if it had
     /// none, or if the wall clock was stepped back meanwhile).
     pub age: Duration,
 }
 
-/// What one drain read.
-#[derive(Debug, Default)]
-pub struct Drained {
-    /// The well-formed datagrams, in the order they were sent.
-    pub datagrams: Vec<Datagram>,
-    /// Every datagram taken off the queue, malformed ones included: how
-    /// full the queue was.
-    pub received: usize,
+/// Why (part of) a received datagram was not handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Discard {
+    /// Truncated (too long for the buffer, or its control data did not fit).
+    Truncated,
+    /// Without the sender's credentials.
+    NoCredentials,
+    /// NUL bytes or not UTF-8.
+    Malformed,
+    /// Lines past [`MAX_LINES`] (counted per line).
+    ExcessLines,
+    /// Descriptors passed with it (counted per descriptor).
+    Descriptors,
+    /// From a process that is no worker and no worker's descendant.
+    NotAWorker,
+}
+
+impl Discard {
+    pub const ALL: [Discard; 6] = [
+        Discard::Truncated,
+        Discard::NoCredentials,
+        Discard::Malformed,
+        Discard::ExcessLines,
+        Discard::Descriptors,
+        Discard::NotAWorker,
+    ];
+
+    /// The metric's label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Discard::Truncated => "truncated",
+            Discard::NoCredentials => "no-credentials",
+            Discard::Malformed => "malformed",
+            Discard::ExcessLines => "excess-lines",
+            Discard::Descriptors => "descriptors",
+            Discard::NotAWorker => "not-a-worker",
+        }
+    }
+}
+
+/// One datagram taken off the queue.
+#[derive(Debug)]
+pub struct Receipt {
+    /// Its payload's length.
+    pub bytes: usize,
+    /// The sender, when the kernel said (pid, uid).
+    pub sender: Option<(i32, u32)>,
+    /// What it holds, if anything is to be handled.
+    pub datagram: Option<Datagram>,
+    /// What of it was discarded, with how many (datagrams, lines or
+    /// descriptors).
+    pub discarded: Vec<(Discard, usize)>,
 }
 
 /// The receiving socket workers send to.
@@ -184,6 +252,15 @@ pub struct Receiver {
     path: PathBuf,
     /// `net.unix.max_dgram_qlen` when the socket was made.
     queue_limit: usize,
+    /// The payload buffer, reused by every read.
+    buf: Vec<u8>,
+    /// The control buffer, reused by every read.
+    control: Vec<u8>,
+    /// Whether the kernel refuses descriptors sent to the socket
+    /// (`SO_PASSRIGHTS`).
+    refuses_rights: bool,
+    /// Where passed descriptors go when it does not.
+    rights: crate::closer::Disposer,
 }
 
 /// The queue limit of a unix datagram socket when `/proc` does not say:
@@ -290,6 +367,16 @@ impl Receiver {
     /// when workers drop privileges, since connecting needs write
     /// permission on the file.
     pub fn create(owner: Option<&Credentials>) -> Result<Receiver> {
+        Receiver::create_with(owner, true)
+    }
+
+    /// As [`Receiver::create`]; `refuse_rights: false` leaves
+    /// `SO_PASSRIGHTS` alone, as on a kernel without it (tests of the
+    /// fallback).
+    pub(crate) fn create_with(
+        owner: Option<&Credentials>,
+        refuse_rights: bool,
+    ) -> Result<Receiver> {
         let base = notify_base(owner)?;
         let fail =
             |what: &str, e: &dyn std::fmt::Display| Error::runtime(format!("cannot {what}: {e}"));
@@ -317,12 +404,26 @@ impl Receiver {
         let queue_limit = queue_limit();
         match bind_socket(&path, &dir_fd, owner) {
             Ok(fd) => Ok(Receiver {
+                refuses_rights: refuse_rights && crate::closer::refuse_rights(fd.as_fd()),
                 fd,
                 dir,
                 dir_fd,
                 dir_id,
                 path,
                 queue_limit,
+                // Room for a traceback (the bootstrap sends at most 60000
+                // bytes).
+                buf: vec![0u8; 64 * 1024],
+                // Credentials, the send time and the most descriptors one
+                // message carries: anything that does not fit truncates
+                // (MSG_CTRUNC) the datagram, and descriptors that do not
+                // fit would be released by the kernel in the master.
+                control: nix::cmsg_space!(
+                    libc::ucred,
+                    libc::timespec,
+                    [std::os::fd::RawFd; crate::closer::MAX_FDS_PER_MESSAGE]
+                ),
+                rights: crate::closer::Disposer::default(),
             }),
             Err(e) => {
                 remove_made_dir(&dir, &dir_fd, dir_id);
@@ -345,76 +446,92 @@ impl Receiver {
         self.queue_limit
     }
 
-    /// Receives every queued datagram; drops the malformed ones.
-    pub fn drain(&self) -> Drained {
-        let mut out = Drained::default();
-        // Room for a traceback (the bootstrap sends at most 60000 bytes).
-        let mut buf = vec![0u8; 64 * 1024];
+    /// Whether the kernel refuses descriptors sent to the socket.
+    pub fn refuses_rights(&self) -> bool {
+        self.refuses_rights
+    }
+
+    /// The process that closes passed descriptors, if one runs (only where
+    /// the kernel does not refuse them).
+    pub fn closer(&self) -> Option<nix::unistd::Pid> {
+        self.rights.closer()
+    }
+
+    /// Takes one datagram off the queue, if one is there. A malformed one
+    /// comes back without a datagram, and what was discarded says why.
+    pub fn receive(&mut self) -> Option<Receipt> {
         loop {
-            // Credentials, the send time and up to 16 passed fds: a control
-            // message that does not fit truncates (MSG_CTRUNC) the datagram.
-            let mut cmsg = nix::cmsg_space!(libc::ucred, libc::timespec, [std::os::fd::RawFd; 16]);
-            let mut iov = [IoSliceMut::new(&mut buf)];
+            let mut iov = [IoSliceMut::new(&mut self.buf)];
             let received = recvmsg::<()>(
                 self.fd.as_raw_fd(),
                 &mut iov,
-                Some(&mut cmsg),
+                Some(&mut self.control),
                 MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
             );
-            let (len, flags, pid, sent) = match received {
+            let mut fds: Vec<std::os::fd::RawFd> = Vec::new();
+            let (len, flags, cred, sent) = match received {
                 Ok(msg) => {
-                    let mut pid = None;
+                    let mut cred = None;
                     let mut sent = None;
                     for c in msg.cmsgs().into_iter().flatten() {
                         match c {
-                            ControlMessageOwned::ScmCredentials(cred) => pid = Some(cred.pid()),
-                            ControlMessageOwned::ScmTimestampns(ts) => sent = Some(ts),
-                            ControlMessageOwned::ScmRights(fds) => {
-                                // Unrequested fds would pile up in the
-                                // master's table (a leak anyone could cause).
-                                for fd in fds {
-                                    let _ = nix::unistd::close(fd);
-                                }
+                            ControlMessageOwned::ScmCredentials(c) => {
+                                cred = Some((c.pid(), c.uid()))
                             }
+                            ControlMessageOwned::ScmTimestampns(ts) => sent = Some(ts),
+                            ControlMessageOwned::ScmRights(passed) => fds.extend(passed),
                             _ => {}
                         }
                     }
-                    (msg.bytes, msg.flags, pid, sent)
+                    (msg.bytes, msg.flags, cred, sent)
                 }
                 Err(Errno::EINTR) => continue,
-                Err(Errno::EAGAIN) => break,
+                Err(Errno::EAGAIN) => return None,
                 Err(e) => {
                     tracing::debug!("notify socket receive failed: {}", e.desc());
-                    break;
+                    return None;
                 }
             };
-            out.received += 1;
+            let mut receipt = Receipt {
+                bytes: len,
+                sender: cred.filter(|(pid, _)| *pid > 0),
+                datagram: None,
+                discarded: Vec::new(),
+            };
+            // Never closed here: a close can block (closer.rs).
+            if !fds.is_empty() {
+                self.rights.dispose(&fds);
+                receipt.discarded.push((Discard::Descriptors, fds.len()));
+            }
             if flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
-                tracing::debug!("dropped a truncated notification");
-                continue;
+                receipt.discarded.push((Discard::Truncated, 1));
+                return Some(receipt);
             }
-            let Some(pid) = pid.filter(|p| *p > 0) else {
-                tracing::debug!("dropped a notification without credentials");
-                continue;
+            let Some((pid, uid)) = receipt.sender else {
+                receipt.discarded.push((Discard::NoCredentials, 1));
+                return Some(receipt);
             };
-            let Some(payload) = buf.get(..len) else {
-                continue; // the kernel never reports more than the buffer
-            };
+            // The kernel never reports more than the buffer.
+            let payload = self.buf.get(..len).unwrap_or_default();
             match parse_datagram(payload) {
-                Ok(messages) => out.datagrams.push(Datagram {
-                    pid,
-                    messages,
-                    age: sent.map_or(Duration::ZERO, age_of),
-                }),
-                Err(Dropped::Nul) => {
-                    tracing::debug!(sender = pid, "dropped a notification with a NUL byte")
+                Ok(messages) => {
+                    let excess = excess_lines(payload);
+                    if excess > 0 {
+                        receipt.discarded.push((Discard::ExcessLines, excess));
+                    }
+                    receipt.datagram = Some(Datagram {
+                        pid,
+                        uid,
+                        messages,
+                        age: sent.map_or(Duration::ZERO, age_of),
+                    });
                 }
-                Err(Dropped::NotUtf8) => {
-                    tracing::debug!(sender = pid, "dropped a notification that is not UTF-8")
+                Err(Dropped::Nul | Dropped::NotUtf8) => {
+                    receipt.discarded.push((Discard::Malformed, 1))
                 }
             }
+            return Some(receipt);
         }
-        out
     }
 }
 
@@ -434,6 +551,17 @@ fn age_of(sent: nix::sys::time::TimeSpec) -> Duration {
 impl Drop for Receiver {
     fn drop(&mut self) {
         remove_made_dir(&self.dir, &self.dir_fd, self.dir_id);
+        // Closing the socket releases what is still queued, descriptors
+        // included, here: where the kernel passes them, they go to the
+        // closer first (the path is gone, so no sender can add more; a
+        // bounded number of reads, whatever is sent meanwhile).
+        if !self.refuses_rights {
+            for _ in 0..=self.queue_limit {
+                if self.receive().is_none() {
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -538,171 +666,4 @@ pub fn monotonic_usec() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Instant;
-
-    #[test]
-    fn parses_the_keys_procman_acts_on() {
-        let table: &[(&str, Vec<Message>)] = &[
-            ("READY=1", vec![Message::Ready]),
-            (
-                "READY=1\nSTATUS=up",
-                vec![Message::Ready, Message::Status("up".into())],
-            ),
-            ("WATCHDOG=1", vec![Message::Heartbeat]),
-            ("WATCHDOG=trigger", vec![Message::WatchdogTrigger]),
-            ("STOPPING=1", vec![Message::Stopping]),
-            ("RELOADING=1", vec![Message::Reloading]),
-            ("ERRNO=2", vec![Message::Errno("2".into())]),
-            (
-                "EXTEND_TIMEOUT_USEC=5000000",
-                vec![Message::ExtendTimeout(Duration::from_secs(5))],
-            ),
-            ("EXTEND_TIMEOUT_USEC=soon", vec![]),
-            (
-                "X_PROCMAN_RECYCLE=max-requests",
-                vec![Message::Recycle("max-requests".into())],
-            ),
-            (
-                "X_PROCMAN_TRACEBACK=\"Traceback:\\n  boom\\n\"",
-                vec![Message::Traceback("Traceback:\n  boom\n".into())],
-            ),
-            ("X_PROCMAN_TRACEBACK=not json", vec![]),
-            ("READY=0", vec![]),
-            ("FOO=bar\nnoequals\n", vec![]),
-            ("MAINPID=1", vec![]),
-            ("", vec![]),
-        ];
-        for (text, want) in table {
-            assert_eq!(&parse(text), want, "{text:?}");
-        }
-    }
-
-    #[test]
-    fn receiver_reads_credentials_and_closes_passed_fds() {
-        let rx = Receiver::create(None).expect("receiver");
-        let tx = UnixDatagram::unbound().expect("socket");
-        tx.send_to(b"READY=1\nSTATUS=hi", rx.path()).expect("send");
-        tx.send_to(b"WATCH\0DOG=1", rx.path()).expect("send");
-        let got = rx.drain();
-        assert_eq!(got.received, 2, "both datagrams left the queue");
-        let got = got.datagrams;
-        assert_eq!(got.len(), 1, "the NUL datagram is dropped");
-        assert_eq!(got[0].pid, std::process::id() as i32);
-        assert_eq!(got[0].messages[0], Message::Ready);
-        assert_eq!(rx.drain().received, 0);
-    }
-
-    #[test]
-    fn a_datagram_read_late_carries_its_send_time() {
-        let rx = Receiver::create(None).expect("receiver");
-        let tx = UnixDatagram::unbound().expect("socket");
-        tx.send_to(b"WATCHDOG=1", rx.path()).expect("send");
-        // The scenario: the datagram waits in the queue (load only makes
-        // the wait longer, and only a lower bound is checked).
-        let waited = Instant::now();
-        std::thread::sleep(Duration::from_millis(200));
-        let got = rx.drain().datagrams;
-        assert_eq!(got.len(), 1);
-        assert!(
-            got[0].age >= Duration::from_millis(190),
-            "aged {:?} while queued for at least {:?}",
-            got[0].age,
-            waited.elapsed()
-        );
-    }
-
-    #[test]
-    fn the_queue_limit_is_the_kernels() {
-        let rx = Receiver::create(None).expect("receiver");
-        let tx = UnixDatagram::unbound().expect("socket");
-        tx.set_nonblocking(true).expect("nonblocking");
-        // The kernel refuses a datagram once more than the limit are queued.
-        let mut sent = 0;
-        while tx.send_to(b"WATCHDOG=1", rx.path()).is_ok() {
-            sent += 1;
-            assert!(sent <= rx.queue_limit() + 1, "more queued than the limit");
-        }
-        // With a large limit the sender's own buffer (net.core.wmem_default,
-        // which queued datagrams are charged to) may run out first.
-        if rx.queue_limit() <= 64 {
-            assert_eq!(
-                sent,
-                rx.queue_limit() + 1,
-                "the socket holds the limit and one"
-            );
-        }
-        assert_eq!(rx.drain().received, sent);
-    }
-}
-
-#[cfg(test)]
-mod properties {
-    use super::*;
-    use proptest::prelude::*;
-
-    /// One line's value: anything but a newline (which ends the line).
-    fn value() -> impl Strategy<Value = String> {
-        "[^\n\x00]{0,40}"
-    }
-
-    fn message() -> impl Strategy<Value = Message> {
-        prop_oneof![
-            Just(Message::Ready),
-            Just(Message::Reloading),
-            Just(Message::Stopping),
-            Just(Message::Heartbeat),
-            Just(Message::WatchdogTrigger),
-            value().prop_map(Message::Status),
-            value().prop_map(Message::Errno),
-            any::<u64>().prop_map(|us| Message::ExtendTimeout(Duration::from_micros(us))),
-            value().prop_map(Message::Recycle),
-            value().prop_map(Message::Error),
-            any::<String>().prop_map(Message::Traceback),
-        ]
-    }
-
-    /// Bytes shaped like a notification, so that many cases parse.
-    fn notification_like() -> impl Strategy<Value = Vec<u8>> {
-        let key = prop::sample::select(vec![
-            "READY",
-            "RELOADING",
-            "STOPPING",
-            "WATCHDOG",
-            "STATUS",
-            "ERRNO",
-            "EXTEND_TIMEOUT_USEC",
-            "X_PROCMAN_RECYCLE",
-            "X_PROCMAN_ERROR",
-            "X_PROCMAN_TRACEBACK",
-            "MAINPID",
-            "",
-        ]);
-        let line = (key, prop::collection::vec(any::<u8>(), 0..12)).prop_map(|(k, v)| {
-            let mut l = format!("{k}=").into_bytes();
-            l.extend(v);
-            l
-        });
-        prop::collection::vec(line, 0..5).prop_map(|lines| lines.join(&b'\n'))
-    }
-
-    proptest! {
-        #![proptest_config(crate::testing::proptest_cases(512))]
-
-        #[test]
-        fn any_payload_is_parsed_or_dropped_without_panic(
-            payload in prop_oneof![prop::collection::vec(any::<u8>(), 0..512), notification_like()],
-        ) {
-            if let Ok(messages) = parse_datagram(&payload) {
-                prop_assert!(messages.len() <= payload.len());
-            }
-        }
-
-        #[test]
-        fn formatted_messages_parse_back(messages in prop::collection::vec(message(), 0..8)) {
-            let text = messages.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("\n");
-            prop_assert_eq!(parse_datagram(text.as_bytes()), Ok(messages));
-        }
-    }
-}
+mod tests;

@@ -315,6 +315,26 @@ pub fn notify_urgent(table: &Table, reloading: bool) -> bool {
     reloading || table.iter().any(|w| !w.is_ready())
 }
 
+/// The most notify datagrams the master reads in one batch (one pass of
+/// its loop reads one batch, and one more before each reap and spawn).
+/// Then it goes back to signals, reaping and the endpoints, and comes back
+/// at once (the socket is polled while anything is left).
+pub const NOTIFY_BATCH_DATAGRAMS: usize = 64;
+
+/// The most payload bytes the master reads in one batch: 4 datagrams of
+/// the largest size (a traceback), thousands of ordinary ones.
+pub const NOTIFY_BATCH_BYTES: usize = 256 * 1024;
+
+/// How often at most the master warns that it dropped notifications (what
+/// was dropped meanwhile is counted, and said in the next warning).
+pub const NOTIFY_DROP_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// Whether a batch that read `datagrams` datagrams and `bytes` bytes is
+/// full: the rest waits for the next one.
+pub fn notify_batch_full(datagrams: usize, bytes: usize) -> bool {
+    datagrams >= NOTIFY_BATCH_DATAGRAMS || bytes >= NOTIFY_BATCH_BYTES
+}
+
 /// Whether a read after a period without polling found the queue fuller
 /// than [`drain_period`] allows: the workers notify faster than assumed
 /// (a command worker beating more often than 3 times a timeout).

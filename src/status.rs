@@ -127,6 +127,9 @@ pub struct Snapshot {
     pub reloads: BTreeMap<String, u64>,
     /// Accept queue length per bind address (TCP listeners).
     pub listen_queue: Vec<(String, u64)>,
+    /// What the notify socket discarded, by reason.
+    #[serde(default)]
+    pub notify_dropped: BTreeMap<String, u64>,
 }
 
 impl Snapshot {

@@ -1,7 +1,8 @@
 //! Notifications from workers (sd_notify datagrams on the master's
 //! socket): attributed to a worker by the sender's credentials (the
 //! worker itself or one of its descendants), then handled as events; and
-//! when the master reads them ([`Inbox`]).
+//! when the master reads them (the pace; how much at a time is in
+//! `inbox.rs`).
 //!
 //! Lazy heartbeats. Every ready worker sends `WATCHDOG=1` 3 times per
 //! `--timeout`; an idle master that woke for each would wake 3 times per
@@ -10,8 +11,9 @@
 //! ([`crate::policy::notify_pace`]): while a worker is starting or
 //! stopping, during a reload, when no worker sends heartbeats (nothing to
 //! batch), when the workers are too many for the socket's queue, or once
-//! the queue was found crowded. Otherwise the
-//! master reads it (non-blocking, until empty) at every wake-up for any
+//! the queue was found crowded (and while a read left datagrams in it,
+//! inbox.rs). Otherwise the
+//! master reads it (non-blocking, one bounded batch) at every wake-up for any
 //! reason (before reaping, before a deadline is acted on, before a status
 //! or metrics answer is built: the loop reads it right after `poll`), and
 //! at the latest one drain period after the previous read (the deadline
@@ -50,99 +52,20 @@ use tracing::{debug, info, warn};
 
 use super::lifecycle::mark_ready;
 use super::{Event, Master};
-use crate::notify::{Datagram, Message, Receiver};
+use crate::notify::{Datagram, Message};
 use crate::policy::{self, Pace};
 use crate::procfs;
 use crate::workers::{Stop, WorkerState};
 
-/// The notify socket and when it was read.
-pub(super) struct Inbox {
-    receiver: Receiver,
-    /// The end of the previous read: nothing queued then is still queued,
-    /// so every datagram read since was sent after it.
-    last_read: Instant,
-    /// The pace of the last wait.
-    pace: Pace,
-    /// The socket was out of the poll set since the previous read: this
-    /// read shows how full the queue grew unwatched.
-    unwatched: bool,
-    /// A read after an unwatched period found the queue fuller than the
-    /// period allows: polled from then on.
-    crowded: bool,
-}
-
-impl Inbox {
-    pub(super) fn new(receiver: Receiver, now: Instant) -> Inbox {
-        Inbox {
-            receiver,
-            last_read: now,
-            pace: Pace::Poll,
-            unwatched: false,
-            crowded: false,
-        }
-    }
-
-    pub(super) fn receiver(&self) -> &Receiver {
-        &self.receiver
-    }
-
-    pub(super) fn crowded(&self) -> bool {
-        self.crowded
-    }
-
-    /// When the socket is due for a read while it is not polled: by the
-    /// pace of the last wait ([`Inbox::set_pace`]), which is what left it
-    /// unwatched, so the pace is decided once per wait.
-    pub(super) fn deadline(&self) -> Option<Instant> {
-        match self.pace {
-            Pace::Poll => None,
-            Pace::Drain(period) => Some(self.last_read + period),
-        }
-    }
-
-    /// The pace the coming wait uses; returns whether it changed.
-    pub(super) fn set_pace(&mut self, pace: Pace) -> bool {
-        let changed = std::mem::discriminant(&pace) != std::mem::discriminant(&self.pace);
-        self.pace = pace;
-        self.unwatched |= pace != Pace::Poll;
-        changed
-    }
-
-    /// Reads every queued datagram, each with when it was sent: `now` less
-    /// its age, but not before the previous read (a wall clock stepped
-    /// forward meanwhile would age it too much).
-    fn read(&mut self, now: Instant) -> Vec<(Datagram, Instant)> {
-        let drained = self.receiver.drain();
-        let limit = self.receiver.queue_limit();
-        let unwatched = std::mem::take(&mut self.unwatched);
-        if unwatched && !self.crowded && policy::crowded(drained.received, limit) {
-            self.crowded = true;
-            info!(
-                event = "notify-pace",
-                pace = "poll",
-                "{} notifications were queued after an idle period (the queue holds {limit}): reading each as it arrives from now on",
-                drained.received
-            );
-        }
-        let since = self.last_read;
-        self.last_read = now;
-        drained
-            .datagrams
-            .into_iter()
-            .map(|d| {
-                let sent = now.checked_sub(d.age).unwrap_or(since).max(since);
-                (d, sent.min(now))
-            })
-            .collect()
-    }
-}
-
 impl Master {
-    /// Reads the notify socket until it is empty and handles what it held.
+    /// Reads one batch from the notify socket (until it is empty or the
+    /// batch full), handling each datagram as it is read.
     pub(super) fn drain_notifications(&mut self, now: Instant) {
-        for (datagram, sent) in self.notify.read(now) {
+        let mut batch = self.notify.begin();
+        while let Some((datagram, sent)) = self.notify.next(&mut batch, now) {
             self.dispatch_datagram(datagram, sent, now);
         }
+        self.notify.end(batch, now);
     }
 
     /// How the notify socket is read now (see the module's comment).
@@ -176,7 +99,9 @@ impl Master {
                 ),
             }
         }
-        pace == Pace::Poll
+        // Datagrams left after a full batch: the next pass reads on at
+        // once (the socket is readable), with every other event in its poll.
+        pace == Pace::Poll || self.notify.backlog()
     }
 
     /// Attributes a datagram to a worker by the sender's credentials:
@@ -198,6 +123,7 @@ impl Master {
             owning_worker(d.pid, |p| self.table.get(Pid::from_raw(p)).is_some()).map(Pid::from_raw)
         };
         let Some(worker) = worker else {
+            self.notify.not_a_worker(&d, now);
             debug!(
                 event = "notify-dropped",
                 process = d.pid,
@@ -365,28 +291,7 @@ fn owning_worker_by(
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::net::UnixDatagram;
-    use std::time::Duration;
-
     use super::*;
-
-    /// Sends each datagram from a socket of its own, as workers do: queued
-    /// datagrams are charged to their sender's buffer, which one socket
-    /// sending hundreds could fill before the queue limit (512 with
-    /// systemd's setting).
-    struct Sender(std::path::PathBuf);
-
-    impl Sender {
-        fn send(&self, payload: &[u8]) -> std::io::Result<usize> {
-            UnixDatagram::unbound()?.send_to(payload, &self.0)
-        }
-    }
-
-    fn inbox(now: Instant) -> (Inbox, Sender) {
-        let rx = Receiver::create(None).expect("receiver");
-        let tx = Sender(rx.path().to_path_buf());
-        (Inbox::new(rx, now), tx)
-    }
 
     /// A /proc of made-up processes: pid → (ppid, pgrp, session).
     fn fake_stat(procs: &[(i32, i32, i32, i32)]) -> impl Fn(i32) -> Option<procfs::Stat> + '_ {
@@ -425,58 +330,5 @@ mod tests {
         assert_eq!(owner(400), Some(200), "by its ancestry");
         assert_eq!(owner(500), None, "its group is no claim");
         assert_eq!(owner(999), None, "gone");
-    }
-
-    #[test]
-    fn a_datagram_is_dated_between_the_previous_read_and_this_one() {
-        let start = Instant::now();
-        let (mut inbox, tx) = inbox(start);
-        tx.send(b"WATCHDOG=1").expect("send");
-        let now = Instant::now();
-        let read = inbox.read(now);
-        assert_eq!(read.len(), 1);
-        let sent = read[0].1;
-        assert!(
-            start <= sent && sent <= now,
-            "{sent:?} not in [{start:?}, {now:?}]"
-        );
-        // The next read's datagrams are dated after this read.
-        tx.send(b"WATCHDOG=1").expect("send");
-        let later = Instant::now();
-        let read = inbox.read(later);
-        assert!(read[0].1 >= now && read[0].1 <= later);
-    }
-
-    #[test]
-    fn a_crowded_queue_after_an_unwatched_period_means_polling_for_good() {
-        let now = Instant::now();
-        let (mut inbox, tx) = inbox(now);
-        let limit = inbox.receiver().queue_limit();
-        let budget = policy::notify_budget(limit);
-        // Watched (polled): a full read says nothing about the pace.
-        for _ in 0..=budget {
-            tx.send(b"WATCHDOG=1").expect("send");
-        }
-        inbox.set_pace(Pace::Poll);
-        inbox.read(now);
-        assert!(!inbox.crowded(), "a polled socket is not judged");
-        // Unwatched, within the budget: still lazy.
-        inbox.set_pace(Pace::Drain(Duration::from_secs(20)));
-        for _ in 0..budget {
-            tx.send(b"WATCHDOG=1").expect("send");
-        }
-        inbox.read(now);
-        assert!(!inbox.crowded(), "{budget} datagrams fit the budget");
-        // Unwatched, beyond it: polled from then on.
-        inbox.set_pace(Pace::Drain(Duration::from_secs(20)));
-        for _ in 0..=budget {
-            tx.send(b"WATCHDOG=1").expect("send");
-        }
-        inbox.read(now);
-        assert!(
-            inbox.crowded(),
-            "{} datagrams exceed the budget",
-            budget + 1
-        );
     }
 }

@@ -369,6 +369,13 @@ impl Master {
                 .map(|(r, n)| (r.to_string(), *n))
                 .collect(),
             listen_queue,
+            notify_dropped: {
+                let mut dropped = self.notify.dropped();
+                for (reason, n) in self.urgent.dropped() {
+                    *dropped.entry(reason).or_default() += n;
+                }
+                dropped
+            },
         }
     }
 }

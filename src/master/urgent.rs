@@ -16,12 +16,20 @@
 //! and handled the same way ([`Master::dispatch_datagram`]): a message is
 //! never worth less for arriving here. A worker that sends heartbeats here
 //! only wakes the master for each, as it could by flooding the main socket
-//! while that is polled; reads are bounded by the socket's queue.
+//! while that is polled. It is read through an [`Inbox`] like the main
+//! socket, so in the same bounded batches (datagrams, bytes and lines per
+//! datagram, passed descriptors refused or handed to the closer), with what
+//! it discards counted; a batch that leaves datagrams queued leaves the
+//! socket readable, so the next `poll` returns at once, with every other
+//! event in it.
 
 use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::time::Instant;
 
+use std::collections::BTreeMap;
+
+use super::inbox::Inbox;
 use super::Master;
 use crate::error::Result;
 use crate::identity::Credentials;
@@ -32,33 +40,42 @@ pub(super) const ENV: &str = "PROCMAN_URGENT_SOCKET";
 
 /// The urgent socket.
 pub(super) struct Urgent {
-    receiver: Receiver,
+    inbox: Inbox,
 }
 
 impl Urgent {
-    pub(super) fn create(owner: Option<&Credentials>) -> Result<Urgent> {
+    pub(super) fn create(owner: Option<&Credentials>, now: Instant) -> Result<Urgent> {
         Ok(Urgent {
-            receiver: Receiver::create(owner)?,
+            inbox: Inbox::new(Receiver::create(owner)?, now),
         })
     }
 
     /// Its path, for [`ENV`].
     pub(super) fn path(&self) -> &Path {
-        self.receiver.path()
+        self.inbox.receiver().path()
+    }
+
+    /// What it discarded so far, by reason (added to the main socket's in
+    /// `/metrics`).
+    pub(super) fn dropped(&self) -> BTreeMap<String, u64> {
+        self.inbox.dropped()
     }
 
     /// For the poll set: always in it.
     pub(super) fn fd(&self) -> BorrowedFd<'_> {
-        self.receiver.fd()
+        self.inbox.receiver().fd()
     }
 }
 
 impl Master {
-    /// Reads the urgent socket until it is empty and handles what it held.
-    /// Polled, it is read as datagrams arrive: each counts as sent now.
+    /// Reads one bounded batch of the urgent socket and handles each
+    /// datagram as it is read. Polled, it is read as datagrams arrive: each
+    /// counts as sent now.
     pub(super) fn read_urgent(&mut self, now: Instant) {
-        for datagram in self.urgent.receiver.drain().datagrams {
+        let mut batch = self.urgent.inbox.begin();
+        while let Some((datagram, _)) = self.urgent.inbox.next(&mut batch, now) {
             self.dispatch_datagram(datagram, now, now);
         }
+        self.urgent.inbox.end(batch, now);
     }
 }

@@ -28,6 +28,7 @@ pub mod generate;
 
 // Start-up: logging, then the steps before the first worker.
 pub mod escape;
+pub mod journal;
 pub mod logging;
 pub mod pidfile;
 pub mod safefs;

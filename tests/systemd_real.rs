@@ -367,6 +367,9 @@ fn procman_under_a_real_systemd() {
         c.journal()
     );
     assert!(c.curl().status.success(), "{}", c.journal());
+    // ExecReload='s way in: the control socket, root's alone.
+    let sock = c.run(&["stat", "-c", "%a %U", "/run/procman/control.sock"], LONG);
+    assert_eq!(text(&sock).trim(), "600 root");
     let app = std::fs::read_to_string(c.path("/srv/app/app.py")).expect("app.py");
 
     // 2. The journal has procman's events as fields.

@@ -471,6 +471,12 @@ fn procman_under_a_real_systemd() {
                 && m.ends_with("RuntimeError: broken deploy"))),
         "the traceback is one entry: {errors:?}"
     );
+    assert!(
+        errors.iter().any(|e| e["MESSAGE"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("procman: error: reload failed: "))),
+        "systemctl reload's reason, from procman reload: {errors:?}"
+    );
     c.write("/srv/app/app.py", &app);
 
     // 5. A stop leaves nothing behind.

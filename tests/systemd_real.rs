@@ -19,7 +19,8 @@
 //! workers (2 cores). A container that cannot boot fails the test in one
 //! line. The container is powered off (killed past a deadline) and the
 //! cgroup directories nspawn leaves on the host are removed, also when a
-//! check fails. One test function: one container at a time.
+//! check fails. One test function, and a lock file: one container at a
+//! time on a machine.
 
 mod util;
 
@@ -331,6 +332,13 @@ fn procman_under_a_real_systemd() {
         "the real-systemd suite cannot run: {} is missing (scripts/test builds it with scripts/systemd-root)",
         root.display()
     );
+    // Two nspawns started this way would share the host's cgroup: one
+    // container at a time on this machine, also across checkouts.
+    let lock = File::create("/run/lock/procman-systemd-real.lock")
+        .or_else(|_| File::create("/tmp/procman-systemd-real.lock"))
+        .expect("lock file");
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .unwrap_or_else(|(_, e)| panic!("cannot lock the container lock file: {e}"));
     let tmp = temp_dir("systemd-real");
     let c = Container::boot(&root, &tmp).unwrap_or_else(|why| panic!("{why}"));
 

@@ -223,3 +223,40 @@ fn reload_status_counts_the_new_generation_and_a_failure_is_shown_until_the_next
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
 }
+
+#[test]
+fn while_reloading_a_new_workers_extension_reaches_systemd() {
+    let dir = temp_dir("sd-reload-extend");
+    let path = dir.join("notify");
+    let mut fake = FakeSystemd::at(&path);
+    // Generation 1 is ready at once; later ones ask for 20 s more first.
+    let w = notify_worker().join(" ");
+    let script = format!(
+        "if [ \"$PROCMAN_GENERATION\" = 1 ]; then exec {w} --ready-after 0.2; fi; \
+         {} --no-block EXTEND_TIMEOUT_USEC=20000000 & exec {w} --ready-after 2",
+        systemd_notify()
+    );
+    let mut h = Start::new(
+        "sd-reload-extend",
+        &["--ready", "notify", "-w", "2", "--", "sh", "-c", &script],
+    )
+    .json()
+    .env("NOTIFY_SOCKET", path.to_str().expect("utf8"))
+    .spawn();
+    let ready = fake.wait("READY=1", 0).expect("READY=1");
+    h.check(
+        extensions(&fake.got[..ready]).is_empty(),
+        "nothing asked while booting",
+    );
+    h.signal(Signal::SIGHUP);
+    let reloading = fake.wait("RELOADING=1", ready + 1).expect("RELOADING=1");
+    let done = fake.wait("READY=1", reloading + 1);
+    h.check(done.is_some(), "the reload ended");
+    let ext = extensions(&fake.got[reloading..done.unwrap_or(reloading)]);
+    h.check(
+        !ext.is_empty() && ext.iter().all(|&e| e > 0 && e <= 20_000_000),
+        &format!("the new workers' extension forwarded during the reload: {ext:?}"),
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}

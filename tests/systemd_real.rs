@@ -4,8 +4,8 @@
 //! a throw-away overlay), booted once for every check, in order:
 //!
 //! 1. a worker's EXTEND_TIMEOUT_USEC past `TimeoutStartSec=5` lets the
-//!    start succeed, and `systemctl start` returns once every worker is
-//!    ready (STATUS= says so at once);
+//!    start and a reload succeed, and `systemctl start` returns once every
+//!    worker is ready (STATUS= says so at once);
 //! 2. the journal holds procman's entries with their fields
 //!    (`journalctl -u procman EVENT=ready`);
 //! 3. a socket-activated `systemctl restart` under a bounded client loop
@@ -361,6 +361,14 @@ fn procman_under_a_real_systemd() {
     // more as they go: the start succeeds.
     c.systemctl(&["start", "procman.socket", "procman.service"]);
     assert_eq!(c.show("ActiveState"), "active");
+    // The same for a reload (its job runs under TimeoutStartSec= too).
+    c.systemctl(&["reload", "procman.service"]);
+    assert_eq!(
+        c.show("StatusText"),
+        "2/2 workers ready, generation 2",
+        "{}",
+        c.journal()
+    );
     c.systemctl(&["stop", "procman.service"]);
     std::fs::remove_file(c.path(drop_in)).expect("rm drop-in");
     c.systemctl(&["daemon-reload"]);
@@ -392,7 +400,9 @@ fn procman_under_a_real_systemd() {
     assert!(
         entries.len() >= 2
             && entries.iter().all(|e| e["PRIORITY"] == "6"
-                && e["GENERATION"] == "1"
+                && e["GENERATION"]
+                    .as_str()
+                    .is_some_and(|g| g.parse::<u64>().is_ok())
                 && e["SLOT"].is_string()
                 && e["WORKER"].is_string()
                 && e["SYSLOG_IDENTIFIER"] == "procman"

@@ -23,9 +23,14 @@
 //! client would pass a larger entry in a sealed memfd; procman's lines
 //! never need it).
 //!
-//! What workers write to their stderr is not changed: they inherit the
-//! journal stream, whose lines journald attributes to the unit and stores
-//! at priority 6 (or the priority of a `<N>` prefix they write).
+//! A uvicorn worker's bootstrap is told (`log_format` "journal") and
+//! writes its loggers' lines (uvicorn's, procman's, Python's last resort)
+//! the same way, with `WORKER` (its pid), `SLOT`, `GENERATION` and
+//! `LOGGER`; journald knows it as the sender. What else workers write to
+//! their stderr (print(), an app's own handlers, a command worker) is not
+//! changed: they inherit the journal stream, whose lines journald
+//! attributes to the unit, under procman's pid, at priority 6 (or that of
+//! a `<N>` prefix they write).
 //!
 //! `PROCMAN_JOURNAL_SOCKET` replaces the socket's path: the tests point it
 //! at a socket they read.
@@ -33,6 +38,7 @@
 use std::io;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use tracing::Level;
@@ -49,6 +55,15 @@ const MAX_VALUE: usize = 4096;
 /// The connected native socket; `None` when the journal could not be
 /// reached at start (stream lines then).
 static JOURNAL: Mutex<Option<UnixDatagram>> = Mutex::new(None);
+
+/// Whether the master's log goes to the journal (set once, by
+/// [`open`]): uvicorn workers are told to write there too.
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+/// Whether the master's log goes to the journal.
+pub fn active() -> bool {
+    ACTIVE.load(Ordering::Relaxed)
+}
 
 /// Whether fd 2 is the journal stream systemd set up for procman.
 pub fn stderr_is_journal() -> bool {
@@ -73,6 +88,7 @@ fn stream_matches(value: Option<&str>, stat: Option<(u64, u64)>) -> bool {
 /// Connects to the native socket (or `PROCMAN_JOURNAL_SOCKET`). Without
 /// it, entries become stream lines on stderr.
 pub fn open() {
+    ACTIVE.store(true, Ordering::Relaxed);
     let path = std::env::var_os("PROCMAN_JOURNAL_SOCKET")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(SOCKET));

@@ -210,3 +210,34 @@ fn journal_with_a_log_file_is_refused_in_one_line() {
         "{err}"
     );
 }
+
+#[test]
+fn a_uvicorn_workers_own_lines_are_journal_entries_attributed_to_it() {
+    let start = uvicorn(
+        "journal-worker",
+        &fastapi_dir(),
+        "app:main",
+        &["--log-format", "journal", "-w", "1"],
+    );
+    let path = start.dir().join("journal.sock");
+    let mut journal = FakeJournal::at(&path);
+    let mut h = start
+        .env("PROCMAN_JOURNAL_SOCKET", path.to_str().expect("utf8"))
+        .spawn();
+    let ready = journal.wait("the worker ready", |e| field(e, "EVENT") == "ready");
+    let pid = field(&ready, "WORKER").to_string();
+    // uvicorn's own "Application startup complete." from the worker.
+    let own = journal.wait("a line of the worker's own", |e| {
+        field(e, "WORKER") == pid && field(e, "LOGGER").starts_with("uvicorn")
+    });
+    h.check(
+        field(&own, "PRIORITY") == "6"
+            && field(&own, "SLOT") == "0"
+            && field(&own, "GENERATION") == "1"
+            && field(&own, "SYSLOG_IDENTIFIER") == "procman"
+            && !field(&own, "MESSAGE").starts_with('['),
+        &format!("the worker's line: {:?}", journal.shown()),
+    );
+    h.signal(Signal::SIGTERM);
+    h.wait_exit(BOOT);
+}

@@ -7,7 +7,8 @@
 //!    start and a reload succeed, and `systemctl start` returns once every
 //!    worker is ready (STATUS= says so at once);
 //! 2. the journal holds procman's entries with their fields
-//!    (`journalctl -u procman EVENT=ready`);
+//!    (`journalctl -u procman EVENT=ready`), and a uvicorn worker's own
+//!    lines as entries of that worker;
 //! 3. a socket-activated `systemctl restart` under a bounded client loop
 //!    loses no request;
 //! 4. `systemctl reload` to a broken app exits non-zero while the old
@@ -411,6 +412,32 @@ fn procman_under_a_real_systemd() {
                     .is_some_and(|m| m.starts_with("Worker "))),
         "journalctl EVENT=ready: {}",
         text(&ready)
+    );
+
+    // A uvicorn worker's own lines: entries of the worker (journald's
+    // _PID is the sender), with its fields.
+    let own = c.run(
+        &[
+            "journalctl",
+            "-u",
+            "procman",
+            "-o",
+            "json",
+            "LOGGER=uvicorn.error",
+        ],
+        LONG,
+    );
+    let own: Vec<serde_json::Value> = String::from_utf8_lossy(&own.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        own.iter().any(|e| e["WORKER"].is_string()
+            && e["_PID"] == e["WORKER"]
+            && e["SLOT"].is_string()
+            && e["PRIORITY"] == "6"
+            && entries.iter().any(|r| r["WORKER"] == e["WORKER"])),
+        "a worker's own lines, attributed to it: {own:?}"
     );
 
     // 3. A restart under a client loop: systemd holds the socket.

@@ -72,6 +72,8 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+    /// Entries in the systemd journal (journal.rs).
+    Journal,
 }
 
 impl LogFormat {
@@ -80,6 +82,7 @@ impl LogFormat {
         match self {
             LogFormat::Text => "text",
             LogFormat::Json => "json",
+            LogFormat::Journal => "journal",
         }
     }
 }
@@ -407,13 +410,23 @@ impl Config {
         }
 
         let v = cli.value("log-format");
-        let Some(log_format) = [LogFormat::Text, LogFormat::Json]
+        let Some(log_format) = [LogFormat::Text, LogFormat::Json, LogFormat::Journal]
             .into_iter()
             .find(|f| f.name() == v)
         else {
-            return Err(invalid("log-format", v, "expected 'text' or 'json'"));
+            return Err(invalid(
+                "log-format",
+                v,
+                "expected 'text', 'json' or 'journal'",
+            ));
         };
         let log_file = outputs::log_file(cli)?;
+        if log_format == LogFormat::Journal && log_file.is_some() {
+            return Err(belongs(
+                "log-file",
+                "'--log-format journal' writes to the journal, not to '--log-file'",
+            ));
+        }
 
         if cli.flag("reuse-port") && cli.flag("preload") {
             return Err(Error::usage(

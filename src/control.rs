@@ -146,7 +146,10 @@ pub fn run_client(args: &[String]) -> ExitCode {
     let reply = match ask(&socket, &request, timeout) {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("procman: error: control socket {socket}: {e}");
+            eprintln!(
+                "{}procman: error: control socket {socket}: {e}",
+                err_prefix()
+            );
             return ExitCode::from(3);
         }
     };
@@ -157,7 +160,8 @@ pub fn run_client(args: &[String]) -> ExitCode {
             .unwrap_or("refused");
         // The reason may quote a worker (its X_PROCMAN_ERROR).
         eprintln!(
-            "procman: error: {} failed: {}",
+            "{}procman: error: {} failed: {}",
+            err_prefix(),
             args[0],
             crate::escape::text(why)
         );
@@ -183,6 +187,16 @@ pub fn run_client(args: &[String]) -> ExitCode {
         _ => println!("stopping"),
     }
     ExitCode::SUCCESS
+}
+
+/// `<3>` when stderr is the journal (the client as a unit's ExecReload=),
+/// so that journald stores the error at priority err.
+fn err_prefix() -> &'static str {
+    if crate::journal::stderr_is_journal() {
+        "<3>"
+    } else {
+        ""
+    }
 }
 
 /// Sends one request and reads one response line.

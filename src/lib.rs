@@ -9,7 +9,7 @@
 //! import cycles):
 //! `main → startup → master (and master/*) → the parts (classes, zygote,
 //! logging, generate, layers → config → cli) → the edges (policy, workers, spawn,
-//! bind, notify, signals, pid, pidfile, priority) → the leaves (error, identity,
+//! bind, notify, journal, signals, pid, pidfile, priority) → the leaves (error, identity,
 //! safefs, procfs, cpus, escape)`. A lower module never names a higher one: what it
 //! needs from above is passed in as a value.
 
@@ -28,6 +28,7 @@ pub mod generate;
 
 // Start-up: logging, then the steps before the first worker.
 pub mod escape;
+pub mod journal;
 pub mod logging;
 pub mod pidfile;
 pub mod safefs;

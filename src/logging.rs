@@ -20,6 +20,10 @@
 //! start a refused file ends procman (exit 1, a runtime failure like a
 //! held pidfile); at USR1 the old file stays open and one warning says why.
 //!
+//! Under systemd (stderr is the journal, or `--log-format journal`), the
+//! events go to the journal natively instead, with their priority and
+//! fields (journal.rs).
+//!
 //! Text: `[2026-11-27T09:40:00.123456Z] [4242] [INFO] Booting worker 2 with pid 4243`
 //! JSON: `{"timestamp":"…","level":"INFO","pid":4242,"message":"…","event":"booting","worker":4243,"slot":2,"generation":1}`
 //!
@@ -174,6 +178,8 @@ const STRUCTURED: &[&str] = &[
 struct Line {
     pid: u32,
     json: bool,
+    /// Entries to the journal (see journal.rs), not lines.
+    journal: bool,
 }
 
 fn level_name(level: &Level) -> &'static str {
@@ -202,6 +208,28 @@ where
         let mut time = String::new();
         SystemTime.format_time(&mut Writer::new(&mut time))?;
         let level = level_name(event.metadata().level());
+        if self.journal {
+            // Escaped as in text lines; a traceback's lines follow the
+            // message in the same entry.
+            let mut message = escape::text(&fields.message).into_owned();
+            for tb_line in fields
+                .traceback
+                .iter()
+                .flat_map(|tb| tb.trim_end().split('\n'))
+            {
+                message.push('\n');
+                message.push_str(&escape::text(tb_line.strip_suffix('\r').unwrap_or(tb_line)));
+            }
+            let entry = crate::journal::Entry {
+                level: event.metadata().level(),
+                message: &message,
+                fields: &fields.rest,
+            };
+            return match crate::journal::send(&entry) {
+                Ok(()) => Ok(()),
+                Err(lines) => write!(writer, "{lines}"),
+            };
+        }
         if self.json {
             let mut obj = serde_json::Map::new();
             obj.insert("timestamp".into(), time.into());
@@ -290,12 +318,19 @@ pub fn init(
         LogLevel::Debug => Level::DEBUG,
         LogLevel::Trace => Level::TRACE,
     };
+    // Under systemd, text goes to the journal natively; JSON stays JSON.
+    let journal = format == LogFormat::Journal
+        || (format == LogFormat::Text && file.is_none() && crate::journal::stderr_is_journal());
+    if journal {
+        crate::journal::open();
+    }
     let _ = tracing_subscriber::fmt()
         .with_max_level(filter)
         .with_writer(Sink)
         .event_format(Line {
             pid: std::process::id(),
             json: format == LogFormat::Json,
+            journal,
         })
         .try_init();
     Ok(())
@@ -413,7 +448,11 @@ mod tests {
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(Level::TRACE)
             .with_writer(buffer.clone())
-            .event_format(Line { pid: 42, json })
+            .event_format(Line {
+                pid: 42,
+                json,
+                journal: false,
+            })
             .finish();
         tracing::subscriber::with_default(subscriber, log);
         let bytes = buffer.0.lock().map(|v| v.clone()).unwrap_or_default();

@@ -235,6 +235,7 @@ impl Master {
         loop {
             let now = Instant::now();
             self.act(now);
+            self.report_status();
             self.flush_endpoints(now);
             if let MasterState::Stopping { outcome, .. } = &self.state {
                 // Done only when no process of any group we created remains.
@@ -557,8 +558,8 @@ impl Master {
                 self.settings.target,
                 plural(self.settings.target)
             );
-            self.systemd
-                .send(&format!("READY=1\nSTATUS={}", self.status_line()));
+            let status = self.status_line();
+            self.systemd.send(&format!("READY=1\nSTATUS={status}"));
         }
         if let Some(generation) = self.reload.as_ref().map(|r| r.generation) {
             let outdated = self
@@ -571,17 +572,14 @@ impl Master {
         }
     }
 
+    /// What systemd shows (see `systemd`): never stale.
     fn status_line(&self) -> String {
-        format!(
-            "{}/{} workers ready, generation {}",
-            self.table.ready_count(),
-            self.settings.target,
-            self.generation
-        )
+        systemd::status_text(&self.status_counts(), self.systemd.failed_reload())
     }
 
-    fn report_status(&self) {
-        self.systemd.send(&format!("STATUS={}", self.status_line()));
+    fn report_status(&mut self) {
+        let line = self.status_line();
+        self.systemd.status(line);
     }
 
     /// After a suspension of the master, heartbeats that could not be
@@ -603,6 +601,7 @@ impl Master {
     }
 
     fn finish(&mut self) {
+        self.systemd.status("stopped".to_string());
         if let Some(r) = self.reload.take() {
             release(r.previous.listeners);
         }

@@ -300,7 +300,7 @@ fn the_man_page_renders() {
 
 /// The example unit's `[Service]` settings, with /usr/local/bin/procman
 /// replaced by the procman under test, written into `dir` with the socket
-/// unit and the notify-reload drop-in.
+/// unit.
 fn example_units(dir: &Path) {
     let examples = repo().join("examples/systemd");
     for unit in ["procman.service", "procman.socket"] {
@@ -311,46 +311,54 @@ fn example_units(dir: &Path) {
         )
         .expect("write unit");
     }
-    let drop_in = "procman.service.d/notify-reload.conf";
-    std::fs::create_dir_all(dir.join("procman.service.d")).expect("mkdir");
-    std::fs::copy(examples.join(drop_in), dir.join(drop_in)).expect("copy drop-in");
 }
 
-/// The value of `key=` in the example service unit.
+/// The value of `key=` in the example service unit (continued lines
+/// joined).
 fn unit_setting(key: &str) -> Option<String> {
     let text =
         std::fs::read_to_string(repo().join("examples/systemd/procman.service")).expect("unit");
+    let text = text.replace("\\\n", " ");
     text.lines()
         .filter_map(|l| l.strip_prefix(&format!("{key}=")))
         .next_back()
         .map(str::to_string)
 }
 
-/// The major version of the systemd whose tools are installed.
-fn systemd_version() -> u32 {
-    let out = run(Command::new("systemd-analyze").arg("--version"));
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("systemd-analyze --version: {text}"))
-}
-
 #[test]
-fn the_notify_reload_drop_in_verifies_where_systemd_has_the_type() {
-    let dir = temp_dir("notify-reload");
+fn the_shipped_unit_reloads_through_procman_reload_and_does_not_restart_a_broken_deploy() {
+    // `systemctl reload` runs ExecReload= and fails when it fails: `procman
+    // reload` waits for the reload's outcome through the control socket
+    // the unit enables, so a reload to a broken app fails the job.
+    let start = unit_setting("ExecStart").expect("ExecStart=");
+    let reload = unit_setting("ExecReload").expect("ExecReload=");
+    let socket = "/run/procman/control.sock";
+    assert!(
+        start.contains(&format!("--control-socket {socket}")),
+        "ExecStart= enables the control socket: {start}"
+    );
+    assert_eq!(
+        reload,
+        format!("/usr/local/bin/procman reload --control-socket {socket}")
+    );
+    // No drop-in: Type=notify-reload (systemd >= 253) is not needed for a
+    // reload that waits, and a drop-in resetting ExecReload= broke reloads
+    // on older systemd, which ignores the type but applies the reset.
+    assert!(
+        !repo().join("examples/systemd/procman.service.d").exists(),
+        "no drop-in is shipped"
+    );
+    // Exit 4 (the app cannot be imported) is a broken deploy: restarting
+    // every RestartSec= cannot fix it.
+    assert_eq!(unit_setting("Restart").as_deref(), Some("on-failure"));
+    assert_eq!(
+        unit_setting("RestartPreventExitStatus").as_deref(),
+        Some("4")
+    );
+    let dir = temp_dir("units-reload");
     example_units(&dir);
     let (ok, stderr) = systemd_verify(&dir);
-    if systemd_version() >= 253 {
-        assert!(ok && stderr.trim().is_empty(), "{stderr}");
-    } else {
-        // Type=notify-reload is systemd 253's: older ones reject exactly
-        // the drop-in's settings, which is why it is separate from the unit.
-        assert!(stderr.contains("notify-reload"), "{stderr}");
-        for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
-            assert!(line.contains("notify-reload.conf"), "{stderr}");
-        }
-    }
+    assert!(ok && stderr.trim().is_empty(), "{stderr}");
 }
 
 /// What `systemd-analyze security` scored the example unit on the last

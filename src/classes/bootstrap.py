@@ -410,7 +410,55 @@ class MasterJson(MasterFormat):
                          logger=record.name, exc=exc, stack=stack)
 
 
-# "text" or "json": the master's --log-format, from PROCMAN_APP_CONFIG.
+class JournalHandler(logging.Handler):
+    """A worker's lines as native systemd journal entries (the protocol of
+    src/journal.rs), when the master writes to the journal: the priority
+    from the level, the message and its traceback as one entry, and
+    WORKER (our pid), SLOT, GENERATION and LOGGER as fields; journald also
+    knows the sender's own pid. One non-blocking send per line; a line the
+    journal does not take is written to stderr as `<N>`-prefixed lines."""
+
+    PRIORITIES = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7, "TRACE": 7}
+    MAX_MESSAGE = 48 * 1024
+
+    def __init__(self):
+        super().__init__()
+        self.path = os.environ.get("PROCMAN_JOURNAL_SOCKET") or "/run/systemd/journal/socket"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.setblocking(False)
+
+    @staticmethod
+    def field(name, value):
+        value = value.encode("utf-8", "replace")
+        if b"\n" in value:
+            return name.encode() + b"\n" + len(value).to_bytes(8, "little") + value + b"\n"
+        return name.encode() + b"=" + value + b"\n"
+
+    def emit(self, record):
+        try:
+            message = record.getMessage().rstrip("\n")
+            if record.exc_info:
+                message += "\n" + format_exception(record.exc_info).rstrip("\n")
+            message = message[: self.MAX_MESSAGE]
+            priority = self.PRIORITIES.get(record.levelname, 6)
+            fields = [("MESSAGE", message), ("PRIORITY", str(priority)),
+                      ("SYSLOG_IDENTIFIER", "procman"), ("WORKER", str(os.getpid())),
+                      ("LOGGER", record.name)]
+            fields += [(k.upper(), str(v)) for k, v in worker_fields().items()]
+            payload = b"".join(self.field(k, v) for k, v in fields)
+            try:
+                self.sock.sendto(payload, self.path)
+            except OSError:
+                lines = "".join(f"<{priority}>{line}\n" for line in message.split("\n"))
+                sys.stderr.write(lines)
+                sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+# "text", "json" or "journal": the master's --log-format, from
+# PROCMAN_APP_CONFIG ("journal" also when the master found stderr to be the
+# journal).
 LOG_FORMAT = "text"
 
 
@@ -439,6 +487,8 @@ def configure_logging(level):
     logging.addLevelName(5, "TRACE")  # uvicorn's level below DEBUG
     level = str(level).upper()
     handler = {"class": "logging.StreamHandler", "formatter": "procman", "stream": "ext://sys.stderr"}
+    if LOG_FORMAT == "journal":
+        handler = {"()": JournalHandler}
     logging.config.dictConfig({
         "version": 1,
         "disable_existing_loggers": False,
@@ -451,7 +501,7 @@ def configure_logging(level):
             "procman": {"handlers": ["procman"], "level": level, "propagate": False},
         },
     })
-    last_resort = logging.StreamHandler(sys.stderr)
+    last_resort = JournalHandler() if LOG_FORMAT == "journal" else logging.StreamHandler(sys.stderr)
     last_resort.setFormatter(formatter())
     last_resort.setLevel(logging.WARNING)
     logging.lastResort = last_resort
@@ -1854,7 +1904,7 @@ def main():
     global LOG_PATH, LOG_FORMAT
     config = read_config()
     LOG_PATH = config["log_file"]
-    LOG_FORMAT = "json" if config["log_format"] == "json" else "text"
+    LOG_FORMAT = config["log_format"] if config["log_format"] in ("json", "journal") else "text"
     configure_logging(config["log_level"])
     dump_tracebacks_on_abort()
     mode = config["mode"]

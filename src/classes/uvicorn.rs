@@ -226,7 +226,13 @@ fn resolved(name: &str, opts: &UvicornOptions, cfg: &Config) -> Option<serde_jso
         "log-level" => cfg.log_level.uvicorn_name().into(),
         // Worker lines in the master's format (slot and generation come
         // from PROCMAN_WORKER_ID and PROCMAN_GENERATION).
-        "log-format" => cfg.log_format.name().into(),
+        // "journal" also when stderr was found to be the journal.
+        "log-format" => if crate::journal::active() {
+            "journal"
+        } else {
+            cfg.log_format.name()
+        }
+        .into(),
         _ => return None,
     })
 }

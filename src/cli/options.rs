@@ -610,11 +610,11 @@ pub static OPTIONS: &[OptionDef] = &[
     },
     OptionDef {
         name: "log-format",
-        value_name: "text|json",
+        value_name: "text|json|journal",
         default: Some("text"),
         reload: Reload::RestartOnly,
         heading: "Logging",
-        help: "Master's log format: text or json (one object per line).",
+        help: "Master's log format: text, json (one object per line) or journal (native systemd journal entries; the default for text when stderr is the journal).",
         bootstrap: Some("log_format"),
         ..BASE
     },

@@ -155,6 +155,10 @@ impl Master {
     ) {
         let notify_ready = self.settings.class.notify_ready;
         let kill_limit = self.kill_limit;
+        let asked = match message {
+            Message::ExtendTimeout(d) => Some(d),
+            _ => None,
+        };
         let Some(w) = self.table.get_mut(pid) else {
             return;
         };
@@ -249,6 +253,9 @@ impl Master {
             }
             Message::Error(text) => w.reported_error = Some(text),
             Message::Traceback(text) => w.reported_traceback = Some(text),
+        }
+        if let Some(asked) = asked {
+            self.forward_extension(pid, asked, now);
         }
         if sender != pid.as_raw() {
             debug!("notification from {sender} attributed to worker {pid}");

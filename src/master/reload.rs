@@ -65,7 +65,7 @@ impl Master {
     pub(super) fn begin_reload(&mut self) {
         self.reload_began(Instant::now());
         self.systemd.send(&format!(
-            "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading",
+            "RELOADING=1\nMONOTONIC_USEC={}",
             notify::monotonic_usec()
         ));
         let prepared = crate::layers::reload_config(&self.args, &self.settings.cfg.options)
@@ -84,8 +84,9 @@ impl Master {
                     event = "reload-failed",
                     "Reload failed: {e}; still serving with the previous configuration"
                 );
-                self.systemd
-                    .send(&format!("READY=1\nSTATUS=reload failed: {e}"));
+                self.systemd.reload_failed(&format!("reload failed: {e}"));
+                let status = self.status_line();
+                self.systemd.send(&format!("READY=1\nSTATUS={status}"));
                 self.reload_ended(Err(e.to_string()));
                 return;
             }
@@ -219,8 +220,9 @@ impl Master {
             r.generation
         );
         self.reload_ended(Ok(()));
-        self.systemd
-            .send(&format!("READY=1\nSTATUS={}", self.status_line()));
+        self.systemd.reload_succeeded();
+        let status = self.status_line();
+        self.systemd.send(&format!("READY=1\nSTATUS={status}"));
     }
 
     /// The reload failed: the previous settings are back in force (for
@@ -270,11 +272,12 @@ impl Master {
             self.stop_worker(pid, StopReason::ReloadAborted, grace, now);
         }
         self.raise_back(current);
-        self.systemd.send(&format!(
-            "READY=1\nSTATUS=reload to generation {} failed: {why}; {}",
-            r.generation,
-            self.status_line()
+        self.systemd.reload_failed(&format!(
+            "reload to generation {} failed: {why}",
+            r.generation
         ));
+        let status = self.status_line();
+        self.systemd.send(&format!("READY=1\nSTATUS={status}"));
     }
 
     /// The workers a reload replaces keep serving until their replacements

@@ -246,18 +246,15 @@ mod tests {
         ];
         let e = Entry {
             level: &Level::ERROR,
-            message: "could not load the app:\nTraceback\nboom",
+            message: "failed to boot:\nTraceback\nboom",
             fields: &fields,
         };
         let mut want = b"MESSAGE\n".to_vec();
-        want.extend_from_slice(&38u64.to_le_bytes());
-        want.extend_from_slice(b"could not load the app:\nTraceback\nboom\n");
+        want.extend_from_slice(&31u64.to_le_bytes());
+        want.extend_from_slice(b"failed to boot:\nTraceback\nboom\n");
         want.extend_from_slice(b"PRIORITY=3\nSYSLOG_IDENTIFIER=procman\nEVENT=ready\nWORKER=75\n");
         assert_eq!(e.native(), want);
-        assert_eq!(
-            e.stream(),
-            "<3>could not load the app:\n<3>Traceback\n<3>boom\n"
-        );
+        assert_eq!(e.stream(), "<3>failed to boot:\n<3>Traceback\n<3>boom\n");
     }
 
     #[test]

@@ -469,7 +469,7 @@ mod tests {
             worker = 9,
             slot = 0,
             traceback = format!("Traceback:\n{HOSTILE}").as_str(),
-            "Worker 9 (slot 0) could not load the app:"
+            "Worker 9 (slot 0) failed to boot:"
         );
     }
 
@@ -491,11 +491,7 @@ mod tests {
             lines[0]
         );
         assert!(lines[1].contains("status: \\x1b[2J"), "{}", lines[1]);
-        assert!(
-            lines[2].ends_with("could not load the app:"),
-            "{}",
-            lines[2]
-        );
+        assert!(lines[2].ends_with("failed to boot:"), "{}", lines[2]);
         assert_eq!(lines[3], "  worker 9 traceback | Traceback:");
         assert!(
             lines[4].starts_with("  worker 9 traceback | \\x1b[2J\\r[2026"),
@@ -520,7 +516,7 @@ mod tests {
         assert_eq!(messages[0], format!("Zygote 7: {HOSTILE}"));
         assert_eq!(
             messages[2],
-            format!("Worker 9 (slot 0) could not load the app:\nTraceback:\n{HOSTILE}")
+            format!("Worker 9 (slot 0) failed to boot:\nTraceback:\n{HOSTILE}")
         );
     }
 

@@ -140,12 +140,12 @@ fn journal_entries_carry_priority_and_fields_and_a_traceback_is_one_entry() {
         &format!("booting: {:?}", journal.shown()),
     );
     let tb = journal.wait("the traceback", |e| {
-        field(e, "MESSAGE").contains("could not load the app")
+        field(e, "MESSAGE").contains("failed to boot")
     });
     h.check(
         field(&tb, "PRIORITY") == "3"
             && field(&tb, "MESSAGE").ends_with(
-                "could not load the app:\nTraceback (most recent call last):\n  File \"app.py\", line 1\nRuntimeError: boom",
+                "failed to boot:\nTraceback (most recent call last):\n  File \"app.py\", line 1\nRuntimeError: boom",
             ),
         &format!("the traceback, one error entry: {:?}", journal.shown()),
     );
@@ -175,7 +175,7 @@ fn without_the_journal_socket_lines_go_to_stderr_with_their_priority() {
         .env("PROCMAN_JOURNAL_SOCKET", missing.to_str().expect("utf8"))
         .spawn();
     h.check(
-        h.wait_log("could not load the app", BOOT),
+        h.wait_log("failed to boot", BOOT),
         "the traceback was logged",
     );
     h.signal(Signal::SIGTERM);
@@ -188,7 +188,7 @@ fn without_the_journal_socket_lines_go_to_stderr_with_their_priority() {
     );
     h.check(
         log.lines()
-            .any(|l| l.starts_with("<3>") && l.ends_with("could not load the app:"))
+            .any(|l| l.starts_with("<3>") && l.ends_with("failed to boot:"))
             && log.lines().any(|l| l == "<3>RuntimeError: boom"),
         &format!("the error and its traceback at <3>: {log}"),
     );

@@ -512,7 +512,7 @@ fn procman_under_a_real_systemd() {
     assert!(
         errors.iter().any(|e| e["MESSAGE"]
             .as_str()
-            .is_some_and(|m| m.contains("could not load the app:\nTraceback")
+            .is_some_and(|m| m.contains("failed to boot:\nTraceback")
                 && m.ends_with("RuntimeError: broken deploy"))),
         "the traceback is one entry: {errors:?}"
     );

@@ -250,7 +250,7 @@ mod tests {
             fields: &fields,
         };
         let mut want = b"MESSAGE\n".to_vec();
-        want.extend_from_slice(&31u64.to_le_bytes());
+        want.extend_from_slice(&30u64.to_le_bytes());
         want.extend_from_slice(b"failed to boot:\nTraceback\nboom\n");
         want.extend_from_slice(b"PRIORITY=3\nSYSLOG_IDENTIFIER=procman\nEVENT=ready\nWORKER=75\n");
         assert_eq!(e.native(), want);

@@ -245,9 +245,7 @@ impl Master {
             for sig in self.signals.drain() {
                 self.handle(Event::Signal(sig), now);
             }
-            for (pid, message) in self.zygotes.drain() {
-                self.handle(Event::Zygote { pid, message }, now);
-            }
+            self.drain_zygotes(now);
             self.drain_notifications(now);
             while let Some((pid, status)) = reap_one() {
                 // A worker can send its last words (X_PROCMAN_ERROR) and
@@ -399,9 +397,7 @@ impl Master {
                         // READY=1 as soon as its zygote reported it, and it
                         // is only attributed once that report was read.
                         let now = Instant::now();
-                        for (pid, message) in self.zygotes.drain() {
-                            self.handle(Event::Zygote { pid, message }, now);
-                        }
+                        self.drain_zygotes(now);
                         self.drain_notifications(now);
                     }
                     Decision::Stop { pid, reason } => {

@@ -212,6 +212,11 @@ pub fn render(s: &Snapshot, observed: &Observed, format: Format) -> String {
         "Reloads by result",
         counters("result", &s.reloads),
     );
+    r.register(
+        "procman_zygote_messages_dropped",
+        "Messages dropped from zygotes' channels, by reason",
+        counters("reason", &s.zygote_drops),
+    );
 
     r.register(
         "procman_reload_duration_seconds",
@@ -331,6 +336,7 @@ mod tests {
             restarts: BTreeMap::new(),
             reloads: BTreeMap::new(),
             listen_queue: Vec::new(),
+            zygote_drops: BTreeMap::from([("oversized".to_string(), 3)]),
         }
     }
 
@@ -369,6 +375,10 @@ mod tests {
             "{classic}"
         );
         assert!(!classic.contains("# EOF"), "{classic}");
+        assert!(
+            classic.contains("procman_zygote_messages_dropped_total{reason=\"oversized\"} 3\n"),
+            "{classic}"
+        );
         let om = render(&snap, &observed, Format::OpenMetrics);
         assert!(
             om.contains("# TYPE procman_worker_restarts counter\n"),

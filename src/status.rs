@@ -123,6 +123,10 @@ pub struct Snapshot {
     pub reloads: BTreeMap<String, u64>,
     /// Accept queue length per bind address (TCP listeners).
     pub listen_queue: Vec<(String, u64)>,
+    /// Messages dropped from zygotes' channels, by reason (`oversized`,
+    /// `unreadable`, `unexpected`).
+    #[serde(default)]
+    pub zygote_drops: BTreeMap<String, u64>,
 }
 
 impl Snapshot {

@@ -347,6 +347,7 @@ impl Master {
                 .map(|(r, n)| (r.to_string(), *n))
                 .collect(),
             listen_queue,
+            zygote_drops: self.zygote_drops(),
         }
     }
 }

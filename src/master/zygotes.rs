@@ -3,10 +3,23 @@
 //! their workers are gone, which zygote serves a slot, the spawn request in
 //! flight (one per zygote, with its deadline) and what its reply must be
 //! verified against, the backoff of restarts, and the fall-back to cold
-//! starts after repeated failures. What the master does with it (spawning
-//! zygotes, adopting workers, logging, a failed reload or boot) is in
-//! preload.rs.
+//! starts after repeated failures, and what a zygote sent out of turn
+//! (dropped and counted). What the master does with it (spawning zygotes,
+//! adopting workers, logging, a failed reload or boot) is in preload.rs.
+//!
+//! A reply adopts exactly the process that sent it, once: the kernel
+//! names its sender (`SCM_CREDENTIALS`), the reply must name that same pid,
+//! which must be a fresh child of the master with the workers' uids and not
+//! already a worker, a zygote or a tracked group. App code in the zygote can
+//! forge any text and fork anything, but it cannot send as a pid other than
+//! its own process's (unless it runs as root, whose workers could kill the
+//! master anyway), and a process the master already supervises is refused:
+//! so no reply makes the master adopt a stranger, a zygote, or one process
+//! for two slots. Of each zygote the master takes a few warnings while it
+//! starts, one `ready`, one reply per request (and one late reply per
+//! request it gave up on); anything else is dropped and counted.
 
+use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
@@ -23,33 +36,69 @@ use crate::zygote::{FromZygote, Pending, Zygote, ZygoteState};
 /// After this many zygote failures in a row, workers start cold.
 const FAILURES_BEFORE_COLD: u32 = 3;
 
+/// The warnings taken from a starting zygote; more are dropped.
+const MAX_WARNINGS: u32 = 4;
+
 /// The master's zygotes.
 #[derive(Debug, Default)]
 pub(super) struct Zygotes {
     list: Vec<Zygote>,
     backoff: Backoff,
     cold: bool,
+    drops: Drops,
+}
+
+/// How often the drops are said in the log, at most.
+pub(super) const DROPS_SAID_EVERY: Duration = Duration::from_secs(10);
+
+/// Messages dropped from zygotes' channels: counted by reason (a metric),
+/// said in the log when the first one is dropped and then at most every
+/// [`DROPS_SAID_EVERY`], never one line per message.
+#[derive(Debug, Default)]
+struct Drops {
+    total: BTreeMap<&'static str, u64>,
+    /// Dropped since the last line said so.
+    unsaid: u64,
+    said_at: Option<Instant>,
+}
+
+/// A line to log about dropped messages.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct DropsLine {
+    /// Dropped since the last line (or since the start).
+    pub dropped: u64,
+    /// Dropped in all.
+    pub total: u64,
+    /// The reason of the drop that made this line due.
+    pub why: &'static str,
+    /// The zygote that sent it.
+    pub zygote: Pid,
 }
 
 /// What a zygote's message means to the master, once the bookkeeping is
 /// done.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Heard {
-    /// Nothing to do (a duplicate, or the zygote is not known).
+    /// Nothing to do (a late error, or the zygote is not known).
     Nothing,
+    /// A message dropped unread or out of turn, with the reason (to be
+    /// counted: [`Zygotes::dropped`]).
+    Dropped(&'static str),
     /// It finished starting: it takes spawn requests from now on.
     Ready {
         generation: u64,
         started_at: Instant,
     },
     Warning(String),
-    /// An error while no request was in flight.
-    Error(String),
     /// The request in flight failed (an error reply, a reported process it
     /// did not fork, its channel closed): the zygote is to be restarted.
     SpawnFailed {
         slot: usize,
         why: String,
+        /// The process that sent a refused reply, when it is a fresh child
+        /// of the master that nothing supervises (the zygote's fork): it
+        /// must not serve, and may be killed.
+        stray: Option<ChildPid>,
     },
     /// The reply to the request in flight, verified: a worker to supervise.
     Adopt {
@@ -66,7 +115,20 @@ pub(super) enum Heard {
     /// broken, and nothing it named may be signalled.
     Untrusted {
         why: String,
+        /// As for [`Heard::SpawnFailed`].
+        stray: Option<ChildPid>,
     },
+}
+
+/// What a reply must be, beside what `verify` checks.
+struct Reply {
+    /// The pid it names.
+    pid: i64,
+    /// Its sender, as the kernel says.
+    sender: Option<i32>,
+    /// The slot it answers, and the slot asked for (`None`: a late reply).
+    slot: usize,
+    asked: Option<usize>,
 }
 
 /// Whether the workers of `cfg` are forked from a zygote: `--preload`'s,
@@ -130,19 +192,29 @@ impl Zygotes {
 
     /// Takes in message `m` of zygote `pid`: its state, the request in
     /// flight, and what a reported worker must be (`uids`, checked by
-    /// `verify`: [`crate::pid::verify_reported`] but in tests).
+    /// `verify`: [`crate::pid::verify_reported`] but in tests; `known` says
+    /// what a pid already is to the master: a worker, a tracked group).
     pub(super) fn hear(
         &mut self,
         pid: Pid,
         m: FromZygote,
         uids: [u32; 4],
         verify: impl Fn(i64, &Expected) -> Result<ChildPid, String>,
+        known: impl Fn(i32) -> Option<&'static str>,
     ) -> Heard {
+        let zygotes: Vec<i32> = self.list.iter().map(|z| z.pid.as_raw()).collect();
+        let known = |p: i32| {
+            if zygotes.contains(&p) {
+                return Some("a zygote");
+            }
+            known(p)
+        };
         let Some(z) = self.get_mut(pid) else {
             return Heard::Nothing;
         };
         let parent = std::process::id() as i32;
         match m {
+            FromZygote::Unreadable(why) => Heard::Dropped(why),
             // The backoff is reset by a worker it forked, not here: a
             // zygote that imports fine but reports nonsense must still be
             // backed off and given up on.
@@ -153,17 +225,29 @@ impl Zygotes {
                     started_at: z.started_at,
                 }
             }
-            FromZygote::Ready => Heard::Nothing,
-            FromZygote::Warning(w) => Heard::Warning(w),
-            FromZygote::Error(why) => match z.pending.take() {
-                Some(p) => Heard::SpawnFailed { slot: p.slot, why },
-                None => Heard::Error(why),
-            },
-            // The reply to the request in flight: a worker only if it is a
-            // process the zygote forked since the request.
-            FromZygote::Spawned { slot, pid: worker }
-                if z.pending.is_some_and(|p| p.slot == slot) =>
+            FromZygote::Warning(w)
+                if z.state == ZygoteState::Starting && z.warnings < MAX_WARNINGS =>
             {
+                z.warnings += 1;
+                Heard::Warning(w)
+            }
+            FromZygote::Ready | FromZygote::Warning(_) => Heard::Dropped("unexpected"),
+            FromZygote::Error(why) => match z.pending.take() {
+                Some(p) => Heard::SpawnFailed {
+                    slot: p.slot,
+                    why,
+                    stray: None,
+                },
+                None if z.late > 0 => {
+                    z.late -= 1;
+                    debug!("Zygote {pid} answered a request given up on: {why}");
+                    Heard::Nothing
+                }
+                None => Heard::Dropped("unexpected"),
+            },
+            // The reply to the request in flight: a worker only if it is
+            // the process that sent it, forked since the request.
+            FromZygote::Spawned { slot, pid, sender } if z.pending.is_some() => {
                 let Some(pending) = z.pending.take() else {
                     return Heard::Nothing;
                 };
@@ -172,27 +256,43 @@ impl Zygotes {
                     uids,
                     not_before: pending.not_before,
                 };
-                match verify(worker, &expected) {
+                let reply = Reply {
+                    pid,
+                    sender,
+                    slot,
+                    asked: Some(pending.slot),
+                };
+                match check_reply(&reply, &expected, &verify, &known) {
                     Ok(worker) => Heard::Adopt { worker, pending },
-                    Err(e) => Heard::SpawnFailed {
-                        slot,
+                    Err((e, stray)) => Heard::SpawnFailed {
+                        slot: pending.slot,
                         why: format!("it reported a worker it did not fork: {e}"),
+                        stray,
                     },
                 }
             }
-            // Killed only if it is a process the zygote forked since it
-            // started; a zygote that reports anything else is broken.
-            FromZygote::Spawned { slot, pid: worker } => {
+            // The reply to a request given up on: killed only if it is a
+            // process the zygote forked since it started; a zygote that
+            // reports anything else is broken.
+            FromZygote::Spawned { slot, pid, sender } if z.late > 0 => {
+                z.late -= 1;
                 let expected = Expected {
                     parent,
                     uids,
                     not_before: z.started_ticks,
                 };
-                match verify(worker, &expected) {
+                let reply = Reply {
+                    pid,
+                    sender,
+                    slot,
+                    asked: None,
+                };
+                match check_reply(&reply, &expected, &verify, &known) {
                     Ok(worker) => Heard::Late { worker, slot },
-                    Err(why) => Heard::Untrusted { why },
+                    Err((why, stray)) => Heard::Untrusted { why, stray },
                 }
             }
+            FromZygote::Spawned { .. } => Heard::Dropped("unexpected"),
             // Its exit status (reaped soon) says what happened.
             FromZygote::Closed => {
                 debug!("Zygote {pid} closed its channel");
@@ -201,6 +301,7 @@ impl Zygotes {
                     Some(p) => Heard::SpawnFailed {
                         slot: p.slot,
                         why: "the zygote closed its channel".into(),
+                        stray: None,
                     },
                     None => Heard::Nothing,
                 }
@@ -208,9 +309,44 @@ impl Zygotes {
         }
     }
 
+    /// Counts a message dropped from zygote `pid`'s channel; the line to
+    /// log, if one is due (the first drop, then at most every
+    /// [`DROPS_SAID_EVERY`]).
+    pub(super) fn dropped(
+        &mut self,
+        pid: Pid,
+        why: &'static str,
+        now: Instant,
+    ) -> Option<DropsLine> {
+        let d = &mut self.drops;
+        *d.total.entry(why).or_insert(0) += 1;
+        d.unsaid += 1;
+        if d.said_at
+            .is_some_and(|at| now.saturating_duration_since(at) < DROPS_SAID_EVERY)
+        {
+            return None;
+        }
+        d.said_at = Some(now);
+        Some(DropsLine {
+            dropped: std::mem::take(&mut d.unsaid),
+            total: d.total.values().sum(),
+            why,
+            zygote: pid,
+        })
+    }
+
+    /// Messages dropped from zygotes' channels since the start, by reason.
+    pub(super) fn drops(&self) -> &BTreeMap<&'static str, u64> {
+        &self.drops.total
+    }
+
     /// Gives up on zygote `pid`'s request in flight; returns its slot.
+    /// Its reply may still come, once.
     pub(super) fn take_request(&mut self, pid: Pid) -> Option<usize> {
-        self.get_mut(pid)?.pending.take().map(|p| p.slot)
+        let z = self.get_mut(pid)?;
+        let slot = z.pending.take()?.slot;
+        z.late += 1;
+        Some(slot)
     }
 
     /// Whether zygote `pid` is still starting.
@@ -296,7 +432,8 @@ impl Zygotes {
         self.list.iter().filter(|z| !z.closed).map(|z| z.fd())
     }
 
-    /// Every message waiting on an open channel.
+    /// The messages waiting on the open channels, a bounded batch of each
+    /// (see [`Zygote::drain`]).
     pub(super) fn drain(&self) -> Vec<(Pid, FromZygote)> {
         self.list
             .iter()
@@ -362,6 +499,51 @@ impl Zygotes {
             return Some(self.backoff.failures);
         }
         None
+    }
+}
+
+/// A reply's worker, if the reply names the process that sent it, that
+/// process is not `known` to the master already, it passes `verify`, and it
+/// answers the slot asked for. Else why not, and the sender when it is a
+/// fresh child of the master that nothing supervises (`stray`).
+#[allow(clippy::type_complexity)]
+fn check_reply(
+    reply: &Reply,
+    expected: &Expected,
+    verify: &impl Fn(i64, &Expected) -> Result<ChildPid, String>,
+    known: &impl Fn(i32) -> Option<&'static str>,
+) -> Result<ChildPid, (String, Option<ChildPid>)> {
+    let stray = |sender: Option<i32>| {
+        let s = sender?;
+        if known(s).is_some() {
+            return None;
+        }
+        verify(i64::from(s), expected).ok()
+    };
+    let pid = reply.pid;
+    let Some(sender) = reply.sender.filter(|&s| i64::from(s) == pid) else {
+        let by = match reply.sender {
+            Some(s) => format!("pid {s}"),
+            None => "an unknown process".into(),
+        };
+        return Err((
+            format!("pid {pid} is not the process that sent the reply ({by} did)"),
+            stray(reply.sender),
+        ));
+    };
+    if let Some(what) = known(sender) {
+        return Err((format!("pid {pid} is already {what}"), None));
+    }
+    let worker = verify(pid, expected).map_err(|e| (e, None))?;
+    match reply.asked {
+        Some(asked) if asked != reply.slot => Err((
+            format!(
+                "pid {pid} answered for slot {}, not for slot {asked}",
+                reply.slot
+            ),
+            Some(worker),
+        )),
+        _ => Ok(worker),
     }
 }
 
@@ -442,26 +624,39 @@ mod tests {
 
     const UIDS: [u32; 4] = [0; 4];
 
+    /// Nothing is known to the master but its zygotes.
+    fn unknown(_: i32) -> Option<&'static str> {
+        None
+    }
+
+    /// A reply to slot `slot` naming `pid`, sent by `pid` itself.
+    fn reply(slot: usize, pid: i32) -> FromZygote {
+        FromZygote::Spawned {
+            slot,
+            pid: pid.into(),
+            sender: Some(pid),
+        }
+    }
+
     #[test]
     fn a_ready_zygote_of_the_generation_serves_one_request_at_a_time() {
         let now = Instant::now();
         let mut zs = Zygotes::default();
         let (z, theirs) = zygote(100, 2, now);
-        let started_ticks = z.started_ticks;
         zs.add(z);
         let zpid = Pid::from_raw(100);
         assert_eq!(zs.ask(0, 2, now), Ok(()));
         assert!(sent(&theirs).is_empty(), "still starting: not asked");
         assert_eq!(
-            zs.hear(zpid, FromZygote::Ready, UIDS, refusing),
+            zs.hear(zpid, FromZygote::Ready, UIDS, refusing, unknown),
             Heard::Ready {
                 generation: 2,
                 started_at: now
             }
         );
         assert_eq!(
-            zs.hear(zpid, FromZygote::Ready, UIDS, refusing),
-            Heard::Nothing
+            zs.hear(zpid, FromZygote::Ready, UIDS, refusing, unknown),
+            Heard::Dropped("unexpected")
         );
         assert_eq!(zs.ask(0, 1, now), Ok(()));
         assert!(sent(&theirs).is_empty(), "not the generation's zygote");
@@ -478,25 +673,106 @@ mod tests {
         assert_eq!(zs.ask(4, 2, now), Ok(()));
         assert!(sent(&theirs).is_empty(), "one request in flight at a time");
 
-        // A reply for another slot is not the one awaited: a late one,
-        // checked against the zygote's start, not the request's.
-        let seen = std::cell::RefCell::new(Vec::new());
-        let other = FromZygote::Spawned { slot: 9, pid: 501 };
-        let got = zs.hear(zpid, other, UIDS, trusting(&seen));
-        assert!(matches!(got, Heard::Late { slot: 9, .. }), "{got:?}");
-        assert_eq!(seen.borrow().last(), Some(&(501, started_ticks)));
-
         // The awaited reply: verified against the request, then adopted.
-        let reply = FromZygote::Spawned { slot: 3, pid: 500 };
-        let Heard::Adopt { worker, pending } = zs.hear(zpid, reply, UIDS, trusting(&seen)) else {
+        let seen = std::cell::RefCell::new(Vec::new());
+        let Heard::Adopt { worker, pending } =
+            zs.hear(zpid, reply(3, 500), UIDS, trusting(&seen), unknown)
+        else {
             panic!("not adopted");
         };
         assert_eq!(worker.as_raw(), 500);
         assert_eq!((pending.slot, pending.generation), (3, 2));
         assert_eq!(seen.borrow().last(), Some(&(500, pending.not_before)));
         assert!(zs.deadlines(Duration::from_secs(60)).is_empty(), "answered");
+        assert_eq!(
+            zs.hear(zpid, reply(3, 501), UIDS, trusting(&seen), unknown),
+            Heard::Dropped("unexpected"),
+            "a reply to no request"
+        );
         assert_eq!(zs.ask(4, 2, now), Ok(()));
         assert_eq!(sent(&theirs).len(), 1, "the next request goes out");
+    }
+
+    #[test]
+    fn a_reply_adopts_the_process_that_sent_it_once() {
+        let now = Instant::now();
+        let mut zs = Zygotes::default();
+        let (z, _theirs) = zygote(100, 1, now);
+        zs.add(z);
+        let zpid = Pid::from_raw(100);
+        zs.hear(zpid, FromZygote::Ready, UIDS, refusing, unknown);
+        let seen = std::cell::RefCell::new(Vec::new());
+        let adopted = |p: i32| (p == 500).then_some("a worker");
+        let failed = |why: &str, stray: Option<i32>| Heard::SpawnFailed {
+            slot: 1,
+            why: format!("it reported a worker it did not fork: {why}"),
+            stray: stray.and_then(ChildPid::new),
+        };
+        let cases: Vec<(FromZygote, Heard)> = vec![
+            // One pid for two slots: refused, whoever sends it.
+            (reply(1, 500), failed("pid 500 is already a worker", None)),
+            (
+                FromZygote::Spawned {
+                    slot: 1,
+                    pid: 500,
+                    sender: Some(502),
+                },
+                failed(
+                    "pid 500 is not the process that sent the reply (pid 502 did)",
+                    Some(502),
+                ),
+            ),
+            // The zygote itself, naming itself or its fork.
+            (reply(1, 100), failed("pid 100 is already a zygote", None)),
+            (
+                FromZygote::Spawned {
+                    slot: 1,
+                    pid: 503,
+                    sender: Some(100),
+                },
+                failed(
+                    "pid 503 is not the process that sent the reply (pid 100 did)",
+                    None,
+                ),
+            ),
+            (
+                FromZygote::Spawned {
+                    slot: 1,
+                    pid: 503,
+                    sender: None,
+                },
+                failed(
+                    "pid 503 is not the process that sent the reply (an unknown process did)",
+                    None,
+                ),
+            ),
+            // Its fork, answering for a slot it was not asked.
+            (
+                reply(7, 504),
+                failed("pid 504 answered for slot 7, not for slot 1", Some(504)),
+            ),
+        ];
+        for (message, want) in cases {
+            zs.ask(1, 1, now).expect("sent");
+            let got = zs.hear(zpid, message.clone(), UIDS, trusting(&seen), adopted);
+            assert_eq!(got, want, "{message:?}");
+        }
+        // A late reply (the request was given up on) is checked the same
+        // way, once.
+        zs.ask(1, 1, now).expect("sent");
+        assert_eq!(zs.take_request(zpid), Some(1));
+        assert_eq!(
+            zs.hear(zpid, reply(1, 500), UIDS, trusting(&seen), adopted),
+            Heard::Untrusted {
+                why: "pid 500 is already a worker".into(),
+                stray: None
+            }
+        );
+        assert_eq!(
+            zs.hear(zpid, reply(1, 505), UIDS, trusting(&seen), adopted),
+            Heard::Dropped("unexpected"),
+            "one late reply per request given up on"
+        );
     }
 
     #[test]
@@ -506,51 +782,127 @@ mod tests {
         let (z, _theirs) = zygote(200, 1, now);
         zs.add(z);
         let zpid = Pid::from_raw(200);
-        zs.hear(zpid, FromZygote::Ready, UIDS, refusing);
+        zs.hear(zpid, FromZygote::Ready, UIDS, refusing, unknown);
 
         assert_eq!(
-            zs.hear(zpid, FromZygote::Error("boom".into()), UIDS, refusing),
-            Heard::Error("boom".into()),
+            zs.hear(
+                zpid,
+                FromZygote::Error("boom".into()),
+                UIDS,
+                refusing,
+                unknown
+            ),
+            Heard::Dropped("unexpected"),
             "no request in flight"
         );
         zs.ask(0, 1, now).expect("sent");
         assert_eq!(
-            zs.hear(zpid, FromZygote::Error("boom".into()), UIDS, refusing),
+            zs.hear(
+                zpid,
+                FromZygote::Error("boom".into()),
+                UIDS,
+                refusing,
+                unknown
+            ),
             Heard::SpawnFailed {
                 slot: 0,
-                why: "boom".into()
+                why: "boom".into(),
+                stray: None
             }
         );
         zs.ask(1, 1, now).expect("sent");
-        let reply = FromZygote::Spawned { slot: 1, pid: 5 };
         assert_eq!(
-            zs.hear(zpid, reply.clone(), UIDS, refusing),
+            zs.hear(zpid, reply(1, 5), UIDS, refusing, unknown),
             Heard::SpawnFailed {
                 slot: 1,
-                why: "it reported a worker it did not fork: pid 5 is not the master's child".into()
+                why: "it reported a worker it did not fork: pid 5 is not the master's child".into(),
+                stray: None
             }
-        );
-        assert_eq!(
-            zs.hear(zpid, reply, UIDS, refusing),
-            Heard::Untrusted {
-                why: "pid 5 is not the master's child".into()
-            },
-            "a late reply naming a stranger"
         );
         zs.ask(2, 1, now).expect("sent");
         assert_eq!(zs.take_request(zpid), Some(2), "given up on (timed out)");
         assert_eq!(zs.take_request(zpid), None);
+        assert_eq!(
+            zs.hear(zpid, reply(2, 5), UIDS, refusing, unknown),
+            Heard::Untrusted {
+                why: "pid 5 is not the master's child".into(),
+                stray: None
+            },
+            "a late reply naming a stranger"
+        );
         zs.ask(2, 1, now).expect("sent");
         assert_eq!(
-            zs.hear(zpid, FromZygote::Closed, UIDS, refusing),
+            zs.hear(zpid, FromZygote::Closed, UIDS, refusing, unknown),
             Heard::SpawnFailed {
                 slot: 2,
-                why: "the zygote closed its channel".into()
+                why: "the zygote closed its channel".into(),
+                stray: None
             }
         );
         assert_eq!(zs.channels().count(), 0, "a closed channel is not polled");
         assert_eq!(zs.ask(3, 1, now), Ok(()), "nobody to ask");
         assert!(zs.deadlines(Duration::from_secs(60)).is_empty());
+    }
+
+    #[test]
+    fn what_a_zygote_sends_out_of_turn_is_dropped_counted_and_said_at_most_every_10_s() {
+        let now = Instant::now();
+        let mut zs = Zygotes::default();
+        let (z, _theirs) = zygote(100, 1, now);
+        zs.add(z);
+        let zpid = Pid::from_raw(100);
+        let warning = || FromZygote::Warning("threads".into());
+        for _ in 0..MAX_WARNINGS {
+            assert_eq!(
+                zs.hear(zpid, warning(), UIDS, refusing, unknown),
+                Heard::Warning("threads".into())
+            );
+        }
+        assert_eq!(
+            zs.hear(zpid, warning(), UIDS, refusing, unknown),
+            Heard::Dropped("unexpected"),
+            "a few warnings while it starts"
+        );
+        zs.hear(zpid, FromZygote::Ready, UIDS, refusing, unknown);
+        assert_eq!(
+            zs.hear(
+                zpid,
+                FromZygote::Unreadable("oversized"),
+                UIDS,
+                refusing,
+                unknown
+            ),
+            Heard::Dropped("oversized")
+        );
+        let first = zs.dropped(zpid, "unexpected", now);
+        assert_eq!(
+            first,
+            Some(DropsLine {
+                dropped: 1,
+                total: 1,
+                why: "unexpected",
+                zygote: zpid
+            }),
+            "the first drop is said at once"
+        );
+        for i in 0..1000 {
+            let at = now + Duration::from_millis(i);
+            assert_eq!(zs.dropped(zpid, "oversized", at), None, "counted, not said");
+        }
+        let later = now + DROPS_SAID_EVERY;
+        assert_eq!(
+            zs.dropped(zpid, "oversized", later),
+            Some(DropsLine {
+                dropped: 1001,
+                total: 1002,
+                why: "oversized",
+                zygote: zpid
+            })
+        );
+        assert_eq!(
+            zs.drops(),
+            &BTreeMap::from([("oversized", 1001), ("unexpected", 1)])
+        );
     }
 
     #[test]

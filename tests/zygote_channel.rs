@@ -95,8 +95,42 @@ fn a_zygote_flooding_its_channel_delays_nothing_and_what_it_sends_out_of_turn_is
         .env("ZYGOTE_FLOOD_GO", go.to_str().expect("utf8"))
         .spawn();
     h.wait_workers(2, BOOT);
-    let metrics = metrics_addr(&h);
     std::fs::write(&go, b"").expect("write go file");
+    check_survives_flood(h, None);
+}
+
+/// The worker of the base zygote (no `--preload`) in slot 0 takes its
+/// zygote's channel (tests/apps/base_zygote_flood.py: pidfd_getfd; it runs
+/// as the zygote's user) and floods it.
+#[test]
+fn a_worker_flooding_its_base_zygotes_channel_delays_nothing() {
+    let h = uvicorn(
+        "base-zygote-flood",
+        &apps_dir(),
+        "base_zygote_flood:app",
+        &["-w", "2", "--metrics", "127.0.0.1:0"],
+    )
+    .json()
+    .spawn();
+    check_survives_flood(h, Some(0));
+}
+
+/// The live worker of a slot other than `spared` (the flooding one).
+fn victim(h: &Harness, spared: Option<usize>) -> Option<i32> {
+    let kids: BTreeSet<i32> = h.children().into_iter().collect();
+    h.events_named("booting")
+        .iter()
+        .rev()
+        .filter(|e| spared.is_none_or(|s| e["slot"].as_u64() != Some(s as u64)))
+        .map(worker_of)
+        .find(|p| kids.contains(p) && alive(*p))
+}
+
+/// While a flood goes on: what was dropped is counted (not logged), a
+/// killed worker is reaped and replaced, `/healthz` answers, the master's
+/// memory stays bounded, and TERM stops procman.
+fn check_survives_flood(mut h: Harness, spared: Option<usize>) {
+    let metrics = metrics_addr(&h);
     // Until the drops are counted, or (a master that logs each message)
     // the flood reaches the log: that log grows fast, so stop at once.
     let dropped = wait_for(BOOT, || {
@@ -121,12 +155,9 @@ fn a_zygote_flooding_its_channel_delays_nothing_and_what_it_sends_out_of_turn_is
     // Supervision goes on during the flood: a killed worker is reaped and
     // replaced, the probes answer, and the master's memory stays bounded.
     for round in 0..3 {
-        let before: BTreeSet<i32> = h.children().into_iter().collect();
-        let zygotes: BTreeSet<i32> = zygote_pids(&h).into_iter().collect();
-        let victim = *before
-            .iter()
-            .find(|p| !zygotes.contains(p))
-            .expect("a worker");
+        let victim = wait_for(BOOT, || victim(&h, spared));
+        check_short(&h, victim.is_some(), "a worker to kill");
+        let victim = victim.expect("checked above");
         let _ = kill(Pid::from_raw(victim), Signal::SIGKILL);
         let replaced = wait_for(BOOT, || {
             let ready = h.count_events("ready", |_| true);

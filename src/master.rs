@@ -56,7 +56,7 @@ use crate::notify::{Message, Receiver};
 use crate::policy::{self, Decision, Due, Goal};
 use crate::signals::{MasterSignal, Signals};
 use crate::workers::{Table, WorkerState};
-use crate::zygote::FromZygote;
+use crate::zygote::{FromZygote, Sender};
 use messages::Inbox;
 
 #[macro_use]
@@ -118,10 +118,11 @@ pub enum Event {
         sent: Instant,
         message: Message,
     },
-    /// A message from a zygote (`--preload`).
+    /// A message on a zygote's channel, and who sent it.
     Zygote {
         pid: Pid,
         message: FromZygote,
+        sender: Option<Sender>,
     },
     Exited {
         pid: Pid,
@@ -289,7 +290,14 @@ impl Master {
                     message,
                 },
             ) => self.on_message(worker, sender, sent, message, now),
-            (_, Event::Zygote { pid, message }) => self.on_zygote_message(pid, message, now),
+            (
+                _,
+                Event::Zygote {
+                    pid,
+                    message,
+                    sender,
+                },
+            ) => self.on_zygote_message(pid, message, sender, now),
             (_, Event::Exited { pid, status }) => self.on_exit(pid, status, now),
             // Deadlines of what is not pursued during a stop are not even
             // listed then; one that passed with the one that began the stop

@@ -49,6 +49,15 @@ pub const MAX_MESSAGE: usize = 8 * 1024;
 /// (at most 64 × 8 KiB read and parsed) at most.
 pub const MAX_BATCH: usize = 64;
 
+/// Who sent a message on a channel, as the kernel says (`SCM_CREDENTIALS`):
+/// the zygote, a worker reporting itself, or any process that holds the
+/// channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sender {
+    pub pid: i32,
+    pub uid: u32,
+}
+
 /// A message from the zygote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FromZygote {
@@ -198,10 +207,10 @@ impl Zygote {
         self.channel.as_fd()
     }
 
-    /// The messages waiting on the channel, at most [`MAX_BATCH`]: the
-    /// loop comes back for the rest after its other work (the channel is
-    /// still readable, so its poll returns at once).
-    pub fn drain(&self) -> Vec<FromZygote> {
+    /// The messages waiting on the channel, at most [`MAX_BATCH`], each
+    /// with its sender: the loop comes back for the rest after its other
+    /// work (the channel is still readable, so its poll returns at once).
+    pub fn drain(&self) -> Vec<(FromZygote, Option<Sender>)> {
         let mut out = Vec::new();
         // One byte more than the longest message: a message that fills it
         // was longer (or cut: MSG_TRUNC), and is dropped either way.
@@ -209,7 +218,7 @@ impl Zygote {
         while out.len() < MAX_BATCH {
             match receive(self.channel.as_raw_fd(), &mut buf) {
                 Ok(m) => {
-                    let closed = m == FromZygote::Closed;
+                    let closed = m.0 == FromZygote::Closed;
                     out.push(m);
                     if closed {
                         break;
@@ -255,31 +264,39 @@ impl Zygote {
 }
 
 /// One message from the channel `fd`, read into `buf` (of
-/// [`MAX_MESSAGE`] + 1 bytes), with its sender's pid.
-fn receive(fd: i32, buf: &mut [u8]) -> Result<FromZygote, Errno> {
+/// [`MAX_MESSAGE`] + 1 bytes), with its sender.
+fn receive(fd: i32, buf: &mut [u8]) -> Result<(FromZygote, Option<Sender>), Errno> {
     let mut cmsg = nix::cmsg_space!(UnixCredentials);
     let mut iov = [IoSliceMut::new(buf)];
     let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
     let m = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), flags)?;
     let sender = m.cmsgs().ok().and_then(|mut c| {
         c.find_map(|c| match c {
-            ControlMessageOwned::ScmCredentials(cred) => Some(cred.pid()),
+            ControlMessageOwned::ScmCredentials(cred) => Some(Sender {
+                pid: cred.pid(),
+                uid: cred.uid(),
+            }),
             _ => None,
         })
     });
     let (n, cut) = (m.bytes, m.flags.contains(MsgFlags::MSG_TRUNC));
     // End of file carries no credentials; an empty message does.
     if n == 0 && sender.is_none() {
-        return Ok(FromZygote::Closed);
+        return Ok((FromZygote::Closed, None));
     }
     if cut || n > MAX_MESSAGE {
-        return Ok(FromZygote::Unreadable("oversized"));
+        return Ok((FromZygote::Unreadable("oversized"), sender));
     }
-    Ok(match parse(&buf[..n]) {
-        Some(FromZygote::Spawned { slot, pid, .. }) => FromZygote::Spawned { slot, pid, sender },
+    let m = match parse(&buf[..n]) {
+        Some(FromZygote::Spawned { slot, pid, .. }) => FromZygote::Spawned {
+            slot,
+            pid,
+            sender: sender.map(|s| s.pid),
+        },
         Some(m) => m,
         None => FromZygote::Unreadable("unreadable"),
-    })
+    };
+    Ok((m, sender))
 }
 
 #[cfg(test)]
@@ -315,6 +332,14 @@ mod tests {
         }
         let first = z.drain();
         assert_eq!(first.len(), MAX_BATCH, "one batch");
+        let uid = nix::unistd::getuid().as_raw();
+        assert!(
+            first
+                .iter()
+                .all(|(_, s)| *s == Some(Sender { pid: me, uid })),
+            "each with its sender"
+        );
+        let first: Vec<FromZygote> = first.into_iter().map(|(m, _)| m).collect();
         assert_eq!(
             &first[..4],
             &[
@@ -332,7 +357,7 @@ mod tests {
         drop(end);
         let rest = z.drain();
         assert_eq!(rest.len(), 5, "the rest next time: {rest:?}");
-        assert_eq!(rest.last(), Some(&FromZygote::Closed));
+        assert_eq!(rest.last(), Some(&(FromZygote::Closed, None)));
     }
 
     #[test]

@@ -198,6 +198,18 @@ fn check_survives_flood(mut h: Harness, spared: Option<usize>) {
             h.count_log("FLOODMARK")
         ),
     );
+    // Each line names the process that sent what was dropped (a flooder,
+    // not the zygote whose channel it came on).
+    let zygotes = zygote_pids(&h);
+    check_short(
+        &h,
+        h.events_named("zygote-messages-dropped").iter().all(|e| {
+            e["sender_pid"]
+                .as_i64()
+                .is_some_and(|p| !zygotes.contains(&(p as i32)))
+        }),
+        "the drop lines name the sender",
+    );
     let said = h.count_events("zygote-messages-dropped", |_| true);
     check_short(
         &h,

@@ -22,7 +22,7 @@ use crate::error::Error;
 use crate::pid::ChildPid;
 use crate::policy::Due;
 use crate::workers::Worker;
-use crate::zygote::{self, FromZygote, Pending, Zygote, ZygoteState};
+use crate::zygote::{self, FromZygote, Pending, Sender, Zygote, ZygoteState};
 
 impl Master {
     /// Whether workers are forked from a zygote (unless they start cold
@@ -151,8 +151,13 @@ impl Master {
     /// [`zygote::MAX_BATCH`]): the loop comes back for more after signals,
     /// reaping and the endpoints.
     pub(super) fn drain_zygotes(&mut self, now: Instant) {
-        for (pid, message) in self.zygotes.drain() {
-            self.handle(super::Event::Zygote { pid, message }, now);
+        for (pid, message, sender) in self.zygotes.drain() {
+            let event = super::Event::Zygote {
+                pid,
+                message,
+                sender,
+            };
+            self.handle(event, now);
         }
     }
 
@@ -166,7 +171,13 @@ impl Master {
             .collect()
     }
 
-    pub(super) fn on_zygote_message(&mut self, pid: Pid, message: FromZygote, now: Instant) {
+    pub(super) fn on_zygote_message(
+        &mut self,
+        pid: Pid,
+        message: FromZygote,
+        sender: Option<Sender>,
+        now: Instant,
+    ) {
         let uids = self.workers_uids();
         let (table, groups) = (&self.table, &self.groups);
         let known = |p: i32| {
@@ -184,14 +195,20 @@ impl Master {
         match heard {
             Heard::Nothing => {}
             Heard::Dropped(why) => {
-                if let Some(line) = self.zygotes.dropped(pid, why, now) {
+                if let Some(line) = self.zygotes.dropped(pid, sender, why, now) {
+                    let by = line
+                        .sender
+                        .map(|s| format!("pid {} uid {}", s.pid, s.uid))
+                        .unwrap_or_else(|| "an unknown process".into());
                     warn!(
                         event = "zygote-messages-dropped",
                         zygote = line.zygote.as_raw(),
+                        sender_pid = line.sender.map(|s| s.pid),
+                        sender_uid = line.sender.map(|s| s.uid),
                         reason = line.why,
                         dropped = line.dropped,
                         total = line.total,
-                        "Dropped {} message{} from zygote {} ({}: its channel takes one reply per request, messages of at most {} bytes); {} in all, counted in procman_zygote_messages_dropped_total, said at most every {}s",
+                        "Dropped {} message{} on the channel of zygote {}, the last from {by} ({}: the channel takes one reply per request, messages of at most {} bytes); {} in all, counted in procman_zygote_messages_dropped_total, said at most every {}s",
                         line.dropped,
                         if line.dropped == 1 { "" } else { "s" },
                         line.zygote,
@@ -373,7 +390,7 @@ impl Master {
         }
     }
 
-    /// The uids a worker forked by the zygote must have (see [`kill_stray`]).
+    /// The uids a worker forked by the zygote must have.
     fn workers_uids(&self) -> [u32; 4] {
         crate::pid::workers_uids(self.settings.cfg.credentials.as_ref().map(|c| c.uid))
     }

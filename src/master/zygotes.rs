@@ -31,7 +31,7 @@ use super::exits::signal_group;
 use crate::config::Config;
 use crate::pid::{ChildPid, Expected};
 use crate::policy::{self, Backoff, Due};
-use crate::zygote::{FromZygote, Pending, Zygote, ZygoteState};
+use crate::zygote::{FromZygote, Pending, Sender, Zygote, ZygoteState};
 
 /// After this many zygote failures in a row, workers start cold.
 const FAILURES_BEFORE_COLD: u32 = 3;
@@ -71,8 +71,11 @@ pub(super) struct DropsLine {
     pub total: u64,
     /// The reason of the drop that made this line due.
     pub why: &'static str,
-    /// The zygote that sent it.
+    /// The zygote whose channel it came on.
     pub zygote: Pid,
+    /// The process that sent it (the zygote, or any process holding its
+    /// channel), if the kernel said.
+    pub sender: Option<Sender>,
 }
 
 /// What a zygote's message means to the master, once the bookkeeping is
@@ -315,6 +318,7 @@ impl Zygotes {
     pub(super) fn dropped(
         &mut self,
         pid: Pid,
+        sender: Option<Sender>,
         why: &'static str,
         now: Instant,
     ) -> Option<DropsLine> {
@@ -332,6 +336,7 @@ impl Zygotes {
             total: d.total.values().sum(),
             why,
             zygote: pid,
+            sender,
         })
     }
 
@@ -434,11 +439,11 @@ impl Zygotes {
 
     /// The messages waiting on the open channels, a bounded batch of each
     /// (see [`Zygote::drain`]).
-    pub(super) fn drain(&self) -> Vec<(Pid, FromZygote)> {
+    pub(super) fn drain(&self) -> Vec<(Pid, FromZygote, Option<Sender>)> {
         self.list
             .iter()
             .filter(|z| !z.closed)
-            .flat_map(|z| z.drain().into_iter().map(move |m| (z.pid, m)))
+            .flat_map(|z| z.drain().into_iter().map(move |(m, s)| (z.pid, m, s)))
             .collect()
     }
 

@@ -326,29 +326,39 @@ fn what_a_zygote_sends_out_of_turn_is_dropped_counted_and_said_at_most_every_10_
         ),
         Heard::Dropped("oversized")
     );
-    let first = zs.dropped(zpid, "unexpected", now);
+    let first = zs.dropped(zpid, None, "unexpected", now);
     assert_eq!(
         first,
         Some(DropsLine {
             dropped: 1,
             total: 1,
             why: "unexpected",
-            zygote: zpid
+            zygote: zpid,
+            sender: None,
         }),
         "the first drop is said at once"
     );
     for i in 0..1000 {
         let at = now + Duration::from_millis(i);
-        assert_eq!(zs.dropped(zpid, "oversized", at), None, "counted, not said");
+        assert_eq!(
+            zs.dropped(zpid, None, "oversized", at),
+            None,
+            "counted, not said"
+        );
     }
     let later = now + DROPS_SAID_EVERY;
+    let sender = Some(Sender {
+        pid: 77,
+        uid: 65534,
+    });
     assert_eq!(
-        zs.dropped(zpid, "oversized", later),
+        zs.dropped(zpid, sender, "oversized", later),
         Some(DropsLine {
             dropped: 1001,
             total: 1002,
             why: "oversized",
-            zygote: zpid
+            zygote: zpid,
+            sender,
         })
     );
     assert_eq!(

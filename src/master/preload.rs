@@ -194,30 +194,10 @@ impl Master {
             .hear(pid, message, uids, crate::pid::verify_reported, known);
         match heard {
             Heard::Nothing => {}
-            Heard::Dropped(why) => {
-                if let Some(line) = self.zygotes.dropped(pid, sender, why, now) {
-                    let by = line
-                        .sender
-                        .map(|s| format!("pid {} uid {}", s.pid, s.uid))
-                        .unwrap_or_else(|| "an unknown process".into());
-                    warn!(
-                        event = "zygote-messages-dropped",
-                        zygote = line.zygote.as_raw(),
-                        sender_pid = line.sender.map(|s| s.pid),
-                        sender_uid = line.sender.map(|s| s.uid),
-                        reason = line.why,
-                        dropped = line.dropped,
-                        total = line.total,
-                        "Dropped {} message{} on the channel of zygote {}, the last from {by} ({}: the channel takes one reply per request, messages of at most {} bytes); {} in all, counted in procman_zygote_messages_dropped_total, said at most every {}s",
-                        line.dropped,
-                        if line.dropped == 1 { "" } else { "s" },
-                        line.zygote,
-                        line.why,
-                        zygote::MAX_MESSAGE,
-                        line.total,
-                        zygotes::DROPS_SAID_EVERY.as_secs()
-                    );
-                }
+            Heard::Dropped(why) => self.zygote_dropped(pid, sender, why, now),
+            Heard::Unasked { stray } => {
+                kill_stray(pid, Some(stray));
+                self.zygote_dropped(pid, sender, "unexpected", now);
             }
             Heard::Ready {
                 generation,
@@ -248,6 +228,40 @@ impl Master {
                     self.zygote_failed(now);
                 }
             }
+        }
+    }
+
+    /// Counts a message dropped from zygote `pid`'s channel, and says so
+    /// when a line is due (the first drop, then at most every 10 s).
+    fn zygote_dropped(
+        &mut self,
+        pid: Pid,
+        sender: Option<Sender>,
+        why: &'static str,
+        now: Instant,
+    ) {
+        if let Some(line) = self.zygotes.dropped(pid, sender, why, now) {
+            let by = line
+                .sender
+                .map(|s| format!("pid {} uid {}", s.pid, s.uid))
+                .unwrap_or_else(|| "an unknown process".into());
+            warn!(
+                event = "zygote-messages-dropped",
+                zygote = line.zygote.as_raw(),
+                sender_pid = line.sender.map(|s| s.pid),
+                sender_uid = line.sender.map(|s| s.uid),
+                reason = line.why,
+                dropped = line.dropped,
+                total = line.total,
+                "Dropped {} message{} on the channel of zygote {}, the last from {by} ({}: the channel takes one reply per request, messages of at most {} bytes); {} in all, counted in procman_zygote_messages_dropped_total, said at most every {}s",
+                line.dropped,
+                if line.dropped == 1 { "" } else { "s" },
+                line.zygote,
+                line.why,
+                zygote::MAX_MESSAGE,
+                line.total,
+                zygotes::DROPS_SAID_EVERY.as_secs()
+            );
         }
     }
 

@@ -87,6 +87,13 @@ pub(super) enum Heard {
     /// A message dropped unread or out of turn, with the reason (to be
     /// counted: [`Zygotes::dropped`]).
     Dropped(&'static str),
+    /// A reply no request awaits, dropped (`unexpected`), whose sender is
+    /// a fresh child of the master that nothing supervises (a fork of the
+    /// zygote, say one whose request another process answered): it must
+    /// not serve unsupervised, and may be killed.
+    Unasked {
+        stray: ChildPid,
+    },
     /// It finished starting: it takes spawn requests from now on.
     Ready {
         generation: u64,
@@ -295,7 +302,20 @@ impl Zygotes {
                     Err((why, stray)) => Heard::Untrusted { why, stray },
                 }
             }
-            FromZygote::Spawned { .. } => Heard::Dropped("unexpected"),
+            FromZygote::Spawned { sender, .. } => {
+                let expected = Expected {
+                    parent,
+                    uids,
+                    not_before: z.started_ticks,
+                };
+                let stray = sender
+                    .filter(|&s| known(s).is_none())
+                    .and_then(|s| verify(i64::from(s), &expected).ok());
+                match stray {
+                    Some(stray) => Heard::Unasked { stray },
+                    None => Heard::Dropped("unexpected"),
+                }
+            }
             // Its exit status (reaped soon) says what happened.
             FromZygote::Closed => {
                 debug!("Zygote {pid} closed its channel");

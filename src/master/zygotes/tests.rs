@@ -138,8 +138,10 @@ fn a_ready_zygote_of_the_generation_serves_one_request_at_a_time() {
     assert!(zs.deadlines(Duration::from_secs(60)).is_empty(), "answered");
     assert_eq!(
         zs.hear(zpid, reply(3, 501), UIDS, trusting(&seen), unknown),
-        Heard::Dropped("unexpected"),
-        "a reply to no request"
+        Heard::Unasked {
+            stray: ChildPid::new(501).expect("pid")
+        },
+        "a reply to no request, from a fresh child of the master: a stray"
     );
     assert_eq!(zs.ask(4, 2, now), Ok(()));
     assert_eq!(sent(&theirs).len(), 1, "the next request goes out");
@@ -222,8 +224,20 @@ fn a_reply_adopts_the_process_that_sent_it_once() {
     );
     assert_eq!(
         zs.hear(zpid, reply(1, 505), UIDS, trusting(&seen), adopted),
+        Heard::Unasked {
+            stray: ChildPid::new(505).expect("pid")
+        },
+        "one late reply per request given up on; a fresh fork that sends another is a stray"
+    );
+    assert_eq!(
+        zs.hear(zpid, reply(1, 500), UIDS, trusting(&seen), adopted),
         Heard::Dropped("unexpected"),
-        "one late reply per request given up on"
+        "a worker is never a stray"
+    );
+    assert_eq!(
+        zs.hear(zpid, reply(1, 506), UIDS, refusing, adopted),
+        Heard::Dropped("unexpected"),
+        "nor a process that is not a fresh child of the master"
     );
 }
 

@@ -49,6 +49,13 @@ pub const MAX_MESSAGE: usize = 8 * 1024;
 /// (at most 64 × 8 KiB read and parsed) at most.
 pub const MAX_BATCH: usize = 64;
 
+/// The most messages read from one channel per pass while a reply is
+/// awaited, until it is found: a reply queued behind a full channel (its
+/// send buffer holds a few hundred messages at most) is read in the same
+/// pass, before the worker's READY=1 on the notify socket, which is only
+/// attributed to a worker the master has adopted.
+pub const MAX_BATCH_AWAITING: usize = 1024;
+
 /// Who sent a message on a channel, as the kernel says (`SCM_CREDENTIALS`):
 /// the zygote, a worker reporting itself, or any process that holds the
 /// channel.
@@ -207,18 +214,31 @@ impl Zygote {
         self.channel.as_fd()
     }
 
-    /// The messages waiting on the channel, at most [`MAX_BATCH`], each
-    /// with its sender: the loop comes back for the rest after its other
-    /// work (the channel is still readable, so its poll returns at once).
+    /// The messages waiting on the channel, at most [`MAX_BATCH`] (or, while
+    /// a reply is awaited, up to [`MAX_BATCH_AWAITING`] until a reply is
+    /// read), each with its sender: the loop comes back for the rest after
+    /// its other work (the channel is still readable, so its poll returns at
+    /// once).
     pub fn drain(&self) -> Vec<(FromZygote, Option<Sender>)> {
         let mut out = Vec::new();
         // One byte more than the longest message: a message that fills it
         // was longer (or cut: MSG_TRUNC), and is dropped either way.
         let mut buf = vec![0u8; MAX_MESSAGE + 1];
-        while out.len() < MAX_BATCH {
+        let mut awaiting = self.pending.is_some() || self.late > 0;
+        let mut limit = if awaiting {
+            MAX_BATCH_AWAITING
+        } else {
+            MAX_BATCH
+        };
+        while out.len() < limit {
             match receive(self.channel.as_raw_fd(), &mut buf) {
                 Ok(m) => {
                     let closed = m.0 == FromZygote::Closed;
+                    let reply = matches!(m.0, FromZygote::Spawned { .. } | FromZygote::Error(_));
+                    if awaiting && reply {
+                        awaiting = false;
+                        limit = MAX_BATCH.max(out.len() + 1);
+                    }
                     out.push(m);
                     if closed {
                         break;
@@ -358,6 +378,30 @@ mod tests {
         let rest = z.drain();
         assert_eq!(rest.len(), 5, "the rest next time: {rest:?}");
         assert_eq!(rest.last(), Some(&(FromZygote::Closed, None)));
+    }
+
+    #[test]
+    fn an_awaited_reply_behind_a_flood_is_read_in_one_pass() {
+        let (mut z, end) = pair();
+        z.pending = Some(Pending {
+            slot: 1,
+            generation: 1,
+            requested_at: Instant::now(),
+            not_before: 0,
+        });
+        // A full channel: its send buffer holds a few hundred messages.
+        for _ in 0..100 {
+            put(&end, br#"{"warning": "w"}"#);
+        }
+        put(&end, br#"{"spawned": {"slot": 1, "pid": 9}}"#);
+        for _ in 0..100 {
+            put(&end, br#"{"warning": "w"}"#);
+        }
+        let got = z.drain();
+        assert_eq!(got.len(), 101, "up to the reply, then no more");
+        assert!(matches!(got[100].0, FromZygote::Spawned { slot: 1, .. }));
+        z.pending = None;
+        assert_eq!(z.drain().len(), MAX_BATCH, "no reply awaited: one batch");
     }
 
     #[test]

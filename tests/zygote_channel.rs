@@ -93,6 +93,7 @@ fn a_zygote_flooding_its_channel_delays_nothing_and_what_it_sends_out_of_turn_is
     let go = start.dir().join("go");
     let mut h = start
         .env("ZYGOTE_FLOOD_GO", go.to_str().expect("utf8"))
+        .env("ZYGOTE_FLOOD_NICE", "10")
         .spawn();
     h.wait_workers(2, BOOT);
     std::fs::write(&go, b"").expect("write go file");
@@ -110,6 +111,7 @@ fn a_worker_flooding_its_base_zygotes_channel_delays_nothing() {
         "base_zygote_flood:app",
         &["-w", "2", "--metrics", "127.0.0.1:0"],
     )
+    .env("ZYGOTE_FLOOD_NICE", "10")
     .json()
     .spawn();
     check_survives_flood(h, Some(0));
@@ -236,18 +238,44 @@ fn adopted_twice(h: &Harness) -> BTreeMap<i32, usize> {
 
 #[test]
 fn a_zygote_naming_one_pid_for_two_slots_gets_it_adopted_once() {
-    let mut h = uvicorn(
+    check_adopted_once(
         "zygote-twin",
-        &apps_dir(),
         "twin_zygote:app",
+        "TWINLIE",
+        "is not the process that sent the reply",
+    );
+}
+
+/// The same reply sent by the worker it names, already adopted
+/// (tests/apps/twin_worker.py): the kernel vouches for the sender, which is
+/// already a worker.
+#[test]
+fn a_worker_answering_for_another_slot_is_not_adopted_twice() {
+    check_adopted_once(
+        "worker-twin",
+        "twin_worker:app",
+        "TWINWORKER",
+        "is already a worker",
+    );
+}
+
+/// procman --preload -w 3 with `app`, which says `mark` when it reports a
+/// pid for a second slot: each pid is adopted once, every slot gets a
+/// worker, no fork serves unsupervised, and TERM stops procman; the
+/// master refused the lie with `refused` in its reason.
+fn check_adopted_once(name: &str, app: &str, mark: &str, refused: &str) {
+    let mut h = uvicorn(
+        name,
+        &apps_dir(),
+        app,
         &["--preload", "-w", "3", "--startup-timeout", "10"],
     )
     .json()
     .spawn();
     check_short(
         &h,
-        h.wait_log("TWINLIE", BOOT),
-        "the zygote named one pid for a second slot",
+        h.wait_log(mark, BOOT),
+        "one pid was reported for a second slot",
     );
     // Every slot ends up with a worker of its own, each adopted once.
     wait_for(BOOT, || {
@@ -259,10 +287,15 @@ fn a_zygote_naming_one_pid_for_two_slots_gets_it_adopted_once() {
         &format!(
             "a pid was adopted for two slots: {:?} ({} lies)",
             adopted_twice(&h),
-            h.count_log("TWINLIE")
+            h.count_log(mark)
         ),
     );
     let pids = h.wait_workers(3, BOOT);
+    check_short(
+        &h,
+        h.wait_log(refused, BOOT),
+        &format!("the master refused it: {refused}"),
+    );
     // No process the zygote forked serves unsupervised: every live child of
     // the master is a zygote or an adopted worker.
     let adopted: BTreeSet<i32> = h.events_named("booting").iter().map(worker_of).collect();

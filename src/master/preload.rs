@@ -161,6 +161,18 @@ impl Master {
         }
     }
 
+    /// `sender`, which sent a notification, if it is a worker once the
+    /// zygotes' channels were read: while a zygote awaits a reply, the
+    /// worker that sent it may already notify (it reports itself first, but
+    /// its report may be queued behind other messages the last batch left).
+    pub(super) fn awaited_worker(&mut self, sender: Pid, now: Instant) -> Option<Pid> {
+        if !self.zygotes.awaiting() {
+            return None;
+        }
+        self.drain_zygotes(now);
+        self.table.get(sender).map(|_| sender)
+    }
+
     /// Messages dropped from zygotes' channels since the start, by reason
     /// (for `/metrics`).
     pub(super) fn zygote_drops(&self) -> std::collections::BTreeMap<String, u64> {

@@ -446,6 +446,11 @@ impl Zygotes {
             .any(|z| z.generation == generation && z.state != ZygoteState::Stopping)
     }
 
+    /// Whether a zygote awaits a reply on an open channel.
+    pub(super) fn awaiting(&self) -> bool {
+        self.list.iter().any(|z| z.pending.is_some() && !z.closed)
+    }
+
     /// Whether a new zygote may start: no restart backoff pending (its
     /// end is a deadline, `Due::ZygoteBackoffOver`, which clears it).
     pub(super) fn may_start(&self) -> bool {

@@ -59,7 +59,7 @@ use crate::notify::{Message, Receiver};
 use crate::policy::{self, Decision, Due, Goal};
 use crate::signals::{MasterSignal, Signals};
 use crate::workers::{Table, WorkerState};
-use crate::zygote::FromZygote;
+use crate::zygote::{FromZygote, Sender};
 use inbox::Inbox;
 
 #[macro_use]
@@ -124,10 +124,11 @@ pub enum Event {
         sent: Instant,
         message: Message,
     },
-    /// A message from a zygote (`--preload`).
+    /// A message on a zygote's channel, and who sent it.
     Zygote {
         pid: Pid,
         message: FromZygote,
+        sender: Option<Sender>,
     },
     Exited {
         pid: Pid,
@@ -256,9 +257,7 @@ impl Master {
             for sig in self.signals.drain() {
                 self.handle(Event::Signal(sig), now);
             }
-            for (pid, message) in self.zygotes.drain() {
-                self.handle(Event::Zygote { pid, message }, now);
-            }
+            self.drain_zygotes(now);
             self.read_urgent(now);
             self.drain_notifications(now);
             while let Some((pid, status)) = reap_one() {
@@ -303,7 +302,14 @@ impl Master {
                     message,
                 },
             ) => self.on_message(worker, sender, sent, message, now),
-            (_, Event::Zygote { pid, message }) => self.on_zygote_message(pid, message, now),
+            (
+                _,
+                Event::Zygote {
+                    pid,
+                    message,
+                    sender,
+                },
+            ) => self.on_zygote_message(pid, message, sender, now),
             (_, Event::Exited { pid, status }) => self.on_exit(pid, status, now),
             // Deadlines of what is not pursued during a stop are not even
             // listed then; one that passed with the one that began the stop
@@ -415,9 +421,7 @@ impl Master {
                         // READY=1 as soon as its zygote reported it, and it
                         // is only attributed once that report was read.
                         let now = Instant::now();
-                        for (pid, message) in self.zygotes.drain() {
-                            self.handle(Event::Zygote { pid, message }, now);
-                        }
+                        self.drain_zygotes(now);
                         self.drain_notifications(now);
                     }
                     Decision::Stop { pid, reason } => {

@@ -218,6 +218,11 @@ pub fn render(s: &Snapshot, observed: &Observed, format: Format) -> String {
         "Reloads by result",
         counters("result", &s.reloads),
     );
+    r.register(
+        "procman_zygote_messages_dropped",
+        "Messages dropped from zygotes' channels, by reason",
+        counters("reason", &s.zygote_drops),
+    );
 
     r.register(
         "procman_notify_dropped",
@@ -345,6 +350,7 @@ mod tests {
             reloads: BTreeMap::new(),
             listen_queue: Vec::new(),
             notify_dropped: BTreeMap::new(),
+            zygote_drops: BTreeMap::from([("oversized".to_string(), 3)]),
         }
     }
 
@@ -383,6 +389,10 @@ mod tests {
             "{classic}"
         );
         assert!(!classic.contains("# EOF"), "{classic}");
+        assert!(
+            classic.contains("procman_zygote_messages_dropped_total{reason=\"oversized\"} 3\n"),
+            "{classic}"
+        );
         let om = render(&snap, &observed, Format::OpenMetrics);
         assert!(
             om.contains("# TYPE procman_worker_restarts counter\n"),

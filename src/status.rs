@@ -130,6 +130,10 @@ pub struct Snapshot {
     /// What the notify socket discarded, by reason.
     #[serde(default)]
     pub notify_dropped: BTreeMap<String, u64>,
+    /// Messages dropped from zygotes' channels, by reason (`oversized`,
+    /// `unreadable`, `unexpected`).
+    #[serde(default)]
+    pub zygote_drops: BTreeMap<String, u64>,
 }
 
 impl Snapshot {

@@ -293,8 +293,16 @@ pub struct Table {
 }
 
 impl Table {
-    pub fn insert(&mut self, w: Worker) {
+    /// Adds a row; false (and nothing added) if its pid has one already.
+    /// A pid is in the table at most once, so every deadline (`Due`, which
+    /// names a pid) and every event finds its own row, and a row leaves
+    /// when its process is reaped.
+    pub fn insert(&mut self, w: Worker) -> bool {
+        if self.get(w.pid).is_some() {
+            return false;
+        }
         self.rows.push(w);
+        true
     }
 
     /// Removes the row of a reaped process.
@@ -368,5 +376,18 @@ mod tests {
         assert!(w.active().is_none());
         assert_eq!(w.deadline(limit), Some((t0, Due::Kill(pid))));
         assert_eq!(w.ready_at, Some(t0), "how long it served is kept");
+    }
+
+    #[test]
+    fn a_pid_has_one_row_at_most() {
+        let t0 = Instant::now();
+        let pid = Pid::from_raw(7);
+        let mut table = Table::default();
+        assert!(table.insert(Worker::new(pid, 0, 1, t0, Duration::from_secs(5))));
+        assert!(!table.insert(Worker::new(pid, 1, 1, t0, Duration::from_secs(5))));
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.get(pid).map(|w| w.slot), Some(0), "the first row");
+        assert!(table.remove(pid).is_some());
+        assert!(table.is_empty(), "reaping it leaves no row behind");
     }
 }

@@ -4,31 +4,66 @@
 //! The master talks to it over a private `SOCK_SEQPACKET` pair, one JSON
 //! object per message:
 //! * zygote → master: `{"ready": true, "pid": P}` once the app is imported;
-//!   `{"spawned": {"slot": S, "pid": P}}` for each worker; `{"warning": "…"}`;
-//!   `{"error": "…"}`;
+//!   `{"warning": "…"}` while it starts; `{"error": "…"}` for a spawn
+//!   that failed;
+//! * forked worker → master, on the channel it inherited:
+//!   `{"spawned": {"slot": S, "pid": P}}`, P being its own pid;
 //! * master → zygote: `{"spawn": {"slot": S, "generation": G, "env": {…}}}`.
 //!
 //! The zygote double-forks, so every worker is re-parented to the master
 //! (a child subreaper, or PID 1) and supervised exactly like a cold-started
-//! one; the worker's pid is reported before the worker proceeds, so the
-//! master always knows a pid before it can send anything or exit.
+//! one; the worker reports itself before it proceeds, so the master always
+//! knows a pid before it can send anything or exit.
 //!
-//! The zygote runs the app's import-time code, so what it reports is not
-//! trusted: a reported pid becomes a [`crate::pid::ChildPid`] only once
-//! [`crate::pid::verify_reported`] found it to be a fresh child of the
-//! master owned by the workers' user.
+//! The zygote runs the app's import-time code, so nothing on the channel is
+//! trusted. The master's end has `SO_PASSCRED`: the kernel stamps every
+//! message with its sender's pid, and a reply adopts the process that sent
+//! it, only if it names itself (see `master/zygotes.rs` for the other
+//! checks). Intake is bounded: at most [`MAX_BATCH`] messages per channel
+//! per pass of the loop, each at most [`MAX_MESSAGE`] bytes; a longer one,
+//! or one that does not parse, is dropped and counted.
 
+use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
+use nix::sys::socket::{
+    recvmsg, send, setsockopt, socketpair, sockopt, AddressFamily, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType, UnixCredentials,
+};
 use nix::unistd::Pid;
 
 use crate::procfs;
 
 /// How long the master waits for the zygote to report a forked worker.
 pub const SPAWN_REPLY: Duration = Duration::from_secs(2);
+
+/// The longest message the master reads from a zygote's channel (the
+/// longest the bootstrap sends is a few hundred bytes); a longer one is
+/// dropped.
+pub const MAX_MESSAGE: usize = 8 * 1024;
+
+/// The most messages the master reads from one channel per pass of its
+/// loop: a flood delays signals, reaping and the endpoints by one batch
+/// (at most 64 × 8 KiB read and parsed) at most.
+pub const MAX_BATCH: usize = 64;
+
+/// The most messages read from one channel per pass while a reply is
+/// awaited, until it is found: a reply queued behind a full channel (its
+/// send buffer holds a few hundred messages at most) is read in the same
+/// pass, before the worker's READY=1 on the notify socket, which is only
+/// attributed to a worker the master has adopted.
+pub const MAX_BATCH_AWAITING: usize = 1024;
+
+/// Who sent a message on a channel, as the kernel says (`SCM_CREDENTIALS`):
+/// the zygote, a worker reporting itself, or any process that holds the
+/// channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sender {
+    pub pid: i32,
+    pub uid: u32,
+}
 
 /// A message from the zygote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +75,9 @@ pub enum FromZygote {
         slot: usize,
         /// Its pid, as reported (unverified, maybe out of range).
         pid: i64,
+        /// The pid of the process that sent the message, as the kernel
+        /// says (`SCM_CREDENTIALS`); `None` when not known.
+        sender: Option<i32>,
     },
     /// Something the operator should know (threads at import time, …).
     Warning(String),
@@ -47,6 +85,9 @@ pub enum FromZygote {
     Error(String),
     /// The channel closed: the zygote is exiting.
     Closed,
+    /// A message that was dropped unread: too long, or not one of the
+    /// above (the reason, for the count).
+    Unreadable(&'static str),
 }
 
 /// Parses one datagram from the zygote. A pid that is not a positive
@@ -62,6 +103,7 @@ pub fn parse(bytes: &[u8]) -> Option<FromZygote> {
         return Some(FromZygote::Spawned {
             slot: s.get("slot")?.as_u64()? as usize,
             pid: s.get("pid")?.as_i64()?,
+            sender: None,
         });
     }
     if let Some(w) = v.get("warning").and_then(|w| w.as_str()) {
@@ -103,6 +145,11 @@ pub struct Zygote {
     /// gets the whole [`SPAWN_REPLY`]). The reply arrives on the channel
     /// like any message; the master never waits for it.
     pub pending: Option<Pending>,
+    /// Requests given up on (no reply in time) whose reply may still
+    /// come: each allows one late reply; any other is dropped.
+    pub late: u32,
+    /// Warnings taken in while it started (a few; the rest are dropped).
+    pub warnings: u32,
     channel: OwnedFd,
 }
 
@@ -127,14 +174,21 @@ impl Pending {
     }
 }
 
-/// The two ends of a fresh control channel: (master's, zygote's).
+/// The two ends of a fresh control channel: (master's, zygote's). The
+/// master's end is non-blocking (a zygote that stops reading cannot block a
+/// request) and has `SO_PASSCRED` (each message comes with its sender's
+/// pid).
 pub fn channel() -> Result<(OwnedFd, OwnedFd), Errno> {
-    socketpair(
+    let (master, zygote) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
         None,
-        SockFlag::SOCK_CLOEXEC,
-    )
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )?;
+    setsockopt(&master, sockopt::PassCred, &true)?;
+    // SOCK_NONBLOCK set both ends (two open file descriptions); the
+    // bootstrap makes its own end blocking again.
+    Ok((master, zygote))
 }
 
 impl Zygote {
@@ -149,6 +203,8 @@ impl Zygote {
             reported_error: None,
             closed: false,
             pending: None,
+            late: 0,
+            warnings: 0,
             channel,
         }
     }
@@ -158,17 +214,36 @@ impl Zygote {
         self.channel.as_fd()
     }
 
-    /// Every message waiting on the channel.
-    pub fn drain(&self) -> Vec<FromZygote> {
+    /// The messages waiting on the channel, at most [`MAX_BATCH`] (or, while
+    /// a reply is awaited, up to [`MAX_BATCH_AWAITING`] until a reply is
+    /// read), each with its sender: the loop comes back for the rest after
+    /// its other work (the channel is still readable, so its poll returns at
+    /// once).
+    pub fn drain(&self) -> Vec<(FromZygote, Option<Sender>)> {
         let mut out = Vec::new();
-        let mut buf = vec![0u8; 65536];
-        loop {
-            match recv(self.channel.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
-                Ok(0) => {
-                    out.push(FromZygote::Closed);
-                    break;
+        // One byte more than the longest message: a message that fills it
+        // was longer (or cut: MSG_TRUNC), and is dropped either way.
+        let mut buf = vec![0u8; MAX_MESSAGE + 1];
+        let mut awaiting = self.pending.is_some() || self.late > 0;
+        let mut limit = if awaiting {
+            MAX_BATCH_AWAITING
+        } else {
+            MAX_BATCH
+        };
+        while out.len() < limit {
+            match receive(self.channel.as_raw_fd(), &mut buf) {
+                Ok(m) => {
+                    let closed = m.0 == FromZygote::Closed;
+                    let reply = matches!(m.0, FromZygote::Spawned { .. } | FromZygote::Error(_));
+                    if awaiting && reply {
+                        awaiting = false;
+                        limit = MAX_BATCH.max(out.len() + 1);
+                    }
+                    out.push(m);
+                    if closed {
+                        break;
+                    }
                 }
-                Ok(n) => out.extend(parse(&buf[..n])),
                 Err(Errno::EINTR) => continue,
                 Err(_) => break, // EAGAIN: nothing more
             }
@@ -195,7 +270,8 @@ impl Zygote {
             serde_json::json!({"spawn": {"slot": slot, "generation": generation, "env": env}});
         let not_before = procfs::boot_ticks_now();
         let bytes = msg.to_string().into_bytes();
-        send(self.channel.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL)
+        let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+        send(self.channel.as_raw_fd(), &bytes, flags)
             .map_err(|e| format!("cannot reach the zygote: {}", e.desc()))?;
         self.pending = Some(Pending {
             slot,
@@ -207,9 +283,126 @@ impl Zygote {
     }
 }
 
+/// One message from the channel `fd`, read into `buf` (of
+/// [`MAX_MESSAGE`] + 1 bytes), with its sender.
+fn receive(fd: i32, buf: &mut [u8]) -> Result<(FromZygote, Option<Sender>), Errno> {
+    let mut cmsg = nix::cmsg_space!(UnixCredentials);
+    let mut iov = [IoSliceMut::new(buf)];
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+    let m = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), flags)?;
+    let sender = m.cmsgs().ok().and_then(|mut c| {
+        c.find_map(|c| match c {
+            ControlMessageOwned::ScmCredentials(cred) => Some(Sender {
+                pid: cred.pid(),
+                uid: cred.uid(),
+            }),
+            _ => None,
+        })
+    });
+    let (n, cut) = (m.bytes, m.flags.contains(MsgFlags::MSG_TRUNC));
+    // End of file carries no credentials; an empty message does.
+    if n == 0 && sender.is_none() {
+        return Ok((FromZygote::Closed, None));
+    }
+    if cut || n > MAX_MESSAGE {
+        return Ok((FromZygote::Unreadable("oversized"), sender));
+    }
+    let m = match parse(&buf[..n]) {
+        Some(FromZygote::Spawned { slot, pid, .. }) => FromZygote::Spawned {
+            slot,
+            pid,
+            sender: sender.map(|s| s.pid),
+        },
+        Some(m) => m,
+        None => FromZygote::Unreadable("unreadable"),
+    };
+    Ok((m, sender))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A channel and a zygote-side end to write to it.
+    fn pair() -> (Zygote, OwnedFd) {
+        let (master, zygote) = channel().expect("socketpair");
+        (
+            Zygote::new(Pid::from_raw(2), 1, master, Instant::now()),
+            zygote,
+        )
+    }
+
+    fn put(fd: &OwnedFd, bytes: &[u8]) {
+        send(fd.as_raw_fd(), bytes, MsgFlags::empty()).expect("send");
+    }
+
+    #[test]
+    fn a_batch_is_bounded_and_each_message_is_read_with_its_sender() {
+        let (z, end) = pair();
+        let me = std::process::id() as i32;
+        put(
+            &end,
+            format!(r#"{{"spawned": {{"slot": 1, "pid": {me}}}}}"#).as_bytes(),
+        );
+        put(&end, &vec![b' '; MAX_MESSAGE + 1]);
+        put(&end, b"not json");
+        put(&end, b"");
+        for _ in 0..MAX_BATCH {
+            put(&end, br#"{"warning": "w"}"#);
+        }
+        let first = z.drain();
+        assert_eq!(first.len(), MAX_BATCH, "one batch");
+        let uid = nix::unistd::getuid().as_raw();
+        assert!(
+            first
+                .iter()
+                .all(|(_, s)| *s == Some(Sender { pid: me, uid })),
+            "each with its sender"
+        );
+        let first: Vec<FromZygote> = first.into_iter().map(|(m, _)| m).collect();
+        assert_eq!(
+            &first[..4],
+            &[
+                FromZygote::Spawned {
+                    slot: 1,
+                    pid: me as i64,
+                    sender: Some(me)
+                },
+                FromZygote::Unreadable("oversized"),
+                FromZygote::Unreadable("unreadable"),
+                FromZygote::Unreadable("unreadable"),
+            ],
+            "an empty message is not the end of the channel"
+        );
+        drop(end);
+        let rest = z.drain();
+        assert_eq!(rest.len(), 5, "the rest next time: {rest:?}");
+        assert_eq!(rest.last(), Some(&(FromZygote::Closed, None)));
+    }
+
+    #[test]
+    fn an_awaited_reply_behind_a_flood_is_read_in_one_pass() {
+        let (mut z, end) = pair();
+        z.pending = Some(Pending {
+            slot: 1,
+            generation: 1,
+            requested_at: Instant::now(),
+            not_before: 0,
+        });
+        // A full channel: its send buffer holds a few hundred messages.
+        for _ in 0..100 {
+            put(&end, br#"{"warning": "w"}"#);
+        }
+        put(&end, br#"{"spawned": {"slot": 1, "pid": 9}}"#);
+        for _ in 0..100 {
+            put(&end, br#"{"warning": "w"}"#);
+        }
+        let got = z.drain();
+        assert_eq!(got.len(), 101, "up to the reply, then no more");
+        assert!(matches!(got[100].0, FromZygote::Spawned { slot: 1, .. }));
+        z.pending = None;
+        assert_eq!(z.drain().len(), MAX_BATCH, "no reply awaited: one batch");
+    }
 
     #[test]
     fn messages_parse() {
@@ -217,7 +410,11 @@ mod tests {
             (r#"{"ready": true, "pid": 5}"#, Some(FromZygote::Ready)),
             (
                 r#"{"spawned": {"slot": 2, "pid": 77}}"#,
-                Some(FromZygote::Spawned { slot: 2, pid: 77 }),
+                Some(FromZygote::Spawned {
+                    slot: 2,
+                    pid: 77,
+                    sender: None,
+                }),
             ),
             (
                 r#"{"warning": "threads"}"#,
@@ -232,6 +429,7 @@ mod tests {
                 Some(FromZygote::Spawned {
                     slot: 0,
                     pid: 4294967295,
+                    sender: None,
                 }),
             ),
             (r#"{"spawned": {"slot": "x"}}"#, None),
@@ -252,12 +450,12 @@ mod properties {
     fn to_json(m: &FromZygote) -> serde_json::Value {
         match m {
             FromZygote::Ready => serde_json::json!({"ready": true, "pid": 7}),
-            FromZygote::Spawned { slot, pid } => {
+            FromZygote::Spawned { slot, pid, .. } => {
                 serde_json::json!({"spawned": {"slot": slot, "pid": pid}})
             }
             FromZygote::Warning(w) => serde_json::json!({ "warning": w }),
             FromZygote::Error(e) => serde_json::json!({ "error": e }),
-            FromZygote::Closed => serde_json::Value::Null,
+            FromZygote::Closed | FromZygote::Unreadable(_) => serde_json::Value::Null,
         }
     }
 
@@ -266,7 +464,8 @@ mod properties {
             Just(FromZygote::Ready),
             (any::<u32>(), any::<i64>()).prop_map(|(slot, pid)| FromZygote::Spawned {
                 slot: slot as usize,
-                pid
+                pid,
+                sender: None,
             }),
             any::<String>().prop_map(FromZygote::Warning),
             any::<String>().prop_map(FromZygote::Error),

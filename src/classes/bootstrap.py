@@ -91,19 +91,20 @@ error is the worker's (exit 4, its traceback sent to the master).
 * Zygote to master: {"warning": "..."} (threads alive after the import),
   then {"ready": true, "pid": P}. Master to zygote: {"spawn": {"slot": S,
   "generation": G, "env": {...}}}. Every message gets exactly one reply, in
-  order: {"spawned": {"slot": S, "pid": W}} or {"error": "..."}. EOF on the
-  control socket or TERM/INT/QUIT ends the zygote with status 0; the workers
-  it forked live on.
+  order: {"spawned": {"slot": S, "pid": W}}, sent by the forked worker W
+  itself, or {"error": "..."} from the zygote. EOF on the control socket or
+  TERM/INT/QUIT ends the zygote with status 0; the workers it forked live on.
 * A spawn double-forks: the intermediate child hands the worker's pid to the
   zygote and exits, so the worker is re-parented to the master (a child
-  subreaper); only then does the zygote report the pid, so the master knows
-  it before the worker does anything, and finds the worker already its child
-  (it verifies that, and refuses any other pid). The worker
-  waits until its parent is the master and until the zygote says (over a
-  pipe only the zygote can write to) that the master was told its pid: if
-  the zygote dies first, say killed by a master that gave up waiting for the
-  reply, the worker exits instead of serving unsupervised. It then sets
-  PR_SET_PDEATHSIG, restores
+  subreaper). The worker waits until its parent is the master and until the
+  zygote says (over a pipe only the zygote can write to) that the
+  intermediate reported it: if the zygote dies first, the worker exits
+  instead of serving unsupervised. The worker then sends the reply itself on
+  the control socket it inherited, and closes it: the master reads the
+  sender's pid from the kernel (SO_PASSCRED) and adopts only the process
+  that sent the reply, naming itself, a fresh child of the master not yet
+  supervised; so the master knows the worker before it does anything else.
+  It then sets PR_SET_PDEATHSIG, restores
   a cold worker's signal state, takes its identity from "env" and calls the
   same serve() as a cold worker. It never returns into the zygote's code.
 * Stop signals are blocked around the fork and stay blocked in the
@@ -1769,14 +1770,9 @@ class Zygote:
         worker = int(reported) if reported.isdigit() else None
         if code == 0 and worker is not None:
             # The intermediate has exited, so the worker was re-parented to
-            # the master before this reply: the master checks that its
-            # parent is the master when the reply arrives.
-            if self.control.send({"spawned": {"slot": slot, "pid": worker}}):
-                with contextlib.suppress(OSError):
-                    os.write(go_write, b"1")
-            else:
-                with contextlib.suppress(OSError):  # nobody knows this worker: it must not serve
-                    os.kill(worker, signal.SIGKILL)
+            # the master: it may report itself (the reply to this request).
+            with contextlib.suppress(OSError):
+                os.write(go_write, b"1")
         elif code != 1:  # 1: the intermediate sent "error" itself
             self.control.send({"error": f"cannot spawn slot {slot}: the intermediate process "
                                         f"ended with status {code} before reporting"})
@@ -1794,7 +1790,7 @@ class Zygote:
                 return
             if pid == 0:
                 os.close(report_fd)
-                self.worker(env, me, go_fd)  # never returns
+                self.worker(slot, env, me, go_fd)  # never returns
             os.close(go_fd)
             # The worker makes itself the leader of a session of its own (and
             # so of its own process group); its pid is reported only once it
@@ -1821,8 +1817,8 @@ class Zygote:
         finally:
             os._exit(code)
 
-    def worker(self, env, intermediate, go_fd):
-        """Becomes a worker: waits for the master to adopt it, then serves. Never returns."""
+    def worker(self, slot, env, intermediate, go_fd):
+        """Becomes a worker: reports itself to the master, then serves. Never returns."""
 
         def give_up(message=None):
             if message:
@@ -1832,7 +1828,6 @@ class Zygote:
 
         code = 1
         try:
-            self.control.sock.close()  # only the zygote speaks to the master; and EOF must mean "zygote gone"
             # A session of its own (so its own process group), at once: a
             # signal to the zygote's group must not reach a worker, and no
             # process outside the session can join its group (the
@@ -1852,13 +1847,20 @@ class Zygote:
                                                if parent == intermediate else
                                                f"pid {parent} adopted it (the master died, or is "
                                                "not a child subreaper)"))
-            # Serve only once the zygote told the master our pid: a spawn the
-            # master gave up on (the zygote killed before its reply) must not
-            # leave a worker nobody supervises.
+            # Report only once the zygote heard from the intermediate: a
+            # spawn whose zygote died (killed by a master that gave up on
+            # the request) must not leave a worker nobody supervises.
             with os.fdopen(go_fd, "rb") as go:
                 told = go.read(1)
             if told != b"1":
                 give_up("the zygote could not report this worker to the master; not serving")
+            # The reply to the master's request, from this process: the
+            # kernel tells the master who sent it. Then the channel is the
+            # zygote's alone (its EOF must mean "zygote gone").
+            reported = self.control.send({"spawned": {"slot": slot, "pid": os.getpid()}})
+            self.control.sock.close()
+            if not reported:
+                give_up("this worker could not report itself to the master; not serving")
             # Die with the master. It may have died before prctl took effect:
             # then we were re-parented again and must not go on.
             if self.libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG

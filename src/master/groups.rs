@@ -131,6 +131,11 @@ impl Groups {
         self.list.is_empty()
     }
 
+    /// Whether group `pgid` is tracked.
+    pub(super) fn tracks(&self, pgid: i32) -> bool {
+        self.list.iter().any(|g| g.pgid.as_raw() == pgid)
+    }
+
     /// Tracks group `pgid` until it is empty, if it has members; they get
     /// SIGKILL at `kill_at` (at once if that has passed).
     pub(super) fn add(

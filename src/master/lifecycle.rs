@@ -28,8 +28,8 @@ impl Master {
             // up on: that worker must be killed) is read before its channel
             // is closed with it.
             let last = if z.closed { Vec::new() } else { z.drain() };
-            for m in last {
-                self.on_zygote_message(pid, m, now);
+            for (m, sender) in last {
+                self.on_zygote_message(pid, m, sender, now);
             }
             let Some(z) = self.zygotes.remove(pid) else {
                 return;

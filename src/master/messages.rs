@@ -122,6 +122,9 @@ impl Master {
         } else {
             owning_worker(d.pid, |p| self.table.get(Pid::from_raw(p)).is_some()).map(Pid::from_raw)
         };
+        // A worker forked by a zygote reports itself before it sends
+        // anything here, but its report may still be queued on the channel.
+        let worker = worker.or_else(|| self.awaited_worker(sender, now));
         let Some(worker) = worker else {
             self.notify.not_a_worker(&d, now);
             debug!(

@@ -376,6 +376,7 @@ impl Master {
                 }
                 dropped
             },
+            zygote_drops: self.zygote_drops(),
         }
     }
 }

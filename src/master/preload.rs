@@ -22,7 +22,7 @@ use crate::error::Error;
 use crate::pid::ChildPid;
 use crate::policy::Due;
 use crate::workers::Worker;
-use crate::zygote::{self, FromZygote, Pending, Zygote, ZygoteState};
+use crate::zygote::{self, FromZygote, Pending, Sender, Zygote, ZygoteState};
 
 impl Master {
     /// Whether workers are forked from a zygote (unless they start cold
@@ -148,13 +148,70 @@ impl Master {
         }
     }
 
-    pub(super) fn on_zygote_message(&mut self, pid: Pid, message: FromZygote, now: Instant) {
+    /// Takes in a bounded batch of each zygote's messages (see
+    /// [`zygote::MAX_BATCH`]): the loop comes back for more after signals,
+    /// reaping and the endpoints.
+    pub(super) fn drain_zygotes(&mut self, now: Instant) {
+        for (pid, message, sender) in self.zygotes.drain() {
+            let event = super::Event::Zygote {
+                pid,
+                message,
+                sender,
+            };
+            self.handle(event, now);
+        }
+    }
+
+    /// `sender`, which sent a notification, if it is a worker once the
+    /// zygotes' channels were read: while a zygote awaits a reply, the
+    /// worker that sent it may already notify (it reports itself first, but
+    /// its report may be queued behind other messages the last batch left).
+    pub(super) fn awaited_worker(&mut self, sender: Pid, now: Instant) -> Option<Pid> {
+        if !self.zygotes.awaiting() {
+            return None;
+        }
+        self.drain_zygotes(now);
+        self.table.get(sender).map(|_| sender)
+    }
+
+    /// Messages dropped from zygotes' channels since the start, by reason
+    /// (for `/metrics`).
+    pub(super) fn zygote_drops(&self) -> std::collections::BTreeMap<String, u64> {
+        self.zygotes
+            .drops()
+            .iter()
+            .map(|(why, n)| (why.to_string(), *n))
+            .collect()
+    }
+
+    pub(super) fn on_zygote_message(
+        &mut self,
+        pid: Pid,
+        message: FromZygote,
+        sender: Option<Sender>,
+        now: Instant,
+    ) {
         let uids = self.workers_uids();
-        match self
+        let (table, groups) = (&self.table, &self.groups);
+        let known = |p: i32| {
+            if table.get(Pid::from_raw(p)).is_some() {
+                Some("a worker")
+            } else if groups.tracks(p) {
+                Some("a tracked process group")
+            } else {
+                None
+            }
+        };
+        let heard = self
             .zygotes
-            .hear(pid, message, uids, crate::pid::verify_reported)
-        {
+            .hear(pid, message, uids, crate::pid::verify_reported, known);
+        match heard {
             Heard::Nothing => {}
+            Heard::Dropped(why) => self.zygote_dropped(pid, sender, why, now),
+            Heard::Unasked { stray } => {
+                kill_stray(pid, Some(stray));
+                self.zygote_dropped(pid, sender, "unexpected", now);
+            }
             Heard::Ready {
                 generation,
                 started_at,
@@ -166,21 +223,58 @@ impl Master {
                 now.saturating_duration_since(started_at).as_secs_f64(),
             ),
             Heard::Warning(w) => warn!("Zygote {pid}: {w}"),
-            Heard::Error(e) => warn!("Zygote {pid} reported an error: {e}"),
-            Heard::SpawnFailed { slot, why } => self.zygote_spawn_failed(pid, slot, &why, now),
+            Heard::SpawnFailed { slot, why, stray } => {
+                kill_stray(pid, stray);
+                self.zygote_spawn_failed(pid, slot, &why, now)
+            }
             Heard::Adopt { worker, pending } => self.adopt_forked(pid, worker, &pending),
             Heard::Late { worker, slot } => {
                 warn!("Zygote {pid} reported worker {worker} (slot {slot}) too late; killing it");
                 worker.signal_group(Signal::SIGKILL);
             }
-            Heard::Untrusted { why } => {
+            Heard::Untrusted { why, stray } => {
                 error!(
-                    "Zygote {pid} reported a worker it did not fork: {why}; signalling nothing, restarting the zygote"
+                    "Zygote {pid} reported a worker it did not fork: {why}; signalling nothing it named, restarting the zygote"
                 );
+                kill_stray(pid, stray);
                 if self.zygotes.kill(pid) {
                     self.zygote_failed(now);
                 }
             }
+        }
+    }
+
+    /// Counts a message dropped from zygote `pid`'s channel, and says so
+    /// when a line is due (the first drop, then at most every 10 s).
+    fn zygote_dropped(
+        &mut self,
+        pid: Pid,
+        sender: Option<Sender>,
+        why: &'static str,
+        now: Instant,
+    ) {
+        if let Some(line) = self.zygotes.dropped(pid, sender, why, now) {
+            let by = line
+                .sender
+                .map(|s| format!("pid {} uid {}", s.pid, s.uid))
+                .unwrap_or_else(|| "an unknown process".into());
+            warn!(
+                event = "zygote-messages-dropped",
+                zygote = line.zygote.as_raw(),
+                sender_pid = line.sender.map(|s| s.pid),
+                sender_uid = line.sender.map(|s| s.uid),
+                reason = line.why,
+                dropped = line.dropped,
+                total = line.total,
+                "Dropped {} message{} on the channel of zygote {}, the last from {by} ({}: the channel takes one reply per request, messages of at most {} bytes); {} in all, counted in procman_zygote_messages_dropped_total, said at most every {}s",
+                line.dropped,
+                if line.dropped == 1 { "" } else { "s" },
+                line.zygote,
+                line.why,
+                zygote::MAX_MESSAGE,
+                line.total,
+                zygotes::DROPS_SAID_EVERY.as_secs()
+            );
         }
     }
 
@@ -209,6 +303,11 @@ impl Master {
             pending.requested_at,
             self.settings.cfg.startup_timeout,
         );
+        if self.table.get(w.pid()).is_some() {
+            // Refused when the reply was heard; never two rows for a pid.
+            error!("Zygote {zpid} reported worker {w} (slot {slot}), already a worker; ignored");
+            return;
+        }
         // Before its `booting` event, as for a worker the master forks.
         self.boost_booting(&mut worker);
         worker_event!(
@@ -333,5 +432,16 @@ impl Master {
                 "The zygote failed {failures} times in a row; new workers start cold (each a new interpreter)"
             );
         }
+    }
+}
+
+/// A refused reply's sender that is a fresh child of the master nothing
+/// supervises (the zygote's fork, verified like a worker): killed, so that
+/// it cannot serve unsupervised. Its pid cannot have been reused: it is
+/// the master's child, not reaped yet.
+fn kill_stray(zpid: Pid, stray: Option<ChildPid>) {
+    if let Some(p) = stray {
+        warn!("Zygote {zpid}: killing process {p}, which sent a refused reply (it must not serve unsupervised)");
+        p.signal_group(Signal::SIGKILL);
     }
 }

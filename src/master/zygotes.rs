@@ -3,10 +3,23 @@
 //! their workers are gone, which zygote serves a slot, the spawn request in
 //! flight (one per zygote, with its deadline) and what its reply must be
 //! verified against, the backoff of restarts, and the fall-back to cold
-//! starts after repeated failures. What the master does with it (spawning
-//! zygotes, adopting workers, logging, a failed reload or boot) is in
-//! preload.rs.
+//! starts after repeated failures, and what a zygote sent out of turn
+//! (dropped and counted). What the master does with it (spawning zygotes,
+//! adopting workers, logging, a failed reload or boot) is in preload.rs.
+//!
+//! A reply adopts exactly the process that sent it, once: the kernel
+//! names its sender (`SCM_CREDENTIALS`), the reply must name that same pid,
+//! which must be a fresh child of the master with the workers' uids and not
+//! already a worker, a zygote or a tracked group. App code in the zygote can
+//! forge any text and fork anything, but it cannot send as a pid other than
+//! its own process's (unless it runs as root, whose workers could kill the
+//! master anyway), and a process the master already supervises is refused:
+//! so no reply makes the master adopt a stranger, a zygote, or one process
+//! for two slots. Of each zygote the master takes a few warnings while it
+//! starts, one `ready`, one reply per request (and one late reply per
+//! request it gave up on); anything else is dropped and counted.
 
+use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
@@ -18,10 +31,13 @@ use super::exits::signal_group;
 use crate::config::Config;
 use crate::pid::{ChildPid, Expected};
 use crate::policy::{self, Backoff, Due};
-use crate::zygote::{FromZygote, Pending, Zygote, ZygoteState};
+use crate::zygote::{FromZygote, Pending, Sender, Zygote, ZygoteState};
 
 /// After this many zygote failures in a row, workers start cold.
 const FAILURES_BEFORE_COLD: u32 = 3;
+
+/// The warnings taken from a starting zygote; more are dropped.
+const MAX_WARNINGS: u32 = 4;
 
 /// The master's zygotes.
 #[derive(Debug, Default)]
@@ -29,27 +45,70 @@ pub(super) struct Zygotes {
     list: Vec<Zygote>,
     backoff: Backoff,
     cold: bool,
+    drops: Drops,
+}
+
+/// How often the drops are said in the log, at most.
+pub(super) const DROPS_SAID_EVERY: Duration = Duration::from_secs(10);
+
+/// Messages dropped from zygotes' channels: counted by reason (a metric),
+/// said in the log when the first one is dropped and then at most every
+/// [`DROPS_SAID_EVERY`], never one line per message.
+#[derive(Debug, Default)]
+struct Drops {
+    total: BTreeMap<&'static str, u64>,
+    /// Dropped since the last line said so.
+    unsaid: u64,
+    said_at: Option<Instant>,
+}
+
+/// A line to log about dropped messages.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct DropsLine {
+    /// Dropped since the last line (or since the start).
+    pub dropped: u64,
+    /// Dropped in all.
+    pub total: u64,
+    /// The reason of the drop that made this line due.
+    pub why: &'static str,
+    /// The zygote whose channel it came on.
+    pub zygote: Pid,
+    /// The process that sent it (the zygote, or any process holding its
+    /// channel), if the kernel said.
+    pub sender: Option<Sender>,
 }
 
 /// What a zygote's message means to the master, once the bookkeeping is
 /// done.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Heard {
-    /// Nothing to do (a duplicate, or the zygote is not known).
+    /// Nothing to do (a late error, or the zygote is not known).
     Nothing,
+    /// A message dropped unread or out of turn, with the reason (to be
+    /// counted: [`Zygotes::dropped`]).
+    Dropped(&'static str),
+    /// A reply no request awaits, dropped (`unexpected`), whose sender is
+    /// a fresh child of the master that nothing supervises (a fork of the
+    /// zygote, say one whose request another process answered): it must
+    /// not serve unsupervised, and may be killed.
+    Unasked {
+        stray: ChildPid,
+    },
     /// It finished starting: it takes spawn requests from now on.
     Ready {
         generation: u64,
         started_at: Instant,
     },
     Warning(String),
-    /// An error while no request was in flight.
-    Error(String),
     /// The request in flight failed (an error reply, a reported process it
     /// did not fork, its channel closed): the zygote is to be restarted.
     SpawnFailed {
         slot: usize,
         why: String,
+        /// The process that sent a refused reply, when it is a fresh child
+        /// of the master that nothing supervises (the zygote's fork): it
+        /// must not serve, and may be killed.
+        stray: Option<ChildPid>,
     },
     /// The reply to the request in flight, verified: a worker to supervise.
     Adopt {
@@ -66,7 +125,20 @@ pub(super) enum Heard {
     /// broken, and nothing it named may be signalled.
     Untrusted {
         why: String,
+        /// As for [`Heard::SpawnFailed`].
+        stray: Option<ChildPid>,
     },
+}
+
+/// What a reply must be, beside what `verify` checks.
+struct Reply {
+    /// The pid it names.
+    pid: i64,
+    /// Its sender, as the kernel says.
+    sender: Option<i32>,
+    /// The slot it answers, and the slot asked for (`None`: a late reply).
+    slot: usize,
+    asked: Option<usize>,
 }
 
 /// Whether the workers of `cfg` are forked from a zygote: `--preload`'s,
@@ -130,19 +202,29 @@ impl Zygotes {
 
     /// Takes in message `m` of zygote `pid`: its state, the request in
     /// flight, and what a reported worker must be (`uids`, checked by
-    /// `verify`: [`crate::pid::verify_reported`] but in tests).
+    /// `verify`: [`crate::pid::verify_reported`] but in tests; `known` says
+    /// what a pid already is to the master: a worker, a tracked group).
     pub(super) fn hear(
         &mut self,
         pid: Pid,
         m: FromZygote,
         uids: [u32; 4],
         verify: impl Fn(i64, &Expected) -> Result<ChildPid, String>,
+        known: impl Fn(i32) -> Option<&'static str>,
     ) -> Heard {
+        let zygotes: Vec<i32> = self.list.iter().map(|z| z.pid.as_raw()).collect();
+        let known = |p: i32| {
+            if zygotes.contains(&p) {
+                return Some("a zygote");
+            }
+            known(p)
+        };
         let Some(z) = self.get_mut(pid) else {
             return Heard::Nothing;
         };
         let parent = std::process::id() as i32;
         match m {
+            FromZygote::Unreadable(why) => Heard::Dropped(why),
             // The backoff is reset by a worker it forked, not here: a
             // zygote that imports fine but reports nonsense must still be
             // backed off and given up on.
@@ -153,17 +235,29 @@ impl Zygotes {
                     started_at: z.started_at,
                 }
             }
-            FromZygote::Ready => Heard::Nothing,
-            FromZygote::Warning(w) => Heard::Warning(w),
-            FromZygote::Error(why) => match z.pending.take() {
-                Some(p) => Heard::SpawnFailed { slot: p.slot, why },
-                None => Heard::Error(why),
-            },
-            // The reply to the request in flight: a worker only if it is a
-            // process the zygote forked since the request.
-            FromZygote::Spawned { slot, pid: worker }
-                if z.pending.is_some_and(|p| p.slot == slot) =>
+            FromZygote::Warning(w)
+                if z.state == ZygoteState::Starting && z.warnings < MAX_WARNINGS =>
             {
+                z.warnings += 1;
+                Heard::Warning(w)
+            }
+            FromZygote::Ready | FromZygote::Warning(_) => Heard::Dropped("unexpected"),
+            FromZygote::Error(why) => match z.pending.take() {
+                Some(p) => Heard::SpawnFailed {
+                    slot: p.slot,
+                    why,
+                    stray: None,
+                },
+                None if z.late > 0 => {
+                    z.late -= 1;
+                    debug!("Zygote {pid} answered a request given up on: {why}");
+                    Heard::Nothing
+                }
+                None => Heard::Dropped("unexpected"),
+            },
+            // The reply to the request in flight: a worker only if it is
+            // the process that sent it, forked since the request.
+            FromZygote::Spawned { slot, pid, sender } if z.pending.is_some() => {
                 let Some(pending) = z.pending.take() else {
                     return Heard::Nothing;
                 };
@@ -172,25 +266,54 @@ impl Zygotes {
                     uids,
                     not_before: pending.not_before,
                 };
-                match verify(worker, &expected) {
+                let reply = Reply {
+                    pid,
+                    sender,
+                    slot,
+                    asked: Some(pending.slot),
+                };
+                match check_reply(&reply, &expected, &verify, &known) {
                     Ok(worker) => Heard::Adopt { worker, pending },
-                    Err(e) => Heard::SpawnFailed {
-                        slot,
+                    Err((e, stray)) => Heard::SpawnFailed {
+                        slot: pending.slot,
                         why: format!("it reported a worker it did not fork: {e}"),
+                        stray,
                     },
                 }
             }
-            // Killed only if it is a process the zygote forked since it
-            // started; a zygote that reports anything else is broken.
-            FromZygote::Spawned { slot, pid: worker } => {
+            // The reply to a request given up on: killed only if it is a
+            // process the zygote forked since it started; a zygote that
+            // reports anything else is broken.
+            FromZygote::Spawned { slot, pid, sender } if z.late > 0 => {
+                z.late -= 1;
                 let expected = Expected {
                     parent,
                     uids,
                     not_before: z.started_ticks,
                 };
-                match verify(worker, &expected) {
+                let reply = Reply {
+                    pid,
+                    sender,
+                    slot,
+                    asked: None,
+                };
+                match check_reply(&reply, &expected, &verify, &known) {
                     Ok(worker) => Heard::Late { worker, slot },
-                    Err(why) => Heard::Untrusted { why },
+                    Err((why, stray)) => Heard::Untrusted { why, stray },
+                }
+            }
+            FromZygote::Spawned { sender, .. } => {
+                let expected = Expected {
+                    parent,
+                    uids,
+                    not_before: z.started_ticks,
+                };
+                let stray = sender
+                    .filter(|&s| known(s).is_none())
+                    .and_then(|s| verify(i64::from(s), &expected).ok());
+                match stray {
+                    Some(stray) => Heard::Unasked { stray },
+                    None => Heard::Dropped("unexpected"),
                 }
             }
             // Its exit status (reaped soon) says what happened.
@@ -201,6 +324,7 @@ impl Zygotes {
                     Some(p) => Heard::SpawnFailed {
                         slot: p.slot,
                         why: "the zygote closed its channel".into(),
+                        stray: None,
                     },
                     None => Heard::Nothing,
                 }
@@ -208,9 +332,46 @@ impl Zygotes {
         }
     }
 
+    /// Counts a message dropped from zygote `pid`'s channel; the line to
+    /// log, if one is due (the first drop, then at most every
+    /// [`DROPS_SAID_EVERY`]).
+    pub(super) fn dropped(
+        &mut self,
+        pid: Pid,
+        sender: Option<Sender>,
+        why: &'static str,
+        now: Instant,
+    ) -> Option<DropsLine> {
+        let d = &mut self.drops;
+        *d.total.entry(why).or_insert(0) += 1;
+        d.unsaid += 1;
+        if d.said_at
+            .is_some_and(|at| now.saturating_duration_since(at) < DROPS_SAID_EVERY)
+        {
+            return None;
+        }
+        d.said_at = Some(now);
+        Some(DropsLine {
+            dropped: std::mem::take(&mut d.unsaid),
+            total: d.total.values().sum(),
+            why,
+            zygote: pid,
+            sender,
+        })
+    }
+
+    /// Messages dropped from zygotes' channels since the start, by reason.
+    pub(super) fn drops(&self) -> &BTreeMap<&'static str, u64> {
+        &self.drops.total
+    }
+
     /// Gives up on zygote `pid`'s request in flight; returns its slot.
+    /// Its reply may still come, once.
     pub(super) fn take_request(&mut self, pid: Pid) -> Option<usize> {
-        self.get_mut(pid)?.pending.take().map(|p| p.slot)
+        let z = self.get_mut(pid)?;
+        let slot = z.pending.take()?.slot;
+        z.late += 1;
+        Some(slot)
     }
 
     /// Whether zygote `pid` is still starting.
@@ -285,6 +446,11 @@ impl Zygotes {
             .any(|z| z.generation == generation && z.state != ZygoteState::Stopping)
     }
 
+    /// Whether a zygote awaits a reply on an open channel.
+    pub(super) fn awaiting(&self) -> bool {
+        self.list.iter().any(|z| z.pending.is_some() && !z.closed)
+    }
+
     /// Whether a new zygote may start: no restart backoff pending (its
     /// end is a deadline, `Due::ZygoteBackoffOver`, which clears it).
     pub(super) fn may_start(&self) -> bool {
@@ -296,12 +462,13 @@ impl Zygotes {
         self.list.iter().filter(|z| !z.closed).map(|z| z.fd())
     }
 
-    /// Every message waiting on an open channel.
-    pub(super) fn drain(&self) -> Vec<(Pid, FromZygote)> {
+    /// The messages waiting on the open channels, a bounded batch of each
+    /// (see [`Zygote::drain`]).
+    pub(super) fn drain(&self) -> Vec<(Pid, FromZygote, Option<Sender>)> {
         self.list
             .iter()
             .filter(|z| !z.closed)
-            .flat_map(|z| z.drain().into_iter().map(move |m| (z.pid, m)))
+            .flat_map(|z| z.drain().into_iter().map(move |(m, s)| (z.pid, m, s)))
             .collect()
     }
 
@@ -365,220 +532,50 @@ impl Zygotes {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn three_failures_in_a_row_mean_cold_starts_and_restarts_back_off() {
-        let now = Instant::now();
-        let mut z = Zygotes::default();
-        assert_eq!(z.failed(now), None);
-        assert!(z.may_start(), "the first restart is at once");
-        assert_eq!(z.failed(now), None);
-        assert!(!z.may_start(), "the second waits");
-        let at = now + Duration::from_secs(1);
-        assert_eq!(
-            z.deadlines(Duration::from_secs(60)),
-            vec![(at, Due::ZygoteBackoffOver)]
-        );
-        z.backoff_over();
-        assert!(z.may_start());
-        assert!(z.deadlines(Duration::from_secs(60)).is_empty());
-        assert_eq!(z.failed(now), Some(3));
-        assert!(z.cold());
-        assert_eq!(z.failed(now), None, "said once");
-    }
-
-    #[test]
-    fn a_zygote_that_forks_a_worker_resets_the_backoff() {
-        let now = Instant::now();
-        let mut z = Zygotes::default();
-        z.failed(now);
-        z.failed(now);
-        z.worked();
-        assert!(z.may_start());
-        assert_eq!(z.failed(now), None);
-        assert_eq!(z.failed(now), None);
-        assert!(!z.cold(), "the count started over");
-    }
-
-    /// A zygote of `generation` (a made-up pid; nothing is signalled) and
-    /// the zygote's end of its channel, to read what the master sent.
-    fn zygote(pid: i32, generation: u64, now: Instant) -> (Zygote, std::os::fd::OwnedFd) {
-        let (master_end, zygote_end) = crate::zygote::channel().expect("socketpair");
-        let z = Zygote::new(Pid::from_raw(pid), generation, master_end, now);
-        (z, zygote_end)
-    }
-
-    /// What the master sent on a channel, one message per datagram.
-    fn sent(fd: &std::os::fd::OwnedFd) -> Vec<serde_json::Value> {
-        use std::os::fd::AsRawFd;
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = nix::sys::socket::recv(
-            fd.as_raw_fd(),
-            &mut buf,
-            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-        ) {
-            out.push(serde_json::from_slice(&buf[..n]).expect("json"));
+/// A reply's worker, if the reply names the process that sent it, that
+/// process is not `known` to the master already, it passes `verify`, and it
+/// answers the slot asked for. Else why not, and the sender when it is a
+/// fresh child of the master that nothing supervises (`stray`).
+#[allow(clippy::type_complexity)]
+fn check_reply(
+    reply: &Reply,
+    expected: &Expected,
+    verify: &impl Fn(i64, &Expected) -> Result<ChildPid, String>,
+    known: &impl Fn(i32) -> Option<&'static str>,
+) -> Result<ChildPid, (String, Option<ChildPid>)> {
+    let stray = |sender: Option<i32>| {
+        let s = sender?;
+        if known(s).is_some() {
+            return None;
         }
-        out
-    }
-
-    /// A verifier that accepts every pid, recording what it was asked.
-    fn trusting(
-        seen: &std::cell::RefCell<Vec<(i64, u64)>>,
-    ) -> impl Fn(i64, &Expected) -> Result<ChildPid, String> + '_ {
-        move |pid, expected| {
-            seen.borrow_mut().push((pid, expected.not_before));
-            ChildPid::new(pid as i32).ok_or_else(|| "not a child".to_string())
-        }
-    }
-
-    fn refusing(_: i64, _: &Expected) -> Result<ChildPid, String> {
-        Err("pid 5 is not the master's child".into())
-    }
-
-    const UIDS: [u32; 4] = [0; 4];
-
-    #[test]
-    fn a_ready_zygote_of_the_generation_serves_one_request_at_a_time() {
-        let now = Instant::now();
-        let mut zs = Zygotes::default();
-        let (z, theirs) = zygote(100, 2, now);
-        let started_ticks = z.started_ticks;
-        zs.add(z);
-        let zpid = Pid::from_raw(100);
-        assert_eq!(zs.ask(0, 2, now), Ok(()));
-        assert!(sent(&theirs).is_empty(), "still starting: not asked");
-        assert_eq!(
-            zs.hear(zpid, FromZygote::Ready, UIDS, refusing),
-            Heard::Ready {
-                generation: 2,
-                started_at: now
-            }
-        );
-        assert_eq!(
-            zs.hear(zpid, FromZygote::Ready, UIDS, refusing),
-            Heard::Nothing
-        );
-        assert_eq!(zs.ask(0, 1, now), Ok(()));
-        assert!(sent(&theirs).is_empty(), "not the generation's zygote");
-        assert_eq!(zs.ask(3, 2, now), Ok(()));
-        let got = sent(&theirs);
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0]["spawn"]["slot"], 3);
-        assert_eq!(got[0]["spawn"]["env"]["PROCMAN_WORKER_ID"], "3");
-        assert_eq!(got[0]["spawn"]["env"]["PROCMAN_GENERATION"], "2");
-        let reply_by = now + crate::zygote::SPAWN_REPLY;
-        assert!(zs
-            .deadlines(Duration::from_secs(60))
-            .contains(&(reply_by, Due::ZygoteSpawnTimeout(zpid))));
-        assert_eq!(zs.ask(4, 2, now), Ok(()));
-        assert!(sent(&theirs).is_empty(), "one request in flight at a time");
-
-        // A reply for another slot is not the one awaited: a late one,
-        // checked against the zygote's start, not the request's.
-        let seen = std::cell::RefCell::new(Vec::new());
-        let other = FromZygote::Spawned { slot: 9, pid: 501 };
-        let got = zs.hear(zpid, other, UIDS, trusting(&seen));
-        assert!(matches!(got, Heard::Late { slot: 9, .. }), "{got:?}");
-        assert_eq!(seen.borrow().last(), Some(&(501, started_ticks)));
-
-        // The awaited reply: verified against the request, then adopted.
-        let reply = FromZygote::Spawned { slot: 3, pid: 500 };
-        let Heard::Adopt { worker, pending } = zs.hear(zpid, reply, UIDS, trusting(&seen)) else {
-            panic!("not adopted");
+        verify(i64::from(s), expected).ok()
+    };
+    let pid = reply.pid;
+    let Some(sender) = reply.sender.filter(|&s| i64::from(s) == pid) else {
+        let by = match reply.sender {
+            Some(s) => format!("pid {s}"),
+            None => "an unknown process".into(),
         };
-        assert_eq!(worker.as_raw(), 500);
-        assert_eq!((pending.slot, pending.generation), (3, 2));
-        assert_eq!(seen.borrow().last(), Some(&(500, pending.not_before)));
-        assert!(zs.deadlines(Duration::from_secs(60)).is_empty(), "answered");
-        assert_eq!(zs.ask(4, 2, now), Ok(()));
-        assert_eq!(sent(&theirs).len(), 1, "the next request goes out");
+        return Err((
+            format!("pid {pid} is not the process that sent the reply ({by} did)"),
+            stray(reply.sender),
+        ));
+    };
+    if let Some(what) = known(sender) {
+        return Err((format!("pid {pid} is already {what}"), None));
     }
-
-    #[test]
-    fn a_request_fails_on_an_error_an_untrusted_reply_or_a_closed_channel() {
-        let now = Instant::now();
-        let mut zs = Zygotes::default();
-        let (z, _theirs) = zygote(200, 1, now);
-        zs.add(z);
-        let zpid = Pid::from_raw(200);
-        zs.hear(zpid, FromZygote::Ready, UIDS, refusing);
-
-        assert_eq!(
-            zs.hear(zpid, FromZygote::Error("boom".into()), UIDS, refusing),
-            Heard::Error("boom".into()),
-            "no request in flight"
-        );
-        zs.ask(0, 1, now).expect("sent");
-        assert_eq!(
-            zs.hear(zpid, FromZygote::Error("boom".into()), UIDS, refusing),
-            Heard::SpawnFailed {
-                slot: 0,
-                why: "boom".into()
-            }
-        );
-        zs.ask(1, 1, now).expect("sent");
-        let reply = FromZygote::Spawned { slot: 1, pid: 5 };
-        assert_eq!(
-            zs.hear(zpid, reply.clone(), UIDS, refusing),
-            Heard::SpawnFailed {
-                slot: 1,
-                why: "it reported a worker it did not fork: pid 5 is not the master's child".into()
-            }
-        );
-        assert_eq!(
-            zs.hear(zpid, reply, UIDS, refusing),
-            Heard::Untrusted {
-                why: "pid 5 is not the master's child".into()
-            },
-            "a late reply naming a stranger"
-        );
-        zs.ask(2, 1, now).expect("sent");
-        assert_eq!(zs.take_request(zpid), Some(2), "given up on (timed out)");
-        assert_eq!(zs.take_request(zpid), None);
-        zs.ask(2, 1, now).expect("sent");
-        assert_eq!(
-            zs.hear(zpid, FromZygote::Closed, UIDS, refusing),
-            Heard::SpawnFailed {
-                slot: 2,
-                why: "the zygote closed its channel".into()
-            }
-        );
-        assert_eq!(zs.channels().count(), 0, "a closed channel is not polled");
-        assert_eq!(zs.ask(3, 1, now), Ok(()), "nobody to ask");
-        assert!(zs.deadlines(Duration::from_secs(60)).is_empty());
-    }
-
-    #[test]
-    fn a_starting_zygote_is_due_by_the_startup_timeout_and_old_ones_retire_when_unused() {
-        let now = Instant::now();
-        let mut zs = Zygotes::default();
-        let (old, _a) = zygote(300, 1, now);
-        let (new, _b) = zygote(301, 2, now);
-        zs.add(old);
-        zs.add(new);
-        let timeout = Duration::from_secs(30);
-        let mut got = zs.deadlines(timeout);
-        got.sort_by_key(|(_, d)| format!("{d:?}"));
-        assert_eq!(
-            got,
-            vec![
-                (now + timeout, Due::ZygoteStartTimeout(Pid::from_raw(300))),
-                (now + timeout, Due::ZygoteStartTimeout(Pid::from_raw(301))),
-            ]
-        );
-        assert!(zs.is_starting(Pid::from_raw(301)));
-        assert!(zs.has(1) && zs.has(2) && !zs.has(3));
-        assert_eq!(zs.unused(2, |_| true), vec![]);
-        assert_eq!(zs.unused(2, |g| g != 1), vec![(Pid::from_raw(300), 1)]);
-        assert_eq!(
-            zs.unused(2, |_| false),
-            vec![(Pid::from_raw(300), 1)],
-            "never the current one"
-        );
+    let worker = verify(pid, expected).map_err(|e| (e, None))?;
+    match reply.asked {
+        Some(asked) if asked != reply.slot => Err((
+            format!(
+                "pid {pid} answered for slot {}, not for slot {asked}",
+                reply.slot
+            ),
+            Some(worker),
+        )),
+        _ => Ok(worker),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -186,6 +186,12 @@ pub fn channel() -> Result<(OwnedFd, OwnedFd), Errno> {
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
     )?;
     setsockopt(&master, sockopt::PassCred, &true)?;
+    // A descriptor app code in the zygote passes would get its final close
+    // in the master's thread (the kernel releases what a receive has no
+    // room for there), and a close can block (a lingering socket, a FUSE
+    // file): refused by the kernel where it can (Linux 6.16 and later, as
+    // for the notify socket; closer.rs); elsewhere the README says so.
+    crate::closer::refuse_rights(master.as_fd());
     // SOCK_NONBLOCK set both ends (two open file descriptions); the
     // bootstrap makes its own end blocking again.
     Ok((master, zygote))
@@ -334,6 +340,27 @@ mod tests {
 
     fn put(fd: &OwnedFd, bytes: &[u8]) {
         send(fd.as_raw_fd(), bytes, MsgFlags::empty()).expect("send");
+    }
+
+    #[test]
+    fn a_zygote_cannot_pass_descriptors_to_the_master_where_the_kernel_refuses_them() {
+        let (_master, zygote) = channel().expect("socketpair");
+        let probe = std::os::unix::net::UnixDatagram::pair().expect("pair");
+        let refuses = crate::closer::refuse_rights(probe.1.as_fd());
+        let file = std::fs::File::open("/dev/null").expect("open");
+        let fds = [file.as_raw_fd()];
+        let sent = nix::sys::socket::sendmsg::<()>(
+            zygote.as_raw_fd(),
+            &[std::io::IoSlice::new(b"{}")],
+            &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        );
+        if refuses {
+            assert_eq!(sent, Err(Errno::EPERM), "the master's end refuses SCM_RIGHTS");
+        } else {
+            assert!(sent.is_ok(), "a kernel without SO_PASSRIGHTS lets them through");
+        }
     }
 
     #[test]

@@ -23,10 +23,12 @@ use crate::identity::Credentials;
 
 mod credentials;
 mod values;
+mod watch;
 mod workers;
 
 use credentials::credentials;
 use values::{parse_duration, parse_env_pair, parse_signal, parse_size, parse_umask};
+pub use watch::WatchConfig;
 use workers::worker_kind;
 pub use workers::{find_program, UvicornOptions, WorkerKind, UVICORN_CLASSES};
 
@@ -138,6 +140,8 @@ pub struct Config {
     pub max_worker_lifetime: Option<Duration>,
     /// Random extra lifetime, drawn once per worker.
     pub max_worker_lifetime_jitter: Duration,
+    /// `--reload`: what to watch.
+    pub watch: Option<WatchConfig>,
 }
 
 /// The parts of procman's own environment that configuration depends on,
@@ -226,6 +230,7 @@ impl Config {
 
         let kind = worker_kind(cli, env, chdir.as_deref())?;
         let uvicorn = matches!(kind, WorkerKind::Uvicorn(_));
+        let watch = watch::watch_config(cli, chdir.as_deref(), uvicorn)?;
 
         let binds = if cli.is_set("bind") {
             cli.list("bind")
@@ -439,6 +444,7 @@ impl Config {
             env: env_pairs,
             log_level,
             options: cli.clone(),
+            watch,
         })
     }
 

@@ -1,7 +1,7 @@
 //! The master loop: events in, policy decides, effects out.
 //!
 //! One thread, one `poll(2)` over the signal self-pipe and the notify
-//! socket, with the earliest deadline as its timeout; nothing wakes the
+//! socket (and, with `--reload`, the inotify descriptor), with the earliest deadline as its timeout; nothing wakes the
 //! master when nothing is due. The notify socket is in the poll set only
 //! while a notification may need an answer at once; an idle master reads
 //! heartbeats in batches (`messages` says when and why). Each iteration:
@@ -34,7 +34,8 @@
 //! priority), `stop` (procman's stop and a
 //! worker's), `messages` (sd_notify from workers), `preload` (starting
 //! zygotes, adopting the workers they fork, their failures), `reload` (a
-//! reload as a value), `observe` (the metrics and control endpoints).
+//! reload as a value), `observe` (the metrics and control endpoints),
+//! `watch` (`--reload`: changed source files become one reload).
 //! A worker's lifecycle events are logged with `worker_event!` (`events`),
 //! so their JSON fields are the same at every site.
 
@@ -75,6 +76,7 @@ mod recycle;
 mod reload;
 mod stop;
 mod systemd;
+mod watch;
 mod zygotes;
 
 pub use exits::describe;
@@ -88,6 +90,7 @@ use launch::{release, Reload, Settings};
 use observe::Endpoints;
 use recycle::Recycling;
 use systemd::SystemdLink;
+use watch::Changes;
 use zygotes::Zygotes;
 
 /// What the master as a whole is doing.
@@ -166,6 +169,8 @@ pub struct Master {
     endpoints: Endpoints,
     /// Whether booting workers may run at a raised priority (`boost`).
     boost: Boost,
+    /// `--reload`: the source watch and the changes not yet reloaded.
+    changes: Option<Changes>,
 }
 
 impl Master {
@@ -180,6 +185,7 @@ impl Master {
         let notify = Receiver::create(cfg.credentials.as_ref())?;
         let endpoints = Endpoints::bind(&cfg)?;
         let listeners = listeners.into_iter().map(Rc::new).collect();
+        let changes = cfg.watch.as_ref().and_then(Changes::start);
         Ok(Master {
             settings: Settings::new(cfg, listeners),
             signals,
@@ -200,6 +206,7 @@ impl Master {
             kill_limit: None,
             endpoints,
             boost: Boost::default(),
+            changes,
         })
     }
 
@@ -248,6 +255,7 @@ impl Master {
             for (pid, message) in self.zygotes.drain() {
                 self.handle(Event::Zygote { pid, message }, now);
             }
+            self.read_changes(now);
             self.drain_notifications(now);
             while let Some((pid, status)) = reap_one() {
                 // A worker can send its last words (X_PROCMAN_ERROR) and
@@ -440,6 +448,12 @@ impl Master {
         out.extend(self.recycling.deadlines(&self.table));
         out.extend(self.boot.deadlines(&self.table));
         out.extend(self.zygote_deadlines());
+        out.extend(
+            self.changes
+                .as_ref()
+                .and_then(|c| c.deadline())
+                .map(|at| (at, Due::ReloadChanges)),
+        );
         out
     }
 
@@ -465,6 +479,7 @@ impl Master {
             Due::ZygoteBackoffOver => self.zygotes.backoff_over(),
             Due::ZygoteSpawnTimeout(pid) => self.zygote_spawn_timed_out(pid, now),
             Due::DrainNotifications => self.drain_notifications(now),
+            Due::ReloadChanges => self.reload_changes(),
         }
     }
 
@@ -507,6 +522,11 @@ impl Master {
             self.zygotes
                 .channels()
                 .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+        );
+        fds.extend(
+            self.changes
+                .as_ref()
+                .map(|c| PollFd::new(c.fd(), PollFlags::POLLIN)),
         );
         fds.extend(self.endpoints.poll_fds().into_iter().map(|(fd, out)| {
             PollFd::new(

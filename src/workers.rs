@@ -43,6 +43,9 @@ pub enum Due {
     ZygoteSpawnTimeout(Pid),
     /// Time to read the notify socket, which an idle master does not poll.
     DrainNotifications,
+    /// `--reload`: source files changed and then stayed quiet (or kept
+    /// changing too long): reload.
+    ReloadChanges,
 }
 
 impl Due {

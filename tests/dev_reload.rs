@@ -336,3 +336,133 @@ fn reload_with_a_command_needs_an_include() {
         "a --reload-* option without --reload is refused",
     );
 }
+
+#[test]
+fn an_idle_watching_master_does_not_wake_up() {
+    // As arbiter.rs's idle test, with --reload on a command: the watch
+    // adds a descriptor to poll(2), no timer.
+    let dir = temp_dir("dev-reload-idle").keep();
+    let mut h = Start::new(
+        "dev-reload-idle",
+        &[
+            "-t",
+            "0",
+            "--reload",
+            "--reload-include",
+            "*.txt",
+            "--chdir",
+            dir.to_str().expect("utf8"),
+            "-w",
+            "2",
+            "--",
+            &hello(),
+        ],
+    )
+    .json()
+    .spawn();
+    h.wait_workers(2, BOOT);
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
+    h.check(
+        wait_for(BOOT, || idle_in_poll(h.pid).then_some(())).is_some(),
+        "the master sleeps in poll(2) with no timeout",
+    );
+    let switches = |pid: i32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = switches(h.pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = switches(h.pid);
+    h.check(
+        after - before <= 1,
+        &format!("the idle master woke {} times in 2 s", after - before),
+    );
+    // And the watch is there: a matching file reloads the command.
+    std::fs::write(dir.join("routes.txt"), "x").expect("txt");
+    let c = h.expect_event("change-detected", BOOT, "a .txt change", |_| true);
+    h.check(
+        c["files"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("/routes.txt")),
+        &format!("the file is named: {c}"),
+    );
+    h.expect_event("reload-done", BOOT, "the command reloaded", |_| true);
+}
+
+#[test]
+fn a_hup_during_a_change_triggered_reload_is_a_second_reload() {
+    let dir = app_dir("dev-reload-hup");
+    // A slow import: the change-triggered reload is still under way when
+    // HUP arrives.
+    let h = start("dev-reload-hup", &dir, &[]);
+    expect_served(&h, "v1");
+    std::fs::write(
+        dir.join("app.py"),
+        format!("import time\ntime.sleep(2)\n{}", version("v2")),
+    )
+    .expect("edit");
+    h.expect_event("reloading", BOOT, "the change's reload", |_| true);
+    h.signal(nix::sys::signal::Signal::SIGHUP);
+    let s = h.expect_event("reload-superseded", BOOT, "HUP supersedes", |_| true);
+    h.check(s["generation"] == 3, &format!("a second reload: {s}"));
+    h.expect_event("reload-done", BOOT, "the second reload", |v| {
+        v["generation"] == 3
+    });
+    expect_served(&h, "v2");
+}
+
+#[test]
+fn out_of_inotify_watches_is_one_line_and_procman_keeps_serving() {
+    // A user namespace of its own, whose inotify watch limit (the
+    // per-namespace form of fs.inotify.max_user_watches) is 3: the tree has
+    // 7 directories.
+    let dir = temp_dir("dev-reload-enospc").keep();
+    std::fs::create_dir_all(dir.join("a/b/c/d/e/f")).expect("mkdir -p");
+    let script = "echo 3 > /proc/sys/user/max_inotify_watches && exec \"$@\"";
+    let start = Start::new(
+        "dev-reload-enospc",
+        &[
+            "--reload",
+            "--reload-include",
+            "*.txt",
+            "--chdir",
+            dir.to_str().expect("utf8"),
+            "-w",
+            "1",
+            "--",
+            &hello(),
+        ],
+    )
+    .json();
+    let mut h = start.spawn_with(
+        "unshare",
+        &[
+            "--user",
+            "--map-root-user",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            PROCMAN,
+        ],
+    );
+    h.wait_workers(1, BOOT);
+    h.expect_event("all-ready", BOOT, "serving despite the limit", |_| true);
+    let said = h.messages();
+    let said: Vec<&String> = said
+        .iter()
+        .filter(|m| m.contains("max_user_watches"))
+        .collect();
+    h.check(
+        said.len() == 1 && said[0].contains("sysctl fs.inotify.max_user_watches="),
+        &format!("one line naming the limit and how to raise it: {said:?}"),
+    );
+    // What could be watched still is: the top directory.
+    std::fs::write(dir.join("routes.txt"), "x").expect("txt");
+    h.expect_event("reload-done", BOOT, "a change where a watch exists", |_| {
+        true
+    });
+}

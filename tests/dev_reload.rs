@@ -195,8 +195,26 @@ fn a_burst_of_500_writes_is_one_reload() {
 
 #[test]
 fn a_broken_edit_keeps_serving_with_one_traceback_and_a_fix_is_served() {
-    let dir = app_dir("dev-reload-broken");
-    let h = start("dev-reload-broken", &dir, &[]);
+    broken_edits_then_a_fix("dev-reload-broken", &[]);
+}
+
+#[test]
+fn with_preload_a_broken_edit_keeps_serving_and_a_fix_is_served() {
+    broken_edits_then_a_fix("dev-reload-broken-preload", &["--preload"]);
+}
+
+#[test]
+fn without_a_zygote_a_broken_edit_keeps_serving_and_a_fix_is_served() {
+    broken_edits_then_a_fix("dev-reload-broken-cold", &["--no-zygote"]);
+}
+
+/// Three broken edits (a syntax error, an exception at import, a failed
+/// lifespan startup), each a failed reload with the old code serving and
+/// its traceback logged once, then a fix, served; a client loop through it
+/// all fails nothing.
+fn broken_edits_then_a_fix(name: &str, extra: &[&str]) {
+    let dir = app_dir(name);
+    let h = start(name, &dir, extra);
     expect_served(&h, "v1");
     let load = Load::start(h.addr(), 2, 1_000_000, Duration::from_secs(300));
     std::fs::write(dir.join("app.py"), "VERSION = 'v2'\ndef broken(:\n").expect("edit");

@@ -110,6 +110,17 @@ fn an_edit_and_a_rename_save_are_served_with_no_failed_request() {
         );
     }
     h.check(h.events_named("reloading").len() == 3, "three reloads");
+    // Only sources changed: the base zygote (Python and uvicorn, not the
+    // app) of generation 1 forked every generation's workers.
+    let zygotes = h.events_named("zygote-starting");
+    h.check(
+        zygotes.len() == 1,
+        &format!("one base zygote for all 4 generations: {zygotes:?}"),
+    );
+    h.check(
+        h.count_events("booting", |b| b["zygote"] == zygotes[0]["zygote"]) == 8,
+        "every worker forked from it",
+    );
     // The operator's view: the reloads counted, the last one's result.
     let metrics = metrics_addr(&h);
     let (_, body) = http_get(metrics, "/metrics").expect("GET /metrics");
@@ -430,6 +441,11 @@ fn a_hup_during_a_change_triggered_reload_is_a_second_reload() {
         v["generation"] == 3
     });
     expect_served(&h, "v2");
+    // A HUP starts a new base zygote (a changed virtualenv is picked up).
+    h.check(
+        h.has_event("zygote-starting", |z| z["generation"] == 3),
+        "a HUP's generation has its own base zygote",
+    );
 }
 
 #[test]

@@ -153,6 +153,6 @@ impl Master {
             changes = count,
             "Changed: {listed}; reloading"
         );
-        self.begin_reload();
+        self.reload_to_new_generation(true);
     }
 }

@@ -83,3 +83,76 @@ pub(super) fn watch_config(
         filter: Filter { include, exclude },
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(args: &[&str], uvicorn: bool) -> Result<Option<WatchConfig>> {
+        let argv = ["procman"].iter().chain(args).chain(["--", "true"].iter());
+        let cli = Cli::try_parse_from(argv).expect("parses");
+        watch_config(&cli, None, uvicorn)
+    }
+
+    #[test]
+    fn nested_directories_are_one_tree_resolved_once() {
+        let base = std::env::temp_dir().join(format!("procman-watch-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(base.join("a/b")).expect("mkdir");
+        let (a, b) = (base.join("a"), base.join("a/b"));
+        let w = resolve(
+            &[
+                "--reload",
+                "--reload-dir",
+                b.to_str().expect("utf8"),
+                "--reload-dir",
+                a.to_str().expect("utf8"),
+            ],
+            true,
+        )
+        .expect("valid")
+        .expect("on");
+        assert_eq!(w.roots, [a.canonicalize().expect("resolves")]);
+        let file = base.join("f");
+        std::fs::write(&file, "").expect("file");
+        let e = resolve(
+            &["--reload", "--reload-dir", file.to_str().expect("utf8")],
+            true,
+        )
+        .expect_err("a file");
+        assert!(e.to_string().contains("not a directory"), "{e}");
+        std::fs::remove_dir_all(&base).expect("rm");
+    }
+
+    #[test]
+    fn includes_and_excludes_add_to_the_defaults() {
+        let w = resolve(
+            &[
+                "--reload",
+                "--reload-include",
+                "*.html",
+                "--reload-include",
+                "4913",
+                "--reload-exclude",
+                "tmp",
+            ],
+            true,
+        )
+        .expect("valid")
+        .expect("on");
+        assert_eq!(w.filter.include, ["*.py", "*.html", "4913"]);
+        // Asked for by name: not excluded by default any more.
+        assert!(!w.filter.exclude.contains(&"4913".to_string()));
+        assert!(w.filter.exclude.contains(&"tmp".to_string()));
+        assert!(w.filter.exclude.contains(&"__pycache__".to_string()));
+    }
+
+    #[test]
+    fn refusals_name_the_option() {
+        let e = resolve(&["--reload"], false).expect_err("a command without an include");
+        assert!(e.to_string().contains("--reload-include"), "{e}");
+        assert!(resolve(&["--reload", "--reload-include", "*.go"], false).is_ok());
+        let e = resolve(&["--reload-dir", "."], true).expect_err("without --reload");
+        assert!(e.to_string().contains("needs '--reload'"), "{e}");
+        assert_eq!(resolve(&[], true).expect("off"), None);
+    }
+}

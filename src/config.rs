@@ -24,10 +24,12 @@ use crate::identity::Credentials;
 mod credentials;
 mod outputs;
 mod values;
+mod watch;
 mod workers;
 
 use credentials::credentials;
 use values::{parse_duration, parse_env_pair, parse_signal, parse_size, parse_umask};
+pub use watch::WatchConfig;
 use workers::worker_kind;
 pub use workers::{find_program, UvicornOptions, WorkerKind, UVICORN_CLASSES};
 
@@ -153,6 +155,8 @@ pub struct Config {
     /// Raise a booting worker's CPU priority where procman may
     /// (`--no-boot-boost` turns it off).
     pub boot_boost: bool,
+    /// `--reload`: what to watch.
+    pub watch: Option<WatchConfig>,
 }
 
 /// The parts of procman's own environment that configuration depends on,
@@ -250,6 +254,7 @@ impl Config {
         let kind = worker_kind(cli, env, chdir.as_deref())?;
         let name = workers::display_name(cli, &kind)?;
         let uvicorn = matches!(kind, WorkerKind::Uvicorn(_));
+        let watch = watch::watch_config(cli, chdir.as_deref(), uvicorn)?;
 
         let binds = if cli.is_set("bind") {
             cli.list("bind")
@@ -466,6 +471,7 @@ impl Config {
             env: env_pairs,
             log_level,
             options: cli.clone(),
+            watch,
         })
     }
 

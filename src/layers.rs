@@ -410,7 +410,11 @@ mod tests {
                 "log-format",
                 "log-file",
                 "control-socket",
-                "metrics"
+                "metrics",
+                "reload",
+                "reload-dir",
+                "reload-include",
+                "reload-exclude"
             ]
         );
     }

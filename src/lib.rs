@@ -42,7 +42,9 @@ pub mod pid;
 pub mod priority;
 pub mod procfs;
 pub mod signals;
+// `--reload`: inotify over the source trees.
 pub mod spawn;
+pub mod watch;
 
 // What a worker runs.
 pub mod classes;

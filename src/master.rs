@@ -1,7 +1,8 @@
 //! The master loop: events in, policy decides, effects out.
 //!
 //! One thread, one `poll(2)` over the signal self-pipe and the notify
-//! sockets, with the earliest deadline as its timeout; nothing wakes the
+//! sockets (and, with `--reload`, the inotify descriptor), with the
+//! earliest deadline as its timeout; nothing wakes the
 //! master when nothing is due. The notify socket is in the poll set only
 //! while a notification may need an answer at once; an idle master reads
 //! heartbeats in batches (`messages` says when and why); the urgent socket
@@ -37,7 +38,8 @@
 //! bounded batches and counts what it discards), `urgent` (the socket for
 //! what cannot wait for a batched read), `preload` (starting
 //! zygotes, adopting the workers they fork, their failures), `reload` (a
-//! reload as a value), `observe` (the metrics and control endpoints).
+//! reload as a value), `observe` (the metrics and control endpoints),
+//! `watch` (`--reload`: changed source files become one reload).
 //! A worker's lifecycle events are logged with `worker_event!` (`events`),
 //! so their JSON fields are the same at every site.
 
@@ -80,6 +82,7 @@ mod reload;
 mod stop;
 mod systemd;
 mod urgent;
+mod watch;
 mod zygotes;
 
 pub use exits::describe;
@@ -94,6 +97,7 @@ use observe::Endpoints;
 use recycle::Recycling;
 use systemd::SystemdLink;
 use urgent::Urgent;
+use watch::Changes;
 use zygotes::Zygotes;
 
 /// What the master as a whole is doing.
@@ -175,6 +179,8 @@ pub struct Master {
     endpoints: Endpoints,
     /// Whether booting workers may run at a raised priority (`boost`).
     boost: Boost,
+    /// `--reload`: the source watch and the changes not yet reloaded.
+    changes: Option<Changes>,
 }
 
 impl Master {
@@ -190,6 +196,7 @@ impl Master {
         let urgent = Urgent::create(cfg.credentials.as_ref(), Instant::now())?;
         let endpoints = Endpoints::bind(&cfg)?;
         let listeners = listeners.into_iter().map(Rc::new).collect();
+        let changes = cfg.watch.as_ref().and_then(Changes::start);
         Ok(Master {
             settings: Settings::new(cfg, listeners),
             signals,
@@ -211,6 +218,7 @@ impl Master {
             kill_limit: None,
             endpoints,
             boost: Boost::default(),
+            changes,
         })
     }
 
@@ -259,6 +267,7 @@ impl Master {
             }
             self.drain_zygotes(now);
             self.read_urgent(now);
+            self.read_changes(now);
             self.drain_notifications(now);
             while let Some((pid, status)) = reap_one() {
                 // A worker can send its last words (X_PROCMAN_ERROR) and
@@ -457,6 +466,12 @@ impl Master {
         out.extend(self.recycling.deadlines(&self.table));
         out.extend(self.boot.deadlines(&self.table));
         out.extend(self.zygote_deadlines());
+        out.extend(
+            self.changes
+                .as_ref()
+                .and_then(|c| c.deadline())
+                .map(|at| (at, Due::ReloadChanges)),
+        );
         out
     }
 
@@ -483,6 +498,7 @@ impl Master {
             Due::ZygoteBackoffOver => self.zygotes.backoff_over(),
             Due::ZygoteSpawnTimeout(pid) => self.zygote_spawn_timed_out(pid, now),
             Due::DrainNotifications => self.drain_notifications(now),
+            Due::ReloadChanges => self.reload_changes(),
         }
     }
 
@@ -528,6 +544,11 @@ impl Master {
             self.zygotes
                 .channels()
                 .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+        );
+        fds.extend(
+            self.changes
+                .as_ref()
+                .map(|c| PollFd::new(c.fd(), PollFlags::POLLIN)),
         );
         fds.extend(self.endpoints.poll_fds().into_iter().map(|(fd, out)| {
             PollFd::new(

@@ -45,6 +45,9 @@ pub enum Due {
     DrainNotifications,
     /// A booting worker's raised priority ends (its first startup deadline).
     BoostOver(Pid),
+    /// `--reload`: source files changed and then stayed quiet (or kept
+    /// changing too long): reload.
+    ReloadChanges,
 }
 
 impl Due {

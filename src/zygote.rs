@@ -138,6 +138,8 @@ pub struct Zygote {
     pub started_ticks: u64,
     /// The error it reported before exiting (X_PROCMAN_ERROR).
     pub reported_error: Option<String>,
+    /// The traceback that goes with it (X_PROCMAN_TRACEBACK).
+    pub reported_traceback: Option<String>,
     /// Its end of the channel closed (it is exiting): no more polling, or
     /// the end-of-file would wake the loop forever.
     pub closed: bool,
@@ -207,6 +209,7 @@ impl Zygote {
             started_at: now,
             started_ticks: procfs::boot_ticks_now(),
             reported_error: None,
+            reported_traceback: None,
             closed: false,
             pending: None,
             late: 0,
@@ -357,9 +360,16 @@ mod tests {
             None,
         );
         if refuses {
-            assert_eq!(sent, Err(Errno::EPERM), "the master's end refuses SCM_RIGHTS");
+            assert_eq!(
+                sent,
+                Err(Errno::EPERM),
+                "the master's end refuses SCM_RIGHTS"
+            );
         } else {
-            assert!(sent.is_ok(), "a kernel without SO_PASSRIGHTS lets them through");
+            assert!(
+                sent.is_ok(),
+                "a kernel without SO_PASSRIGHTS lets them through"
+            );
         }
     }
 

@@ -233,7 +233,7 @@ fn gunicorn_flags_procman_has_no_use_for_are_named_in_one_line() {
         &["--limit-request-line", "4094"],
         &["-D"],
         &["--daemon"],
-        &["--reload"],
+        &["--reload-engine", "poll"],
         &["-c", "gunicorn.conf.py"],
         &["--config", "python:app.gunicorn_conf"],
     ];

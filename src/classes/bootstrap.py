@@ -1676,7 +1676,7 @@ class Zygote:
         self.notify = take_notify_env()  # (address, interval, urgent) for the workers' Notifier
         self.import_app = bool(config["import_app"])
         if self.import_app:
-            self.app = load_app(config["app"], config["factory"])
+            self.app = load_app(config["app"], config["factory"], report_to_master=True)
             resolve_interface(self.app, config)  # its workers inherit the answer
             # What each worker's serve() would import anyway (protocols,
             # lifespan, event loop): imported here, it is shared too.

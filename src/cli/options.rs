@@ -653,6 +653,45 @@ pub static OPTIONS: &[OptionDef] = &[
         ..BASE
     },
     // ---- Config ----
+    // ---- Development ----
+    OptionDef {
+        name: "reload",
+        kind: Kind::Flag,
+        reload: Reload::RestartOnly,
+        heading: "Development",
+        help: "Watch the source files (inotify) and reload, as on HUP, after a change: readiness-gated, all-or-nothing (a broken edit keeps the workers serving). For development.",
+        ..BASE
+    },
+    OptionDef {
+        name: "reload-dir",
+        value_name: "DIR",
+        kind: Kind::List,
+        default_help: Some("--chdir, else the current directory"),
+        reload: Reload::RestartOnly,
+        heading: "Development",
+        help: "With --reload: a directory to watch, recursively, instead of the default; repeatable (PROCMAN_RELOAD_DIR: a comma-separated list).",
+        ..BASE
+    },
+    OptionDef {
+        name: "reload-include",
+        value_name: "GLOB",
+        kind: Kind::List,
+        default_help: Some("*.py"),
+        reload: Reload::RestartOnly,
+        heading: "Development",
+        help: "With --reload: files whose name matches GLOB count too (a GLOB with a / matches the path below the watched directory); repeatable.",
+        ..BASE
+    },
+    OptionDef {
+        name: "reload-exclude",
+        value_name: "GLOB",
+        kind: Kind::List,
+        default_help: Some(".git, __pycache__, .venv, venv (and any directory holding pyvenv.cfg), node_modules, .*.swp, *~, .#*, 4913"),
+        reload: Reload::RestartOnly,
+        heading: "Development",
+        help: "With --reload: files, and directories, whose name matches GLOB never count (added to the defaults); repeatable.",
+        ..BASE
+    },
     OptionDef {
         name: "config",
         short: Some('c'),

@@ -111,8 +111,10 @@ impl Master {
         let sender = Pid::from_raw(d.pid);
         if let Some(z) = self.zygotes.get_mut(sender) {
             for m in d.messages {
-                if let Message::Error(text) = m {
-                    z.reported_error = Some(text);
+                match m {
+                    Message::Error(text) => z.reported_error = Some(text),
+                    Message::Traceback(text) => z.reported_traceback = Some(text),
+                    _ => {}
                 }
             }
             return;

@@ -376,6 +376,17 @@ impl Master {
                 }
                 if let Some(generation) = self.reload.as_ref().map(|r| r.generation) {
                     if generation == z.generation {
+                        // What explains it, once: the zygote is the one
+                        // import of the new code.
+                        if let Some(tb) = &z.reported_traceback {
+                            error!(
+                                zygote = z.pid.as_raw(),
+                                traceback = tb.as_str(),
+                                "Zygote {} (generation {}) could not load the app:",
+                                z.pid,
+                                z.generation
+                            );
+                        }
                         self.abort_reload(
                             &format!("the new code could not be loaded: {detail}"),
                             now,

@@ -36,6 +36,7 @@ use crate::notify;
 use crate::policy;
 use crate::priority;
 use crate::workers::{StopReason, Worker};
+use crate::zygote::ZygoteState;
 
 /// `fd://N` in a new configuration must not name a descriptor a listener
 /// already holds under another spec (`pool`: the listeners in force and
@@ -63,6 +64,12 @@ impl Master {
     /// to a new generation. A HUP during a reload supersedes it: a failure
     /// still goes back to what was in force before the first.
     pub(super) fn begin_reload(&mut self) {
+        self.reload_to_new_generation(false);
+    }
+
+    /// A reload; `sources_changed`: asked by `--reload` (only source files
+    /// changed, see [`Master::keep_base_zygote`]).
+    pub(super) fn reload_to_new_generation(&mut self, sources_changed: bool) {
         self.reload_began(Instant::now());
         self.systemd.send(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}",
@@ -100,6 +107,11 @@ impl Master {
         self.swap_settings(&mut next);
         self.latest_generation += 1;
         let generation = self.latest_generation;
+        // Before `self.generation` moves on: the base zygote of the
+        // generation in force may serve the new one.
+        let kept = sources_changed
+            && next.cfg.options == self.settings.cfg.options
+            && self.keep_base_zygote(generation);
         match &mut self.reload {
             Some(r) => {
                 info!(
@@ -126,7 +138,7 @@ impl Master {
         self.lower_outgoing(generation);
         // A new base zygote per generation (a changed virtualenv or uvicorn
         // is picked up), even if the last one fell back to cold starts.
-        if self.base_zygote() {
+        if self.base_zygote() && !kept {
             self.zygotes.warm_again();
         }
         info!(
@@ -135,6 +147,35 @@ impl Master {
             "Reloading: replacing {} workers with generation {generation}",
             self.settings.target
         );
+    }
+
+    /// `--reload` after source files changed, with the same options: the
+    /// ready base zygote of the generation in force forks the new
+    /// generation's workers too, instead of a new one being started (it
+    /// holds Python and uvicorn, never the app: each worker imports the
+    /// changed sources itself). Saves a zygote's start per reload; a HUP
+    /// always starts a new one (a changed virtualenv or uvicorn is picked
+    /// up). If the reload fails, a new zygote is started for the
+    /// generation that goes on serving, as for any failed reload.
+    fn keep_base_zygote(&mut self, generation: u64) -> bool {
+        if !self.base_zygote() || !self.preloading() {
+            return false;
+        }
+        let current = self.generation;
+        let pid = self
+            .zygotes
+            .iter()
+            .find(|z| z.generation == current && z.state == ZygoteState::Ready && !z.closed)
+            .map(|z| z.pid);
+        let Some(z) = pid.and_then(|p| self.zygotes.get_mut(p)) else {
+            return false;
+        };
+        z.generation = generation;
+        info!(
+            "Base zygote {} (Python and uvicorn) forks generation {generation} too: only sources changed",
+            z.pid
+        );
+        true
     }
 
     /// The settings for a newly loaded configuration. Addresses already

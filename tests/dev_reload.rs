@@ -1,0 +1,502 @@
+//! `--reload` (issue 27): real files in a temporary app directory, real
+//! edits (in place, by rename, in a new subdirectory, a burst), a real
+//! client loop through them. The app is a plain ASGI callable answering
+//! its module-level `VERSION` (from the module `VERSION_FROM` names), so a
+//! response tells which code served it.
+
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use util::*;
+
+const BOOT: Duration = Duration::from_secs(60);
+
+/// The app: `VERSION` answered to every request; lifespan supported.
+fn app_source(version_line: &str) -> String {
+    format!(
+        r#"{version_line}
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            m = await receive()
+            if m["type"] == "lifespan.startup":
+                await send({{"type": "lifespan.startup.complete"}})
+            elif m["type"] == "lifespan.shutdown":
+                await send({{"type": "lifespan.shutdown.complete"}})
+                return
+    if scope["type"] != "http":
+        return
+    body = VERSION.encode()
+    await send({{"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"),
+                            (b"content-length", str(len(body)).encode())]}})
+    await send({{"type": "http.response.body", "body": body}})
+"#
+    )
+}
+
+fn version(v: &str) -> String {
+    app_source(&format!("VERSION = {v:?}"))
+}
+
+/// A fresh app directory with `app.py` at version `v1`.
+fn app_dir(name: &str) -> PathBuf {
+    let dir = temp_dir(name).keep();
+    std::fs::write(dir.join("app.py"), version("v1")).expect("app.py");
+    dir
+}
+
+/// procman `--reload` serving `app:app` from `dir` with 2 workers, JSON
+/// logs. Bytecode is not cached: two versions of the same size written
+/// within one second would otherwise be read from a stale `.pyc` (Python
+/// compares the source's size and its mtime in whole seconds).
+fn start(name: &str, dir: &Path, extra: &[&str]) -> Harness {
+    let mut args = vec!["-w", "2", "--reload", "-e", "PYTHONDONTWRITEBYTECODE=1"];
+    args.extend_from_slice(extra);
+    let h = uvicorn(name, dir, "app:app", &args).json().spawn();
+    h.expect_event("all-ready", BOOT, "first generation", |_| true);
+    h
+}
+
+/// Polls until the app answers `want`.
+#[track_caller]
+fn expect_served(h: &Harness, want: &str) {
+    let addr = h.addr();
+    let got = wait_for(BOOT, || match http_get(addr, "/") {
+        Ok((200, body)) if body == want => Some(()),
+        _ => None,
+    });
+    h.check(got.is_some(), &format!("never served {want:?}"));
+}
+
+/// Writes `path` the way an editor that saves by rename does: a temporary
+/// file beside it, then a rename over it.
+fn rename_save(path: &Path, content: &str) {
+    let tmp = path.with_extension("py.tmp~");
+    std::fs::write(&tmp, content).expect("temp file");
+    std::fs::rename(&tmp, path).expect("rename over");
+}
+
+#[test]
+fn an_edit_and_a_rename_save_are_served_with_no_failed_request() {
+    let dir = app_dir("dev-reload-edit");
+    let h = start("dev-reload-edit", &dir, &["--metrics", "127.0.0.1:0"]);
+    expect_served(&h, "v1");
+    let load = Load::start(h.addr(), 2, 1_000_000, Duration::from_secs(300));
+    std::fs::write(dir.join("app.py"), version("v2")).expect("edit");
+    expect_served(&h, "v2");
+    h.expect_events("reload-done", 1, BOOT, "first reload", |_| true);
+    rename_save(&dir.join("app.py"), &version("v3"));
+    expect_served(&h, "v3");
+    h.expect_events("reload-done", 2, BOOT, "second reload", |_| true);
+    std::fs::write(dir.join("app.py"), version("v4")).expect("edit");
+    expect_served(&h, "v4");
+    h.expect_events("reload-done", 3, BOOT, "third reload", |_| true);
+    let report = load.finish();
+    h.check(
+        report.failures.is_empty() && report.ok > 0,
+        &format!("failed requests through 3 saves: {report:?}"),
+    );
+    // The log names the file that changed.
+    let changes = h.events_named("change-detected");
+    h.check(changes.len() == 3, "one change-detected per save");
+    for c in &changes {
+        h.check(
+            c["files"].as_str().is_some_and(|f| f.ends_with("/app.py")),
+            &format!("the changed file is named: {c}"),
+        );
+    }
+    h.check(h.events_named("reloading").len() == 3, "three reloads");
+    // Only sources changed: the base zygote (Python and uvicorn, not the
+    // app) of generation 1 forked every generation's workers.
+    let zygotes = h.events_named("zygote-starting");
+    h.check(
+        zygotes.len() == 1,
+        &format!("one base zygote for all 4 generations: {zygotes:?}"),
+    );
+    h.check(
+        h.count_events("booting", |b| b["zygote"] == zygotes[0]["zygote"]) == 8,
+        "every worker forked from it",
+    );
+    // The operator's view: the reloads counted, the last one's result.
+    let metrics = metrics_addr(&h);
+    let (_, body) = http_get(metrics, "/metrics").expect("GET /metrics");
+    h.check(
+        body.contains("procman_reloads_total{result=\"ok\"} 3"),
+        &format!("3 reloads in /metrics:\n{body}"),
+    );
+}
+
+/// The metrics address procman logged.
+fn metrics_addr(h: &Harness) -> std::net::SocketAddr {
+    let found = wait_for(BOOT, || {
+        h.log_text().lines().find_map(|l| {
+            let rest = l.split("Serving metrics at: http://").nth(1)?;
+            rest.split("/metrics").next()?.parse().ok()
+        })
+    });
+    h.check(found.is_some(), "a metrics address in the log");
+    found.expect("checked")
+}
+
+#[test]
+fn a_module_in_a_new_subdirectory_is_watched() {
+    let dir = app_dir("dev-reload-subdir");
+    let h = start("dev-reload-subdir", &dir, &[]);
+    expect_served(&h, "v1");
+    // The package appears after start, its files written at once (before
+    // procman can have added its watch: the new directory is scanned).
+    let pkg = dir.join("pkg");
+    std::fs::create_dir(&pkg).expect("mkdir");
+    std::fs::write(pkg.join("__init__.py"), "").expect("__init__");
+    std::fs::write(pkg.join("mod.py"), "VERSION = 's1'\n").expect("mod");
+    std::fs::write(
+        dir.join("app.py"),
+        app_source("from pkg.mod import VERSION"),
+    )
+    .expect("edit");
+    expect_served(&h, "s1");
+    // Only the new directory's file changes now.
+    std::fs::write(pkg.join("mod.py"), "VERSION = 's2'\n").expect("mod");
+    expect_served(&h, "s2");
+    // Deleted and created again: still watched.
+    std::fs::remove_dir_all(&pkg).expect("rm -r");
+    std::fs::create_dir(&pkg).expect("mkdir again");
+    std::fs::write(pkg.join("__init__.py"), "").expect("__init__");
+    std::fs::write(pkg.join("mod.py"), "VERSION = 's3'\n").expect("mod");
+    expect_served(&h, "s3");
+    std::fs::write(pkg.join("mod.py"), "VERSION = 's4'\n").expect("mod");
+    expect_served(&h, "s4");
+}
+
+#[test]
+fn a_burst_of_500_writes_is_one_reload() {
+    let dir = app_dir("dev-reload-burst");
+    let pkg = dir.join("generated");
+    std::fs::create_dir(&pkg).expect("mkdir");
+    let h = start("dev-reload-burst", &dir, &[]);
+    expect_served(&h, "v1");
+    for i in 0..500 {
+        std::fs::write(pkg.join(format!("m{i}.py")), format!("X = {i}\n")).expect("write");
+    }
+    std::fs::write(dir.join("app.py"), version("v2")).expect("edit");
+    expect_served(&h, "v2");
+    h.expect_events("reload-done", 1, BOOT, "the reload", |_| true);
+    // Settled: well past the longest a change waits (2 s), nothing more.
+    std::thread::sleep(Duration::from_secs(4));
+    let changes = h.events_named("change-detected");
+    h.check(
+        changes.len() == 1 && h.events_named("reloading").len() == 1,
+        "exactly one reload for the burst",
+    );
+    h.check(
+        changes[0]["changes"].as_u64().is_some_and(|n| n >= 501),
+        &format!("every change counted: {}", changes[0]),
+    );
+    h.check(
+        h.messages()
+            .iter()
+            .any(|m| m.contains("more; reloading") && m.contains("Changed: ")),
+        "the first files named, then a count",
+    );
+}
+
+#[test]
+fn a_broken_edit_keeps_serving_with_one_traceback_and_a_fix_is_served() {
+    broken_edits_then_a_fix("dev-reload-broken", &[]);
+}
+
+#[test]
+fn with_preload_a_broken_edit_keeps_serving_and_a_fix_is_served() {
+    broken_edits_then_a_fix("dev-reload-broken-preload", &["--preload"]);
+}
+
+#[test]
+fn without_a_zygote_a_broken_edit_keeps_serving_and_a_fix_is_served() {
+    broken_edits_then_a_fix("dev-reload-broken-cold", &["--no-zygote"]);
+}
+
+/// Three broken edits (a syntax error, an exception at import, a failed
+/// lifespan startup), each a failed reload with the old code serving and
+/// its traceback logged once, then a fix, served; a client loop through it
+/// all fails nothing.
+fn broken_edits_then_a_fix(name: &str, extra: &[&str]) {
+    let dir = app_dir(name);
+    let h = start(name, &dir, extra);
+    expect_served(&h, "v1");
+    let load = Load::start(h.addr(), 2, 1_000_000, Duration::from_secs(300));
+    std::fs::write(dir.join("app.py"), "VERSION = 'v2'\ndef broken(:\n").expect("edit");
+    h.expect_event("reload-failed", BOOT, "a broken edit", |_| true);
+    expect_served(&h, "v1");
+    // An exception at import: the next change tries again.
+    std::fs::write(
+        dir.join("app.py"),
+        "raise RuntimeError('no database at import')\n",
+    )
+    .expect("edit");
+    h.expect_events("reload-failed", 2, BOOT, "an exception at import", |_| true);
+    expect_served(&h, "v1");
+    // A lifespan startup that fails.
+    std::fs::write(
+        dir.join("app.py"),
+        "async def app(scope, receive, send):\n    await receive()\n    await send({'type': 'lifespan.startup.failed', 'message': 'cache unreachable'})\n",
+    )
+    .expect("edit");
+    h.expect_events("reload-failed", 3, BOOT, "a lifespan failure", |_| true);
+    expect_served(&h, "v1");
+    std::fs::write(dir.join("app.py"), version("v3")).expect("fix");
+    expect_served(&h, "v3");
+    h.expect_events("reload-done", 1, BOOT, "the fix", |_| true);
+    let report = load.finish();
+    h.check(
+        report.failures.is_empty() && report.ok > 0,
+        &format!("failed requests through two broken edits: {report:?}"),
+    );
+    // One traceback per broken edit, not one per worker: its lines (the
+    // source line Python quotes) appear once; the reload's failure says
+    // the exception in one line.
+    let messages = h.messages();
+    let count = |needle: &str| messages.iter().filter(|m| m.contains(needle)).count();
+    let syntax = count("def broken(:");
+    let raised = count("raise RuntimeError('no database at import')");
+    h.check(
+        syntax == 1 && raised == 1 && count("could not load the app") == 2,
+        &format!("one traceback each (SyntaxError {syntax}, RuntimeError {raised})"),
+    );
+}
+
+#[test]
+fn excluded_files_trigger_nothing() {
+    let dir = app_dir("dev-reload-excluded");
+    for d in ["__pycache__", ".git", "node_modules", "env"] {
+        std::fs::create_dir(dir.join(d)).expect("mkdir");
+    }
+    // A virtualenv by another name: found by its pyvenv.cfg.
+    std::fs::write(dir.join("env/pyvenv.cfg"), "home = /usr\n").expect("pyvenv.cfg");
+    let h = start(
+        "dev-reload-excluded",
+        &dir,
+        &["--reload-exclude", "*_draft.py"],
+    );
+    expect_served(&h, "v1");
+    for f in [
+        ".app.py.swp",
+        "app.py~",
+        ".#app.py",
+        "4913",
+        "README.md",
+        "notes_draft.py",
+        "__pycache__/app.py",
+        ".git/hook.py",
+        "node_modules/x.py",
+        "env/site.py",
+    ] {
+        std::fs::write(dir.join(f), "x = 1\n").expect(f);
+    }
+    // Well past the quiet period: had anything counted, it would have
+    // reloaded alone. Then a real change, counted alone.
+    std::thread::sleep(Duration::from_secs(3));
+    h.check(
+        h.events_named("change-detected").is_empty(),
+        "excluded files changed nothing",
+    );
+    std::fs::write(dir.join("app.py"), version("v2")).expect("edit");
+    expect_served(&h, "v2");
+    let c = h.expect_event("change-detected", BOOT, "the real change", |_| true);
+    h.check(
+        c["changes"] == 1 && c["files"].as_str().is_some_and(|f| f.ends_with("/app.py")),
+        &format!("only app.py counted: {c}"),
+    );
+}
+
+#[test]
+fn an_include_pattern_and_a_reload_dir_are_honoured() {
+    let dir = app_dir("dev-reload-include");
+    let templates = dir.join("templates");
+    std::fs::create_dir(&templates).expect("mkdir");
+    let other = temp_dir("dev-reload-include-other").keep();
+    // Only `templates` is watched (a --reload-dir replaces the default),
+    // for *.html as well as *.py.
+    let h = start(
+        "dev-reload-include",
+        &dir,
+        &[
+            "--reload-dir",
+            templates.to_str().expect("utf8"),
+            "--reload-dir",
+            other.to_str().expect("utf8"),
+            "--reload-include",
+            "*.html",
+        ],
+    );
+    expect_served(&h, "v1");
+    std::fs::write(dir.join("app.py"), version("v2")).expect("edit");
+    std::fs::write(other.join("ignored.txt"), "x").expect("txt");
+    std::thread::sleep(Duration::from_secs(3));
+    h.check(
+        h.events_named("change-detected").is_empty(),
+        "app.py is outside the watched directories",
+    );
+    std::fs::write(templates.join("index.html"), "<p>").expect("html");
+    expect_served(&h, "v2");
+}
+
+#[test]
+fn reload_with_a_command_needs_an_include() {
+    let mut h = Start::new("dev-reload-command", &["--reload", "--", "sleep", "1000"]).spawn();
+    let code = h.exit_code(Duration::from_secs(20));
+    let log = h.log_text();
+    h.check(code == 2, &format!("exit 2, got {code}"));
+    h.check(
+        log.lines().count() == 1 && log.contains("--reload-include"),
+        "one line naming --reload-include",
+    );
+    let mut h = Start::new(
+        "dev-reload-orphan",
+        &["--reload-exclude", "*.tmp", "--", "sleep", "1000"],
+    )
+    .spawn();
+    let code = h.exit_code(Duration::from_secs(20));
+    h.check(
+        code == 2 && h.log_text().contains("needs '--reload'"),
+        "a --reload-* option without --reload is refused",
+    );
+}
+
+#[test]
+fn an_idle_watching_master_does_not_wake_up() {
+    // As arbiter.rs's idle test, with --reload on a command: the watch
+    // adds a descriptor to poll(2), no timer.
+    let dir = temp_dir("dev-reload-idle").keep();
+    let mut h = Start::new(
+        "dev-reload-idle",
+        &[
+            "-t",
+            "0",
+            "--reload",
+            "--reload-include",
+            "*.txt",
+            "--chdir",
+            dir.to_str().expect("utf8"),
+            "-w",
+            "2",
+            "--",
+            &hello(),
+        ],
+    )
+    .json()
+    .spawn();
+    h.wait_workers(2, BOOT);
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
+    h.check(
+        wait_for(BOOT, || idle_in_poll(h.pid).then_some(())).is_some(),
+        "the master sleeps in poll(2) with no timeout",
+    );
+    let switches = |pid: i32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = switches(h.pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = switches(h.pid);
+    h.check(
+        after - before <= 1,
+        &format!("the idle master woke {} times in 2 s", after - before),
+    );
+    // And the watch is there: a matching file reloads the command.
+    std::fs::write(dir.join("routes.txt"), "x").expect("txt");
+    let c = h.expect_event("change-detected", BOOT, "a .txt change", |_| true);
+    h.check(
+        c["files"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("/routes.txt")),
+        &format!("the file is named: {c}"),
+    );
+    h.expect_event("reload-done", BOOT, "the command reloaded", |_| true);
+}
+
+#[test]
+fn a_hup_during_a_change_triggered_reload_is_a_second_reload() {
+    let dir = app_dir("dev-reload-hup");
+    // A slow import: the change-triggered reload is still under way when
+    // HUP arrives.
+    let h = start("dev-reload-hup", &dir, &[]);
+    expect_served(&h, "v1");
+    std::fs::write(
+        dir.join("app.py"),
+        format!("import time\ntime.sleep(2)\n{}", version("v2")),
+    )
+    .expect("edit");
+    h.expect_event("reloading", BOOT, "the change's reload", |_| true);
+    h.signal(nix::sys::signal::Signal::SIGHUP);
+    let s = h.expect_event("reload-superseded", BOOT, "HUP supersedes", |_| true);
+    h.check(s["generation"] == 3, &format!("a second reload: {s}"));
+    h.expect_event("reload-done", BOOT, "the second reload", |v| {
+        v["generation"] == 3
+    });
+    expect_served(&h, "v2");
+    // A HUP starts a new base zygote (a changed virtualenv is picked up).
+    h.check(
+        h.has_event("zygote-starting", |z| z["generation"] == 3),
+        "a HUP's generation has its own base zygote",
+    );
+}
+
+#[test]
+fn out_of_inotify_watches_is_one_line_and_procman_keeps_serving() {
+    // A user namespace of its own, whose inotify watch limit (the
+    // per-namespace form of fs.inotify.max_user_watches) is 3: the tree has
+    // 7 directories.
+    let dir = temp_dir("dev-reload-enospc").keep();
+    std::fs::create_dir_all(dir.join("a/b/c/d/e/f")).expect("mkdir -p");
+    let script = "echo 3 > /proc/sys/user/max_inotify_watches && exec \"$@\"";
+    let start = Start::new(
+        "dev-reload-enospc",
+        &[
+            "--reload",
+            "--reload-include",
+            "*.txt",
+            "--chdir",
+            dir.to_str().expect("utf8"),
+            "-w",
+            "1",
+            "--",
+            &hello(),
+        ],
+    )
+    .json();
+    let mut h = start.spawn_with(
+        "unshare",
+        &[
+            "--user",
+            "--map-root-user",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            PROCMAN,
+        ],
+    );
+    h.wait_workers(1, BOOT);
+    h.expect_event("all-ready", BOOT, "serving despite the limit", |_| true);
+    let said = h.messages();
+    let said: Vec<&String> = said
+        .iter()
+        .filter(|m| m.contains("max_user_watches"))
+        .collect();
+    h.check(
+        said.len() == 1 && said[0].contains("sysctl fs.inotify.max_user_watches="),
+        &format!("one line naming the limit and how to raise it: {said:?}"),
+    );
+    // What could be watched still is: the top directory.
+    std::fs::write(dir.join("routes.txt"), "x").expect("txt");
+    h.expect_event("reload-done", BOOT, "a change where a watch exists", |_| {
+        true
+    });
+}

@@ -52,6 +52,8 @@ pub mod control;
 pub mod metrics;
 pub mod serve;
 pub mod status;
+// In-place upgrade: the state handed to the next image, the pre-flight.
+pub mod upgrade;
 
 // The supervision: the table, the pure policy, the loop.
 pub mod workers;

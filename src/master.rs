@@ -77,6 +77,7 @@ mod recycle;
 mod reload;
 mod stop;
 mod systemd;
+mod upgrade;
 mod urgent;
 mod zygotes;
 
@@ -172,6 +173,8 @@ pub struct Master {
     endpoints: Endpoints,
     /// Whether booting workers may run at a raised priority (`boost`).
     boost: Boost,
+    /// This image took over from an earlier one (`upgrade`).
+    upgraded: bool,
 }
 
 impl Master {
@@ -208,6 +211,7 @@ impl Master {
             kill_limit: None,
             endpoints,
             boost: Boost::default(),
+            upgraded: false,
         })
     }
 
@@ -219,12 +223,14 @@ impl Master {
             "set" | "default" => String::new(),
             reason => format!(" ({reason})"),
         };
-        info!(
-            "Starting {} worker{}{why}: {}",
-            self.settings.target,
-            plural(self.settings.target),
-            self.settings.cfg.describe_workers()
-        );
+        if !self.upgraded {
+            info!(
+                "Starting {} worker{}{why}: {}",
+                self.settings.target,
+                plural(self.settings.target),
+                self.settings.cfg.describe_workers()
+            );
+        }
         // A stop requested during the pre-start commands is honoured before
         // any worker starts.
         for sig in self.signals.drain() {
@@ -287,9 +293,12 @@ impl Master {
                 info!("Ignoring {s:?}: shutting down")
             }
             (_, Event::Signal(S::ReopenLogs)) => self.reopen_logs(),
-            (_, Event::Signal(S::Upgrade)) => {
-                warn!("Ignoring USR2: in-place upgrade is not supported; use HUP for a rolling reload")
+            (false, Event::Signal(S::Upgrade)) => {
+                if let Err(why) = self.upgrade(None, None, now) {
+                    warn!(event = "upgrade-failed", "Upgrade refused: {why}");
+                }
             }
+            (true, Event::Signal(S::Upgrade)) => info!("Ignoring USR2: shutting down"),
             (_, Event::Signal(S::WindowChanged)) => {}
             (
                 _,

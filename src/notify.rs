@@ -331,6 +331,36 @@ impl Receiver {
         }
     }
 
+    /// Its description for an upgraded image (`crate::upgrade`).
+    pub fn record(&self) -> crate::upgrade::SocketRecord {
+        crate::upgrade::SocketRecord {
+            fd: self.fd.as_raw_fd(),
+            dir_fd: self.dir_fd.as_raw_fd(),
+            dir: self.dir.clone(),
+            path: self.path.clone(),
+            queue_limit: self.queue_limit,
+        }
+    }
+
+    /// The socket an earlier image described, its descriptors `fd` and
+    /// `dir_fd` (`r.fd`, `r.dir_fd`) taken over by the caller.
+    pub fn adopt(
+        r: &crate::upgrade::SocketRecord,
+        fd: OwnedFd,
+        dir_fd: OwnedFd,
+    ) -> std::result::Result<Receiver, String> {
+        let meta = std::fs::metadata(format!("/proc/self/fd/{}", dir_fd.as_raw_fd()))
+            .map_err(|e| format!("notify directory {}: {e}", r.dir.display()))?;
+        Ok(Receiver {
+            fd,
+            dir: r.dir.clone(),
+            dir_fd,
+            dir_id: FileId::of(&meta),
+            path: r.path.clone(),
+            queue_limit: r.queue_limit,
+        })
+    }
+
     /// The socket's path, for `NOTIFY_SOCKET`.
     pub fn path(&self) -> &Path {
         &self.path

@@ -42,6 +42,22 @@ impl Urgent {
         })
     }
 
+    /// The socket an earlier image described (`upgrade`).
+    pub(super) fn adopt(
+        r: &crate::upgrade::SocketRecord,
+        fd: std::os::fd::OwnedFd,
+        dir_fd: std::os::fd::OwnedFd,
+    ) -> std::result::Result<Urgent, String> {
+        Ok(Urgent {
+            receiver: Receiver::adopt(r, fd, dir_fd)?,
+        })
+    }
+
+    /// The receiver, to describe it (`upgrade`).
+    pub(super) fn receiver(&self) -> &Receiver {
+        &self.receiver
+    }
+
     /// Its path, for [`ENV`].
     pub(super) fn path(&self) -> &Path {
         self.receiver.path()

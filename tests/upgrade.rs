@@ -1,0 +1,308 @@
+//! In-place upgrade (issue 28): USR2 and `procman upgrade` re-exec procman
+//! with the same pid, keeping every worker; a binary that does not answer
+//! its pre-flight positively changes nothing.
+
+mod util;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use util::*;
+
+const BOOT: Duration = Duration::from_secs(30);
+
+fn client(args: &[&str]) -> Output {
+    Command::new(PROCMAN)
+        .args(args)
+        .output()
+        .expect("run procman client")
+}
+
+fn upgrade(sock: &Path, binary: Option<&str>) -> Output {
+    let mut args = vec!["upgrade", "--control-socket", sock.to_str().expect("utf8")];
+    args.extend(binary);
+    client(&args)
+}
+
+/// procman with 2 hello workers and a control socket.
+fn start(name: &str, env: &[(&str, &str)]) -> (Harness, PathBuf, BTreeSet<i32>) {
+    let mut s = Start::new(name, &["-w", "2"]);
+    let sock = s.dir().join("ctl");
+    s = s.args([
+        "--control-socket",
+        sock.to_str().expect("utf8"),
+        "--",
+        &hello(),
+    ]);
+    for (k, v) in env {
+        s = s.env(k, v);
+    }
+    let mut h = s.spawn();
+    let workers = h.wait_workers(2, BOOT);
+    (h, sock, workers)
+}
+
+fn serves(h: &Harness) -> bool {
+    matches!(http_get(h.addr(), "/"), Ok((200, _)))
+}
+
+#[test]
+fn usr2_keeps_the_pid_and_every_worker_and_they_keep_serving() {
+    let (mut h, sock, workers) = start("upgrade-usr2", &[]);
+    assert!(serves(&h), "serves before");
+    h.signal(Signal::SIGUSR2);
+    h.check(
+        h.wait_log("Upgraded in place", BOOT),
+        "the new image logs that it took over",
+    );
+    assert_eq!(h.children().into_iter().collect::<BTreeSet<_>>(), workers);
+    assert!(alive(h.pid), "same pid");
+    assert!(serves(&h), "serves after");
+    // The control socket came along: a client upgrade works after USR2.
+    let out = upgrade(&sock, None);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("pid {}", h.pid)), "{text}");
+    assert_eq!(h.children().into_iter().collect::<BTreeSet<_>>(), workers);
+    assert_eq!(h.count_log("Upgraded in place"), 2);
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
+fn five_upgrades_under_a_client_loop_fail_no_request() {
+    let (mut h, sock, workers) = start("upgrade-five", &[]);
+    let addr = h.addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let loop_ = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                match http_get(addr, "/") {
+                    Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    // A copy at another path: rollback is an upgrade to another binary.
+    let copy = h.dir.join("procman-copy");
+    std::fs::copy(PROCMAN, &copy).expect("copy");
+    for i in 0..5 {
+        let bin = (i % 2 == 1).then(|| copy.to_str().expect("utf8"));
+        let out = upgrade(&sock, bin);
+        assert!(out.status.success(), "upgrade {i}: {out:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    loop_.join().expect("client loop");
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("requests: {ok} served, {failed} failed");
+    assert_eq!(failed, 0, "{ok} served");
+    assert!(ok > 0);
+    assert_eq!(h.children().into_iter().collect::<BTreeSet<_>>(), workers);
+    assert_eq!(h.count_log("Upgraded in place"), 5);
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
+fn a_worker_that_exits_in_the_window_is_reaped_and_replaced_by_the_new_image() {
+    let (mut h, _sock, workers) = start("upgrade-killed", &[]);
+    let victim = *workers.iter().next().expect("a worker");
+    // The window, forced: procman is stopped while its worker dies and
+    // USR2 arrives; once continued, it handles USR2 (signals are drained
+    // before reaping) and execs with the worker a zombie and CHLD pending.
+    kill(Pid::from_raw(h.pid), Signal::SIGSTOP).expect("stop procman");
+    kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill");
+    h.check(
+        wait_for(BOOT, || stat(victim).filter(|s| s.state == 'Z')).is_some(),
+        "the worker is a zombie",
+    );
+    kill(Pid::from_raw(h.pid), Signal::SIGUSR2).expect("usr2");
+    kill(Pid::from_raw(h.pid), Signal::SIGCONT).expect("continue");
+    h.check(h.wait_log("Upgraded in place", BOOT), "upgraded");
+    let now = h.wait_workers(2, BOOT);
+    assert!(!now.contains(&victim), "replaced: {now:?}");
+    assert!(!h.children().contains(&victim), "reaped");
+    assert!(h.zombies().is_empty(), "no zombie: {:?}", h.zombies());
+    let log = h.log_text();
+    let up = log.find("Upgraded in place").expect("upgraded");
+    h.check(
+        log[up..].contains(&format!("{victim}")),
+        "the new image reports the worker's exit",
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
+fn uvicorn_workers_serve_through_five_upgrades() {
+    let s = uvicorn(
+        "upgrade-uvicorn",
+        &apps_dir(),
+        "keep_alive_app:main",
+        &["-w", "2"],
+    );
+    let sock = s.dir().join("ctl");
+    let mut h = s
+        .args(["--control-socket", sock.to_str().expect("utf8")])
+        .spawn();
+    let workers = h.wait_workers(2, Duration::from_secs(60));
+    let addr = h.addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let loop_ = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                match http_get(addr, "/slow?s=0") {
+                    Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    for i in 0..5 {
+        let out = upgrade(&sock, None);
+        assert!(out.status.success(), "upgrade {i}: {out:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    loop_.join().expect("client loop");
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("requests: {ok} served, {failed} failed");
+    assert_eq!(failed, 0, "{ok} served");
+    assert!(ok > 0);
+    assert_eq!(
+        h.children()
+            .into_iter()
+            .filter(|p| workers.contains(p))
+            .count(),
+        2
+    );
+    assert_eq!(h.count_log("Upgraded in place"), 5);
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+/// A script at `dir/name`, 0755.
+fn script(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("write");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    p.display().to_string()
+}
+
+#[test]
+fn a_failed_pre_flight_changes_nothing_and_says_why() {
+    let (mut h, sock, workers) = start("upgrade-refused", &[]);
+    let dir = h.dir.clone();
+    let crashes = script(&dir, "crashes", "kill -SEGV $$");
+    let lies = script(
+        &dir,
+        "lies",
+        "echo '{\"magic\":\"something-else\",\"ok\":true}'  > /proc/self/fd/$PROCMAN_UPGRADE_CHECK",
+    );
+    let missing = dir.join("missing").display().to_string();
+    let cases = [
+        (missing.as_str(), "cannot open"),
+        ("/bin/true", "no pre-flight answer"),
+        (crashes.as_str(), "no pre-flight answer (killed by SIGSEGV)"),
+        (lies.as_str(), "not procman's"),
+    ];
+    for (bin, why) in cases {
+        let out = upgrade(&sock, Some(bin));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bin}: {out:?}");
+        assert!(err.contains(why), "{bin}: {err}");
+    }
+    h.check(
+        wait_for(BOOT, || {
+            (h.count_log("Upgrade refused") == cases.len()).then_some(())
+        })
+        .is_some(),
+        "each refusal is logged",
+    );
+    assert_eq!(h.count_log("Upgraded in place"), 0);
+    assert_eq!(h.children().into_iter().collect::<BTreeSet<_>>(), workers);
+    assert!(serves(&h));
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
+fn a_binary_that_cannot_read_this_state_version_is_refused() {
+    // The pre-flight is the real binary, told (debug builds only) to answer
+    // as a version that reads only state version 2.
+    let (mut h, sock, workers) = start("upgrade-version", &[("PROCMAN_TEST_UPGRADE_ACCEPTS", "2")]);
+    let out = upgrade(&sock, None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(err.contains("reads state versions [2], not 1"), "{err}");
+    assert_eq!(h.children().into_iter().collect::<BTreeSet<_>>(), workers);
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
+fn a_configuration_the_new_binary_refuses_stops_the_upgrade() {
+    let s = Start::new("upgrade-config", &[]);
+    let file = s.dir().join("procman.toml");
+    let sock = s.dir().join("ctl");
+    std::fs::write(&file, format!("workers = 2\ncommand = ['{}']\n", hello())).expect("write");
+    let mut h = s
+        .args(["-c", file.to_str().expect("utf8")])
+        .args(["--control-socket", sock.to_str().expect("utf8")])
+        .spawn();
+    let workers = h.wait_workers(2, BOOT);
+    std::fs::write(&file, "workers = 'many'\n").expect("break it");
+    let out = upgrade(&sock, None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        err.contains("refuses: the configuration is refused"),
+        "{err}"
+    );
+    assert_eq!(h.children().into_iter().collect::<BTreeSet<_>>(), workers);
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
+fn an_upgrade_during_a_stop_is_refused_and_the_stop_completes() {
+    let s = Start::new("upgrade-stop", &["-w", "1", "--graceful-timeout", "30"]);
+    let sock = s.dir().join("ctl");
+    // A worker that ignores TERM: the stop takes its graceful timeout.
+    let mut h = s
+        .args(["--control-socket", sock.to_str().expect("utf8")])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; while :; do sleep 0.2; done",
+        ])
+        .spawn();
+    h.check(
+        h.wait_log("All 1 worker ready", BOOT),
+        "the worker is ready",
+    );
+    h.signal(Signal::SIGTERM);
+    h.check(h.wait_log("Shutting down", BOOT), "stop began");
+    let out = upgrade(&sock, None);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stopping"), "{err}");
+    h.signal(Signal::SIGUSR2);
+    h.signal(Signal::SIGINT); // hurry: SIGKILL after the quick grace
+    assert_eq!(h.exit_code(BOOT), 0);
+    assert_eq!(h.count_log("Upgraded in place"), 0);
+}

@@ -213,11 +213,17 @@ fn a_failed_pre_flight_changes_nothing_and_says_why() {
         "echo '{\"magic\":\"something-else\",\"ok\":true}'  > /proc/self/fd/$PROCMAN_UPGRADE_CHECK",
     );
     let missing = dir.join("missing").display().to_string();
+    // Root execs only what others cannot have changed.
+    let writable = dir.join("procman-writable");
+    std::fs::copy(PROCMAN, &writable).expect("copy");
+    std::fs::set_permissions(&writable, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let writable = writable.display().to_string();
     let cases = [
         (missing.as_str(), "cannot open"),
         ("/bin/true", "no pre-flight answer"),
         (crashes.as_str(), "no pre-flight answer (killed by SIGSEGV)"),
         (lies.as_str(), "not procman's"),
+        (writable.as_str(), "writable by group or others (mode 777)"),
     ];
     for (bin, why) in cases {
         let out = upgrade(&sock, Some(bin));
@@ -305,4 +311,96 @@ fn an_upgrade_during_a_stop_is_refused_and_the_stop_completes() {
     h.signal(Signal::SIGINT); // hurry: SIGKILL after the quick grace
     assert_eq!(h.exit_code(BOOT), 0);
     assert_eq!(h.count_log("Upgraded in place"), 0);
+}
+
+#[test]
+fn under_systemd_an_upgrade_is_announced_as_a_reload() {
+    let dir = temp_dir("upgrade-systemd");
+    let notify = dir.join("notify");
+    let mut systemd = FakeSystemd::at(&notify);
+    let (mut h, sock, workers) = start(
+        "upgrade-systemd",
+        &[("NOTIFY_SOCKET", notify.to_str().expect("utf8"))],
+    );
+    let ready = systemd.wait("READY=1", 0).expect("READY=1 at start");
+    let out = upgrade(&sock, None);
+    assert!(out.status.success(), "{out:?}");
+    let reloading = systemd.wait_all(&["RELOADING=1", "MONOTONIC_USEC="], ready + 1);
+    h.check(
+        reloading.is_some(),
+        &format!("RELOADING=1 with MONOTONIC_USEC: {:?}", systemd.got),
+    );
+    let again = systemd.wait("READY=1", reloading.unwrap_or(0) + 1);
+    h.check(
+        again.is_some(),
+        &format!("READY=1 from the new image: {:?}", systemd.got),
+    );
+    assert_eq!(
+        h.children()
+            .into_iter()
+            .filter(|p| workers.contains(p))
+            .count(),
+        2
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
+fn an_upgrade_during_a_reload_is_refused_until_the_reload_ended() {
+    let s = Start::new("upgrade-reload", &[]);
+    let file = s.dir().join("procman.toml");
+    let sock = s.dir().join("ctl");
+    // --ready-after 3s: a reload's new workers take 3 s to count as ready.
+    let config = format!(
+        "workers = 2\nready-after = '3s'\ncommand = ['{}']\n",
+        hello()
+    );
+    std::fs::write(&file, &config).expect("write");
+    let mut h = s
+        .args(["-c", file.to_str().expect("utf8")])
+        .args(["--control-socket", sock.to_str().expect("utf8")])
+        .json()
+        .spawn();
+    h.expect_event("all-ready", BOOT, "booted", |_| true);
+    h.signal(Signal::SIGHUP);
+    h.expect_event("reloading", BOOT, "the reload began", |_| true);
+    let out = upgrade(&sock, None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(err.contains("a reload is in progress"), "{err}");
+    h.expect_event("reload-done", BOOT, "the reload ended", |_| true);
+    let out = upgrade(&sock, None);
+    assert!(out.status.success(), "after the reload: {out:?}");
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
+fn the_new_image_still_reaps_orphans_as_a_subreaper() {
+    // Each worker leaves an orphan (a sleep whose parent, a subshell, exits
+    // at once): re-parented to procman, a child subreaper, which must reap
+    // it after the upgrade too.
+    let s = Start::new("upgrade-orphans", &["-w", "1"]);
+    let sock = s.dir().join("ctl");
+    let mut h = s
+        .args(["--control-socket", sock.to_str().expect("utf8")])
+        .args(["--", "sh", "-c", &format!("(sleep 3 &); exec {}", hello())])
+        .spawn();
+    h.wait_workers(1, BOOT);
+    let orphan = wait_for(BOOT, || {
+        h.children().into_iter().find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        })
+    })
+    .expect("the orphan is procman's child");
+    let out = upgrade(&sock, None);
+    assert!(out.status.success(), "{out:?}");
+    h.check(
+        wait_for(BOOT, || (!h.children().contains(&orphan)).then_some(())).is_some(),
+        "the orphan exited and was reaped",
+    );
+    assert!(h.zombies().is_empty(), "no zombie: {:?}", h.zombies());
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
 }

@@ -293,11 +293,7 @@ impl Master {
                 info!("Ignoring {s:?}: shutting down")
             }
             (_, Event::Signal(S::ReopenLogs)) => self.reopen_logs(),
-            (false, Event::Signal(S::Upgrade)) => {
-                if let Err(why) = self.upgrade(None, None, now) {
-                    warn!(event = "upgrade-failed", "Upgrade refused: {why}");
-                }
-            }
+            (false, Event::Signal(S::Upgrade)) => self.ask_upgrade(None, None),
             (true, Event::Signal(S::Upgrade)) => info!("Ignoring USR2: shutting down"),
             (_, Event::Signal(S::WindowChanged)) => {}
             (

@@ -74,6 +74,13 @@ pub struct State {
     pub metrics: Option<EndpointRecord>,
     /// The `procman upgrade` connection the new image answers.
     pub reply_fd: Option<RawFd>,
+    /// Signals the old image had read but not handled (numbers).
+    #[serde(default)]
+    pub signals: Vec<i32>,
+    /// The exec'd binary's descriptor, open for a script's interpreter
+    /// (`/dev/fd/N`); the new image closes it.
+    #[serde(default)]
+    pub binary_fd: Option<RawFd>,
 }
 
 /// One worker row; `*_ms` are relative to the state's writing.
@@ -178,6 +185,7 @@ impl State {
         }
         out.extend(self.control.iter().chain(&self.metrics).map(|e| e.fd));
         out.extend(self.reply_fd);
+        out.extend(self.binary_fd);
         out
     }
 }

@@ -116,20 +116,19 @@ fn five_upgrades_under_a_client_loop_fail_no_request() {
 
 #[test]
 fn a_worker_that_exits_in_the_window_is_reaped_and_replaced_by_the_new_image() {
-    let (mut h, _sock, workers) = start("upgrade-killed", &[]);
+    let (mut h, sock, workers) = start("upgrade-killed", &[]);
     let victim = *workers.iter().next().expect("a worker");
-    // The window, forced: procman is stopped while its worker dies and
-    // USR2 arrives; once continued, it handles USR2 (signals are drained
-    // before reaping) and execs with the worker a zombie and CHLD pending.
-    kill(Pid::from_raw(h.pid), Signal::SIGSTOP).expect("stop procman");
-    kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill");
-    h.check(
-        wait_for(BOOT, || stat(victim).filter(|s| s.state == 'Z')).is_some(),
-        "the worker is a zombie",
+    // The window, forced: the new "binary" is a script that kills a worker
+    // and then runs procman. Its pre-flight kills the worker while the
+    // master waits for the answer; the master execs right after, with the
+    // worker a zombie and CHLD pending, for the new image to handle.
+    let new = script(
+        &h.dir,
+        "kills-then-procman",
+        &format!("kill -KILL {victim} 2>/dev/null; exec {PROCMAN} \"$@\""),
     );
-    kill(Pid::from_raw(h.pid), Signal::SIGUSR2).expect("usr2");
-    kill(Pid::from_raw(h.pid), Signal::SIGCONT).expect("continue");
-    h.check(h.wait_log("Upgraded in place", BOOT), "upgraded");
+    let out = upgrade(&sock, Some(&new));
+    assert!(out.status.success(), "{out:?}");
     let now = h.wait_workers(2, BOOT);
     assert!(!now.contains(&victim), "replaced: {now:?}");
     assert!(!h.children().contains(&victim), "reaped");
@@ -137,8 +136,12 @@ fn a_worker_that_exits_in_the_window_is_reaped_and_replaced_by_the_new_image() {
     let log = h.log_text();
     let up = log.find("Upgraded in place").expect("upgraded");
     h.check(
-        log[up..].contains(&format!("{victim}")),
+        log[up..].contains(&format!("Worker {victim} ")),
         "the new image reports the worker's exit",
+    );
+    h.check(
+        !log[..up].contains(&format!("Worker {victim} ")),
+        "the old image did not see it",
     );
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
@@ -403,4 +406,20 @@ fn the_new_image_still_reaps_orphans_as_a_subreaper() {
     assert!(h.zombies().is_empty(), "no zombie: {:?}", h.zombies());
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
+}
+
+#[test]
+fn a_stop_requested_with_an_upgrade_stops() {
+    let (mut h, _sock, _workers) = start("upgrade-then-stop", &[]);
+    // Both arrive while procman cannot run: read together, the stop wins.
+    kill(Pid::from_raw(h.pid), Signal::SIGSTOP).expect("stop procman");
+    kill(Pid::from_raw(h.pid), Signal::SIGUSR2).expect("usr2");
+    kill(Pid::from_raw(h.pid), Signal::SIGTERM).expect("term");
+    kill(Pid::from_raw(h.pid), Signal::SIGCONT).expect("continue");
+    assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
+    h.check(h.count_log("Upgraded in place") == 0, "no upgrade");
+    h.check(
+        h.wait_log("Upgrade refused: procman is stopping", BOOT),
+        "the upgrade says why it did not happen",
+    );
 }

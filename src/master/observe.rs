@@ -50,7 +50,7 @@ pub(super) struct Endpoints {
     memory: std::cell::RefCell<status::MemoryCache>,
     /// A `procman upgrade` taken on in a service pass, carried out after
     /// it: the connection and the binary asked for.
-    upgrade_asked: Option<(u64, Option<String>)>,
+    upgrade_asked: Option<(Option<u64>, Option<String>)>,
     /// In-place upgrades this master went through.
     pub(super) upgrades: u64,
 }
@@ -219,11 +219,25 @@ impl Master {
             self.endpoints.control = Some(server);
         }
         if let Some((id, binary)) = self.endpoints.upgrade_asked.take() {
-            let reply = self.endpoints.control.as_mut().and_then(|s| s.take(id));
+            let reply = id.and_then(|id| self.endpoints.control.as_mut()?.take(id));
             if let Err(why) = self.upgrade(binary, reply, now) {
                 tracing::warn!(event = "upgrade-failed", "Upgrade refused: {why}");
             }
         }
+    }
+
+    /// An upgrade was asked for (USR2: `id` None): carried out at the end
+    /// of this round of the loop, once every event read so far is handled
+    /// (a stop read with it wins). A second request meanwhile is refused.
+    pub(super) fn ask_upgrade(&mut self, id: Option<u64>, binary: Option<String>) {
+        if self.endpoints.upgrade_asked.is_some() {
+            if let Some(id) = id {
+                let busy = control::error("an upgrade is already under way");
+                self.endpoints.replies.push((id, busy));
+            }
+            return;
+        }
+        self.endpoints.upgrade_asked = Some((id, binary));
     }
 
     /// Answers decided since the last pass (a reload's end; a stop ends
@@ -279,7 +293,7 @@ impl Master {
             }
             Request::Upgrade { .. } if stopping => Some(control::error("procman is stopping")),
             Request::Upgrade { binary } => {
-                self.endpoints.upgrade_asked = Some((id, binary));
+                self.ask_upgrade(Some(id), binary);
                 None
             }
             Request::Reload => {

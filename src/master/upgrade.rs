@@ -102,15 +102,43 @@ impl Master {
             self.table.len(),
             super::plural(self.table.len())
         );
+        // From here to the exec, a signal stays pending (blocked), and the
+        // mask and pending signals survive execve: the new image gets them
+        // once its handlers are in place. What reached the self-pipe before
+        // the block is drained now and handed over in the state.
+        let mut handled = SigSet::empty();
+        for (n, _) in crate::signals::HANDLED {
+            if let Ok(s) = Signal::try_from(*n) {
+                handled.add(s);
+            }
+        }
+        let mut old = SigSet::empty();
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled), Some(&mut old))
+            .map_err(|e| format!("cannot block signals: {}", e.desc()))?;
+        let caught = self.signals.drain();
+        let unblock = |signals: &mut Signals| {
+            let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+            for s in &caught {
+                signals.hold(*s);
+            }
+        };
+        if caught.iter().any(|s| s.is_stop()) {
+            // The stop wins: handled by this image's loop next.
+            unblock(&mut self.signals);
+            return Err("a stop was requested".into());
+        }
         // Zygotes are not carried over: the new image starts its own.
         for z in self.zygotes.iter() {
             signal_group(z.pid, Signal::SIGKILL);
         }
-        let state = self.describe(now, reply);
+        let mut state = self.describe(now, reply);
+        state.signals = caught.iter().map(|s| s.number()).collect();
+        state.binary_fd = Some(bin.as_raw_fd());
         let why = match upgrade::write_memfd(&state) {
             Ok(memfd) => self.exec(&bin, &argv, &state, &memfd),
             Err(why) => why,
         };
+        unblock(&mut self.signals);
         Err(why)
     }
 
@@ -129,16 +157,6 @@ impl Master {
         };
         let mut fds = state.fds();
         fds.push(memfd.as_raw_fd());
-        let mut handled = SigSet::empty();
-        for (n, _) in crate::signals::HANDLED {
-            if let Ok(s) = Signal::try_from(*n) {
-                handled.add(s);
-            }
-        }
-        let mut old = SigSet::empty();
-        if let Err(e) = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled), Some(&mut old)) {
-            return format!("cannot block signals: {}", e.desc());
-        }
         let monotonic = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
             .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
             .unwrap_or(0);
@@ -167,7 +185,6 @@ impl Master {
         for fd in &fds {
             let _ = upgrade::set_cloexec(*fd, true);
         }
-        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
         self.systemd
             .send(&format!("READY=1\nSTATUS={}", self.status_line()));
         why
@@ -214,6 +231,8 @@ impl Master {
             control,
             metrics,
             reply_fd,
+            signals: Vec::new(),
+            binary_fd: None,
         }
     }
 
@@ -221,7 +240,7 @@ impl Master {
     pub fn adopt(
         cfg: Config,
         state: State,
-        signals: Signals,
+        mut signals: Signals,
         args: Vec<std::ffi::OsString>,
     ) -> Result<Master> {
         let now = Instant::now();
@@ -231,6 +250,17 @@ impl Master {
                 .map_err(|_| bad(format!("descriptor {fd} is not open")))?;
             let _ = upgrade::set_cloexec(fd, true);
             crate::bind::forget_inherited(fd);
+        }
+        if let Some(fd) = state.binary_fd {
+            // SAFETY: open (checked above): the binary's descriptor, kept
+            // open only for the exec; owned by nothing here.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        // Signals the old image had taken from its pipe but not handled.
+        for n in &state.signals {
+            if let Some((_, s)) = crate::signals::HANDLED.iter().find(|(h, _)| h == n) {
+                signals.hold(*s);
+            }
         }
         let mut listeners = Vec::new();
         for l in &state.listeners {

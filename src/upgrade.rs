@@ -240,6 +240,8 @@ pub fn take_state() -> Result<Option<State>, String> {
             link.display()
         ));
     }
+    // Recorded as inherited at start: it is procman's, never `fd://`'s.
+    crate::bind::forget_inherited(n);
     // SAFETY: `n` is open (read_link above) and is the state memfd the old
     // image left for us; nothing else in this image owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(n) };

@@ -55,7 +55,30 @@ fn serves(h: &Harness) -> bool {
 
 #[test]
 fn usr2_keeps_the_pid_and_every_worker_and_they_keep_serving() {
-    let (mut h, sock, workers) = start("upgrade-usr2", &[]);
+    let s = Start::new("upgrade-usr2", &["-w", "2"]);
+    let sock = s.dir().join("ctl");
+    let pidfile = s.dir().join("procman.pid");
+    let mut h = s
+        .args(["--control-socket", sock.to_str().expect("utf8")])
+        .args([
+            "--metrics",
+            "127.0.0.1:0",
+            "--pid",
+            pidfile.to_str().expect("utf8"),
+        ])
+        .args(["--", &hello()])
+        .spawn();
+    let workers = h.wait_workers(2, BOOT);
+    let metrics = wait_for(BOOT, || {
+        let log = h.log_text();
+        let at = log.find("Serving metrics at: http://")? + "Serving metrics at: http://".len();
+        log[at..]
+            .split('/')
+            .next()?
+            .parse::<std::net::SocketAddr>()
+            .ok()
+    })
+    .expect("metrics address");
     assert!(serves(&h), "serves before");
     h.signal(Signal::SIGUSR2);
     h.check(
@@ -65,15 +88,36 @@ fn usr2_keeps_the_pid_and_every_worker_and_they_keep_serving() {
     assert_eq!(h.children().into_iter().collect::<BTreeSet<_>>(), workers);
     assert!(alive(h.pid), "same pid");
     assert!(serves(&h), "serves after");
-    // The control socket came along: a client upgrade works after USR2.
+    // The endpoints came along: metrics answer, a client upgrade works.
+    assert!(
+        matches!(http_get(metrics, "/healthz"), Ok((200, _))),
+        "metrics"
+    );
     let out = upgrade(&sock, None);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("pid {}", h.pid)), "{text}");
     assert_eq!(h.children().into_iter().collect::<BTreeSet<_>>(), workers);
     assert_eq!(h.count_log("Upgraded in place"), 2);
+    let pid_text = std::fs::read_to_string(&pidfile).expect("pidfile");
+    assert_eq!(pid_text.trim(), h.pid.to_string());
+    // A HUP afterwards rolls the workers, on the adopted listeners.
+    h.signal(Signal::SIGHUP);
+    h.check(
+        wait_for(BOOT, || {
+            let now: BTreeSet<i32> = h.children().into_iter().collect();
+            (now.len() == 2 && now.is_disjoint(&workers)).then_some(())
+        })
+        .is_some(),
+        "a HUP after the upgrade replaced both workers",
+    );
+    assert!(serves(&h), "serves after the reload");
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
+    assert!(
+        !pidfile.exists(),
+        "the new image removed the pidfile at exit"
+    );
 }
 
 #[test]

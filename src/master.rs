@@ -175,6 +175,8 @@ pub struct Master {
     boost: Boost,
     /// This image took over from an earlier one (`upgrade`).
     upgraded: bool,
+    /// An upgrade whose pre-flight runs (`upgrade`).
+    checking: Option<upgrade::Checking>,
 }
 
 impl Master {
@@ -212,6 +214,7 @@ impl Master {
             endpoints,
             boost: Boost::default(),
             upgraded: false,
+            checking: None,
         })
     }
 
@@ -235,6 +238,15 @@ impl Master {
         // any worker starts.
         for sig in self.signals.drain() {
             self.handle(Event::Signal(sig), Instant::now());
+        }
+        if self.upgraded {
+            // Workers that exited while the image changed: reaped now,
+            // whether or not their CHLD is still pending.
+            let now = Instant::now();
+            self.drain_notifications(now);
+            while let Some((pid, status)) = reap_one() {
+                self.handle(Event::Exited { pid, status }, now);
+            }
         }
         loop {
             let now = Instant::now();
@@ -265,6 +277,9 @@ impl Master {
             self.read_urgent(now);
             self.drain_notifications(now);
             while let Some((pid, status)) = reap_one() {
+                if self.preflight_exited(pid, status) {
+                    continue;
+                }
                 // A worker can send its last words (X_PROCMAN_ERROR) and
                 // exit between the read above and `waitpid`; once it is a
                 // zombie, everything it sent is queued: read it first.
@@ -497,6 +512,7 @@ impl Master {
             .into_iter()
             .map(|(at, _)| at)
             .chain(self.endpoints.deadline())
+            .chain(self.upgrade_deadline())
             .min()
     }
 
@@ -523,6 +539,11 @@ impl Master {
             // Not a closed channel: its end-of-file would wake us forever.
             self.zygotes
                 .channels()
+                .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+        );
+        fds.extend(
+            self.upgrade_poll_fds()
+                .into_iter()
                 .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
         );
         fds.extend(self.endpoints.poll_fds().into_iter().map(|(fd, out)| {

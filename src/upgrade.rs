@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
@@ -428,104 +427,114 @@ pub fn environment(extra: (&str, String)) -> Result<Vec<CString>, String> {
     c_strings(out.iter().map(Vec::as_slice))
 }
 
-/// Runs the pre-flight: `binary` with `argv` and [`CHECK_ENV`], bounded by
-/// [`PREFLIGHT_TIMEOUT`]. The master waits here (poll on the answer pipe
-/// and a pidfd, no sleep), which bounds how long its loop pauses: the
-/// workers serve meanwhile, and signals and exits queue for the loop.
-pub fn preflight(binary: &OwnedFd, argv: &[CString]) -> Result<Answer, String> {
-    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
-        .map_err(|e| format!("cannot make the pre-flight pipe: {}", e.desc()))?;
-    let envp = environment((CHECK_ENV, write.as_raw_fd().to_string()))?;
-    let mut argp: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    argp.push(std::ptr::null());
-    let mut envpp: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
-    envpp.push(std::ptr::null());
-    let (bin, wfd) = (binary.as_raw_fd(), write.as_raw_fd());
-    // SAFETY: the master is single-threaded; the child only calls fcntl,
-    // execveat (as a raw syscall) and _exit, all async-signal-safe, on
-    // memory allocated before the fork.
-    let child = match unsafe { nix::unistd::fork() } {
-        Ok(ForkResult::Child) => {
-            // SAFETY: async-signal-safe calls on valid descriptors and
-            // NUL-terminated arrays prepared above.
-            unsafe {
-                libc::fcntl(wfd, libc::F_SETFD, 0);
-                // A script (#!) is read by its interpreter through
-                // /dev/fd/N: the binary's descriptor must stay open.
-                libc::fcntl(bin, libc::F_SETFD, 0);
-                libc::syscall(
-                    libc::SYS_execveat,
-                    bin,
-                    c"".as_ptr(),
-                    argp.as_ptr(),
-                    envpp.as_ptr(),
-                    libc::AT_EMPTY_PATH,
-                );
-                libc::_exit(127);
-            }
-        }
-        Ok(ForkResult::Parent { child }) => child,
-        Err(e) => return Err(format!("cannot fork the pre-flight: {}", e.desc())),
-    };
-    drop(write);
-    let (answer, status) = wait_preflight(child, read);
-    judge(&answer, status)
+/// A pre-flight in progress: `binary` run with `argv` and [`CHECK_ENV`],
+/// its answer read from a non-blocking pipe and its exit seen through a
+/// pidfd, both in the master's poll set, until [`PREFLIGHT_TIMEOUT`]: the
+/// master's loop goes on meanwhile (no wait, no sleep).
+pub struct Preflight {
+    child: Pid,
+    read: Option<std::fs::File>,
+    pidfd: Option<OwnedFd>,
+    answer: Vec<u8>,
+    status: Option<WaitStatus>,
+    /// When the child is killed and the check failed.
+    pub deadline: Instant,
 }
 
-/// Reads the answer (at most 4 KiB) and reaps the child by the deadline;
-/// past it, the child is killed and reaped (`None` status).
-fn wait_preflight(child: Pid, read: OwnedFd) -> (Vec<u8>, Option<WaitStatus>) {
-    let deadline = Instant::now() + PREFLIGHT_TIMEOUT;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) };
-    // SAFETY: a non-negative return is a new descriptor owned here.
-    let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
-    let mut answer = Vec::new();
-    let mut reading = Some(std::fs::File::from(read));
-    let mut status = None;
-    loop {
-        if status.is_none() {
-            match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
-                Ok(s) => status = Some(s),
-                Err(_) => break,
+impl Preflight {
+    /// Forks and execs the check.
+    pub fn start(binary: &OwnedFd, argv: &[CString], now: Instant) -> Result<Preflight, String> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+            .map_err(|e| format!("cannot make the pre-flight pipe: {}", e.desc()))?;
+        let envp = environment((CHECK_ENV, write.as_raw_fd().to_string()))?;
+        let mut argp: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argp.push(std::ptr::null());
+        let mut envpp: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
+        envpp.push(std::ptr::null());
+        let (bin, wfd) = (binary.as_raw_fd(), write.as_raw_fd());
+        // SAFETY: the master is single-threaded; the child only calls
+        // fcntl, execveat (as a raw syscall) and _exit, all
+        // async-signal-safe, on memory allocated before the fork.
+        let child = match unsafe { nix::unistd::fork() } {
+            Ok(ForkResult::Child) => {
+                // SAFETY: async-signal-safe calls on valid descriptors and
+                // NUL-terminated arrays prepared above.
+                unsafe {
+                    libc::fcntl(wfd, libc::F_SETFD, 0);
+                    // A script (#!) is read by its interpreter through
+                    // /dev/fd/N: the binary's descriptor must stay open.
+                    libc::fcntl(bin, libc::F_SETFD, 0);
+                    libc::syscall(
+                        libc::SYS_execveat,
+                        bin,
+                        c"".as_ptr(),
+                        argp.as_ptr(),
+                        envpp.as_ptr(),
+                        libc::AT_EMPTY_PATH,
+                    );
+                    libc::_exit(127);
+                }
             }
+            Ok(ForkResult::Parent { child }) => child,
+            Err(e) => return Err(format!("cannot fork the pre-flight: {}", e.desc())),
+        };
+        drop(write);
+        // SAFETY: pidfd_open takes a pid and flags; returns a new fd or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) };
+        // SAFETY: a non-negative return is a new descriptor owned here.
+        let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+        if let Some(p) = &pidfd {
+            let _ = set_cloexec(p.as_raw_fd(), true);
         }
-        if status.is_some() && reading.is_none() {
-            break;
+        Ok(Preflight {
+            child,
+            read: Some(std::fs::File::from(read)),
+            pidfd,
+            answer: Vec::new(),
+            status: None,
+            deadline: now + PREFLIGHT_TIMEOUT,
+        })
+    }
+
+    /// The check's pid (the master's reap loop hands its exit here).
+    pub fn child(&self) -> Pid {
+        self.child
+    }
+
+    /// What to poll: the answer pipe until its end, the pidfd until the
+    /// exit is known.
+    pub fn poll_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        let mut out = Vec::new();
+        out.extend(self.read.as_ref().map(std::os::fd::AsFd::as_fd));
+        if self.status.is_none() {
+            out.extend(self.pidfd.as_ref().map(std::os::fd::AsFd::as_fd));
         }
-        let now = Instant::now();
-        if now >= deadline {
-            let _ = kill(child, Signal::SIGKILL);
-            while let Err(Errno::EINTR) = waitpid(child, None) {}
-            return (answer, None);
-        }
-        let ms = deadline.duration_since(now).as_millis().clamp(1, 1000) as i32;
-        let mut fds = Vec::new();
-        if let Some(f) = &reading {
-            fds.push(PollFd::new(std::os::fd::AsFd::as_fd(f), PollFlags::POLLIN));
-        }
-        if let (Some(p), None) = (&pidfd, status) {
-            fds.push(PollFd::new(std::os::fd::AsFd::as_fd(p), PollFlags::POLLIN));
-        }
-        // Without a pidfd (an old kernel), the wait is rechecked each
-        // second at most.
-        let _ = poll(
-            &mut fds,
-            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
-        );
-        if let Some(f) = &mut reading {
+        out
+    }
+
+    /// The check was reaped (by the master's loop).
+    pub fn exited(&mut self, status: WaitStatus) {
+        self.status = Some(status);
+    }
+
+    /// Reads what the check wrote (at most 4 KiB) and reaps it if it is
+    /// done; then, once it answered and exited, the verdict; past the
+    /// deadline, it is killed and the verdict is a failure. `None`: not
+    /// done yet.
+    pub fn poll(&mut self, now: Instant) -> Option<Result<Answer, String>> {
+        if let Some(f) = &mut self.read {
             let mut buf = [0u8; 4096];
             loop {
                 match f.read(&mut buf) {
                     Ok(0) => {
-                        reading = None;
+                        self.read = None;
                         break;
                     }
                     Ok(n) => {
-                        answer.extend_from_slice(&buf[..n.min(4096 - answer.len().min(4096))]);
-                        if answer.len() >= 4096 {
-                            reading = None;
+                        let room = 4096usize.saturating_sub(self.answer.len());
+                        self.answer.extend_from_slice(&buf[..n.min(room)]);
+                        if self.answer.len() >= 4096 {
+                            self.read = None;
                             break;
                         }
                     }
@@ -534,8 +543,25 @@ fn wait_preflight(child: Pid, read: OwnedFd) -> (Vec<u8>, Option<WaitStatus>) {
                 }
             }
         }
+        if self.status.is_none() {
+            match waitpid(self.child, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
+                Ok(s) => self.status = Some(s),
+                Err(_) => {}
+            }
+        }
+        if self.read.is_none() && self.status.is_some() {
+            return Some(judge(&self.answer, self.status));
+        }
+        if now >= self.deadline {
+            // Reaped by the master's loop like any other child.
+            if self.status.is_none() {
+                let _ = kill(self.child, Signal::SIGKILL);
+            }
+            return Some(judge(&self.answer, None));
+        }
+        None
     }
-    (answer, status)
 }
 
 #[cfg(test)]

@@ -162,14 +162,14 @@ fn five_upgrades_under_a_client_loop_fail_no_request() {
 fn a_worker_that_exits_in_the_window_is_reaped_and_replaced_by_the_new_image() {
     let (mut h, sock, workers) = start("upgrade-killed", &[]);
     let victim = *workers.iter().next().expect("a worker");
-    // The window, forced: the new "binary" is a script that kills a worker
-    // and then runs procman. Its pre-flight kills the worker while the
-    // master waits for the answer; the master execs right after, with the
-    // worker a zombie and CHLD pending, for the new image to handle.
+    // The window, forced: the new "binary" is a script that, when it is
+    // exec'd as the new image (PROCMAN_UPGRADE_FD set; not in its
+    // pre-flight), kills a worker before it becomes procman: the worker is
+    // then a zombie the old image never saw, for the new image to handle.
     let new = script(
         &h.dir,
         "kills-then-procman",
-        &format!("kill -KILL {victim} 2>/dev/null; exec {PROCMAN} \"$@\""),
+        &format!("[ -n \"$PROCMAN_UPGRADE_FD\" ] && kill -KILL {victim}; exec {PROCMAN} \"$@\""),
     );
     let out = upgrade(&sock, Some(&new));
     assert!(out.status.success(), "{out:?}");
@@ -466,4 +466,35 @@ fn a_stop_requested_with_an_upgrade_stops() {
         h.wait_log("Upgrade refused: procman is stopping", BOOT),
         "the upgrade says why it did not happen",
     );
+}
+
+#[test]
+fn the_master_goes_on_while_a_slow_pre_flight_runs() {
+    let (mut h, sock, workers) = start("upgrade-slow-check", &[]);
+    // A check that takes 3 s (then is procman's): meanwhile, the master
+    // answers a status request and handles TTIN.
+    let slow = script(&h.dir, "slow", &format!("sleep 3; exec {PROCMAN} \"$@\""));
+    let sock2 = sock.clone();
+    let upgrading = std::thread::spawn(move || upgrade(&sock2, Some(&slow)));
+    h.check(
+        h.wait_log("Upgrade: checking", BOOT),
+        "the pre-flight began",
+    );
+    let status = client(&["status", "--control-socket", sock.to_str().expect("utf8")]);
+    assert!(status.status.success(), "{status:?}");
+    assert!(
+        !upgrading.is_finished(),
+        "status was answered during the pre-flight"
+    );
+    h.signal(Signal::SIGTTIN);
+    h.check(
+        h.wait_log("Workers: 2 -> 3", BOOT),
+        "TTIN handled during the pre-flight",
+    );
+    let out = upgrading.join().expect("upgrade thread");
+    assert!(out.status.success(), "{out:?}");
+    let now: BTreeSet<i32> = h.wait_workers(3, BOOT);
+    assert!(workers.is_subset(&now), "{workers:?} kept in {now:?}");
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
 }

@@ -220,10 +220,9 @@ impl Master {
         }
         if let Some((id, binary)) = self.endpoints.upgrade_asked.take() {
             let reply = id.and_then(|id| self.endpoints.control.as_mut()?.take(id));
-            if let Err(why) = self.upgrade(binary, reply, now) {
-                tracing::warn!(event = "upgrade-failed", "Upgrade refused: {why}");
-            }
+            self.upgrade(binary, reply, now);
         }
+        self.tend_upgrade(now);
     }
 
     /// An upgrade was asked for (USR2: `id` None): carried out at the end

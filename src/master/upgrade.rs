@@ -32,6 +32,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tracing::info;
 
@@ -44,31 +45,27 @@ use crate::signals::Signals;
 use crate::upgrade::{self, abs, rel, ListenerRecord, State, WorkerRecord};
 use crate::workers::{Active, Stop, StopReason, Table, Worker, WorkerState};
 
-impl Master {
-    /// Upgrades in place, or says why not (nothing changed then). Returns
-    /// only on failure; `reply` is the `procman upgrade` connection, taken
-    /// out of the control server: the new image answers it on success,
-    /// this one on failure.
-    pub(super) fn upgrade(
-        &mut self,
-        binary: Option<String>,
-        reply: Option<OwnedFd>,
-        now: Instant,
-    ) -> std::result::Result<(), String> {
-        let result = self.try_upgrade(binary, reply.as_ref().map(AsRawFd::as_raw_fd), now);
-        if let (Err(why), Some(fd)) = (&result, reply) {
-            let mut f = std::fs::File::from(fd);
-            let _ = std::io::Write::write_all(&mut f, &crate::control::error(why));
-        }
-        result
-    }
+/// An upgrade whose pre-flight runs.
+pub(super) struct Checking {
+    run: upgrade::Preflight,
+    bin: OwnedFd,
+    argv: Vec<std::ffi::CString>,
+    /// The `procman upgrade` connection, if a client asked.
+    reply: Option<OwnedFd>,
+}
 
-    fn try_upgrade(
-        &mut self,
-        binary: Option<String>,
-        reply: Option<RawFd>,
-        now: Instant,
-    ) -> std::result::Result<(), String> {
+/// Answers a `procman upgrade` connection with a failure.
+fn refuse(reply: Option<OwnedFd>, why: &str) {
+    tracing::warn!(event = "upgrade-failed", "Upgrade refused: {why}");
+    if let Some(fd) = reply {
+        let mut f = std::fs::File::from(fd);
+        let _ = std::io::Write::write_all(&mut f, &crate::control::error(why));
+    }
+}
+
+impl Master {
+    /// Whether an upgrade may start (or, after its pre-flight, go on) now.
+    fn may_upgrade(&self) -> std::result::Result<(), String> {
         if matches!(self.state, MasterState::Stopping { .. }) {
             return Err("procman is stopping".into());
         }
@@ -83,6 +80,38 @@ impl Master {
         if self.zygotes.iter().any(|z| z.pending.is_some()) {
             return Err("a zygote is forking a worker; try again".into());
         }
+        Ok(())
+    }
+
+    /// Begins an upgrade: the binary is opened and checked, and its
+    /// pre-flight started (see [`Master::tend_upgrade`]). On failure,
+    /// nothing changed: logged, and told to `reply` (the `procman upgrade`
+    /// connection, taken out of the control server; the new image answers
+    /// it on success).
+    pub(super) fn upgrade(&mut self, binary: Option<String>, reply: Option<OwnedFd>, now: Instant) {
+        match self.begin_upgrade(binary, now) {
+            Ok((run, bin, argv)) => {
+                self.checking = Some(Checking {
+                    run,
+                    bin,
+                    argv,
+                    reply,
+                })
+            }
+            Err(why) => refuse(reply, &why),
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn begin_upgrade(
+        &mut self,
+        binary: Option<String>,
+        now: Instant,
+    ) -> std::result::Result<(upgrade::Preflight, OwnedFd, Vec<std::ffi::CString>), String> {
+        if self.checking.is_some() {
+            return Err("an upgrade is already under way".into());
+        }
+        self.may_upgrade()?;
         let path = match binary {
             Some(p) => PathBuf::from(p),
             None => self
@@ -94,7 +123,50 @@ impl Master {
         let bin = upgrade::open_binary(&path)?;
         let argv = upgrade::c_strings(self.args.iter().map(|a| a.as_bytes()))?;
         info!(event = "upgrade", binary = %path.display(), "Upgrade: checking {}", path.display());
-        let answer = upgrade::preflight(&bin, &argv)?;
+        let run = upgrade::Preflight::start(&bin, &argv, now)?;
+        Ok((run, bin, argv))
+    }
+
+    /// The pre-flight's descriptors, for the poll set.
+    pub(super) fn upgrade_poll_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        self.checking
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.run.poll_fds())
+    }
+
+    /// When the pre-flight is given up.
+    pub(super) fn upgrade_deadline(&self) -> Option<Instant> {
+        self.checking.as_ref().map(|c| c.run.deadline)
+    }
+
+    /// The reap loop found `pid` exited: the pre-flight's check, if it is
+    /// its pid (then it is no worker's business).
+    pub(super) fn preflight_exited(&mut self, pid: Pid, status: WaitStatus) -> bool {
+        match &mut self.checking {
+            Some(c) if c.run.child() == pid => {
+                c.run.exited(status);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Once per round of the loop, after every event read: the
+    /// pre-flight's progress; once it answered positively, the exec.
+    pub(super) fn tend_upgrade(&mut self, now: Instant) {
+        let Some(c) = &mut self.checking else {
+            return;
+        };
+        let Some(verdict) = c.run.poll(now) else {
+            return;
+        };
+        let Some(c) = self.checking.take() else {
+            return;
+        };
+        let answer = match verdict.and_then(|a| self.may_upgrade().map(|_| a)) {
+            Ok(a) => a,
+            Err(why) => return refuse(c.reply, &why),
+        };
         info!(
             event = "upgrade",
             "Upgrade: pre-flight passed (procman {}); re-executing in place, keeping {} worker{}",
@@ -102,6 +174,20 @@ impl Master {
             self.table.len(),
             super::plural(self.table.len())
         );
+        let reply = c.reply.as_ref().map(AsRawFd::as_raw_fd);
+        let why = self.hand_over(&c.bin, &c.argv, reply, now);
+        refuse(c.reply, &why);
+    }
+
+    /// Blocks signals, writes the state and execs; returns only on failure
+    /// (everything as it was), with the reason.
+    fn hand_over(
+        &mut self,
+        bin: &OwnedFd,
+        argv: &[std::ffi::CString],
+        reply: Option<RawFd>,
+        now: Instant,
+    ) -> String {
         // From here to the exec, a signal stays pending (blocked), and the
         // mask and pending signals survive execve: the new image gets them
         // once its handlers are in place. What reached the self-pipe before
@@ -113,8 +199,9 @@ impl Master {
             }
         }
         let mut old = SigSet::empty();
-        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled), Some(&mut old))
-            .map_err(|e| format!("cannot block signals: {}", e.desc()))?;
+        if let Err(e) = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled), Some(&mut old)) {
+            return format!("cannot block signals: {}", e.desc());
+        }
         let caught = self.signals.drain();
         let unblock = |signals: &mut Signals| {
             let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
@@ -125,7 +212,7 @@ impl Master {
         if caught.iter().any(|s| s.is_stop()) {
             // The stop wins: handled by this image's loop next.
             unblock(&mut self.signals);
-            return Err("a stop was requested".into());
+            return "a stop was requested".into();
         }
         // Zygotes are not carried over: the new image starts its own.
         for z in self.zygotes.iter() {
@@ -135,11 +222,11 @@ impl Master {
         state.signals = caught.iter().map(|s| s.number()).collect();
         state.binary_fd = Some(bin.as_raw_fd());
         let why = match upgrade::write_memfd(&state) {
-            Ok(memfd) => self.exec(&bin, &argv, &state, &memfd),
+            Ok(memfd) => self.exec(bin, argv, &state, &memfd),
             Err(why) => why,
         };
         unblock(&mut self.signals);
-        Err(why)
+        why
     }
 
     /// Execs `bin` with the state on `memfd`; returns only on failure, with
@@ -319,6 +406,7 @@ impl Master {
             endpoints,
             boost: super::Boost::default(),
             upgraded: true,
+            checking: None,
         };
         master.endpoints.upgrades = state.upgrades + 1;
         info!(

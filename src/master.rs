@@ -36,7 +36,9 @@
 //! worker's), `messages` (sd_notify from workers), `urgent` (the socket
 //! for what cannot wait for a batched read), `preload` (starting
 //! zygotes, adopting the workers they fork, their failures), `reload` (a
-//! reload as a value), `observe` (the metrics and control endpoints).
+//! reload as a value), `observe` (the metrics and control endpoints),
+//! `upgrade` (re-exec in place: the pre-flight beside the loop, the
+//! hand-over, and the new image adopting the state).
 //! A worker's lifecycle events are logged with `worker_event!` (`events`),
 //! so their JSON fields are the same at every site.
 

@@ -1,5 +1,5 @@
 //! The control socket (`--control-socket PATH`) and its client, the
-//! `procman status|reload|scale|stop` subcommands.
+//! `procman status|reload|scale|stop|upgrade` subcommands.
 //!
 //! A unix socket, mode 0600, owned by the user procman runs as; a peer of
 //! another uid (root excepted) is refused even if the file's mode was

@@ -44,7 +44,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
         crate::generate::print(request?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    // `procman status|reload|scale|stop`: a client of a running master's
+    // `procman status|reload|scale|stop|upgrade`: a client of a running master's
     // control socket, recognised in first position only.
     if let Some(sub) = args.get(1).and_then(|a| a.to_str()) {
         if crate::control::SUBCOMMANDS.contains(&sub) {

@@ -498,3 +498,26 @@ fn the_master_goes_on_while_a_slow_pre_flight_runs() {
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
 }
+
+#[test]
+fn usr2_execs_the_upgrade_binary_when_one_is_configured() {
+    let dir = temp_dir("upgrade-binary-copy");
+    let copy = dir.join("procman-next");
+    std::fs::copy(PROCMAN, &copy).expect("copy");
+    let copy = copy.to_str().expect("utf8").to_string();
+    let mut h = Start::new("upgrade-binary", &["-w", "1", "--upgrade-binary", &copy])
+        .args(["--", &hello()])
+        .spawn();
+    let workers = h.wait_workers(1, BOOT);
+    h.signal(Signal::SIGUSR2);
+    h.check(h.wait_log("Upgraded in place", BOOT), "upgraded");
+    h.check(
+        h.log_text().contains(&format!("Upgrade: checking {copy}")),
+        "the configured binary was checked",
+    );
+    let exe = std::fs::read_link(format!("/proc/{}/exe", h.pid)).expect("exe");
+    assert_eq!(exe.to_str(), Some(copy.as_str()), "and exec'd");
+    assert_eq!(h.children().into_iter().collect::<BTreeSet<_>>(), workers);
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}

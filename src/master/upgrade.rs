@@ -112,7 +112,8 @@ impl Master {
             return Err("an upgrade is already under way".into());
         }
         self.may_upgrade()?;
-        let path = match binary {
+        let configured = self.settings.cfg.options.text("upgrade-binary");
+        let path = match binary.as_deref().or(configured) {
             Some(p) => PathBuf::from(p),
             None => self
                 .args

@@ -521,3 +521,32 @@ fn usr2_execs_the_upgrade_binary_when_one_is_configured() {
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
 }
+
+#[test]
+fn with_preload_the_new_image_starts_its_own_zygote_and_keeps_the_workers() {
+    let s = uvicorn(
+        "upgrade-preload",
+        &apps_dir(),
+        "keep_alive_app:main",
+        &["-w", "1", "--preload"],
+    );
+    let sock = s.dir().join("ctl");
+    let mut h = s
+        .args(["--control-socket", sock.to_str().expect("utf8")])
+        .spawn();
+    let workers = h.wait_workers(1, Duration::from_secs(60));
+    let out = upgrade(&sock, None);
+    assert!(out.status.success(), "{out:?}");
+    assert!(serves(&h), "serves after");
+    // A new worker comes from the new image's zygote.
+    h.signal(Signal::SIGTTIN);
+    let now = h.wait_workers(2, Duration::from_secs(60));
+    assert!(workers.is_subset(&now), "{workers:?} kept in {now:?}");
+    assert!(
+        h.zombies().is_empty(),
+        "the old zygote was reaped: {:?}",
+        h.zombies()
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}

@@ -23,7 +23,8 @@ mod activation;
 mod spec;
 
 pub use activation::{
-    activation_fds, claim_inherited, give_back, record_inherited_fds, spec_matches, MAX_LISTEN_FDS,
+    activation_fds, claim_inherited, forget_inherited, give_back, record_inherited_fds,
+    spec_matches, MAX_LISTEN_FDS,
 };
 pub use spec::{BindSpec, DEFAULT_PORT};
 

@@ -1,5 +1,5 @@
 //! The control socket (`--control-socket PATH`) and its client, the
-//! `procman status|reload|scale|stop` subcommands.
+//! `procman status|reload|scale|stop|upgrade` subcommands.
 //!
 //! A unix socket, mode 0600, owned by the user procman runs as; a peer of
 //! another uid (root excepted) is refused even if the file's mode was
@@ -11,6 +11,10 @@
 //!   `{"ok": false, "error": "…"}`
 //! * `{"cmd": "scale", "workers": N}` → `{"ok": true, "workers": N}`
 //! * `{"cmd": "stop", "quick": false}` → `{"ok": true}` (the stop has begun)
+//! * `{"cmd": "upgrade", "binary": "/usr/bin/procman"}` (`binary` optional)
+//!   → from the new image, once it runs: `{"ok": true, "pid": P,
+//!   "version": "…", "from": "…", "workers": N}`, or at once
+//!   `{"ok": false, "error": "…"}` (the pre-flight's reason; nothing changed)
 //!
 //! A malformed request is answered `{"ok": false, "error": "…"}`. The
 //! master serves it from its loop through [`crate::serve`]; the client is
@@ -31,7 +35,14 @@ pub enum Request {
     Status,
     Reload,
     Scale(usize),
-    Stop { quick: bool },
+    Stop {
+        quick: bool,
+    },
+    /// Re-exec in place (`binary`: an absolute path; else where procman
+    /// was started from).
+    Upgrade {
+        binary: Option<String>,
+    },
 }
 
 /// Parses one request line.
@@ -54,6 +65,15 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
         "stop" => Ok(Request::Stop {
             quick: v.get("quick").and_then(Value::as_bool).unwrap_or(false),
         }),
+        "upgrade" => match v.get("binary") {
+            None | Some(Value::Null) => Ok(Request::Upgrade { binary: None }),
+            Some(Value::String(p)) if p.starts_with('/') && p.len() < 4096 => {
+                Ok(Request::Upgrade {
+                    binary: Some(p.clone()),
+                })
+            }
+            Some(_) => Err("upgrade's \"binary\" must be an absolute path".into()),
+        },
         other => Err(format!("unknown cmd {other:?}")),
     }
 }
@@ -87,9 +107,9 @@ pub fn frame(bytes: &[u8], stream: &Stream) -> Result<Option<Request>, Vec<u8>> 
 // ---- the client ----
 
 /// The subcommands, recognised in first position.
-pub const SUBCOMMANDS: [&str; 4] = ["status", "reload", "scale", "stop"];
+pub const SUBCOMMANDS: [&str; 5] = ["status", "reload", "scale", "stop", "upgrade"];
 
-const USAGE: &str = "usage: procman status [--json] | reload | scale N | stop [--quick]  (with --control-socket PATH or PROCMAN_CONTROL_SOCKET)";
+const USAGE: &str = "usage: procman status [--json] | reload | scale N | stop [--quick] | upgrade [BINARY]  (with --control-socket PATH or PROCMAN_CONTROL_SOCKET)";
 
 /// Runs a subcommand (`args` after the program name, the subcommand
 /// first). Exit codes: 0 done, 1 the master refused or failed (a reload
@@ -126,6 +146,11 @@ pub fn run_client(args: &[String]) -> ExitCode {
         ("status", []) => json!({"cmd": "status"}),
         ("reload", []) => json!({"cmd": "reload"}),
         ("stop", []) => json!({"cmd": "stop", "quick": quick}),
+        ("upgrade", []) => json!({"cmd": "upgrade"}),
+        ("upgrade", [path]) => match std::path::absolute(path) {
+            Ok(p) => json!({"cmd": "upgrade", "binary": p.to_string_lossy()}),
+            Err(e) => return usage(&format!("upgrade {path}: {e}")),
+        },
         ("scale", [n]) => match n.parse::<u64>() {
             Ok(n) if n >= 1 => json!({"cmd": "scale", "workers": n}),
             _ => {
@@ -138,8 +163,12 @@ pub fn run_client(args: &[String]) -> ExitCode {
     };
     // A reload waits for its generation to be ready: as long as the
     // startup timeout allows, so no short limit here.
+    // An upgrade answers once the new image runs: after its pre-flight
+    // (bounded, see upgrade.rs) and the exec.
     let timeout = if args[0] == "reload" {
         Duration::from_secs(3600)
+    } else if args[0] == "upgrade" {
+        Duration::from_secs(60)
     } else {
         Duration::from_secs(10)
     };
@@ -184,6 +213,13 @@ pub fn run_client(args: &[String]) -> ExitCode {
         }
         "reload" => println!("reload done: generation {}", reply["generation"]),
         "scale" => println!("workers: {}", reply["workers"]),
+        "upgrade" => println!(
+            "upgraded: procman {} (was {}), pid {}, {} workers kept",
+            reply["version"].as_str().unwrap_or("?"),
+            reply["from"].as_str().unwrap_or("?"),
+            reply["pid"],
+            reply["workers"]
+        ),
         _ => println!("stopping"),
     }
     ExitCode::SUCCESS

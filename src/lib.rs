@@ -56,6 +56,9 @@ pub mod control;
 pub mod metrics;
 pub mod serve;
 pub mod status;
+// In-place upgrade: the state handed to the next image, the binary and its
+// pre-flight (below master, which hands over and adopts).
+pub mod upgrade;
 
 // The supervision: the table, the pure policy, the loop.
 pub mod workers;

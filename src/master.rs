@@ -40,6 +40,8 @@
 //! zygotes, adopting the workers they fork, their failures), `reload` (a
 //! reload as a value), `observe` (the metrics and control endpoints),
 //! `watch` (`--reload`: changed source files become one reload).
+//! `upgrade` (re-exec in place: the pre-flight beside the loop, the
+//! hand-over, and the new image adopting the state).
 //! A worker's lifecycle events are logged with `worker_event!` (`events`),
 //! so their JSON fields are the same at every site.
 
@@ -81,6 +83,7 @@ mod recycle;
 mod reload;
 mod stop;
 mod systemd;
+mod upgrade;
 mod urgent;
 mod watch;
 mod zygotes;
@@ -181,6 +184,10 @@ pub struct Master {
     boost: Boost,
     /// `--reload`: the source watch and the changes not yet reloaded.
     changes: Option<Changes>,
+    /// This image took over from an earlier one (`upgrade`).
+    upgraded: bool,
+    /// An upgrade whose pre-flight runs (`upgrade`).
+    checking: Option<upgrade::Checking>,
 }
 
 impl Master {
@@ -219,6 +226,8 @@ impl Master {
             endpoints,
             boost: Boost::default(),
             changes,
+            upgraded: false,
+            checking: None,
         })
     }
 
@@ -230,16 +239,27 @@ impl Master {
             "set" | "default" => String::new(),
             reason => format!(" ({reason})"),
         };
-        info!(
-            "Starting {} worker{}{why}: {}",
-            self.settings.target,
-            plural(self.settings.target),
-            self.settings.cfg.describe_workers()
-        );
+        if !self.upgraded {
+            info!(
+                "Starting {} worker{}{why}: {}",
+                self.settings.target,
+                plural(self.settings.target),
+                self.settings.cfg.describe_workers()
+            );
+        }
         // A stop requested during the pre-start commands is honoured before
         // any worker starts.
         for sig in self.signals.drain() {
             self.handle(Event::Signal(sig), Instant::now());
+        }
+        if self.upgraded {
+            // Workers that exited while the image changed: reaped now,
+            // whether or not their CHLD is still pending.
+            let now = Instant::now();
+            self.drain_notifications(now);
+            while let Some((pid, status)) = reap_one() {
+                self.handle(Event::Exited { pid, status }, now);
+            }
         }
         loop {
             let now = Instant::now();
@@ -270,6 +290,9 @@ impl Master {
             self.read_changes(now);
             self.drain_notifications(now);
             while let Some((pid, status)) = reap_one() {
+                if self.preflight_exited(pid, status) {
+                    continue;
+                }
                 // A worker can send its last words (X_PROCMAN_ERROR) and
                 // exit between the read above and `waitpid`; once it is a
                 // zombie, everything it sent is queued: read it first.
@@ -298,9 +321,8 @@ impl Master {
                 info!("Ignoring {s:?}: shutting down")
             }
             (_, Event::Signal(S::ReopenLogs)) => self.reopen_logs(),
-            (_, Event::Signal(S::Upgrade)) => {
-                warn!("Ignoring USR2: in-place upgrade is not supported; use HUP for a rolling reload")
-            }
+            (false, Event::Signal(S::Upgrade)) => self.ask_upgrade(None, None),
+            (true, Event::Signal(S::Upgrade)) => info!("Ignoring USR2: shutting down"),
             (_, Event::Signal(S::WindowChanged)) => {}
             (
                 _,
@@ -517,6 +539,7 @@ impl Master {
             .into_iter()
             .map(|(at, _)| at)
             .chain(self.endpoints.deadline())
+            .chain(self.upgrade_deadline())
             .min()
     }
 
@@ -549,6 +572,11 @@ impl Master {
             self.changes
                 .as_ref()
                 .map(|c| PollFd::new(c.fd(), PollFlags::POLLIN)),
+        );
+        fds.extend(
+            self.upgrade_poll_fds()
+                .into_iter()
+                .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
         );
         fds.extend(self.endpoints.poll_fds().into_iter().map(|(fd, out)| {
             PollFd::new(

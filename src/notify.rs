@@ -403,32 +403,87 @@ impl Receiver {
         // Read before the socket is made, which copies the value.
         let queue_limit = queue_limit();
         match bind_socket(&path, &dir_fd, owner) {
-            Ok(fd) => Ok(Receiver {
-                refuses_rights: refuse_rights && crate::closer::refuse_rights(fd.as_fd()),
+            Ok(fd) => Ok(Receiver::around(
                 fd,
                 dir,
                 dir_fd,
                 dir_id,
                 path,
                 queue_limit,
-                // Room for a traceback (the bootstrap sends at most 60000
-                // bytes).
-                buf: vec![0u8; 64 * 1024],
-                // Credentials, the send time and the most descriptors one
-                // message carries: anything that does not fit truncates
-                // (MSG_CTRUNC) the datagram, and descriptors that do not
-                // fit would be released by the kernel in the master.
-                control: nix::cmsg_space!(
-                    libc::ucred,
-                    libc::timespec,
-                    [std::os::fd::RawFd; crate::closer::MAX_FDS_PER_MESSAGE]
-                ),
-                rights: crate::closer::Disposer::default(),
-            }),
+                refuse_rights,
+            )),
             Err(e) => {
                 remove_made_dir(&dir, &dir_fd, dir_id);
                 Err(e)
             }
+        }
+    }
+
+    /// Its description for an upgraded image (`crate::upgrade`).
+    pub fn record(&self) -> crate::upgrade::SocketRecord {
+        crate::upgrade::SocketRecord {
+            fd: self.fd.as_raw_fd(),
+            dir_fd: self.dir_fd.as_raw_fd(),
+            dir: self.dir.clone(),
+            path: self.path.clone(),
+            queue_limit: self.queue_limit,
+        }
+    }
+
+    /// The socket an earlier image described, its descriptors `fd` and
+    /// `dir_fd` (`r.fd`, `r.dir_fd`) taken over by the caller.
+    pub fn adopt(
+        r: &crate::upgrade::SocketRecord,
+        fd: OwnedFd,
+        dir_fd: OwnedFd,
+    ) -> std::result::Result<Receiver, String> {
+        let meta = std::fs::metadata(format!("/proc/self/fd/{}", dir_fd.as_raw_fd()))
+            .map_err(|e| format!("notify directory {}: {e}", r.dir.display()))?;
+        // The socket kept its options across the exec; asking again for
+        // SO_PASSRIGHTS=0 only learns whether the kernel has it.
+        Ok(Receiver::around(
+            fd,
+            r.dir.clone(),
+            dir_fd,
+            FileId::of(&meta),
+            r.path.clone(),
+            r.queue_limit,
+            true,
+        ))
+    }
+
+    /// A receiver around a bound socket in its directory, with its reused
+    /// buffers.
+    fn around(
+        fd: OwnedFd,
+        dir: PathBuf,
+        dir_fd: OwnedFd,
+        dir_id: FileId,
+        path: PathBuf,
+        queue_limit: usize,
+        refuse_rights: bool,
+    ) -> Receiver {
+        Receiver {
+            refuses_rights: refuse_rights && crate::closer::refuse_rights(fd.as_fd()),
+            fd,
+            dir,
+            dir_fd,
+            dir_id,
+            path,
+            queue_limit,
+            // Room for a traceback (the bootstrap sends at most 60000
+            // bytes).
+            buf: vec![0u8; 64 * 1024],
+            // Credentials, the send time and the most descriptors one
+            // message carries: anything that does not fit truncates
+            // (MSG_CTRUNC) the datagram, and descriptors that do not fit
+            // would be released by the kernel in the master.
+            control: nix::cmsg_space!(
+                libc::ucred,
+                libc::timespec,
+                [std::os::fd::RawFd; crate::closer::MAX_FDS_PER_MESSAGE]
+            ),
+            rights: crate::closer::Disposer::default(),
         }
     }
 

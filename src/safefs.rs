@@ -40,6 +40,16 @@ impl FileId {
         }
     }
 
+    /// Its device and inode, to describe it to an upgraded image.
+    pub fn parts(&self) -> (u64, u64) {
+        (self.dev, self.ino)
+    }
+
+    /// The identity [`FileId::parts`] described.
+    pub fn from_parts(dev: u64, ino: u64) -> FileId {
+        FileId { dev, ino }
+    }
+
     /// What `path` names now, without following a final symlink.
     pub fn at(path: &Path) -> Option<FileId> {
         std::fs::symlink_metadata(path).ok().map(|m| FileId::of(&m))

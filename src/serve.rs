@@ -49,7 +49,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -371,6 +371,37 @@ impl Server {
             .filter(|c| c.waiting)
             .map(|c| c.id)
             .collect()
+    }
+
+    /// Takes a connection out (its answer comes from elsewhere: an
+    /// upgraded image), as its descriptor, made blocking.
+    pub fn take(&mut self, id: u64) -> Option<OwnedFd> {
+        let i = self.conns.iter().position(|c| c.id == id)?;
+        let c = self.conns.swap_remove(i);
+        let fd: OwnedFd = match c.stream {
+            Stream::Tcp(s) => s.into(),
+            Stream::Unix(s) => s.into(),
+        };
+        let _ = nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+        );
+        Some(fd)
+    }
+
+    /// Its description for an upgraded image: the listener's descriptor,
+    /// and the socket file's path and identity for a unix one.
+    pub fn record(&self) -> crate::upgrade::EndpointRecord {
+        crate::upgrade::EndpointRecord {
+            fd: self.listen.fd().as_raw_fd(),
+            unix: match &self.listen {
+                Listen::Tcp(_) => None,
+                Listen::Unix(_, p, id) => {
+                    let (dev, ino) = id.parts();
+                    Some((p.clone(), dev, ino))
+                }
+            },
+        }
     }
 
     /// Raw fd of the listener (for tests and diagnostics).

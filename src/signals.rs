@@ -39,7 +39,7 @@ pub enum MasterSignal {
     FewerWorkers,
     /// USR1: reopen the log file, forward to workers.
     ReopenLogs,
-    /// USR2: in-place upgrade (not supported; logged).
+    /// USR2: in-place upgrade (re-exec, same pid; see upgrade.rs).
     Upgrade,
     /// WINCH: ignored.
     WindowChanged,

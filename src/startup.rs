@@ -44,7 +44,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
         crate::generate::print(request?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    // `procman status|reload|scale|stop`: a client of a running master's
+    // `procman status|reload|scale|stop|upgrade`: a client of a running master's
     // control socket, recognised in first position only.
     if let Some(sub) = args.get(1).and_then(|a| a.to_str()) {
         if crate::control::SUBCOMMANDS.contains(&sub) {
@@ -55,6 +55,12 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
             return Ok(crate::control::run_client(&rest));
         }
     }
+    // The pre-flight of an upgrade (`crate::upgrade`): answer and exit.
+    if let Some(code) = crate::upgrade::check_mode(&args) {
+        return Ok(code);
+    }
+    // The new image of an in-place upgrade: the state its old image left.
+    let upgraded = crate::upgrade::take_state().map_err(Error::runtime)?;
     let Some((cfg, layered)) = layers::load_config(&args)? else {
         return Ok(ExitCode::SUCCESS);
     };
@@ -83,6 +89,13 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
     if cfg.uvicorn().is_some() {
         crate::classes::uvicorn::bootstrap_fd()
             .map_err(|e| Error::runtime(format!("cannot hold the bootstrap's source: {e}")))?;
+    }
+    if let Some(state) = upgraded {
+        // Same pid: the pidfile is rewritten (it names us already).
+        let _pidfile = cfg.pidfile.as_deref().map(Pidfile::create).transpose()?;
+        Master::adopt(cfg, state, signals, args)?.run()?;
+        info!("Stopped");
+        return Ok(ExitCode::SUCCESS);
     }
     let mut listeners = bind_all(&cfg)?;
     let _pidfile = cfg.pidfile.as_deref().map(Pidfile::create).transpose()?;

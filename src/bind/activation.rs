@@ -46,6 +46,12 @@ pub fn record_inherited_fds() {
     *inherited_set() = open;
 }
 
+/// Forgets `n` as inherited: an upgraded image's own descriptors, passed
+/// on by its old image, are procman's, never `fd://`'s.
+pub fn forget_inherited(n: RawFd) {
+    inherited_set().remove(&n);
+}
+
 /// Takes the inherited descriptor `n` for a listener: it must have been
 /// open when procman started, not be taken yet, and be a listening socket.
 /// It becomes CLOEXEC (only the copies placed for workers survive exec).

@@ -641,7 +641,15 @@ pub static OPTIONS: &[OptionDef] = &[
         value_name: "PATH",
         reload: Reload::RestartOnly,
         heading: "Control",
-        help: "Listen for `procman status|reload|scale|stop` on a unix socket at PATH (mode 0600); off by default.",
+        help: "Listen for `procman status|reload|scale|stop|upgrade` on a unix socket at PATH (mode 0600); off by default.",
+        ..BASE
+    },
+    OptionDef {
+        name: "upgrade-binary",
+        value_name: "PATH",
+        reload: Reload::Reloadable,
+        heading: "Control",
+        help: "The binary USR2 and `procman upgrade` (without BINARY) re-exec in place; default: the path procman was started from, looked up again at each upgrade.",
         ..BASE
     },
     OptionDef {

@@ -18,6 +18,20 @@ pub(super) struct Boot {
 }
 
 impl Boot {
+    /// What an upgraded image keeps (`upgrade`): the slots' backoff starts over.
+    pub(super) fn restore(ever_up: bool, failures: u32) -> Boot {
+        Boot {
+            backoff: BTreeMap::new(),
+            ever_up,
+            failures,
+        }
+    }
+
+    /// Failed boots counted so far.
+    pub(super) fn failures(&self) -> u32 {
+        self.failures
+    }
+
     /// Whether a worker ever stayed up: from then on a failed boot is
     /// retried with backoff, never fatal.
     pub(super) fn ever_up(&self) -> bool {

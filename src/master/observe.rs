@@ -48,6 +48,11 @@ pub(super) struct Endpoints {
     /// The workers' memory, read from /proc at most once a second (a
     /// snapshot is taken through `&self`, from inside a service pass).
     memory: std::cell::RefCell<status::MemoryCache>,
+    /// A `procman upgrade` taken on in a service pass, carried out after
+    /// it: the connection and the binary asked for.
+    upgrade_asked: Option<(Option<u64>, Option<String>)>,
+    /// In-place upgrades this master went through.
+    pub(super) upgrades: u64,
 }
 
 impl Endpoints {
@@ -95,7 +100,63 @@ impl Endpoints {
             started: Instant::now(),
             observed: Observed::default(),
             memory: Default::default(),
+            upgrade_asked: None,
+            upgrades: 0,
         })
+    }
+
+    /// The endpoints an earlier image described (`upgrade`): the same
+    /// listening sockets, not bound again.
+    pub(super) fn adopt(
+        state: &crate::upgrade::State,
+        now: Instant,
+    ) -> std::result::Result<Endpoints, String> {
+        let server = |r: &crate::upgrade::EndpointRecord| -> Server {
+            // SAFETY: the caller checked the descriptor is open; the state
+            // names it as this endpoint's listener, owned by nothing else.
+            let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r.fd) };
+            let listen = match &r.unix {
+                Some((path, dev, ino)) => crate::serve::Listen::Unix(
+                    fd.into(),
+                    path.clone(),
+                    crate::safefs::FileId::from_parts(*dev, *ino),
+                ),
+                None => crate::serve::Listen::Tcp(fd.into()),
+            };
+            Server::new(listen, CLIENT_TIMEOUT)
+        };
+        Ok(Endpoints {
+            metrics: state.metrics.as_ref().map(server),
+            control: state.control.as_ref().map(server),
+            reload_waiters: Vec::new(),
+            reload_started: None,
+            replies: Vec::new(),
+            asking: None,
+            recycled: BTreeMap::new(),
+            started: crate::upgrade::abs(state.started_ms, now),
+            observed: Observed::default(),
+            memory: Default::default(),
+            upgrade_asked: None,
+            upgrades: 0,
+        })
+    }
+
+    /// The control socket's and the metrics endpoint's descriptions.
+    pub(super) fn records(
+        &self,
+    ) -> (
+        Option<crate::upgrade::EndpointRecord>,
+        Option<crate::upgrade::EndpointRecord>,
+    ) {
+        (
+            self.control.as_ref().map(Server::record),
+            self.metrics.as_ref().map(Server::record),
+        )
+    }
+
+    /// When this master started (its first image).
+    pub(super) fn started(&self) -> Instant {
+        self.started
     }
 
     /// A worker is being stopped to be recycled, for `why`.
@@ -157,6 +218,25 @@ impl Master {
             server.flush(now);
             self.endpoints.control = Some(server);
         }
+        if let Some((id, binary)) = self.endpoints.upgrade_asked.take() {
+            let reply = id.and_then(|id| self.endpoints.control.as_mut()?.take(id));
+            self.upgrade(binary, reply, now);
+        }
+        self.tend_upgrade(now);
+    }
+
+    /// An upgrade was asked for (USR2: `id` None): carried out at the end
+    /// of this round of the loop, once every event read so far is handled
+    /// (a stop read with it wins). A second request meanwhile is refused.
+    pub(super) fn ask_upgrade(&mut self, id: Option<u64>, binary: Option<String>) {
+        if self.endpoints.upgrade_asked.is_some() {
+            if let Some(id) = id {
+                let busy = control::error("an upgrade is already under way");
+                self.endpoints.replies.push((id, busy));
+            }
+            return;
+        }
+        self.endpoints.upgrade_asked = Some((id, binary));
     }
 
     /// Answers decided since the last pass (a reload's end; a stop ends
@@ -209,6 +289,11 @@ impl Master {
                 };
                 self.handle(Event::Signal(sig), now);
                 Some(control::line(json!({"ok": true})))
+            }
+            Request::Upgrade { .. } if stopping => Some(control::error("procman is stopping")),
+            Request::Upgrade { binary } => {
+                self.ask_upgrade(Some(id), binary);
+                None
             }
             Request::Reload => {
                 self.endpoints.reload_waiters.push(id);

@@ -50,6 +50,22 @@ impl Urgent {
         })
     }
 
+    /// The socket an earlier image described (`upgrade`).
+    pub(super) fn adopt(
+        r: &crate::upgrade::SocketRecord,
+        fd: std::os::fd::OwnedFd,
+        dir_fd: std::os::fd::OwnedFd,
+    ) -> std::result::Result<Urgent, String> {
+        Ok(Urgent {
+            inbox: Inbox::new(Receiver::adopt(r, fd, dir_fd)?, Instant::now()),
+        })
+    }
+
+    /// The receiver, to describe it (`upgrade`).
+    pub(super) fn receiver(&self) -> &Receiver {
+        self.inbox.receiver()
+    }
+
     /// Its path, for [`ENV`].
     pub(super) fn path(&self) -> &Path {
         self.inbox.receiver().path()

@@ -1576,23 +1576,29 @@ def version_tuple(text):
     return tuple(parts)
 
 
-def granian_api():
+def granian_api(quiet=False):
     """granian's worker pieces as a namespace, once the installed version is
     in GRANIAN_RANGE and each name has the parameters GRANIAN_SHAPE lists.
     Exits 4 (as an app that cannot be imported: retrying cannot help) with
-    one line otherwise."""
+    one line otherwise; quiet (the base zygote, which only imports granian
+    ahead of its workers): returns None instead, and each worker says it."""
+
+    def refuse(message):
+        if quiet:
+            return None
+        return fail(message, EXIT_IMPORT_FAILED)
+
     import importlib.metadata  # noqa: PLC0415
     import types  # noqa: PLC0415
 
     try:
         installed = importlib.metadata.version("granian")
     except importlib.metadata.PackageNotFoundError:
-        fail(f"-k granian: granian is not installed for {sys.executable} (supported: granian{GRANIAN_RANGE}, "
-             "e.g. pip install 'procman[granian]')", EXIT_IMPORT_FAILED)
+        return refuse(f"-k granian: granian is not installed for {sys.executable} (supported: "
+                      f"granian{GRANIAN_RANGE}, e.g. pip install 'procman[granian]')")
     if not GRANIAN_LOWEST <= version_tuple(installed) < GRANIAN_BELOW:
-        fail(f"-k granian: granian {installed} is installed, procman supports granian{GRANIAN_RANGE} "
-             "(its private worker API changes between releases): install a supported version",
-             EXIT_IMPORT_FAILED)
+        return refuse(f"-k granian: granian {installed} is installed, procman supports granian{GRANIAN_RANGE} "
+                      "(its private worker API changes between releases): install a supported version")
     try:
         from granian._futures import _future_watcher_wrapper, _new_cbscheduler  # noqa: PLC0415
         from granian._granian import ASGIWorker, SocketHolder, WorkerSignal, WSGIWorker  # noqa: PLC0415
@@ -1618,8 +1624,8 @@ def granian_api():
             getattr(WorkerSignal, name)
     except Exception as exc:
         message = " ".join(str(exc).split())
-        fail(f"-k granian: granian {installed}'s private worker API is not the expected one "
-             f"({type(exc).__name__}: {message}), procman supports granian{GRANIAN_RANGE}", EXIT_IMPORT_FAILED)
+        return refuse(f"-k granian: granian {installed}'s private worker API is not the expected one "
+                      f"({type(exc).__name__}: {message}), procman supports granian{GRANIAN_RANGE}")
     return api
 
 
@@ -1909,7 +1915,7 @@ class Zygote:
             uvicorn_config(stand_in, {**config, "interface": "asgi3"}).get_loop_factory()
             import_runtime()  # never the app: only the standard library's own modules
         if config["server"] == "granian":
-            granian_api()  # checked once, and granian's Python side shared (no runtime: no thread)
+            granian_api(quiet=True)  # granian's Python side shared (no runtime: no thread)
         import ctypes  # noqa: PLC0415 (only the zygote needs it)
 
         self.libc = ctypes.CDLL(None, use_errno=True)

@@ -1,0 +1,110 @@
+"""-k granian side by side (issue 29 item 3, throughput and latency only):
+procman -k granian, granian alone and procman's uvicorn class, the same
+FastAPI app (examples/fastapi, GET /pid), the same worker count, on
+127.0.0.1, interleaved rounds; prints each sample and the medians.
+
+    python3 bench/granian-class.py [--workers 2] [--rounds 3] [--seconds 5]
+
+Needs wrk on PATH, target/release/procman (or --procman) and
+target/granian-venv (scripts/test makes it: the pinned granian plus the
+example's requirements; its python runs every server). Bounded: each sample
+is one `wrk -t2 -c64 -dSECONDS --latency`. Not measured here: reload,
+respawn, first answer and PSS (issue 29's other targets).
+"""
+
+import argparse
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV = os.path.join(REPO, "target", "granian-venv")
+APP_DIR = os.path.join(REPO, "examples", "fastapi")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def commands(procman, workers, port):
+    python = os.path.join(VENV, "bin", "python")
+    common = ["app:main", "-w", str(workers), "-b", f"127.0.0.1:{port}", "--no-access-log", "--python", python]
+    return {
+        "procman -k granian": [procman, "-k", "granian", *common],
+        "granian": [os.path.join(VENV, "bin", "granian"), "--interface", "asgi", "--workers", str(workers),
+                    "--host", "127.0.0.1", "--port", str(port), "app:main"],
+        "procman (uvicorn)": [procman, *common],
+    }
+
+
+def wait_answering(port, deadline):
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/pid", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def wrk(port, seconds):
+    out = subprocess.run(["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}/pid"],
+                         capture_output=True, text=True, timeout=seconds + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    return rps, float(p99.group(1)) * scale, errors.group(0) if errors else ""
+
+
+def sample(name, argv, port, seconds):
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(argv, cwd=APP_DIR, stdout=log, stderr=log, start_new_session=True)
+        try:
+            if not wait_answering(port, time.monotonic() + 60):
+                raise RuntimeError(f"{name} did not answer within 60 s")
+            time.sleep(1)  # every worker up (granian has no readiness to ask)
+            return wrk(port, seconds)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--procman", default=os.path.join(REPO, "target", "release", "procman"), type=os.path.abspath)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    args = ap.parse_args()
+    results = {}
+    for r in range(args.rounds):
+        for name in commands(args.procman, args.workers, 0):
+            port = free_port()
+            argv = commands(args.procman, args.workers, port)[name]
+            rps, p99, errors = sample(name, argv, port, args.seconds)
+            results.setdefault(name, []).append((rps, p99))
+            print(f"round {r + 1}: {name}: {rps:.0f} req/s, p99 {p99:.2f} ms {errors}", flush=True)
+    print(f"\nmedians over {args.rounds} rounds, -w {args.workers}, wrk -t2 -c64 -d{args.seconds}s /pid:")
+    base = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in results.items()}
+    ours = base["procman -k granian"]
+    for name, (rps, p99) in base.items():
+        print(f"  {name}: {rps:.0f} req/s (procman -k granian / this: {ours[0] / rps:.2f}x), "
+              f"p99 {p99:.2f} ms (procman -k granian / this: {ours[1] / p99:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

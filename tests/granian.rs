@@ -85,6 +85,7 @@ for_each_class!(
     a_blocked_app_misses_its_heartbeat_and_is_replaced,
     an_exception_at_import_exits_4_with_one_traceback,
     lifespan_startup_failure_exits_3,
+    max_requests_recycles_a_worker_without_failed_requests,
 );
 
 fn pid_of(reply: &(u16, String)) -> i32 {
@@ -299,6 +300,38 @@ fn lifespan_startup_failure_exits_3(class: Class) {
     h.check(h.has_event("boot-failed", |_| true), "a failed boot");
 }
 
+fn max_requests_recycles_a_worker_without_failed_requests(class: Class) {
+    let mut h = class
+        .start(
+            "gr-maxreq",
+            &fastapi_dir(),
+            "app:main",
+            &["-w", "1", "--max-requests", "50"],
+        )
+        .json()
+        .spawn();
+    let first = h.wait_workers(1, BOOT);
+    let load = Load::start(h.addr(), 2, 20_000, Duration::from_secs(60));
+    let changed = wait_for(BOOT, || {
+        load.pids().iter().any(|p| !first.contains(p)).then_some(())
+    });
+    let report = load.finish();
+    h.check(
+        changed.is_some(),
+        "the worker pid changed after ~50 requests",
+    );
+    h.check(
+        report.failures.is_empty(),
+        &format!("failed: {:?} of {}", report.failures, report.ok),
+    );
+    h.check(
+        h.has_event("recycling", |e| {
+            first.contains(&worker_of(e)) && e["reason"] == "max_requests"
+        }),
+        "recycled for its request count",
+    );
+}
+
 /// A package directory standing in for granian, first on PYTHONPATH: its
 /// metadata says `version`; `api` is its granian/_granian.py (None: none).
 fn fake_granian(dir: &Path, version: &str, api: Option<&str>) -> PathBuf {
@@ -372,7 +405,6 @@ fn options_granian_cannot_honour_are_refused_in_one_line() {
         ("--limit-concurrency", "5"),
         ("--keep-alive", "7"),
         ("--http", "h11"),
-        ("--max-requests", "100"),
     ] {
         let out = std::process::Command::new(PROCMAN)
             .args(["-k", "granian", "--python"])

@@ -127,6 +127,7 @@ import contextlib  # noqa: E402
 import faulthandler  # noqa: E402
 import importlib  # noqa: E402
 import inspect  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import logging.config  # noqa: E402
@@ -1678,6 +1679,24 @@ class WsgiProxyHeaders:
         return self.app(environ, start_response)
 
 
+def counting(app, wsgi, on_request):
+    """The app, calling on_request() as each HTTP request starts (from
+    granian's threads for a WSGI app: on_request must be thread-safe)."""
+    if wsgi:
+        def counted_wsgi(environ, start_response):
+            on_request()
+            return app(environ, start_response)
+
+        return counted_wsgi
+
+    async def counted(scope, receive, send):
+        if scope["type"] == "http":
+            on_request()
+        return await app(scope, receive, send)
+
+    return counted
+
+
 def granian_lifespan_failed(lifespan):
     exc = lifespan.exc
     if exc is not None:
@@ -1715,6 +1734,30 @@ def granian_serve(app, config, sockets, notifier):
     scope_opts = {"url_path_prefix": config["root_path"] or None}
     wsgi = config["interface"] == "wsgi"
     lifespan = None
+    done = asyncio.Event()
+    state = {"left": len(sockets), "stopping": False, "signals": [], "recycle_asked": False}
+    max_requests = int(config["max_requests"])
+    if max_requests > 0:
+        # --max-requests: counted here (granian does not count for us); at
+        # the limit the worker asks the master to replace it and keeps
+        # serving (the master starts the replacement, then sends TERM), as
+        # the uvicorn class does; without a master to ask, it stops itself.
+        limit = max_requests + random.randint(0, max(0, int(config["max_requests_jitter"])))
+        served = itertools.count(1)
+
+        def on_request():
+            n = next(served)  # atomic under the GIL, also from granian's threads
+            if n < limit or state["recycle_asked"]:
+                return
+            if notifier.sock is None:
+                state["recycle_asked"] = True
+                loop.call_soon_threadsafe(stop)
+                return
+            # On the urgent socket; retried at the next request if dropped.
+            state["recycle_asked"] = notifier.send(
+                f"X_PROCMAN_RECYCLE=max-requests (limit {limit}, after {n} requests)", urgent=True)
+
+        app = counting(app, wsgi, on_request)
     if wsgi:
         if config["proxy_headers"]:
             app = WsgiProxyHeaders(app, config["forwarded_allow_ips"])
@@ -1729,8 +1772,6 @@ def granian_serve(app, config, sockets, notifier):
         callback = api.watch(api.asgi_wrapper(app, scope_opts, lifespan.state if lifespan else {}, access))
     backpressure = max(1, int(config["backlog"]))
     worker_id = int(os.environ.get("PROCMAN_WORKER_ID", "0") or 0)
-    done = asyncio.Event()
-    state = {"left": len(sockets), "stopping": False, "signals": []}
 
     def one_stopped():  # from granian's threads
         def count():

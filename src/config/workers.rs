@@ -54,14 +54,6 @@ const NOT_WITH_GRANIAN: &[(&str, &str)] = &[
     ),
     ("keep-alive", "granian has no keep-alive timeout to set"),
     ("http", "granian has its own HTTP implementation"),
-    (
-        "max-requests",
-        "procman does not count granian's requests yet",
-    ),
-    (
-        "max-requests-jitter",
-        "procman does not count granian's requests yet",
-    ),
     ("certfile", "procman does not pass TLS to granian yet"),
     ("keyfile", "procman does not pass TLS to granian yet"),
 ];
@@ -500,6 +492,7 @@ mod tests {
             &["--lifespan", "off"],
             &["--loop", "asyncio"],
             &["--preload"],
+            &["--max-requests", "100", "--max-requests-jitter", "10"],
         ] {
             granian(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
         }
@@ -509,8 +502,6 @@ mod tests {
             (&["--limit-concurrency", "9"][..], "limit-concurrency"),
             (&["--keep-alive", "7"], "keep-alive"),
             (&["--http", "h11"], "http"),
-            (&["--max-requests", "100"], "max-requests"),
-            (&["--max-requests-jitter", "10"], "max-requests-jitter"),
             (
                 &["--certfile", cert.as_str(), "--keyfile", cert.as_str()],
                 "limit",

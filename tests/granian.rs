@@ -86,6 +86,7 @@ for_each_class!(
     an_exception_at_import_exits_4_with_one_traceback,
     lifespan_startup_failure_exits_3,
     max_requests_recycles_a_worker_without_failed_requests,
+    https_with_a_self_signed_certificate,
 );
 
 fn pid_of(reply: &(u16, String)) -> i32 {
@@ -330,6 +331,45 @@ fn max_requests_recycles_a_worker_without_failed_requests(class: Class) {
         }),
         "recycled for its request count",
     );
+}
+
+fn https_with_a_self_signed_certificate(class: Class) {
+    let start = class.start("gr-tls", &fastapi_dir(), "app:main", &["-w", "1"]);
+    let key = start.dir().join("key.pem");
+    let cert = start.dir().join("cert.pem");
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl (apt-get install openssl)");
+    assert!(st.success());
+    let h = start
+        .args(["--keyfile", key.to_str().expect("utf8")])
+        .args(["--certfile", cert.to_str().expect("utf8")])
+        .json()
+        .spawn();
+    let port = h.port();
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
+    let script = format!(
+        "import ssl,urllib.request;c=ssl.create_default_context(cafile='{}');c.check_hostname=False;print(urllib.request.urlopen('https://127.0.0.1:{port}/pid',context=c,timeout=10).read().decode())",
+        cert.display()
+    );
+    let out = std::process::Command::new(venv_python())
+        .args(["-c", &script])
+        .output()
+        .expect("python");
+    h.check(
+        out.status.success(),
+        &format!("HTTPS GET: {}", String::from_utf8_lossy(&out.stderr)),
+    );
+    let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(body.parse::<i32>().is_ok(), "pid over HTTPS: {body}");
 }
 
 /// A package directory standing in for granian, first on PYTHONPATH: its

@@ -1548,9 +1548,11 @@ GRANIAN_LOWEST, GRANIAN_BELOW = (2, 8, 9), (2, 9)
 # or drops one is refused at boot, not half-served.
 GRANIAN_SHAPE = {
     "ASGIWorker": ("worker_id", "sock", "ipc", "threads", "blocking_threads", "py_threads",
-                   "py_threads_idle_timeout", "backpressure", "http_mode"),
+                   "py_threads_idle_timeout", "backpressure", "http_mode", "ssl_enabled", "ssl_cert",
+                   "ssl_key", "ssl_protocol_min", "ssl_crl"),
     "WSGIWorker": ("worker_id", "sock", "ipc", "threads", "blocking_threads", "py_threads",
-                   "py_threads_idle_timeout", "backpressure", "http_mode"),
+                   "py_threads_idle_timeout", "backpressure", "http_mode", "ssl_enabled", "ssl_cert",
+                   "ssl_key", "ssl_protocol_min", "ssl_crl"),
     "SocketHolder": ("fd", "uds", "backlog"),
     "ASGIWorker.serve_str": ("callback", "event_loop", "signal"),
     "ASGIWorker.serve_str_uds": ("callback", "event_loop", "signal"),
@@ -1809,12 +1811,18 @@ def granian_serve(app, config, sockets, notifier):
             return
         worker_class = api.WSGIWorker if wsgi else api.ASGIWorker
         threads = max(1, min(backpressure // 2, 64)) if wsgi else 1
+        # --certfile/--keyfile: granian's TLS, from TLS 1.2 on as uvicorn's
+        # (granian's own command line says "tls1.2"/"tls1.3"; the class's
+        # default, "1.3", is not a value its Rust side accepts).
+        tls = {"ssl_enabled": False, "ssl_protocol_min": "tls1.2", "ssl_crl": []}
+        if config["ssl_certfile"]:
+            tls.update(ssl_enabled=True, ssl_cert=config["ssl_certfile"], ssl_key=config["ssl_keyfile"])
         for sock in sockets:
             uds = sock.family == socket.AF_UNIX
             holder = api.SocketHolder(sock.fileno(), uds, int(config["backlog"]))
             worker = worker_class(worker_id=worker_id, sock=(None, holder), ipc=None, threads=1,
                                   blocking_threads=512, py_threads=threads, py_threads_idle_timeout=30,
-                                  backpressure=backpressure, http_mode="1")
+                                  backpressure=backpressure, http_mode="1", **tls)
             sig = api.WorkerSignal()
             sig.add_cb(one_stopped)
             state["signals"].append(sig)

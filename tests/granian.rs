@@ -87,6 +87,8 @@ for_each_class!(
     lifespan_startup_failure_exits_3,
     max_requests_recycles_a_worker_without_failed_requests,
     https_with_a_self_signed_certificate,
+    root_path_and_proxy_headers_reach_an_asgi_app,
+    root_path_and_proxy_headers_reach_a_wsgi_app,
 );
 
 fn pid_of(reply: &(u16, String)) -> i32 {
@@ -370,6 +372,65 @@ fn https_with_a_self_signed_certificate(class: Class) {
     );
     let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(body.parse::<i32>().is_ok(), "pid over HTTPS: {body}");
+}
+
+/// GET `path` with extra `headers`; the JSON body.
+fn json_of(addr: std::net::SocketAddr, path: &str, headers: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// Proxy headers off, trusted with --root-path, and from an untrusted peer:
+/// what `app` (at `path`) reports as client, scheme and root path.
+fn proxy_headers_and_root_path(class: Class, app: &str, path: &str) {
+    let forwarded = "X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n";
+    let run = |name: &str, extra: &[&str]| {
+        let mut args = vec!["-w", "1"];
+        args.extend_from_slice(extra);
+        let mut h = class.start(name, &apps_dir(), app, &args).spawn();
+        h.wait_workers(1, BOOT);
+        let v = wait_for(BOOT, || {
+            std::net::TcpStream::connect(h.addr()).ok()?;
+            Some(json_of(h.addr(), path, forwarded))
+        })
+        .expect("an answer");
+        (h, v)
+    };
+    let (_h, v) = run("gr-scope-plain", &["--no-proxy-headers"]);
+    assert_eq!(
+        v["client"], "127.0.0.1",
+        "ignored with --no-proxy-headers: {v}"
+    );
+    assert_eq!(v["scheme"], "http", "{v}");
+    assert_eq!(v["root_path"], "", "{v}");
+    let (_h, v) = run(
+        "gr-scope-proxy",
+        &["--forwarded-allow-ips", "127.0.0.1", "--root-path", "/api"],
+    );
+    assert_eq!(v["client"], "203.0.113.7", "{v}");
+    assert_eq!(v["scheme"], "https", "{v}");
+    assert_eq!(v["root_path"], "/api", "{v}");
+    let (_h, v) = run("gr-scope-untrusted", &["--forwarded-allow-ips", "10.9.9.9"]);
+    assert_eq!(v["client"], "127.0.0.1", "an untrusted proxy: {v}");
+}
+
+fn root_path_and_proxy_headers_reach_an_asgi_app(class: Class) {
+    proxy_headers_and_root_path(class, "scope_app:main", "/scope");
+}
+
+fn root_path_and_proxy_headers_reach_a_wsgi_app(class: Class) {
+    proxy_headers_and_root_path(class, "wsgi_scope_app:app", "/api/scope");
 }
 
 /// A package directory standing in for granian, first on PYTHONPATH: its

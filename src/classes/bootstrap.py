@@ -1681,6 +1681,21 @@ class WsgiProxyHeaders:
         return self.app(environ, start_response)
 
 
+def wsgi_root_path(app, root_path):
+    """--root-path for a WSGI app as uvicorn gives it: SCRIPT_NAME is the
+    root path, and PATH_INFO loses it only where it starts with it."""
+    root = root_path.rstrip("/")
+
+    def with_root(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if root and (path == root or path.startswith(root + "/")):
+            environ["PATH_INFO"] = path[len(root):] or "/"
+        environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + root
+        return app(environ, start_response)
+
+    return with_root
+
+
 def counting(app, wsgi, on_request):
     """The app, calling on_request() as each HTTP request starts (from
     granian's threads for a WSGI app: on_request must be thread-safe)."""
@@ -1761,9 +1776,13 @@ def granian_serve(app, config, sockets, notifier):
 
         app = counting(app, wsgi, on_request)
     if wsgi:
+        if config["root_path"]:
+            app = wsgi_root_path(app, config["root_path"])
         if config["proxy_headers"]:
             app = WsgiProxyHeaders(app, config["forwarded_allow_ips"])
-        callback = api.wsgi_wrapper(app, scope_opts, access)
+        # granian's own prefix would cut len(prefix) characters off every
+        # path, also off one that does not start with it: wsgi_root_path.
+        callback = api.wsgi_wrapper(app, {"url_path_prefix": None}, access)
     else:
         if config["interface"] == "asgi2":
             app = asgi2_as_asgi3(app)

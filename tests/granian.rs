@@ -89,6 +89,9 @@ for_each_class!(
     https_with_a_self_signed_certificate,
     root_path_and_proxy_headers_reach_an_asgi_app,
     root_path_and_proxy_headers_reach_a_wsgi_app,
+    a_quick_stop_does_not_wait_for_requests,
+    usr1_leaves_ready_workers_serving,
+    zygotes_fork_workers_and_start_no_thread,
 );
 
 fn pid_of(reply: &(u16, String)) -> i32 {
@@ -372,6 +375,88 @@ fn https_with_a_self_signed_certificate(class: Class) {
     );
     let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(body.parse::<i32>().is_ok(), "pid over HTTPS: {body}");
+}
+
+fn a_quick_stop_does_not_wait_for_requests(class: Class) {
+    let mut h = class
+        .start(
+            "gr-quick",
+            &fastapi_dir(),
+            "app:main",
+            &["-w", "1", "--graceful-timeout", "120"],
+        )
+        .spawn();
+    let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
+    let idle = idle_fd_count(pid);
+    let addr = h.addr();
+    let slow = std::thread::spawn(move || {
+        http_request(addr, "GET", "/slow?s=90", None, Duration::from_secs(110))
+    });
+    let in_flight = wait_for(BOOT, || (open_fds(pid).len() > idle).then_some(()));
+    h.check(in_flight.is_some(), "the slow request reached the worker");
+    h.signal(Signal::SIGINT); // the master's quick stop: QUIT to the workers
+    assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
+    // Ended before the request could finish (90 s > BOOT): it got no answer.
+    let reply = slow.join().expect("thread");
+    assert!(reply.is_err(), "the request was not waited for: {reply:?}");
+}
+
+fn usr1_leaves_ready_workers_serving(class: Class) {
+    let mut h = class
+        .start("gr-usr1", &fastapi_dir(), "app:main", &["-w", "2"])
+        .json()
+        .spawn();
+    let pids = h.wait_workers(2, BOOT);
+    h.signal(Signal::SIGUSR1);
+    h.expect_event("log-reopened", BOOT, "USR1 handled", |_| true);
+    // A worker whose USR1 disposition were the default would be gone.
+    let seen = wait_for(BOOT, || {
+        let answered: BTreeSet<i32> = (0..20)
+            .filter_map(|_| http_get(h.addr(), "/pid").ok().map(|r| pid_of(&r)))
+            .collect();
+        (answered == pids).then_some(())
+    });
+    h.check(seen.is_some(), "both workers still answer");
+    h.check(!h.has_event("exited", |_| true), "no worker exited");
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+/// Threads of `pid` (the kernel's count: granian's runtime threads are not
+/// Python's).
+fn threads_of(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn zygotes_fork_workers_and_start_no_thread(class: Class) {
+    for (name, extra) in [("gr-zygote", &[][..]), ("gr-preload", &["--preload"][..])] {
+        let mut args = vec!["-w", "2"];
+        args.extend_from_slice(extra);
+        let mut h = class.start(name, &fastapi_dir(), "app:main", &args).spawn();
+        let pids = h.wait_workers(2, BOOT);
+        let zygotes: Vec<i32> = h
+            .children()
+            .into_iter()
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.starts_with(b"procman: zygote"))
+            })
+            .collect();
+        assert_eq!(zygotes.len(), 1, "{extra:?}: one zygote\n{}", h.log_text());
+        // Forking is safe only from a single-threaded process.
+        assert_eq!(threads_of(zygotes[0]), 1, "{extra:?}: the zygote's threads");
+        let log = h.log_text();
+        for pid in &pids {
+            h.check(
+                log.contains(&format!("with pid {pid} (generation 1, forked from zygote")),
+                &format!("{extra:?}: worker {pid} forked from the zygote"),
+            );
+        }
+        h.signal(Signal::SIGTERM);
+        assert_eq!(h.exit_code(BOOT), 0);
+    }
 }
 
 /// GET `path` with extra `headers`; the JSON body.

@@ -448,6 +448,16 @@ fn zygotes_fork_workers_and_start_no_thread(class: Class) {
         // Forking is safe only from a single-threaded process.
         assert_eq!(threads_of(zygotes[0]), 1, "{extra:?}: the zygote's threads");
         let log = h.log_text();
+        if extra.is_empty() {
+            let base = format!(
+                "(base: Python and {}; each worker imports app:main)",
+                class.name()
+            );
+            h.check(
+                log.contains(&base),
+                &format!("the zygote's line says {base}"),
+            );
+        }
         for pid in &pids {
             h.check(
                 log.contains(&format!("with pid {pid} (generation 1, forked from zygote")),

@@ -8,8 +8,11 @@ FastAPI app (examples/fastapi, GET /pid), the same worker count, on
 Needs wrk on PATH, target/release/procman (or --procman) and
 target/granian-venv (scripts/test makes it: the pinned granian plus the
 example's requirements; its python runs every server). Bounded: each sample
-is one `wrk -t2 -c64 -dSECONDS --latency`. Not measured here: reload,
-respawn, first answer and PSS (issue 29's other targets).
+is one `wrk -t2 -c64 -dSECONDS --latency`. With --reload: instead, the
+time from HUP until every worker of the new generation has answered, and
+the failed requests of 4 short-connection clients meanwhile, for
+procman -k granian and granian alone (granian reloads its workers on HUP).
+Not measured here: respawn, first answer and PSS (issue 29's other targets).
 """
 
 import argparse
@@ -20,6 +23,7 @@ import socket
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -83,13 +87,94 @@ def sample(name, argv, port, seconds):
                 proc.wait()
 
 
+def get_pid(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/pid", timeout=5) as r:
+        return int(r.read().decode().strip().strip('"'))
+
+
+def pids_answering(port, workers, deadline, exclude=()):
+    seen = set()
+    while time.monotonic() < deadline and len(seen) < workers:
+        try:
+            pid = get_pid(port)
+        except (OSError, ValueError):
+            continue
+        if pid not in exclude:
+            seen.add(pid)
+    return seen
+
+
+def reload_sample(name, argv, port, workers):
+    """(seconds from HUP until every new worker answered, ok, failed)."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(argv, cwd=APP_DIR, stdout=log, stderr=log, start_new_session=True)
+        stop = threading.Event()
+        counts = {"ok": 0, "failed": 0}
+
+        def client():
+            while not stop.is_set():
+                try:
+                    get_pid(port)
+                    counts["ok"] += 1
+                except (OSError, ValueError):
+                    counts["failed"] += 1
+
+        try:
+            if not wait_answering(port, time.monotonic() + 60):
+                raise RuntimeError(f"{name} did not answer within 60 s")
+            old = pids_answering(port, workers, time.monotonic() + 60)
+            clients = [threading.Thread(target=client) for _ in range(4)]
+            for c in clients:
+                c.start()
+            time.sleep(1)
+            t0 = time.monotonic()
+            os.kill(proc.pid, signal.SIGHUP)
+            new = pids_answering(port, workers, time.monotonic() + 120, exclude=old)
+            took = time.monotonic() - t0
+            time.sleep(1)
+            stop.set()
+            for c in clients:
+                c.join()
+            if len(new) < workers:
+                return None, counts["ok"], counts["failed"]
+            return took, counts["ok"], counts["failed"]
+        finally:
+            stop.set()
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def reloads(args):
+    results = {}
+    for r in range(args.rounds):
+        for name in ("procman -k granian", "granian"):
+            port = free_port()
+            argv = commands(args.procman, args.workers, port)[name]
+            took, ok, failed = reload_sample(name, argv, port, args.workers)
+            results.setdefault(name, []).append((took, failed))
+            shown = "never (within 120 s)" if took is None else f"{took:.2f} s"
+            print(f"round {r + 1}: {name}: reload {shown}, {failed} failed of {ok + failed}", flush=True)
+    print(f"\nmedians over {args.rounds} rounds, -w {args.workers}, HUP until every new worker answered:")
+    for name, v in results.items():
+        times = [t for t, _ in v if t is not None]
+        median = f"{statistics.median(times):.2f} s" if times else "never"
+        print(f"  {name}: {median}, failed requests per reload {[f for _, f in v]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--procman", default=os.path.join(REPO, "target", "release", "procman"), type=os.path.abspath)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--reload", action="store_true", help="measure HUP reloads instead of throughput")
     args = ap.parse_args()
+    if args.reload:
+        return reloads(args)
     results = {}
     for r in range(args.rounds):
         for name in commands(args.procman, args.workers, 0):

@@ -12,7 +12,10 @@ is one `wrk -t2 -c64 -dSECONDS --latency`. With --reload: instead, the
 time from HUP until every worker of the new generation has answered, and
 the failed requests of 4 short-connection clients meanwhile, for
 procman -k granian and granian alone (granian reloads its workers on HUP).
-Not measured here: respawn, first answer and PSS (issue 29's other targets).
+With --lifecycle: the first answer after the start, the total PSS of the
+process tree once every worker answered, and the respawn after `kill -9` of
+one worker (until a new pid answers), for procman -k granian and granian
+alone (with --respawn-failed-workers, without which it does not respawn).
 """
 
 import argparse
@@ -44,7 +47,7 @@ def commands(procman, workers, port):
     return {
         "procman -k granian": [procman, "-k", "granian", *common],
         "granian": [os.path.join(VENV, "bin", "granian"), "--interface", "asgi", "--workers", str(workers),
-                    "--host", "127.0.0.1", "--port", str(port), "app:main"],
+                    "--respawn-failed-workers", "--host", "127.0.0.1", "--port", str(port), "app:main"],
         "procman (uvicorn)": [procman, *common],
     }
 
@@ -148,6 +151,84 @@ def reload_sample(name, argv, port, workers):
                 proc.wait()
 
 
+def tree(root):
+    """root and every descendant, from /proc."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def pss_kib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def lifecycle_sample(name, argv, port, workers):
+    """(first answer s, PSS MiB, respawn s or None)."""
+    with tempfile.TemporaryFile() as log:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, cwd=APP_DIR, stdout=log, stderr=log, start_new_session=True)
+        try:
+            if not wait_answering(port, t0 + 60):
+                raise RuntimeError(f"{name} did not answer within 60 s")
+            first = time.monotonic() - t0
+            old = pids_answering(port, workers, time.monotonic() + 60)
+            time.sleep(1)
+            pss = pss_kib(tree(proc.pid)) / 1024
+            victim = min(old)
+            t1 = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            new = pids_answering(port, 1, time.monotonic() + 60, exclude=old)
+            respawn = time.monotonic() - t1 if new else None
+            return first, pss, respawn
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def lifecycles(args):
+    results = {}
+    for r in range(args.rounds):
+        for name in ("procman -k granian", "granian"):
+            port = free_port()
+            argv = commands(args.procman, args.workers, port)[name]
+            first, pss, respawn = lifecycle_sample(name, argv, port, args.workers)
+            results.setdefault(name, []).append((first, pss, respawn))
+            shown = "never (within 60 s)" if respawn is None else f"{respawn:.2f} s"
+            print(f"round {r + 1}: {name}: first answer {first:.2f} s, PSS {pss:.1f} MiB, "
+                  f"respawn {shown}", flush=True)
+    print(f"\nmedians over {args.rounds} rounds, -w {args.workers}:")
+    for name, v in results.items():
+        respawns = [x[2] for x in v if x[2] is not None]
+        respawn = f"{statistics.median(respawns):.2f} s" if respawns else "never"
+        print(f"  {name}: first answer {statistics.median(x[0] for x in v):.2f} s, "
+              f"PSS {statistics.median(x[1] for x in v):.1f} MiB, respawn {respawn}")
+
+
 def reloads(args):
     results = {}
     for r in range(args.rounds):
@@ -172,9 +253,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--reload", action="store_true", help="measure HUP reloads instead of throughput")
+    ap.add_argument("--lifecycle", action="store_true", help="first answer, PSS and respawn instead")
     args = ap.parse_args()
     if args.reload:
         return reloads(args)
+    if args.lifecycle:
+        return lifecycles(args)
     results = {}
     for r in range(args.rounds):
         for name in commands(args.procman, args.workers, 0):

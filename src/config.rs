@@ -31,7 +31,9 @@ use credentials::credentials;
 use values::{parse_duration, parse_env_pair, parse_signal, parse_size, parse_umask};
 pub use watch::WatchConfig;
 use workers::worker_kind;
-pub use workers::{find_program, UvicornOptions, WorkerKind, UVICORN_CLASSES};
+pub use workers::{
+    find_program, Server, UvicornOptions, WorkerKind, GRANIAN_CLASS, UVICORN_CLASSES,
+};
 
 /// When a command worker counts as ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -506,8 +508,9 @@ impl Config {
         match &self.kind {
             WorkerKind::Command { argv, .. } => argv.join(" "),
             WorkerKind::Uvicorn(u) => format!(
-                "{} (uvicorn, {}), {}",
+                "{} ({}, {}), {}",
                 u.app,
+                u.server.name(),
                 u.python.display(),
                 match (u.access_log, self.options.is_set("access-logfile")) {
                     (false, _) => "no access log",

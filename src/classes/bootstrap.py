@@ -128,6 +128,7 @@ import contextlib  # noqa: E402
 import faulthandler  # noqa: E402
 import importlib  # noqa: E402
 import inspect  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import logging.config  # noqa: E402
@@ -805,7 +806,7 @@ CONFIG_KEYS = (
     "mode", "import_app", "app", "factory", "interface", "lifespan", "http", "loop",
     "keep_alive", "limit_concurrency", "proxy_headers", "forwarded_allow_ips", "root_path",
     "ssl_keyfile", "ssl_certfile", "access_log", "log_level", "log_format", "log_file",
-    "graceful_timeout", "max_requests", "max_requests_jitter", "backlog", "proc_name",
+    "graceful_timeout", "max_requests", "max_requests_jitter", "backlog", "proc_name", "server",
 )
 
 
@@ -1512,6 +1513,8 @@ class ProxyHeaders:
 
 def serve(app, config, sockets, notifier):
     """Serve an already imported app on the given listeners until stopped. Returns the exit status."""
+    if config["server"] == "granian":
+        return granian_serve(app, config, sockets, notifier)
     max_requests = int(config["max_requests"])
     recycle_after = None
     limit_max_requests = None
@@ -1576,6 +1579,345 @@ def close_when_stopping(app, server):
         return await app(scope, receive, send_with_close)
 
     return wrapped
+
+
+# The granian class (-k granian): granian's HTTP server (its Rust worker,
+# from granian's compiled module) serving the app on procman's listeners,
+# in place of uvicorn. Everything else (the listeners, the import, the
+# interface, logging, sd_notify, the zygote) is the uvicorn class's.
+#
+# granian has no public API for serving on a descriptor (its PR #848 is
+# open), so this calls private names whose signatures changed in 2.4, 2.6
+# and 2.7: only the range below, tested, is accepted (pyproject.toml's
+# `granian` extra says the same), and the names' shape is checked before
+# anything is served (granian_api). Any other version or shape ends the
+# process with exit 4 and one line naming the installed version and the
+# range, never a traceback from inside granian.
+GRANIAN_RANGE = ">=2.8.9,<2.9"
+GRANIAN_LOWEST, GRANIAN_BELOW = (2, 8, 9), (2, 9)
+# The parameters this file passes or calls, by name: a release that renames
+# or drops one is refused at boot, not half-served.
+GRANIAN_SHAPE = {
+    "ASGIWorker": ("worker_id", "sock", "ipc", "threads", "blocking_threads", "py_threads",
+                   "py_threads_idle_timeout", "backpressure", "http_mode", "ssl_enabled", "ssl_cert",
+                   "ssl_key", "ssl_protocol_min", "ssl_crl"),
+    "WSGIWorker": ("worker_id", "sock", "ipc", "threads", "blocking_threads", "py_threads",
+                   "py_threads_idle_timeout", "backpressure", "http_mode", "ssl_enabled", "ssl_cert",
+                   "ssl_key", "ssl_protocol_min", "ssl_crl"),
+    "SocketHolder": ("fd", "uds", "backlog"),
+    "ASGIWorker.serve_str": ("callback", "event_loop", "signal"),
+    "ASGIWorker.serve_str_uds": ("callback", "event_loop", "signal"),
+    "WSGIWorker.serve_str": ("callback", "event_loop", "signal"),
+    "WSGIWorker.serve_str_uds": ("callback", "event_loop", "signal"),
+    "asgi_wrapper": ("callback", "scope_opts", "state", "access_log_fmt"),
+    "wsgi_wrapper": ("callback", "scope_opts", "access_log_fmt"),
+    "new_scheduler": ("loop", "cb", "impl_asyncio"),
+}
+
+
+def version_tuple(text):
+    """'2.8.9' -> (2, 8, 9); digits up to the first non-digit of each part."""
+    parts = []
+    for part in text.split(".")[:3]:
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        parts.append(int(digits or 0))
+        if digits != part:
+            break
+    return tuple(parts)
+
+
+def granian_api(quiet=False):
+    """granian's worker pieces as a namespace, once the installed version is
+    in GRANIAN_RANGE and each name has the parameters GRANIAN_SHAPE lists.
+    Exits 4 (as an app that cannot be imported: retrying cannot help) with
+    one line otherwise; quiet (the base zygote, which only imports granian
+    ahead of its workers): returns None instead, and each worker says it."""
+
+    def refuse(message):
+        if quiet:
+            return None
+        return fail(message, EXIT_IMPORT_FAILED)
+
+    import importlib.metadata  # noqa: PLC0415
+    import types  # noqa: PLC0415
+
+    try:
+        installed = importlib.metadata.version("granian")
+    except importlib.metadata.PackageNotFoundError:
+        return refuse(f"-k granian: granian is not installed for {sys.executable} (supported: "
+                      f"granian{GRANIAN_RANGE}, e.g. pip install 'procman[granian]')")
+    if not GRANIAN_LOWEST <= version_tuple(installed) < GRANIAN_BELOW:
+        return refuse(f"-k granian: granian {installed} is installed, procman supports granian{GRANIAN_RANGE} "
+                      "(its private worker API changes between releases): install a supported version")
+    try:
+        from granian._futures import _future_watcher_wrapper, _new_cbscheduler  # noqa: PLC0415
+        from granian._granian import ASGIWorker, SocketHolder, WorkerSignal, WSGIWorker  # noqa: PLC0415
+        from granian.asgi import LifespanProtocol  # noqa: PLC0415
+        from granian.asgi import _callback_wrapper as asgi_wrapper  # noqa: PLC0415
+        from granian.log import DEFAULT_ACCESSLOG_FMT  # noqa: PLC0415
+        from granian.wsgi import _callback_wrapper as wsgi_wrapper  # noqa: PLC0415
+
+        api = types.SimpleNamespace(
+            ASGIWorker=ASGIWorker, WSGIWorker=WSGIWorker, SocketHolder=SocketHolder,
+            WorkerSignal=WorkerSignal, LifespanProtocol=LifespanProtocol, asgi_wrapper=asgi_wrapper,
+            wsgi_wrapper=wsgi_wrapper, new_scheduler=_new_cbscheduler, watch=_future_watcher_wrapper,
+            access_format=DEFAULT_ACCESSLOG_FMT)
+        for name, wanted in GRANIAN_SHAPE.items():
+            obj = api
+            for part in name.split("."):
+                obj = getattr(obj, part)
+            have = list(inspect.signature(obj).parameters)
+            missing = [p for p in wanted if p not in have]
+            if missing:
+                raise TypeError(f"{name}({', '.join(have)}) lacks {', '.join(missing)}")
+        for name in ("set", "add_cb"):
+            getattr(WorkerSignal, name)
+    except Exception as exc:
+        message = " ".join(str(exc).split())
+        return refuse(f"-k granian: granian {installed}'s private worker API is not the expected one "
+                      f"({type(exc).__name__}: {message}), procman supports granian{GRANIAN_RANGE}")
+    return api
+
+
+def granian_loop(choice):
+    """The event loop --loop names (auto: uvloop when installed)."""
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop  # noqa: PLC0415
+
+            return uvloop.new_event_loop()
+        except ImportError:
+            if choice == "uvloop":
+                fail("--loop uvloop: uvloop is not installed", EXIT_CANNOT_START)
+    return asyncio.new_event_loop()
+
+
+def asgi2_as_asgi3(app):
+    async def asgi3(scope, receive, send):
+        return await app(scope)(receive, send)
+
+    return asgi3
+
+
+class WsgiProxyHeaders:
+    """Proxy headers for a WSGI app under granian, with uvicorn's trust rules
+    (ProxyHeaders'): from a trusted peer (--forwarded-allow-ips, '*' for any,
+    a unix socket's peer always), X-Forwarded-Proto sets wsgi.url_scheme and
+    X-Forwarded-For, read right to left, gives the first untrusted entry as
+    REMOTE_ADDR."""
+
+    def __init__(self, app, trusted):
+        self.app = app
+        self.hosts = {h.strip() for h in trusted.split(",") if h.strip()}
+        self.everyone = "*" in self.hosts
+
+    def trusts(self, host):
+        return self.everyone or host in self.hosts
+
+    def __call__(self, environ, start_response):
+        peer = environ.get("REMOTE_ADDR") or ""
+        if not peer or self.trusts(peer):  # no address: a unix socket's peer
+            proto = environ.get("HTTP_X_FORWARDED_PROTO", "").split(",")[-1].strip().lower()
+            if proto in ("http", "https"):
+                environ["wsgi.url_scheme"] = proto
+            hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
+            for hop in reversed(hops):
+                environ["REMOTE_ADDR"] = hop
+                if not self.trusts(hop):
+                    break
+        return self.app(environ, start_response)
+
+
+def wsgi_root_path(app, root_path):
+    """--root-path for a WSGI app as uvicorn gives it: SCRIPT_NAME is the
+    root path, and PATH_INFO loses it only where it starts with it."""
+    root = root_path.rstrip("/")
+
+    def with_root(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if root and (path == root or path.startswith(root + "/")):
+            environ["PATH_INFO"] = path[len(root):] or "/"
+        environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + root
+        return app(environ, start_response)
+
+    return with_root
+
+
+def counting(app, wsgi, on_request):
+    """The app, calling on_request() as each HTTP request starts (from
+    granian's threads for a WSGI app: on_request must be thread-safe)."""
+    if wsgi:
+        def counted_wsgi(environ, start_response):
+            on_request()
+            return app(environ, start_response)
+
+        return counted_wsgi
+
+    async def counted(scope, receive, send):
+        if scope["type"] == "http":
+            on_request()
+        return await app(scope, receive, send)
+
+    return counted
+
+
+def granian_lifespan_failed(lifespan):
+    exc = lifespan.exc
+    if exc is not None:
+        text = format_exception((type(exc), exc, exc.__traceback__))
+        message = " ".join(str(exc).split())
+        last = type(exc).__name__ + (f": {message}" if message else "")
+    else:
+        text, last = "", "the app reported a failed startup"
+    told = bool(text) and tell_master("X_PROCMAN_TRACEBACK=" + json.dumps(text[-MAX_TRACEBACK:]))
+    fail(f"lifespan startup failed: {last}", EXIT_CANNOT_START, exc=None if told or not text else text)
+
+
+def granian_serve(app, config, sockets, notifier):
+    """serve() for -k granian: one granian worker (its Rust runtime, made
+    here, after any fork) per listener, on the listener's descriptor. READY=1
+    once every one of them accepts (after the lifespan startup); WATCHDOG=1
+    from a task of the event loop the ASGI app runs on, so a blocked app stops
+    the heartbeat (a WSGI app runs in granian's threads: the beat then shows
+    the interpreter is alive). TERM/INT: granian stops accepting and finishes
+    the requests in flight; the worker exits once all are done, or when the
+    drain time (config "graceful_timeout") is over. QUIT: exit now."""
+    api = granian_api()
+    loop = granian_loop(config["loop"])
+    asyncio.set_event_loop(loop)
+    adopt_root_handlers()
+    ours = logging.getLogger("uvicorn").handlers
+    for name in ("granian", "granian.access", "_granian"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = ours
+        logger.propagate = False
+        logger.setLevel(logging.getLogger("procman").level)
+    logging.getLogger("granian.access").setLevel(logging.INFO)
+    # granian's own format less its timestamp (the master's line has one).
+    access = api.access_format.replace("[%(time)s] ", "") if config["access_log"] else None
+    scope_opts = {"url_path_prefix": config["root_path"] or None}
+    wsgi = config["interface"] == "wsgi"
+    lifespan = None
+    done = asyncio.Event()
+    state = {"left": len(sockets), "stopping": False, "signals": [], "recycle_asked": False}
+    max_requests = int(config["max_requests"])
+    if max_requests > 0:
+        # --max-requests: counted here (granian does not count for us); at
+        # the limit the worker asks the master to replace it and keeps
+        # serving (the master starts the replacement, then sends TERM), as
+        # the uvicorn class does; without a master to ask, it stops itself.
+        limit = max_requests + random.randint(0, max(0, int(config["max_requests_jitter"])))
+        served = itertools.count(1)
+
+        def on_request():
+            n = next(served)  # atomic under the GIL, also from granian's threads
+            if n < limit or state["recycle_asked"]:
+                return
+            if notifier.sock is None:
+                state["recycle_asked"] = True
+                loop.call_soon_threadsafe(stop)
+                return
+            # On the urgent socket; retried at the next request if dropped.
+            state["recycle_asked"] = notifier.send(
+                f"X_PROCMAN_RECYCLE=max-requests (limit {limit}, after {n} requests)", urgent=True)
+
+        app = counting(app, wsgi, on_request)
+    if wsgi:
+        if config["root_path"]:
+            app = wsgi_root_path(app, config["root_path"])
+        if config["proxy_headers"]:
+            app = WsgiProxyHeaders(app, config["forwarded_allow_ips"])
+        # granian's own prefix would cut len(prefix) characters off every
+        # path, also off one that does not start with it: wsgi_root_path.
+        callback = api.wsgi_wrapper(app, {"url_path_prefix": None}, access)
+    else:
+        if config["interface"] == "asgi2":
+            app = asgi2_as_asgi3(app)
+        if config["proxy_headers"]:
+            app = ProxyHeaders(app, config["forwarded_allow_ips"])
+        if config["lifespan"] != "off":
+            lifespan = api.LifespanProtocol(app)
+        callback = api.watch(api.asgi_wrapper(app, scope_opts, lifespan.state if lifespan else {}, access))
+    backpressure = max(1, int(config["backlog"]))
+    worker_id = int(os.environ.get("PROCMAN_WORKER_ID", "0") or 0)
+
+    def one_stopped():  # from granian's threads
+        def count():
+            state["left"] -= 1
+            if state["left"] <= 0:
+                done.set()
+        loop.call_soon_threadsafe(count)
+
+    def stop():
+        if state["stopping"]:
+            return
+        state["stopping"] = True
+        notifier.send("STOPPING=1")
+        if not state["signals"]:
+            done.set()
+        for sig in state["signals"]:
+            sig.set()
+        loop.call_later(max(0.0, float(config["graceful_timeout"])), done.set)
+
+    async def heartbeat():
+        while True:
+            notifier.send("WATCHDOG=1")
+            await asyncio.sleep(notifier.watchdog_interval)
+
+    async def main():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        signal.signal(signal.SIGQUIT, exit_now)
+        signal.signal(signal.SIGUSR1, reopen_log)
+        if lifespan is not None:
+            await lifespan.startup()
+            if lifespan.interrupt or (lifespan.unsupported and config["lifespan"] == "on"):
+                granian_lifespan_failed(lifespan)
+        if state["stopping"]:
+            return
+        worker_class = api.WSGIWorker if wsgi else api.ASGIWorker
+        threads = max(1, min(backpressure // 2, 64)) if wsgi else 1
+        # --certfile/--keyfile: granian's TLS, from TLS 1.2 on as uvicorn's
+        # (granian's own command line says "tls1.2"/"tls1.3"; the class's
+        # default, "1.3", is not a value its Rust side accepts).
+        tls = {"ssl_enabled": False, "ssl_protocol_min": "tls1.2", "ssl_crl": []}
+        if config["ssl_certfile"]:
+            tls.update(ssl_enabled=True, ssl_cert=config["ssl_certfile"], ssl_key=config["ssl_keyfile"])
+        for sock in sockets:
+            uds = sock.family == socket.AF_UNIX
+            holder = api.SocketHolder(sock.fileno(), uds, int(config["backlog"]))
+            worker = worker_class(worker_id=worker_id, sock=(None, holder), ipc=None, threads=1,
+                                  blocking_threads=512, py_threads=threads, py_threads_idle_timeout=30,
+                                  backpressure=backpressure, http_mode="1", **tls)
+            sig = api.WorkerSignal()
+            sig.add_cb(one_stopped)
+            state["signals"].append(sig)
+            scheduler = api.new_scheduler(loop, callback, impl_asyncio=False)
+            serve = worker.serve_str_uds if uds else worker.serve_str
+            serve(scheduler, loop, sig)
+        await notifier.send_surely("READY=1")
+        beat = loop.create_task(heartbeat()) if notifier.watchdog_interval else None
+        await done.wait()
+        if beat is not None:
+            beat.cancel()
+        if lifespan is not None:
+            await lifespan.shutdown()
+
+    resume_collector()
+    try:
+        loop.run_until_complete(main())
+    except SystemExit:
+        raise
+    # granian's runtime threads are not Python's: end the process here
+    # (atexit handlers first, as the interpreter's exit would run them).
+    with contextlib.suppress(BaseException):
+        atexit._run_exitfuncs()
+    flush_stdio()
+    os._exit(0)
 
 
 class ControlChannel:
@@ -1691,6 +2033,8 @@ class Zygote:
 
             uvicorn_config(stand_in, {**config, "interface": "asgi3"}).get_loop_factory()
             import_runtime()  # never the app: only the standard library's own modules
+        if config["server"] == "granian":
+            granian_api(quiet=True)  # granian's Python side shared (no runtime: no thread)
         import ctypes  # noqa: PLC0415 (only the zygote needs it)
 
         self.libc = ctypes.CDLL(None, use_errno=True)
@@ -1924,6 +2268,8 @@ def main():
         Zygote(config).run()  # never returns
     if mode == "check":  # import the app once and report (for --check-config)
         set_title(f"procman: check [{name}]", "procman: check")
+        if config["server"] == "granian":
+            granian_api()
         app = load_app(config["app"], config["factory"])
         resolve_interface(app, config)
         sys.exit(0)

@@ -151,9 +151,16 @@ pub enum Mode {
 /// The keys of the values the master computes itself rather than taking an
 /// option's value as it is: the bootstrap's mode, whether it imports the
 /// app, uvicorn's drain time (less than `--graceful-timeout`, see
-/// [`uvicorn_drain`]) and the log file as an absolute path. Every other key
+/// [`uvicorn_drain`]), the log file as an absolute path and the server
+/// (uvicorn, or granian for `-k granian`). Every other key
 /// comes from the option table ([`crate::cli::OptionDef::bootstrap`]).
-pub const COMPUTED_KEYS: [&str; 4] = ["mode", "import_app", "graceful_timeout", "log_file"];
+pub const COMPUTED_KEYS: [&str; 5] = [
+    "mode",
+    "import_app",
+    "graceful_timeout",
+    "log_file",
+    "server",
+];
 
 /// The JSON object the bootstrap reads: one key per option the table marks
 /// for the bootstrap, holding its resolved value, plus [`COMPUTED_KEYS`].
@@ -190,6 +197,8 @@ pub fn app_config(opts: &UvicornOptions, cfg: &Config, mode: Mode) -> serde_json
                 .map(path_text)
                 .into(),
         ),
+        // uvicorn or granian (-k granian): which server the bootstrap runs.
+        ("server", opts.server.name().into()),
     ];
     debug_assert!(computed.iter().map(|(k, _)| *k).eq(COMPUTED_KEYS));
     for (key, value) in computed {

@@ -230,7 +230,7 @@ pub static OPTIONS: &[OptionDef] = &[
         value_name: "CLASS",
         applies_to: Class::Uvicorn,
         heading: "Workers",
-        help: "Worker class, for gunicorn command lines: uvicorn.workers.UvicornWorker or uvicorn_worker.UvicornWorker.",
+        help: "Worker class: uvicorn.workers.UvicornWorker or uvicorn_worker.UvicornWorker (gunicorn command lines; uvicorn), or granian (granian's HTTP server in procman's workers; pip install 'procman[granian]').",
         ..BASE
     },
     OptionDef {

@@ -22,6 +22,40 @@ pub const UVICORN_CLASSES: &[&str] = &[
     "uvicorn",
 ];
 
+/// `-k granian`: granian's HTTP server in procman's workers.
+pub const GRANIAN_CLASS: &str = "granian";
+
+/// The HTTP server inside a Python worker: both run through the same
+/// bootstrap (listeners, import, sd_notify, zygote); only `serve` differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    Uvicorn,
+    /// `-k granian` (granian's private worker API, its version checked at
+    /// boot by the bootstrap).
+    Granian,
+}
+
+impl Server {
+    /// The name the bootstrap reads (its config key `server`) and logs show.
+    pub fn name(self) -> &'static str {
+        match self {
+            Server::Uvicorn => "uvicorn",
+            Server::Granian => "granian",
+        }
+    }
+}
+
+/// What the granian class cannot honour: given, each is refused with one
+/// line naming the option and the class, never ignored. (Option, why.)
+const NOT_WITH_GRANIAN: &[(&str, &str)] = &[
+    (
+        "limit-concurrency",
+        "granian queues requests past its backpressure instead of answering 503",
+    ),
+    ("keep-alive", "granian has no keep-alive timeout to set"),
+    ("http", "granian has its own HTTP implementation"),
+];
+
 /// What kind of worker procman runs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerKind {
@@ -36,9 +70,11 @@ pub enum WorkerKind {
     Uvicorn(Box<UvicornOptions>),
 }
 
-/// Options of the uvicorn worker class.
+/// Options of the uvicorn worker class (and of `-k granian`, which shares them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct UvicornOptions {
+    /// uvicorn, or granian (`-k granian`).
+    pub server: Server,
     /// `module:attribute`.
     pub app: String,
     /// The interpreter that runs the bootstrap.
@@ -86,11 +122,11 @@ pub(super) fn worker_kind(
     chdir: Option<&Path>,
 ) -> Result<WorkerKind> {
     if let Some(class) = cli.text("worker-class") {
-        if !UVICORN_CLASSES.contains(&class) {
+        if !UVICORN_CLASSES.contains(&class) && class != GRANIAN_CLASS {
             return Err(invalid(
                 "worker-class",
                 class,
-                "procman runs uvicorn workers for an APP (uvicorn.workers.UvicornWorker or uvicorn_worker.UvicornWorker) or any command after --",
+                "procman runs uvicorn workers for an APP (uvicorn.workers.UvicornWorker or uvicorn_worker.UvicornWorker), granian workers (granian) or any command after --",
             ));
         }
     }
@@ -146,6 +182,18 @@ fn uvicorn_options(
             format!("invalid APP '{app}': {why}")
         },
     })?;
+    let server = match cli.text("worker-class") {
+        Some(GRANIAN_CLASS) => Server::Granian,
+        _ => Server::Uvicorn,
+    };
+    if server == Server::Granian {
+        if let Some((o, why)) = NOT_WITH_GRANIAN.iter().find(|(o, _)| cli.is_set(o)) {
+            return Err(belongs(
+                o,
+                format!("'--{o}' is not supported by the granian worker class (-k granian): {why}"),
+            ));
+        }
+    }
     let python = match cli.text("python") {
         Some(p) => {
             find_program(p, env.path.as_deref(), None).map_err(|why| invalid("python", p, why))?
@@ -240,6 +288,7 @@ fn uvicorn_options(
             .max(1)
     };
     Ok(UvicornOptions {
+        server,
         app: app.to_string(),
         python,
         factory: cli.flag("factory") || called,
@@ -418,6 +467,69 @@ mod tests {
         .expect("valid");
         let u = c.uvicorn().expect("uvicorn class");
         assert_eq!(u.app, "app:main");
+    }
+
+    #[test]
+    fn granian_class_is_selected_by_k_and_refuses_what_it_cannot_honour() {
+        let granian = |args: &[&str]| {
+            let mut all = vec!["-k", "granian", "--python", "sh"];
+            all.extend_from_slice(args);
+            all.push("app:main");
+            config(&all)
+        };
+        let c = granian(&[]).expect("valid");
+        let u = c.uvicorn().expect("an APP");
+        assert_eq!(u.server, Server::Granian);
+        assert!(c.describe_workers().starts_with("app:main (granian, "));
+        // What granian can do is accepted.
+        for ok in [
+            &["--root-path", "/api"][..],
+            &["--interface", "wsgi"],
+            &["--no-proxy-headers"],
+            &["--no-access-log"],
+            &["--lifespan", "off"],
+            &["--loop", "asyncio"],
+            &["--preload"],
+            &["--max-requests", "100", "--max-requests-jitter", "10"],
+        ] {
+            granian(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let cert = format!("{dir}/README.md");
+        granian(&["--certfile", &cert, "--keyfile", &cert]).expect("TLS is passed to granian");
+        for (args, option) in [
+            (&["--limit-concurrency", "9"][..], "limit-concurrency"),
+            (&["--keep-alive", "7"], "keep-alive"),
+            (&["--http", "h11"], "http"),
+        ] {
+            let err = granian(args).expect_err("refused").to_string();
+            let named = err.contains(&format!("'--{option}'"));
+            assert!(
+                named && err.contains("-k granian") && err.lines().count() == 1,
+                "{args:?}: {err}"
+            );
+        }
+        // The same options are the uvicorn class's.
+        let u = config(&["--python", "sh", "--limit-concurrency", "9", "app:main"]).expect("valid");
+        assert_eq!(u.uvicorn().expect("an APP").server, Server::Uvicorn);
+    }
+
+    #[test]
+    fn the_granian_range_of_pyproject_is_the_one_the_bootstrap_accepts() {
+        let pyproject = include_str!("../../pyproject.toml");
+        let pinned = pyproject
+            .lines()
+            .find_map(|l| l.strip_prefix("granian = [\"granian"))
+            .and_then(|rest| rest.strip_suffix("\"]"))
+            .expect("pyproject.toml: granian = [\"granian...\"]");
+        let bootstrap = crate::classes::uvicorn::BOOTSTRAP;
+        assert!(
+            bootstrap.contains(&format!("GRANIAN_RANGE = \"{pinned}\"")),
+            "GRANIAN_RANGE in bootstrap.py is not {pinned:?}"
+        );
+        // The tuples the bootstrap compares with say the same range.
+        assert_eq!(pinned, ">=2.8.9,<2.9");
+        assert!(bootstrap.contains("GRANIAN_LOWEST, GRANIAN_BELOW = (2, 8, 9), (2, 9)"));
     }
 
     /// A scratch directory, removed when dropped (also when a test fails).

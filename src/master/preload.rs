@@ -121,7 +121,11 @@ impl Master {
                 let imports = if opts.preload {
                     format!("imports {} once", opts.app)
                 } else {
-                    format!("base: Python and uvicorn; each worker imports {}", opts.app)
+                    format!(
+                        "base: Python and {}; each worker imports {}",
+                        opts.server.name(),
+                        opts.app
+                    )
                 };
                 zygote_event!(
                     info,

@@ -1,0 +1,279 @@
+"""-k granian side by side (issue 29 item 3, throughput and latency only):
+procman -k granian, granian alone and procman's uvicorn class, the same
+FastAPI app (examples/fastapi, GET /pid), the same worker count, on
+127.0.0.1, interleaved rounds; prints each sample and the medians.
+
+    python3 bench/granian-class.py [--workers 2] [--rounds 3] [--seconds 5]
+
+Needs wrk on PATH, target/release/procman (or --procman) and
+target/granian-venv (scripts/test makes it: the pinned granian plus the
+example's requirements; its python runs every server). Bounded: each sample
+is one `wrk -t2 -c64 -dSECONDS --latency`. With --reload: instead, the
+time from HUP until every worker of the new generation has answered, and
+the failed requests of 4 short-connection clients meanwhile, for
+procman -k granian and granian alone (granian reloads its workers on HUP).
+With --lifecycle: the first answer after the start, the total PSS of the
+process tree once every worker answered, and the respawn after `kill -9` of
+one worker (until a new pid answers), for procman -k granian and granian
+alone (with --respawn-failed-workers, without which it does not respawn).
+"""
+
+import argparse
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV = os.path.join(REPO, "target", "granian-venv")
+APP_DIR = os.path.join(REPO, "examples", "fastapi")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def commands(procman, workers, port):
+    python = os.path.join(VENV, "bin", "python")
+    common = ["app:main", "-w", str(workers), "-b", f"127.0.0.1:{port}", "--no-access-log", "--python", python]
+    return {
+        "procman -k granian": [procman, "-k", "granian", *common],
+        "granian": [os.path.join(VENV, "bin", "granian"), "--interface", "asgi", "--workers", str(workers),
+                    "--respawn-failed-workers", "--host", "127.0.0.1", "--port", str(port), "app:main"],
+        "procman (uvicorn)": [procman, *common],
+    }
+
+
+def wait_answering(port, deadline):
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/pid", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def wrk(port, seconds):
+    out = subprocess.run(["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}/pid"],
+                         capture_output=True, text=True, timeout=seconds + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    return rps, float(p99.group(1)) * scale, errors.group(0) if errors else ""
+
+
+def sample(name, argv, port, seconds):
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(argv, cwd=APP_DIR, stdout=log, stderr=log, start_new_session=True)
+        try:
+            if not wait_answering(port, time.monotonic() + 60):
+                raise RuntimeError(f"{name} did not answer within 60 s")
+            time.sleep(1)  # every worker up (granian has no readiness to ask)
+            return wrk(port, seconds)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def get_pid(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/pid", timeout=5) as r:
+        return int(r.read().decode().strip().strip('"'))
+
+
+def pids_answering(port, workers, deadline, exclude=()):
+    seen = set()
+    while time.monotonic() < deadline and len(seen) < workers:
+        try:
+            pid = get_pid(port)
+        except (OSError, ValueError):
+            continue
+        if pid not in exclude:
+            seen.add(pid)
+    return seen
+
+
+def reload_sample(name, argv, port, workers):
+    """(seconds from HUP until every new worker answered, ok, failed)."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(argv, cwd=APP_DIR, stdout=log, stderr=log, start_new_session=True)
+        stop = threading.Event()
+        counts = {"ok": 0, "failed": 0}
+
+        def client():
+            while not stop.is_set():
+                try:
+                    get_pid(port)
+                    counts["ok"] += 1
+                except (OSError, ValueError):
+                    counts["failed"] += 1
+
+        try:
+            if not wait_answering(port, time.monotonic() + 60):
+                raise RuntimeError(f"{name} did not answer within 60 s")
+            old = pids_answering(port, workers, time.monotonic() + 60)
+            clients = [threading.Thread(target=client) for _ in range(4)]
+            for c in clients:
+                c.start()
+            time.sleep(1)
+            t0 = time.monotonic()
+            os.kill(proc.pid, signal.SIGHUP)
+            new = pids_answering(port, workers, time.monotonic() + 120, exclude=old)
+            took = time.monotonic() - t0
+            time.sleep(1)
+            stop.set()
+            for c in clients:
+                c.join()
+            if len(new) < workers:
+                return None, counts["ok"], counts["failed"]
+            return took, counts["ok"], counts["failed"]
+        finally:
+            stop.set()
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def tree(root):
+    """root and every descendant, from /proc."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def pss_kib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def lifecycle_sample(name, argv, port, workers):
+    """(first answer s, PSS MiB, respawn s or None)."""
+    with tempfile.TemporaryFile() as log:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, cwd=APP_DIR, stdout=log, stderr=log, start_new_session=True)
+        try:
+            if not wait_answering(port, t0 + 60):
+                raise RuntimeError(f"{name} did not answer within 60 s")
+            first = time.monotonic() - t0
+            old = pids_answering(port, workers, time.monotonic() + 60)
+            time.sleep(1)
+            pss = pss_kib(tree(proc.pid)) / 1024
+            victim = min(old)
+            t1 = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            new = pids_answering(port, 1, time.monotonic() + 60, exclude=old)
+            respawn = time.monotonic() - t1 if new else None
+            return first, pss, respawn
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def lifecycles(args):
+    results = {}
+    for r in range(args.rounds):
+        for name in ("procman -k granian", "granian"):
+            port = free_port()
+            argv = commands(args.procman, args.workers, port)[name]
+            first, pss, respawn = lifecycle_sample(name, argv, port, args.workers)
+            results.setdefault(name, []).append((first, pss, respawn))
+            shown = "never (within 60 s)" if respawn is None else f"{respawn:.2f} s"
+            print(f"round {r + 1}: {name}: first answer {first:.2f} s, PSS {pss:.1f} MiB, "
+                  f"respawn {shown}", flush=True)
+    print(f"\nmedians over {args.rounds} rounds, -w {args.workers}:")
+    for name, v in results.items():
+        respawns = [x[2] for x in v if x[2] is not None]
+        respawn = f"{statistics.median(respawns):.2f} s" if respawns else "never"
+        print(f"  {name}: first answer {statistics.median(x[0] for x in v):.2f} s, "
+              f"PSS {statistics.median(x[1] for x in v):.1f} MiB, respawn {respawn}")
+
+
+def reloads(args):
+    results = {}
+    for r in range(args.rounds):
+        for name in ("procman -k granian", "granian"):
+            port = free_port()
+            argv = commands(args.procman, args.workers, port)[name]
+            took, ok, failed = reload_sample(name, argv, port, args.workers)
+            results.setdefault(name, []).append((took, failed))
+            shown = "never (within 120 s)" if took is None else f"{took:.2f} s"
+            print(f"round {r + 1}: {name}: reload {shown}, {failed} failed of {ok + failed}", flush=True)
+    print(f"\nmedians over {args.rounds} rounds, -w {args.workers}, HUP until every new worker answered:")
+    for name, v in results.items():
+        times = [t for t, _ in v if t is not None]
+        median = f"{statistics.median(times):.2f} s" if times else "never"
+        print(f"  {name}: {median}, failed requests per reload {[f for _, f in v]}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--procman", default=os.path.join(REPO, "target", "release", "procman"), type=os.path.abspath)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--reload", action="store_true", help="measure HUP reloads instead of throughput")
+    ap.add_argument("--lifecycle", action="store_true", help="first answer, PSS and respawn instead")
+    args = ap.parse_args()
+    if args.reload:
+        return reloads(args)
+    if args.lifecycle:
+        return lifecycles(args)
+    results = {}
+    for r in range(args.rounds):
+        for name in commands(args.procman, args.workers, 0):
+            port = free_port()
+            argv = commands(args.procman, args.workers, port)[name]
+            rps, p99, errors = sample(name, argv, port, args.seconds)
+            results.setdefault(name, []).append((rps, p99))
+            print(f"round {r + 1}: {name}: {rps:.0f} req/s, p99 {p99:.2f} ms {errors}", flush=True)
+    print(f"\nmedians over {args.rounds} rounds, -w {args.workers}, wrk -t2 -c64 -d{args.seconds}s /pid:")
+    base = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in results.items()}
+    ours = base["procman -k granian"]
+    for name, (rps, p99) in base.items():
+        print(f"  {name}: {rps:.0f} req/s (procman -k granian / this: {ours[0] / rps:.2f}x), "
+              f"p99 {p99:.2f} ms (procman -k granian / this: {ours[1] / p99:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,623 @@
+//! The uvicorn class's promises, for every server an APP can run under:
+//! each case below is one function taking the [`Class`], run for uvicorn
+//! and for `-k granian` (granian's HTTP server in procman's workers) by
+//! [`for_each_class!`] (test names `case::uvicorn`, `case::granian`).
+//! Then what only `-k granian` has: its version check and its refusals.
+//!
+//! The granian class runs under target/granian-venv (the pinned granian of
+//! scripts/test plus the example's requirements).
+
+mod util;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use util::*;
+
+const BOOT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Uvicorn,
+    Granian,
+}
+
+/// The virtualenv with the pinned granian (scripts/test makes it).
+fn granian_python() -> PathBuf {
+    let p = repo().join("target/granian-venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/test (it creates target/granian-venv with the pinned granian)",
+        p.display()
+    );
+    p
+}
+
+impl Class {
+    /// procman serving `app` from `dir` with this class, no access log.
+    fn start(self, name: &str, dir: &Path, app: &str, extra: &[&str]) -> Start {
+        match self {
+            Class::Uvicorn => uvicorn(name, dir, app, extra),
+            Class::Granian => {
+                let python = granian_python();
+                let mut args = vec!["-k", "granian", "--python"];
+                args.push(python.to_str().expect("utf8"));
+                args.extend(["--no-access-log", "--chdir"]);
+                args.push(dir.to_str().expect("utf8"));
+                args.push(app);
+                Start::new(name, &args).args(extra.iter().copied())
+            }
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Class::Uvicorn => "uvicorn",
+            Class::Granian => "granian",
+        }
+    }
+}
+
+macro_rules! for_each_class {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            #[test]
+            fn uvicorn() {
+                super::$case(super::Class::Uvicorn)
+            }
+            #[test]
+            fn granian() {
+                super::$case(super::Class::Granian)
+            }
+        }
+    )*};
+}
+
+for_each_class!(
+    boots_serves_and_is_ready_only_when_answering,
+    serves_wsgi_and_a_unix_socket,
+    hup_replaces_every_worker_with_zero_failed_requests,
+    a_killed_worker_is_replaced,
+    term_lets_an_in_flight_request_finish_then_exits_0,
+    a_blocked_app_misses_its_heartbeat_and_is_replaced,
+    an_exception_at_import_exits_4_with_one_traceback,
+    lifespan_startup_failure_exits_3,
+    max_requests_recycles_a_worker_without_failed_requests,
+    https_with_a_self_signed_certificate,
+    root_path_and_proxy_headers_reach_an_asgi_app,
+    root_path_and_proxy_headers_reach_a_wsgi_app,
+    a_quick_stop_does_not_wait_for_requests,
+    usr1_leaves_ready_workers_serving,
+    zygotes_fork_workers_and_start_no_thread,
+);
+
+fn pid_of(reply: &(u16, String)) -> i32 {
+    reply.1.trim().parse().expect("pid body")
+}
+
+/// The workers among procman's children (not the zygote).
+fn workers(h: &Harness) -> BTreeSet<i32> {
+    h.children()
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.starts_with(b"procman: worker"))
+        })
+        .collect()
+}
+
+fn boots_serves_and_is_ready_only_when_answering(class: Class) {
+    let mut h = class
+        .start("gr-boot", &fastapi_dir(), "app:main", &["-w", "2"])
+        .json()
+        .spawn();
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
+    // Ready means answering: the first request after it, no retry.
+    let (status, body) = http_get(h.addr(), "/").expect("GET / right after ready");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let pids = workers(&h);
+    assert!(
+        pids.contains(&(v["pid"].as_i64().expect("pid") as i32)),
+        "{body}"
+    );
+    assert_eq!(v["generation"], "1");
+    let starting = format!("app:main ({}, ", class.name());
+    h.check(
+        h.messages().iter().any(|m| m.contains(&starting)),
+        &format!("the first line names the server: {starting}"),
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
+}
+
+fn serves_wsgi_and_a_unix_socket(class: Class) {
+    let start = class.start("gr-wsgi", &apps_dir(), "wsgi_app:app", &["-w", "1"]);
+    let sock = start.dir().join("app.sock");
+    let unix = format!("unix:{}", sock.display());
+    let mut h = start.args(["-b", "127.0.0.1:0", "-b", &unix]).spawn();
+    let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
+    let got = wait_for(BOOT, || http_get(h.addr(), "/").ok());
+    assert_eq!(got.as_ref().map(pid_of), Some(pid), "{}", h.log_text());
+    let over_unix = wait_for(BOOT, || {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "--max-time", "5", "--unix-socket"])
+            .arg(&sock)
+            .arg("http://localhost/")
+            .output()
+            .ok()?;
+        (out.status.success() && !out.stdout.is_empty()).then_some(out.stdout)
+    });
+    assert_eq!(
+        over_unix.as_deref(),
+        Some(pid.to_string().as_bytes()),
+        "{}",
+        h.log_text()
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+fn hup_replaces_every_worker_with_zero_failed_requests(class: Class) {
+    let mut h = class
+        .start("gr-hup", &fastapi_dir(), "app:main", &["-w", "2"])
+        .json()
+        .spawn();
+    let old = h.wait_workers(2, BOOT);
+    let load = Load::start(h.addr(), 4, 20_000, Duration::from_secs(60));
+    wait_for(BOOT, || (load.done() > 50).then_some(()));
+    h.signal(Signal::SIGHUP);
+    let renewed = wait_for(BOOT, || {
+        let kids = workers(&h);
+        (h.has_event("reload-done", |e| e["generation"] == 2)
+            && kids.len() == 2
+            && kids.is_disjoint(&old))
+        .then_some(kids)
+    });
+    let target = load.done() + 100;
+    wait_for(BOOT, || (load.done() > target).then_some(()));
+    let report = load.finish();
+    h.check(renewed.is_some(), "every worker replaced");
+    h.check(
+        report.failures.is_empty(),
+        &format!("failed requests: {:?} of {}", report.failures, report.ok),
+    );
+    let new = renewed.expect("checked");
+    h.check(
+        report.pids.iter().any(|p| new.contains(p)),
+        "new generation served",
+    );
+}
+
+fn a_killed_worker_is_replaced(class: Class) {
+    let mut h = class
+        .start("gr-kill", &fastapi_dir(), "app:main", &["-w", "2"])
+        .json()
+        .spawn();
+    let pids = h.wait_workers(2, BOOT);
+    let victim = *pids.iter().next().expect("worker");
+    kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill -9");
+    let replaced = wait_for(BOOT, || {
+        let now = workers(&h);
+        (now.len() == 2 && !now.contains(&victim)).then_some(now)
+    });
+    h.check(replaced.is_some(), "the killed worker was replaced");
+    let new = replaced
+        .expect("checked")
+        .into_iter()
+        .find(|p| !pids.contains(p))
+        .expect("a new pid");
+    let answered = wait_for(BOOT, || {
+        http_get(h.addr(), "/pid").ok().filter(|r| pid_of(r) == new)
+    });
+    h.check(answered.is_some(), "the new worker answers");
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+fn term_lets_an_in_flight_request_finish_then_exits_0(class: Class) {
+    let mut h = class
+        .start("gr-term", &fastapi_dir(), "app:main", &["-w", "1"])
+        .spawn();
+    let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
+    let idle = idle_fd_count(pid);
+    let addr = h.addr();
+    let slow = std::thread::spawn(move || {
+        http_request(addr, "GET", "/slow?s=2", None, Duration::from_secs(30))
+    });
+    let accepted = wait_for(BOOT, || (open_fds(pid).len() > idle).then_some(()));
+    h.check(accepted.is_some(), "request reached the worker");
+    h.signal(Signal::SIGTERM);
+    let reply = slow
+        .join()
+        .expect("thread")
+        .expect("slow request completed");
+    assert_eq!(reply.0, 200, "{}", reply.1);
+    assert!(reply.1.contains("\"slept\":2"), "{}", reply.1);
+    assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
+}
+
+fn a_blocked_app_misses_its_heartbeat_and_is_replaced(class: Class) {
+    let mut h = class
+        .start(
+            "gr-block",
+            &fastapi_dir(),
+            "app:main",
+            &["-w", "2", "-t", "5"],
+        )
+        .json()
+        .spawn();
+    let pids = h.wait_workers(2, BOOT);
+    let addr = h.addr();
+    let blocked = std::thread::spawn(move || {
+        http_request(addr, "GET", "/block?s=60", None, Duration::from_secs(30))
+    });
+    let abort = h.expect_event("stopping", Duration::from_secs(30), "abort", |e| {
+        e["reason"] == "timeout"
+    });
+    let victim = worker_of(&abort);
+    assert!(pids.contains(&victim), "{}", h.log_text());
+    let other = *pids.iter().find(|p| **p != victim).expect("other");
+    let seen_other = wait_for(Duration::from_secs(10), || {
+        http_get(addr, "/pid").ok().filter(|r| pid_of(r) == other)
+    });
+    h.check(seen_other.is_some(), "the healthy worker kept answering");
+    let replaced = h.wait_workers(2, BOOT);
+    assert!(!replaced.contains(&victim));
+    let _ = blocked.join();
+}
+
+fn an_exception_at_import_exits_4_with_one_traceback(class: Class) {
+    let app = "raises_on_import:main";
+    let mut h = class
+        .start("gr-import", &apps_dir(), app, &["-w", "2"])
+        .json()
+        .spawn();
+    assert_eq!(h.exit_code(BOOT), 4, "{}", h.log_text());
+    let log = h.log_text();
+    h.check(
+        log.contains(&format!(
+            "procman: error: Failed to load application '{app}': RuntimeError: boom at import"
+        )),
+        "the last line names the Python error",
+    );
+    h.check(
+        log.matches("Traceback (most recent call last)").count() == 1,
+        "one traceback",
+    );
+    h.check(h.count_events("booting", |_| true) <= 2, "no retry loop");
+}
+
+fn lifespan_startup_failure_exits_3(class: Class) {
+    let mut h = class
+        .start(
+            "gr-lifespan",
+            &apps_dir(),
+            "lifespan_fail:main",
+            &["-w", "1"],
+        )
+        .json()
+        .spawn();
+    assert_eq!(h.exit_code(BOOT), 3, "{}", h.log_text());
+    h.check(h.count_events("booting", |_| true) == 1, "no retry loop");
+    h.check(h.has_event("boot-failed", |_| true), "a failed boot");
+}
+
+fn max_requests_recycles_a_worker_without_failed_requests(class: Class) {
+    let mut h = class
+        .start(
+            "gr-maxreq",
+            &fastapi_dir(),
+            "app:main",
+            &["-w", "1", "--max-requests", "50"],
+        )
+        .json()
+        .spawn();
+    let first = h.wait_workers(1, BOOT);
+    let load = Load::start(h.addr(), 2, 20_000, Duration::from_secs(60));
+    let changed = wait_for(BOOT, || {
+        load.pids().iter().any(|p| !first.contains(p)).then_some(())
+    });
+    let report = load.finish();
+    h.check(
+        changed.is_some(),
+        "the worker pid changed after ~50 requests",
+    );
+    h.check(
+        report.failures.is_empty(),
+        &format!("failed: {:?} of {}", report.failures, report.ok),
+    );
+    h.check(
+        h.has_event("recycling", |e| {
+            first.contains(&worker_of(e)) && e["reason"] == "max_requests"
+        }),
+        "recycled for its request count",
+    );
+}
+
+fn https_with_a_self_signed_certificate(class: Class) {
+    let start = class.start("gr-tls", &fastapi_dir(), "app:main", &["-w", "1"]);
+    let key = start.dir().join("key.pem");
+    let cert = start.dir().join("cert.pem");
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl (apt-get install openssl)");
+    assert!(st.success());
+    let h = start
+        .args(["--keyfile", key.to_str().expect("utf8")])
+        .args(["--certfile", cert.to_str().expect("utf8")])
+        .json()
+        .spawn();
+    let port = h.port();
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
+    let script = format!(
+        "import ssl,urllib.request;c=ssl.create_default_context(cafile='{}');c.check_hostname=False;print(urllib.request.urlopen('https://127.0.0.1:{port}/pid',context=c,timeout=10).read().decode())",
+        cert.display()
+    );
+    let out = std::process::Command::new(venv_python())
+        .args(["-c", &script])
+        .output()
+        .expect("python");
+    h.check(
+        out.status.success(),
+        &format!("HTTPS GET: {}", String::from_utf8_lossy(&out.stderr)),
+    );
+    let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(body.parse::<i32>().is_ok(), "pid over HTTPS: {body}");
+}
+
+fn a_quick_stop_does_not_wait_for_requests(class: Class) {
+    let mut h = class
+        .start(
+            "gr-quick",
+            &fastapi_dir(),
+            "app:main",
+            &["-w", "1", "--graceful-timeout", "120"],
+        )
+        .spawn();
+    let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
+    let idle = idle_fd_count(pid);
+    let addr = h.addr();
+    let slow = std::thread::spawn(move || {
+        http_request(addr, "GET", "/slow?s=90", None, Duration::from_secs(110))
+    });
+    let in_flight = wait_for(BOOT, || (open_fds(pid).len() > idle).then_some(()));
+    h.check(in_flight.is_some(), "the slow request reached the worker");
+    h.signal(Signal::SIGINT); // the master's quick stop: QUIT to the workers
+    assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
+    // Ended before the request could finish (90 s > BOOT): it got no answer.
+    let reply = slow.join().expect("thread");
+    assert!(reply.is_err(), "the request was not waited for: {reply:?}");
+}
+
+fn usr1_leaves_ready_workers_serving(class: Class) {
+    let mut h = class
+        .start("gr-usr1", &fastapi_dir(), "app:main", &["-w", "2"])
+        .json()
+        .spawn();
+    let pids = h.wait_workers(2, BOOT);
+    h.signal(Signal::SIGUSR1);
+    h.expect_event("log-reopened", BOOT, "USR1 handled", |_| true);
+    // A worker whose USR1 disposition were the default would be gone.
+    let seen = wait_for(BOOT, || {
+        let answered: BTreeSet<i32> = (0..20)
+            .filter_map(|_| http_get(h.addr(), "/pid").ok().map(|r| pid_of(&r)))
+            .collect();
+        (answered == pids).then_some(())
+    });
+    h.check(seen.is_some(), "both workers still answer");
+    h.check(!h.has_event("exited", |_| true), "no worker exited");
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}
+
+/// Threads of `pid` (the kernel's count: granian's runtime threads are not
+/// Python's).
+fn threads_of(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn zygotes_fork_workers_and_start_no_thread(class: Class) {
+    for (name, extra) in [("gr-zygote", &[][..]), ("gr-preload", &["--preload"][..])] {
+        let mut args = vec!["-w", "2"];
+        args.extend_from_slice(extra);
+        let mut h = class.start(name, &fastapi_dir(), "app:main", &args).spawn();
+        let pids = h.wait_workers(2, BOOT);
+        let zygotes: Vec<i32> = h
+            .children()
+            .into_iter()
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.starts_with(b"procman: zygote"))
+            })
+            .collect();
+        assert_eq!(zygotes.len(), 1, "{extra:?}: one zygote\n{}", h.log_text());
+        // Forking is safe only from a single-threaded process.
+        assert_eq!(threads_of(zygotes[0]), 1, "{extra:?}: the zygote's threads");
+        let log = h.log_text();
+        if extra.is_empty() {
+            let base = format!(
+                "(base: Python and {}; each worker imports app:main)",
+                class.name()
+            );
+            h.check(
+                log.contains(&base),
+                &format!("the zygote's line says {base}"),
+            );
+        }
+        for pid in &pids {
+            h.check(
+                log.contains(&format!("with pid {pid} (generation 1, forked from zygote")),
+                &format!("{extra:?}: worker {pid} forked from the zygote"),
+            );
+        }
+        h.signal(Signal::SIGTERM);
+        assert_eq!(h.exit_code(BOOT), 0);
+    }
+}
+
+/// GET `path` with extra `headers`; the JSON body.
+fn json_of(addr: std::net::SocketAddr, path: &str, headers: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// Proxy headers off, trusted with --root-path, and from an untrusted peer:
+/// what `app` (at `path`) reports as client, scheme and root path.
+fn proxy_headers_and_root_path(class: Class, app: &str, path: &str) {
+    let forwarded = "X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n";
+    let run = |name: &str, extra: &[&str]| {
+        let mut args = vec!["-w", "1"];
+        args.extend_from_slice(extra);
+        let mut h = class.start(name, &apps_dir(), app, &args).spawn();
+        h.wait_workers(1, BOOT);
+        let v = wait_for(BOOT, || {
+            std::net::TcpStream::connect(h.addr()).ok()?;
+            Some(json_of(h.addr(), path, forwarded))
+        })
+        .expect("an answer");
+        (h, v)
+    };
+    let (_h, v) = run("gr-scope-plain", &["--no-proxy-headers"]);
+    assert_eq!(
+        v["client"], "127.0.0.1",
+        "ignored with --no-proxy-headers: {v}"
+    );
+    assert_eq!(v["scheme"], "http", "{v}");
+    assert_eq!(v["root_path"], "", "{v}");
+    let (_h, v) = run(
+        "gr-scope-proxy",
+        &["--forwarded-allow-ips", "127.0.0.1", "--root-path", "/api"],
+    );
+    assert_eq!(v["client"], "203.0.113.7", "{v}");
+    assert_eq!(v["scheme"], "https", "{v}");
+    assert_eq!(v["root_path"], "/api", "{v}");
+    let (_h, v) = run("gr-scope-untrusted", &["--forwarded-allow-ips", "10.9.9.9"]);
+    assert_eq!(v["client"], "127.0.0.1", "an untrusted proxy: {v}");
+}
+
+fn root_path_and_proxy_headers_reach_an_asgi_app(class: Class) {
+    proxy_headers_and_root_path(class, "scope_app:main", "/scope");
+}
+
+fn root_path_and_proxy_headers_reach_a_wsgi_app(class: Class) {
+    proxy_headers_and_root_path(class, "wsgi_scope_app:app", "/api/scope");
+}
+
+/// A package directory standing in for granian, first on PYTHONPATH: its
+/// metadata says `version`; `api` is its granian/_granian.py (None: none).
+fn fake_granian(dir: &Path, version: &str, api: Option<&str>) -> PathBuf {
+    let root = dir.join("fake-granian");
+    let info = root.join(format!("granian-{version}.dist-info"));
+    std::fs::create_dir_all(&info).expect("mkdir dist-info");
+    std::fs::write(
+        info.join("METADATA"),
+        format!("Metadata-Version: 2.1\nName: granian\nVersion: {version}\n"),
+    )
+    .expect("METADATA");
+    let pkg = root.join("granian");
+    std::fs::create_dir_all(&pkg).expect("mkdir granian");
+    std::fs::write(
+        pkg.join("__init__.py"),
+        format!("__version__ = '{version}'\n"),
+    )
+    .expect("init");
+    if let Some(api) = api {
+        std::fs::write(pkg.join("_granian.py"), api).expect("_granian.py");
+    }
+    root
+}
+
+/// procman -k granian with a fake granian ahead of the real one: exit 4
+/// and a last line saying `want`.
+fn refused_granian(name: &str, version: &str, api: Option<&str>, want: &str) {
+    let start = Class::Granian.start(name, &fastapi_dir(), "app:main", &["-w", "2"]);
+    let fake = fake_granian(start.dir(), version, api);
+    let mut h = start
+        .env("PYTHONPATH", fake.to_str().expect("utf8"))
+        .spawn();
+    assert_eq!(h.exit_code(BOOT), 4, "{}", h.log_text());
+    let log = h.log_text();
+    let last = log.lines().last().unwrap_or_default().to_string();
+    h.check(
+        last.starts_with("procman: error: ") && last.contains(want),
+        &format!("the last line says {want:?}: {last}"),
+    );
+    h.check(!log.contains("Traceback"), "no traceback");
+    h.check(h.count_log(want) <= 3, "said by the workers, not in a loop");
+}
+
+#[test]
+fn an_unsupported_granian_version_exits_4_naming_it_and_the_range() {
+    refused_granian(
+        "gr-version",
+        "2.6.1",
+        None,
+        "granian 2.6.1 is installed, procman supports granian>=2.8.9,<2.9",
+    );
+}
+
+#[test]
+fn a_granian_whose_private_api_changed_exits_4_naming_it_and_the_range() {
+    // A supported version number, but ASGIWorker takes other parameters.
+    let api = "class ASGIWorker:\n    def __init__(self, worker_id, listener): pass\n\
+               WSGIWorker = SocketHolder = WorkerSignal = ASGIWorker\n";
+    refused_granian(
+        "gr-shape",
+        "2.8.9",
+        Some(api),
+        "granian 2.8.9's private worker API is not the expected one",
+    );
+}
+
+#[test]
+fn options_granian_cannot_honour_are_refused_in_one_line() {
+    let python = granian_python();
+    for (option, value) in [
+        ("--limit-concurrency", "5"),
+        ("--keep-alive", "7"),
+        ("--http", "h11"),
+    ] {
+        let out = std::process::Command::new(PROCMAN)
+            .args(["-k", "granian", "--python"])
+            .arg(&python)
+            .args([option, value, "app:main"])
+            .current_dir(fastapi_dir())
+            .output()
+            .expect("runs procman");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{option}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{option}: {stderr}");
+        assert!(
+            lines[0].contains(&format!(
+                "'{option}' is not supported by the granian worker class (-k granian)"
+            )),
+            "{option}: {stderr}"
+        );
+    }
+}

@@ -321,10 +321,13 @@ fn the_socket_file_gets_the_mode_and_group_asked_for() {
         ])
         .args(["-w", "1", "--", &hello()])
         .spawn();
+    // The file appears at bind(2) and is handed to the group just after:
+    // once a worker serves, procman has long finished with it.
     h.check(
         wait_for(BOOT, || std::fs::metadata(&sock).ok()).is_some(),
         "socket file",
     );
+    h.check(h.wait_log("All 1 worker ready", BOOT), "ready");
     let meta = std::fs::metadata(&sock).expect("socket");
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     let www = nix::unistd::Group::from_name("www-data")

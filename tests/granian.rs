@@ -336,6 +336,10 @@ fn max_requests_recycles_a_worker_without_failed_requests(class: Class) {
         }),
         "recycled for its request count",
     );
+    h.check(
+        h.has_event("recycle-asked", |e| first.contains(&worker_of(e))),
+        "recycle requested over notify",
+    );
 }
 
 fn https_with_a_self_signed_certificate(class: Class) {

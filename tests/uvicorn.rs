@@ -1,5 +1,8 @@
 //! The uvicorn class: a real FastAPI app under real uvicorn, through the
-//! bootstrap embedded in procman.
+//! bootstrap embedded in procman. What any ASGI server class must do
+//! (boot, HUP with 0 failed requests, drain on TERM, TLS, --max-requests,
+//! a failed lifespan, …) is one suite run for every class, uvicorn
+//! included: tests/granian.rs (`case::uvicorn`, `case::granian`).
 
 mod util;
 
@@ -249,36 +252,6 @@ fn usr1_reaches_uvicorn_workers_only_once_they_are_ready() {
 }
 
 #[test]
-fn lifespan_startup_failure_exits_3() {
-    let mut h = uvicorn("lifespan", &apps_dir(), "lifespan_fail:main", &["-w", "1"])
-        .json()
-        .spawn();
-    assert_eq!(h.exit_code(BOOT), 3, "{}", h.log_text());
-    h.check(h.count_events("booting", |_| true) == 1, "no retry loop");
-    h.check(h.has_event("boot-failed", |_| true), "a failed boot");
-}
-
-#[test]
-fn term_lets_an_in_flight_request_finish_then_exits_0() {
-    let mut h = uvicorn("uv-term", &fastapi_dir(), "app:main", &["-w", "1"]).spawn();
-    let pid = *h.wait_workers(1, BOOT).iter().next().expect("worker");
-    let idle = idle_fd_count(pid);
-    let addr = h.addr();
-    let slow = std::thread::spawn(move || {
-        http_request(addr, "GET", "/slow?s=2", None, Duration::from_secs(30))
-    });
-    let accepted = wait_for(BOOT, || (open_fds(pid).len() > idle).then_some(()));
-    h.check(accepted.is_some(), "request reached the worker");
-    h.signal(Signal::SIGTERM);
-    let reply = slow
-        .join()
-        .expect("thread")
-        .expect("slow request completed");
-    assert_eq!(reply.0, 200, "{}", reply.1);
-    assert_eq!(h.exit_code(BOOT), 0);
-}
-
-#[test]
 fn quick_stop_ends_at_once() {
     let mut h = uvicorn(
         "uv-quick",
@@ -307,140 +280,6 @@ fn quick_stop_ends_at_once() {
         t0.elapsed() < Duration::from_secs(5),
         "quick stop took {:?}",
         t0.elapsed()
-    );
-}
-
-#[test]
-fn max_requests_recycles_a_worker_without_failed_requests() {
-    let mut h = uvicorn(
-        "maxreq",
-        &fastapi_dir(),
-        "app:main",
-        &["-w", "1", "--max-requests", "50"],
-    )
-    .json()
-    .spawn();
-    let first = h.wait_workers(1, BOOT);
-    let load = Load::start(h.addr(), 2, 20_000, Duration::from_secs(60));
-    let changed = wait_for(BOOT, || {
-        load.pids().iter().any(|p| !first.contains(p)).then_some(())
-    });
-    let report = load.finish();
-    h.check(
-        changed.is_some(),
-        "the worker pid changed after ~50 requests",
-    );
-    h.check(
-        report.failures.is_empty(),
-        &format!("failed: {:?} of {}", report.failures, report.ok),
-    );
-    h.check(
-        h.has_event("recycle-asked", |e| first.contains(&worker_of(e))),
-        "recycle requested over notify",
-    );
-    h.check(
-        h.has_event("recycling", |e| {
-            first.contains(&worker_of(e)) && e["reason"] == "max_requests"
-        }),
-        "recycled for its request count",
-    );
-}
-
-#[test]
-fn https_with_a_self_signed_certificate() {
-    let dir = temp_dir("tls");
-    let key = dir.join("key.pem");
-    let cert = dir.join("cert.pem");
-    let st = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl (apt-get install openssl)");
-    assert!(st.success());
-    let h = uvicorn(
-        "tls",
-        &fastapi_dir(),
-        "app:main",
-        &[
-            "-w",
-            "1",
-            "--keyfile",
-            key.to_str().expect("utf8"),
-            "--certfile",
-            cert.to_str().expect("utf8"),
-        ],
-    )
-    .json()
-    .spawn();
-    let port = h.port();
-    h.expect_event("all-ready", BOOT, "ready", |_| true);
-    let script = format!(
-        "import ssl,urllib.request;c=ssl.create_default_context(cafile='{}');c.check_hostname=False;print(urllib.request.urlopen('https://127.0.0.1:{port}/pid',context=c,timeout=10).read().decode())",
-        cert.display()
-    );
-    let out = Command::new(venv_python())
-        .args(["-c", &script])
-        .output()
-        .expect("python");
-    h.check(
-        out.status.success(),
-        &format!("HTTPS GET: {}", String::from_utf8_lossy(&out.stderr)),
-    );
-    let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(body.parse::<i32>().is_ok(), "pid over HTTPS: {body}");
-    let _ = std::fs::remove_dir_all(dir);
-}
-
-#[test]
-fn hup_replaces_every_worker_with_zero_failed_requests() {
-    let mut h = uvicorn("uv-hup", &fastapi_dir(), "app:main", &["-w", "2"])
-        .json()
-        .spawn();
-    let old = h.wait_workers(2, BOOT);
-    let load = Load::start(h.addr(), 4, 20_000, Duration::from_secs(60));
-    wait_for(BOOT, || (load.done() > 50).then_some(()));
-    h.signal(Signal::SIGHUP);
-    let renewed = wait_for(BOOT, || {
-        // The workers, not the base zygotes (also the master's children).
-        let kids: BTreeSet<i32> = h
-            .children()
-            .into_iter()
-            .filter(|p| {
-                std::fs::read(format!("/proc/{p}/cmdline"))
-                    .is_ok_and(|c| c.starts_with(b"procman: worker"))
-            })
-            .collect();
-        (h.has_event("reload-done", |e| e["generation"] == 2)
-            && kids.len() == 2
-            && kids.is_disjoint(&old))
-        .then_some(kids)
-    });
-    let target = load.done() + 100;
-    wait_for(BOOT, || (load.done() > target).then_some(()));
-    let report = load.finish();
-    h.check(renewed.is_some(), "every worker replaced");
-    h.check(
-        report.failures.is_empty(),
-        &format!("failed requests: {:?} of {}", report.failures, report.ok),
-    );
-    let new = renewed.expect("checked");
-    h.check(
-        report.pids.iter().any(|p| new.contains(p)),
-        "new generation served",
     );
 }
 

@@ -1,6 +1,7 @@
 //! The receiver and parser's tests (unit and property).
 
 use super::*;
+use std::os::unix::net::UnixDatagram;
 use std::time::Instant;
 
 #[test]

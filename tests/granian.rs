@@ -2,7 +2,8 @@
 //! each case below is one function taking the [`Class`], run for uvicorn
 //! and for `-k granian` (granian's HTTP server in procman's workers) by
 //! [`for_each_class!`] (test names `case::uvicorn`, `case::granian`).
-//! Then what only `-k granian` has: its version check and its refusals.
+//! The listeners are procman's in every form: TCP, a unix socket, IPv6,
+//! `--reuse-port` and socket activation. Then what only `-k granian` has: its version check and its refusals.
 //!
 //! The granian class runs under target/granian-venv (the pinned granian of
 //! scripts/test plus the example's requirements).
@@ -92,6 +93,9 @@ for_each_class!(
     a_quick_stop_does_not_wait_for_requests,
     usr1_leaves_ready_workers_serving,
     zygotes_fork_workers_and_start_no_thread,
+    reuse_port_workers_each_serve_on_the_one_port,
+    socket_activation_serves_on_the_inherited_socket,
+    an_ipv6_loopback_bind_serves,
 );
 
 fn pid_of(reply: &(u16, String)) -> i32 {
@@ -471,6 +475,98 @@ fn zygotes_fork_workers_and_start_no_thread(class: Class) {
         h.signal(Signal::SIGTERM);
         assert_eq!(h.exit_code(BOOT), 0);
     }
+}
+
+fn reuse_port_workers_each_serve_on_the_one_port(class: Class) {
+    let mut h = class
+        .start(
+            "gr-reuseport",
+            &fastapi_dir(),
+            "app:main",
+            &["-w", "2", "--reuse-port"],
+        )
+        .json()
+        .spawn();
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
+    h.check(
+        h.has_event("listening", |e| e["reuse_port"] == true),
+        "the listener is SO_REUSEPORT",
+    );
+    // Each worker has its own listener on the port: two distinct pids
+    // answer there, and they are the two workers.
+    let answered = h.wait_workers(2, BOOT);
+    assert_eq!(answered, workers(&h), "{}", h.log_text());
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
+}
+
+fn socket_activation_serves_on_the_inherited_socket(class: Class) {
+    // As systemd does it: a listening socket at fd 3, LISTEN_FDS=1 and
+    // LISTEN_PID procman's own pid (a shell sets it to its pid, then execs
+    // procman: same pid).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let start = class
+        .start("gr-activation", &fastapi_dir(), "app:main", &["-w", "2"])
+        .no_default_bind()
+        .json()
+        .inherit_fd(std::os::fd::AsRawFd::as_raw_fd(&listener), 3)
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "web");
+    let mut h = start.spawn_with(
+        "sh",
+        &[
+            "-c",
+            "LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"",
+            PROCMAN,
+        ],
+    );
+    drop(listener); // procman has its own copy (fd 3)
+    let answered = h.wait_workers_on(port, 2, BOOT);
+    assert_eq!(answered, workers(&h), "{}", h.log_text());
+    h.check(
+        h.has_event("listening", |e| {
+            e["name"] == "web" && e["inherited"] == true
+        }),
+        "the inherited socket is used",
+    );
+    h.check(
+        h.count_events("listening", |_| true) == 1,
+        "nothing else bound (no default 127.0.0.1:8000)",
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
+}
+
+fn an_ipv6_loopback_bind_serves(class: Class) {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this machine has no IPv6 loopback ([::1] cannot be bound)");
+        return;
+    }
+    let mut h = class
+        .start("gr-ipv6", &fastapi_dir(), "app:main", &["-w", "1"])
+        .no_default_bind()
+        .args(["-b", "[::1]:0"])
+        .json()
+        .spawn();
+    let port = wait_for(BOOT, || {
+        h.events_named("listening").iter().find_map(|e| {
+            let a = e["address"].as_str()?.strip_prefix("http://[::1]:")?;
+            a.parse::<u16>().ok()
+        })
+    })
+    .unwrap_or_else(|| panic!("no [::1] listener\n{}", h.log_text()));
+    let addr: std::net::SocketAddr = format!("[::1]:{port}").parse().expect("addr");
+    let got = wait_for(BOOT, || http_get(addr, "/pid").ok());
+    let pid = *workers(&h).iter().next().expect("a worker");
+    assert_eq!(
+        got.as_ref().map(pid_of),
+        Some(pid),
+        "GET /pid over [::1]: {got:?}\n{}",
+        h.log_text()
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
 }
 
 /// GET `path` with extra `headers`; the JSON body.

@@ -561,6 +561,7 @@ fn procman_under_a_real_systemd() {
     // loop: systemd sees RELOADING=1 then READY=1 from the same MainPID,
     // the unit ends active/running (not reloading, not restarted), the
     // workers are the same processes, still procman's children.
+    let step = Instant::now();
     let main_pid = c.show("MainPID");
     let invocation = c.show("InvocationID");
     let workers = c.workers(&main_pid);
@@ -677,6 +678,7 @@ fn procman_under_a_real_systemd() {
         "journalctl EVENT=upgrade-failed: {}",
         text(&warned)
     );
+    println!("upgrade step: {:.1} s", step.elapsed().as_secs_f64());
 
     // 5. A reload to a broken app fails; the old workers keep answering.
     c.write("/srv/app/app.py", "raise RuntimeError('broken deploy')\n");

@@ -11,10 +11,16 @@
 //!    lines as entries of that worker;
 //! 3. a socket-activated `systemctl restart` under a bounded client loop
 //!    loses no request;
-//! 4. `systemctl reload` to a broken app exits non-zero while the old
+//! 4. `procman upgrade` through the control socket (issue 28, item 4),
+//!    3 in a row under a client loop, loses no request; the unit's
+//!    MainPID, invocation and workers stay the same and it ends
+//!    active/running each time (RELOADING=1, then READY=1 from the new
+//!    image); `journalctl EVENT=upgraded` has each; a refused pre-flight
+//!    (`procman upgrade /bin/true`) exits 1 and changes none of that;
+//! 5. `systemctl reload` to a broken app exits non-zero while the old
 //!    workers keep answering, and `journalctl -p err` shows procman's
 //!    error with its EVENT= field;
-//! 5. `systemctl stop` leaves the unit's cgroup empty.
+//! 6. `systemctl stop` leaves the unit's cgroup empty.
 //!
 //! The shipped unit and socket are installed as shipped, but with 2
 //! workers (2 cores). A container that cannot boot fails the test in one
@@ -217,6 +223,64 @@ impl Container {
     fn curl(&self) -> Output {
         self.run(&["curl", "-sf", "-m", "30", "http://127.0.0.1:80/"], LONG)
     }
+
+    /// The pids of procman's workers (`procman status --json`), sorted;
+    /// each must be a child of `main_pid`.
+    fn workers(&self, main_pid: &str) -> Vec<i32> {
+        let o = self.run(
+            &[
+                "procman",
+                "status",
+                "--json",
+                "--control-socket",
+                "/run/procman/control.sock",
+            ],
+            LONG,
+        );
+        let status: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("procman status --json: {e}: {}", text(&o)));
+        let mut pids: Vec<i32> = status["workers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| w["pid"].as_i64())
+            .filter_map(|p| i32::try_from(p).ok())
+            .collect();
+        pids.sort_unstable();
+        let ps = self.run(&["ps", "--ppid", main_pid, "-o", "pid="], LONG);
+        let children: Vec<i32> = String::from_utf8_lossy(&ps.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        assert!(
+            pids.iter().all(|p| children.contains(p)),
+            "workers {pids:?} are not all children of {main_pid} ({children:?})"
+        );
+        pids
+    }
+
+    /// Waits until the unit is active/running (a reload announced by
+    /// RELOADING=1 ended by READY=1); fails with the state it stayed in.
+    /// The 60 s are less than the unit's TimeoutStartSec=90, past which
+    /// systemd would end a reload that got no READY=1 by itself.
+    fn settles_running(&self, when: &str) {
+        let mut last = (String::new(), String::new());
+        let done = wait_for(Duration::from_secs(60), || {
+            last = (self.show("ActiveState"), self.show("SubState"));
+            if last.0 == "active" && last.1 == "running" {
+                return Some(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            None
+        });
+        assert!(
+            done.is_some(),
+            "{when}: the unit stayed {}/{}: {}",
+            last.0,
+            last.1,
+            self.journal()
+        );
+    }
 }
 
 impl Drop for Container {
@@ -323,6 +387,51 @@ while not os.path.exists(stop) and time.monotonic() < end and ok + fail < 20000:
         json.dump({'ok': ok, 'fail': fail, 'errors': errors[:5]}, f)
     os.rename(out + '.tmp', out)
 ";
+
+/// Runs `act` while CLIENT requests through procman, from 50 answers
+/// before it to 200 after; returns the client's counts.
+fn under_load(c: &Container, act: impl FnOnce()) -> serde_json::Value {
+    c.write("/root/client.py", CLIENT);
+    let _ = std::fs::remove_file(c.path("/root/stop"));
+    let _ = std::fs::remove_file(c.path("/root/result.json"));
+    let mut client = c
+        .command(&[
+            "python3",
+            "/root/client.py",
+            "/root/stop",
+            "/root/result.json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("client");
+    let counted = || -> Option<serde_json::Value> {
+        let t = std::fs::read_to_string(c.path("/root/result.json")).ok()?;
+        serde_json::from_str(&t).ok()
+    };
+    let ok_now = || counted().and_then(|v| v["ok"].as_u64()).unwrap_or(0);
+    // Stops the client also when a check in `act` fails.
+    struct Stop<'a>(&'a Container, &'a mut Child);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0.path("/root/stop"), "");
+            if wait_for(LONG, || self.1.try_wait().ok().flatten()).is_none() {
+                let _ = self.1.kill();
+                let _ = self.1.wait();
+            }
+        }
+    }
+    let stop = Stop(c, &mut client);
+    wait_for(LONG, || (ok_now() >= 50).then_some(()))
+        .unwrap_or_else(|| panic!("the client got no answers: {:?}", counted()));
+    act();
+    let after = ok_now();
+    wait_for(LONG, || (ok_now() >= after + 200).then_some(()))
+        .unwrap_or_else(|| panic!("no answers after it: {:?}", counted()));
+    drop(stop);
+    counted().expect("client result")
+}
 
 #[test]
 fn procman_under_a_real_systemd() {
@@ -441,42 +550,137 @@ fn procman_under_a_real_systemd() {
     );
 
     // 3. A restart under a client loop: systemd holds the socket.
-    c.write("/root/client.py", CLIENT);
-    let _ = std::fs::remove_file(c.path("/root/stop"));
-    let mut client = c
-        .command(&[
-            "python3",
-            "/root/client.py",
-            "/root/stop",
-            "/root/result.json",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("client");
-    let counted = |c: &Container| -> Option<serde_json::Value> {
-        let t = std::fs::read_to_string(c.path("/root/result.json")).ok()?;
-        serde_json::from_str(&t).ok()
-    };
-    let ok_now = |c: &Container| counted(c).and_then(|v| v["ok"].as_u64()).unwrap_or(0);
-    wait_for(LONG, || (ok_now(&c) >= 50).then_some(()))
-        .unwrap_or_else(|| panic!("the client got no answers: {:?}", counted(&c)));
-    c.systemctl(&["restart", "procman.service"]);
-    let after = ok_now(&c);
-    wait_for(LONG, || (ok_now(&c) >= after + 200).then_some(()))
-        .unwrap_or_else(|| panic!("no answers after the restart: {:?}", counted(&c)));
-    c.write("/root/stop", "");
-    wait_for(LONG, || client.try_wait().ok().flatten())
-        .unwrap_or_else(|| panic!("the client did not stop"));
-    let result = counted(&c).expect("client result");
+    let result = under_load(&c, || c.systemctl(&["restart", "procman.service"]));
     assert_eq!(
         result["fail"], 0,
         "requests lost across the restart: {result}"
     );
     println!("restart under load: {result}");
 
-    // 4. A reload to a broken app fails; the old workers keep answering.
+    // 4. In-place upgrades (issue 28, item 4), 3 in a row under a client
+    // loop: systemd sees RELOADING=1 then READY=1 from the same MainPID,
+    // the unit ends active/running (not reloading, not restarted), the
+    // workers are the same processes, still procman's children.
+    let step = Instant::now();
+    let main_pid = c.show("MainPID");
+    let invocation = c.show("InvocationID");
+    let workers = c.workers(&main_pid);
+    assert_eq!(workers.len(), 2, "workers before the upgrades: {workers:?}");
+    let upgrade = [
+        "procman",
+        "upgrade",
+        "--control-socket",
+        "/run/procman/control.sock",
+    ];
+    let result = under_load(&c, || {
+        for i in 1..=3 {
+            let o = c.run(&upgrade, LONG);
+            assert!(
+                o.status.success(),
+                "procman upgrade #{i}: {}\n{}",
+                text(&o),
+                c.journal()
+            );
+            assert!(
+                text(&o).contains(&format!("pid {main_pid}, 2 workers kept")),
+                "procman upgrade #{i}: {}",
+                text(&o)
+            );
+            c.settles_running(&format!("after upgrade #{i}"));
+        }
+    });
+    assert_eq!(
+        result["fail"], 0,
+        "requests lost across 3 upgrades: {result}"
+    );
+    println!("3 upgrades under load: {result}");
+    assert_eq!(c.show("MainPID"), main_pid, "MainPID changed");
+    assert_eq!(c.show("InvocationID"), invocation, "the unit was restarted");
+    assert_eq!(c.workers(&main_pid), workers, "workers after the upgrades");
+    let upgraded = c.run(
+        &[
+            "journalctl",
+            "-u",
+            "procman",
+            "-o",
+            "json",
+            "EVENT=upgraded",
+        ],
+        LONG,
+    );
+    let upgraded: Vec<serde_json::Value> = String::from_utf8_lossy(&upgraded.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        upgraded.len() == 3
+            && upgraded.iter().all(|e| e["_PID"] == main_pid.as_str()
+                && e["PRIORITY"] == "6"
+                && e["WORKERS"] == "2"
+                && e["MESSAGE"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("Upgraded in place: "))),
+        "journalctl EVENT=upgraded: {upgraded:?}"
+    );
+    // A refused pre-flight (`/bin/true` gives no answer) changes nothing.
+    let refused = c.run(
+        &[
+            "procman",
+            "upgrade",
+            "/bin/true",
+            "--control-socket",
+            "/run/procman/control.sock",
+        ],
+        LONG,
+    );
+    assert_eq!(
+        refused.status.code(),
+        Some(1),
+        "procman upgrade /bin/true: {}",
+        text(&refused)
+    );
+    assert!(
+        text(&refused).contains("procman: error: upgrade failed: "),
+        "procman upgrade /bin/true: {}",
+        text(&refused)
+    );
+    c.settles_running("after a refused upgrade");
+    assert_eq!(
+        c.show("MainPID"),
+        main_pid,
+        "MainPID after a refused upgrade"
+    );
+    assert_eq!(c.show("InvocationID"), invocation);
+    assert_eq!(
+        c.workers(&main_pid),
+        workers,
+        "workers after a refused upgrade"
+    );
+    let warned = c.run(
+        &[
+            "journalctl",
+            "-u",
+            "procman",
+            "-o",
+            "json",
+            "EVENT=upgrade-failed",
+        ],
+        LONG,
+    );
+    assert!(
+        String::from_utf8_lossy(&warned.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|e| e["PRIORITY"] == "4"
+                && e["MESSAGE"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("Upgrade refused: "))),
+        "journalctl EVENT=upgrade-failed: {}",
+        text(&warned)
+    );
+    println!("upgrade step: {:.1} s", step.elapsed().as_secs_f64());
+
+    // 5. A reload to a broken app fails; the old workers keep answering.
     c.write("/srv/app/app.py", "raise RuntimeError('broken deploy')\n");
     let reload = c.run(&["systemctl", "reload", "procman"], LONG);
     assert!(
@@ -524,7 +728,7 @@ fn procman_under_a_real_systemd() {
     );
     c.write("/srv/app/app.py", &app);
 
-    // 5. A stop leaves nothing behind.
+    // 6. A stop leaves nothing behind.
     let cgroup = c.show("ControlGroup");
     c.systemctl(&["stop", "procman.service"]);
     assert_eq!(c.show("ActiveState"), "inactive");

@@ -11,6 +11,19 @@
 //! thread of every process in the group, and each worker leads its own group
 //! (`workers.rs`: its pid is its process group id).
 //!
+//! Why the *autogroup* too: each worker leads a session of its own, and
+//! with `kernel.sched_autogroup_enabled` (the default of many kernels) the
+//! scheduler first shares the CPU fairly among sessions' autogroups, by each
+//! autogroup's own nice value, and only then among the threads of one
+//! autogroup by theirs. A nice value set on a worker's threads alone then
+//! changes nothing against the other workers (each its own autogroup), so
+//! [`set_group`] sets the worker's autogroup to the same value
+//! (`/proc/PID/autogroup`). Only for a process that leads its session: the
+//! autogroup of any other is its session leader's, which may be procman's.
+//! Where there are no autogroups (the file is missing, or the task is in a
+//! cgroup of its own, as under systemd, where the autogroup is not used)
+//! the write is harmless or skipped.
+//!
 //! Lowering a priority needs no privilege for one's own processes;
 //! raising it back needs `CAP_SYS_NICE` (or an `RLIMIT_NICE` that allows
 //! it), which is why a caller must be ready for [`set_group`] to fail with
@@ -48,19 +61,46 @@ pub fn own() -> io::Result<i32> {
     Ok(nice)
 }
 
-/// Sets every thread of process group `pgid` to `nice`.
+/// Sets every thread of process group `pgid` to `nice`, and, when `pgid`
+/// leads its session, that session's autogroup too (see the module's
+/// comment).
 pub fn set_group(pgid: Pid, nice: i32) -> io::Result<()> {
     // SAFETY: setpriority takes three integers and touches no memory of ours.
     let r = unsafe { libc::setpriority(libc::PRIO_PGRP as _, pgid.as_raw() as libc::id_t, nice) };
     if r == -1 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    set_autogroup(pgid, nice)
+}
+
+/// Sets the autogroup of the session `leader` leads to `nice`. Nothing to
+/// do when `leader` leads no session (its autogroup is another session's:
+/// never touched) or the kernel keeps no autogroups.
+fn set_autogroup(leader: Pid, nice: i32) -> io::Result<()> {
+    // A session leader cannot leave its session: once this holds, the
+    // file below names the leader's own autogroup for as long as it lives.
+    if nix::unistd::getsid(Some(leader)) != Ok(leader) {
+        return Ok(());
+    }
+    let path = format!("/proc/{}/autogroup", leader.as_raw());
+    match std::fs::write(&path, nice.to_string()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The nice value of the autogroup of `pid`'s session, if the kernel keeps
+/// autogroups (`/autogroup-N nice V`).
+pub fn of_autogroup(pid: Pid) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{}/autogroup", pid.as_raw())).ok()?;
+    text.split_whitespace().last()?.parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::CommandExt;
     use std::process::Command;
 
     /// Field `n` after the command name of a /proc `stat` file (0: the state).
@@ -149,6 +189,70 @@ mod tests {
         assert!(
             nices.iter().all(|n| *n == lowered),
             "all at {lowered}: {nices:?}"
+        );
+    }
+
+    #[test]
+    fn a_session_leaders_autogroup_gets_the_nice_value_too() {
+        // A process leading a session of its own, as a worker does.
+        let mut child = Command::new("setsid")
+            .args(["--wait", "sleep", "30"])
+            .spawn()
+            .expect("setsid sleep");
+        // setsid(1) forks when it is a group leader: find the sleeper, the
+        // leader of a new session.
+        let parent = child.id() as i32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let leader = loop {
+            let kids = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+                .unwrap_or_default();
+            let found = kids
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+                .chain(std::iter::once(parent))
+                .map(Pid::from_raw)
+                .find(|p| nix::unistd::getsid(Some(*p)) == Ok(*p));
+            if let Some(p) = found {
+                break p;
+            }
+            assert!(std::time::Instant::now() < deadline, "no session leader");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let before = of_autogroup(leader);
+        let result = set_group(leader, 7);
+        let after = of_autogroup(leader);
+        let own_after = of_autogroup(Pid::this());
+        let _ = nix::sys::signal::kill(leader, nix::sys::signal::Signal::SIGKILL);
+        let _ = child.kill();
+        let _ = child.wait();
+        result.expect("set_group");
+        if before.is_none() {
+            eprintln!("no autogroups on this kernel: nothing to check");
+            return;
+        }
+        assert_eq!(after, Some(7), "the worker's autogroup follows its nice");
+        assert_ne!(own_after, Some(7), "our own autogroup is left alone");
+    }
+
+    #[test]
+    fn a_process_that_leads_no_session_leaves_its_sessions_autogroup_alone() {
+        // In our session (the test's): its autogroup is not its own.
+        // Its own group, so set_group has a group to reach.
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .expect("sleep");
+        let pid = Pid::from_raw(child.id() as i32);
+        let ours = of_autogroup(Pid::this());
+        let result = set_group(pid, 9);
+        let after = of_autogroup(Pid::this());
+        let _ = child.kill();
+        let _ = child.wait();
+        result.expect("set_group");
+        assert_eq!(
+            after, ours,
+            "the session's autogroup is not the child's to change"
         );
     }
 

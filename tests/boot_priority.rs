@@ -65,6 +65,16 @@ fn boots_then_serves(h: &Harness, pid: i32, go: &Path, booting: i32, serving: i3
         nice_of(pid) == Some(booting),
         &format!("{who} {pid} boots at nice {booting}: {:?}", nice_of(pid)),
     );
+    // With autogroups (one per session, so one per worker), the CPU is
+    // shared by the autogroups' nice values first: the boost must reach
+    // the worker's autogroup, or it changes nothing against the others.
+    h.check(
+        autogroup_nice_of(pid).is_none_or(|n| n == booting),
+        &format!(
+            "{who} {pid}'s autogroup boots at nice {booting}: {:?}",
+            autogroup_nice_of(pid)
+        ),
+    );
     std::fs::write(go, "").expect("go");
     wait_ready(h, pid);
     h.check(
@@ -74,6 +84,20 @@ fn boots_then_serves(h: &Harness, pid: i32, go: &Path, booting: i32, serving: i3
             nice_of(pid)
         ),
     );
+    h.check(
+        autogroup_nice_of(pid).is_none_or(|n| n == serving),
+        &format!(
+            "ready, {who} {pid}'s autogroup serves at nice {serving}: {:?}",
+            autogroup_nice_of(pid)
+        ),
+    );
+}
+
+/// The nice value of `pid`'s autogroup (`/autogroup-N nice V`), if the
+/// kernel keeps autogroups.
+fn autogroup_nice_of(pid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/autogroup")).ok()?;
+    text.split_whitespace().last()?.parse().ok()
 }
 
 /// The first worker boots at nice `booting` and serves at `serving`; then,

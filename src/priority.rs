@@ -22,7 +22,9 @@
 //! autogroup of any other is its session leader's, which may be procman's.
 //! Where there are no autogroups (the file is missing, or the task is in a
 //! cgroup of its own, as under systemd, where the autogroup is not used)
-//! the write is harmless or skipped.
+//! the write is harmless or skipped; one that is refused (the file is the
+//! worker user's, and procman may lack `CAP_DAC_OVERRIDE`) is said at debug
+//! level and does not fail the nice value already set.
 //!
 //! Lowering a priority needs no privilege for one's own processes;
 //! raising it back needs `CAP_SYS_NICE` (or an `RLIMIT_NICE` that allows
@@ -70,7 +72,14 @@ pub fn set_group(pgid: Pid, nice: i32) -> io::Result<()> {
     if r == -1 {
         return Err(io::Error::last_os_error());
     }
-    set_autogroup(pgid, nice)
+    // Best effort: the file belongs to the worker's user, and procman may
+    // hold CAP_SYS_NICE without CAP_DAC_OVERRIDE (the example systemd
+    // unit), which makes it unwritable; there, in a cgroup of its own, the
+    // service has no autogroup that counts anyway.
+    if let Err(e) = set_autogroup(pgid, nice) {
+        tracing::debug!("cannot set the autogroup of worker {pgid} to nice {nice}: {e}");
+    }
+    Ok(())
 }
 
 /// Sets the autogroup of the session `leader` leads to `nice`. Nothing to

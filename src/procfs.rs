@@ -225,10 +225,19 @@ pub fn memory_cgroup(pid: Option<i32>) -> Option<MemoryCgroup> {
 impl MemoryCgroup {
     /// Its `oom_kill` count, if a counter file is readable.
     pub fn oom_kills(&self) -> Option<u64> {
-        self.counters.iter().find_map(|file| {
-            crate::status::parse_oom_kill(&String::from_utf8_lossy(&std::fs::read(file).ok()?))
-        })
+        self.counters
+            .iter()
+            .find_map(|file| parse_oom_kill(&String::from_utf8_lossy(&std::fs::read(file).ok()?)))
     }
+}
+
+/// The `oom_kill` line of a `memory.events` (or v1 `memory.oom_control`)
+/// file.
+pub fn parse_oom_kill(events: &str) -> Option<u64> {
+    events.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next()? == "oom_kill").then(|| it.next()?.parse().ok())?
+    })
 }
 
 #[cfg(test)]

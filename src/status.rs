@@ -328,15 +328,6 @@ pub fn oom_kill_count() -> Option<u64> {
     crate::procfs::memory_cgroup(None)?.oom_kills()
 }
 
-/// The `oom_kill` line of a `memory.events` (or v1 `memory.oom_control`)
-/// file.
-pub fn parse_oom_kill(events: &str) -> Option<u64> {
-    events.lines().find_map(|l| {
-        let mut it = l.split_whitespace();
-        (it.next()? == "oom_kill").then(|| it.next()?.parse().ok())?
-    })
-}
-
 /// Resident and unique memory of the process groups `groups`, summed over
 /// their members among the master's descendants ([`crate::procfs::members`]):
 /// RSS and USS (private pages) from `smaps_rollup`, read only for members
@@ -484,8 +475,8 @@ mod tests {
     #[test]
     fn memory_events_and_smaps_rollup_parse() {
         let events = "low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\noom_group_kill 0\n";
-        assert_eq!(parse_oom_kill(events), Some(2));
-        assert_eq!(parse_oom_kill("low 0\n"), None);
+        assert_eq!(crate::procfs::parse_oom_kill(events), Some(2));
+        assert_eq!(crate::procfs::parse_oom_kill("low 0\n"), None);
         let rollup = "00400000-7ffd [rollup]\nRss:                1000 kB\nPss:  500 kB\nPrivate_Clean:  10 kB\nPrivate_Dirty:  30 kB\n";
         assert_eq!(parse_rollup(rollup), (1000 * 1024, 40 * 1024));
     }

@@ -462,47 +462,13 @@ fn a_worker_that_says_it_is_stopping_gets_a_replacement() {
     assert!(!now.contains(&first));
 }
 
-/// A helper a worker's shell starts in the background: on TERM (sent to the
-/// worker's whole process group) it asks for 60 s more and takes 2 s to
-/// stop. It is running, its handler set, before it writes `argv[1]`, so a
-/// stop does not race an interpreter's start-up.
-const SLOW_STOPPER: &str = "import os, signal, socket, sys, time
-def stop(*_):
-    addr = os.environ['NOTIFY_SOCKET']
-    addr = '\\0' + addr[1:] if addr.startswith('@') else addr
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(b'EXTEND_TIMEOUT_USEC=60000000', addr)
-    time.sleep(2)
-    sys.exit(0)
-signal.signal(signal.SIGTERM, stop)
-open(sys.argv[1] + '.tmp', 'w').close()
-os.rename(sys.argv[1] + '.tmp', sys.argv[1])
-while True:
-    time.sleep(60)
-";
-
 #[test]
 fn extend_timeout_during_a_stop_pushes_the_kill_back() {
     // On TERM a helper of the worker asks for more time and takes 2 s:
     // past --graceful-timeout 1. The worker (the shell) waits for it.
     let start = Start::new("extend-stop", &[]).json();
-    let ready = start.dir().join("helper-ready");
-    let script = format!(
-        "trap 'wait; exit 0' TERM; {} -c \"$0\" {} & while :; do sleep 0.05; done",
-        python3().display(),
-        ready.display()
-    );
-    let mut h = start
-        .args([
-            "--graceful-timeout",
-            "1",
-            "--",
-            "sh",
-            "-c",
-            &script,
-            SLOW_STOPPER,
-        ])
-        .spawn();
+    let (start, ready) = slow_stopping_worker(start);
+    let mut h = start.spawn();
     h.expect_event("all-ready", BOOT, "ready", |_| true);
     h.check(
         wait_for(BOOT, || ready.exists().then_some(())).is_some(),

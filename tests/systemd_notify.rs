@@ -97,43 +97,14 @@ fn while_starting_status_counts_ready_workers_and_a_workers_extension_reaches_sy
     assert_eq!(h.exit_code(BOOT), 0);
 }
 
-/// On TERM (sent to the worker's whole group) a helper asks for 60 s more
-/// and takes 2 s to stop; it is ready for that once it wrote `argv[1]`.
-const SLOW_STOPPER: &str = "import os, signal, socket, sys, time
-def stop(*_):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(b'EXTEND_TIMEOUT_USEC=60000000', os.environ['NOTIFY_SOCKET'])
-    time.sleep(2)
-    sys.exit(0)
-signal.signal(signal.SIGTERM, stop)
-open(sys.argv[1] + '.tmp', 'w').close()
-os.rename(sys.argv[1] + '.tmp', sys.argv[1])
-while True:
-    time.sleep(60)
-";
-
 #[test]
 fn while_stopping_status_counts_draining_workers_and_a_workers_extension_reaches_systemd() {
     let dir = temp_dir("sd-stopping");
     let path = dir.join("notify");
     let mut fake = FakeSystemd::at(&path);
     let start = Start::new("sd-stopping", &[]).json();
-    let ready = start.dir().join("helper-ready");
-    let script = format!(
-        "trap 'wait; exit 0' TERM; {} -c \"$0\" {} & while :; do sleep 0.05; done",
-        python3().display(),
-        ready.display()
-    );
+    let (start, ready) = slow_stopping_worker(start);
     let mut h = start
-        .args([
-            "--graceful-timeout",
-            "1",
-            "--",
-            "sh",
-            "-c",
-            &script,
-            SLOW_STOPPER,
-        ])
         .env("NOTIFY_SOCKET", path.to_str().expect("utf8"))
         .spawn();
     h.expect_event("all-ready", BOOT, "ready", |_| true);

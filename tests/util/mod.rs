@@ -1189,3 +1189,45 @@ impl FakeSystemd {
         }
     }
 }
+
+/// A helper of a command worker that, on TERM (sent to the worker's whole
+/// group), asks for 60 s more with `EXTEND_TIMEOUT_USEC` (to `NOTIFY_SOCKET`,
+/// a path or an `@abstract` name) and takes 2 s to stop; it is ready for
+/// that once it wrote `argv[1]`.
+const SLOW_STOPPER: &str = "import os, signal, socket, sys, time
+def stop(*_):
+    addr = os.environ['NOTIFY_SOCKET']
+    addr = '\\0' + addr[1:] if addr.startswith('@') else addr
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(b'EXTEND_TIMEOUT_USEC=60000000', addr)
+    time.sleep(2)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+open(sys.argv[1] + '.tmp', 'w').close()
+os.rename(sys.argv[1] + '.tmp', sys.argv[1])
+while True:
+    time.sleep(60)
+";
+
+/// `start` with `--graceful-timeout 1` and a command worker (a shell) whose
+/// [`SLOW_STOPPER`] helper asks for more time on TERM and takes 2 s, past
+/// the graceful timeout; the shell waits for it. Returns the file whose
+/// existence says the helper is ready to be stopped.
+pub fn slow_stopping_worker(start: Start) -> (Start, PathBuf) {
+    let ready = start.dir().join("helper-ready");
+    let script = format!(
+        "trap 'wait; exit 0' TERM; {} -c \"$0\" {} & while :; do sleep 0.05; done",
+        python3().display(),
+        ready.display()
+    );
+    let start = start.args([
+        "--graceful-timeout",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        SLOW_STOPPER,
+    ]);
+    (start, ready)
+}

@@ -569,23 +569,6 @@ fn an_ipv6_loopback_bind_serves(class: Class) {
     assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
 }
 
-/// GET `path` with extra `headers`; the JSON body.
-fn json_of(addr: std::net::SocketAddr, path: &str, headers: &str) -> serde_json::Value {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n"
-    )
-    .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
 /// Proxy headers off, trusted with --root-path, and from an untrusted peer:
 /// what `app` (at `path`) reports as client, scheme and root path.
 fn proxy_headers_and_root_path(class: Class, app: &str, path: &str) {

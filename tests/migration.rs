@@ -14,31 +14,18 @@ use util::*;
 const BOOT: Duration = Duration::from_secs(60);
 const FORWARDED: &str = "X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n";
 
-/// What the app saw of a request sent with `headers` over `stream`.
-fn scope_over(mut s: impl Read + Write, headers: &str) -> serde_json::Value {
-    write!(
-        s,
-        "GET /scope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n"
-    )
-    .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
 fn scope_tcp(h: &Harness, headers: &str) -> serde_json::Value {
     let s = std::net::TcpStream::connect(h.addr()).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    scope_over(s, headers)
+    json_over(s, "/scope", headers)
 }
 
 fn scope_unix(path: &Path, headers: &str) -> serde_json::Value {
     let s = std::os::unix::net::UnixStream::connect(path).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    scope_over(s, headers)
+    json_over(s, "/scope", headers)
 }
 
 fn serve_scope(name: &str, extra: &[&str]) -> Harness {
@@ -104,7 +91,7 @@ fn a_unix_socket_peer_is_trusted_with_the_readmes_config() {
         wait_for(BOOT, || {
             std::os::unix::net::UnixStream::connect(&sock)
                 .ok()
-                .map(|s| scope_over(s, ""))
+                .map(|s| json_over(s, "/scope", ""))
         })
         .is_some(),
         "serving on the unix socket",

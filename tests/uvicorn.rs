@@ -320,22 +320,6 @@ fn factory_package_and_wsgi_apps_serve() {
     }
 }
 
-fn scope_of(addr: SocketAddr, headers: &str) -> serde_json::Value {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET /scope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n"
-    )
-    .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
 #[test]
 fn root_path_and_proxy_headers_reach_uvicorn() {
     let forwarded = "X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n";
@@ -348,7 +332,7 @@ fn root_path_and_proxy_headers_reach_uvicorn() {
     )
     .spawn();
     plain.wait_workers(1, BOOT);
-    let v = scope_of(plain.addr(), forwarded);
+    let v = json_of(plain.addr(), "/scope", forwarded);
     assert_eq!(
         v["client"], "127.0.0.1",
         "proxy headers ignored with --no-proxy-headers: {v}"
@@ -372,7 +356,7 @@ fn root_path_and_proxy_headers_reach_uvicorn() {
     )
     .spawn();
     h.wait_workers(1, BOOT);
-    let v = scope_of(h.addr(), forwarded);
+    let v = json_of(h.addr(), "/scope", forwarded);
     assert_eq!(v["client"], "203.0.113.7", "{v}");
     assert_eq!(v["scheme"], "https", "{v}");
     assert_eq!(v["root_path"], "/api", "{v}");
@@ -392,7 +376,10 @@ fn root_path_and_proxy_headers_reach_uvicorn() {
     )
     .spawn();
     h.wait_workers(1, BOOT);
-    assert_eq!(scope_of(h.addr(), forwarded)["client"], "127.0.0.1");
+    assert_eq!(
+        json_of(h.addr(), "/scope", forwarded)["client"],
+        "127.0.0.1"
+    );
 }
 
 #[test]

@@ -1231,3 +1231,26 @@ pub fn slow_stopping_worker(start: Start) -> (Start, PathBuf) {
     ]);
     (start, ready)
 }
+
+/// GET `path` with extra `headers` (each ending in CRLF) over `stream`, one
+/// request then close; the response body parsed as JSON (what a test app
+/// reports, e.g. its ASGI scope).
+pub fn json_over(mut stream: impl Read + Write, path: &str, headers: &str) -> serde_json::Value {
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    stream.read_to_string(&mut out).expect("read");
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// [`json_over`] a fresh TCP connection to `addr` (10 s read timeout).
+pub fn json_of(addr: SocketAddr, path: &str, headers: &str) -> serde_json::Value {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    json_over(s, path, headers)
+}

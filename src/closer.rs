@@ -357,22 +357,11 @@ mod tests {
     use std::os::unix::net::UnixDatagram;
     use std::time::{Duration, Instant};
 
-    fn set_linger(s: &TcpStream, on: i32, secs: i32) {
-        let l = libc::linger {
-            l_onoff: on,
-            l_linger: secs,
-        };
-        // SAFETY: setsockopt reads a live local of the size given.
-        let r = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&l as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(r, 0, "SO_LINGER");
+    /// `SO_LINGER=(1, secs)`: a close with unsent data waits up to `secs`.
+    fn set_linger(s: &TcpStream, secs: u64) {
+        socket2::SockRef::from(s)
+            .set_linger(Some(std::time::Duration::from_secs(secs)))
+            .expect("SO_LINGER");
     }
 
     /// A connection whose close lingers `secs`: its peer never reads and
@@ -381,7 +370,7 @@ mod tests {
         let s = TcpStream::connect(peer.local_addr().expect("addr")).expect("connect");
         s.set_nonblocking(true).expect("nonblocking");
         while (&s).write(&[b'x'; 65536]).is_ok() {}
-        set_linger(&s, 1, secs);
+        set_linger(&s, secs as u64);
         s
     }
 

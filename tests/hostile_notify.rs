@@ -192,26 +192,15 @@ fn lingering(peer: &TcpListener, secs: i32) -> TcpStream {
     s.set_nonblocking(true).expect("nonblocking");
     let chunk = [b'x'; 65536];
     while (&s).write(&chunk).is_ok() {}
-    set_linger(&s, 1, secs);
+    set_linger(&s, secs as u64);
     s
 }
 
-fn set_linger(s: &TcpStream, on: i32, secs: i32) {
-    let l = libc::linger {
-        l_onoff: on,
-        l_linger: secs,
-    };
-    // SAFETY: setsockopt reads a live local of the size given.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(r, 0, "SO_LINGER");
+/// `SO_LINGER=(1, secs)`: a close with unsent data waits up to `secs`.
+fn set_linger(s: &TcpStream, secs: u64) {
+    socket2::SockRef::from(s)
+        .set_linger(Some(std::time::Duration::from_secs(secs)))
+        .expect("SO_LINGER");
 }
 
 #[test]
@@ -251,7 +240,7 @@ fn descriptors_passed_to_the_notify_socket_never_freeze_the_master() {
     if sent.is_err() {
         assert_eq!(sent, Err(nix::errno::Errno::EPERM), "refused as EPERM");
         for s in &passed {
-            set_linger(s, 1, 0);
+            set_linger(s, 0);
         }
     }
     drop(passed);

@@ -81,6 +81,7 @@ mod observe;
 mod preload;
 mod recycle;
 mod reload;
+mod share;
 mod stop;
 mod systemd;
 mod upgrade;
@@ -189,6 +190,9 @@ pub struct Master {
     upgraded: bool,
     /// An upgrade whose pre-flight runs (`upgrade`).
     checking: Option<upgrade::Checking>,
+    /// When the kernel last refused a worker's autogroup (`share`; the
+    /// master's start if it never did).
+    autogroups_tried: Instant,
 }
 
 impl Master {
@@ -229,6 +233,7 @@ impl Master {
             changes,
             upgraded: false,
             checking: None,
+            autogroups_tried: Instant::now(),
         })
     }
 
@@ -371,6 +376,7 @@ impl Master {
             "Workers: {before} -> {}",
             self.settings.target
         );
+        self.reshare();
         self.report_status();
     }
 

@@ -67,6 +67,26 @@ pub fn boosted_nice(nice: i32) -> Option<i32> {
     (to < nice).then_some(to)
 }
 
+/// The kernel's CPU weight of nice 0 to 19 (`sched_prio_to_weight`):
+/// each step weighs about 1.25 times less.
+const NICE_WEIGHTS: [u32; 20] = [
+    1024, 820, 655, 526, 423, 335, 272, 215, 172, 137, 110, 87, 70, 56, 45, 36, 29, 23, 18, 15,
+];
+
+/// How much nicer than procman's own session each of `workers` workers'
+/// autogroups is, so that together they weigh about as one session: the
+/// nice value whose weight, `workers` times, is nearest nice 0's (4 workers:
+/// 6, 4 x 272 = 1088 against 1024). Each worker leads a session, so an
+/// autogroup, of its own; without this, N workers would take N shares
+/// of the CPU against every other session where autogroups decide.
+pub fn autogroup_share(workers: usize) -> i32 {
+    let n = workers.max(1) as u64;
+    let miss = |w: &u32| (u64::from(*w) * n).abs_diff(u64::from(NICE_WEIGHTS[0]));
+    (0..NICE_WEIGHTS.len())
+        .min_by_key(|&i| miss(&NICE_WEIGHTS[i]))
+        .unwrap_or(0) as i32
+}
+
 /// The workers a reload to `generation` should lower: active, older, and
 /// not lowered already (a reload superseding another lowers only the
 /// workers the first one did not).

@@ -17,14 +17,18 @@
 //! autogroup's own nice value, and only then among the threads of one
 //! autogroup by theirs. A nice value set on a worker's threads alone then
 //! changes nothing against the other workers (each its own autogroup), so
-//! [`set_group`] sets the worker's autogroup to the same value
-//! (`/proc/PID/autogroup`). Only for a process that leads its session: the
+//! [`set_group`] sets the worker's autogroup too (`/proc/PID/autogroup`),
+//! to the same value plus the worker's share: the offset that makes all
+//! of procman's workers together weigh as one session
+//! (`policy::autogroup_share`), as any other program's processes do, and
+//! not one session each. Only for a process that leads its session: the
 //! autogroup of any other is its session leader's, which may be procman's.
 //! Where there are no autogroups (the file is missing, or the task is in a
 //! cgroup of its own, as under systemd, where the autogroup is not used)
 //! the write is harmless or skipped; one that is refused (the file is the
 //! worker user's, and procman may lack `CAP_DAC_OVERRIDE`) is said at debug
-//! level and does not fail the nice value already set.
+//! level and does not fail the nice value already set; one the kernel's
+//! rate limit refuses ([`Autogroup::Busy`]) is the caller's to try again.
 //!
 //! Lowering a priority needs no privilege for one's own processes;
 //! raising it back needs `CAP_SYS_NICE` (or an `RLIMIT_NICE` that allows
@@ -63,39 +67,61 @@ pub fn own() -> io::Result<i32> {
     Ok(nice)
 }
 
+/// What became of a worker's autogroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Autogroup {
+    /// Set to the value asked.
+    Set,
+    /// Nothing to set: the kernel keeps no autogroups, the process leads
+    /// no session, or it is gone.
+    Absent,
+    /// The kernel refused for now: without `CAP_SYS_ADMIN` it allows one
+    /// autogroup change a tenth of a second, machine-wide (`EAGAIN`).
+    Busy,
+    /// Refused otherwise (said at debug level).
+    Refused,
+}
+
+/// How long the kernel makes a caller without `CAP_SYS_ADMIN` wait between
+/// two autogroup changes (a tenth of a second), with a margin.
+pub const AUTOGROUP_RATE: std::time::Duration = std::time::Duration::from_millis(110);
+
 /// Sets every thread of process group `pgid` to `nice`, and, when `pgid`
-/// leads its session, that session's autogroup too (see the module's
-/// comment).
-pub fn set_group(pgid: Pid, nice: i32) -> io::Result<()> {
+/// leads its session, that session's autogroup to `nice + offset` (see the
+/// module's comment; `offset` is the worker's share,
+/// `policy::autogroup_share`).
+pub fn set_group(pgid: Pid, nice: i32, offset: i32) -> io::Result<Autogroup> {
     // SAFETY: setpriority takes three integers and touches no memory of ours.
     let r = unsafe { libc::setpriority(libc::PRIO_PGRP as _, pgid.as_raw() as libc::id_t, nice) };
     if r == -1 {
         return Err(io::Error::last_os_error());
     }
-    // Best effort: the file belongs to the worker's user, and procman may
-    // hold CAP_SYS_NICE without CAP_DAC_OVERRIDE (the example systemd
-    // unit), which makes it unwritable; there, in a cgroup of its own, the
-    // service has no autogroup that counts anyway.
-    if let Err(e) = set_autogroup(pgid, nice) {
-        tracing::debug!("cannot set the autogroup of worker {pgid} to nice {nice}: {e}");
-    }
-    Ok(())
+    Ok(set_autogroup(pgid, nice.saturating_add(offset)))
 }
 
-/// Sets the autogroup of the session `leader` leads to `nice`. Nothing to
-/// do when `leader` leads no session (its autogroup is another session's:
-/// never touched) or the kernel keeps no autogroups.
-fn set_autogroup(leader: Pid, nice: i32) -> io::Result<()> {
+/// Sets the autogroup of the session `leader` leads to `nice` (clamped to
+/// -20..=19). Nothing to do when `leader` leads no session (its autogroup
+/// is another session's: never touched) or the kernel keeps no autogroups.
+/// Best effort: the file belongs to the worker's user, and procman may
+/// hold CAP_SYS_NICE without CAP_DAC_OVERRIDE (the example systemd unit),
+/// which makes it unwritable; there, in a cgroup of its own, the service
+/// has no autogroup that counts anyway. A refusal is said at debug level.
+pub fn set_autogroup(leader: Pid, nice: i32) -> Autogroup {
     // A session leader cannot leave its session: once this holds, the
     // file below names the leader's own autogroup for as long as it lives.
     if nix::unistd::getsid(Some(leader)) != Ok(leader) {
-        return Ok(());
+        return Autogroup::Absent;
     }
+    let nice = nice.clamp(-20, 19);
     let path = format!("/proc/{}/autogroup", leader.as_raw());
     match std::fs::write(&path, nice.to_string()) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
+        Ok(()) => Autogroup::Set,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Autogroup::Absent,
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Autogroup::Busy,
+        Err(e) => {
+            tracing::debug!("cannot set the autogroup of worker {leader} to nice {nice}: {e}");
+            Autogroup::Refused
+        }
     }
 }
 
@@ -172,7 +198,7 @@ mod tests {
         }
         let before = of_group(pgid);
         let lowered = before.as_ref().map(|n| (n + 3).min(19)).unwrap_or(19);
-        let set = set_group(pgid, lowered);
+        let set = set_group(pgid, lowered, 0);
         let after = of_group(pgid);
         let nices = thread_nices(pgid.as_raw());
         // The child first: its parent reaps it (no zombie left to init),
@@ -228,7 +254,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         };
         let before = of_autogroup(leader);
-        let result = set_group(leader, 7);
+        let result = set_group(leader, 4, 3);
         let after = of_autogroup(leader);
         let own_after = of_autogroup(Pid::this());
         let _ = nix::sys::signal::kill(leader, nix::sys::signal::Signal::SIGKILL);
@@ -239,7 +265,11 @@ mod tests {
             eprintln!("no autogroups on this kernel: nothing to check");
             return;
         }
-        assert_eq!(after, Some(7), "the worker's autogroup follows its nice");
+        assert_eq!(
+            after,
+            Some(7),
+            "the worker's autogroup follows its nice, plus its share"
+        );
         assert_ne!(own_after, Some(7), "our own autogroup is left alone");
     }
 
@@ -254,7 +284,7 @@ mod tests {
             .expect("sleep");
         let pid = Pid::from_raw(child.id() as i32);
         let ours = of_autogroup(Pid::this());
-        let result = set_group(pid, 9);
+        let result = set_group(pid, 9, 0);
         let after = of_autogroup(Pid::this());
         let _ = child.kill();
         let _ = child.wait();
@@ -271,6 +301,6 @@ mod tests {
         // exist (above pid_max's ceiling) names no group.
         let nobody = Pid::from_raw(i32::MAX);
         assert!(of_group(nobody).is_err());
-        assert!(set_group(nobody, 10).is_err());
+        assert!(set_group(nobody, 10, 0).is_err());
     }
 }

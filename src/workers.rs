@@ -48,6 +48,8 @@ pub enum Due {
     /// `--reload`: source files changed and then stayed quiet (or kept
     /// changing too long): reload.
     ReloadChanges,
+    /// Workers' autogroups wait for their share (the kernel's rate limit).
+    Autogroups,
 }
 
 impl Due {
@@ -182,6 +184,19 @@ pub struct Worker {
     /// with its OOM kill count then: a SIGKILL is the OOM killer's for sure
     /// if that count rose.
     pub own_cgroup: Option<(crate::procfs::MemoryCgroup, u64)>,
+    /// Its autogroup's share of the CPU (`master/share.rs`).
+    pub share: Share,
+}
+
+/// A worker's autogroup: the offset its nice value is written with, and
+/// whether that is still to be done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Share {
+    /// Added to its nice value for its autogroup's.
+    pub offset: i32,
+    /// Not written yet: the kernel's rate limit refused, or the offset
+    /// changed.
+    pub pending: bool,
 }
 
 impl Worker {
@@ -202,6 +217,7 @@ impl Worker {
             reported_error: None,
             reported_traceback: None,
             own_cgroup: None,
+            share: Share::default(),
         }
     }
 

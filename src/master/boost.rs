@@ -38,6 +38,7 @@ use std::time::Instant;
 use nix::unistd::Pid;
 use tracing::debug;
 
+use super::share::set_priority;
 use super::Master;
 use crate::policy;
 use crate::priority;
@@ -70,7 +71,7 @@ impl Master {
         let Some(to) = policy::boosted_nice(from) else {
             return;
         };
-        match priority::set_group(pid, to) {
+        match set_priority(w, to) {
             Ok(()) => {
                 if let Some(a) = w.active_mut() {
                     a.boosted = Some(Boosted {
@@ -130,7 +131,7 @@ pub(super) fn end_boost(w: &mut Worker) {
     let Some(b) = w.active_mut().and_then(|a| a.boosted.take()) else {
         return;
     };
-    if let Err(e) = priority::set_group(pid, b.back_to) {
+    if let Err(e) = set_priority(w, b.back_to) {
         debug!(
             "Cannot give worker {pid} its priority back (nice {}): {e}",
             b.back_to

@@ -347,6 +347,7 @@ impl Master {
             None => {
                 let exec_ready = !self.settings.class.notify_ready;
                 let ready_at_once = exec_ready && self.settings.cfg.ready_after.is_zero();
+                self.share_cpu(&mut w, now);
                 // Raised before its `booting` event, so that whoever reads
                 // that event finds it at the priority it boots at; not at
                 // all if it is ready at once (there is no boot to speed up).

@@ -313,6 +313,7 @@ impl Master {
             return;
         }
         // Before its `booting` event, as for a worker the master forks.
+        self.share_cpu(&mut worker, Instant::now());
         self.boost_booting(&mut worker);
         worker_event!(
             info,

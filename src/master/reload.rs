@@ -28,13 +28,13 @@ use tracing::{debug, error, info, warn};
 use super::boost::procmans_nice;
 use super::exits::describe_exit;
 use super::launch::{release, Reload, Settings};
+use super::share::set_priority;
 use super::{Master, MasterState};
 use crate::bind::{BindSpec, Listener};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::notify;
 use crate::policy;
-use crate::priority;
 use crate::workers::{StopReason, Worker};
 use crate::zygote::ZygoteState;
 
@@ -251,6 +251,9 @@ impl Master {
     /// with them the sockets no longer in use.
     pub(super) fn complete_reload(&mut self) {
         let Some(r) = self.reload.take() else { return };
+        if r.previous.target != self.settings.target {
+            self.reshare();
+        }
         for addr in release(r.previous.listeners) {
             info!("Closed {addr}");
         }
@@ -338,7 +341,10 @@ impl Master {
             return;
         };
         for pid in policy::to_lower(&self.table, generation) {
-            if let Err(e) = priority::set_group(pid, to) {
+            let Some(w) = self.table.get_mut(pid) else {
+                continue;
+            };
+            if let Err(e) = set_priority(w, to) {
                 debug!("Cannot lower the priority of worker {pid}: {e}");
                 continue;
             }
@@ -371,7 +377,10 @@ impl Master {
     /// old priority either way.
     fn raise_back(&mut self, generation: u64) {
         for (pid, nice) in policy::to_restore(&self.table, generation) {
-            match priority::set_group(pid, nice) {
+            let Some(w) = self.table.get_mut(pid) else {
+                continue;
+            };
+            match set_priority(w, nice) {
                 Ok(()) => {
                     let Some(w) = self.table.get_mut(pid) else {
                         continue;

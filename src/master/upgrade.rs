@@ -412,9 +412,11 @@ impl Master {
             boost: super::Boost::default(),
             upgraded: true,
             checking: None,
+            autogroups_tried: now,
             changes: cfg_watch.as_ref().and_then(super::watch::Changes::start),
         };
         master.endpoints.upgrades = state.upgrades + 1;
+        master.reshare();
         info!(
             event = "upgraded",
             from = %state.procman_version,

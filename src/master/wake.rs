@@ -40,6 +40,7 @@ impl Master {
         out.extend(self.recycling.deadlines(&self.table));
         out.extend(self.boot.deadlines(&self.table));
         out.extend(self.zygote_deadlines());
+        out.extend(self.autogroups_deadline());
         out.extend(
             self.changes
                 .as_ref()
@@ -73,6 +74,7 @@ impl Master {
             Due::ZygoteSpawnTimeout(pid) => self.zygote_spawn_timed_out(pid, now),
             Due::DrainNotifications => self.drain_notifications(now),
             Due::ReloadChanges => self.reload_changes(),
+            Due::Autogroups => self.share_pending(now),
         }
     }
 

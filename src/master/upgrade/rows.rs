@@ -139,6 +139,8 @@ pub(super) fn worker(rec: &WorkerRecord, now: Instant) -> Worker {
         // Read again when it next becomes ready; a ready worker's OOM
         // verdict says "perhaps" until then.
         own_cgroup: None,
+        // Given again by the new image (`Master::reshare`).
+        share: crate::workers::Share::default(),
     }
 }
 

@@ -187,3 +187,21 @@ fn a_reload_lowers_the_older_active_workers_not_yet_lowered() {
         .collect();
     assert_eq!(back, vec![(13, 0)]);
 }
+
+#[test]
+fn workers_autogroups_together_weigh_about_as_one_session() {
+    for (workers, want) in [
+        (0, 0),
+        (1, 0),
+        (2, 3),
+        (3, 5),
+        (4, 6),
+        (8, 9),
+        (16, 12),
+        (32, 16),
+        (64, 19),
+        (1000, 19),
+    ] {
+        assert_eq!(autogroup_share(workers), want, "{workers} workers");
+    }
+}

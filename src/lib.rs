@@ -41,6 +41,7 @@ pub mod notify;
 pub mod pid;
 pub mod priority;
 pub mod procfs;
+pub mod shed;
 pub mod signals;
 // `--reload`: inotify over the source trees.
 pub mod spawn;

@@ -54,7 +54,7 @@ use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::bind::Listener;
 use crate::config::Config;
@@ -502,6 +502,8 @@ impl Master {
             );
             let status = self.status_line();
             self.systemd.send(&format!("READY=1\nSTATUS={status}"));
+            // Start-up is over: its code need not stay mapped.
+            shed_startup_code();
         }
         if let Some(generation) = self.reload.as_ref().map(|r| r.generation) {
             let outdated = self
@@ -510,6 +512,8 @@ impl Master {
                 .any(|w| w.is_active() && w.generation != generation);
             if !outdated && fresh_ready >= self.settings.target {
                 self.complete_reload();
+                // So is a reload's (reading the configuration, binding).
+                shed_startup_code();
             }
         }
     }
@@ -553,5 +557,14 @@ fn plural(n: usize) -> &'static str {
         ""
     } else {
         "s"
+    }
+}
+
+/// Drops the mappings of procman's code that only start-up (or a reload)
+/// ran (`shed`); said at debug level.
+fn shed_startup_code() {
+    match crate::shed::startup_code() {
+        Ok(n) => debug!("Dropped {} KiB of start-up code's mappings", n / 1024),
+        Err(e) => debug!("Cannot drop the start-up code's mappings: {e}"),
     }
 }

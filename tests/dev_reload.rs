@@ -522,3 +522,146 @@ fn out_of_inotify_watches_is_one_line_and_procman_keeps_serving() {
         true
     });
 }
+
+/// A module whose import appends this process's pid to `log` (one line).
+fn logging_module(log: &Path, body: &str) -> String {
+    format!(
+        "import os\nwith open({:?}, \"a\") as _f:\n    _f.write(f\"{{os.getpid()}}\\n\")\n{body}\n",
+        log.to_str().expect("utf8")
+    )
+}
+
+/// The pids logged in `log`, one a line.
+fn pids_in(log: &Path) -> Vec<i32> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn the_base_zygote_imports_the_third_party_modules_and_never_the_apps_own() {
+    let root = temp_dir("dev-reload-third-party");
+    let (app, lib) = (root.join("app"), root.join("lib"));
+    let (outside, inside, plugin, helper) = (
+        root.join("outside.pids"),
+        root.join("inside.pids"),
+        root.join("plugin.pids"),
+        root.join("helper.pids"),
+    );
+    std::fs::create_dir_all(app.join("mine")).expect("app dir");
+    std::fs::create_dir_all(lib.join("thirdparty")).expect("lib dir");
+    // Outside every watched tree, on PYTHONPATH: a third-party package.
+    std::fs::write(
+        lib.join("thirdparty/__init__.py"),
+        logging_module(&outside, "PREFIX = 'tp-'"),
+    )
+    .expect("thirdparty");
+    // Also outside, but it imports one of the app's own modules (a plugin
+    // lookup): the zygote must not take it (nor the helper) from there.
+    std::fs::write(
+        lib.join("plugin.py"),
+        logging_module(
+            &plugin,
+            "try:\n    import mine.helper as helper\nexcept ImportError:\n    helper = None",
+        ),
+    )
+    .expect("plugin");
+    std::fs::write(app.join("mine/__init__.py"), "").expect("mine");
+    std::fs::write(app.join("mine/helper.py"), logging_module(&helper, "")).expect("helper");
+    let inside_version = |v: &str| {
+        logging_module(
+            &inside,
+            &format!("import thirdparty\nVERSION = thirdparty.PREFIX + {v:?}"),
+        )
+    };
+    std::fs::write(app.join("mine/version.py"), inside_version("v1")).expect("version");
+    std::fs::write(
+        app.join("app.py"),
+        app_source("import plugin\nfrom mine.version import VERSION"),
+    )
+    .expect("app.py");
+    let pythonpath = format!("PYTHONPATH={}", lib.display());
+    let h = start("dev-reload-third-party", &app, &["-e", &pythonpath]);
+    expect_served(&h, "tp-v1");
+    let zygote = zygote_pids(&h)[0];
+    // The zygote learns from its first workers, after their import: wait
+    // for its own import of the third-party package.
+    let learned = wait_for(BOOT, || pids_in(&outside).contains(&zygote).then_some(()));
+    h.check(
+        learned.is_some(),
+        &format!(
+            "the zygote {zygote} imported thirdparty: {:?}",
+            pids_in(&outside)
+        ),
+    );
+    let first = pids_in(&outside);
+    h.check(
+        first.len() == 3,
+        &format!("thirdparty imported by the 2 cold workers and the zygote: {first:?}"),
+    );
+    // Two edits of the app's own module: each is served.
+    std::fs::write(app.join("mine/version.py"), inside_version("v2")).expect("edit");
+    expect_served(&h, "tp-v2");
+    h.expect_events("reload-done", 1, BOOT, "first reload", |_| true);
+    std::fs::write(app.join("mine/version.py"), inside_version("v3")).expect("edit");
+    expect_served(&h, "tp-v3");
+    h.expect_events("reload-done", 2, BOOT, "second reload", |_| true);
+    // The third-party package was not imported again by the 4 reloaded
+    // workers: they found it in what the zygote holds.
+    h.check(
+        pids_in(&outside) == first,
+        &format!(
+            "thirdparty imported only by the first workers and the zygote: {:?}",
+            pids_in(&outside)
+        ),
+    );
+    // The app's own modules: imported by every worker (2 per generation),
+    // never by the zygote.
+    for (log, what) in [(&inside, "mine.version"), (&helper, "mine.helper")] {
+        let pids = pids_in(log);
+        h.check(
+            pids.len() == 6 && !pids.contains(&zygote),
+            &format!("{what} imported by each of the 6 workers, not the zygote {zygote}: {pids:?}"),
+        );
+    }
+    // The plugin needed one of them: tried in the zygote, refused and
+    // rolled back, so each reloaded worker imports it again.
+    let plugin_pids = pids_in(&plugin);
+    h.check(
+        plugin_pids.len() == 7 && plugin_pids.contains(&zygote),
+        &format!(
+            "plugin imported by the 6 workers (and tried once by the zygote): {plugin_pids:?}"
+        ),
+    );
+}
+
+#[test]
+fn a_third_party_module_starting_a_thread_in_the_zygote_is_said() {
+    let root = temp_dir("dev-reload-thread");
+    let (app, lib) = (root.join("app"), root.join("lib"));
+    std::fs::create_dir_all(&app).expect("app dir");
+    std::fs::create_dir_all(&lib).expect("lib dir");
+    std::fs::write(
+        lib.join("threader.py"),
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n",
+    )
+    .expect("threader");
+    std::fs::write(
+        app.join("app.py"),
+        app_source("import threader\nVERSION = 'v1'"),
+    )
+    .expect("app.py");
+    let pythonpath = format!("PYTHONPATH={}", lib.display());
+    let h = start("dev-reload-thread", &app, &["-e", &pythonpath]);
+    expect_served(&h, "v1");
+    let zygote = zygote_pids(&h)[0];
+    h.check(
+        h.wait_log(
+            &format!("zygote {zygote}: importing the app's third-party modules (--reload) started 1 threads"),
+            BOOT,
+        ),
+        "the zygote says the thread its imports started",
+    );
+}

@@ -80,7 +80,11 @@ share it; without (the base zygote, the default) it imports only Python's
 runtime (RUNTIME_MODULES) and uvicorn (protocols, lifespan, event loop, TLS) and each forked
 worker imports the app itself, after taking its identity, exactly where a
 cold worker would: nothing of the app is shared across fork, and an import
-error is the worker's (exit 4, its traceback sent to the master).
+error is the worker's (exit 4, its traceback sent to the master). With
+--reload ("app_trees": the watched trees and the workers' directory) the base
+zygote also learns, from each worker it forks, which modules the app imported
+from outside those trees (its third-party packages), and imports them itself
+(ThirdParty): a worker of a later reload imports only the user's own modules.
 
 * Started like a worker, plus PROCMAN_ZYGOTE_FD (an AF_UNIX SOCK_SEQPACKET
   socket to the master, one UTF-8 JSON object per message) and
@@ -134,12 +138,14 @@ import logging  # noqa: E402
 import logging.config  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import select  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+import warnings  # noqa: E402
 import weakref  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 
@@ -807,6 +813,7 @@ CONFIG_KEYS = (
     "keep_alive", "limit_concurrency", "proxy_headers", "forwarded_allow_ips", "root_path",
     "ssl_keyfile", "ssl_certfile", "access_log", "log_level", "log_format", "log_file",
     "graceful_timeout", "max_requests", "max_requests_jitter", "backlog", "proc_name", "server",
+    "app_trees",
 )
 
 
@@ -919,6 +926,184 @@ def import_runtime():
                 importlib.import_module(name)
     finally:
         sys.meta_path.remove(StandardLibraryOnly)
+
+
+# --reload with the base zygote: what a worker tells the zygote it imported.
+# At most a pipe's buffer (64 KiB, a FastAPI app's list is about 20 KiB), so
+# the worker's write never blocks; a longer list is cut at its last line.
+MAX_LEARNED = 64 * 1024
+# Pipes of workers still importing, at most; the oldest is dropped first (a
+# worker hung in its import must not hold descriptors forever).
+MAX_LEARNING = 8
+
+
+def inside(path, trees):
+    """Whether `path` (resolved) lies in one of `trees` (resolved directories)."""
+    real = os.path.realpath(path)
+    return any(real == tree or real.startswith(tree + os.sep) for tree in trees)
+
+
+def is_module_name(name):
+    return bool(name) and all(part.isidentifier() for part in name.split("."))
+
+
+def module_origin(module):
+    """Where the import system found `module`: a file, "built-in" or
+    "frozen", "" for a namespace package; None for a module it did not
+    find (made by code and put in sys.modules), which is never learned."""
+    spec = getattr(module, "__spec__", None)
+    if spec is None:
+        return None
+    origin = spec.origin
+    if origin is None:
+        return "" if spec.submodule_search_locations is not None else None
+    return origin if isinstance(origin, str) else None
+
+
+def spec_places(spec):
+    """The files and directories a module found as `spec` comes from."""
+    places = [spec.origin] if spec.has_location and isinstance(spec.origin, str) else []
+    with contextlib.suppress(Exception):  # a namespace path recomputes itself
+        places.extend(p for p in list(spec.submodule_search_locations or ()) if isinstance(p, str))
+    return places
+
+
+def third_party_since(before, trees):
+    """The modules imported since `before` (names) that come from outside
+    `trees`, in import order, as "name\torigin" lines (bytes, at most
+    MAX_LEARNED, whole lines)."""
+    lines, size = [], 0
+    for name, module in list(sys.modules.items()):
+        if name in before or not is_module_name(name):
+            continue
+        origin = module_origin(module)
+        spec = getattr(module, "__spec__", None)
+        if origin is None or "\t" in origin or "\n" in origin or any(
+                inside(p, trees) for p in spec_places(spec)):
+            continue
+        line = f"{name}\t{origin}\n".encode("utf-8", "surrogateescape")
+        if size + len(line) > MAX_LEARNED:
+            break
+        lines.append(line)
+        size += len(line)
+    return b"".join(lines)
+
+
+class ThirdParty:
+    """The base zygote's imports of what its workers learned (--reload).
+
+    A worker forked by the zygote imports the app; then it writes the names
+    of the modules it imported from outside the app's trees (and where each
+    was found) to a pipe only the zygote reads, without blocking, and
+    closes it. The zygote reads such lists between the master's requests
+    (bounded, never trusted) and imports each name not yet imported, with
+    Guard first in sys.meta_path: nothing of the app's trees is ever
+    imported here (its edits would not be seen), and a name that resolves to
+    another file than the worker's is refused. A module that fails, or that
+    needed one of the trees, is rolled back with everything its import
+    added, and not tried again. Warnings are not shown (the worker showed
+    them). So the zygote holds the app's third-party packages after the
+    first worker's import, and a reloaded worker imports only the user's
+    modules: the new code is served sooner."""
+
+    class Guard:
+        def __init__(self, trees, expected):
+            self.trees = trees
+            self.expected = expected
+            self.refused = False
+
+        def find_spec(self, name, path=None, target=None):
+            for finder in sys.meta_path:
+                find = getattr(finder, "find_spec", None)
+                if finder is self or find is None:
+                    continue
+                spec = find(name, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+            origin = spec.origin if isinstance(spec.origin, str) else ""
+            if any(inside(p, self.trees) for p in spec_places(spec)) or (
+                    name in self.expected and self.expected[name] != origin):
+                self.refused = True
+                raise ImportError(f"{name} is the app's own ({origin}): left to the worker")
+            return spec
+
+    def __init__(self, trees):
+        self.trees = [os.path.realpath(t) for t in trees]
+        self.pipes = {}  # read end -> bytes read so far, oldest first
+        self.skipped = set()  # names that failed or needed the app's trees
+
+    def pipe(self):
+        """A pipe for the next worker: (read end, write end); the zygote keeps the read end."""
+        read_end, write_end = os.pipe()
+        self.pipes[read_end] = b""
+        while len(self.pipes) > MAX_LEARNING:
+            self.drop(next(iter(self.pipes)))
+        return read_end, write_end
+
+    def drop(self, fd):
+        self.pipes.pop(fd, None)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def close_all(self):
+        """In a forked worker: the other workers' pipes are not its own."""
+        for fd in list(self.pipes):
+            self.drop(fd)
+
+    def read(self, fd):
+        """Reads what is there; at EOF (or past the bound) imports the list."""
+        try:
+            data = os.read(fd, MAX_LEARNED + 1)
+        except OSError:
+            data = b""
+        if data and len(self.pipes[fd]) + len(data) <= MAX_LEARNED:
+            self.pipes[fd] += data
+            return
+        listed = self.pipes[fd]
+        self.drop(fd)
+        self.learn(listed)
+
+    def learn(self, listed):
+        expected = {}
+        for line in listed.split(b"\n")[:-1]:  # the last piece is incomplete (or empty)
+            name, _, origin = line.decode("utf-8", "surrogateescape").partition("\t")
+            if is_module_name(name) and name not in sys.modules and name not in self.skipped:
+                expected[name] = origin
+        if not expected:
+            return
+        guard = self.Guard(self.trees, expected)
+        sys.meta_path.insert(0, guard)
+        try:
+            with collector_paused(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for name in expected:
+                    if name in sys.modules or name in self.skipped:
+                        continue
+                    before = set(sys.modules)
+                    guard.refused = False
+                    try:
+                        importlib.import_module(name)
+                        imported = not guard.refused
+                    except (Exception, SystemExit):
+                        imported = False
+                    if not imported:
+                        self.skipped.add(name)
+                        for added in set(sys.modules) - before:
+                            sys.modules.pop(added, None)
+        finally:
+            sys.meta_path.remove(guard)
+        gc.collect()
+        gc.freeze()  # as the zygote's own imports: their pages stay shared
+
+
+def thread_count():
+    """The process's threads, also those a C extension started."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
 
 
 @contextlib.contextmanager
@@ -2007,6 +2192,7 @@ class Zygote:
     def __init__(self, config):
         self.config = config
         self.generation = None
+        self.warned_threads = False
         # Everything meant for the master or the workers leaves the
         # environment before the app is imported.
         self.control = ControlChannel.from_env()
@@ -2033,6 +2219,10 @@ class Zygote:
 
             uvicorn_config(stand_in, {**config, "interface": "asgi3"}).get_loop_factory()
             import_runtime()  # never the app: only the standard library's own modules
+        trees = config["app_trees"]
+        # --reload: learn the app's third-party modules from the workers.
+        self.third_party = (ThirdParty([t for t in trees if isinstance(t, str)])
+                            if not self.import_app and isinstance(trees, list) and trees else None)
         if config["server"] == "granian":
             granian_api(quiet=True)  # granian's Python side shared (no runtime: no thread)
         import ctypes  # noqa: PLC0415 (only the zygote needs it)
@@ -2052,7 +2242,7 @@ class Zygote:
             exit_now()  # the master is gone
         while True:
             try:
-                data = self.control.receive()
+                data = self.receive()
                 if data is None:
                     exit_now()  # EOF: the master is gone or closed us
                 slot, generation, env = parse_spawn(json.loads(data.decode("utf-8")))
@@ -2063,6 +2253,28 @@ class Zygote:
                 self.generation = generation
                 set_title(f"procman: zygote gen {generation} [{self.config['proc_name']}]", "procman: zygote")
             self.spawn(slot, env)
+
+    def receive(self):
+        """The master's next message (see ControlChannel.receive); meanwhile
+        the lists of the workers that are importing the app (--reload) are
+        read, and what they name imported. A request goes first."""
+        while self.third_party is not None and self.third_party.pipes:
+            poller = select.poll()
+            for fd in (self.control.sock.fileno(), *self.third_party.pipes):
+                poller.register(fd, select.POLLIN)
+            ready = [fd for fd, _ in poller.poll()]
+            if self.control.sock.fileno() in ready:
+                break
+            for fd in ready:
+                self.third_party.read(fd)
+            threads = thread_count()
+            if threads > 1 and not self.warned_threads:
+                self.warned_threads = True
+                # Said here: the master takes warnings only from a starting zygote.
+                say(f"zygote {os.getpid()}: importing the app's third-party modules (--reload) "
+                    f"started {threads - 1} threads; threads do not survive fork: a worker forked "
+                    "now may hang (restart procman, or use --preload)", level="WARNING")
+        return self.control.receive()
 
     def spawn(self, slot, env):
         flush_stdio()  # or buffered output would be written again by the children
@@ -2084,18 +2296,25 @@ class Zygote:
         # request and killed us) the worker reads EOF and does not serve:
         # nobody supervises it.
         go_read, go_write = os.pipe()
+        # The worker -> us: what it imported (--reload; see ThirdParty).
+        learn_read, learn_write = self.third_party.pipe() if self.third_party else (None, None)
         try:
             pid = os.fork()
         except OSError as exc:
             for fd in (read_end, write_end, go_read, go_write):
                 os.close(fd)
+            if learn_read is not None:
+                self.third_party.drop(learn_read)
+                os.close(learn_write)
             self.control.send({"error": f"cannot fork: {exc} (slot {slot})"})
             return
         if pid == 0:
             os.close(read_end)
             os.close(go_write)
-            self.intermediate(slot, env, write_end, go_read)  # never returns
+            self.intermediate(slot, env, write_end, go_read, learn_write)  # never returns
         os.close(go_read)
+        if learn_write is not None:
+            os.close(learn_write)
         try:
             self.report(slot, pid, read_end, write_end, go_write)
         finally:
@@ -2121,7 +2340,20 @@ class Zygote:
             self.control.send({"error": f"cannot spawn slot {slot}: the intermediate process "
                                         f"ended with status {code} before reporting"})
 
-    def intermediate(self, slot, env, report_fd, go_fd):
+    def tell_imports(self, fd, before):
+        """In a worker that imported the app (--reload): the modules it
+        imported from outside the app's trees, to the zygote (ThirdParty).
+        One write that never blocks (a short pipe's buffer cuts the list at
+        a line, which the zygote drops); the zygote is not waited for."""
+        try:
+            os.set_blocking(fd, False)
+            os.write(fd, third_party_since(before, self.third_party.trees))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def intermediate(self, slot, env, report_fd, go_fd, learn_fd):
         """Forks the worker, writes its pid to report_fd and exits. Runs with stop signals blocked."""
         code = 2
         me = os.getpid()  # before the fork: the worker's getppid() may already be the master
@@ -2134,7 +2366,7 @@ class Zygote:
                 return
             if pid == 0:
                 os.close(report_fd)
-                self.worker(slot, env, me, go_fd)  # never returns
+                self.worker(slot, env, me, go_fd, learn_fd)  # never returns
             os.close(go_fd)
             # The worker makes itself the leader of a session of its own (and
             # so of its own process group); its pid is reported only once it
@@ -2161,7 +2393,7 @@ class Zygote:
         finally:
             os._exit(code)
 
-    def worker(self, slot, env, intermediate, go_fd):
+    def worker(self, slot, env, intermediate, go_fd, learn_fd):
         """Becomes a worker: reports itself to the master, then serves. Never returns."""
 
         def give_up(message=None):
@@ -2225,10 +2457,15 @@ class Zygote:
             worker_title(self.config["proc_name"])  # its argv area is still the zygote's title
             app = self.app
             if not self.import_app:
+                if self.third_party is not None:
+                    self.third_party.close_all()  # the other workers' pipes
+                before = set(sys.modules)
                 # As a cold worker: identity and environment first, then
                 # the app's import-time code, in this process only.
                 app = load_app(self.config["app"], self.config["factory"], report_to_master=True)
                 resolve_interface(app, self.config)
+                if learn_fd is not None:
+                    self.tell_imports(learn_fd, before)
             # LISTEN_PID and WATCHDOG_PID named the zygote and mean "this
             # process" now: the listeners are ours, and so is the watchdog.
             code = serve(app, self.config, self.sockets, Notifier(*self.notify))

@@ -266,6 +266,20 @@ fn broken_edits_then_a_fix(name: &str, extra: &[&str]) {
         syntax == 1 && raised == 1,
         &format!("one traceback each (SyntaxError {syntax}, RuntimeError {raised})"),
     );
+    // The base zygote forked every generation's workers, the failed ones'
+    // and the fix's: given back after each failure, not replaced by a new
+    // one that would know nothing of the app's third-party modules.
+    if extra.is_empty() {
+        let zygotes = zygote_pids(&h);
+        h.check(
+            zygotes.len() == 1,
+            &format!("one base zygote through 3 failed reloads and a fix: {zygotes:?}"),
+        );
+        h.check(
+            h.count_events("booting", |b| b["zygote"] == zygotes[0]) == 10,
+            "all 10 workers (2 per generation) forked from it",
+        );
+    }
 }
 
 #[test]

@@ -679,3 +679,29 @@ fn a_third_party_module_starting_a_thread_in_the_zygote_is_said() {
         "the zygote says the thread its imports started",
     );
 }
+
+#[test]
+fn a_watched_root_deleted_and_made_again_is_watched_again() {
+    let dir = app_dir("dev-reload-root-again");
+    let h = start("dev-reload-root-again", &dir, &[]);
+    expect_served(&h, "v1");
+    // The whole app directory goes (a tool that regenerates it): the
+    // workers keep serving v1 (the reload its deletion caused fails).
+    std::fs::remove_dir_all(&dir).expect("rm -r");
+    h.check(
+        h.wait_log("is gone; watching for it to come back", BOOT),
+        "the root is awaited",
+    );
+    expect_served(&h, "v1");
+    // Made again, its app already written: served.
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::write(dir.join("app.py"), version("v2")).expect("app.py");
+    expect_served(&h, "v2");
+    h.check(
+        h.wait_log("is back; watching it again", BOOT),
+        "the root is watched again",
+    );
+    // And an edit after it is seen.
+    std::fs::write(dir.join("app.py"), version("v3")).expect("edit");
+    expect_served(&h, "v3");
+}

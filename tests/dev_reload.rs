@@ -558,11 +558,12 @@ fn pids_in(log: &Path) -> Vec<i32> {
 fn the_base_zygote_imports_the_third_party_modules_and_never_the_apps_own() {
     let root = temp_dir("dev-reload-third-party");
     let (app, lib) = (root.join("app"), root.join("lib"));
-    let (outside, inside, plugin, helper) = (
+    let (outside, inside, plugin, helper, aliased) = (
         root.join("outside.pids"),
         root.join("inside.pids"),
         root.join("plugin.pids"),
         root.join("helper.pids"),
+        root.join("aliased.pids"),
     );
     std::fs::create_dir_all(app.join("mine")).expect("app dir");
     std::fs::create_dir_all(lib.join("thirdparty")).expect("lib dir");
@@ -584,6 +585,11 @@ fn the_base_zygote_imports_the_third_party_modules_and_never_the_apps_own() {
     .expect("plugin");
     std::fs::write(app.join("mine/__init__.py"), "").expect("mine");
     std::fs::write(app.join("mine/helper.py"), logging_module(&helper, "")).expect("helper");
+    // One of the app's own, imported through a symlink from outside (on
+    // PYTHONPATH): still the app's.
+    std::fs::create_dir_all(app.join("sub")).expect("sub");
+    std::fs::write(app.join("sub/aliased.py"), logging_module(&aliased, "")).expect("aliased");
+    std::os::unix::fs::symlink(app.join("sub"), root.join("alias")).expect("symlink");
     let inside_version = |v: &str| {
         logging_module(
             &inside,
@@ -593,10 +599,14 @@ fn the_base_zygote_imports_the_third_party_modules_and_never_the_apps_own() {
     std::fs::write(app.join("mine/version.py"), inside_version("v1")).expect("version");
     std::fs::write(
         app.join("app.py"),
-        app_source("import plugin\nfrom mine.version import VERSION"),
+        app_source("import plugin, aliased\nfrom mine.version import VERSION"),
     )
     .expect("app.py");
-    let pythonpath = format!("PYTHONPATH={}", lib.display());
+    let pythonpath = format!(
+        "PYTHONPATH={}:{}",
+        lib.display(),
+        root.join("alias").display()
+    );
     let h = start("dev-reload-third-party", &app, &["-e", &pythonpath]);
     expect_served(&h, "tp-v1");
     let zygote = zygote_pids(&h)[0];
@@ -633,7 +643,11 @@ fn the_base_zygote_imports_the_third_party_modules_and_never_the_apps_own() {
     );
     // The app's own modules: imported by every worker (2 per generation),
     // never by the zygote.
-    for (log, what) in [(&inside, "mine.version"), (&helper, "mine.helper")] {
+    for (log, what) in [
+        (&inside, "mine.version"),
+        (&helper, "mine.helper"),
+        (&aliased, "aliased (through a symlink)"),
+    ] {
         let pids = pids_in(log);
         h.check(
             pids.len() == 6 && !pids.contains(&zygote),

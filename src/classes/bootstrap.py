@@ -937,9 +937,18 @@ MAX_LEARNED = 64 * 1024
 MAX_LEARNING = 8
 
 
-def inside(path, trees):
-    """Whether `path` (resolved) lies in one of `trees` (resolved directories)."""
-    real = os.path.realpath(path)
+def inside(path, trees, resolved_dirs=None):
+    """Whether `path` (resolved) lies in one of `trees` (resolved directories).
+    `resolved_dirs`: a cache of resolved directories for one pass over many
+    modules (a few dozen directories hold hundreds of them): a path that is
+    not itself a symlink is its resolved directory plus its name."""
+    if resolved_dirs is None or os.path.islink(path):
+        real = os.path.realpath(path)
+    else:
+        head, name = os.path.split(os.path.abspath(path))
+        if head not in resolved_dirs:
+            resolved_dirs[head] = os.path.realpath(head)
+        real = os.path.join(resolved_dirs[head], name)
     return any(real == tree or real.startswith(tree + os.sep) for tree in trees)
 
 
@@ -972,14 +981,14 @@ def third_party_since(before, trees):
     """The modules imported since `before` (names) that come from outside
     `trees`, in import order, as "name\torigin" lines (bytes, at most
     MAX_LEARNED, whole lines)."""
-    lines, size = [], 0
+    lines, size, resolved_dirs = [], 0, {}
     for name, module in list(sys.modules.items()):
         if name in before or not is_module_name(name):
             continue
         origin = module_origin(module)
         spec = getattr(module, "__spec__", None)
         if origin is None or "\t" in origin or "\n" in origin or any(
-                inside(p, trees) for p in spec_places(spec)):
+                inside(p, trees, resolved_dirs) for p in spec_places(spec)):
             continue
         line = f"{name}\t{origin}\n".encode("utf-8", "surrogateescape")
         if size + len(line) > MAX_LEARNED:

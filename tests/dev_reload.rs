@@ -558,6 +558,7 @@ fn pids_in(log: &Path) -> Vec<i32> {
 fn the_base_zygote_imports_the_third_party_modules_and_never_the_apps_own() {
     let root = temp_dir("dev-reload-third-party");
     let (app, lib) = (root.join("app"), root.join("lib"));
+    let needs_setup = root.join("needs_setup.pids");
     let (outside, inside, plugin, helper, aliased) = (
         root.join("outside.pids"),
         root.join("inside.pids"),
@@ -583,6 +584,14 @@ fn the_base_zygote_imports_the_third_party_modules_and_never_the_apps_own() {
         ),
     )
     .expect("plugin");
+    // Also outside: a module that registers itself (the log line) and
+    // then needs what the app sets up before importing it. Without that
+    // (in the zygote) it fails half-way: never half-imported there.
+    std::fs::write(
+        lib.join("needs_setup.py"),
+        logging_module(&needs_setup, "SETTING = os.environ['APP_CONFIGURED']"),
+    )
+    .expect("needs_setup");
     std::fs::write(app.join("mine/__init__.py"), "").expect("mine");
     std::fs::write(app.join("mine/helper.py"), logging_module(&helper, "")).expect("helper");
     // One of the app's own, imported through a symlink from outside (on
@@ -599,7 +608,9 @@ fn the_base_zygote_imports_the_third_party_modules_and_never_the_apps_own() {
     std::fs::write(app.join("mine/version.py"), inside_version("v1")).expect("version");
     std::fs::write(
         app.join("app.py"),
-        app_source("import plugin, aliased\nfrom mine.version import VERSION"),
+        app_source(
+            "import os\nos.environ['APP_CONFIGURED'] = '1'\nimport needs_setup, plugin, aliased\nfrom mine.version import VERSION",
+        ),
     )
     .expect("app.py");
     let pythonpath = format!(
@@ -620,10 +631,20 @@ fn the_base_zygote_imports_the_third_party_modules_and_never_the_apps_own() {
             pids_in(&outside)
         ),
     );
+    // First by the zygote's probe (a child that tries the learned modules
+    // and exits), then by the zygote itself.
     let first = pids_in(&outside);
+    let workers: Vec<i32> = h.events_named("booting").iter().map(worker_of).collect();
+    let probe = first
+        .iter()
+        .copied()
+        .find(|p| *p != zygote && !workers.contains(p))
+        .unwrap_or(-1);
     h.check(
-        first.len() == 3,
-        &format!("thirdparty imported by the 2 cold workers and the zygote: {first:?}"),
+        first.len() == 4 && first.contains(&zygote) && probe > 0,
+        &format!(
+            "thirdparty imported by the 2 cold workers {workers:?}, the probe, the zygote: {first:?}"
+        ),
     );
     // Two edits of the app's own module: each is served.
     std::fs::write(app.join("mine/version.py"), inside_version("v2")).expect("edit");
@@ -650,17 +671,27 @@ fn the_base_zygote_imports_the_third_party_modules_and_never_the_apps_own() {
     ] {
         let pids = pids_in(log);
         h.check(
-            pids.len() == 6 && !pids.contains(&zygote),
-            &format!("{what} imported by each of the 6 workers, not the zygote {zygote}: {pids:?}"),
+            pids.len() == 6 && !pids.contains(&zygote) && !pids.contains(&probe),
+            &format!(
+                "{what} imported by each of the 6 workers, not the zygote {zygote} nor its probe {probe}: {pids:?}"
+            ),
         );
     }
-    // The plugin needed one of them: tried in the zygote, refused and
-    // rolled back, so each reloaded worker imports it again.
+    // The plugin needed one of them: tried by the probe only (which
+    // refused what it needed), never by the zygote, so each reloaded
+    // worker imports it again.
+    let setup_pids = pids_in(&needs_setup);
+    h.check(
+        setup_pids.len() == 7 && setup_pids.contains(&probe) && !setup_pids.contains(&zygote),
+        &format!(
+            "needs_setup imported by the 6 workers and (failing) the probe {probe}, not the zygote: {setup_pids:?}"
+        ),
+    );
     let plugin_pids = pids_in(&plugin);
     h.check(
-        plugin_pids.len() == 7 && plugin_pids.contains(&zygote),
+        plugin_pids.len() == 7 && plugin_pids.contains(&probe) && !plugin_pids.contains(&zygote),
         &format!(
-            "plugin imported by the 6 workers (and tried once by the zygote): {plugin_pids:?}"
+            "plugin imported by the 6 workers and the probe {probe}, not the zygote: {plugin_pids:?}"
         ),
     );
 }

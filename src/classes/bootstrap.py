@@ -935,6 +935,8 @@ MAX_LEARNED = 64 * 1024
 # Pipes of workers still importing, at most; the oldest is dropped first (a
 # worker hung in its import must not hold descriptors forever).
 MAX_LEARNING = 8
+# The longest a probe of the learned modules may take (ThirdParty).
+PROBE_TIMEOUT = 60.0
 
 
 def inside(path, trees, resolved_dirs=None):
@@ -1005,15 +1007,23 @@ class ThirdParty:
     of the modules it imported from outside the app's trees (and where each
     was found) to a pipe only the zygote reads, without blocking, and
     closes it. The zygote reads such lists between the master's requests
-    (bounded, never trusted) and imports each name not yet imported, with
-    Guard first in sys.meta_path: nothing of the app's trees is ever
-    imported here (its edits would not be seen), and a name that resolves to
-    another file than the worker's is refused. A module that fails, or that
-    needed one of the trees, is rolled back with everything its import
-    added, and not tried again. Warnings are not shown (the worker showed
-    them). So the zygote holds the app's third-party packages after the
-    first worker's import, and a reloaded worker imports only the user's
-    modules: the new code is served sooner."""
+    (bounded, never trusted: a valid dotted name, not imported yet, not
+    skipped before). It does not import them at once: a probe, a child
+    forked from the zygote, imports them first, one by one, with Guard first
+    in sys.meta_path (nothing of the app's trees is imported; a name that
+    resolves to another file than the worker's is refused), and reports the
+    names whose import neither failed nor was refused anything; then it
+    exits. Only those are imported by the zygote, one per turn of its loop
+    (a request of the master goes first), the guard still on: so a module
+    that fails here (it needs the app's setup first), or that would take
+    the app's own code, is never half-imported into the zygote (no partial
+    registrations, no extension module loaded twice), and is left to each
+    worker, as before. The probe's output is discarded, warnings are not
+    shown (the worker showed them), and a probe that takes longer than
+    PROBE_TIMEOUT is killed and its names left to the workers. So the zygote
+    holds the app's third-party packages soon after the first worker's
+    import, and a reloaded worker imports only the user's modules: the new
+    code is served sooner."""
 
     class Guard:
         def __init__(self, trees, expected):
@@ -1038,10 +1048,14 @@ class ThirdParty:
                 raise ImportError(f"{name} is the app's own ({origin}): left to the worker")
             return spec
 
-    def __init__(self, trees):
+    def __init__(self, trees, libc):
         self.trees = [os.path.realpath(t) for t in trees]
-        self.pipes = {}  # read end -> bytes read so far, oldest first
-        self.skipped = set()  # names that failed or needed the app's trees
+        self.libc = libc
+        self.pipes = {}  # a worker's read end -> bytes read so far, oldest first
+        self.learned = {}  # name -> origin: from the workers, to probe
+        self.probe = None  # [pid, read end, bytes, deadline, {name: origin}]
+        self.queue = {}  # name -> origin: probed, for the zygote to import
+        self.skipped = set()  # names a probe could not import cleanly
 
     def pipe(self):
         """A pipe for the next worker: (read end, write end); the zygote keeps the read end."""
@@ -1057,54 +1071,139 @@ class ThirdParty:
             os.close(fd)
 
     def close_all(self):
-        """In a forked worker: the other workers' pipes are not its own."""
+        """In a forked child: the workers' pipes and the probe's are not its own."""
         for fd in list(self.pipes):
             self.drop(fd)
+        if self.probe is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.probe[1])
+            self.probe = None
+
+    def busy(self):
+        return bool(self.pipes or self.learned or self.probe or self.queue)
+
+    def fds(self):
+        return [*self.pipes, *([self.probe[1]] if self.probe else [])]
+
+    def timeout(self):
+        """How long the zygote may wait for a message (poll's ms; None: as long as it takes)."""
+        if self.queue or (self.learned and self.probe is None):
+            return 0
+        if self.probe is not None:
+            return max(0, int((self.probe[3] - time.monotonic()) * 1000) + 1)
+        return None
 
     def read(self, fd):
-        """Reads what is there; at EOF (or past the bound) imports the list."""
+        """Reads what is there; at EOF (or past the bound) takes the list."""
         try:
             data = os.read(fd, MAX_LEARNED + 1)
         except OSError:
             data = b""
+        if self.probe is not None and fd == self.probe[1]:
+            if data and len(self.probe[2]) + len(data) <= MAX_LEARNED:
+                self.probe[2] += data
+            else:
+                self.probed()
+            return
         if data and len(self.pipes[fd]) + len(data) <= MAX_LEARNED:
             self.pipes[fd] += data
             return
         listed = self.pipes[fd]
         self.drop(fd)
-        self.learn(listed)
-
-    def learn(self, listed):
-        expected = {}
         for line in listed.split(b"\n")[:-1]:  # the last piece is incomplete (or empty)
             name, _, origin = line.decode("utf-8", "surrogateescape").partition("\t")
-            if is_module_name(name) and name not in sys.modules and name not in self.skipped:
-                expected[name] = origin
-        if not expected:
-            return
-        guard = self.Guard(self.trees, expected)
+            if (is_module_name(name) and name not in sys.modules and name not in self.skipped
+                    and name not in self.queue
+                    and not (self.probe is not None and name in self.probe[4])):
+                self.learned.setdefault(name, origin)
+
+    def step(self, control):
+        """Nothing to read: one step of the work (kill a late probe, start
+        one, or import one probed name)."""
+        if self.probe is not None and time.monotonic() >= self.probe[3]:
+            with contextlib.suppress(OSError):
+                os.kill(self.probe[0], signal.SIGKILL)
+            self.skipped.update(self.probe[4])
+            say(f"zygote {os.getpid()}: importing the app's {len(self.probe[4])} third-party "
+                f"modules took the probe longer than {PROBE_TIMEOUT:g} s; they are left to the "
+                "workers (--reload)", level="WARNING")
+            self.probed(killed=True)
+        elif self.queue:
+            name, origin = next(iter(self.queue.items()))
+            del self.queue[name]
+            if name not in sys.modules and not self.imported(name, origin):
+                self.skipped.add(name)  # not as in the probe: not tried again
+            if not self.queue:
+                gc.collect()
+                gc.freeze()  # as the zygote's own imports: their pages stay shared
+        elif self.learned and self.probe is None:
+            self.start_probe(control)
+
+    def imported(self, name, origin):
+        """Imports one name in the zygote, as the probe did; False if it did not go as there."""
+        guard = self.Guard(self.trees, {name: origin})
         sys.meta_path.insert(0, guard)
         try:
             with collector_paused(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                for name in expected:
-                    if name in sys.modules or name in self.skipped:
-                        continue
-                    before = set(sys.modules)
-                    guard.refused = False
-                    try:
-                        importlib.import_module(name)
-                        imported = not guard.refused
-                    except (Exception, SystemExit):
-                        imported = False
-                    if not imported:
-                        self.skipped.add(name)
-                        for added in set(sys.modules) - before:
-                            sys.modules.pop(added, None)
+                importlib.import_module(name)
+            return not guard.refused
+        except (Exception, SystemExit):
+            return False
         finally:
             sys.meta_path.remove(guard)
-        gc.collect()
-        gc.freeze()  # as the zygote's own imports: their pages stay shared
+
+    def start_probe(self, control):
+        names, self.learned = self.learned, {}
+        read_end, write_end = os.pipe()
+        flush_stdio()
+        zygote = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            self.skipped.update(names)
+            return
+        if pid == 0:  # the probe: never returns
+            code = 0
+            try:
+                os.close(read_end)
+                control.close()  # the channel's EOF must mean "zygote gone"
+                self.close_all()
+                if self.libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != zygote:
+                    return
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 1)
+                os.dup2(null, 2)
+                clean = []
+                for name, origin in names.items():
+                    if name in sys.modules or self.imported(name, origin):
+                        clean.append(f"{name}\n".encode("utf-8", "surrogateescape"))
+                os.write(write_end, b"".join(clean)[:MAX_LEARNED])
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        self.probe = [pid, read_end, b"", time.monotonic() + PROBE_TIMEOUT, names]
+
+    def probed(self, killed=False):
+        """The probe ended (or was killed): what it imported cleanly is queued, in order."""
+        pid, fd, output, _, names = self.probe
+        self.probe = None
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        if killed:
+            return
+        clean = set(output.decode("utf-8", "surrogateescape").split("\n")[:-1])
+        for name, origin in names.items():
+            if name in clean:
+                self.queue.setdefault(name, origin)
+            else:
+                self.skipped.add(name)
 
 
 def thread_count():
@@ -2228,16 +2327,16 @@ class Zygote:
 
             uvicorn_config(stand_in, {**config, "interface": "asgi3"}).get_loop_factory()
             import_runtime()  # never the app: only the standard library's own modules
-        trees = config["app_trees"]
-        # --reload: learn the app's third-party modules from the workers.
-        self.third_party = (ThirdParty([t for t in trees if isinstance(t, str)])
-                            if not self.import_app and isinstance(trees, list) and trees else None)
         if config["server"] == "granian":
             granian_api(quiet=True)  # granian's Python side shared (no runtime: no thread)
         import ctypes  # noqa: PLC0415 (only the zygote needs it)
 
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.get_errno = ctypes.get_errno
+        trees = config["app_trees"]
+        # --reload: learn the app's third-party modules from the workers.
+        self.third_party = (ThirdParty([t for t in trees if isinstance(t, str)], self.libc)
+                            if not self.import_app and isinstance(trees, list) and trees else None)
 
     def run(self):
         resume_collector()  # the warm-up is over; the workers inherit the thresholds
@@ -2266,16 +2365,20 @@ class Zygote:
     def receive(self):
         """The master's next message (see ControlChannel.receive); meanwhile
         the lists of the workers that are importing the app (--reload) are
-        read, and what they name imported. A request goes first."""
-        while self.third_party is not None and self.third_party.pipes:
+        read, probed and imported, one module per turn (ThirdParty). A
+        request goes first."""
+        third_party = self.third_party
+        while third_party is not None and third_party.busy():
             poller = select.poll()
-            for fd in (self.control.sock.fileno(), *self.third_party.pipes):
+            for fd in (self.control.sock.fileno(), *third_party.fds()):
                 poller.register(fd, select.POLLIN)
-            ready = [fd for fd, _ in poller.poll()]
+            ready = [fd for fd, _ in poller.poll(third_party.timeout())]
             if self.control.sock.fileno() in ready:
                 break
             for fd in ready:
-                self.third_party.read(fd)
+                third_party.read(fd)
+            if not ready:
+                third_party.step(self.control.sock)
             threads = thread_count()
             if threads > 1 and not self.warned_threads:
                 self.warned_threads = True

@@ -750,3 +750,44 @@ fn a_watched_root_deleted_and_made_again_is_watched_again() {
     std::fs::write(dir.join("app.py"), version("v3")).expect("edit");
     expect_served(&h, "v3");
 }
+
+#[test]
+fn a_save_while_the_zygote_imports_a_slow_third_party_module_waits_for_it() {
+    let root = temp_dir("dev-reload-slow-import");
+    let (app, lib, slow) = (root.join("app"), root.join("lib"), root.join("slow.pids"));
+    std::fs::create_dir_all(&app).expect("app dir");
+    std::fs::create_dir_all(&lib).expect("lib dir");
+    // Longer than the 2 s a zygote has to answer a spawn request.
+    std::fs::write(
+        lib.join("slowlib.py"),
+        logging_module(&slow, "import time\ntime.sleep(4)"),
+    )
+    .expect("slowlib");
+    std::fs::write(
+        app.join("app.py"),
+        app_source("import slowlib\nVERSION = 'v1'"),
+    )
+    .expect("app.py");
+    let pythonpath = format!("PYTHONPATH={}", lib.display());
+    let h = start("dev-reload-slow-import", &app, &["-e", &pythonpath]);
+    expect_served(&h, "v1");
+    let zygote = zygote_pids(&h)[0];
+    // Its pid is logged when the zygote's own import begins (after the
+    // probe's): it is busy for the next 4 s. A save now.
+    let busy = wait_for(BOOT, || pids_in(&slow).contains(&zygote).then_some(()));
+    h.check(busy.is_some(), "the zygote imports slowlib");
+    std::fs::write(
+        app.join("app.py"),
+        app_source("import slowlib\nVERSION = 'v2'"),
+    )
+    .expect("edit");
+    expect_served(&h, "v2");
+    h.check(
+        !h.has_event("zygote-spawn-failed", |_| true),
+        "the request waited for the import: the zygote was not given up on",
+    );
+    h.check(
+        zygote_pids(&h) == [zygote],
+        "the same zygote forked the new workers",
+    );
+}

@@ -13,6 +13,13 @@
 //! start). A file counts when it is written and closed, renamed in or out,
 //! or deleted: an editor's rename-save is a `IN_MOVED_TO` of the real name.
 //!
+//! A watched root that goes (deleted, or moved away) is awaited: its
+//! parent is watched, only while it is gone, for a directory of its name
+//! to appear, which is then watched again (and its files count as changed).
+//! A deleted root is noticed when events arrive: its path is looked up
+//! again after each read (the kernel says a directory was deleted only once
+//! nothing uses it, and the workers run in it).
+//!
 //! Each [`Watcher::read`] reads a bounded number of buffers: anything left
 //! keeps the descriptor readable, and the next pass reads on. Running out of
 //! watches (`fs.inotify.max_user_watches`) is said once, with how to raise
@@ -24,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
-use tracing::warn;
+use tracing::{info, warn};
 
 /// Reads of at most 4 KiB (nix's buffer) per pass: 64 events of a short
 /// name each, a bounded slice of work even when a worker writes files
@@ -160,6 +167,10 @@ pub struct Watcher {
     roots: Vec<PathBuf>,
     dirs: HashMap<WatchDescriptor, Dir>,
     filter: Filter,
+    /// Each root's directory (device, inode) as watched; `None` while gone.
+    root_ids: Vec<Option<(u64, u64)>>,
+    /// Roots that went, by the watch of the parent they may come back in.
+    awaited: HashMap<WatchDescriptor, Vec<usize>>,
     /// Out of watches was said.
     limit_said: bool,
 }
@@ -171,6 +182,24 @@ fn mask() -> AddWatchFlags {
         | AddWatchFlags::IN_MOVED_FROM
         | AddWatchFlags::IN_CREATE
         | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_MOVE_SELF
+        | AddWatchFlags::IN_DONT_FOLLOW
+        | AddWatchFlags::IN_ONLYDIR
+}
+
+/// A real directory's (device, inode), not following a symlink; `None`
+/// for anything else or nothing.
+fn dir_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).ok()?;
+    m.is_dir().then(|| (m.dev(), m.ino()))
+}
+
+/// The events the watch of a gone root's parent asks for: a directory of
+/// that name appearing.
+fn parent_mask() -> AddWatchFlags {
+    AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_MOVED_TO
         | AddWatchFlags::IN_DONT_FOLLOW
         | AddWatchFlags::IN_ONLYDIR
 }
@@ -185,8 +214,11 @@ impl Watcher {
             roots,
             dirs: HashMap::new(),
             filter,
+            root_ids: Vec::new(),
+            awaited: HashMap::new(),
             limit_said: false,
         };
+        w.root_ids = w.roots.iter().map(|r| dir_id(r)).collect();
         for root in 0..w.roots.len() {
             let path = w.roots[root].clone();
             let mut found = Vec::new();
@@ -289,13 +321,54 @@ impl Watcher {
                 }
                 if ev.mask.contains(AddWatchFlags::IN_IGNORED) {
                     // The directory went (deleted, or moved away): its
-                    // parent's watch sees a new one of that name.
-                    self.dirs.remove(&ev.wd);
+                    // parent's watch sees a new one of that name; a root's
+                    // parent is watched for it from now on.
+                    if let Some(dir) = self.dirs.remove(&ev.wd) {
+                        if dir.path == self.roots[dir.root] {
+                            self.await_root(dir.root, &mut changed);
+                        }
+                    }
+                    if let Some(roots) = self.awaited.remove(&ev.wd) {
+                        for root in roots {
+                            warn!(
+                                "--reload: {} is gone, and so is its parent directory: it is not watched any more",
+                                crate::escape::text(&self.roots[root].to_string_lossy())
+                            );
+                        }
+                    }
+                    continue;
+                }
+                if self.awaited.contains_key(&ev.wd) {
+                    let name = ev.name.as_deref().map(Path::new);
+                    let back: Vec<usize> = self.awaited[&ev.wd]
+                        .iter()
+                        .copied()
+                        .filter(|&r| {
+                            name.is_some()
+                                && self.roots[r].file_name() == name.map(|n| n.as_os_str())
+                        })
+                        .collect();
+                    for root in back {
+                        self.root_back(root, &mut changed);
+                    }
                     continue;
                 }
                 let Some(dir) = self.dirs.get(&ev.wd) else {
                     continue;
                 };
+                if ev.mask.contains(AddWatchFlags::IN_MOVE_SELF) {
+                    // A root moved away: what is under it is no longer in
+                    // the tree (another directory's own move is seen by
+                    // its parent's watch).
+                    let root = dir.root;
+                    let path = self.roots[root].clone();
+                    if dir.path == path {
+                        self.unwatch_under(&path);
+                        changed.push(path);
+                        self.await_root(root, &mut changed);
+                    }
+                    continue;
+                }
                 let Some(name) = ev.name else { continue };
                 let path = dir.path.join(&name);
                 let root = dir.root;
@@ -327,6 +400,16 @@ impl Watcher {
                 }
             }
         }
+        // A root deleted while a process has it as its directory: no event
+        // says so yet, but its path no longer leads to it.
+        for root in 0..self.roots.len() {
+            if self.root_ids[root].is_some() && dir_id(&self.roots[root]) != self.root_ids[root] {
+                let path = self.roots[root].clone();
+                self.unwatch_under(&path);
+                changed.push(path);
+                self.await_root(root, &mut changed);
+            }
+        }
         if overflow {
             for root in 0..self.roots.len() {
                 let path = self.roots[root].clone();
@@ -335,6 +418,60 @@ impl Watcher {
             }
         }
         (changed, overflow)
+    }
+
+    /// Root `root` went: its parent is watched for it to come back (and
+    /// looked at once, in case it already did).
+    fn await_root(&mut self, root: usize, changed: &mut Vec<PathBuf>) {
+        self.root_ids[root] = None;
+        let path = self.roots[root].clone();
+        let shown = crate::escape::text(&path.to_string_lossy()).into_owned();
+        let Some(parent) = path.parent() else {
+            return;
+        };
+        match self.inotify.add_watch(parent, parent_mask()) {
+            Ok(wd) => {
+                let roots = self.awaited.entry(wd).or_default();
+                if !roots.contains(&root) {
+                    roots.push(root);
+                }
+                warn!("--reload: {shown} is gone; watching for it to come back");
+            }
+            Err(e) => {
+                warn!(
+                    "--reload: {shown} is gone, and its parent directory cannot be watched ({}): it is not watched any more",
+                    e.desc()
+                );
+                return;
+            }
+        }
+        self.root_back(root, changed);
+    }
+
+    /// Watches awaited root `root` again if it is a directory again (not a
+    /// symlink: the trees were resolved once); its files count as changed.
+    fn root_back(&mut self, root: usize, changed: &mut Vec<PathBuf>) {
+        let path = self.roots[root].clone();
+        let Some(id) = dir_id(&path) else {
+            return;
+        };
+        self.root_ids[root] = Some(id);
+        let mut unused = Vec::new();
+        for (wd, roots) in self.awaited.iter_mut() {
+            roots.retain(|&r| r != root);
+            if roots.is_empty() {
+                unused.push(*wd);
+            }
+        }
+        for wd in unused {
+            self.awaited.remove(&wd);
+            let _ = self.inotify.rm_watch(wd);
+        }
+        self.add_tree(root, &path, changed);
+        info!(
+            "--reload: {} is back; watching it again",
+            crate::escape::text(&path.to_string_lossy())
+        );
     }
 
     /// Drops the watches of `dir` and every directory under it.
@@ -385,56 +522,4 @@ impl Watcher {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn defaults() -> Filter {
-        Filter {
-            include: DEFAULT_INCLUDE.iter().map(|s| s.to_string()).collect(),
-            exclude: DEFAULT_EXCLUDE.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    #[test]
-    fn globs_match_whole_names() {
-        assert!(glob("*.py", "app.py"));
-        assert!(!glob("*.py", "app.pyc"));
-        assert!(!glob("*.py", "app.py~"));
-        assert!(glob(".*.swp", ".app.py.swp"));
-        assert!(glob("*~", "app.py~"));
-        assert!(glob(".#*", ".#app.py"));
-        assert!(glob("a?c", "abc"));
-        assert!(glob("[a-c]x", "bx"));
-        assert!(!glob("[!a-c]x", "bx"));
-        assert!(glob("*.[ch]", "x.h"));
-        assert!(glob("[", "["));
-        assert!(glob("*a*b", "xxaxxb"));
-        assert!(!glob("*a*b", "xxaxxbc"));
-        assert!(glob("*", ""));
-    }
-
-    #[test]
-    fn the_default_filter_counts_sources_only() {
-        let f = defaults();
-        assert!(f.counts(Path::new("app.py")));
-        assert!(f.counts(Path::new("pkg/sub/mod.py")));
-        assert!(!f.counts(Path::new("__pycache__/app.cpython-312.pyc")));
-        assert!(!f.counts(Path::new("__pycache__/x.py")));
-        assert!(!f.counts(Path::new(".venv/lib/site.py")));
-        assert!(!f.counts(Path::new("node_modules/a/b.py")));
-        assert!(!f.counts(Path::new(".git/hooks/x.py")));
-        assert!(!f.counts(Path::new(".app.py.swp")));
-        assert!(!f.counts(Path::new("app.py~")));
-        assert!(!f.counts(Path::new(".#app.py")));
-        assert!(!f.counts(Path::new("4913")));
-        assert!(!f.counts(Path::new("README.md")));
-    }
-
-    #[test]
-    fn an_include_with_a_slash_matches_the_relative_path() {
-        let mut f = defaults();
-        f.include.push("templates/*.html".into());
-        assert!(f.counts(Path::new("templates/a.html")));
-        assert!(!f.counts(Path::new("a.html")));
-    }
-}
+mod tests;

@@ -39,6 +39,12 @@ use crate::procfs;
 /// How long the master waits for the zygote to report a forked worker.
 pub const SPAWN_REPLY: Duration = Duration::from_secs(2);
 
+/// The same for a base zygote under `--reload`: between requests it imports
+/// the app's third-party modules, one at a time, and one can take seconds
+/// (torch, pandas); a request that arrives meanwhile waits for it. A hung
+/// zygote is then found later, which development can afford.
+pub const SPAWN_REPLY_LEARNING: Duration = Duration::from_secs(30);
+
 /// The longest message the master reads from a zygote's channel (the
 /// longest the bootstrap sends is a few hundred bytes); a longer one is
 /// dropped.
@@ -144,7 +150,7 @@ pub struct Zygote {
     /// the end-of-file would wake the loop forever.
     pub closed: bool,
     /// The spawn request it has not answered yet (one at a time: each
-    /// gets the whole [`SPAWN_REPLY`]). The reply arrives on the channel
+    /// gets the whole `reply_within`). The reply arrives on the channel
     /// like any message; the master never waits for it.
     pub pending: Option<Pending>,
     /// Requests given up on (no reply in time) whose reply may still
@@ -152,6 +158,9 @@ pub struct Zygote {
     pub late: u32,
     /// Warnings taken in while it started (a few; the rest are dropped).
     pub warnings: u32,
+    /// How long a spawn request may wait for its reply: [`SPAWN_REPLY`],
+    /// or [`SPAWN_REPLY_LEARNING`].
+    pub reply_within: Duration,
     channel: OwnedFd,
 }
 
@@ -170,9 +179,9 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// When the master gives up on the reply.
-    pub fn deadline(&self) -> Instant {
-        self.requested_at + SPAWN_REPLY
+    /// When the master gives up on the reply, if the zygote gets `within`.
+    pub fn deadline(&self, within: Duration) -> Instant {
+        self.requested_at + within
     }
 }
 
@@ -214,6 +223,7 @@ impl Zygote {
             pending: None,
             late: 0,
             warnings: 0,
+            reply_within: SPAWN_REPLY,
             channel,
         }
     }

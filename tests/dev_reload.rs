@@ -266,6 +266,20 @@ fn broken_edits_then_a_fix(name: &str, extra: &[&str]) {
         syntax == 1 && raised == 1,
         &format!("one traceback each (SyntaxError {syntax}, RuntimeError {raised})"),
     );
+    // The base zygote forked every generation's workers, the failed ones'
+    // and the fix's: given back after each failure, not replaced by a new
+    // one that would know nothing of the app's third-party modules.
+    if extra.is_empty() {
+        let zygotes = zygote_pids(&h);
+        h.check(
+            zygotes.len() == 1,
+            &format!("one base zygote through 3 failed reloads and a fix: {zygotes:?}"),
+        );
+        h.check(
+            h.count_events("booting", |b| b["zygote"] == zygotes[0]) == 10,
+            "all 10 workers (2 per generation) forked from it",
+        );
+    }
 }
 
 #[test]
@@ -521,4 +535,259 @@ fn out_of_inotify_watches_is_one_line_and_procman_keeps_serving() {
     h.expect_event("reload-done", BOOT, "a change where a watch exists", |_| {
         true
     });
+}
+
+/// A module whose import appends this process's pid to `log` (one line).
+fn logging_module(log: &Path, body: &str) -> String {
+    format!(
+        "import os\nwith open({:?}, \"a\") as _f:\n    _f.write(f\"{{os.getpid()}}\\n\")\n{body}\n",
+        log.to_str().expect("utf8")
+    )
+}
+
+/// The pids logged in `log`, one a line.
+fn pids_in(log: &Path) -> Vec<i32> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn the_base_zygote_imports_the_third_party_modules_and_never_the_apps_own() {
+    let root = temp_dir("dev-reload-third-party");
+    let (app, lib) = (root.join("app"), root.join("lib"));
+    let needs_setup = root.join("needs_setup.pids");
+    let (outside, inside, plugin, helper, aliased) = (
+        root.join("outside.pids"),
+        root.join("inside.pids"),
+        root.join("plugin.pids"),
+        root.join("helper.pids"),
+        root.join("aliased.pids"),
+    );
+    std::fs::create_dir_all(app.join("mine")).expect("app dir");
+    std::fs::create_dir_all(lib.join("thirdparty")).expect("lib dir");
+    // Outside every watched tree, on PYTHONPATH: a third-party package.
+    std::fs::write(
+        lib.join("thirdparty/__init__.py"),
+        logging_module(&outside, "PREFIX = 'tp-'"),
+    )
+    .expect("thirdparty");
+    // Also outside, but it imports one of the app's own modules (a plugin
+    // lookup): the zygote must not take it (nor the helper) from there.
+    std::fs::write(
+        lib.join("plugin.py"),
+        logging_module(
+            &plugin,
+            "try:\n    import mine.helper as helper\nexcept ImportError:\n    helper = None",
+        ),
+    )
+    .expect("plugin");
+    // Also outside: a module that registers itself (the log line) and
+    // then needs what the app sets up before importing it. Without that
+    // (in the zygote) it fails half-way: never half-imported there.
+    std::fs::write(
+        lib.join("needs_setup.py"),
+        logging_module(&needs_setup, "SETTING = os.environ['APP_CONFIGURED']"),
+    )
+    .expect("needs_setup");
+    std::fs::write(app.join("mine/__init__.py"), "").expect("mine");
+    std::fs::write(app.join("mine/helper.py"), logging_module(&helper, "")).expect("helper");
+    // One of the app's own, imported through a symlink from outside (on
+    // PYTHONPATH): still the app's.
+    std::fs::create_dir_all(app.join("sub")).expect("sub");
+    std::fs::write(app.join("sub/aliased.py"), logging_module(&aliased, "")).expect("aliased");
+    std::os::unix::fs::symlink(app.join("sub"), root.join("alias")).expect("symlink");
+    let inside_version = |v: &str| {
+        logging_module(
+            &inside,
+            &format!("import thirdparty\nVERSION = thirdparty.PREFIX + {v:?}"),
+        )
+    };
+    std::fs::write(app.join("mine/version.py"), inside_version("v1")).expect("version");
+    std::fs::write(
+        app.join("app.py"),
+        app_source(
+            "import os\nos.environ['APP_CONFIGURED'] = '1'\nimport needs_setup, plugin, aliased\nfrom mine.version import VERSION",
+        ),
+    )
+    .expect("app.py");
+    let pythonpath = format!(
+        "PYTHONPATH={}:{}",
+        lib.display(),
+        root.join("alias").display()
+    );
+    let h = start("dev-reload-third-party", &app, &["-e", &pythonpath]);
+    expect_served(&h, "tp-v1");
+    let zygote = zygote_pids(&h)[0];
+    // The zygote learns from its first workers, after their import: wait
+    // for its own import of the third-party package.
+    let learned = wait_for(BOOT, || pids_in(&outside).contains(&zygote).then_some(()));
+    h.check(
+        learned.is_some(),
+        &format!(
+            "the zygote {zygote} imported thirdparty: {:?}",
+            pids_in(&outside)
+        ),
+    );
+    // First by the zygote's probe (a child that tries the learned modules
+    // and exits), then by the zygote itself.
+    let first = pids_in(&outside);
+    let workers: Vec<i32> = h.events_named("booting").iter().map(worker_of).collect();
+    let probe = first
+        .iter()
+        .copied()
+        .find(|p| *p != zygote && !workers.contains(p))
+        .unwrap_or(-1);
+    h.check(
+        first.len() == 4 && first.contains(&zygote) && probe > 0,
+        &format!(
+            "thirdparty imported by the 2 cold workers {workers:?}, the probe, the zygote: {first:?}"
+        ),
+    );
+    // Two edits of the app's own module: each is served.
+    std::fs::write(app.join("mine/version.py"), inside_version("v2")).expect("edit");
+    expect_served(&h, "tp-v2");
+    h.expect_events("reload-done", 1, BOOT, "first reload", |_| true);
+    std::fs::write(app.join("mine/version.py"), inside_version("v3")).expect("edit");
+    expect_served(&h, "tp-v3");
+    h.expect_events("reload-done", 2, BOOT, "second reload", |_| true);
+    // The third-party package was not imported again by the 4 reloaded
+    // workers: they found it in what the zygote holds.
+    h.check(
+        pids_in(&outside) == first,
+        &format!(
+            "thirdparty imported only by the first workers and the zygote: {:?}",
+            pids_in(&outside)
+        ),
+    );
+    // The app's own modules: imported by every worker (2 per generation),
+    // never by the zygote.
+    for (log, what) in [
+        (&inside, "mine.version"),
+        (&helper, "mine.helper"),
+        (&aliased, "aliased (through a symlink)"),
+    ] {
+        let pids = pids_in(log);
+        h.check(
+            pids.len() == 6 && !pids.contains(&zygote) && !pids.contains(&probe),
+            &format!(
+                "{what} imported by each of the 6 workers, not the zygote {zygote} nor its probe {probe}: {pids:?}"
+            ),
+        );
+    }
+    // The plugin needed one of them: tried by the probe only (which
+    // refused what it needed), never by the zygote, so each reloaded
+    // worker imports it again.
+    let setup_pids = pids_in(&needs_setup);
+    h.check(
+        setup_pids.len() == 7 && setup_pids.contains(&probe) && !setup_pids.contains(&zygote),
+        &format!(
+            "needs_setup imported by the 6 workers and (failing) the probe {probe}, not the zygote: {setup_pids:?}"
+        ),
+    );
+    let plugin_pids = pids_in(&plugin);
+    h.check(
+        plugin_pids.len() == 7 && plugin_pids.contains(&probe) && !plugin_pids.contains(&zygote),
+        &format!(
+            "plugin imported by the 6 workers and the probe {probe}, not the zygote: {plugin_pids:?}"
+        ),
+    );
+}
+
+#[test]
+fn a_third_party_module_starting_a_thread_in_the_zygote_is_said() {
+    let root = temp_dir("dev-reload-thread");
+    let (app, lib) = (root.join("app"), root.join("lib"));
+    std::fs::create_dir_all(&app).expect("app dir");
+    std::fs::create_dir_all(&lib).expect("lib dir");
+    std::fs::write(
+        lib.join("threader.py"),
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n",
+    )
+    .expect("threader");
+    std::fs::write(
+        app.join("app.py"),
+        app_source("import threader\nVERSION = 'v1'"),
+    )
+    .expect("app.py");
+    let pythonpath = format!("PYTHONPATH={}", lib.display());
+    let h = start("dev-reload-thread", &app, &["-e", &pythonpath]);
+    expect_served(&h, "v1");
+    let zygote = zygote_pids(&h)[0];
+    h.check(
+        h.wait_log(
+            &format!("zygote {zygote}: importing the app's third-party modules (--reload) started 1 threads"),
+            BOOT,
+        ),
+        "the zygote says the thread its imports started",
+    );
+}
+
+#[test]
+fn a_watched_root_deleted_and_made_again_is_watched_again() {
+    let dir = app_dir("dev-reload-root-again");
+    let h = start("dev-reload-root-again", &dir, &[]);
+    expect_served(&h, "v1");
+    // The whole app directory goes (a tool that regenerates it): the
+    // workers keep serving v1 (the reload its deletion caused fails).
+    std::fs::remove_dir_all(&dir).expect("rm -r");
+    h.check(
+        h.wait_log("is gone; watching for it to come back", BOOT),
+        "the root is awaited",
+    );
+    expect_served(&h, "v1");
+    // Made again, its app already written: served.
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::write(dir.join("app.py"), version("v2")).expect("app.py");
+    expect_served(&h, "v2");
+    h.check(
+        h.wait_log("is back; watching it again", BOOT),
+        "the root is watched again",
+    );
+    // And an edit after it is seen.
+    std::fs::write(dir.join("app.py"), version("v3")).expect("edit");
+    expect_served(&h, "v3");
+}
+
+#[test]
+fn a_save_while_the_zygote_imports_a_slow_third_party_module_waits_for_it() {
+    let root = temp_dir("dev-reload-slow-import");
+    let (app, lib, slow) = (root.join("app"), root.join("lib"), root.join("slow.pids"));
+    std::fs::create_dir_all(&app).expect("app dir");
+    std::fs::create_dir_all(&lib).expect("lib dir");
+    // Longer than the 2 s a zygote has to answer a spawn request.
+    std::fs::write(
+        lib.join("slowlib.py"),
+        logging_module(&slow, "import time\ntime.sleep(4)"),
+    )
+    .expect("slowlib");
+    std::fs::write(
+        app.join("app.py"),
+        app_source("import slowlib\nVERSION = 'v1'"),
+    )
+    .expect("app.py");
+    let pythonpath = format!("PYTHONPATH={}", lib.display());
+    let h = start("dev-reload-slow-import", &app, &["-e", &pythonpath]);
+    expect_served(&h, "v1");
+    let zygote = zygote_pids(&h)[0];
+    // Its pid is logged when the zygote's own import begins (after the
+    // probe's): it is busy for the next 4 s. A save now.
+    let busy = wait_for(BOOT, || pids_in(&slow).contains(&zygote).then_some(()));
+    h.check(busy.is_some(), "the zygote imports slowlib");
+    std::fs::write(
+        app.join("app.py"),
+        app_source("import slowlib\nVERSION = 'v2'"),
+    )
+    .expect("edit");
+    expect_served(&h, "v2");
+    h.check(
+        !h.has_event("zygote-spawn-failed", |_| true),
+        "the request waited for the import: the zygote was not given up on",
+    );
+    h.check(
+        zygote_pids(&h) == [zygote],
+        "the same zygote forked the new workers",
+    );
 }

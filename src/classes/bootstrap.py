@@ -80,7 +80,11 @@ share it; without (the base zygote, the default) it imports only Python's
 runtime (RUNTIME_MODULES) and uvicorn (protocols, lifespan, event loop, TLS) and each forked
 worker imports the app itself, after taking its identity, exactly where a
 cold worker would: nothing of the app is shared across fork, and an import
-error is the worker's (exit 4, its traceback sent to the master).
+error is the worker's (exit 4, its traceback sent to the master). With
+--reload ("app_trees": the watched trees and the workers' directory) the base
+zygote also learns, from each worker it forks, which modules the app imported
+from outside those trees (its third-party packages), and imports them itself
+(ThirdParty): a worker of a later reload imports only the user's own modules.
 
 * Started like a worker, plus PROCMAN_ZYGOTE_FD (an AF_UNIX SOCK_SEQPACKET
   socket to the master, one UTF-8 JSON object per message) and
@@ -134,12 +138,14 @@ import logging  # noqa: E402
 import logging.config  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import select  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+import warnings  # noqa: E402
 import weakref  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 
@@ -807,6 +813,7 @@ CONFIG_KEYS = (
     "keep_alive", "limit_concurrency", "proxy_headers", "forwarded_allow_ips", "root_path",
     "ssl_keyfile", "ssl_certfile", "access_log", "log_level", "log_format", "log_file",
     "graceful_timeout", "max_requests", "max_requests_jitter", "backlog", "proc_name", "server",
+    "app_trees",
 )
 
 
@@ -919,6 +926,292 @@ def import_runtime():
                 importlib.import_module(name)
     finally:
         sys.meta_path.remove(StandardLibraryOnly)
+
+
+# --reload with the base zygote: what a worker tells the zygote it imported.
+# At most a pipe's buffer (64 KiB, a FastAPI app's list is about 20 KiB), so
+# the worker's write never blocks; a longer list is cut at its last line.
+MAX_LEARNED = 64 * 1024
+# Pipes of workers still importing, at most; the oldest is dropped first (a
+# worker hung in its import must not hold descriptors forever).
+MAX_LEARNING = 8
+# The longest a probe of the learned modules may take (ThirdParty).
+PROBE_TIMEOUT = 60.0
+
+
+def inside(path, trees, resolved_dirs=None):
+    """Whether `path` (resolved) lies in one of `trees` (resolved directories).
+    `resolved_dirs`: a cache of resolved directories for one pass over many
+    modules (a few dozen directories hold hundreds of them): a path that is
+    not itself a symlink is its resolved directory plus its name."""
+    if resolved_dirs is None or os.path.islink(path):
+        real = os.path.realpath(path)
+    else:
+        head, name = os.path.split(os.path.abspath(path))
+        if head not in resolved_dirs:
+            resolved_dirs[head] = os.path.realpath(head)
+        real = os.path.join(resolved_dirs[head], name)
+    return any(real == tree or real.startswith(tree + os.sep) for tree in trees)
+
+
+def is_module_name(name):
+    return bool(name) and all(part.isidentifier() for part in name.split("."))
+
+
+def module_origin(module):
+    """Where the import system found `module`: a file, "built-in" or
+    "frozen", "" for a namespace package; None for a module it did not
+    find (made by code and put in sys.modules), which is never learned."""
+    spec = getattr(module, "__spec__", None)
+    if spec is None:
+        return None
+    origin = spec.origin
+    if origin is None:
+        return "" if spec.submodule_search_locations is not None else None
+    return origin if isinstance(origin, str) else None
+
+
+def spec_places(spec):
+    """The files and directories a module found as `spec` comes from."""
+    places = [spec.origin] if spec.has_location and isinstance(spec.origin, str) else []
+    with contextlib.suppress(Exception):  # a namespace path recomputes itself
+        places.extend(p for p in list(spec.submodule_search_locations or ()) if isinstance(p, str))
+    return places
+
+
+def third_party_since(before, trees):
+    """The modules imported since `before` (names) that come from outside
+    `trees`, in import order, as "name\torigin" lines (bytes, at most
+    MAX_LEARNED, whole lines)."""
+    lines, size, resolved_dirs = [], 0, {}
+    for name, module in list(sys.modules.items()):
+        if name in before or not is_module_name(name):
+            continue
+        origin = module_origin(module)
+        spec = getattr(module, "__spec__", None)
+        if origin is None or "\t" in origin or "\n" in origin or any(
+                inside(p, trees, resolved_dirs) for p in spec_places(spec)):
+            continue
+        line = f"{name}\t{origin}\n".encode("utf-8", "surrogateescape")
+        if size + len(line) > MAX_LEARNED:
+            break
+        lines.append(line)
+        size += len(line)
+    return b"".join(lines)
+
+
+class ThirdParty:
+    """The base zygote's imports of what its workers learned (--reload).
+
+    A worker forked by the zygote imports the app; then it writes the names
+    of the modules it imported from outside the app's trees (and where each
+    was found) to a pipe only the zygote reads, without blocking, and
+    closes it. The zygote reads such lists between the master's requests
+    (bounded, never trusted: a valid dotted name, not imported yet, not
+    skipped before). It does not import them at once: a probe, a child
+    forked from the zygote, imports them first, one by one, with Guard first
+    in sys.meta_path (nothing of the app's trees is imported; a name that
+    resolves to another file than the worker's is refused), and reports the
+    names whose import neither failed nor was refused anything; then it
+    exits. Only those are imported by the zygote, one per turn of its loop
+    (a request of the master goes first), the guard still on: so a module
+    that fails here (it needs the app's setup first), or that would take
+    the app's own code, is never half-imported into the zygote (no partial
+    registrations, no extension module loaded twice), and is left to each
+    worker, as before. The probe's output is discarded, warnings are not
+    shown (the worker showed them), and a probe that takes longer than
+    PROBE_TIMEOUT is killed and its names left to the workers. So the zygote
+    holds the app's third-party packages soon after the first worker's
+    import, and a reloaded worker imports only the user's modules: the new
+    code is served sooner."""
+
+    class Guard:
+        def __init__(self, trees, expected):
+            self.trees = trees
+            self.expected = expected
+            self.refused = False
+
+        def find_spec(self, name, path=None, target=None):
+            for finder in sys.meta_path:
+                find = getattr(finder, "find_spec", None)
+                if finder is self or find is None:
+                    continue
+                spec = find(name, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+            origin = spec.origin if isinstance(spec.origin, str) else ""
+            if any(inside(p, self.trees) for p in spec_places(spec)) or (
+                    name in self.expected and self.expected[name] != origin):
+                self.refused = True
+                raise ImportError(f"{name} is the app's own ({origin}): left to the worker")
+            return spec
+
+    def __init__(self, trees, libc):
+        self.trees = [os.path.realpath(t) for t in trees]
+        self.libc = libc
+        self.pipes = {}  # a worker's read end -> bytes read so far, oldest first
+        self.learned = {}  # name -> origin: from the workers, to probe
+        self.probe = None  # [pid, read end, bytes, deadline, {name: origin}]
+        self.queue = {}  # name -> origin: probed, for the zygote to import
+        self.skipped = set()  # names a probe could not import cleanly
+
+    def pipe(self):
+        """A pipe for the next worker: (read end, write end); the zygote keeps the read end."""
+        read_end, write_end = os.pipe()
+        self.pipes[read_end] = b""
+        while len(self.pipes) > MAX_LEARNING:
+            self.drop(next(iter(self.pipes)))
+        return read_end, write_end
+
+    def drop(self, fd):
+        self.pipes.pop(fd, None)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def close_all(self):
+        """In a forked child: the workers' pipes and the probe's are not its own."""
+        for fd in list(self.pipes):
+            self.drop(fd)
+        if self.probe is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.probe[1])
+            self.probe = None
+
+    def busy(self):
+        return bool(self.pipes or self.learned or self.probe or self.queue)
+
+    def fds(self):
+        return [*self.pipes, *([self.probe[1]] if self.probe else [])]
+
+    def timeout(self):
+        """How long the zygote may wait for a message (poll's ms; None: as long as it takes)."""
+        if self.queue or (self.learned and self.probe is None):
+            return 0
+        if self.probe is not None:
+            return max(0, int((self.probe[3] - time.monotonic()) * 1000) + 1)
+        return None
+
+    def read(self, fd):
+        """Reads what is there; at EOF (or past the bound) takes the list."""
+        try:
+            data = os.read(fd, MAX_LEARNED + 1)
+        except OSError:
+            data = b""
+        if self.probe is not None and fd == self.probe[1]:
+            if data and len(self.probe[2]) + len(data) <= MAX_LEARNED:
+                self.probe[2] += data
+            else:
+                self.probed()
+            return
+        if data and len(self.pipes[fd]) + len(data) <= MAX_LEARNED:
+            self.pipes[fd] += data
+            return
+        listed = self.pipes[fd]
+        self.drop(fd)
+        for line in listed.split(b"\n")[:-1]:  # the last piece is incomplete (or empty)
+            name, _, origin = line.decode("utf-8", "surrogateescape").partition("\t")
+            if (is_module_name(name) and name not in sys.modules and name not in self.skipped
+                    and name not in self.queue
+                    and not (self.probe is not None and name in self.probe[4])):
+                self.learned.setdefault(name, origin)
+
+    def step(self, control):
+        """Nothing to read: one step of the work (kill a late probe, start
+        one, or import one probed name)."""
+        if self.probe is not None and time.monotonic() >= self.probe[3]:
+            with contextlib.suppress(OSError):
+                os.kill(self.probe[0], signal.SIGKILL)
+            self.skipped.update(self.probe[4])
+            say(f"zygote {os.getpid()}: importing the app's {len(self.probe[4])} third-party "
+                f"modules took the probe longer than {PROBE_TIMEOUT:g} s; they are left to the "
+                "workers (--reload)", level="WARNING")
+            self.probed(killed=True)
+        elif self.queue:
+            name, origin = next(iter(self.queue.items()))
+            del self.queue[name]
+            if name not in sys.modules and not self.imported(name, origin):
+                self.skipped.add(name)  # not as in the probe: not tried again
+            if not self.queue:
+                gc.collect()
+                gc.freeze()  # as the zygote's own imports: their pages stay shared
+        elif self.learned and self.probe is None:
+            self.start_probe(control)
+
+    def imported(self, name, origin):
+        """Imports one name in the zygote, as the probe did; False if it did not go as there."""
+        guard = self.Guard(self.trees, {name: origin})
+        sys.meta_path.insert(0, guard)
+        try:
+            with collector_paused(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                importlib.import_module(name)
+            return not guard.refused
+        except (Exception, SystemExit):
+            return False
+        finally:
+            sys.meta_path.remove(guard)
+
+    def start_probe(self, control):
+        names, self.learned = self.learned, {}
+        read_end, write_end = os.pipe()
+        flush_stdio()
+        zygote = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            self.skipped.update(names)
+            return
+        if pid == 0:  # the probe: never returns
+            code = 0
+            try:
+                os.close(read_end)
+                control.close()  # the channel's EOF must mean "zygote gone"
+                self.close_all()
+                if self.libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != zygote:
+                    return
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 1)
+                os.dup2(null, 2)
+                clean = []
+                for name, origin in names.items():
+                    if name in sys.modules or self.imported(name, origin):
+                        clean.append(f"{name}\n".encode("utf-8", "surrogateescape"))
+                os.write(write_end, b"".join(clean)[:MAX_LEARNED])
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        self.probe = [pid, read_end, b"", time.monotonic() + PROBE_TIMEOUT, names]
+
+    def probed(self, killed=False):
+        """The probe ended (or was killed): what it imported cleanly is queued, in order."""
+        pid, fd, output, _, names = self.probe
+        self.probe = None
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        if killed:
+            return
+        clean = set(output.decode("utf-8", "surrogateescape").split("\n")[:-1])
+        for name, origin in names.items():
+            if name in clean:
+                self.queue.setdefault(name, origin)
+            else:
+                self.skipped.add(name)
+
+
+def thread_count():
+    """The process's threads, also those a C extension started."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
 
 
 @contextlib.contextmanager
@@ -2048,6 +2341,7 @@ class Zygote:
     def __init__(self, config):
         self.config = config
         self.generation = None
+        self.warned_threads = False
         # Everything meant for the master or the workers leaves the
         # environment before the app is imported.
         self.control = ControlChannel.from_env()
@@ -2080,6 +2374,10 @@ class Zygote:
 
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.get_errno = ctypes.get_errno
+        trees = config["app_trees"]
+        # --reload: learn the app's third-party modules from the workers.
+        self.third_party = (ThirdParty([t for t in trees if isinstance(t, str)], self.libc)
+                            if not self.import_app and isinstance(trees, list) and trees else None)
 
     def run(self):
         resume_collector()  # the warm-up is over; the workers inherit the thresholds
@@ -2094,7 +2392,7 @@ class Zygote:
             exit_now()  # the master is gone
         while True:
             try:
-                data = self.control.receive()
+                data = self.receive()
                 if data is None:
                     exit_now()  # EOF: the master is gone or closed us
                 slot, generation, env = parse_spawn(json.loads(data.decode("utf-8")))
@@ -2105,6 +2403,32 @@ class Zygote:
                 self.generation = generation
                 set_title(f"procman: zygote gen {generation} [{self.config['proc_name']}]", "procman: zygote")
             self.spawn(slot, env)
+
+    def receive(self):
+        """The master's next message (see ControlChannel.receive); meanwhile
+        the lists of the workers that are importing the app (--reload) are
+        read, probed and imported, one module per turn (ThirdParty). A
+        request goes first."""
+        third_party = self.third_party
+        while third_party is not None and third_party.busy():
+            poller = select.poll()
+            for fd in (self.control.sock.fileno(), *third_party.fds()):
+                poller.register(fd, select.POLLIN)
+            ready = [fd for fd, _ in poller.poll(third_party.timeout())]
+            if self.control.sock.fileno() in ready:
+                break
+            for fd in ready:
+                third_party.read(fd)
+            if not ready:
+                third_party.step(self.control.sock)
+            threads = thread_count()
+            if threads > 1 and not self.warned_threads:
+                self.warned_threads = True
+                # Said here: the master takes warnings only from a starting zygote.
+                say(f"zygote {os.getpid()}: importing the app's third-party modules (--reload) "
+                    f"started {threads - 1} threads; threads do not survive fork: a worker forked "
+                    "now may hang (restart procman, or use --preload)", level="WARNING")
+        return self.control.receive()
 
     def spawn(self, slot, env):
         flush_stdio()  # or buffered output would be written again by the children
@@ -2126,18 +2450,25 @@ class Zygote:
         # request and killed us) the worker reads EOF and does not serve:
         # nobody supervises it.
         go_read, go_write = os.pipe()
+        # The worker -> us: what it imported (--reload; see ThirdParty).
+        learn_read, learn_write = self.third_party.pipe() if self.third_party else (None, None)
         try:
             pid = os.fork()
         except OSError as exc:
             for fd in (read_end, write_end, go_read, go_write):
                 os.close(fd)
+            if learn_read is not None:
+                self.third_party.drop(learn_read)
+                os.close(learn_write)
             self.control.send({"error": f"cannot fork: {exc} (slot {slot})"})
             return
         if pid == 0:
             os.close(read_end)
             os.close(go_write)
-            self.intermediate(slot, env, write_end, go_read)  # never returns
+            self.intermediate(slot, env, write_end, go_read, learn_write)  # never returns
         os.close(go_read)
+        if learn_write is not None:
+            os.close(learn_write)
         try:
             self.report(slot, pid, read_end, write_end, go_write)
         finally:
@@ -2163,7 +2494,20 @@ class Zygote:
             self.control.send({"error": f"cannot spawn slot {slot}: the intermediate process "
                                         f"ended with status {code} before reporting"})
 
-    def intermediate(self, slot, env, report_fd, go_fd):
+    def tell_imports(self, fd, before):
+        """In a worker that imported the app (--reload): the modules it
+        imported from outside the app's trees, to the zygote (ThirdParty).
+        One write that never blocks (a short pipe's buffer cuts the list at
+        a line, which the zygote drops); the zygote is not waited for."""
+        try:
+            os.set_blocking(fd, False)
+            os.write(fd, third_party_since(before, self.third_party.trees))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def intermediate(self, slot, env, report_fd, go_fd, learn_fd):
         """Forks the worker, writes its pid to report_fd and exits. Runs with stop signals blocked."""
         code = 2
         me = os.getpid()  # before the fork: the worker's getppid() may already be the master
@@ -2176,7 +2520,7 @@ class Zygote:
                 return
             if pid == 0:
                 os.close(report_fd)
-                self.worker(slot, env, me, go_fd)  # never returns
+                self.worker(slot, env, me, go_fd, learn_fd)  # never returns
             os.close(go_fd)
             # The worker makes itself the leader of a session of its own (and
             # so of its own process group); its pid is reported only once it
@@ -2203,7 +2547,7 @@ class Zygote:
         finally:
             os._exit(code)
 
-    def worker(self, slot, env, intermediate, go_fd):
+    def worker(self, slot, env, intermediate, go_fd, learn_fd):
         """Becomes a worker: reports itself to the master, then serves. Never returns."""
 
         def give_up(message=None):
@@ -2267,10 +2611,15 @@ class Zygote:
             worker_title(self.config["proc_name"])  # its argv area is still the zygote's title
             app = self.app
             if not self.import_app:
+                if self.third_party is not None:
+                    self.third_party.close_all()  # the other workers' pipes
+                before = set(sys.modules)
                 # As a cold worker: identity and environment first, then
                 # the app's import-time code, in this process only.
                 app = load_app(self.config["app"], self.config["factory"], report_to_master=True)
                 resolve_interface(app, self.config)
+                if learn_fd is not None:
+                    self.tell_imports(learn_fd, before)
             # LISTEN_PID and WATCHDOG_PID named the zygote and mean "this
             # process" now: the listeners are ours, and so is the watchdog.
             code = serve(app, self.config, self.sockets, Notifier(*self.notify))

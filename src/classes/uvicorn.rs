@@ -152,14 +152,17 @@ pub enum Mode {
 /// option's value as it is: the bootstrap's mode, whether it imports the
 /// app, uvicorn's drain time (less than `--graceful-timeout`, see
 /// [`uvicorn_drain`]), the log file as an absolute path and the server
-/// (uvicorn, or granian for `-k granian`). Every other key
-/// comes from the option table ([`crate::cli::OptionDef::bootstrap`]).
-pub const COMPUTED_KEYS: [&str; 5] = [
+/// (uvicorn, or granian for `-k granian`), and, for the base zygote under
+/// `--reload`, the app's trees ([`crate::config::WatchConfig::app_trees`]).
+/// Every other key comes from the option table
+/// ([`crate::cli::OptionDef::bootstrap`]).
+pub const COMPUTED_KEYS: [&str; 6] = [
     "mode",
     "import_app",
     "graceful_timeout",
     "log_file",
     "server",
+    "app_trees",
 ];
 
 /// The JSON object the bootstrap reads: one key per option the table marks
@@ -199,6 +202,15 @@ pub fn app_config(opts: &UvicornOptions, cfg: &Config, mode: Mode) -> serde_json
         ),
         // uvicorn or granian (-k granian): which server the bootstrap runs.
         ("server", opts.server.name().into()),
+        (
+            "app_trees",
+            cfg.watch
+                .as_ref()
+                .filter(|_| mode == "zygote" && !import_app)
+                .map(|w| w.app_trees(cfg.chdir.as_deref()))
+                .unwrap_or_default()
+                .into(),
+        ),
     ];
     debug_assert!(computed.iter().map(|(k, _)| *k).eq(COMPUTED_KEYS));
     for (key, value) in computed {
@@ -444,6 +456,23 @@ mod tests {
             let log = std::path::absolute("w.log").expect("absolute");
             assert_eq!(got["log_file"], json!(log.display().to_string()));
         }
+    }
+
+    #[test]
+    fn only_the_base_zygote_under_reload_is_told_the_apps_trees() {
+        let dir = std::env::current_dir()
+            .expect("cwd")
+            .canonicalize()
+            .expect("resolves");
+        let reload = config("app:main", &["--reload"]);
+        let got = object(&reload, Mode::Zygote { import_app: false });
+        assert_eq!(got["app_trees"], json!([path_text(&dir)]));
+        for mode in [Mode::Worker, Mode::Check, Mode::Zygote { import_app: true }] {
+            assert_eq!(object(&reload, mode)["app_trees"], json!([]), "{mode:?}");
+        }
+        let plain = config("app:main", &[]);
+        let got = object(&plain, Mode::Zygote { import_app: false });
+        assert_eq!(got["app_trees"], json!([]));
     }
 
     /// The quoted words after `marker` in `text` (`config["x"]`: marker

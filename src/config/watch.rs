@@ -16,6 +16,26 @@ pub struct WatchConfig {
     pub filter: Filter,
 }
 
+impl WatchConfig {
+    /// The directories whose Python modules are the user's own, resolved:
+    /// every watched tree and the workers' directory (`chdir`, else the
+    /// current one). The base zygote pre-imports what the app imports from
+    /// anywhere else (its third-party packages), never a module from these,
+    /// so that a reloaded worker imports only the user's modules.
+    pub fn app_trees(&self, chdir: Option<&Path>) -> Vec<String> {
+        let mut trees: Vec<String> = self.roots.iter().map(|r| r.display().to_string()).collect();
+        // A directory that cannot be resolved (gone since the start) is
+        // left out: no worker can run in it.
+        if let Ok(dir) = std::fs::canonicalize(chdir.unwrap_or(Path::new("."))) {
+            let dir = dir.display().to_string();
+            if !trees.contains(&dir) {
+                trees.push(dir);
+            }
+        }
+        trees
+    }
+}
+
 /// `None` without `--reload`. `chdir`: the workers' directory (the
 /// default tree); `uvicorn`: whether workers run an APP (a command's
 /// sources are not Python: it needs its own `--reload-include`).
@@ -120,6 +140,26 @@ mod tests {
         )
         .expect_err("a file");
         assert!(e.to_string().contains("not a directory"), "{e}");
+        std::fs::remove_dir_all(&base).expect("rm");
+    }
+
+    #[test]
+    fn the_app_trees_are_the_watched_ones_and_the_workers_directory() {
+        let base = std::env::temp_dir().join(format!("procman-trees-{}", std::process::id()));
+        let (app, extra) = (base.join("app"), base.join("extra"));
+        std::fs::create_dir_all(&app).expect("mkdir");
+        std::fs::create_dir_all(&extra).expect("mkdir");
+        let resolved = |p: &Path| p.canonicalize().expect("resolves").display().to_string();
+        let w = resolve(
+            &["--reload", "--reload-dir", extra.to_str().expect("utf8")],
+            true,
+        )
+        .expect("valid")
+        .expect("on");
+        // The watched tree, and the workers' directory (not watched here).
+        assert_eq!(w.app_trees(Some(&app)), [resolved(&extra), resolved(&app)]);
+        // Watched already: once.
+        assert_eq!(w.app_trees(Some(&extra)), [resolved(&extra)]);
         std::fs::remove_dir_all(&base).expect("rm");
     }
 

@@ -178,6 +178,10 @@ pub(super) struct Reload {
     pub(super) previous_required: u64,
     /// The settings in force before the reload, put back if it fails.
     pub(super) previous: Settings,
+    /// Whether every step of it (a reload superseded by another is one)
+    /// kept the base zygote in force ([`super::Master::abort_reload`] gives
+    /// it back to the previous generation).
+    pub(super) zygote_kept: bool,
 }
 
 /// Drops listeners; those no other settings hold are closed (unix socket

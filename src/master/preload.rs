@@ -117,7 +117,11 @@ impl Master {
         drop(zygote_end);
         match spawned {
             Ok(s) if s.exec_error.is_none() => {
-                let z = Zygote::new(s.pid, self.generation, master_end, now);
+                let mut z = Zygote::new(s.pid, self.generation, master_end, now);
+                // --reload: it imports what its workers learned between requests.
+                if !opts.preload && self.settings.cfg.watch.is_some() {
+                    z.reply_within = zygote::SPAWN_REPLY_LEARNING;
+                }
                 let imports = if opts.preload {
                     format!("imports {} once", opts.app)
                 } else {
@@ -343,12 +347,13 @@ impl Master {
 
     /// A spawn request was not answered in time.
     pub(super) fn zygote_spawn_timed_out(&mut self, zpid: Pid, now: Instant) {
+        let within = self.zygotes.get_mut(zpid).map(|z| z.reply_within);
         let Some(slot) = self.zygotes.take_request(zpid) else {
             return;
         };
         let why = format!(
             "the zygote did not answer a spawn request in {}s",
-            zygote::SPAWN_REPLY.as_secs()
+            within.unwrap_or(zygote::SPAWN_REPLY).as_secs()
         );
         self.zygote_spawn_failed(zpid, slot, &why, now);
     }

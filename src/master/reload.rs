@@ -122,6 +122,7 @@ impl Master {
                     r.generation
                 );
                 r.generation = generation;
+                r.zygote_kept &= kept;
                 release(next.listeners);
             }
             None => {
@@ -130,6 +131,7 @@ impl Master {
                     previous_generation: self.generation,
                     previous_required: self.required_generation,
                     previous: next,
+                    zygote_kept: kept,
                 })
             }
         }
@@ -155,8 +157,10 @@ impl Master {
     /// holds Python and uvicorn, never the app: each worker imports the
     /// changed sources itself). Saves a zygote's start per reload; a HUP
     /// always starts a new one (a changed virtualenv or uvicorn is picked
-    /// up). If the reload fails, a new zygote is started for the
-    /// generation that goes on serving, as for any failed reload.
+    /// up). If the reload fails, the zygote goes back to the generation
+    /// that goes on serving ([`Master::abort_reload`]): it holds what it
+    /// held (under `--reload`, also the app's third-party modules), so the
+    /// fix is served as soon as any other edit.
     fn keep_base_zygote(&mut self, generation: u64) -> bool {
         if !self.base_zygote() || !self.preloading() {
             return false;
@@ -290,6 +294,9 @@ impl Master {
             self.generation
         );
         self.reload_ended(Err(why.to_string()));
+        if r.zygote_kept {
+            self.give_back_base_zygote(r.generation);
+        }
         for addr in release(std::mem::take(&mut r.previous.listeners)) {
             info!("Closed {addr} (bound by the failed reload)");
         }
@@ -322,6 +329,28 @@ impl Master {
         ));
         let status = self.status_line();
         self.systemd.send(&format!("READY=1\nSTATUS={status}"));
+    }
+
+    /// A failed reload whose base zygote was kept from the generation in
+    /// force ([`Master::keep_base_zygote`]): that zygote, still ready, forks
+    /// that generation's workers again, instead of a new one being
+    /// started (which would know nothing of the app's third-party modules:
+    /// the fix of a broken edit would be imported cold). It never imported
+    /// the failed code: a base zygote imports no module of the app's trees.
+    fn give_back_base_zygote(&mut self, failed: u64) {
+        let current = self.generation;
+        let pid = self
+            .zygotes
+            .iter()
+            .find(|z| z.generation == failed && z.state == ZygoteState::Ready && !z.closed)
+            .map(|z| z.pid);
+        if let Some(z) = pid.and_then(|p| self.zygotes.get_mut(p)) {
+            z.generation = current;
+            info!(
+                "Base zygote {} forks generation {current} again (the reload failed)",
+                z.pid
+            );
+        }
     }
 
     /// The workers a reload replaces keep serving until their replacements

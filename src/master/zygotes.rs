@@ -488,7 +488,7 @@ impl Zygotes {
             });
         let pending = self.list.iter().filter_map(|z| {
             let p = z.pending.as_ref()?;
-            Some((p.deadline(), Due::ZygoteSpawnTimeout(z.pid)))
+            Some((p.deadline(z.reply_within), Due::ZygoteSpawnTimeout(z.pid)))
         });
         let restart = self
             .backoff

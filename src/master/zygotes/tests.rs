@@ -122,6 +122,13 @@ fn a_ready_zygote_of_the_generation_serves_one_request_at_a_time() {
     assert!(zs
         .deadlines(Duration::from_secs(60))
         .contains(&(reply_by, Due::ZygoteSpawnTimeout(zpid))));
+    // A base zygote under --reload gets longer (it imports between requests).
+    zs.get_mut(zpid).expect("known").reply_within = crate::zygote::SPAWN_REPLY_LEARNING;
+    assert!(zs.deadlines(Duration::from_secs(60)).contains(&(
+        now + crate::zygote::SPAWN_REPLY_LEARNING,
+        Due::ZygoteSpawnTimeout(zpid)
+    )));
+    zs.get_mut(zpid).expect("known").reply_within = crate::zygote::SPAWN_REPLY;
     assert_eq!(zs.ask(4, 2, now), Ok(()));
     assert!(sent(&theirs).is_empty(), "one request in flight at a time");
 

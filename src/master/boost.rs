@@ -38,10 +38,9 @@ use std::time::Instant;
 use nix::unistd::Pid;
 use tracing::debug;
 
-use super::share::set_priority;
+use super::share::{procmans_nice, set_priority};
 use super::Master;
 use crate::policy;
-use crate::priority;
 use crate::workers::{Boosted, Due, Worker, WorkerState};
 
 /// Whether procman may raise a booting worker's priority.
@@ -112,14 +111,6 @@ impl Master {
             end_boost(w);
         }
     }
-}
-
-/// procman's own nice value, or `None`, said at debug level, if it cannot
-/// be read (it always can on Linux).
-pub(super) fn procmans_nice() -> Option<i32> {
-    priority::own()
-        .map_err(|e| debug!("Cannot read procman's own priority: {e}"))
-        .ok()
 }
 
 /// `w` is ready, asked to stop, or out of its boost's time: if it booted

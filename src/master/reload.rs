@@ -25,10 +25,9 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tracing::{debug, error, info, warn};
 
-use super::boost::procmans_nice;
 use super::exits::describe_exit;
 use super::launch::{release, Reload, Settings};
-use super::share::set_priority;
+use super::share::{procmans_nice, set_priority};
 use super::{Master, MasterState};
 use crate::bind::{BindSpec, Listener};
 use crate::config::Config;

@@ -27,13 +27,17 @@
 //! is left. Invariant: a worker whose `share.pending` is clear has its
 //! autogroup at its nice value plus `share.offset`, or has none that
 //! procman may set.
+//!
+//! The priority changes of the boost (`boost.rs`) and of a reload
+//! (`reload.rs`) go through [`set_priority`], and start from
+//! [`procmans_nice`]: both live here, below those two, so the autogroup
+//! follows every nice value procman sets.
 
 use std::time::Instant;
 
 use nix::unistd::Pid;
 use tracing::debug;
 
-use super::boost::procmans_nice;
 use super::Master;
 use crate::policy::{self, Due};
 use crate::priority::{self, Autogroup};
@@ -135,4 +139,12 @@ pub(super) fn set_priority(w: &mut Worker, nice: i32) -> std::io::Result<()> {
     let outcome = priority::set_group(w.pid, nice, w.share.offset)?;
     w.share.pending = outcome == Autogroup::Busy;
     Ok(())
+}
+
+/// procman's own nice value, or `None`, said at debug level, if it cannot
+/// be read (it always can on Linux).
+pub(super) fn procmans_nice() -> Option<i32> {
+    priority::own()
+        .map_err(|e| debug!("Cannot read procman's own priority: {e}"))
+        .ok()
 }

@@ -93,13 +93,6 @@ fn boots_then_serves(h: &Harness, pid: i32, go: &Path, booting: i32, serving: i3
     );
 }
 
-/// The nice value of `pid`'s autogroup (`/autogroup-N nice V`), if the
-/// kernel keeps autogroups.
-fn autogroup_nice_of(pid: i32) -> Option<i32> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/autogroup")).ok()?;
-    text.split_whitespace().last()?.parse().ok()
-}
-
 /// The first worker boots at nice `booting` and serves at `serving`; then,
 /// killed with SIGKILL, its replacement (held in its boot again) does the
 /// same.

@@ -19,13 +19,6 @@ use util::*;
 
 const BOOT: Duration = Duration::from_secs(60);
 
-/// The nice value of `pid`'s autogroup (`/autogroup-N nice V`), if the
-/// kernel keeps autogroups.
-fn autogroup_nice_of(pid: i32) -> Option<i32> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/autogroup")).ok()?;
-    text.split_whitespace().last()?.parse().ok()
-}
-
 /// procman with `n` command workers (READY=1 when serving), JSON logs.
 fn workers(name: &str, n: usize) -> Start {
     Start::new(name, &["-w", &n.to_string(), "--ready", "notify"])

@@ -791,6 +791,13 @@ pub fn idle_in_poll(pid: i32) -> bool {
     }
 }
 
+/// The nice value of `pid`'s autogroup (`/autogroup-N nice V`), if the
+/// kernel keeps autogroups.
+pub fn autogroup_nice_of(pid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/autogroup")).ok()?;
+    text.split_whitespace().last()?.parse().ok()
+}
+
 /// A process's nice value.
 pub fn nice_of(pid: i32) -> Option<i32> {
     stat(pid).map(|s| s.nice)

@@ -8,6 +8,7 @@ a temporary directory, one worker:
   procman-preload   the same with --preload
   uvicorn   uvicorn app:main --reload                (watchfiles when installed)
   gunicorn  gunicorn -k uvicorn_worker.UvicornWorker --reload app:main
+  gunicorn-asgi   gunicorn -k asgi --reload app:main   (gunicorn's own ASGI worker)
   granian   granian --interface asgi --reload app:main
 
 then N saves of app.py (a new VERSION each, written in place), each timed from
@@ -29,9 +30,42 @@ Python packages: uvicorn, fastapi (and watchfiles, gunicorn, uvicorn-worker,
 granian for the other rows) in the environment of --python; a server whose
 executable is missing is skipped. PYTHONDONTWRITEBYTECODE=1 for every server:
 saves of the same size within one second would otherwise hit a stale .pyc.
+
+gunicorn with UvicornWorker never serves a save, and no flag changes that, so
+its row gives the reason instead of a time. gunicorn's --reload runs in the
+worker (gunicorn/workers/base.py, init_process): a reloader thread polls,
+once a second, the files of the modules already imported (app.py among them;
+--reload-engine inotify only changes how the change is seen, and
+--reload-extra-file only adds files), and its callback `changed` logs "Worker
+reloading: app.py modified", sets worker.alive = False, writes to the
+worker's wake-up pipe and calls sys.exit(0). Run in the reloader thread,
+sys.exit only ends that thread. gunicorn's own workers see `alive` go False
+and exit, and the arbiter forks a new one that imports the new code;
+uvicorn_worker.UvicornWorker (0.4.0, its newest release) runs uvicorn's Server,
+whose main loop looks only at its own should_exit, never at worker.alive,
+and the pipe is not in its loop: the worker keeps serving the old code, and
+with its reloader thread gone it never notices a later save either. Seen by
+hand with gunicorn 27.0.1: the log line appears once, the same worker pid
+answers version "1" for ever. Upstream: benoitc/gunicorn#2339 ("reload does
+not work for uvicorn.workers.UvicornWorker", the thread-local sys.exit),
+benoitc/gunicorn#3135, uvicorn PRs #781 and #1193 (make the worker watch
+`alive`; both closed unmerged), Kludex/uvicorn-worker#7 (open). The
+workaround users take is a subclass of the worker that watches `alive`
+itself; that would be our code, not gunicorn's, so it is not measured.
+What a user of gunicorn alone would run instead is gunicorn's own asyncio
+ASGI worker, `-k asgi` (gunicorn/workers/gasgi.py in gunicorn 27.0.1):
+its serving loop checks `while self.alive` once a second, so --reload works
+with it. That is the gunicorn-asgi row: the reloader's 1 s poll plus that
+1 s loop make its figures about 1-2 s by design. Its broken edit gets a 500
+page and its fix is never served: the import of app.py fails, so app.py is no
+longer among the imported modules, and ASGIWorker.load_wsgi, unlike the base
+Worker's, does not add the failing file to the reloader (add_extra_file),
+so the new worker watches everything but app.py. `--reload-extra-file
+app.py` would cover it; the row keeps gunicorn's defaults.
 """
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -117,8 +151,9 @@ def commands(name, args, port, app_dir):
     if name == "uvicorn":
         return [py, "-m", "uvicorn", "app:main", "--reload", "--port", str(port),
                 "--host", "127.0.0.1", "--no-access-log"]
-    if name == "gunicorn":
-        return [os.path.join(bindir, "gunicorn"), "-k", "uvicorn_worker.UvicornWorker",
+    if name in ("gunicorn", "gunicorn-asgi"):
+        worker = "uvicorn_worker.UvicornWorker" if name == "gunicorn" else "asgi"
+        return [os.path.join(bindir, "gunicorn"), "-k", worker,
                 "--reload", "-w", "1", "-b", f"127.0.0.1:{port}", "app:main"]
     if name == "granian":
         return [os.path.join(bindir, "granian"), "--interface", "asgi", "--reload",
@@ -131,6 +166,9 @@ def available(name, args):
         return os.access(args.procman, os.X_OK)
     if name == "uvicorn":
         return subprocess.run([args.python, "-c", "import uvicorn"],
+                              capture_output=True).returncode == 0
+    if name == "gunicorn-asgi":  # gunicorn's own ASGI worker (-k asgi)
+        return subprocess.run([args.python, "-c", "import gunicorn.workers.gasgi"],
                               capture_output=True).returncode == 0
     return os.access(os.path.join(os.path.dirname(args.python), name), os.X_OK)
 
@@ -145,6 +183,31 @@ def wait_version(port, want, deadline):
             pass
         time.sleep(0.005)
     return None
+
+
+def serving_pid(port):
+    """The pid in the answer of GET /version, or None."""
+    try:
+        status, body = get(port, timeout=1.0)
+        if status == 200:
+            return json.loads(body).get("pid")
+    except Exception:
+        pass
+    return None
+
+
+def not_served(name, i, log_path, pid_before, port):
+    """Why save i was not served: one clear reason when the log shows it."""
+    with open(log_path, errors="replace") as f:
+        lines = f.read().splitlines()
+    seen = [n for n, line in enumerate(lines) if "Worker reloading:" in line]
+    pid_now = serving_pid(port)
+    if (name == "gunicorn" and seen and pid_now is not None and pid_now == pid_before
+            and not any("Booting worker" in line for line in lines[seen[0]:])):
+        return (f"never reloads: the reloader saw save {i} (\"Worker reloading: app.py "
+                f"modified\") but worker {pid_now} kept serving the old code; "
+                "UvicornWorker ignores gunicorn's reload (gunicorn#2339, uvicorn-worker#7)")
+    return f"save {i} not served within 30 s"
 
 
 def run_one(name, args, template):
@@ -174,12 +237,13 @@ def run_one(name, args, template):
         times = []
         for i in range(args.saves):
             version = f"save-{i:03d}"
+            pid_before = serving_pid(port)
             with open(app, "w") as f:
                 f.write(app_source(template, version))
             t0 = time.monotonic()
             t1 = wait_version(port, version, t0 + 30)
             if t1 is None:
-                result["error"] = f"save {i} not served within 30 s"
+                result["error"] = not_served(name, i, log_path, pid_before, port)
                 return result
             times.append(t1 - t0)
             time.sleep(args.pause)
@@ -239,7 +303,8 @@ def main():
     p.add_argument("--pause", type=float, default=1.0, help="seconds between saves")
     p.add_argument("--python", default=os.path.join(ROOT, "bench/.venv/bin/python"))
     p.add_argument("--procman", default=os.path.join(ROOT, "target/release/procman"))
-    p.add_argument("--only", default="procman,procman-preload,uvicorn,gunicorn,granian")
+    p.add_argument("--only",
+                   default="procman,procman-preload,uvicorn,gunicorn,gunicorn-asgi,granian")
     p.add_argument("--keep", action="store_true", help="keep the app directories (logs)")
     args = p.parse_args()
     args.python = os.path.abspath(args.python)

@@ -4,21 +4,27 @@ naming itself: one process reported for two slots, by that process.
 
 At import it makes a pipe, and every process the zygote forks (the
 intermediates and the workers) starts a thread at fork that keeps a copy of
-the zygote's channel and waits on the pipe. Before each spawn but the first,
-the zygote writes the slot to the pipe; the only forked process then waiting
-is the first worker, which sends {"spawned": {"slot": S, "pid": its own pid}}
-on the channel and says TWINWORKER on fd 2. Workers serve GET /pid.
+the zygote's channel and, once its process leads a session of its own (a
+worker: an intermediate never does), waits on the pipe. Before each spawn
+but the first, the zygote writes the slot to the pipe and waits (5 s at
+most) until a worker has answered: that worker sends {"spawned": {"slot": S,
+"pid": its own pid}} on the channel, says TWINWORKER on fd 2 and acks. So
+the lie always reaches the master before the reply of the process the
+zygote forks next, whatever the scheduler does. Workers serve GET /pid.
 """
 
 import json
 import os
+import select
 import socket
 import sys
 import threading
+import time
 
 import __main__
 
 _read, _write = os.pipe()
+_ack_read, _ack_write = os.pipe()
 _spawns = []
 
 
@@ -35,6 +41,11 @@ def _channel():
 
 
 def _answer(channel):
+    deadline = time.monotonic() + 30
+    while os.getsid(0) != os.getpid():  # an intermediate, or a worker not yet on its own
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.005)
     while True:
         data = os.read(_read, 16)
         if not data:
@@ -42,6 +53,7 @@ def _answer(channel):
         slot = int(data.split(b"\n")[0])
         print(f"TWINWORKER pid {os.getpid()} answers slot {slot}", file=sys.stderr, flush=True)
         channel.send(json.dumps({"spawned": {"slot": slot, "pid": os.getpid()}}).encode())
+        os.write(_ack_write, b"k")
 
 
 def _after_fork():
@@ -57,6 +69,8 @@ if _zygote is not None:
     def _spawn_with_twin(self, slot, env):
         if _spawns:
             os.write(_write, f"{slot}\n".encode())
+            if select.select([_ack_read], [], [], 5)[0]:
+                os.read(_ack_read, 1)
         _spawns.append(slot)
         return _spawn(self, slot, env)
 

@@ -37,7 +37,7 @@ fn ready_workers(h: &Harness, skip: usize, n: usize) -> Vec<i32> {
 /// Waits until every worker of `pids` has its autogroup at `nice`; fails
 /// the test with what each had otherwise.
 fn expect_autogroups(h: &Harness, pids: &[i32], nice: i32, what: &str) {
-    let ok = wait_for(Duration::from_secs(20), || {
+    let ok = wait_for(BOOT, || {
         pids.iter()
             .all(|&p| autogroup_nice_of(p) == Some(nice))
             .then_some(())

@@ -874,6 +874,19 @@ RUNTIME_MODULES = (
 )
 
 
+def spec_from_others(guard, name, path=None, target=None):
+    """What the finders of sys.meta_path other than `guard` find for `name`
+    (None: nothing): the guards below judge a spec, they never find one."""
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if finder is guard or find is None:
+            continue
+        spec = find(name, path, target)
+        if spec is not None:
+            return spec
+    return None
+
+
 class StandardLibraryOnly:
     """A meta path finder, first in sys.meta_path while the base zygote
     imports RUNTIME_MODULES: it finds each module as the import system would
@@ -894,14 +907,8 @@ class StandardLibraryOnly:
 
     @classmethod
     def find_spec(cls, name, path=None, target=None):
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
-            if finder is cls or find is None:
-                continue
-            spec = find(name, path, target)
-            if spec is not None:
-                break
-        else:
+        spec = spec_from_others(cls, name, path, target)
+        if spec is None:
             return None  # not found: the import system says so
         origin = spec.origin or ""
         parts = origin.split(os.sep)
@@ -1032,14 +1039,8 @@ class ThirdParty:
             self.refused = False
 
         def find_spec(self, name, path=None, target=None):
-            for finder in sys.meta_path:
-                find = getattr(finder, "find_spec", None)
-                if finder is self or find is None:
-                    continue
-                spec = find(name, path, target)
-                if spec is not None:
-                    break
-            else:
+            spec = spec_from_others(self, name, path, target)
+            if spec is None:
                 return None
             origin = spec.origin if isinstance(spec.origin, str) else ""
             if any(inside(p, self.trees) for p in spec_places(spec)) or (

@@ -35,7 +35,6 @@ use crate::error::{Error, Result};
 use crate::notify;
 use crate::policy;
 use crate::workers::{StopReason, Worker};
-use crate::zygote::ZygoteState;
 
 /// `fd://N` in a new configuration must not name a descriptor a listener
 /// already holds under another spec (`pool`: the listeners in force and
@@ -164,13 +163,7 @@ impl Master {
         if !self.base_zygote() || !self.preloading() {
             return false;
         }
-        let current = self.generation;
-        let pid = self
-            .zygotes
-            .iter()
-            .find(|z| z.generation == current && z.state == ZygoteState::Ready && !z.closed)
-            .map(|z| z.pid);
-        let Some(z) = pid.and_then(|p| self.zygotes.get_mut(p)) else {
+        let Some(z) = self.zygotes.ready(self.generation) else {
             return false;
         };
         z.generation = generation;
@@ -338,12 +331,7 @@ impl Master {
     /// the failed code: a base zygote imports no module of the app's trees.
     fn give_back_base_zygote(&mut self, failed: u64) {
         let current = self.generation;
-        let pid = self
-            .zygotes
-            .iter()
-            .find(|z| z.generation == failed && z.state == ZygoteState::Ready && !z.closed)
-            .map(|z| z.pid);
-        if let Some(z) = pid.and_then(|p| self.zygotes.get_mut(p)) {
+        if let Some(z) = self.zygotes.ready(failed) {
             z.generation = current;
             info!(
                 "Base zygote {} forks generation {current} again (the reload failed)",

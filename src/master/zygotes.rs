@@ -433,7 +433,7 @@ impl Zygotes {
     }
 
     /// The zygote of `generation` that takes spawn requests, if any.
-    fn ready(&mut self, generation: u64) -> Option<&mut Zygote> {
+    pub(super) fn ready(&mut self, generation: u64) -> Option<&mut Zygote> {
         self.list
             .iter_mut()
             .find(|z| z.generation == generation && z.state == ZygoteState::Ready && !z.closed)

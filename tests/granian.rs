@@ -87,6 +87,7 @@ for_each_class!(
     an_exception_at_import_exits_4_with_one_traceback,
     lifespan_startup_failure_exits_3,
     max_requests_recycles_a_worker_without_failed_requests,
+    workers_stopping_under_a_stream_of_new_connections_fail_no_request,
     https_with_a_self_signed_certificate,
     root_path_and_proxy_headers_reach_an_asgi_app,
     root_path_and_proxy_headers_reach_a_wsgi_app,
@@ -343,6 +344,41 @@ fn max_requests_recycles_a_worker_without_failed_requests(class: Class) {
     h.check(
         h.has_event("recycle-asked", |e| first.contains(&worker_of(e))),
         "recycle requested over notify",
+    );
+}
+
+/// Each stop of a worker while new connections keep coming: whatever
+/// connection the outgoing worker accepted is answered. Ten recycles at
+/// `--max-requests 30` under four clients of one-request connections, each
+/// sending its request 3 ms after connecting (as a client across a network
+/// does): a granian worker that let granian stop at once closed the
+/// connections it had just accepted unanswered ("empty reply").
+fn workers_stopping_under_a_stream_of_new_connections_fail_no_request(class: Class) {
+    let mut h = class
+        .start(
+            "gr-stopstream",
+            &fastapi_dir(),
+            "app:main",
+            &["-w", "2", "--max-requests", "30"],
+        )
+        .json()
+        .spawn();
+    h.wait_workers(2, BOOT);
+    let pause = Duration::from_millis(3);
+    let load = Load::start_paced(h.addr(), 4, 1_000_000, Duration::from_secs(90), pause);
+    let stopped = wait_for(BOOT, || {
+        (h.count_events("exited", |e| e["reason"] == "max_requests") >= 10).then_some(())
+    });
+    let report = load.finish();
+    h.check(stopped.is_some(), "ten workers recycled and exited");
+    h.check(
+        report.failures.is_empty(),
+        &format!(
+            "failed: {} of {} ({:?})",
+            report.failures.len(),
+            report.ok + report.failures.len(),
+            report.failures.iter().collect::<BTreeSet<_>>()
+        ),
     );
 }
 

@@ -1588,18 +1588,7 @@ class ProcmanServer(uvicorn.Server):
             await asyncio.sleep(0)
 
     async def until(self, done, deadline=None, longest=TICK):
-        """Returns once done() is true (or the loop's clock reaches
-        deadline), looking after FIRST_POLL, then twice as long each time up
-        to `longest`."""
-        delay = FIRST_POLL
-        while not done():
-            if deadline is not None:
-                left = deadline - self.loop.time()
-                if left <= 0:
-                    return
-                delay = min(delay, left)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, longest)
+        await poll_until(self.loop, done, deadline, longest)
 
     async def let_requests_arrive(self, drain_ends=None):
         # uvicorn's drain closes every connection with no request in
@@ -1710,6 +1699,20 @@ def uvicorn_config(app, config, limit_max_requests=None):
     if config["proxy_headers"]:
         uv_config.loaded_app = ProxyHeaders(uv_config.loaded_app, config["forwarded_allow_ips"])
     return uv_config
+
+
+async def poll_until(loop, done, deadline=None, longest=TICK):
+    """Returns once done() is true (or the loop's clock reaches deadline),
+    looking after FIRST_POLL, then twice as long each time up to `longest`."""
+    delay = FIRST_POLL
+    while not done():
+        if deadline is not None:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            delay = min(delay, left)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, longest)
 
 
 class HeldErrors:
@@ -2071,14 +2074,97 @@ def granian_lifespan_failed(lifespan):
     fail(f"lifespan startup failed: {last}", EXIT_CANNOT_START, exc=None if told or not text else text)
 
 
+def closed_door():
+    """A listening unix socket nobody can connect to (bound to a path that is
+    unlinked before listen()): accept() on it, non-blocking, only ever says
+    EAGAIN. None if no temporary directory takes a socket."""
+    import tempfile  # noqa: PLC0415 (only when a granian worker stops)
+
+    door = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        where = tempfile.mkdtemp(prefix="procman-door-")
+        try:
+            path = os.path.join(where, "d")
+            door.bind(path)
+            os.unlink(path)
+        finally:
+            os.rmdir(where)
+        door.listen(1)
+        door.setblocking(False)
+        return door
+    except OSError:
+        door.close()
+        return None
+
+
+def leave_listener(sock):
+    """Stops granian's accept loop from taking connections off the shared
+    listener `sock`, at once and without touching the listener itself (the
+    master and the other workers keep it): granian accepts on sock's
+    descriptor number, which from now on names a closed door. Its runtime's
+    epoll still watches the listener (the master holds it open), so a new
+    connection wakes the accept loop, whose accept() on the door says EAGAIN
+    and leaves the connection to another worker. Returns the door to keep,
+    or None when it could not be made (then the stop is granian's own)."""
+    door = closed_door()
+    if door is None and sock.family != socket.AF_UNIX:
+        # A TCP accept drops a unix connection (its address is not an
+        # internet one), so an abstract name (autobound, no file) will do
+        # when no directory takes a socket. Not for a unix listener: anyone
+        # could connect to that name, past the socket file's permissions.
+        door = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            door.bind("")
+            door.listen(1)
+            door.setblocking(False)
+        except OSError:
+            door.close()
+            door = None
+    if door is not None:
+        os.dup2(door.fileno(), sock.fileno(), inheritable=False)
+    return door
+
+
+def accepted_connections(addresses):
+    """The stream sockets of this process whose local address is one of the
+    listeners' `addresses` ((family, port) for internet sockets, (AF_UNIX,
+    path) for unix ones): the connections a worker accepted and still holds."""
+    found = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=int(name))
+        except (OSError, ValueError):
+            continue  # not a socket, or closed meanwhile
+        try:
+            if sock.type == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                if listener_key(sock) in addresses:
+                    found += 1
+        except OSError:
+            pass
+        finally:
+            sock.detach()  # the descriptor is not ours to close
+    return found
+
+
+def listener_key(sock):
+    """What accepted connections share with their listener: the family and
+    the port (internet) or the path (unix)."""
+    local = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return (socket.AF_UNIX, local)
+    return (sock.family, local[1])
+
+
 def granian_serve(app, config, sockets, notifier):
     """serve() for -k granian: one granian worker (its Rust runtime, made
     here, after any fork) per listener, on the listener's descriptor. READY=1
     once every one of them accepts (after the lifespan startup); WATCHDOG=1
     from a task of the event loop the ASGI app runs on, so a blocked app stops
     the heartbeat (a WSGI app runs in granian's threads: the beat then shows
-    the interpreter is alive). TERM/INT: granian stops accepting and finishes
-    the requests in flight; the worker exits once all are done, or when the
+    the interpreter is alive). TERM/INT: the worker leaves its listeners
+    (leave_listener), gives the connections it accepted REQUEST_GRACE to
+    deliver their request, then granian finishes the requests in flight and
+    closes idle connections; the worker exits once all are done, or when the
     drain time (config "graceful_timeout") is over. QUIT: exit now."""
     api = granian_api()
     loop = granian_loop(config["loop"])
@@ -2146,16 +2232,32 @@ def granian_serve(app, config, sockets, notifier):
                 done.set()
         loop.call_soon_threadsafe(count)
 
+    graceful = max(0.0, float(config["graceful_timeout"]))
+
     def stop():
         if state["stopping"]:
             return
         state["stopping"] = True
         notifier.send("STOPPING=1")
+        loop.call_later(graceful, done.set)
         if not state["signals"]:
             done.set()
+            return
+        # granian's stop ends its accept loop, then closes every connection
+        # whose request it has not read yet as idle: one accepted a moment
+        # before, its request on the wire, would get no answer. So first
+        # leave the listeners, then give the connections accepted so far
+        # REQUEST_GRACE to deliver their request (no wait without any).
+        keys = {listener_key(sock) for sock in sockets}
+        state["doors"] = [leave_listener(sock) for sock in sockets]
+        state["grace"] = loop.create_task(let_requests_arrive(keys))
+
+    async def let_requests_arrive(keys):
+        deadline = loop.time() + min(REQUEST_GRACE, graceful)
+        await asyncio.sleep(FIRST_POLL)  # an accept() under way returns first
+        await poll_until(loop, lambda: not accepted_connections(keys), deadline, REQUEST_POLL)
         for sig in state["signals"]:
             sig.set()
-        loop.call_later(max(0.0, float(config["graceful_timeout"])), done.set)
 
     async def heartbeat():
         while True:

@@ -843,8 +843,25 @@ pub fn http_request(
     body: Option<&str>,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
+    http_request_after(addr, method, path, body, timeout, Duration::ZERO)
+}
+
+/// One short-connection HTTP request sent `pause` after the connection is
+/// made (a client across a network, or busy: the server has accepted the
+/// connection before its request arrives).
+pub fn http_request_after(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+    pause: Duration,
+) -> Result<(u16, String), String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| format!("connect: {}", e.kind()))?;
+    if !pause.is_zero() {
+        std::thread::sleep(pause);
+    }
     s.set_read_timeout(Some(timeout)).ok();
     s.set_write_timeout(Some(timeout)).ok();
     let body = body.unwrap_or("");
@@ -897,6 +914,18 @@ impl Load {
         max_requests: usize,
         max_time: Duration,
     ) -> Load {
+        Load::start_paced(addr, threads, max_requests, max_time, Duration::ZERO)
+    }
+
+    /// As [`Load::start`], each request sent `pause` after its connection
+    /// is made ([`http_request_after`]).
+    pub fn start_paced(
+        addr: SocketAddr,
+        threads: usize,
+        max_requests: usize,
+        max_time: Duration,
+        pause: Duration,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(LoadReport::default()));
         let deadline = Instant::now() + max_time;
@@ -909,7 +938,14 @@ impl Load {
                         if stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
                             break;
                         }
-                        let r = http_get(addr, "/pid");
+                        let r = http_request_after(
+                            addr,
+                            "GET",
+                            "/pid",
+                            None,
+                            Duration::from_secs(5),
+                            pause,
+                        );
                         let mut rep = report.lock().expect("report lock");
                         match r {
                             Ok((200, body)) => {

@@ -88,6 +88,7 @@ for_each_class!(
     lifespan_startup_failure_exits_3,
     max_requests_recycles_a_worker_without_failed_requests,
     workers_stopping_under_a_stream_of_new_connections_fail_no_request,
+    workers_stopping_under_a_stream_of_unix_socket_connections_fail_no_request,
     https_with_a_self_signed_certificate,
     root_path_and_proxy_headers_reach_an_asgi_app,
     root_path_and_proxy_headers_reach_a_wsgi_app,
@@ -366,6 +367,46 @@ fn workers_stopping_under_a_stream_of_new_connections_fail_no_request(class: Cla
     h.wait_workers(2, BOOT);
     let pause = Duration::from_millis(3);
     let load = Load::start_paced(h.addr(), 4, 1_000_000, Duration::from_secs(90), pause);
+    let stopped = wait_for(BOOT, || {
+        (h.count_events("exited", |e| e["reason"] == "max_requests") >= 10).then_some(())
+    });
+    let report = load.finish();
+    h.check(stopped.is_some(), "ten workers recycled and exited");
+    h.check(
+        report.failures.is_empty(),
+        &format!(
+            "failed: {} of {} ({:?})",
+            report.failures.len(),
+            report.ok + report.failures.len(),
+            report.failures.iter().collect::<BTreeSet<_>>()
+        ),
+    );
+}
+
+/// The same on a unix socket, whose listener a stopping granian worker
+/// leaves the same way (a closed door on its descriptor number).
+fn workers_stopping_under_a_stream_of_unix_socket_connections_fail_no_request(class: Class) {
+    let start = class.start(
+        "gr-stopunix",
+        &fastapi_dir(),
+        "app:main",
+        &["-w", "2", "--max-requests", "30"],
+    );
+    let sock = start.dir().join("app.sock");
+    let unix = format!("unix:{}", sock.display());
+    let mut h = start.no_default_bind().args(["-b", &unix]).json().spawn();
+    h.check(
+        wait_for(BOOT, || {
+            (h.count_events("ready", |_| true) >= 2).then_some(())
+        })
+        .is_some(),
+        "two workers ready",
+    );
+    let pause = Duration::from_millis(3);
+    let target = sock.clone();
+    let load = Load::start_with(4, 1_000_000, Duration::from_secs(90), move || {
+        unix_get_after(&target, "/pid", pause)
+    });
     let stopped = wait_for(BOOT, || {
         (h.count_events("exited", |e| e["reason"] == "max_requests") >= 10).then_some(())
     });

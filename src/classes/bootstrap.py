@@ -2125,33 +2125,54 @@ def leave_listener(sock):
     return door
 
 
-def accepted_connections(addresses):
-    """The stream sockets of this process whose local address is one of the
-    listeners' `addresses` ((family, port) for internet sockets, (AF_UNIX,
-    path) for unix ones): the connections a worker accepted and still holds."""
+def accepted_connections(keys):
+    """How many connections accepted on the listeners `keys` (listener_key)
+    this process holds: its stream sockets, not listening, whose local
+    address has a listener's port (TCP) or path (unix). Asked of each
+    descriptor with getsockopt/getsockname through libc, never by making a
+    socket object of it (with a default timeout set, that would make the
+    descriptor non-blocking under whoever owns it)."""
+    import ctypes  # noqa: PLC0415 (only when a granian worker stops)
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    value, value_size = ctypes.c_int(), ctypes.c_uint32()
+    address, address_size = ctypes.create_string_buffer(128), ctypes.c_uint32()
+
+    def option(fd, name):
+        value_size.value = ctypes.sizeof(value)
+        ok = libc.getsockopt(fd, socket.SOL_SOCKET, name, ctypes.byref(value), ctypes.byref(value_size)) == 0
+        return value.value if ok else None
+
     found = 0
     for name in os.listdir("/proc/self/fd"):
-        try:
-            sock = socket.socket(fileno=int(name))
-        except (OSError, ValueError):
-            continue  # not a socket, or closed meanwhile
-        try:
-            if sock.type == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                if listener_key(sock) in addresses:
-                    found += 1
-        except OSError:
-            pass
-        finally:
-            sock.detach()  # the descriptor is not ours to close
+        fd = int(name)
+        if option(fd, socket.SO_TYPE) != socket.SOCK_STREAM or option(fd, socket.SO_ACCEPTCONN) != 0:
+            continue  # not a socket, not a stream, a listener, or closed meanwhile
+        address_size.value = len(address)
+        if libc.getsockname(fd, address, ctypes.byref(address_size)) != 0:
+            continue
+        raw = address.raw[:min(address_size.value, len(address))]
+        if address_key(int.from_bytes(raw[:2], sys.byteorder), raw[2:]) in keys:
+            found += 1
     return found
 
 
+def address_key(family, rest):
+    """(family, port) for an internet address, (AF_UNIX, path bytes) for a
+    unix one, from a sockaddr's family and the bytes after it."""
+    if family in (socket.AF_INET, socket.AF_INET6):
+        return (family, int.from_bytes(rest[:2], "big"))
+    if family == socket.AF_UNIX:
+        # A path ends at its NUL; an abstract name starts with one.
+        return (family, rest if rest[:1] == b"\0" else rest.split(b"\0", 1)[0])
+    return (family, None)
+
+
 def listener_key(sock):
-    """What accepted connections share with their listener: the family and
-    the port (internet) or the path (unix)."""
+    """What connections accepted on `sock` share with it (address_key)."""
     local = sock.getsockname()
     if sock.family == socket.AF_UNIX:
-        return (socket.AF_UNIX, local)
+        return (socket.AF_UNIX, local if isinstance(local, bytes) else os.fsencode(local))
     return (sock.family, local[1])
 
 

@@ -864,6 +864,29 @@ pub fn http_request_after(
     }
     s.set_read_timeout(Some(timeout)).ok();
     s.set_write_timeout(Some(timeout)).ok();
+    exchange(&mut s, method, path, body)
+}
+
+/// One short-connection GET over the unix socket at `sock`, sent `pause`
+/// after the connection is made.
+pub fn unix_get_after(sock: &Path, path: &str, pause: Duration) -> Result<(u16, String), String> {
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .map_err(|e| format!("connect: {}", e.kind()))?;
+    if !pause.is_zero() {
+        std::thread::sleep(pause);
+    }
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    s.set_write_timeout(Some(Duration::from_secs(5))).ok();
+    exchange(&mut s, "GET", path, None)
+}
+
+/// Writes one request with `Connection: close` and reads the reply to its end.
+fn exchange(
+    s: &mut (impl Read + Write),
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), String> {
     let body = body.unwrap_or("");
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -926,6 +949,20 @@ impl Load {
         max_time: Duration,
         pause: Duration,
     ) -> Load {
+        Load::start_with(threads, max_requests, max_time, move || {
+            http_request_after(addr, "GET", "/pid", None, Duration::from_secs(5), pause)
+        })
+    }
+
+    /// As [`Load::start`], each request made by `request` (which answers
+    /// the status and the body, or why it failed).
+    pub fn start_with(
+        threads: usize,
+        max_requests: usize,
+        max_time: Duration,
+        request: impl Fn() -> Result<(u16, String), String> + Send + Sync + 'static,
+    ) -> Load {
+        let request = Arc::new(request);
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(LoadReport::default()));
         let deadline = Instant::now() + max_time;
@@ -933,19 +970,13 @@ impl Load {
             .map(|_| {
                 let stop = stop.clone();
                 let report = report.clone();
+                let request = request.clone();
                 std::thread::spawn(move || {
                     for _ in 0..max_requests {
                         if stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
                             break;
                         }
-                        let r = http_request_after(
-                            addr,
-                            "GET",
-                            "/pid",
-                            None,
-                            Duration::from_secs(5),
-                            pause,
-                        );
+                        let r = request();
                         let mut rep = report.lock().expect("report lock");
                         match r {
                             Ok((200, body)) => {

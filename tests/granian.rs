@@ -394,7 +394,7 @@ fn workers_stopping_under_a_stream_of_unix_socket_connections_fail_no_request(cl
     );
     let sock = start.dir().join("app.sock");
     let unix = format!("unix:{}", sock.display());
-    let mut h = start.no_default_bind().args(["-b", &unix]).json().spawn();
+    let h = start.no_default_bind().args(["-b", &unix]).json().spawn();
     h.check(
         wait_for(BOOT, || {
             (h.count_events("ready", |_| true) >= 2).then_some(())

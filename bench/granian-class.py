@@ -1,5 +1,6 @@
 """-k granian side by side (issue 29 item 3, throughput and latency only):
-procman -k granian, granian alone and procman's uvicorn class, the same
+procman -k granian, granian alone, procman's uvicorn class and procman -k
+granian with --cpu-affinity auto, the same
 FastAPI app (examples/fastapi, GET /pid), the same worker count, on
 127.0.0.1, interleaved rounds; prints each sample and the medians.
 
@@ -49,6 +50,8 @@ def commands(procman, workers, port):
         "granian": [os.path.join(VENV, "bin", "granian"), "--interface", "asgi", "--workers", str(workers),
                     "--respawn-failed-workers", "--host", "127.0.0.1", "--port", str(port), "app:main"],
         "procman (uvicorn)": [procman, *common],
+        # Each worker and its threads on one CPU (README, *Pinning workers to CPUs*).
+        "procman -k granian --cpu-affinity auto": [procman, "-k", "granian", "--cpu-affinity", "auto", *common],
     }
 
 

@@ -157,6 +157,8 @@ pub struct Config {
     /// Raise a booting worker's CPU priority where procman may
     /// (`--no-boot-boost` turns it off).
     pub boot_boost: bool,
+    /// `--cpu-affinity auto`: each worker on one CPU, by slot.
+    pub cpu_affinity: bool,
     /// `--reload`: what to watch.
     pub watch: Option<WatchConfig>,
 }
@@ -397,6 +399,17 @@ impl Config {
                 Some(d)
             }
         };
+        let cpu_affinity = match cli.value("cpu-affinity") {
+            "off" => false,
+            "auto" => true,
+            other => {
+                return Err(invalid(
+                    "cpu-affinity",
+                    other,
+                    "expected auto (each worker on one CPU, by slot) or off",
+                ))
+            }
+        };
         let max_worker_lifetime_jitter = match cli.text("max-worker-lifetime-jitter") {
             None => Duration::ZERO,
             Some(v) => {
@@ -450,6 +463,7 @@ impl Config {
             max_worker_lifetime,
             max_worker_lifetime_jitter,
             boot_boost: !cli.flag("no-boot-boost"),
+            cpu_affinity,
             kind,
             name,
             binds_given: cli.is_set("bind"),

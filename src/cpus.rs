@@ -1,9 +1,11 @@
-//! How many CPUs this process may really use, for `--workers auto`.
+//! How many CPUs this process may really use, for `--workers auto`, and
+//! which ones, for `--cpu-affinity auto`.
 //!
-//! The answer is the smaller of the scheduler affinity mask (taskset, cpuset
+//! The count is the smaller of the scheduler affinity mask (taskset, cpuset
 //! cgroups) and the cgroup v2 CPU quota (`cpu.max`, rounded up), never below
 //! one. Containers usually limit by quota, not by mask, so reading only
-//! `nproc` would start far too many workers there.
+//! `nproc` would start far too many workers there. A quota does not say
+//! which CPUs, so pinning uses the mask alone.
 
 use std::path::Path;
 
@@ -77,9 +79,43 @@ pub fn parse_cpu_max(text: &str) -> Option<f64> {
     (cpus.is_finite() && cpus > 0.0).then_some(cpus)
 }
 
+/// The CPUs in this process's affinity mask, in order (empty if the mask
+/// cannot be read).
+pub fn allowed() -> Vec<usize> {
+    let Ok(set) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
+        return Vec::new();
+    };
+    (0..nix::sched::CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect()
+}
+
+/// The CPU of worker slot `slot` under `--cpu-affinity auto`: the slots
+/// take the allowed CPUs in turn, so N workers on N CPUs get one each and
+/// more workers share them evenly. `None` without any allowed CPU.
+pub fn for_slot(allowed: &[usize], slot: usize) -> Option<usize> {
+    (!allowed.is_empty()).then(|| allowed[slot % allowed.len()])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_take_the_allowed_cpus_in_turn() {
+        let table: &[(&[usize], usize, Option<usize>)] = &[
+            (&[0, 1], 0, Some(0)),
+            (&[0, 1], 1, Some(1)),
+            (&[0, 1], 2, Some(0)),
+            (&[0, 1], 3, Some(1)),
+            (&[2, 5, 7], 4, Some(5)),
+            (&[3], 9, Some(3)),
+            (&[], 0, None),
+        ];
+        for &(allowed, slot, want) in table {
+            assert_eq!(for_slot(allowed, slot), want, "{allowed:?} slot {slot}");
+        }
+    }
 
     #[test]
     fn cpu_max_parses() {

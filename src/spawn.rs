@@ -93,6 +93,9 @@ pub struct Plan {
     reset_signals: Vec<c_int>,
     /// Placed at fd 2 (`--log-file`); `None` keeps the master's stderr.
     stderr: Option<RawFd>,
+    /// `--cpu-affinity`: the one CPU the child (and every thread it
+    /// starts) runs on; `None` keeps the master's mask.
+    cpu: Option<usize>,
 }
 
 /// A child that was forked; `exec_error` is set when it could not exec
@@ -162,6 +165,7 @@ impl Plan {
             umask,
             reset_signals: reset_signals.to_vec(),
             stderr: None,
+            cpu: None,
         })
     }
 
@@ -169,6 +173,13 @@ impl Plan {
     /// returns) as its stderr.
     pub fn with_stderr(mut self, fd: Option<RawFd>) -> Plan {
         self.stderr = fd;
+        self
+    }
+
+    /// Pins the child to `cpu` (best effort: a CPU no longer allowed, say
+    /// after a cpuset change, leaves it on the master's mask).
+    pub fn with_cpu(mut self, cpu: Option<usize>) -> Plan {
+        self.cpu = cpu;
         self
     }
 
@@ -201,6 +212,7 @@ impl Plan {
             .as_ref()
             .map(|c| c.groups.clone())
             .unwrap_or_default();
+        let cpu_set = self.cpu.and_then(cpu_set_of);
         let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let mut child = ChildSetup {
             master,
@@ -217,6 +229,7 @@ impl Plan {
             reset_signals: &self.reset_signals,
             err_fd: err_write.as_raw_fd(),
             stderr: self.stderr,
+            cpu: cpu_set.as_ref(),
         };
 
         // Block every signal across fork: otherwise a signal arriving in the
@@ -262,6 +275,19 @@ impl Plan {
 /// The child's failure report: 4 bytes of stage code, 4 of errno, written
 /// with one `write` (atomic: far below PIPE_BUF).
 const REPORT_LEN: usize = 8;
+
+/// The affinity mask holding only `cpu` (built before fork: the child only
+/// passes it to the kernel). `None` for a CPU beyond what a mask holds.
+fn cpu_set_of(cpu: usize) -> Option<libc::cpu_set_t> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return None;
+    }
+    // SAFETY: a zeroed cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: cpu < CPU_SETSIZE (checked above), so the bit is inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    Some(set)
+}
 
 /// Reads the child's report. End-of-file before any byte means exec
 /// succeeded (the CLOEXEC pipe closed); exactly [`REPORT_LEN`] bytes are a

@@ -2385,6 +2385,20 @@ class ControlChannel:
         return data
 
 
+def pin_to_cpu():
+    """--cpu-affinity auto, in a worker forked by a zygote: this process and
+    every thread it starts from now on run on the CPU the master chose for
+    the slot (PROCMAN_CPU). A worker the master forks itself is pinned
+    before its exec. Best effort: a CPU no longer allowed leaves the mask."""
+    cpu = os.environ.get("PROCMAN_CPU")
+    if cpu is None:
+        return
+    try:
+        os.sched_setaffinity(0, {int(cpu)})
+    except (ValueError, OSError) as exc:
+        logging.getLogger("procman").warning("cannot pin this worker to CPU %s: %s", cpu, exc)
+
+
 def parse_spawn(message):
     """(slot, generation, env) from {"spawn": {...}}. ValueError names what is wrong."""
     if not isinstance(message, dict) or set(message) != {"spawn"}:
@@ -2732,6 +2746,7 @@ class Zygote:
             signal.pthread_sigmask(signal.SIG_SETMASK, ())
             random.seed()  # CPython re-seeds at fork too; be explicit (--max-requests jitter)
             os.environ.update(env)  # PROCMAN_WORKER_ID, PROCMAN_GENERATION, the user's variables
+            pin_to_cpu()  # before the app or the server can start a thread
             worker_title(self.config["proc_name"])  # its argv area is still the zygote's title
             app = self.app
             if not self.import_app:

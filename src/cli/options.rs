@@ -291,6 +291,14 @@ pub static OPTIONS: &[OptionDef] = &[
         ..BASE
     },
     OptionDef {
+        name: "cpu-affinity",
+        value_name: "MODE",
+        default: Some("off"),
+        heading: "Workers",
+        help: "Pin each worker to one CPU: auto puts worker slot i (and every thread it starts) on the i-th CPU procman may use, round robin; off leaves placement to the kernel.",
+        ..BASE
+    },
+    OptionDef {
         name: "no-boot-boost",
         kind: Kind::Flag,
         heading: "Workers",

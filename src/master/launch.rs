@@ -43,6 +43,9 @@ pub(super) struct Settings {
     /// `--workers auto` counts them). Only for workers that say when they
     /// are ready: a `--ready exec` worker's boot has no known end.
     pub(super) max_booting: usize,
+    /// `--cpu-affinity auto`: the CPUs procman may use, which the slots
+    /// take in turn (read once here: empty when off).
+    cpus: Vec<usize>,
 }
 
 impl Settings {
@@ -57,11 +60,21 @@ impl Settings {
                 usize::MAX
             },
             class,
+            cpus: if cfg.cpu_affinity {
+                crate::cpus::allowed()
+            } else {
+                Vec::new()
+            },
             base_env: worker_base_env(&cfg),
             target: cfg.workers,
             listeners,
             cfg,
         }
+    }
+
+    /// The CPU worker `slot` runs on (`--cpu-affinity auto`), if any.
+    pub(super) fn slot_cpu(&self, slot: usize) -> Option<usize> {
+        crate::cpus::for_slot(&self.cpus, slot)
     }
 
     /// The environment of a child (worker or zygote): procman's own (less

@@ -250,14 +250,15 @@ impl Master {
             self.spawn_from_zygote(slot, now);
             return;
         }
-        let (env, pid_vars) = self.settings.child_env(
-            self.notify.receiver().path(),
-            self.urgent.path(),
-            &[
-                ("PROCMAN_WORKER_ID", slot.to_string()),
-                ("PROCMAN_GENERATION", self.generation.to_string()),
-            ],
-        );
+        let cpu = self.settings.slot_cpu(slot);
+        let mut extra = vec![
+            ("PROCMAN_WORKER_ID", slot.to_string()),
+            ("PROCMAN_GENERATION", self.generation.to_string()),
+        ];
+        extra.extend(cpu.map(|c| ("PROCMAN_CPU", c.to_string())));
+        let (env, pid_vars) =
+            self.settings
+                .child_env(self.notify.receiver().path(), self.urgent.path(), &extra);
         // With --reuse-port each worker gets its own listening socket, made
         // here before the fork and closed in the master right after it.
         let mut own_sockets = Vec::new();
@@ -286,7 +287,7 @@ impl Master {
             .collect();
         let plan = self.settings.child_plan(&env, &pid_vars, &fds);
         let plan = match plan {
-            Ok(p) => p,
+            Ok(p) => p.with_cpu(cpu),
             Err(e) => {
                 let err = Error::usage(format!(
                     "cannot start a worker: '{}' contains a NUL byte",

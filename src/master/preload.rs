@@ -289,7 +289,8 @@ impl Master {
     /// Asks the current generation's zygote for a worker in `slot` (see
     /// [`zygotes::Zygotes::ask`]).
     pub(super) fn spawn_from_zygote(&mut self, slot: usize, now: Instant) {
-        if let Err((zpid, e)) = self.zygotes.ask(slot, self.generation, now) {
+        let cpu = self.settings.slot_cpu(slot);
+        if let Err((zpid, e)) = self.zygotes.ask(slot, self.generation, cpu, now) {
             self.zygote_spawn_failed(zpid, slot, &e, now);
         }
     }

@@ -187,15 +187,18 @@ impl Zygotes {
         &mut self,
         slot: usize,
         generation: u64,
+        cpu: Option<usize>,
         now: Instant,
     ) -> Result<(), (Pid, String)> {
         let Some(z) = self.ready(generation).filter(|z| z.pending.is_none()) else {
             return Ok(());
         };
-        let env = [
+        // PROCMAN_CPU: the forked worker pins itself (before any thread).
+        let mut env = vec![
             ("PROCMAN_WORKER_ID".to_string(), slot.to_string()),
             ("PROCMAN_GENERATION".to_string(), generation.to_string()),
         ];
+        env.extend(cpu.map(|c| ("PROCMAN_CPU".to_string(), c.to_string())));
         z.request(slot, generation, &env, now)
             .map_err(|e| (z.pid, e))
     }

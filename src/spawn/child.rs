@@ -33,6 +33,7 @@ pub(super) struct ChildSetup<'a> {
     pub(super) reset_signals: &'a [c_int],
     pub(super) err_fd: RawFd,
     pub(super) stderr: Option<RawFd>,
+    pub(super) cpu: Option<&'a libc::cpu_set_t>,
 }
 
 /// A failed step of the child's setup.
@@ -107,6 +108,17 @@ impl ChildSetup<'_> {
         // reaches procman, which stops the workers itself.
         // SAFETY: setsid is async-signal-safe and takes no argument.
         check(unsafe { libc::setsid() }, Stage::Session)?;
+
+        // --cpu-affinity: before exec, so every thread the program starts
+        // inherits the mask. Best effort: a CPU taken away since procman
+        // read its mask (EINVAL) leaves the worker on the master's mask
+        // rather than failing its start.
+        if let Some(set) = self.cpu {
+            // SAFETY: sched_setaffinity is a plain system call (no lock, no
+            // allocation); `set` points to a mask the parent built before
+            // the fork, of the size given.
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
+        }
 
         // Listeners to 3..3+n. First raise every source (and the error
         // pipe) above the target range so no dup2 clobbers a source;

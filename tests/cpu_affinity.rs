@@ -1,0 +1,196 @@
+//! `--cpu-affinity auto`: each worker, and every thread it starts, runs on
+//! one CPU, the slots taking procman's allowed CPUs in turn (slot i on the
+//! (i mod n)-th). Checked in `/proc/PID/task/*/status` for every path a
+//! worker is started by: forked by a zygote (uvicorn and granian workers,
+//! which pin themselves before any thread), and forked by the master (a
+//! command, or a uvicorn worker without a zygote, pinned before exec). The
+//! default leaves every worker on procman's mask.
+
+mod util;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use util::*;
+
+const BOOT: Duration = Duration::from_secs(60);
+
+/// The CPUs procman may use: the test's own mask, which procman inherits.
+fn allowed() -> Vec<usize> {
+    let set = nix::sched::sched_getaffinity(Pid::from_raw(0)).expect("own mask");
+    (0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect()
+}
+
+/// The mask of each thread of `pid`, as the kernel lists it ("0", "0-1").
+fn thread_masks(pid: i32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string())
+        })
+        .collect()
+}
+
+/// procman's own mask, as the kernel lists it.
+fn own_mask() -> String {
+    thread_masks(std::process::id() as i32)
+        .into_iter()
+        .next()
+        .expect("own mask")
+}
+
+/// slot → pid of the first `n` workers that said they were ready after the
+/// first `skip`.
+fn ready_slots(h: &Harness, skip: usize, n: usize) -> BTreeMap<u64, i32> {
+    let e = h.expect_events("ready", skip + n, BOOT, "workers ready", |_| true);
+    e[skip..]
+        .iter()
+        .map(|e| (e["slot"].as_u64().expect("slot"), worker_of(e)))
+        .collect()
+}
+
+/// Waits until every worker has at least `threads` threads, all on its
+/// slot's CPU; fails the test with what each had otherwise.
+fn expect_pinned(h: &Harness, slots: &BTreeMap<u64, i32>, threads: usize) {
+    let cpus = allowed();
+    let want = |slot: u64| cpus[slot as usize % cpus.len()].to_string();
+    let ok = wait_for(BOOT, || {
+        slots
+            .iter()
+            .all(|(&slot, &pid)| {
+                let masks = thread_masks(pid);
+                masks.len() >= threads && masks.iter().all(|m| *m == want(slot))
+            })
+            .then_some(())
+    });
+    let seen: Vec<(u64, i32, Vec<String>)> = slots
+        .iter()
+        .map(|(&s, &p)| (s, p, thread_masks(p)))
+        .collect();
+    h.check(
+        ok.is_some(),
+        &format!("every thread of each worker on its slot's CPU of {cpus:?}: {seen:?}"),
+    );
+}
+
+fn granian_python() -> PathBuf {
+    repo().join("target/granian-venv/bin/python")
+}
+
+#[test]
+fn every_thread_of_a_zygote_forked_granian_worker_runs_on_its_slots_cpu() {
+    let python = granian_python();
+    let h = Start::new(
+        "affinity-granian",
+        &["-k", "granian", "--python", python.to_str().expect("utf8")],
+    )
+    .args(["--no-access-log", "--chdir"])
+    .args([fastapi_dir().to_str().expect("utf8")])
+    .args(["app:main", "-w", "3", "--cpu-affinity", "auto"])
+    .json()
+    .spawn();
+    let slots = ready_slots(&h, 0, 3);
+    // granian's runtime thread and the interpreter's, at least.
+    expect_pinned(&h, &slots, 2);
+    let zygotes = zygote_pids(&h);
+    h.check(!zygotes.is_empty(), "a zygote");
+    for z in zygotes {
+        h.check(
+            thread_masks(z).iter().all(|m| *m == own_mask()),
+            "the zygote keeps procman's mask",
+        );
+    }
+}
+
+#[test]
+fn a_command_worker_the_master_forks_runs_on_its_slots_cpu() {
+    let h = Start::new(
+        "affinity-command",
+        &["-w", "2", "--ready", "notify", "--cpu-affinity", "auto"],
+    )
+    .json()
+    .args(["--"])
+    .args(notify_worker())
+    .spawn();
+    let slots = ready_slots(&h, 0, 2);
+    expect_pinned(&h, &slots, 1);
+}
+
+#[test]
+fn a_uvicorn_worker_without_a_zygote_runs_on_its_slots_cpu() {
+    let h = uvicorn(
+        "affinity-cold",
+        &fastapi_dir(),
+        "app:main",
+        &["-w", "2", "--no-zygote", "--cpu-affinity", "auto"],
+    )
+    .json()
+    .spawn();
+    let slots = ready_slots(&h, 0, 2);
+    expect_pinned(&h, &slots, 1);
+}
+
+#[test]
+fn a_respawned_worker_runs_on_its_slots_cpu_again() {
+    let h = uvicorn(
+        "affinity-respawn",
+        &fastapi_dir(),
+        "app:main",
+        &["-w", "2", "--cpu-affinity", "auto"],
+    )
+    .json()
+    .spawn();
+    let first = ready_slots(&h, 0, 2);
+    let victim = first[&1];
+    let _ = kill(Pid::from_raw(victim), Signal::SIGKILL);
+    let again = ready_slots(&h, 2, 1);
+    h.check(
+        again.get(&1).is_some_and(|&p| p != victim),
+        &format!("slot 1 respawned: {again:?}"),
+    );
+    expect_pinned(&h, &again, 1);
+}
+
+#[test]
+fn without_cpu_affinity_workers_keep_procmans_mask() {
+    let h = Start::new("affinity-off", &["-w", "2", "--ready", "notify"])
+        .json()
+        .args(["--"])
+        .args(notify_worker())
+        .spawn();
+    let slots = ready_slots(&h, 0, 2);
+    for (slot, pid) in slots {
+        let masks = thread_masks(pid);
+        h.check(
+            !masks.is_empty() && masks.iter().all(|m| *m == own_mask()),
+            &format!("slot {slot}: {masks:?}, procman's {}", own_mask()),
+        );
+    }
+}
+
+#[test]
+fn a_cpu_affinity_other_than_auto_or_off_is_refused_in_one_line() {
+    let (code, _out, err) = run_procman(
+        &["--cpu-affinity", "sometimes", "--", "true"],
+        &[],
+        &std::env::temp_dir(),
+    );
+    assert_eq!(code, 2, "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("'sometimes'") && lines[0].contains("--cpu-affinity"),
+        "{err}"
+    );
+}

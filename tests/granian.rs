@@ -356,57 +356,36 @@ fn max_requests_recycles_a_worker_without_failed_requests(class: Class) {
 /// connections it had just accepted unanswered ("empty reply").
 fn workers_stopping_under_a_stream_of_new_connections_fail_no_request(class: Class) {
     let mut h = class
-        .start(
-            "gr-stopstream",
-            &fastapi_dir(),
-            "app:main",
-            &["-w", "2", "--max-requests", "30"],
-        )
+        .start("gr-stopstream", &fastapi_dir(), "app:main", RECYCLING)
         .json()
         .spawn();
     h.wait_workers(2, BOOT);
-    let pause = Duration::from_millis(3);
-    let load = Load::start_paced(h.addr(), 4, 1_000_000, Duration::from_secs(90), pause);
-    let stopped = wait_for(BOOT, || {
-        (h.count_events("exited", |e| e["reason"] == "max_requests") >= 10).then_some(())
-    });
-    let report = load.finish();
-    h.check(stopped.is_some(), "ten workers recycled and exited");
-    h.check(
-        report.failures.is_empty(),
-        &format!(
-            "failed: {} of {} ({:?})",
-            report.failures.len(),
-            report.ok + report.failures.len(),
-            report.failures.iter().collect::<BTreeSet<_>>()
-        ),
-    );
+    let load = Load::start_paced(h.addr(), 4, 1_000_000, Duration::from_secs(90), PAUSE);
+    ten_recycles_fail_no_request(&h, load);
 }
 
 /// The same on a unix socket, whose listener a stopping granian worker
 /// leaves the same way (a closed door on its descriptor number).
 fn workers_stopping_under_a_stream_of_unix_socket_connections_fail_no_request(class: Class) {
-    let start = class.start(
-        "gr-stopunix",
-        &fastapi_dir(),
-        "app:main",
-        &["-w", "2", "--max-requests", "30"],
-    );
+    let start = class.start("gr-stopunix", &fastapi_dir(), "app:main", RECYCLING);
     let sock = start.dir().join("app.sock");
     let unix = format!("unix:{}", sock.display());
-    let h = start.no_default_bind().args(["-b", &unix]).json().spawn();
-    h.check(
-        wait_for(BOOT, || {
-            (h.count_events("ready", |_| true) >= 2).then_some(())
-        })
-        .is_some(),
-        "two workers ready",
-    );
-    let pause = Duration::from_millis(3);
-    let target = sock.clone();
+    let h = start.args(["-b", &unix]).json().spawn();
+    h.expect_events("ready", 2, BOOT, "two workers ready", |_| true);
     let load = Load::start_with(4, 1_000_000, Duration::from_secs(90), move || {
-        unix_get_after(&target, "/pid", pause)
+        unix_get_after(&sock, "/pid", PAUSE)
     });
+    ten_recycles_fail_no_request(&h, load);
+}
+
+/// Two workers, each recycled after 30 requests.
+const RECYCLING: &[&str] = &["-w", "2", "--max-requests", "30"];
+/// How long after connecting the stop tests' clients send their request.
+const PAUSE: Duration = Duration::from_millis(3);
+
+/// Lets `load` run until ten workers were recycled and exited; then no
+/// request may have failed.
+fn ten_recycles_fail_no_request(h: &Harness, load: Load) {
     let stopped = wait_for(BOOT, || {
         (h.count_events("exited", |e| e["reason"] == "max_requests") >= 10).then_some(())
     });

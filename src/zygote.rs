@@ -161,6 +161,9 @@ pub struct Zygote {
     /// How long a spawn request may wait for its reply: [`SPAWN_REPLY`],
     /// or [`SPAWN_REPLY_LEARNING`].
     pub reply_within: Duration,
+    /// Why procman itself killed it ("for the upgrade"), once it has: its
+    /// SIGKILL is then not a mystery (nor perhaps the OOM killer's).
+    pub kill_cause: Option<&'static str>,
     channel: OwnedFd,
 }
 
@@ -224,6 +227,7 @@ impl Zygote {
             late: 0,
             warnings: 0,
             reply_within: SPAWN_REPLY,
+            kill_cause: None,
             channel,
         }
     }

@@ -550,3 +550,79 @@ fn with_preload_the_new_image_starts_its_own_zygote_and_keeps_the_workers() {
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
 }
+
+/// The pre-flight passes but the exec itself fails (here: the binary takes
+/// its own execute bits away while it answers, so `execveat` says EACCES).
+/// The master already killed its zygotes for the new image: it must go on
+/// as it was, say why, and start a new base zygote; the zygotes it killed
+/// are neither reported as dead of unknown causes ("perhaps out of
+/// memory?") nor counted as failures (three in a row would start every
+/// later worker cold).
+#[test]
+fn an_exec_that_fails_after_a_passed_pre_flight_leaves_the_master_serving() {
+    let s = uvicorn(
+        "upgrade-exec-fails",
+        &fastapi_dir(),
+        "app:main",
+        &["-w", "2"],
+    )
+    .json();
+    let sock = s.dir().join("ctl");
+    let dir = s.dir().to_path_buf();
+    let mut h = s
+        .args(["--control-socket", sock.to_str().expect("utf8")])
+        .spawn();
+    let workers = h.wait_workers(2, BOOT);
+    h.expect_events("zygote-ready", 1, BOOT, "a base zygote", |_| true);
+    for attempt in 1..=3 {
+        // $0 is /dev/fd/N (the checked descriptor): chmod follows it to
+        // the file. Written again each time: it leaves itself 0644.
+        let vanishing = script(
+            &dir,
+            "vanishing",
+            &format!("chmod 0644 \"$0\"\nexec {PROCMAN} \"$@\""),
+        );
+        let out = upgrade(&sock, Some(&vanishing));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{out:?}\n{}", h.log_text());
+        assert!(err.contains("execveat failed"), "{err}");
+        h.expect_events(
+            "zygote-ready",
+            attempt + 1,
+            BOOT,
+            "a new base zygote after the failed exec",
+            |_| true,
+        );
+    }
+    assert_eq!(h.count_log("Upgraded in place"), 0);
+    let exits = h.events_named("zygote-exited");
+    h.check(
+        exits.len() == 3
+            && exits.iter().all(|e| {
+                e["reason"] == "stopped"
+                    && e["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("killed by procman for the upgrade"))
+            }),
+        &format!("each killed zygote said stopped by procman for the upgrade: {exits:?}"),
+    );
+    h.check(
+        !h.has_event("zygote-cold", |_| true),
+        "no zygote failure counted",
+    );
+    // Same pid, same workers, serving; a worker killed now is replaced.
+    assert_eq!(
+        h.children()
+            .into_iter()
+            .filter(|p| workers.contains(p))
+            .collect::<BTreeSet<_>>(),
+        workers
+    );
+    assert!(serves(&h));
+    let victim = *workers.iter().next().expect("a worker");
+    let _ = kill(Pid::from_raw(victim), Signal::SIGKILL);
+    let now = h.wait_workers(2, BOOT);
+    assert!(!now.contains(&victim), "{now:?}");
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
+}

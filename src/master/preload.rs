@@ -65,7 +65,7 @@ impl Master {
         }
         let timeout = self.settings.cfg.startup_timeout;
         warn!("Zygote {pid} was not ready within {timeout:?}; killing it");
-        self.zygotes.kill(pid);
+        self.zygotes.kill(pid, "after its startup timeout");
         if self.base_zygote() {
             self.base_zygote_failed(pid, &format!("not ready within {timeout:?}"));
             return;
@@ -245,7 +245,10 @@ impl Master {
                     "Zygote {pid} reported a worker it did not fork: {why}; signalling nothing it named, restarting the zygote"
                 );
                 kill_stray(pid, stray);
-                if self.zygotes.kill(pid) {
+                if self
+                    .zygotes
+                    .kill(pid, "after a reply naming a worker it did not fork")
+                {
                     self.zygote_failed(now);
                 }
             }
@@ -342,7 +345,7 @@ impl Master {
             slot,
             "Zygote {zpid} could not fork a worker for slot {slot}: {why}; restarting it"
         );
-        self.zygotes.kill(zpid);
+        self.zygotes.kill(zpid, "after a failed spawn");
         self.zygote_failed(now);
     }
 
@@ -360,7 +363,12 @@ impl Master {
     }
 
     pub(super) fn on_zygote_exit(&mut self, z: Zygote, status: WaitStatus, now: Instant) {
-        let how = describe(&status);
+        let how = match (&status, z.kill_cause) {
+            (WaitStatus::Signaled(_, Signal::SIGKILL, _), Some(cause)) => {
+                format!("killed by procman {cause}")
+            }
+            _ => describe(&status),
+        };
         match z.state {
             // Asked to stop (retired, or found broken and counted then).
             ZygoteState::Stopping => {

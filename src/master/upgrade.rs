@@ -36,7 +36,7 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tracing::info;
 
-use super::{signal_group, Endpoints, Master, MasterState, Settings, SystemdLink};
+use super::{Endpoints, Master, MasterState, Settings, SystemdLink};
 use crate::bind::{BindSpec, Listener};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -218,9 +218,13 @@ impl Master {
             unblock(&mut self.signals);
             return "a stop was requested".into();
         }
-        // Zygotes are not carried over: the new image starts its own.
-        for z in self.zygotes.iter() {
-            signal_group(z.pid, Signal::SIGKILL);
+        // Zygotes are not carried over: the new image starts its own. Killed
+        // as procman's own kills, so that if the exec fails this image
+        // reports their exits as such (not as deaths, nor as failures that
+        // would count towards starting workers cold) and starts a new one.
+        let zygotes: Vec<Pid> = self.zygotes.iter().map(|z| z.pid).collect();
+        for pid in zygotes {
+            self.zygotes.kill(pid, "for the upgrade");
         }
         let mut state = self.describe(now, reply);
         state.signals = caught.iter().map(|s| s.number()).collect();

@@ -415,9 +415,10 @@ impl Zygotes {
         }
     }
 
-    /// Kills zygote `pid`, found broken or out of time; true unless it was
-    /// already stopping (then its failure was counted already).
-    pub(super) fn kill(&mut self, pid: Pid) -> bool {
+    /// Kills zygote `pid` (found broken, out of time, or in the way of an
+    /// upgrade), saying why in its exit line; true unless it was already
+    /// stopping (then its failure was counted already).
+    pub(super) fn kill(&mut self, pid: Pid, cause: &'static str) -> bool {
         let Some(z) = self
             .get_mut(pid)
             .filter(|z| z.state != ZygoteState::Stopping)
@@ -425,6 +426,7 @@ impl Zygotes {
             return false;
         };
         z.state = ZygoteState::Stopping;
+        z.kill_cause = Some(cause);
         signal_group(pid, Signal::SIGKILL);
         true
     }

@@ -194,3 +194,33 @@ fn a_cpu_affinity_other_than_auto_or_off_is_refused_in_one_line() {
         "{err}"
     );
 }
+
+/// The config file's key, and a reload: the next generation takes the new
+/// value (here from off to auto).
+#[test]
+fn a_reload_turning_cpu_affinity_on_pins_the_next_generation() {
+    let start = Start::new("affinity-reload", &[]).json();
+    let file = start.dir().join("procman.toml");
+    let command = notify_worker()
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let config = |mode: &str| {
+        format!(
+            "workers = 2\nready = \"notify\"\ncpu-affinity = \"{mode}\"\ncommand = [{command}]\n"
+        )
+    };
+    std::fs::write(&file, config("off")).expect("write");
+    let h = start.args(["-c", file.to_str().expect("utf8")]).spawn();
+    for (slot, pid) in ready_slots(&h, 0, 2) {
+        h.check(
+            thread_masks(pid).iter().all(|m| *m == own_mask()),
+            &format!("slot {slot} unpinned while off"),
+        );
+    }
+    std::fs::write(&file, config("auto")).expect("write");
+    h.signal(Signal::SIGHUP);
+    h.expect_event("reload-done", BOOT, "reloaded", |e| e["generation"] == 2);
+    expect_pinned(&h, &ready_slots(&h, 2, 2), 1);
+}

@@ -162,12 +162,13 @@ fn a_respawned_worker_runs_on_its_slots_cpu_again() {
     expect_pinned(&h, &again, 1);
 }
 
+/// Off, also with a `PROCMAN_CPU` in procman's own environment: that
+/// variable is procman's to set per worker, never passed on.
 #[test]
 fn without_cpu_affinity_workers_keep_procmans_mask() {
-    let h = Start::new("affinity-off", &["-w", "2", "--ready", "notify"])
+    let h = uvicorn("affinity-off", &fastapi_dir(), "app:main", &["-w", "2"])
+        .env("PROCMAN_CPU", "0")
         .json()
-        .args(["--"])
-        .args(notify_worker())
         .spawn();
     let slots = ready_slots(&h, 0, 2);
     for (slot, pid) in slots {

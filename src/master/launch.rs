@@ -17,8 +17,10 @@ use crate::signals;
 use crate::spawn::Plan;
 
 /// Variables procman may have inherited from its own supervisor that must
-/// never reach a worker (they describe procman's sockets, not the worker's).
+/// never reach a worker (they describe procman's sockets, not the worker's;
+/// `PROCMAN_CPU` is procman's to set per worker, with `--cpu-affinity`).
 const SCRUBBED: &[&str] = &[
+    "PROCMAN_CPU",
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",

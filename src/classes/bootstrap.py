@@ -2125,13 +2125,14 @@ def leave_listener(sock):
     return door
 
 
-def accepted_connections(keys):
-    """How many connections accepted on the listeners `keys` (listener_key)
-    this process holds: its stream sockets, not listening, whose local
-    address has a listener's port (TCP) or path (unix). Asked of each
-    descriptor with getsockopt/getsockname through libc, never by making a
-    socket object of it (with a default timeout set, that would make the
-    descriptor non-blocking under whoever owns it)."""
+def connection_counter(keys):
+    """A function counting the connections accepted on the listeners `keys`
+    (listener_key) that this process holds: its stream sockets, not
+    listening, whose local address has a listener's port (TCP) or path
+    (unix). Each descriptor is asked with getsockopt/getsockname through
+    libc, never made into a socket object (with a default timeout set, that
+    would make it non-blocking under whoever owns it). libc and the buffers
+    are set up once here, not at every count."""
     import ctypes  # noqa: PLC0415 (only when a granian worker stops)
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -2143,18 +2144,21 @@ def accepted_connections(keys):
         ok = libc.getsockopt(fd, socket.SOL_SOCKET, name, ctypes.byref(value), ctypes.byref(value_size)) == 0
         return value.value if ok else None
 
-    found = 0
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if option(fd, socket.SO_TYPE) != socket.SOCK_STREAM or option(fd, socket.SO_ACCEPTCONN) != 0:
-            continue  # not a socket, not a stream, a listener, or closed meanwhile
-        address_size.value = len(address)
-        if libc.getsockname(fd, address, ctypes.byref(address_size)) != 0:
-            continue
-        raw = address.raw[:min(address_size.value, len(address))]
-        if address_key(int.from_bytes(raw[:2], sys.byteorder), raw[2:]) in keys:
-            found += 1
-    return found
+    def count():
+        found = 0
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if option(fd, socket.SO_TYPE) != socket.SOCK_STREAM or option(fd, socket.SO_ACCEPTCONN) != 0:
+                continue  # not a socket, not a stream, a listener, or closed meanwhile
+            address_size.value = len(address)
+            if libc.getsockname(fd, address, ctypes.byref(address_size)) != 0:
+                continue
+            raw = address.raw[:min(address_size.value, len(address))]
+            if address_key(int.from_bytes(raw[:2], sys.byteorder), raw[2:]) in keys:
+                found += 1
+        return found
+
+    return count
 
 
 def address_key(family, rest):
@@ -2275,8 +2279,9 @@ def granian_serve(app, config, sockets, notifier):
 
     async def let_requests_arrive(keys):
         deadline = loop.time() + min(REQUEST_GRACE, graceful)
+        accepted = connection_counter(keys)
         await asyncio.sleep(FIRST_POLL)  # an accept() under way returns first
-        await poll_until(loop, lambda: not accepted_connections(keys), deadline, REQUEST_POLL)
+        await poll_until(loop, lambda: not accepted(), deadline, REQUEST_POLL)
         for sig in state["signals"]:
             sig.set()
 

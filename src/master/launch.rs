@@ -30,6 +30,23 @@ const SCRUBBED: &[&str] = &[
     "LISTEN_PIDFDID",
 ];
 
+/// The variables that tell a worker who it is: its slot, its generation
+/// and, with `--cpu-affinity auto`, its CPU. The same for a worker the
+/// master forks and one a zygote forks (which pins itself from
+/// `PROCMAN_CPU`, before any thread).
+pub(super) fn worker_vars(
+    slot: usize,
+    generation: u64,
+    cpu: Option<usize>,
+) -> Vec<(&'static str, String)> {
+    let mut vars = vec![
+        ("PROCMAN_WORKER_ID", slot.to_string()),
+        ("PROCMAN_GENERATION", generation.to_string()),
+    ];
+    vars.extend(cpu.map(|c| ("PROCMAN_CPU", c.to_string())));
+    vars
+}
+
 /// What workers are started from; replaced whole by a reload.
 pub(super) struct Settings {
     pub(super) cfg: Config,

@@ -251,11 +251,7 @@ impl Master {
             return;
         }
         let cpu = self.settings.slot_cpu(slot);
-        let mut extra = vec![
-            ("PROCMAN_WORKER_ID", slot.to_string()),
-            ("PROCMAN_GENERATION", self.generation.to_string()),
-        ];
-        extra.extend(cpu.map(|c| ("PROCMAN_CPU", c.to_string())));
+        let extra = super::launch::worker_vars(slot, self.generation, cpu);
         let (env, pid_vars) =
             self.settings
                 .child_env(self.notify.receiver().path(), self.urgent.path(), &extra);

@@ -193,12 +193,10 @@ impl Zygotes {
         let Some(z) = self.ready(generation).filter(|z| z.pending.is_none()) else {
             return Ok(());
         };
-        // PROCMAN_CPU: the forked worker pins itself (before any thread).
-        let mut env = vec![
-            ("PROCMAN_WORKER_ID".to_string(), slot.to_string()),
-            ("PROCMAN_GENERATION".to_string(), generation.to_string()),
-        ];
-        env.extend(cpu.map(|c| ("PROCMAN_CPU".to_string(), c.to_string())));
+        let env: Vec<(String, String)> = super::launch::worker_vars(slot, generation, cpu)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
         z.request(slot, generation, &env, now)
             .map_err(|e| (z.pid, e))
     }

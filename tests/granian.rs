@@ -710,6 +710,28 @@ fn refused_granian(name: &str, version: &str, api: Option<&str>, want: &str) {
     h.check(h.count_log(want) <= 3, "said by the workers, not in a loop");
 }
 
+/// A stopping granian worker leaves a TCP listener for a closed door made
+/// in a temporary directory; where no directory takes a socket, the door
+/// is an abstract name instead (README, *Stopping a granian worker*). Here
+/// the app points Python's temporary directory at a path that cannot
+/// exist, so every stop takes that way, and still no request may fail.
+#[test]
+fn without_a_usable_temporary_directory_stopping_workers_fail_no_request() {
+    let start = Class::Granian.start("gr-notmp", &fastapi_dir(), "notmp_app:main", RECYCLING);
+    std::fs::write(
+        start.dir().join("notmp_app.py"),
+        "import tempfile\n\
+         tempfile.tempdir = '/proc/self/no-such-directory'\n\
+         from app import main\n",
+    )
+    .expect("write notmp_app.py");
+    let path = start.dir().to_str().expect("utf8").to_string();
+    let h = start.env("PYTHONPATH", &path).json().spawn();
+    h.expect_events("ready", 2, BOOT, "two workers ready", |_| true);
+    let load = Load::start_paced(h.addr(), 4, 1_000_000, Duration::from_secs(90), PAUSE);
+    ten_recycles_fail_no_request(&h, load);
+}
+
 #[test]
 fn an_unsupported_granian_version_exits_4_naming_it_and_the_range() {
     refused_granian(

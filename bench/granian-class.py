@@ -1,7 +1,8 @@
 """-k granian side by side (issue 29 item 3, throughput and latency only):
-procman -k granian, granian alone, procman's uvicorn class and procman -k
-granian with --cpu-affinity auto, the same
-FastAPI app (examples/fastapi, GET /pid), the same worker count, on
+procman -k granian, granian alone, procman's uvicorn class, procman -k
+granian with --cpu-affinity auto and with --reuse-port (granian alone's own
+listener layout: it gives each worker its own SO_REUSEPORT listener), the
+same FastAPI app (examples/fastapi, GET /pid), the same worker count, on
 127.0.0.1, interleaved rounds; prints each sample and the medians.
 
     python3 bench/granian-class.py [--workers 2] [--rounds 3] [--seconds 5]
@@ -9,7 +10,8 @@ FastAPI app (examples/fastapi, GET /pid), the same worker count, on
 Needs wrk on PATH, target/release/procman (or --procman) and
 target/granian-venv (scripts/test makes it: the pinned granian plus the
 example's requirements; its python runs every server). Bounded: each sample
-is one `wrk -t2 -c64 -dSECONDS --latency`. With --reload: instead, the
+is one `wrk -t2 -c64 -dSECONDS --latency`; halfway through it, `ss` counts
+wrk's connections per server process (how evenly the listener spread them). With --reload: instead, the
 time from HUP until every worker of the new generation has answered, and
 the failed requests of 4 short-connection clients meanwhile, for
 procman -k granian and granian alone (granian reloads its workers on HUP).
@@ -17,6 +19,13 @@ With --lifecycle: the first answer after the start, the total PSS of the
 process tree once every worker answered, and the respawn after `kill -9` of
 one worker (until a new pid answers), for procman -k granian and granian
 alone (with --respawn-failed-workers, without which it does not respawn).
+
+With --cpu-cgroup (root, a writable cpu cgroup hierarchy): the whole run,
+every server and wrk, in a new cpu cgroup, as in a container or a systemd
+unit with CPU accounting. The scheduler's autogroups (one per session,
+kernel.sched_autogroup_enabled) decide only between tasks of the root cpu
+cgroup; procman's workers each lead a session (issue 24), so outside a
+cgroup each is an autogroup of its own while granian's workers share one.
 """
 
 import argparse
@@ -30,6 +39,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(REPO, "target", "granian-venv")
@@ -52,6 +62,8 @@ def commands(procman, workers, port):
         "procman (uvicorn)": [procman, *common],
         # Each worker and its threads on one CPU (README, *Pinning workers to CPUs*).
         "procman -k granian --cpu-affinity auto": [procman, "-k", "granian", "--cpu-affinity", "auto", *common],
+        # granian alone's listener layout: one SO_REUSEPORT listener per worker.
+        "procman -k granian --reuse-port": [procman, "-k", "granian", "--reuse-port", *common],
     }
 
 
@@ -66,14 +78,29 @@ def wait_answering(port, deadline):
     return False
 
 
+def spread(port):
+    """How wrk's connections are spread over the server's processes
+    (established connections per pid, from `ss`), fewest first."""
+    try:
+        out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return []
+    return sorted(Counter(re.findall(r"pid=(\d+)", out)).values())
+
+
 def wrk(port, seconds):
-    out = subprocess.run(["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}/pid"],
-                         capture_output=True, text=True, timeout=seconds + 30).stdout
+    """(req/s, p99 ms, errors, connection spread halfway through)."""
+    proc = subprocess.Popen(["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}/pid"],
+                            stdout=subprocess.PIPE, text=True)
+    time.sleep(seconds / 2)
+    connections = spread(port)
+    out = proc.communicate(timeout=seconds + 30)[0]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
-    return rps, float(p99.group(1)) * scale, errors.group(0) if errors else ""
+    return rps, float(p99.group(1)) * scale, errors.group(0) if errors else "", connections
 
 
 def sample(name, argv, port, seconds):
@@ -249,6 +276,30 @@ def reloads(args):
         print(f"  {name}: {median}, failed requests per reload {[f for _, f in v]}")
 
 
+def enter_cpu_cgroup():
+    """Moves this process (and so every child from now on) into a new cpu
+    cgroup; returns a function that moves it back and removes the cgroup."""
+    v1 = "/sys/fs/cgroup/cpu"
+    if os.path.isdir(v1) and os.path.exists(os.path.join(v1, "cgroup.procs")):
+        parent = v1
+    else:
+        parent = "/sys/fs/cgroup"  # v2: the cpu controller must be enabled for children
+        with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+            if "cpu" not in f.read().split():
+                raise SystemExit("--cpu-cgroup: the cpu controller is not enabled in /sys/fs/cgroup")
+    path = os.path.join(parent, f"procman-bench-{os.getpid()}")
+    os.mkdir(path)
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+
+    def leave():
+        with open(os.path.join(parent, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        os.rmdir(path)
+
+    return leave
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--procman", default=os.path.join(REPO, "target", "release", "procman"), type=os.path.abspath)
@@ -257,7 +308,18 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--reload", action="store_true", help="measure HUP reloads instead of throughput")
     ap.add_argument("--lifecycle", action="store_true", help="first answer, PSS and respawn instead")
+    ap.add_argument("--cpu-cgroup", action="store_true", help="run everything in a new cpu cgroup (root)")
     args = ap.parse_args()
+    if args.cpu_cgroup:
+        leave = enter_cpu_cgroup()
+        try:
+            return run(args)
+        finally:
+            leave()
+    return run(args)
+
+
+def run(args):
     if args.reload:
         return reloads(args)
     if args.lifecycle:
@@ -267,10 +329,13 @@ def main():
         for name in commands(args.procman, args.workers, 0):
             port = free_port()
             argv = commands(args.procman, args.workers, port)[name]
-            rps, p99, errors = sample(name, argv, port, args.seconds)
+            rps, p99, errors, connections = sample(name, argv, port, args.seconds)
             results.setdefault(name, []).append((rps, p99))
-            print(f"round {r + 1}: {name}: {rps:.0f} req/s, p99 {p99:.2f} ms {errors}", flush=True)
-    print(f"\nmedians over {args.rounds} rounds, -w {args.workers}, wrk -t2 -c64 -d{args.seconds}s /pid:")
+            spread_text = "/".join(map(str, connections))
+            print(f"round {r + 1}: {name}: {rps:.0f} req/s, p99 {p99:.2f} ms, connections {spread_text} {errors}",
+                  flush=True)
+    where = " in a cpu cgroup" if args.cpu_cgroup else ""
+    print(f"\nmedians over {args.rounds} rounds, -w {args.workers}, wrk -t2 -c64 -d{args.seconds}s /pid{where}:")
     base = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in results.items()}
     ours = base["procman -k granian"]
     for name, (rps, p99) in base.items():

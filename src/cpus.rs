@@ -97,9 +97,49 @@ pub fn for_slot(allowed: &[usize], slot: usize) -> Option<usize> {
     (!allowed.is_empty()).then(|| allowed[slot % allowed.len()])
 }
 
+/// Where `--cpu-affinity auto` puts worker `slot` now. The slot's CPU
+/// comes from the mask procman started with (`start`), so a slot keeps its
+/// CPU across respawns; one that has left procman's mask since (`now`: a
+/// cpuset shrank) would refuse the worker: `Err(cpu)`, and the worker is
+/// not pinned. An unreadable mask (`now` empty) changes nothing.
+pub fn for_slot_now(start: &[usize], now: &[usize], slot: usize) -> Result<Option<usize>, usize> {
+    match for_slot(start, slot) {
+        Some(cpu) if !now.is_empty() && !now.contains(&cpu) => Err(cpu),
+        cpu => Ok(cpu),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slots_cpu_taken_away_since_start_is_not_pinned_to() {
+        // (mask at start, mask now, slot, where the slot's worker goes)
+        type Row = (
+            &'static [usize],
+            &'static [usize],
+            usize,
+            Result<Option<usize>, usize>,
+        );
+        let table: &[Row] = &[
+            (&[0, 1], &[0, 1], 1, Ok(Some(1))),
+            (&[0, 1], &[0], 0, Ok(Some(0))),
+            (&[0, 1], &[0], 1, Err(1)),
+            (&[0, 1], &[0], 3, Err(1)),
+            (&[0, 1], &[], 1, Ok(Some(1))),
+            (&[], &[0, 1], 1, Ok(None)),
+            (&[2, 5], &[5, 7], 0, Err(2)),
+            (&[2, 5], &[5, 7], 1, Ok(Some(5))),
+        ];
+        for &(start, now, slot, want) in table {
+            assert_eq!(
+                for_slot_now(start, now, slot),
+                want,
+                "start {start:?}, now {now:?}, slot {slot}"
+            );
+        }
+    }
 
     #[test]
     fn slots_take_the_allowed_cpus_in_turn() {

@@ -225,3 +225,119 @@ fn a_reload_turning_cpu_affinity_on_pins_the_next_generation() {
     h.expect_event("reload-done", BOOT, "reloaded", |e| e["generation"] == 2);
     expect_pinned(&h, &ready_slots(&h, 2, 2), 1);
 }
+
+/// A cpuset cgroup for one test, beside this process's own, holding
+/// `cpus` (v1: the cpuset hierarchy; v2: where the cpuset controller is
+/// enabled), or None where none can be made here. The caller removes it.
+fn cpuset_cgroup(name: &str, cpus: &[usize]) -> Option<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let base = own.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controllers.split(',').any(|c| c == "cpuset") {
+            Some(PathBuf::from(format!("/sys/fs/cgroup/cpuset{path}")))
+        } else if controllers.is_empty() {
+            let base = PathBuf::from(format!("/sys/fs/cgroup{path}"));
+            let enabled = std::fs::read_to_string(base.join("cgroup.subtree_control")).ok()?;
+            enabled
+                .split_whitespace()
+                .any(|c| c == "cpuset")
+                .then_some(base)
+        } else {
+            None
+        }
+    })?;
+    let dir = base.join(format!("procman-test-{}-{name}", std::process::id()));
+    std::fs::create_dir(&dir).ok()?;
+    let list = cpus
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    // v1 wants both set before any task joins; v2 inherits the memory nodes.
+    let mems = std::fs::read_to_string(base.join("cpuset.mems"))
+        .or_else(|_| std::fs::read_to_string(base.join("cpuset.mems.effective")))
+        .unwrap_or_default();
+    let _ = std::fs::write(dir.join("cpuset.mems"), mems.trim());
+    if std::fs::write(dir.join("cpuset.cpus"), &list).is_err() {
+        let _ = std::fs::remove_dir(&dir);
+        return None;
+    }
+    Some(dir)
+}
+
+/// A CPU taken away from procman after it started (its cpuset shrank):
+/// the worker started next for that CPU's slot is not pinned to a CPU it
+/// may not use; a warning names the slot and the CPU, and the worker runs
+/// and gets ready on the CPUs left. A command worker the master forks.
+#[test]
+fn a_cpu_taken_away_leaves_the_slots_next_worker_unpinned_with_a_warning() {
+    shrink_then_respawn_slot_1(
+        Start::new(
+            "affinity-shrink",
+            &["-w", "2", "--ready", "notify", "--cpu-affinity", "auto"],
+        )
+        .json()
+        .args(["--"])
+        .args(notify_worker()),
+    );
+}
+
+/// The same for a uvicorn worker a zygote forks.
+#[test]
+fn a_cpu_taken_away_leaves_the_slots_next_zygote_forked_worker_unpinned_with_a_warning() {
+    shrink_then_respawn_slot_1(
+        uvicorn(
+            "affinity-shrink-zygote",
+            &fastapi_dir(),
+            "app:main",
+            &["-w", "2", "--cpu-affinity", "auto"],
+        )
+        .json(),
+    );
+}
+
+/// Runs `start` (two workers, `--cpu-affinity auto`) in a cpuset of two
+/// CPUs, takes the second away, kills slot 1's worker and checks its
+/// replacement and the warning.
+fn shrink_then_respawn_slot_1(start: Start) {
+    let cpus = allowed();
+    if cpus.len() < 2 {
+        eprintln!("SKIP: needs two CPUs, has {cpus:?}");
+        return;
+    }
+    let Some(cg) = cpuset_cgroup("shrink", &cpus[..2]) else {
+        eprintln!("SKIP: cannot create a cpuset cgroup here");
+        return;
+    };
+    // procman moves itself into the cgroup, then runs.
+    let h = start
+        .env("PROCMAN_CG", cg.to_str().expect("utf8"))
+        .spawn_with(
+            "sh",
+            &[
+                "-c",
+                "echo $$ > \"$PROCMAN_CG/cgroup.procs\" && exec \"$0\" \"$@\"",
+                PROCMAN,
+            ],
+        );
+    let first = ready_slots(&h, 0, 2);
+    let (kept, gone) = (cpus[0], cpus[1]);
+    std::fs::write(cg.join("cpuset.cpus"), kept.to_string()).expect("shrink the cpuset");
+    let victim = first[&1];
+    let _ = kill(Pid::from_raw(victim), Signal::SIGKILL);
+    let again = ready_slots(&h, 2, 1);
+    let mask = again.get(&1).map(|&pid| thread_masks(pid));
+    let warned = h.messages().iter().any(|m| {
+        m.contains("slot 1") && m.contains(&format!("CPU {gone}")) && m.contains("unpinned")
+    });
+    let log = h.log_text();
+    drop(h);
+    let _ = wait_for(Duration::from_secs(5), || std::fs::remove_dir(&cg).ok());
+    assert_eq!(
+        mask,
+        Some(vec![kept.to_string()]),
+        "slot 1's new worker runs on the CPU left\n{log}"
+    );
+    assert!(warned, "a warning names slot 1 and CPU {gone}\n{log}");
+}

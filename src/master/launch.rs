@@ -63,7 +63,7 @@ pub(super) struct Settings {
     /// are ready: a `--ready exec` worker's boot has no known end.
     pub(super) max_booting: usize,
     /// `--cpu-affinity auto`: the CPUs procman may use, which the slots
-    /// take in turn (read once here: empty when off).
+    /// take in turn (read here, so a slot keeps its CPU: empty when off).
     cpus: Vec<usize>,
 }
 
@@ -91,9 +91,27 @@ impl Settings {
         }
     }
 
-    /// The CPU worker `slot` runs on (`--cpu-affinity auto`), if any.
+    /// The CPU worker `slot` runs on (`--cpu-affinity auto`), if any. The
+    /// mask is read again at each start: a CPU taken away since (a cpuset
+    /// that shrank) would refuse the worker, which then runs unpinned on
+    /// the CPUs left, and a warning says so.
     pub(super) fn slot_cpu(&self, slot: usize) -> Option<usize> {
-        crate::cpus::for_slot(&self.cpus, slot)
+        if self.cpus.is_empty() {
+            return None;
+        }
+        let now = crate::cpus::allowed();
+        match crate::cpus::for_slot_now(&self.cpus, &now, slot) {
+            Ok(cpu) => cpu,
+            Err(cpu) => {
+                let left: Vec<String> = now.iter().map(|c| c.to_string()).collect();
+                tracing::warn!(
+                    "cannot pin worker slot {slot} to CPU {cpu}: procman may no longer run there \
+                     (its CPUs are now {}); the worker runs unpinned on those",
+                    left.join(",")
+                );
+                None
+            }
+        }
     }
 
     /// The environment of a child (worker or zygote): procman's own (less

@@ -477,22 +477,12 @@ fn limited_cgroup(name: &str, limit: u64) -> Option<std::path::PathBuf> {
 /// The same, named in any bytes.
 fn limited_cgroup_named(name: &[u8], limit: u64) -> Option<std::path::PathBuf> {
     use std::os::unix::ffi::OsStrExt;
-    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let (base, limit_file) = own.lines().find_map(|l| {
-        let mut parts = l.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        if controllers.split(',').any(|c| c == "memory") {
-            Some((
-                format!("/sys/fs/cgroup/memory{path}"),
-                "memory.limit_in_bytes",
-            ))
-        } else if controllers.is_empty() && Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
-        {
-            Some((format!("/sys/fs/cgroup{path}"), "memory.max"))
-        } else {
-            None
-        }
-    })?;
+    let (base, v1) = own_cgroup_dir("memory")?;
+    let limit_file = if v1 {
+        "memory.limit_in_bytes"
+    } else {
+        "memory.max"
+    };
     let mut leaf = format!("procman-test-{}-", std::process::id()).into_bytes();
     leaf.extend_from_slice(name);
     let dir = Path::new(&base).join(std::ffi::OsStr::from_bytes(&leaf));

@@ -230,23 +230,7 @@ fn a_reload_turning_cpu_affinity_on_pins_the_next_generation() {
 /// `cpus` (v1: the cpuset hierarchy; v2: where the cpuset controller is
 /// enabled), or None where none can be made here. The caller removes it.
 fn cpuset_cgroup(name: &str, cpus: &[usize]) -> Option<PathBuf> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let base = own.lines().find_map(|l| {
-        let mut parts = l.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        if controllers.split(',').any(|c| c == "cpuset") {
-            Some(PathBuf::from(format!("/sys/fs/cgroup/cpuset{path}")))
-        } else if controllers.is_empty() {
-            let base = PathBuf::from(format!("/sys/fs/cgroup{path}"));
-            let enabled = std::fs::read_to_string(base.join("cgroup.subtree_control")).ok()?;
-            enabled
-                .split_whitespace()
-                .any(|c| c == "cpuset")
-                .then_some(base)
-        } else {
-            None
-        }
-    })?;
+    let (base, _) = own_cgroup_dir("cpuset")?;
     let dir = base.join(format!("procman-test-{}-{name}", std::process::id()));
     std::fs::create_dir(&dir).ok()?;
     let list = cpus

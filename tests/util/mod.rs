@@ -145,6 +145,33 @@ pub fn temp_dir(name: &str) -> TempDir {
     TempDir(dir)
 }
 
+/// The directory of this process's own cgroup for `controller`, and
+/// whether it is cgroup v1's: v1, the controller's own hierarchy; v2, the
+/// unified one where `controller` is enabled for children. None where
+/// neither holds (a test that needs a cgroup then says SKIP).
+pub fn own_cgroup_dir(controller: &str) -> Option<(PathBuf, bool)> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    own.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controllers.split(',').any(|c| c == controller) {
+            Some((
+                PathBuf::from(format!("/sys/fs/cgroup/{controller}{path}")),
+                true,
+            ))
+        } else if controllers.is_empty() {
+            let dir = PathBuf::from(format!("/sys/fs/cgroup{path}"));
+            let enabled = std::fs::read_to_string(dir.join("cgroup.subtree_control")).ok()?;
+            enabled
+                .split_whitespace()
+                .any(|c| c == controller)
+                .then_some((dir, false))
+        } else {
+            None
+        }
+    })
+}
+
 /// Polls `cond` until it returns Some or the deadline passes.
 pub fn wait_for<T>(timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;

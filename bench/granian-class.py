@@ -11,8 +11,9 @@ Needs wrk on PATH, target/release/procman (or --procman) and
 target/granian-venv (scripts/test makes it: the pinned granian plus the
 example's requirements; its python runs every server). Bounded: each sample
 is one `wrk -t2 -c64 -dSECONDS --latency`; halfway through it, `ss` counts
-wrk's connections per server process (how evenly the listener spread them). With --reload: instead, the
-time from HUP until every worker of the new generation has answered, and
+wrk's connections per server process (how evenly the listener spread
+them). With --reload: instead, the time from HUP until every worker of the
+new generation has answered, and
 the failed requests of 4 short-connection clients meanwhile, for
 procman -k granian and granian alone (granian reloads its workers on HUP).
 With --lifecycle: the first answer after the start, the total PSS of the

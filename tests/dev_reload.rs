@@ -6,7 +6,7 @@
 
 mod util;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use util::*;
@@ -42,9 +42,10 @@ fn version(v: &str) -> String {
     app_source(&format!("VERSION = {v:?}"))
 }
 
-/// A fresh app directory with `app.py` at version `v1`.
-fn app_dir(name: &str) -> PathBuf {
-    let dir = temp_dir(name).keep();
+/// A fresh app directory with `app.py` at version `v1`, removed when the
+/// test drops it.
+fn app_dir(name: &str) -> TempDir {
+    let dir = temp_dir(name);
     std::fs::write(dir.join("app.py"), version("v1")).expect("app.py");
     dir
 }
@@ -331,7 +332,7 @@ fn an_include_pattern_and_a_reload_dir_are_honoured() {
     let dir = app_dir("dev-reload-include");
     let templates = dir.join("templates");
     std::fs::create_dir(&templates).expect("mkdir");
-    let other = temp_dir("dev-reload-include-other").keep();
+    let other = temp_dir("dev-reload-include-other");
     // Only `templates` is watched (a --reload-dir replaces the default),
     // for *.html as well as *.py.
     let h = start(
@@ -399,7 +400,7 @@ fn an_idle_watching_master_wakes_no_more_than_one_without_reload() {
     // arbiter.rs's idle test: a wake-up the kernel or a stray signal causes
     // can land in either window (both are ~0 when all is well; a timer of
     // the watcher's own would add one per period, ~20 at 100 ms).
-    let dir = temp_dir("dev-reload-idle").keep();
+    let dir = temp_dir("dev-reload-idle");
     let common = ["-t", "0", "--chdir", dir.to_str().expect("utf8"), "-w", "2"];
     let mut watching = Start::new("dev-reload-idle", &common)
         .args(["--reload", "--reload-include", "*.txt", "--", &hello()])
@@ -489,7 +490,7 @@ fn out_of_inotify_watches_is_one_line_and_procman_keeps_serving() {
     // A user namespace of its own, whose inotify watch limit (the
     // per-namespace form of fs.inotify.max_user_watches) is 3: the tree has
     // 7 directories.
-    let dir = temp_dir("dev-reload-enospc").keep();
+    let dir = temp_dir("dev-reload-enospc");
     std::fs::create_dir_all(dir.join("a/b/c/d/e/f")).expect("mkdir -p");
     let script = "echo 3 > /proc/sys/user/max_inotify_watches && exec \"$@\"";
     let start = Start::new(

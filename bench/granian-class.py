@@ -22,10 +22,12 @@ one worker (until a new pid answers), for procman -k granian and granian
 alone (with --respawn-failed-workers, without which it does not respawn).
 
 With --cpu-cgroup (root, a writable cpu cgroup hierarchy): the whole run,
-every server and wrk, in a new cpu cgroup, as in a container or a systemd
-unit with CPU accounting. The scheduler's autogroups (one per session,
-kernel.sched_autogroup_enabled) decide only between tasks of the root cpu
-cgroup; procman's workers each lead a session (issue 24), so outside a
+every server and wrk, in a new cpu cgroup. With --cgroup-each instead
+(throughput only): each server in a new cpu cgroup of its own and wrk
+outside, as each would be in a container or in a systemd unit with
+`CPUWeight=` (examples/systemd/procman.service). The scheduler's
+autogroups (one per session, kernel.sched_autogroup_enabled) decide only
+between tasks of the root cpu cgroup; procman's workers each lead a session (issue 24), so outside a
 cgroup each is an autogroup of its own while granian's workers share one.
 """
 
@@ -104,9 +106,28 @@ def wrk(port, seconds):
     return rps, float(p99.group(1)) * scale, errors.group(0) if errors else "", connections
 
 
+# Set by --cgroup-each: the cpu hierarchy in which each server gets a
+# cgroup of its own.
+CGROUP_EACH = None
+
+
 def sample(name, argv, port, seconds):
+    group = None
+    if CGROUP_EACH:
+        group = os.path.join(CGROUP_EACH, f"procman-bench-{os.getpid()}-{port}")
+        os.mkdir(group)
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(argv, cwd=APP_DIR, stdout=log, stderr=log, start_new_session=True)
+        def enter():  # in the child, before exec: the server and all it forks
+            if group:
+                with open(os.path.join(group, "cgroup.procs"), "w") as f:
+                    f.write(str(os.getpid()))
+        try:
+            proc = subprocess.Popen(argv, cwd=APP_DIR, stdout=log, stderr=log, start_new_session=True,
+                                    preexec_fn=enter)
+        except BaseException:
+            if group:
+                os.rmdir(group)
+            raise
         try:
             if not wait_answering(port, time.monotonic() + 60):
                 raise RuntimeError(f"{name} did not answer within 60 s")
@@ -119,6 +140,22 @@ def sample(name, argv, port, seconds):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            if group:
+                remove_cgroup(group)
+
+
+def remove_cgroup(group):
+    """rmdir once the server's last process has left (its workers may
+    outlive the master by a moment)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.rmdir(group)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def get_pid(port):
@@ -277,17 +314,22 @@ def reloads(args):
         print(f"  {name}: {median}, failed requests per reload {[f for _, f in v]}")
 
 
+def cpu_hierarchy(option):
+    """The root of the cpu cgroup hierarchy, where new cgroups can be made."""
+    v1 = "/sys/fs/cgroup/cpu"
+    if os.path.isdir(v1) and os.path.exists(os.path.join(v1, "cgroup.procs")):
+        return v1
+    parent = "/sys/fs/cgroup"  # v2: the cpu controller must be enabled for children
+    with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+        if "cpu" not in f.read().split():
+            raise SystemExit(f"{option}: the cpu controller is not enabled in /sys/fs/cgroup")
+    return parent
+
+
 def enter_cpu_cgroup():
     """Moves this process (and so every child from now on) into a new cpu
     cgroup; returns a function that moves it back and removes the cgroup."""
-    v1 = "/sys/fs/cgroup/cpu"
-    if os.path.isdir(v1) and os.path.exists(os.path.join(v1, "cgroup.procs")):
-        parent = v1
-    else:
-        parent = "/sys/fs/cgroup"  # v2: the cpu controller must be enabled for children
-        with open(os.path.join(parent, "cgroup.subtree_control")) as f:
-            if "cpu" not in f.read().split():
-                raise SystemExit("--cpu-cgroup: the cpu controller is not enabled in /sys/fs/cgroup")
+    parent = cpu_hierarchy("--cpu-cgroup")
     path = os.path.join(parent, f"procman-bench-{os.getpid()}")
     os.mkdir(path)
     with open(os.path.join(path, "cgroup.procs"), "w") as f:
@@ -310,7 +352,14 @@ def main():
     ap.add_argument("--reload", action="store_true", help="measure HUP reloads instead of throughput")
     ap.add_argument("--lifecycle", action="store_true", help="first answer, PSS and respawn instead")
     ap.add_argument("--cpu-cgroup", action="store_true", help="run everything in a new cpu cgroup (root)")
+    ap.add_argument("--cgroup-each", action="store_true",
+                    help="run each server in a new cpu cgroup of its own, wrk outside (root)")
     args = ap.parse_args()
+    if args.cgroup_each:
+        if args.cpu_cgroup or args.reload or args.lifecycle:
+            raise SystemExit("--cgroup-each: throughput only, and not with --cpu-cgroup")
+        global CGROUP_EACH
+        CGROUP_EACH = cpu_hierarchy("--cgroup-each")
     if args.cpu_cgroup:
         leave = enter_cpu_cgroup()
         try:
@@ -335,7 +384,7 @@ def run(args):
             spread_text = "/".join(map(str, connections))
             print(f"round {r + 1}: {name}: {rps:.0f} req/s, p99 {p99:.2f} ms, connections {spread_text} {errors}",
                   flush=True)
-    where = " in a cpu cgroup" if args.cpu_cgroup else ""
+    where = " in a cpu cgroup" if args.cpu_cgroup else " each server in a cpu cgroup of its own" if args.cgroup_each else ""
     print(f"\nmedians over {args.rounds} rounds, -w {args.workers}, wrk -t2 -c64 -d{args.seconds}s /pid{where}:")
     base = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in results.items()}
     ours = base["procman -k granian"]

@@ -361,6 +361,19 @@ fn the_shipped_unit_reloads_through_procman_reload_and_does_not_restart_a_broken
     assert!(ok && stderr.trim().is_empty(), "{stderr}");
 }
 
+#[test]
+fn the_shipped_unit_asks_for_a_cpu_cgroup_of_its_own() {
+    // Any CPUWeight= makes systemd turn the cpu controller on for the unit
+    // (systemd.resource-control(5)); without one, a unit may stay in the
+    // root cpu cgroup, where the kernel's autogroups make each worker, a
+    // session leader, a scheduling group of its own (README, *Which worker
+    // class*). 100 is the default weight: the unit gets no more CPU than
+    // any other. The effect itself cannot be shown here: in the
+    // real-systemd container the host's cpu hierarchy is read-only, and
+    // the workers stay in its root cpu cgroup with or without the line.
+    assert_eq!(unit_setting("CPUWeight").as_deref(), Some("100"));
+}
+
 /// What `systemd-analyze security` scored the example unit on the last
 /// audit (README, systemd section): a change that weakens the hardening
 /// fails here; one that strengthens it should lower this number.

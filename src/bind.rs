@@ -11,6 +11,12 @@
 //!   (inherited and `fd://` sockets are never unlinked), and only while its
 //!   path still names the inode procman bound (someone may have moved it
 //!   away and started another server there);
+//! * with `--reuse-port`, each slot's own listening socket lives in its
+//!   listener as long as the slot is wanted, not as long as a worker: a
+//!   worker that stops (killed, recycled, replaced by a reload) takes only
+//!   its copy with it, and the connections queued on the socket wait for
+//!   the slot's next worker instead of being reset (nginx's master keeps
+//!   its `reuseport` sockets the same way);
 //! * an existing socket file is replaced only when connecting to it is
 //!   refused (`ECONNREFUSED`: nobody listens); any other answer, such as
 //!   `EACCES` from a socket procman may not even connect to, means "in use
@@ -28,8 +34,10 @@ pub use activation::{
 };
 pub use spec::{BindSpec, DEFAULT_PORT};
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
@@ -79,8 +87,13 @@ pub struct Listener {
     /// Passed to procman by systemd (socket activation), not bound here.
     pub inherited: bool,
     /// `--reuse-port`: this socket only holds the address (bound, not
-    /// listening); each worker gets its own listening SO_REUSEPORT socket.
+    /// listening); each slot gets its own listening SO_REUSEPORT socket.
     pub reuse_port: bool,
+    /// `--reuse-port`: each slot's listening socket, made for the slot's
+    /// first worker and kept for the next ones ([`Listener::slot_socket`]).
+    /// A cell: listeners are shared (`Rc`) between the settings a reload
+    /// may go back to. An upgrade passes them on to the new image.
+    pub(crate) slots: RefCell<BTreeMap<usize, OwnedFd>>,
 }
 
 impl Listener {
@@ -143,6 +156,7 @@ impl Listener {
             unlink_at_exit: unlink,
             inherited: false,
             reuse_port: reuse_port && matches!(spec, BindSpec::Tcp { .. }),
+            slots: RefCell::default(),
         })
     }
 
@@ -158,18 +172,44 @@ impl Listener {
             unlink_at_exit: None,
             inherited: true,
             reuse_port: false,
+            slots: RefCell::default(),
         }
     }
 
-    /// A new listening SO_REUSEPORT socket on this listener's address, for
-    /// one worker (`--reuse-port`). The kernel spreads new connections
-    /// over every listening socket of the group.
-    pub fn worker_socket(&self, backlog: i32) -> std::io::Result<OwnedFd> {
+    /// Slot `slot`'s listening SO_REUSEPORT socket on this listener's
+    /// address (`--reuse-port`), made on first use and kept until
+    /// [`Listener::forget_slots`]. The kernel spreads new connections over
+    /// every listening socket of the group; the fd stays the master's.
+    pub fn slot_socket(&self, slot: usize, backlog: i32) -> std::io::Result<RawFd> {
+        if let Some(fd) = self.slots.borrow().get(&slot) {
+            return Ok(fd.as_raw_fd());
+        }
         let addr = socket2::SockRef::from(&self.fd)
             .local_addr()?
             .as_socket()
             .ok_or_else(|| std::io::Error::other("not a TCP socket"))?;
-        tcp_socket(addr, backlog, true, true).map(OwnedFd::from)
+        let fd = OwnedFd::from(tcp_socket(addr, backlog, true, true)?);
+        let raw = fd.as_raw_fd();
+        self.slots.borrow_mut().insert(slot, fd);
+        Ok(raw)
+    }
+
+    /// The slot sockets the master holds, (slot, fd), for an upgrade's
+    /// state.
+    pub fn slot_fds(&self) -> Vec<(usize, RawFd)> {
+        self.slots
+            .borrow()
+            .iter()
+            .map(|(slot, fd)| (*slot, fd.as_raw_fd()))
+            .collect()
+    }
+
+    /// Closes the master's copy of the slot sockets `which` selects. The
+    /// connections queued on one are reset once no worker holds it either
+    /// (unless `net.ipv4.tcp_migrate_req` moves them to the group's other
+    /// sockets).
+    pub fn forget_slots(&self, which: impl Fn(usize) -> bool) {
+        self.slots.borrow_mut().retain(|&slot, _| !which(slot));
     }
 
     /// Removes the unix socket file procman created, if any, and if the

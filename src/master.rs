@@ -472,6 +472,11 @@ impl Master {
                 }
             }
         }
+        if self.settings.listeners.iter().any(|l| l.reuse_port) {
+            let wanted = policy::wanted_slots(&self.table, &self.goal());
+            self.settings
+                .forget_slot_sockets(|slot| !wanted.contains(&slot));
+        }
         self.check_milestones();
     }
 

@@ -278,6 +278,28 @@ pub fn reconcile(table: &Table, goal: &Goal, backoff: &BTreeMap<usize, Backoff>)
     decisions
 }
 
+/// The slots that have, or will have once the goal is met, a fresh
+/// worker: those of the fresh workers and the lowest free ones
+/// [`reconcile`] fills. With `--reuse-port` the master keeps the listening
+/// socket of these slots only: a slot that TTOU or a smaller reload left
+/// empty gets no worker to accept from its socket.
+pub fn wanted_slots(table: &Table, goal: &Goal) -> BTreeSet<usize> {
+    let mut wanted: BTreeSet<usize> = table
+        .iter()
+        .filter(|w| is_fresh(w, goal))
+        .map(|w| w.slot)
+        .collect();
+    let mut missing = goal.target.saturating_sub(wanted.len());
+    let mut slot = 0;
+    while missing > 0 {
+        if wanted.insert(slot) {
+            missing -= 1;
+        }
+        slot += 1;
+    }
+    wanted
+}
+
 /// Heartbeats a worker is assumed to send per `--timeout`: the uvicorn
 /// bootstrap sends 3 (a lost one still leaves one in time); systemd's
 /// advice for `WATCHDOG_USEC` is every half, i.e. 2. A worker that sends

@@ -328,14 +328,14 @@ fn bind_all(cfg: &Config) -> Result<Vec<Listener>> {
             std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").unwrap_or_default();
         if migrate.trim() != "1" {
             warn!(
-                "--reuse-port: net.ipv4.tcp_migrate_req is off, so connections queued on a worker's own socket are lost when that worker stops (sysctl -w net.ipv4.tcp_migrate_req=1)"
+                "--reuse-port: net.ipv4.tcp_migrate_req is off, so connections queued on a slot's socket are lost when the slot goes (fewer workers, a reload to other addresses, a slot backing off after crashes) (sysctl -w net.ipv4.tcp_migrate_req=1)"
             );
         }
     }
     for l in &listeners {
         let how = match (l.inherited, l.reuse_port) {
             (true, _) => "inherited",
-            (false, true) => "bound, one SO_REUSEPORT listener per worker",
+            (false, true) => "bound, one SO_REUSEPORT listener per worker slot",
             (false, false) => "bound",
         };
         info!(

@@ -124,6 +124,10 @@ pub struct ListenerRecord {
     pub unlink: Option<(PathBuf, u64, u64)>,
     pub inherited: bool,
     pub reuse_port: bool,
+    /// `--reuse-port`: each slot's listening socket (slot, fd), kept by
+    /// the master for the slot's next worker.
+    #[serde(default)]
+    pub slots: Vec<(usize, RawFd)>,
 }
 
 /// A notify socket: the socket, its private directory (open) and paths.
@@ -183,6 +187,11 @@ impl State {
     /// Every descriptor the state names (to keep open across exec).
     pub fn fds(&self) -> Vec<RawFd> {
         let mut out: Vec<RawFd> = self.listeners.iter().map(|l| l.fd).collect();
+        out.extend(
+            self.listeners
+                .iter()
+                .flat_map(|l| l.slots.iter().map(|s| s.1)),
+        );
         for s in [&self.notify, &self.urgent] {
             out.extend([s.fd, s.dir_fd]);
         }

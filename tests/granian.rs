@@ -96,6 +96,7 @@ for_each_class!(
     usr1_leaves_ready_workers_serving,
     zygotes_fork_workers_and_start_no_thread,
     reuse_port_workers_each_serve_on_the_one_port,
+    reuse_port_workers_stopping_under_a_stream_of_new_connections_fail_no_request,
     socket_activation_serves_on_the_inherited_socket,
     an_ipv6_loopback_bind_serves,
 );
@@ -357,6 +358,20 @@ fn max_requests_recycles_a_worker_without_failed_requests(class: Class) {
 fn workers_stopping_under_a_stream_of_new_connections_fail_no_request(class: Class) {
     let mut h = class
         .start("gr-stopstream", &fastapi_dir(), "app:main", RECYCLING)
+        .json()
+        .spawn();
+    h.wait_workers(2, BOOT);
+    let load = Load::start_paced(h.addr(), 4, 1_000_000, Duration::from_secs(90), PAUSE);
+    ten_recycles_fail_no_request(&h, load);
+}
+
+/// The same with `--reuse-port`: a stopping worker's slot socket stays
+/// with the master, and the connections queued on it are accepted by the
+/// slot's next worker (whatever `net.ipv4.tcp_migrate_req` says).
+fn reuse_port_workers_stopping_under_a_stream_of_new_connections_fail_no_request(class: Class) {
+    let args: Vec<&str> = RECYCLING.iter().copied().chain(["--reuse-port"]).collect();
+    let mut h = class
+        .start("gr-stopreuse", &fastapi_dir(), "app:main", &args)
         .json()
         .spawn();
     h.wait_workers(2, BOOT);

@@ -239,3 +239,159 @@ fn reuse_port_gives_each_worker_its_own_listener_and_spreads_connections() {
         "logged",
     );
 }
+
+#[test]
+fn reuse_port_connections_queued_for_a_killed_worker_are_answered_by_its_replacement() {
+    // The master keeps each slot's SO_REUSEPORT socket (as nginx's master
+    // keeps its `reuseport` sockets across worker restarts): connections
+    // the kernel queued on it while its worker could not accept wait for
+    // the slot's next worker instead of being reset with the worker's
+    // copy. Independent of net.ipv4.tcp_migrate_req: with one worker
+    // there is no other listener to migrate them to.
+    let mut h = Start::new(
+        "reuseport-queue",
+        &["-w", "1", "--reuse-port", "--", &hello()],
+    )
+    .json()
+    .spawn();
+    let first = h.wait_workers(1, BOOT);
+    let victim = *first.iter().next().expect("a worker");
+    let stopped = nix::unistd::Pid::from_raw(victim);
+    nix::sys::signal::kill(stopped, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    // connect() returns once the kernel queued the connection on the
+    // listening socket; the worker, stopped, accepts none of them.
+    let addr = h.addr();
+    let mut queued: Vec<std::net::TcpStream> = (0..4)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("connect #{i}: {e}"));
+            s.set_read_timeout(Some(BOOT)).expect("timeout");
+            std::io::Write::write_all(
+                &mut s,
+                b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            )
+            .expect("send the request");
+            s
+        })
+        .collect();
+    nix::sys::signal::kill(stopped, nix::sys::signal::Signal::SIGKILL).expect("kill -9");
+    let replacement = wait_for(BOOT, || {
+        let now = h.wait_workers(1, BOOT);
+        (!now.contains(&victim)).then_some(now)
+    })
+    .expect("a replacement worker");
+    for (i, s) in queued.iter_mut().enumerate() {
+        let mut reply = String::new();
+        let read = std::io::Read::read_to_string(s, &mut reply);
+        assert!(
+            read.is_ok() && reply.starts_with("HTTP/1.1 200"),
+            "queued connection #{i}: {read:?} {reply:?} (replacement {replacement:?})"
+        );
+    }
+}
+
+/// How many listening TCP sockets on 127.0.0.1:`port` process `pid` holds
+/// (its slot sockets, for a `--reuse-port` master: the socket that only
+/// reserves the address does not listen).
+fn listening_on(pid: i32, port: u16) -> usize {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let local = format!("0100007F:{port:04X}");
+    let inodes: BTreeSet<String> = tcp
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1) == Some(&local.as_str()) && f.get(3) == Some(&"0A"))
+                .then(|| f.get(9).map(|s| format!("socket:[{s}]")))
+                .flatten()
+        })
+        .collect();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|l| inodes.contains(&l.to_string_lossy().to_string()))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn reuse_port_slot_sockets_go_with_their_slot_on_ttou_and_come_back_on_ttin() {
+    let mut h = Start::new(
+        "reuseport-scale",
+        &["-w", "2", "--reuse-port", "--", &hello()],
+    )
+    .json()
+    .spawn();
+    h.wait_workers(2, BOOT);
+    let (master, port) = (h.pid, h.port());
+    assert_eq!(listening_on(master, port), 2, "one socket per slot");
+    h.signal(nix::sys::signal::Signal::SIGTTOU);
+    let one = wait_for(BOOT, || (h.children().len() == 1).then_some(()));
+    h.check(one.is_some(), "TTOU: 1 worker");
+    // Slot 1 is no longer wanted: its socket is not kept for a worker
+    // that will not come (connections would wait in it for nothing).
+    assert_eq!(listening_on(master, port), 1, "slot 1's socket is closed");
+    h.signal(nix::sys::signal::Signal::SIGTTIN);
+    h.wait_workers(2, BOOT);
+    assert_eq!(listening_on(master, port), 2, "slot 1 has a socket again");
+}
+
+#[test]
+fn reuse_port_a_slot_waiting_out_its_backoff_gives_up_its_socket() {
+    // Slot 1's worker dies at once, every time (PROCMAN_WORKER_ID is its
+    // slot): it respawns with a growing backoff, during which the
+    // connections the kernel would queue on its socket have no worker to
+    // wait for, so the master closes its copy; slot 0 keeps serving.
+    let script = format!("[ \"$PROCMAN_WORKER_ID\" = 1 ] && exit 1; exec {}", hello());
+    let mut h = Start::new(
+        "reuseport-backoff",
+        &["-w", "2", "--reuse-port", "--", "sh", "-c", &script],
+    )
+    .json()
+    .spawn();
+    h.wait_workers(1, BOOT);
+    let (master, port) = (h.pid, h.port());
+    let gave_up = wait_for(BOOT, || {
+        (h.count_events("boot-failed", |e| e["slot"] == 1) >= 2 && listening_on(master, port) == 1)
+            .then_some(())
+    });
+    h.check(
+        gave_up.is_some(),
+        "slot 1 in backoff holds no socket (slot 0 keeps its own)",
+    );
+    let (status, _) = http_get(h.addr(), "/").expect("slot 0 answers");
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn reuse_port_a_stop_closes_the_masters_slot_sockets_at_once() {
+    // No worker will accept from a slot socket once procman stops: the
+    // master closes its copies at once, so that new connections are not
+    // queued on them while the workers drain (a draining worker closes
+    // its own copy; the last close refuses them).
+    let start = Start::new("reuseport-stop", &["-w", "1", "--reuse-port"]).json();
+    let (start, ready) = slow_stopping_worker(start);
+    let mut h = start.spawn();
+    h.expect_event("all-ready", BOOT, "ready", |_| true);
+    h.check(
+        wait_for(BOOT, || ready.exists().then_some(())).is_some(),
+        "the helper is ready to be stopped",
+    );
+    let (master, port) = (h.pid, h.port());
+    let worker = *h.children().first().expect("the worker");
+    assert_eq!(listening_on(master, port), 1, "slot 0's socket");
+    h.signal(nix::sys::signal::Signal::SIGTERM);
+    // The worker's stop takes 2 s (its helper asks for more time).
+    let closed = wait_for(BOOT, || {
+        (alive(worker) && alive(master) && listening_on(master, port) == 0).then_some(())
+    });
+    h.check(
+        closed.is_some(),
+        "the master closed its slot socket while the worker drained",
+    );
+    assert_eq!(h.exit_code(BOOT), 0);
+}

@@ -626,3 +626,35 @@ fn an_exec_that_fails_after_a_passed_pre_flight_leaves_the_master_serving() {
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
 }
+
+#[test]
+fn reuse_port_slot_sockets_pass_to_the_new_image() {
+    // The master keeps each slot's SO_REUSEPORT socket for the slot's next
+    // worker (the connections queued on it wait for that worker): an
+    // upgrade hands them on, so a worker the new image starts in a slot
+    // takes over the very socket its predecessor had.
+    let s = Start::new("upgrade-reuseport", &["-w", "1", "--reuse-port"]);
+    let sock = s.dir().join("ctl");
+    let mut h = s
+        .args(["--control-socket", sock.to_str().expect("utf8")])
+        .args(["--", &hello()])
+        .spawn();
+    let first = *h.wait_workers(1, BOOT).iter().next().expect("a worker");
+    let socket_of = |pid: i32| std::fs::read_link(format!("/proc/{pid}/fd/3")).ok();
+    let before = socket_of(first).expect("the worker's listener at fd 3");
+    let out = upgrade(&sock, None);
+    assert!(out.status.success(), "{out:?}");
+    kill(Pid::from_raw(first), Signal::SIGKILL).expect("kill -9");
+    let next = wait_for(BOOT, || {
+        h.wait_workers(1, BOOT).into_iter().find(|p| *p != first)
+    })
+    .expect("a new worker");
+    assert_eq!(
+        socket_of(next),
+        Some(before),
+        "the new image's worker in slot 0 has the slot's socket"
+    );
+    assert!(serves(&h), "serves");
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0);
+}

@@ -91,6 +91,15 @@ impl Settings {
         }
     }
 
+    /// `--reuse-port`: closes the master's copy of the slot sockets
+    /// `which` selects, on every listener (`Listener::slot_socket`): for
+    /// slots no longer wanted, or whose next worker is not due at once.
+    pub(super) fn forget_slot_sockets(&self, which: impl Fn(usize) -> bool + Copy) {
+        for l in &self.listeners {
+            l.forget_slots(which);
+        }
+    }
+
     /// The CPU worker `slot` runs on (`--cpu-affinity auto`), if any. The
     /// mask is read again at each start: a CPU taken away since (a cpuset
     /// that shrank) would refuse the worker, which then runs unpinned on

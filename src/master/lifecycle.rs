@@ -109,6 +109,9 @@ impl Master {
                     self.on_boot_failure(&w, &how, exit_code(&status), now);
                 } else {
                     let b = self.note_death(&w, now);
+                    if b.next_spawn_at.is_some_and(|at| at > now) {
+                        self.slot_waits(w.slot);
+                    }
                     match b.next_spawn_at {
                         Some(at) => worker_event!(
                             warn,
@@ -159,6 +162,16 @@ impl Master {
         self.groups.add(&Kernel, group, label, kill_at, now);
     }
 
+    /// `--reuse-port`: a slot whose next worker waits for its backoff
+    /// gives up its socket unless another worker (of the other generation)
+    /// still serves in it: the connections queued there would wait for a
+    /// worker that may not come. The next worker gets a new socket.
+    fn slot_waits(&self, slot: usize) {
+        if !self.table.iter().any(|w| w.slot == slot) {
+            self.settings.forget_slot_sockets(|s| s == slot);
+        }
+    }
+
     /// Records a death in the slot's backoff; returns the new backoff.
     pub(super) fn note_death(&mut self, w: &Worker, now: Instant) -> Backoff {
         self.boot.death(w.slot, w.ready_for(now), now)
@@ -176,6 +189,9 @@ impl Master {
         now: Instant,
     ) {
         let b = self.note_death(w, now);
+        if b.next_spawn_at.is_some_and(|at| at > now) {
+            self.slot_waits(w.slot);
+        }
         log_traceback(w);
         let why = w
             .reported_error
@@ -255,12 +271,16 @@ impl Master {
         let (env, pid_vars) =
             self.settings
                 .child_env(self.notify.receiver().path(), self.urgent.path(), &extra);
-        // With --reuse-port each worker gets its own listening socket, made
-        // here before the fork and closed in the master right after it.
-        let mut own_sockets = Vec::new();
-        for l in self.settings.listeners.iter().filter(|l| l.reuse_port) {
-            match l.worker_socket(self.settings.cfg.backlog) {
-                Ok(fd) => own_sockets.push(fd),
+        // With --reuse-port each slot has its own listening socket, made
+        // for its first worker and kept by the master for the next ones.
+        let mut fds = Vec::with_capacity(self.settings.listeners.len());
+        for l in &self.settings.listeners {
+            if !l.reuse_port {
+                fds.push(l.fd.as_raw_fd());
+                continue;
+            }
+            match l.slot_socket(slot, self.settings.cfg.backlog) {
+                Ok(fd) => fds.push(fd),
                 Err(e) => {
                     error!(
                         "cannot create a SO_REUSEPORT socket on {} for slot {slot}: {e}",
@@ -271,16 +291,6 @@ impl Master {
                 }
             }
         }
-        let mut own = own_sockets.iter();
-        let fds: Vec<_> = self
-            .settings
-            .listeners
-            .iter()
-            .map(|l| match l.reuse_port.then(|| own.next()).flatten() {
-                Some(fd) => fd.as_raw_fd(),
-                None => l.fd.as_raw_fd(),
-            })
-            .collect();
         let plan = self.settings.child_plan(&env, &pid_vars, &fds);
         let plan = match plan {
             Ok(p) => p.with_cpu(cpu),
@@ -295,7 +305,6 @@ impl Master {
             }
         };
         let spawned = plan.spawn();
-        drop(own_sockets);
         let spawned = match spawned {
             Ok(s) => s,
             Err(e) => {

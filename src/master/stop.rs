@@ -32,6 +32,9 @@ impl Master {
             plural(active)
         );
         self.systemd.send("STOPPING=1");
+        // No worker will accept from a slot socket again: new connections
+        // go elsewhere (or are refused) rather than wait in its queue.
+        self.settings.forget_slot_sockets(|_| true);
         self.state = MasterState::Stopping { quick, outcome };
         let grace = self.stop_grace(quick);
         if quick {

@@ -304,6 +304,7 @@ impl Master {
                 }),
                 inherited: l.inherited,
                 reuse_port: l.reuse_port,
+                slots: l.slot_fds(),
             })
             .collect();
         let (control, metrics) = self.endpoints.records();
@@ -373,6 +374,15 @@ impl Master {
                     .map(|(p, dev, ino)| (p.clone(), FileId::from_parts(*dev, *ino))),
                 inherited: l.inherited,
                 reuse_port: l.reuse_port,
+                slots: std::cell::RefCell::new(
+                    l.slots
+                        .iter()
+                        // SAFETY: open (checked above), and named by the
+                        // state as this slot's socket: nothing else here
+                        // owns it.
+                        .map(|&(slot, fd)| (slot, unsafe { OwnedFd::from_raw_fd(fd) }))
+                        .collect(),
+                ),
             }));
         }
         // SAFETY: each is open (checked above) and named by the state as

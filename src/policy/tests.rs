@@ -259,6 +259,66 @@ fn reconcile_table() {
 }
 
 #[test]
+fn wanted_slots_table() {
+    let now = t0();
+    let mut recycled = worker(11, 1, 1, Ready, 5000, now);
+    recycled.active_mut().expect("active").recycle = Some("max-requests".into());
+    let cases: Vec<(&str, Vec<Worker>, Goal, Vec<usize>)> = vec![
+        (
+            "nothing yet: the slots to fill",
+            vec![],
+            goal(2, 1),
+            vec![0, 1],
+        ),
+        (
+            "TTOU stopped the oldest, in slot 0: slot 1 stays, slot 0 goes",
+            vec![
+                worker(10, 0, 1, Stopping, 900, now),
+                worker(11, 1, 1, Ready, 100, now),
+            ],
+            goal(1, 1),
+            vec![1],
+        ),
+        (
+            "a dead worker's slot is refilled",
+            vec![worker(10, 0, 1, Ready, 100, now)],
+            goal(2, 1),
+            vec![0, 1],
+        ),
+        (
+            "a reload: the new generation takes the old one's slots",
+            vec![
+                worker(10, 0, 1, Ready, 900, now),
+                worker(11, 1, 1, Ready, 900, now),
+                worker(12, 0, 2, Starting, 10, now),
+            ],
+            goal(2, 2),
+            vec![0, 1],
+        ),
+        (
+            "a smaller reload: the old generation's extra slot goes",
+            vec![
+                worker(10, 0, 1, Ready, 900, now),
+                worker(11, 1, 1, Ready, 900, now),
+                worker(11, 2, 1, Ready, 900, now),
+            ],
+            goal(2, 2),
+            vec![0, 1],
+        ),
+        (
+            "a worker marked for recycling: its replacement takes its slot",
+            vec![worker(10, 0, 1, Ready, 100, now), recycled],
+            goal(2, 1),
+            vec![0, 1],
+        ),
+    ];
+    for (name, rows, goal, want) in cases {
+        let got: Vec<usize> = wanted_slots(&table(rows), &goal).into_iter().collect();
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+#[test]
 fn no_more_workers_boot_at_once_than_allowed() {
     let now = t0();
     let limited = |target, max_booting| Goal {

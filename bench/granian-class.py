@@ -15,11 +15,13 @@ wrk's connections per server process (how evenly the listener spread
 them). With --reload: instead, the time from HUP until every worker of the
 new generation has answered, and
 the failed requests of 4 short-connection clients meanwhile, for
-procman -k granian and granian alone (granian reloads its workers on HUP).
+procman -k granian (also with --reuse-port) and granian alone (granian
+reloads its workers on HUP).
 With --lifecycle: the first answer after the start, the total PSS of the
 process tree once every worker answered, and the respawn after `kill -9` of
-one worker (until a new pid answers), for procman -k granian and granian
-alone (with --respawn-failed-workers, without which it does not respawn).
+one worker (until a new pid answers), for procman -k granian (also with
+--reuse-port) and granian alone (with --respawn-failed-workers, without
+which it does not respawn).
 
 With --cpu-cgroup (root, a writable cpu cgroup hierarchy): the whole run,
 every server and wrk, in a new cpu cgroup. With --cgroup-each instead
@@ -281,7 +283,7 @@ def lifecycle_sample(name, argv, port, workers):
 def lifecycles(args):
     results = {}
     for r in range(args.rounds):
-        for name in ("procman -k granian", "granian"):
+        for name in ("procman -k granian", "procman -k granian --reuse-port", "granian"):
             port = free_port()
             argv = commands(args.procman, args.workers, port)[name]
             first, pss, respawn = lifecycle_sample(name, argv, port, args.workers)
@@ -300,7 +302,7 @@ def lifecycles(args):
 def reloads(args):
     results = {}
     for r in range(args.rounds):
-        for name in ("procman -k granian", "granian"):
+        for name in ("procman -k granian", "procman -k granian --reuse-port", "granian"):
             port = free_port()
             argv = commands(args.procman, args.workers, port)[name]
             took, ok, failed = reload_sample(name, argv, port, args.workers)

@@ -448,12 +448,6 @@ impl Config {
             ));
         }
 
-        if cli.flag("reuse-port") && cli.flag("preload") {
-            return Err(Error::usage(
-                "'--reuse-port' and '--preload' cannot be combined: workers forked from the zygote share its sockets",
-            ));
-        }
-
         Ok(Config {
             log_format,
             log_file,

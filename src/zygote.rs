@@ -8,7 +8,10 @@
 //!   that failed;
 //! * forked worker → master, on the channel it inherited:
 //!   `{"spawned": {"slot": S, "pid": P}}`, P being its own pid;
-//! * master → zygote: `{"spawn": {"slot": S, "generation": G, "env": {…}}}`.
+//! * master → zygote: `{"spawn": {"slot": S, "generation": G, "env": {…},
+//!   "sockets": [L…]}}`, with one descriptor passed (`SCM_RIGHTS`) for each
+//!   L: the slot's own socket for listener L (`--reuse-port`), which takes
+//!   the place of that listener's in the worker.
 //!
 //! The zygote double-forks, so every worker is re-parented to the master
 //! (a child subreaper, or PID 1) and supervised exactly like a cold-started
@@ -23,14 +26,14 @@
 //! per pass of the loop, each at most [`MAX_MESSAGE`] bytes; a longer one,
 //! or one that does not parse, is dropped and counted.
 
-use std::io::IoSliceMut;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    recvmsg, send, setsockopt, socketpair, sockopt, AddressFamily, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType, UnixCredentials,
+    recvmsg, sendmsg, setsockopt, socketpair, sockopt, AddressFamily, ControlMessage,
+    ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixCredentials,
 };
 use nix::unistd::Pid;
 
@@ -283,19 +286,33 @@ impl Zygote {
         slot: usize,
         generation: u64,
         env: &[(String, String)],
+        sockets: &[(usize, RawFd)],
         now: Instant,
     ) -> Result<(), String> {
         let env: serde_json::Map<String, serde_json::Value> = env
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
             .collect();
-        let msg =
-            serde_json::json!({"spawn": {"slot": slot, "generation": generation, "env": env}});
+        let places: Vec<usize> = sockets.iter().map(|s| s.0).collect();
+        let msg = serde_json::json!({"spawn": {
+            "slot": slot, "generation": generation, "env": env, "sockets": places}});
         let not_before = procfs::boot_ticks_now();
         let bytes = msg.to_string().into_bytes();
         let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
-        send(self.channel.as_raw_fd(), &bytes, flags)
-            .map_err(|e| format!("cannot reach the zygote: {}", e.desc()))?;
+        // The slot's own sockets (--reuse-port) go with the request: the
+        // kernel gives the zygote its own descriptors for them, and the
+        // master keeps its copies.
+        let fds: Vec<RawFd> = sockets.iter().map(|s| s.1).collect();
+        let rights = [ControlMessage::ScmRights(&fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+        sendmsg::<()>(
+            self.channel.as_raw_fd(),
+            &[IoSlice::new(&bytes)],
+            cmsgs,
+            flags,
+            None,
+        )
+        .map_err(|e| format!("cannot reach the zygote: {}", e.desc()))?;
         self.pending = Some(Pending {
             slot,
             generation,
@@ -345,6 +362,7 @@ fn receive(fd: i32, buf: &mut [u8]) -> Result<(FromZygote, Option<Sender>), Errn
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::sys::socket::send;
 
     /// A channel and a zygote-side end to write to it.
     fn pair() -> (Zygote, OwnedFd) {

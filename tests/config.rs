@@ -274,12 +274,6 @@ fn bad_input_gets_one_clear_line_and_the_documented_exit_code() {
             "'--preload' applies to uvicorn workers",
         ),
         (
-            vec!["--preload", "--reuse-port", "app:main"],
-            vec![],
-            2,
-            "cannot be combined",
-        ),
-        (
             vec!["--", "true"],
             vec![("PORT", "http")],
             2,

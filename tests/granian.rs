@@ -97,6 +97,8 @@ for_each_class!(
     zygotes_fork_workers_and_start_no_thread,
     reuse_port_workers_each_serve_on_the_one_port,
     reuse_port_workers_stopping_under_a_stream_of_new_connections_fail_no_request,
+    reuse_port_a_killed_workers_replacement_takes_its_slots_socket,
+    reuse_port_with_preload_each_worker_serves_on_its_slots_socket,
     socket_activation_serves_on_the_inherited_socket,
     an_ipv6_loopback_bind_serves,
 );
@@ -379,6 +381,67 @@ fn reuse_port_workers_stopping_under_a_stream_of_new_connections_fail_no_request
     ten_recycles_fail_no_request(&h, load);
 }
 
+/// With `--reuse-port` a worker the zygote forks gets its slot's socket
+/// from the master with the spawn request: a killed worker's replacement
+/// takes the very socket it had (whose queue waited for it).
+fn reuse_port_a_killed_workers_replacement_takes_its_slots_socket(class: Class) {
+    let mut h = class
+        .start(
+            "gr-reuseslot",
+            &fastapi_dir(),
+            "app:main",
+            &["-w", "1", "--reuse-port"],
+        )
+        .json()
+        .spawn();
+    let first = *h.wait_workers(1, BOOT).iter().next().expect("a worker");
+    let socket_of = |pid: i32| std::fs::read_link(format!("/proc/{pid}/fd/3")).ok();
+    let before = socket_of(first).expect("fd 3");
+    kill(Pid::from_raw(first), Signal::SIGKILL).expect("kill -9");
+    let next = wait_for(BOOT, || {
+        let now = workers(&h);
+        (now.len() == 1 && !now.contains(&first)).then_some(now)
+    })
+    .and_then(|w| w.into_iter().next())
+    .expect("a replacement");
+    assert_eq!(socket_of(next), Some(before), "the slot's socket");
+    h.check(
+        h.count_events("booting", |e| e["zygote"].is_i64()) == 2,
+        "both forked from the zygote",
+    );
+    let answered = wait_for(BOOT, || {
+        http_get(h.addr(), "/pid")
+            .ok()
+            .filter(|r| pid_of(r) == next)
+    });
+    h.check(answered.is_some(), "the replacement answers");
+}
+
+/// `--preload`'s zygote (the app imported) passes the slots' sockets on
+/// the same way.
+fn reuse_port_with_preload_each_worker_serves_on_its_slots_socket(class: Class) {
+    let mut h = class
+        .start(
+            "gr-reusepreload",
+            &fastapi_dir(),
+            "app:main",
+            &["-w", "2", "--reuse-port", "--preload"],
+        )
+        .json()
+        .spawn();
+    let answered = h.wait_workers(2, BOOT);
+    assert_eq!(answered, workers(&h), "{}", h.log_text());
+    let sockets: BTreeSet<_> = answered
+        .iter()
+        .map(|p| std::fs::read_link(format!("/proc/{p}/fd/3")).expect("fd 3"))
+        .collect();
+    assert_eq!(sockets.len(), 2, "a socket of its own each: {sockets:?}");
+    h.check(
+        h.count_events("booting", |e| e["zygote"].is_i64()) == 2,
+        "both forked from the preload zygote",
+    );
+}
+
 /// The same on a unix socket, whose listener a stopping granian worker
 /// leaves the same way (a closed door on its descriptor number).
 fn workers_stopping_under_a_stream_of_unix_socket_connections_fail_no_request(class: Class) {
@@ -567,6 +630,17 @@ fn reuse_port_workers_each_serve_on_the_one_port(class: Class) {
     // answer there, and they are the two workers.
     let answered = h.wait_workers(2, BOOT);
     assert_eq!(answered, workers(&h), "{}", h.log_text());
+    // Both forked from the base zygote, which passed each its slot's
+    // socket: the zygote's own fd 3 only reserves the address.
+    h.check(
+        h.count_events("booting", |e| e["zygote"].is_i64()) == 2,
+        "both workers forked from the zygote",
+    );
+    let sockets: BTreeSet<_> = answered
+        .iter()
+        .map(|p| std::fs::read_link(format!("/proc/{p}/fd/3")).expect("fd 3"))
+        .collect();
+    assert_eq!(sockets.len(), 2, "a socket of its own each: {sockets:?}");
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
 }

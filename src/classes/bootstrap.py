@@ -126,7 +126,8 @@ import gc
 BOOT_THRESHOLD = gc.get_threshold()
 gc.set_threshold(0)
 
-import asyncio  # noqa: E402 (after the pause, on purpose)
+import array  # noqa: E402 (after the pause, on purpose)
+import asyncio  # noqa: E402
 import atexit  # noqa: E402
 import contextlib  # noqa: E402
 import faulthandler  # noqa: E402
@@ -2375,19 +2376,35 @@ class ControlChannel:
         except OSError:
             return False
 
-    def receive(self):
-        """The next message's bytes; None at EOF. ValueError for a message that was too long."""
+    def receive(self, max_fds=0):
+        """(the next message's bytes, the descriptors passed with it); None
+        for the bytes at EOF. Up to max_fds descriptors are taken (close-on-
+        exec); ValueError, with none kept open, for a message that was too
+        long or passed more."""
+        size = array.array("i").itemsize
         try:
-            data, _, flags, _ = self.sock.recvmsg(MAX_MESSAGE)
+            data, ancillary, flags, _ = self.sock.recvmsg(
+                MAX_MESSAGE, socket.CMSG_SPACE(max_fds * size) if max_fds else 0,
+                socket.MSG_CMSG_CLOEXEC)
         except ConnectionResetError:
-            return None
+            return None, []
         except OSError as exc:
             fail(f"cannot read the control socket: {exc}", 1)
-        if not data:
-            return None
-        if flags & socket.MSG_TRUNC:
+        fds = []
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", payload[:len(payload) - len(payload) % size]))
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            for fd in fds:
+                os.close(fd)
+            if flags & socket.MSG_CTRUNC:
+                raise ValueError(f"more than {max_fds} descriptors passed")
             raise ValueError(f"message longer than {MAX_MESSAGE} bytes")
-        return data
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return None, []
+        return data, fds
 
 
 def pin_to_cpu():
@@ -2404,14 +2421,23 @@ def pin_to_cpu():
         logging.getLogger("procman").warning("cannot pin this worker to CPU %s: %s", cpu, exc)
 
 
-def parse_spawn(message):
-    """(slot, generation, env) from {"spawn": {...}}. ValueError names what is wrong."""
+def parse_spawn(message, passed, listeners):
+    """(slot, generation, env, places) from {"spawn": {...}} that came with
+    `passed` descriptors, for a zygote with `listeners` listeners: places[i]
+    is the listener whose socket the worker replaces with the i-th passed
+    one (--reuse-port: its slot's own). ValueError names what is wrong."""
     if not isinstance(message, dict) or set(message) != {"spawn"}:
         raise ValueError("expected {\"spawn\": {...}}, got " + json.dumps(message)[:200])
     request = message["spawn"]
     if not isinstance(request, dict):
         raise ValueError("\"spawn\" must be an object")
-    unknown = sorted(set(request) - {"slot", "generation", "env"})
+    places = request.get("sockets", [])
+    if (not isinstance(places, list) or len(places) != passed
+            or any(type(i) is not int or not 0 <= i < listeners for i in places)
+            or len(set(places)) != len(places)):
+        raise ValueError(f"\"sockets\" must name {passed} distinct listeners of {listeners}, "
+                         f"got {json.dumps(places)[:200]}")
+    unknown = sorted(set(request) - {"slot", "generation", "env", "sockets"})
     if unknown:
         raise ValueError(f"unknown keys in \"spawn\": {', '.join(unknown)}")
     slot, generation, env = request.get("slot"), request.get("generation"), request.get("env")
@@ -2424,7 +2450,7 @@ def parse_spawn(message):
         if (not isinstance(value, str) or not key or "=" in key
                 or "\0" in key or "\0" in value):
             raise ValueError(f"bad variable in \"env\": {json.dumps(key)}")
-    return slot, generation, env
+    return slot, generation, env, places
 
 
 def exit_status(exc):
@@ -2534,18 +2560,26 @@ class Zygote:
         if not self.control.send({"ready": True, "pid": os.getpid()}):
             exit_now()  # the master is gone
         while True:
+            fds = []
             try:
-                data = self.receive()
+                data, fds = self.receive()
                 if data is None:
                     exit_now()  # EOF: the master is gone or closed us
-                slot, generation, env = parse_spawn(json.loads(data.decode("utf-8")))
+                slot, generation, env, places = parse_spawn(json.loads(data.decode("utf-8")),
+                                                            len(fds), len(self.sockets))
             except ValueError as exc:  # also JSON and UTF-8 errors
+                for fd in fds:
+                    os.close(fd)
                 self.control.send({"error": f"bad message: {exc}"})
                 continue
             if generation != self.generation:  # the master does not tell it sooner
                 self.generation = generation
                 set_title(f"procman: zygote gen {generation} [{self.config['proc_name']}]", "procman: zygote")
-            self.spawn(slot, env)
+            try:
+                self.spawn(slot, env, list(zip(places, fds)))
+            finally:
+                for fd in fds:  # the worker has its own copies
+                    os.close(fd)
 
     def receive(self):
         """The master's next message (see ControlChannel.receive); meanwhile
@@ -2571,9 +2605,9 @@ class Zygote:
                 say(f"zygote {os.getpid()}: importing the app's third-party modules (--reload) "
                     f"started {threads - 1} threads; threads do not survive fork: a worker forked "
                     "now may hang (restart procman, or use --preload)", level="WARNING")
-        return self.control.receive()
+        return self.control.receive(max_fds=len(self.sockets))
 
-    def spawn(self, slot, env):
+    def spawn(self, slot, env, passed):
         flush_stdio()  # or buffered output would be written again by the children
         # Blocked across the fork, for the whole life of the intermediate
         # (the worker unblocks them) and until the worker is reported: a stop
@@ -2582,11 +2616,11 @@ class Zygote:
         # report (a pending stop signal ends us once the reply is sent).
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            self.spawn_blocked(slot, env)
+            self.spawn_blocked(slot, env, passed)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
-    def spawn_blocked(self, slot, env):
+    def spawn_blocked(self, slot, env, passed):
         read_end, write_end = os.pipe()  # intermediate -> us: the worker's pid
         # Us -> the worker: one byte once the master was told its pid. Only we
         # hold the write end, so if we die first (the master gave up on the
@@ -2608,7 +2642,7 @@ class Zygote:
         if pid == 0:
             os.close(read_end)
             os.close(go_write)
-            self.intermediate(slot, env, write_end, go_read, learn_write)  # never returns
+            self.intermediate(slot, env, write_end, go_read, learn_write, passed)  # never returns
         os.close(go_read)
         if learn_write is not None:
             os.close(learn_write)
@@ -2650,7 +2684,7 @@ class Zygote:
         finally:
             os.close(fd)
 
-    def intermediate(self, slot, env, report_fd, go_fd, learn_fd):
+    def intermediate(self, slot, env, report_fd, go_fd, learn_fd, passed):
         """Forks the worker, writes its pid to report_fd and exits. Runs with stop signals blocked."""
         code = 2
         me = os.getpid()  # before the fork: the worker's getppid() may already be the master
@@ -2663,7 +2697,7 @@ class Zygote:
                 return
             if pid == 0:
                 os.close(report_fd)
-                self.worker(slot, env, me, go_fd, learn_fd)  # never returns
+                self.worker(slot, env, me, go_fd, learn_fd, passed)  # never returns
             os.close(go_fd)
             # The worker makes itself the leader of a session of its own (and
             # so of its own process group); its pid is reported only once it
@@ -2690,8 +2724,12 @@ class Zygote:
         finally:
             os._exit(code)
 
-    def worker(self, slot, env, intermediate, go_fd, learn_fd):
-        """Becomes a worker: reports itself to the master, then serves. Never returns."""
+    def worker(self, slot, env, intermediate, go_fd, learn_fd, passed):
+        """Becomes a worker: reports itself to the master, then serves. Never returns.
+        `passed`: (listener, descriptor) pairs, the sockets of this worker's
+        own (--reuse-port: its slot's), which take the place of those
+        listeners' (the zygote's are the master's sockets that only reserve
+        the address)."""
 
         def give_up(message=None):
             if message:
@@ -2706,6 +2744,9 @@ class Zygote:
             # process outside the session can join its group (the
             # intermediate waits for this before it reports our pid).
             os.setsid()
+            for index, fd in passed:
+                os.dup2(fd, self.sockets[index].fileno(), inheritable=False)
+                os.close(fd)
             # The master knows our pid once the intermediate reported it and
             # exited; then the kernel re-parents us to the master (a child
             # subreaper).

@@ -3,7 +3,7 @@
 //! at its deadline, and reaped: what its exit means (a crash to respawn
 //! with backoff, a failed boot, the end of procman).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
 use nix::sys::wait::WaitStatus;
@@ -162,6 +162,35 @@ impl Master {
         self.groups.add(&Kernel, group, label, kill_at, now);
     }
 
+    /// `--reuse-port`: the slot's own listening sockets, (listener index,
+    /// fd), made for its first worker and kept by the master for the next
+    /// ones; empty without the option. `None` (logged, and the slot backs
+    /// off) when one cannot be made.
+    pub(super) fn slot_sockets(
+        &mut self,
+        slot: usize,
+        now: Instant,
+    ) -> Option<Vec<(usize, RawFd)>> {
+        let mut own = Vec::new();
+        for (index, l) in self.settings.listeners.iter().enumerate() {
+            if !l.reuse_port {
+                continue;
+            }
+            match l.slot_socket(slot, self.settings.cfg.backlog) {
+                Ok(fd) => own.push((index, fd)),
+                Err(e) => {
+                    error!(
+                        "cannot create a SO_REUSEPORT socket on {} for slot {slot}: {e}",
+                        l.display
+                    );
+                    self.boot.spawn_failed(slot, now);
+                    return None;
+                }
+            }
+        }
+        Some(own)
+    }
+
     /// `--reuse-port`: a slot whose next worker waits for its backoff
     /// gives up its socket unless another worker (of the other generation)
     /// still serves in it: the connections queued there would wait for a
@@ -271,25 +300,17 @@ impl Master {
         let (env, pid_vars) =
             self.settings
                 .child_env(self.notify.receiver().path(), self.urgent.path(), &extra);
-        // With --reuse-port each slot has its own listening socket, made
-        // for its first worker and kept by the master for the next ones.
-        let mut fds = Vec::with_capacity(self.settings.listeners.len());
-        for l in &self.settings.listeners {
-            if !l.reuse_port {
-                fds.push(l.fd.as_raw_fd());
-                continue;
-            }
-            match l.slot_socket(slot, self.settings.cfg.backlog) {
-                Ok(fd) => fds.push(fd),
-                Err(e) => {
-                    error!(
-                        "cannot create a SO_REUSEPORT socket on {} for slot {slot}: {e}",
-                        l.display
-                    );
-                    self.boot.spawn_failed(slot, now);
-                    return;
-                }
-            }
+        let Some(own) = self.slot_sockets(slot, now) else {
+            return;
+        };
+        let mut fds: Vec<_> = self
+            .settings
+            .listeners
+            .iter()
+            .map(|l| l.fd.as_raw_fd())
+            .collect();
+        for (index, fd) in own {
+            fds[index] = fd;
         }
         let plan = self.settings.child_plan(&env, &pid_vars, &fds);
         let plan = match plan {

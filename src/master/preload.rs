@@ -293,7 +293,10 @@ impl Master {
     /// [`zygotes::Zygotes::ask`]).
     pub(super) fn spawn_from_zygote(&mut self, slot: usize, now: Instant) {
         let cpu = self.settings.slot_cpu(slot);
-        if let Err((zpid, e)) = self.zygotes.ask(slot, self.generation, cpu, now) {
+        let Some(sockets) = self.slot_sockets(slot, now) else {
+            return;
+        };
+        if let Err((zpid, e)) = self.zygotes.ask(slot, self.generation, cpu, &sockets, now) {
             self.zygote_spawn_failed(zpid, slot, &e, now);
         }
     }

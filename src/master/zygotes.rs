@@ -20,7 +20,7 @@
 //! request it gave up on); anything else is dropped and counted.
 
 use std::collections::BTreeMap;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -142,11 +142,10 @@ struct Reply {
 }
 
 /// Whether the workers of `cfg` are forked from a zygote: `--preload`'s,
-/// or the base zygote (the default; not with `--no-zygote`, nor with
-/// `--reuse-port`, whose workers each get their own sockets).
+/// or the base zygote (the default; not with `--no-zygote`). With
+/// `--reuse-port` each spawn request passes the slot's own sockets.
 pub(super) fn wanted(cfg: &Config) -> bool {
-    cfg.uvicorn()
-        .is_some_and(|u| u.preload || (u.zygote && !cfg.reuse_port))
+    cfg.uvicorn().is_some_and(|u| u.preload || u.zygote)
 }
 
 /// Whether the zygote of `cfg` is the base one: uvicorn imported, not the
@@ -188,6 +187,7 @@ impl Zygotes {
         slot: usize,
         generation: u64,
         cpu: Option<usize>,
+        sockets: &[(usize, RawFd)],
         now: Instant,
     ) -> Result<(), (Pid, String)> {
         let Some(z) = self.ready(generation).filter(|z| z.pending.is_none()) else {
@@ -197,7 +197,7 @@ impl Zygotes {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
-        z.request(slot, generation, &env, now)
+        z.request(slot, generation, &env, sockets, now)
             .map_err(|e| (z.pid, e))
     }
 

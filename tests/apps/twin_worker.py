@@ -66,13 +66,13 @@ _zygote = getattr(__main__, "Zygote", None)
 if _zygote is not None:
     _spawn = _zygote.spawn
 
-    def _spawn_with_twin(self, slot, env):
+    def _spawn_with_twin(self, slot, env, *passed):
         if _spawns:
             os.write(_write, f"{slot}\n".encode())
             if select.select([_ack_read], [], [], 5)[0]:
                 os.read(_ack_read, 1)
         _spawns.append(slot)
-        return _spawn(self, slot, env)
+        return _spawn(self, slot, env, *passed)
 
     _zygote.spawn = _spawn_with_twin
     os.register_at_fork(after_in_child=_after_fork)

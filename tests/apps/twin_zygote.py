@@ -42,9 +42,9 @@ if _zygote is not None and _channel is not None:
     _spawn = _zygote.spawn
     _send = _channel.send
 
-    def _aligned_spawn(self, slot, env):
+    def _aligned_spawn(self, slot, env, *passed):
         _after_tick_start()
-        return _spawn(self, slot, env)
+        return _spawn(self, slot, env, *passed)
 
     def _twin_send(self, message):
         if isinstance(message, dict) and "spawned" in message:

@@ -97,7 +97,7 @@ fn a_ready_zygote_of_the_generation_serves_one_request_at_a_time() {
     let (z, theirs) = zygote(100, 2, now);
     zs.add(z);
     let zpid = Pid::from_raw(100);
-    assert_eq!(zs.ask(0, 2, None, now), Ok(()));
+    assert_eq!(zs.ask(0, 2, None, &[], now), Ok(()));
     assert!(sent(&theirs).is_empty(), "still starting: not asked");
     assert_eq!(
         zs.hear(zpid, FromZygote::Ready, UIDS, refusing, unknown),
@@ -110,9 +110,9 @@ fn a_ready_zygote_of_the_generation_serves_one_request_at_a_time() {
         zs.hear(zpid, FromZygote::Ready, UIDS, refusing, unknown),
         Heard::Dropped("unexpected")
     );
-    assert_eq!(zs.ask(0, 1, None, now), Ok(()));
+    assert_eq!(zs.ask(0, 1, None, &[], now), Ok(()));
     assert!(sent(&theirs).is_empty(), "not the generation's zygote");
-    assert_eq!(zs.ask(3, 2, Some(1), now), Ok(()));
+    assert_eq!(zs.ask(3, 2, Some(1), &[], now), Ok(()));
     let got = sent(&theirs);
     assert_eq!(got.len(), 1);
     assert_eq!(got[0]["spawn"]["slot"], 3);
@@ -133,7 +133,7 @@ fn a_ready_zygote_of_the_generation_serves_one_request_at_a_time() {
         Due::ZygoteSpawnTimeout(zpid)
     )));
     zs.get_mut(zpid).expect("known").reply_within = crate::zygote::SPAWN_REPLY;
-    assert_eq!(zs.ask(4, 2, None, now), Ok(()));
+    assert_eq!(zs.ask(4, 2, None, &[], now), Ok(()));
     assert!(sent(&theirs).is_empty(), "one request in flight at a time");
 
     // The awaited reply: verified against the request, then adopted.
@@ -154,7 +154,7 @@ fn a_ready_zygote_of_the_generation_serves_one_request_at_a_time() {
         },
         "a reply to no request, from a fresh child of the master: a stray"
     );
-    assert_eq!(zs.ask(4, 2, None, now), Ok(()));
+    assert_eq!(zs.ask(4, 2, None, &[], now), Ok(()));
     assert_eq!(sent(&theirs).len(), 1, "the next request goes out");
 }
 
@@ -218,13 +218,13 @@ fn a_reply_adopts_the_process_that_sent_it_once() {
         ),
     ];
     for (message, want) in cases {
-        zs.ask(1, 1, None, now).expect("sent");
+        zs.ask(1, 1, None, &[], now).expect("sent");
         let got = zs.hear(zpid, message.clone(), UIDS, trusting(&seen), adopted);
         assert_eq!(got, want, "{message:?}");
     }
     // A late reply (the request was given up on) is checked the same
     // way, once.
-    zs.ask(1, 1, None, now).expect("sent");
+    zs.ask(1, 1, None, &[], now).expect("sent");
     assert_eq!(zs.take_request(zpid), Some(1));
     assert_eq!(
         zs.hear(zpid, reply(1, 500), UIDS, trusting(&seen), adopted),
@@ -272,7 +272,7 @@ fn a_request_fails_on_an_error_an_untrusted_reply_or_a_closed_channel() {
         Heard::Dropped("unexpected"),
         "no request in flight"
     );
-    zs.ask(0, 1, None, now).expect("sent");
+    zs.ask(0, 1, None, &[], now).expect("sent");
     assert_eq!(
         zs.hear(
             zpid,
@@ -287,7 +287,7 @@ fn a_request_fails_on_an_error_an_untrusted_reply_or_a_closed_channel() {
             stray: None
         }
     );
-    zs.ask(1, 1, None, now).expect("sent");
+    zs.ask(1, 1, None, &[], now).expect("sent");
     assert_eq!(
         zs.hear(zpid, reply(1, 5), UIDS, refusing, unknown),
         Heard::SpawnFailed {
@@ -296,7 +296,7 @@ fn a_request_fails_on_an_error_an_untrusted_reply_or_a_closed_channel() {
             stray: None
         }
     );
-    zs.ask(2, 1, None, now).expect("sent");
+    zs.ask(2, 1, None, &[], now).expect("sent");
     assert_eq!(zs.take_request(zpid), Some(2), "given up on (timed out)");
     assert_eq!(zs.take_request(zpid), None);
     assert_eq!(
@@ -307,7 +307,7 @@ fn a_request_fails_on_an_error_an_untrusted_reply_or_a_closed_channel() {
         },
         "a late reply naming a stranger"
     );
-    zs.ask(2, 1, None, now).expect("sent");
+    zs.ask(2, 1, None, &[], now).expect("sent");
     assert_eq!(
         zs.hear(zpid, FromZygote::Closed, UIDS, refusing, unknown),
         Heard::SpawnFailed {
@@ -317,7 +317,7 @@ fn a_request_fails_on_an_error_an_untrusted_reply_or_a_closed_channel() {
         }
     );
     assert_eq!(zs.channels().count(), 0, "a closed channel is not polled");
-    assert_eq!(zs.ask(3, 1, None, now), Ok(()), "nobody to ask");
+    assert_eq!(zs.ask(3, 1, None, &[], now), Ok(()), "nobody to ask");
     assert!(zs.deadlines(Duration::from_secs(60)).is_empty());
 }
 

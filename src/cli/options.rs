@@ -179,7 +179,7 @@ pub static OPTIONS: &[OptionDef] = &[
         kind: Kind::Flag,
         reload: Reload::RestartOnly,
         heading: "Binding",
-        help: "One SO_REUSEPORT socket per worker (the kernel spreads connections) instead of one shared socket.",
+        help: "One SO_REUSEPORT socket per worker slot, kept by the master for the slot's next worker (the kernel spreads connections), instead of one shared socket.",
         ..BASE
     },
     OptionDef {

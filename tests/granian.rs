@@ -358,22 +358,22 @@ fn max_requests_recycles_a_worker_without_failed_requests(class: Class) {
 /// does): a granian worker that let granian stop at once closed the
 /// connections it had just accepted unanswered ("empty reply").
 fn workers_stopping_under_a_stream_of_new_connections_fail_no_request(class: Class) {
-    let mut h = class
-        .start("gr-stopstream", &fastapi_dir(), "app:main", RECYCLING)
-        .json()
-        .spawn();
-    h.wait_workers(2, BOOT);
-    let load = Load::start_paced(h.addr(), 4, 1_000_000, Duration::from_secs(90), PAUSE);
-    ten_recycles_fail_no_request(&h, load);
+    recycles_under_a_stream_of_new_connections(class, "gr-stopstream", &[]);
 }
 
 /// The same with `--reuse-port`: a stopping worker's slot socket stays
 /// with the master, and the connections queued on it are accepted by the
 /// slot's next worker (whatever `net.ipv4.tcp_migrate_req` says).
 fn reuse_port_workers_stopping_under_a_stream_of_new_connections_fail_no_request(class: Class) {
-    let args: Vec<&str> = RECYCLING.iter().copied().chain(["--reuse-port"]).collect();
+    recycles_under_a_stream_of_new_connections(class, "gr-stopreuse", &["--reuse-port"]);
+}
+
+/// [`RECYCLING`] workers (and `extra`) under four clients that send their
+/// request [`PAUSE`] after connecting: [`ten_recycles_fail_no_request`].
+fn recycles_under_a_stream_of_new_connections(class: Class, name: &str, extra: &[&str]) {
+    let args: Vec<&str> = RECYCLING.iter().chain(extra).copied().collect();
     let mut h = class
-        .start("gr-stopreuse", &fastapi_dir(), "app:main", &args)
+        .start(name, &fastapi_dir(), "app:main", &args)
         .json()
         .spawn();
     h.wait_workers(2, BOOT);

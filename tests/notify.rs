@@ -469,11 +469,7 @@ fn extend_timeout_during_a_stop_pushes_the_kill_back() {
     let start = Start::new("extend-stop", &[]).json();
     let (start, ready) = slow_stopping_worker(start);
     let mut h = start.spawn();
-    h.expect_event("all-ready", BOOT, "ready", |_| true);
-    h.check(
-        wait_for(BOOT, || ready.exists().then_some(())).is_some(),
-        "the helper is ready to be stopped",
-    );
+    wait_slow_stopper(&h, &ready, BOOT);
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
     // How it ended is said in the exit's message (status 0, no signal).

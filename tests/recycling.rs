@@ -376,11 +376,7 @@ fn reuse_port_a_stop_closes_the_masters_slot_sockets_at_once() {
     let start = Start::new("reuseport-stop", &["-w", "1", "--reuse-port"]).json();
     let (start, ready) = slow_stopping_worker(start);
     let mut h = start.spawn();
-    h.expect_event("all-ready", BOOT, "ready", |_| true);
-    h.check(
-        wait_for(BOOT, || ready.exists().then_some(())).is_some(),
-        "the helper is ready to be stopped",
-    );
+    wait_slow_stopper(&h, &ready, BOOT);
     let (master, port) = (h.pid, h.port());
     let worker = *h.children().first().expect("the worker");
     assert_eq!(listening_on(master, port), 1, "slot 0's socket");

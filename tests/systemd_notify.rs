@@ -107,11 +107,7 @@ fn while_stopping_status_counts_draining_workers_and_a_workers_extension_reaches
     let mut h = start
         .env("NOTIFY_SOCKET", path.to_str().expect("utf8"))
         .spawn();
-    h.expect_event("all-ready", BOOT, "ready", |_| true);
-    h.check(
-        wait_for(BOOT, || ready.exists().then_some(())).is_some(),
-        "the helper is ready to be stopped",
-    );
+    wait_slow_stopper(&h, &ready, BOOT);
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);
     let stopping = fake.wait("STOPPING=1", 0).expect("STOPPING=1");

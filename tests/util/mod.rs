@@ -1333,6 +1333,16 @@ pub fn slow_stopping_worker(start: Start) -> (Start, PathBuf) {
     (start, ready)
 }
 
+/// Waits until the [`slow_stopping_worker`] is ready and its helper (whose
+/// `ready` file says so) is ready to be stopped.
+pub fn wait_slow_stopper(h: &Harness, ready: &Path, timeout: Duration) {
+    h.expect_event("all-ready", timeout, "ready", |_| true);
+    h.check(
+        wait_for(timeout, || ready.exists().then_some(())).is_some(),
+        "the helper is ready to be stopped",
+    );
+}
+
 /// GET `path` with extra `headers` (each ending in CRLF) over `stream`, one
 /// request then close; the response body parsed as JSON (what a test app
 /// reports, e.g. its ASGI scope).

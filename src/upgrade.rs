@@ -5,10 +5,11 @@
 //! The state is one JSON object written to a memfd that is CLOEXEC
 //! everywhere except across the one `execveat`; the new image finds it
 //! through `PROCMAN_UPGRADE_FD` (removed from the environment at once).
-//! Version 1 is recognised by `"state_version": 1` at the top: a state
-//! without it, or with another number, is refused, and a binary that
-//! cannot read version 1 says so in its pre-flight answer (`accepts`), so
-//! the running master never execs it. Times are relative to the moment
+//! The version is `"state_version": N` at the top ([`STATE_VERSION`]): a
+//! state without it, or with a number this binary does not read
+//! ([`ACCEPTS`]), is refused, and a binary that cannot read the version
+//! this one writes says so in its pre-flight answer (`accepts`), so the
+//! running master never execs it. Times are relative to the moment
 //! the state was written (milliseconds, negative for the past), since an
 //! `Instant` means nothing in another image.
 //!
@@ -34,10 +35,12 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
-/// The state format this binary writes.
-pub const STATE_VERSION: u32 = 1;
-/// The state formats this binary reads.
-pub const ACCEPTS: &[u32] = &[1];
+/// The state format this binary writes. Version 2 added each listener's
+/// slot sockets (`--reuse-port`): a binary that reads only version 1 would
+/// leave them open, unnamed, in every worker it starts, so it is refused.
+pub const STATE_VERSION: u32 = 2;
+/// The state formats this binary reads (version 1 has no slot sockets).
+pub const ACCEPTS: &[u32] = &[1, 2];
 /// What only procman's check mode writes.
 pub const MAGIC: &str = "procman-upgrade-check";
 /// The variable naming the state's descriptor in the new image.
@@ -181,7 +184,7 @@ impl State {
             }
             None => return Err("the state has no state_version".into()),
         }
-        serde_json::from_value(v).map_err(|e| format!("state version 1 is malformed: {e}"))
+        serde_json::from_value(v).map_err(|e| format!("the state is malformed: {e}"))
     }
 
     /// Every descriptor the state names (to keep open across exec).

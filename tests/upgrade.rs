@@ -295,12 +295,12 @@ fn a_failed_pre_flight_changes_nothing_and_says_why() {
 #[test]
 fn a_binary_that_cannot_read_this_state_version_is_refused() {
     // The pre-flight is the real binary, told (debug builds only) to answer
-    // as a version that reads only state version 2.
-    let (mut h, sock, workers) = start("upgrade-version", &[("PROCMAN_TEST_UPGRADE_ACCEPTS", "2")]);
+    // as a version that reads only state version 1 (an older procman).
+    let (mut h, sock, workers) = start("upgrade-version", &[("PROCMAN_TEST_UPGRADE_ACCEPTS", "1")]);
     let out = upgrade(&sock, None);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(err.contains("reads state versions [2], not 1"), "{err}");
+    assert!(err.contains("reads state versions [1], not 2"), "{err}");
     assert_eq!(h.children().into_iter().collect::<BTreeSet<_>>(), workers);
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0);

@@ -81,6 +81,7 @@ for_each_class!(
     boots_serves_and_is_ready_only_when_answering,
     serves_wsgi_and_a_unix_socket,
     hup_replaces_every_worker_with_zero_failed_requests,
+    reuse_port_hup_replaces_every_worker_with_zero_failed_requests,
     a_killed_worker_is_replaced,
     term_lets_an_in_flight_request_finish_then_exits_0,
     a_blocked_app_misses_its_heartbeat_and_is_replaced,
@@ -171,8 +172,21 @@ fn serves_wsgi_and_a_unix_socket(class: Class) {
 }
 
 fn hup_replaces_every_worker_with_zero_failed_requests(class: Class) {
+    hup_under_load_fails_no_request(class, "gr-hup", &[]);
+}
+
+/// The same with `--reuse-port`: each new worker takes its slot's socket,
+/// on which the old one's queue waits.
+fn reuse_port_hup_replaces_every_worker_with_zero_failed_requests(class: Class) {
+    hup_under_load_fails_no_request(class, "gr-hupreuse", &["--reuse-port"]);
+}
+
+/// Two workers (and `extra`) under 4 clients; HUP: every worker is
+/// replaced, the new generation serves, and no request failed.
+fn hup_under_load_fails_no_request(class: Class, name: &str, extra: &[&str]) {
+    let args: Vec<&str> = ["-w", "2"].iter().chain(extra).copied().collect();
     let mut h = class
-        .start("gr-hup", &fastapi_dir(), "app:main", &["-w", "2"])
+        .start(name, &fastapi_dir(), "app:main", &args)
         .json()
         .spawn();
     let old = h.wait_workers(2, BOOT);

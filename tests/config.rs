@@ -489,7 +489,25 @@ fn hup_with_a_broken_config_keeps_serving_on_the_old_one() {
 
 #[test]
 fn hup_binds_new_addresses_and_drops_removed_ones() {
-    let start = Start::new("hup-bind", &[]).no_default_bind().json();
+    hup_moves_to_another_address("hup-bind", false);
+}
+
+/// With `--reuse-port` the master also holds each slot's socket on the
+/// old address: a reload to another address closes them with it.
+#[test]
+fn hup_binds_new_addresses_and_drops_removed_ones_and_their_slot_sockets() {
+    hup_moves_to_another_address("hup-bind-reuse", true);
+}
+
+/// procman on one address, then HUP to a config file naming another: the
+/// new one serves, the old one is released.
+fn hup_moves_to_another_address(name: &str, reuse_port: bool) {
+    let extra = if reuse_port {
+        "reuse-port = true\n"
+    } else {
+        ""
+    };
+    let start = Start::new(name, &[]).no_default_bind().json();
     let file = start.dir().join("procman.toml");
     let a = TcpListener::bind("127.0.0.1:0").expect("bind");
     let b = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -504,11 +522,15 @@ fn hup_binds_new_addresses_and_drops_removed_ones() {
             .map(|p| format!("\"127.0.0.1:{p}\""))
             .collect::<Vec<_>>()
             .join(", ");
-        format!("bind = [{binds}]\ncommand = [\"{}\"]\n", hello())
+        format!("{extra}bind = [{binds}]\ncommand = [\"{}\"]\n", hello())
     };
     std::fs::write(&file, cfg(&[pa])).expect("write");
     let mut h = start.args(["-c", file.to_str().expect("utf8")]).spawn();
     h.wait_workers_on(pa, 1, BOOT);
+    h.check(
+        h.has_event("listening", |e| e["reuse_port"] == reuse_port),
+        "the listener's layout",
+    );
     std::fs::write(&file, cfg(&[pb])).expect("write");
     h.signal(Signal::SIGHUP);
     h.expect_event("reload-done", BOOT, "reloaded", |_| true);

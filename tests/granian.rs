@@ -758,6 +758,31 @@ fn proxy_headers_and_root_path(class: Class, app: &str, path: &str) {
     assert_eq!(v["client"], "203.0.113.7", "{v}");
     assert_eq!(v["scheme"], "https", "{v}");
     assert_eq!(v["root_path"], "/api", "{v}");
+    // Each header alone, in any case, and neither (the path that skips
+    // uvicorn's middleware): only what was sent changes.
+    let (h, _) = run(
+        "gr-scope-proxy-each",
+        &["--forwarded-allow-ips", "127.0.0.1"],
+    );
+    let addr = h.addr();
+    let v = json_of(addr, path, "x-FORWARDED-for: 203.0.113.9\r\n");
+    assert_eq!(
+        (&v["client"], &v["scheme"]),
+        (&"203.0.113.9".into(), &"http".into()),
+        "{v}"
+    );
+    let v = json_of(addr, path, "X-Forwarded-Proto: https\r\n");
+    assert_eq!(
+        (&v["client"], &v["scheme"]),
+        (&"127.0.0.1".into(), &"https".into()),
+        "{v}"
+    );
+    let v = json_of(addr, path, "X-Forwarded-Host: example.com\r\n");
+    assert_eq!(
+        (&v["client"], &v["scheme"]),
+        (&"127.0.0.1".into(), &"http".into()),
+        "{v}"
+    );
     let (_h, v) = run("gr-scope-untrusted", &["--forwarded-allow-ips", "10.9.9.9"]);
     assert_eq!(v["client"], "127.0.0.1", "an untrusted proxy: {v}");
 }

@@ -102,6 +102,7 @@ for_each_class!(
     reuse_port_with_preload_each_worker_serves_on_its_slots_socket,
     socket_activation_serves_on_the_inherited_socket,
     an_ipv6_loopback_bind_serves,
+    an_apps_import_is_frozen_before_the_worker_serves,
 );
 
 fn pid_of(reply: &(u16, String)) -> i32 {
@@ -695,6 +696,38 @@ fn socket_activation_serves_on_the_inherited_socket(class: Class) {
     );
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
+}
+
+/// The app's import runs with the collector's trigger paused, so what it
+/// made would all be young: the first collection after the worker is ready
+/// would scan it (8-10 ms for the FastAPI example, every connection of the
+/// worker stalled). The worker freezes it before it serves, as the zygotes
+/// freeze their imports, whichever way the worker was started.
+fn an_apps_import_is_frozen_before_the_worker_serves(class: Class) {
+    for (name, extra) in [
+        ("gc-frozen-base", &[][..]),
+        ("gc-frozen-cold", &["--no-zygote"][..]),
+        ("gc-frozen-preload", &["--preload"][..]),
+    ] {
+        let mut args = vec!["-w", "1"];
+        args.extend_from_slice(extra);
+        let mut h = class.start(name, &apps_dir(), "gc_app:main", &args).spawn();
+        // gc_app answers every path with its report: the first is the wait.
+        let v: serde_json::Value = wait_for(BOOT, || {
+            let (status, body) = http_get(h.addr(), "/").ok()?;
+            (status == 200).then(|| serde_json::from_str(&body).ok())?
+        })
+        .expect("an answer");
+        let ballast = v["ballast"].as_i64().expect("ballast");
+        let scanned = v["now"]["scanned"].as_i64().expect("scanned");
+        let frozen = v["now"]["frozen"].as_i64().expect("frozen");
+        h.check(
+            frozen >= ballast && scanned < ballast / 2,
+            &format!("{name}: the {ballast} objects the import kept are frozen: {v}"),
+        );
+        h.signal(Signal::SIGTERM);
+        assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
+    }
 }
 
 fn an_ipv6_loopback_bind_serves(class: Class) {

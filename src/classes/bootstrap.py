@@ -1227,8 +1227,8 @@ def collector_paused():
     is paused (threshold 0, not gc.disable()), so an app that calls
     gc.disable() or gc.set_threshold() at import keeps its choice: the saved
     thresholds come back only if the first one is still 0. Nothing is
-    collected when the pause ends; the next allocations trigger a collection
-    as usual."""
+    collected when the pause ends; a worker's load_app freezes what the
+    import made first (it says why)."""
     saved = gc.get_threshold()
     gc.set_threshold(0)
     try:

@@ -12,7 +12,8 @@ target/granian-venv (scripts/test makes it: the pinned granian plus the
 example's requirements; its python runs every server). Bounded: each sample
 is one `wrk -t2 -c64 -dSECONDS --latency`; halfway through it, `ss` counts
 wrk's connections per server process (how evenly the listener spread
-them). With --reload: instead, the time from HUP until every worker of the
+them), and the CPU time (user + system) the server's processes spent per
+request. With --reload: instead, the time from HUP until every worker of the
 new generation has answered, and
 the failed requests of 4 short-connection clients meanwhile, for
 procman -k granian (also with --reuse-port) and granian alone (granian
@@ -94,18 +95,36 @@ def spread(port):
     return sorted(Counter(re.findall(r"pid=(\d+)", out)).values())
 
 
-def wrk(port, seconds):
-    """(req/s, p99 ms, errors, connection spread halfway through)."""
+def cpu_seconds(pids):
+    """User + system CPU time of these processes (all their threads), from /proc."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port, seconds, pids=()):
+    """(req/s, p99 ms, errors, connection spread halfway through, CPU us
+    per request of `pids`: the server's processes)."""
+    cpu = cpu_seconds(pids)
     proc = subprocess.Popen(["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}/pid"],
                             stdout=subprocess.PIPE, text=True)
     time.sleep(seconds / 2)
     connections = spread(port)
     out = proc.communicate(timeout=seconds + 30)[0]
+    cpu = cpu_seconds(pids) - cpu
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
-    return rps, float(p99.group(1)) * scale, errors.group(0) if errors else "", connections
+    per_request = 1e6 * cpu / requests if requests else float("nan")
+    return rps, float(p99.group(1)) * scale, errors.group(0) if errors else "", connections, per_request
 
 
 # Set by --cgroup-each: the cpu hierarchy in which each server gets a
@@ -134,7 +153,7 @@ def sample(name, argv, port, seconds):
             if not wait_answering(port, time.monotonic() + 60):
                 raise RuntimeError(f"{name} did not answer within 60 s")
             time.sleep(1)  # every worker up (granian has no readiness to ask)
-            return wrk(port, seconds)
+            return wrk(port, seconds, tree(proc.pid))
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -381,18 +400,19 @@ def run(args):
         for name in commands(args.procman, args.workers, 0):
             port = free_port()
             argv = commands(args.procman, args.workers, port)[name]
-            rps, p99, errors, connections = sample(name, argv, port, args.seconds)
-            results.setdefault(name, []).append((rps, p99))
+            rps, p99, errors, connections, cpu = sample(name, argv, port, args.seconds)
+            results.setdefault(name, []).append((rps, p99, cpu))
             spread_text = "/".join(map(str, connections))
-            print(f"round {r + 1}: {name}: {rps:.0f} req/s, p99 {p99:.2f} ms, connections {spread_text} {errors}",
-                  flush=True)
+            print(f"round {r + 1}: {name}: {rps:.0f} req/s, p99 {p99:.2f} ms, connections {spread_text} "
+                  f"cpu {cpu:.1f} us/request {errors}", flush=True)
     where = " in a cpu cgroup" if args.cpu_cgroup else " each server in a cpu cgroup of its own" if args.cgroup_each else ""
     print(f"\nmedians over {args.rounds} rounds, -w {args.workers}, wrk -t2 -c64 -d{args.seconds}s /pid{where}:")
-    base = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in results.items()}
+    base = {k: tuple(statistics.median(x[i] for x in v) for i in range(3)) for k, v in results.items()}
     ours = base["procman -k granian"]
-    for name, (rps, p99) in base.items():
+    for name, (rps, p99, cpu) in base.items():
         print(f"  {name}: {rps:.0f} req/s (procman -k granian / this: {ours[0] / rps:.2f}x), "
-              f"p99 {p99:.2f} ms (procman -k granian / this: {ours[1] / p99:.2f}x)")
+              f"p99 {p99:.2f} ms (procman -k granian / this: {ours[1] / p99:.2f}x), "
+              f"CPU {cpu:.1f} us/request (procman -k granian / this: {ours[2] / cpu:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -118,29 +118,24 @@ class Receive(unittest.TestCase):
             os.close(fd)
         self.assertEqual(open_fds(), before)
 
-    def test_more_descriptors_than_the_limit_are_refused_and_none_kept(self):
-        sent = self.pipes(3)
+    def check_refused(self, data, passed, max_fds, reason):
+        """`data` sent with `passed` descriptors, read taking at most
+        `max_fds`: refused for `reason`, nothing left open."""
+        sent = self.pipes(passed)
         before = open_fds()
-        self.send(b'{"spawn":{}}', sent)
-        with self.assertRaisesRegex(ValueError, "more than 1 descriptors"):
-            self.channel.receive(max_fds=1)
+        self.send(data, sent)
+        with self.assertRaisesRegex(ValueError, reason):
+            self.channel.receive(max_fds=max_fds)
         self.assertEqual(open_fds(), before)
+
+    def test_more_descriptors_than_the_limit_are_refused_and_none_kept(self):
+        self.check_refused(b'{"spawn":{}}', 3, 1, "more than 1 descriptors")
 
     def test_descriptors_when_none_are_taken_are_refused_and_none_kept(self):
-        sent = self.pipes(1)
-        before = open_fds()
-        self.send(b'{"spawn":{}}', sent)
-        with self.assertRaisesRegex(ValueError, "more than 0 descriptors"):
-            self.channel.receive(max_fds=0)
-        self.assertEqual(open_fds(), before)
+        self.check_refused(b'{"spawn":{}}', 1, 0, "more than 0 descriptors")
 
     def test_a_message_too_long_is_refused_and_its_descriptors_closed(self):
-        sent = self.pipes(1)
-        before = open_fds()
-        self.send(b"x" * (B.MAX_MESSAGE + 1), sent)
-        with self.assertRaisesRegex(ValueError, "longer than"):
-            self.channel.receive(max_fds=1)
-        self.assertEqual(open_fds(), before)
+        self.check_refused(b"x" * (B.MAX_MESSAGE + 1), 1, 1, "longer than")
 
     def test_the_master_gone_reads_as_the_end(self):
         self.master.close()

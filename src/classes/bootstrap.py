@@ -1256,9 +1256,9 @@ def load_app(spec, factory, report_to_master=False, freeze=True):
     generation's first collection again, in a serving worker (every
     connection it holds stalled), and each full one after that. Frozen
     (O(1), nothing scanned), as a zygote freezes its imports: never scanned
-    again. Cyclic garbage the import left stays, a
-    little memory. The --preload zygote collects it first (freeze=False
-    here, gc.collect(); gc.freeze() before its first fork)."""
+    again. Cyclic garbage the import left stays, a little memory. The
+    --preload zygote collects it first (freeze=False here, then
+    gc.collect(); gc.freeze() before its first fork)."""
     module_name, _, attrs = (spec or "").partition(":")
     if not module_name or not attrs:
         fail(f"Failed to load application '{spec}': ValueError: expected 'module:attribute'",

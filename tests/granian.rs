@@ -828,6 +828,101 @@ fn root_path_and_proxy_headers_reach_a_wsgi_app(class: Class) {
     proxy_headers_and_root_path(class, "wsgi_scope_app:app", "/api/scope");
 }
 
+/// A WebSocket connection to `path` (RFC 6455, written out here: the
+/// handshake uses the RFC's own example key, whose accept value is known).
+fn websocket_open(addr: std::net::SocketAddr, path: &str) -> Result<std::net::TcpStream, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| format!("timeout: {e}"))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .map_err(|e| format!("handshake: {e}"))?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        s.read_exact(&mut byte)
+            .map_err(|e| format!("read the handshake: {e}"))?;
+        head.push(byte[0]);
+        if head.len() > 8192 {
+            return Err("an endless handshake".into());
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    // RFC 6455, 1.3: the example key's accept value.
+    if !head.starts_with("http/1.1 101")
+        || !head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=")
+    {
+        return Err(format!("not switched to WebSocket: {head:?}"));
+    }
+    Ok(s)
+}
+
+/// Sends `text` in one masked text frame; the text of the frame that answers.
+fn websocket_echo(s: &mut std::net::TcpStream, text: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    let payload = text.as_bytes();
+    assert!(payload.len() < 126, "one short frame");
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&frame)
+        .map_err(|e| format!("send a frame: {e}"))?;
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h)
+        .map_err(|e| format!("read a frame: {e}"))?;
+    if h[0] != 0x81 || h[1] >= 126 {
+        return Err(format!("not one short unmasked text frame: {h:02x?}"));
+    }
+    let mut answer = vec![0u8; usize::from(h[1])];
+    s.read_exact(&mut answer)
+        .map_err(|e| format!("read the payload: {e}"))?;
+    String::from_utf8(answer).map_err(|e| e.to_string())
+}
+
+/// granian alone serves an app's WebSocket routes (its own implementation;
+/// on by default there), so `-k granian` does too; an open one does not
+/// hold a stop until the drain time is over. (The uvicorn class serves them
+/// with the `websockets` or `wsproto` library installed, as uvicorn does;
+/// the test venv has neither.)
+#[test]
+fn granian_serves_a_websocket_route_and_a_stop_closes_it() {
+    use std::io::Read;
+    let mut h = Class::Granian
+        .start(
+            "gr-websocket",
+            &apps_dir(),
+            "ws_app:main",
+            &["-w", "1", "--graceful-timeout", "300"],
+        )
+        .spawn();
+    h.wait_workers(1, BOOT);
+    let mut ws = websocket_open(h.addr(), "/echo");
+    let got = ws
+        .as_mut()
+        .map_err(|e| e.clone())
+        .and_then(|s| websocket_echo(s, "hello"));
+    h.check(
+        got.as_deref() == Ok("echo: hello"),
+        &format!("a WebSocket echo: {got:?}"),
+    );
+    // Still open: TERM closes it (end of stream, or a close frame first),
+    // and procman exits long before the 300 s drain time.
+    h.signal(Signal::SIGTERM);
+    let mut rest = Vec::new();
+    let end = ws.expect("open").read_to_end(&mut rest);
+    h.check(
+        end.is_ok() && rest.iter().all(|&b| b != 0x81),
+        &format!("the WebSocket was closed: {end:?} after {rest:02x?}"),
+    );
+    assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
+}
+
 /// A package directory standing in for granian, first on PYTHONPATH: its
 /// metadata says `version`; `api` is its granian/_granian.py (None: none).
 fn fake_granian(dir: &Path, version: &str, api: Option<&str>) -> PathBuf {

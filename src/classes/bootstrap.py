@@ -1926,7 +1926,8 @@ GRANIAN_LOWEST, GRANIAN_BELOW = (2, 8, 9), (2, 9)
 # or drops one is refused at boot, not half-served.
 GRANIAN_SHAPE = {
     "ASGIWorker": ("worker_id", "sock", "ipc", "threads", "blocking_threads", "py_threads",
-                   "py_threads_idle_timeout", "backpressure", "http_mode", "ssl_enabled", "ssl_cert",
+                   "py_threads_idle_timeout", "backpressure", "http_mode", "websockets_enabled",
+                   "ssl_enabled", "ssl_cert",
                    "ssl_key", "ssl_protocol_min", "ssl_crl"),
     "WSGIWorker": ("worker_id", "sock", "ipc", "threads", "blocking_threads", "py_threads",
                    "py_threads_idle_timeout", "backpressure", "http_mode", "ssl_enabled", "ssl_cert",
@@ -2339,12 +2340,15 @@ def granian_serve(app, config, sockets, notifier):
         tls = {"ssl_enabled": False, "ssl_protocol_min": "tls1.2", "ssl_crl": []}
         if config["ssl_certfile"]:
             tls.update(ssl_enabled=True, ssl_cert=config["ssl_certfile"], ssl_key=config["ssl_keyfile"])
+        # WebSockets: granian's own implementation, on as in granian alone
+        # (its worker's own default is off). A WSGI worker has none.
+        websockets = {} if wsgi else {"websockets_enabled": True}
         for sock in sockets:
             uds = sock.family == socket.AF_UNIX
             holder = api.SocketHolder(sock.fileno(), uds, int(config["backlog"]))
             worker = worker_class(worker_id=worker_id, sock=(None, holder), ipc=None, threads=1,
                                   blocking_threads=512, py_threads=threads, py_threads_idle_timeout=30,
-                                  backpressure=backpressure, http_mode="1", **tls)
+                                  backpressure=backpressure, http_mode="1", **websockets, **tls)
             sig = api.WorkerSignal()
             sig.add_cb(one_stopped)
             state["signals"].append(sig)

@@ -103,6 +103,7 @@ for_each_class!(
     socket_activation_serves_on_the_inherited_socket,
     an_ipv6_loopback_bind_serves,
     an_apps_import_is_frozen_before_the_worker_serves,
+    reload_serves_an_edited_app_file,
 );
 
 fn pid_of(reply: &(u16, String)) -> i32 {
@@ -826,6 +827,46 @@ fn root_path_and_proxy_headers_reach_an_asgi_app(class: Class) {
 
 fn root_path_and_proxy_headers_reach_a_wsgi_app(class: Class) {
     proxy_headers_and_root_path(class, "wsgi_scope_app:app", "/api/scope");
+}
+
+/// A plain ASGI app answering `version` to every request.
+fn versioned_app(version: &str) -> String {
+    format!(
+        "VERSION = {version:?}\n\n\
+         async def app(scope, receive, send):\n\
+         \x20   if scope['type'] != 'http':\n\
+         \x20       return\n\
+         \x20   body = VERSION.encode()\n\
+         \x20   await send({{'type': 'http.response.start', 'status': 200,\n\
+         \x20               'headers': [(b'content-length', str(len(body)).encode())]}})\n\
+         \x20   await send({{'type': 'http.response.body', 'body': body}})\n"
+    )
+}
+
+/// `--reload` (tests/dev_reload.rs has the rest): an edit to the app's
+/// file is served by the next generation, with either class.
+fn reload_serves_an_edited_app_file(class: Class) {
+    let dir = temp_dir("gr-dev-reload");
+    let file = dir.join("app.py");
+    std::fs::write(&file, versioned_app("v1")).expect("app.py");
+    // No bytecode cache: two versions of one size written within a second
+    // would be read from a stale .pyc (its check is the size and the mtime
+    // in whole seconds).
+    let args = ["-w", "1", "--reload", "-e", "PYTHONDONTWRITEBYTECODE=1"];
+    let mut h = class.start("gr-dev-reload", &dir, "app:app", &args).spawn();
+    let served = |h: &Harness, want: &str| {
+        let addr = h.addr();
+        wait_for(BOOT, || match http_get(addr, "/") {
+            Ok((200, body)) if body == want => Some(()),
+            _ => None,
+        })
+        .is_some()
+    };
+    h.check(served(&h, "v1"), "never served v1");
+    std::fs::write(&file, versioned_app("v2")).expect("app.py, edited");
+    h.check(served(&h, "v2"), "the edit was never served");
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
 }
 
 /// A WebSocket connection to `path` (RFC 6455, written out here: the

@@ -104,6 +104,7 @@ for_each_class!(
     an_ipv6_loopback_bind_serves,
     an_apps_import_is_frozen_before_the_worker_serves,
     reload_serves_an_edited_app_file,
+    an_upgrade_under_load_keeps_every_worker_and_fails_no_request,
 );
 
 fn pid_of(reply: &(u16, String)) -> i32 {
@@ -215,6 +216,47 @@ fn hup_under_load_fails_no_request(class: Class, name: &str, extra: &[&str]) {
         report.pids.iter().any(|p| new.contains(p)),
         "new generation served",
     );
+}
+
+/// `procman upgrade` (tests/upgrade.rs has the rest) under 4 clients,
+/// three times: the same workers serve throughout, and none fails.
+fn an_upgrade_under_load_keeps_every_worker_and_fails_no_request(class: Class) {
+    let start = class.start("gr-upgrade", &fastapi_dir(), "app:main", &["-w", "2"]);
+    let sock = start.dir().join("ctl");
+    let mut h = start
+        .args(["--control-socket", sock.to_str().expect("utf8")])
+        .spawn();
+    let before = h.wait_workers(2, BOOT);
+    let load = Load::start(h.addr(), 4, 20_000, Duration::from_secs(60));
+    wait_for(BOOT, || (load.done() > 50).then_some(()));
+    for i in 1..=3 {
+        let out = std::process::Command::new(PROCMAN)
+            .args(["upgrade", "--control-socket", sock.to_str().expect("utf8")])
+            .output()
+            .expect("run procman upgrade");
+        h.check(out.status.success(), &format!("upgrade {i}: {out:?}"));
+        let target = load.done() + 50;
+        wait_for(BOOT, || (load.done() > target).then_some(()));
+    }
+    let report = load.finish();
+    h.check(
+        report.failures.is_empty(),
+        &format!("failed requests: {:?} of {}", report.failures, report.ok),
+    );
+    h.check(
+        workers(&h) == before && report.pids == before,
+        &format!(
+            "the same workers served: {before:?}, now {:?}, served by {:?}",
+            workers(&h),
+            report.pids
+        ),
+    );
+    h.check(
+        h.count_log("Upgraded in place") == 3,
+        "three upgrades logged",
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
 }
 
 fn a_killed_worker_is_replaced(class: Class) {

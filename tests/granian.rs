@@ -40,18 +40,24 @@ fn granian_python() -> PathBuf {
 impl Class {
     /// procman serving `app` from `dir` with this class, no access log.
     fn start(self, name: &str, dir: &Path, app: &str, extra: &[&str]) -> Start {
-        match self {
-            Class::Uvicorn => uvicorn(name, dir, app, extra),
-            Class::Granian => {
-                let python = granian_python();
-                let mut args = vec!["-k", "granian", "--python"];
-                args.push(python.to_str().expect("utf8"));
-                args.extend(["--no-access-log", "--chdir"]);
-                args.push(dir.to_str().expect("utf8"));
-                args.push(app);
-                Start::new(name, &args).args(extra.iter().copied())
-            }
-        }
+        self.start_logged(name, dir, app, &["--no-access-log"])
+            .args(extra.iter().copied())
+    }
+
+    /// As [`Class::start`], with the access log as `extra` leaves it.
+    fn start_logged(self, name: &str, dir: &Path, app: &str, extra: &[&str]) -> Start {
+        let python = match self {
+            Class::Uvicorn => venv_python(),
+            Class::Granian => granian_python(),
+        };
+        let class: &[&str] = match self {
+            Class::Uvicorn => &[],
+            Class::Granian => &["-k", "granian"],
+        };
+        Start::new(name, class)
+            .args(["--python", python.to_str().expect("utf8")])
+            .args(["--chdir", dir.to_str().expect("utf8"), app])
+            .args(extra.iter().copied())
     }
 
     fn name(self) -> &'static str {
@@ -105,6 +111,7 @@ for_each_class!(
     an_apps_import_is_frozen_before_the_worker_serves,
     reload_serves_an_edited_app_file,
     an_upgrade_under_load_keeps_every_worker_and_fails_no_request,
+    the_access_log_is_on_by_default_a_json_record_with_json_logs_and_off_when_asked,
 );
 
 fn pid_of(reply: &(u16, String)) -> i32 {
@@ -257,6 +264,59 @@ fn an_upgrade_under_load_keeps_every_worker_and_fails_no_request(class: Class) {
     );
     h.signal(Signal::SIGTERM);
     assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
+}
+
+/// The access log: a line per request by default (uvicorn's default), a
+/// JSON record naming the worker's logger with `--log-format json`, none
+/// with `--no-access-log`.
+fn the_access_log_is_on_by_default_a_json_record_with_json_logs_and_off_when_asked(class: Class) {
+    let logger = format!("{}.access", class.name());
+    let run = |name: &str, extra: &[&str], json: bool| {
+        let mut start = class.start_logged(name, &apps_dir(), "scope_app:main", extra);
+        if json {
+            start = start.json();
+        }
+        let mut h = start.args(["-w", "1"]).spawn();
+        h.wait_workers(1, BOOT);
+        let (status, _) = http_get(h.addr(), "/scope?marker=1").expect("GET /scope");
+        assert_eq!(status, 200);
+        // A request after it: its line (or none) tells the first one's is written.
+        let _ = http_get(h.addr(), "/pid");
+        h
+    };
+    let mut text = run("gr-access-text", &[], false);
+    text.check(
+        text.wait_log("\"GET /scope", BOOT),
+        "an access line for GET /scope",
+    );
+    text.signal(Signal::SIGTERM);
+    assert_eq!(text.exit_code(BOOT), 0);
+    let mut json = run("gr-access-json", &[], true);
+    let record = wait_for(BOOT, || {
+        json.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|e| {
+                e["logger"] == logger.as_str()
+                    && e["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("GET /scope"))
+            })
+    });
+    json.check(
+        record.is_some(),
+        &format!("a JSON record of GET /scope from {logger}"),
+    );
+    json.signal(Signal::SIGTERM);
+    assert_eq!(json.exit_code(BOOT), 0);
+    let mut silent = run("gr-access-off", &["--no-access-log"], false);
+    silent.signal(Signal::SIGTERM);
+    assert_eq!(silent.exit_code(BOOT), 0);
+    // Served, and the workers have exited: no line will come any more.
+    silent.check(
+        !silent.log_text().contains("GET /scope"),
+        "no access line with --no-access-log",
+    );
 }
 
 fn a_killed_worker_is_replaced(class: Class) {

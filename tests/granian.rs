@@ -112,6 +112,7 @@ for_each_class!(
     reload_serves_an_edited_app_file,
     an_upgrade_under_load_keeps_every_worker_and_fails_no_request,
     the_access_log_is_on_by_default_a_json_record_with_json_logs_and_off_when_asked,
+    lifespan_state_reaches_requests_and_shutdown_runs_at_a_stop,
 );
 
 fn pid_of(reply: &(u16, String)) -> i32 {
@@ -317,6 +318,31 @@ fn the_access_log_is_on_by_default_a_json_record_with_json_logs_and_off_when_ask
         !silent.log_text().contains("GET /scope"),
         "no access line with --no-access-log",
     );
+}
+
+/// A FastAPI lifespan: the state its startup yields reaches every request
+/// (`request.state`), and its shutdown runs when the worker stops.
+fn lifespan_state_reaches_requests_and_shutdown_runs_at_a_stop(class: Class) {
+    let start = class.start(
+        "gr-lifespan-state",
+        &apps_dir(),
+        "lifespan_state:main",
+        &["-w", "1"],
+    );
+    let mark = start.dir().join("shutdown.txt");
+    let mut h = start
+        .args(["-e", &format!("LIFESPAN_MARK={}", mark.display())])
+        .spawn();
+    let pid = *h.wait_workers(1, BOOT).iter().next().expect("a worker");
+    let v = json_of(h.addr(), "/state", "");
+    h.check(
+        v["pid"] == pid && v["started_in"] == pid,
+        &format!("the startup's state, from worker {pid}: {v}"),
+    );
+    h.signal(Signal::SIGTERM);
+    assert_eq!(h.exit_code(BOOT), 0, "{}", h.log_text());
+    let written = std::fs::read_to_string(&mark).unwrap_or_default();
+    assert_eq!(written, format!("shutdown {pid}\n"), "{}", h.log_text());
 }
 
 fn a_killed_worker_is_replaced(class: Class) {

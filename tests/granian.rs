@@ -548,17 +548,20 @@ fn reuse_port_a_killed_workers_replacement_takes_its_slots_socket(class: Class) 
     })
     .and_then(|w| w.into_iter().next())
     .expect("a replacement");
-    assert_eq!(socket_of(next), Some(before), "the slot's socket");
-    h.check(
-        h.count_events("booting", |e| e["zygote"].is_i64()) == 2,
-        "both forked from the zygote",
-    );
+    // Once it answers, it has put its slot's socket in place; and the
+    // master has logged its start (from the zygote's reply) by then, or
+    // is about to.
     let answered = wait_for(BOOT, || {
         http_get(h.addr(), "/pid")
             .ok()
             .filter(|r| pid_of(r) == next)
     });
     h.check(answered.is_some(), "the replacement answers");
+    assert_eq!(socket_of(next), Some(before), "the slot's socket");
+    let both = wait_for(BOOT, || {
+        (h.count_events("booting", |e| e["zygote"].is_i64()) == 2).then_some(())
+    });
+    h.check(both.is_some(), "both forked from the zygote");
 }
 
 /// `--preload`'s zygote (the app imported) passes the slots' sockets on

@@ -437,14 +437,10 @@ fn hup_applies_a_changed_worker_count_and_timeout_without_failed_requests() {
             && kids.is_disjoint(&old))
         .then_some(kids)
     });
-    let target = load.done() + 100;
-    wait_for(BOOT, || (load.done() > target).then_some(()));
+    load.wait_more(101, BOOT);
     let report = load.finish();
     h.check(renewed.is_some(), "3 new workers after HUP");
-    h.check(
-        report.failures.is_empty(),
-        &format!("failed: {:?} of {}", report.failures, report.ok),
-    );
+    h.check_none_failed(&report);
     for pid in renewed.expect("checked") {
         let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
         let has = environ

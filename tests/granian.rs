@@ -211,14 +211,10 @@ fn hup_under_load_fails_no_request(class: Class, name: &str, extra: &[&str]) {
             && kids.is_disjoint(&old))
         .then_some(kids)
     });
-    let target = load.done() + 100;
-    wait_for(BOOT, || (load.done() > target).then_some(()));
+    load.wait_more(101, BOOT);
     let report = load.finish();
     h.check(renewed.is_some(), "every worker replaced");
-    h.check(
-        report.failures.is_empty(),
-        &format!("failed requests: {:?} of {}", report.failures, report.ok),
-    );
+    h.check_none_failed(&report);
     let new = renewed.expect("checked");
     h.check(
         report.pids.iter().any(|p| new.contains(p)),
@@ -243,14 +239,10 @@ fn an_upgrade_under_load_keeps_every_worker_and_fails_no_request(class: Class) {
             .output()
             .expect("run procman upgrade");
         h.check(out.status.success(), &format!("upgrade {i}: {out:?}"));
-        let target = load.done() + 50;
-        wait_for(BOOT, || (load.done() > target).then_some(()));
+        load.wait_more(51, BOOT);
     }
     let report = load.finish();
-    h.check(
-        report.failures.is_empty(),
-        &format!("failed requests: {:?} of {}", report.failures, report.ok),
-    );
+    h.check_none_failed(&report);
     h.check(
         workers(&h) == before && report.pids == before,
         &format!(
@@ -479,10 +471,7 @@ fn max_requests_recycles_a_worker_without_failed_requests(class: Class) {
         changed.is_some(),
         "the worker pid changed after ~50 requests",
     );
-    h.check(
-        report.failures.is_empty(),
-        &format!("failed: {:?} of {}", report.failures, report.ok),
-    );
+    h.check_none_failed(&report);
     h.check(
         h.has_event("recycling", |e| {
             first.contains(&worker_of(e)) && e["reason"] == "max_requests"

@@ -182,14 +182,10 @@ fn hup_loads_new_code_with_zero_failed_requests() {
             && old.iter().all(|p| !kids.contains(p)))
         .then_some(())
     });
-    let target = load.done() + 100;
-    wait_for(BOOT, || (load.done() > target).then_some(()));
+    load.wait_more(101, BOOT);
     let report = load.finish();
     h.check(done.is_some(), "reload finished");
-    h.check(
-        report.failures.is_empty(),
-        &format!("failed: {:?} of {}", report.failures, report.ok),
-    );
+    h.check_none_failed(&report);
     assert_eq!(version(&h).as_deref(), Some("2"), "new code serves");
     let first = zygote_pids(&h)[0];
     h.expect_event(

@@ -582,6 +582,15 @@ impl Harness {
         }
     }
 
+    /// Fails the test, with the log, if any request of `report` failed.
+    #[track_caller]
+    pub fn check_none_failed(&self, report: &LoadReport) {
+        self.check(
+            report.failures.is_empty(),
+            &format!("failed requests: {:?} of {}", report.failures, report.ok),
+        );
+    }
+
     /// The TCP port of the first listener, from the log (its `listening`
     /// event with `--log-format json`).
     pub fn port(&self) -> u16 {
@@ -1034,6 +1043,13 @@ impl Load {
     pub fn done(&self) -> usize {
         let r = self.report.lock().expect("report lock");
         r.ok + r.failures.len()
+    }
+
+    /// Waits until `n` more requests than now are done (answered or
+    /// failed), so that some ran after whatever the test just did.
+    pub fn wait_more(&self, n: usize, timeout: Duration) {
+        let target = self.done() + n;
+        wait_for(timeout, || (self.done() >= target).then_some(()));
     }
 
     /// Pids seen so far.

@@ -307,7 +307,7 @@ fn hup_replaces_every_worker_without_failed_requests() {
         .then_some(kids)
     });
     // Keep the load going a little past the switch.
-    load.wait_more(101, BOOT);
+    load.wait_more(100, BOOT);
     let report = load.finish();
     h.check(renewed.is_some(), "all workers replaced after HUP");
     h.check(

@@ -437,7 +437,7 @@ fn hup_applies_a_changed_worker_count_and_timeout_without_failed_requests() {
             && kids.is_disjoint(&old))
         .then_some(kids)
     });
-    load.wait_more(101, BOOT);
+    load.wait_more(100, BOOT);
     let report = load.finish();
     h.check(renewed.is_some(), "3 new workers after HUP");
     h.check_none_failed(&report);

@@ -211,7 +211,7 @@ fn hup_under_load_fails_no_request(class: Class, name: &str, extra: &[&str]) {
             && kids.is_disjoint(&old))
         .then_some(kids)
     });
-    load.wait_more(101, BOOT);
+    load.wait_more(100, BOOT);
     let report = load.finish();
     h.check(renewed.is_some(), "every worker replaced");
     h.check_none_failed(&report);
@@ -239,7 +239,7 @@ fn an_upgrade_under_load_keeps_every_worker_and_fails_no_request(class: Class) {
             .output()
             .expect("run procman upgrade");
         h.check(out.status.success(), &format!("upgrade {i}: {out:?}"));
-        load.wait_more(51, BOOT);
+        load.wait_more(50, BOOT);
     }
     let report = load.finish();
     h.check_none_failed(&report);

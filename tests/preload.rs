@@ -182,7 +182,7 @@ fn hup_loads_new_code_with_zero_failed_requests() {
             && old.iter().all(|p| !kids.contains(p)))
         .then_some(())
     });
-    load.wait_more(101, BOOT);
+    load.wait_more(100, BOOT);
     let report = load.finish();
     h.check(done.is_some(), "reload finished");
     h.check_none_failed(&report);

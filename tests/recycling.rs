@@ -67,7 +67,7 @@ fn a_worker_above_the_memory_limit_is_recycled_without_losing_capacity() {
     });
     let gone = wait_for(BOOT, || (!alive(hog)).then_some(()));
     h.check(gone.is_some(), "the hog exited");
-    load.wait_more(51, BOOT);
+    load.wait_more(50, BOOT);
     let report = load.finish();
     h.check_none_failed(&report);
     // The warning the operator reads names the worker and the limit.

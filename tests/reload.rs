@@ -131,7 +131,7 @@ fn a_reload_to_a_command_that_exits_at_once_keeps_the_old_workers_serving() {
     );
     // The failed workers are gone; the old ones were never touched.
     let settled = wait_for(BOOT, || (workers(&h) == old).then_some(()));
-    load.wait_more(51, BOOT);
+    load.wait_more(50, BOOT);
     let report = load.finish();
     h.check(
         settled.is_some(),
